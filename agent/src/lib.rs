@@ -1,0 +1,1 @@
+//! The ember guest agent: runs as the guest's init and serves the host.

@@ -1,0 +1,30 @@
+//! `ember`: the command line of the ember microVM monitor.
+
+mod doctor;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "ember", version, about = "ember: a snapshot-centric microVM monitor")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check this host's KVM: hardware, PVM-backed or absent; run a tiny probe guest.
+    /// Exits 0 only where a Linux guest can run.
+    Doctor,
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Doctor => doctor::run(),
+    };
+    std::process::exit(code);
+}

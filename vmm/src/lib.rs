@@ -1,0 +1,3 @@
+//! ember's virtual machine monitor.
+
+pub mod probe;

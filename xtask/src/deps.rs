@@ -1,0 +1,66 @@
+//! Debian packages the project needs, installed with apt-get when missing.
+
+use std::process::Command;
+
+use anyhow::Result;
+
+use crate::util::{output, run};
+
+/// Everything ember's build, images, lab and tests use from Debian.
+pub const PACKAGES: &[&str] = &[
+    // the lab: QEMU TCG with an SVM-capable CPU, and the tools to build its initramfs
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "xz-utils",
+    // the guest kernel, built from Debian's source package
+    "linux-source-6.1",
+    "build-essential",
+    "flex",
+    "bison",
+    "bc",
+    "libelf-dev",
+    "libssl-dev",
+    // guest rootfs
+    "debootstrap",
+    "debian-archive-keyring",
+    "e2fsprogs",
+    // the userfaultfd crate runs bindgen
+    "libclang-dev",
+    // used by tests and benches
+    "python3",
+    "procps",
+];
+
+/// The packages from [`PACKAGES`] that are not installed.
+pub fn missing() -> Result<Vec<&'static str>> {
+    let mut missing = Vec::new();
+    for pkg in PACKAGES {
+        let status = output(
+            Command::new("dpkg-query")
+                .args(["-W", "-f=${db:Status-Status}", pkg])
+                .stderr(std::process::Stdio::null()),
+        )
+        .unwrap_or_default();
+        if status.trim() != "installed" {
+            missing.push(*pkg);
+        }
+    }
+    Ok(missing)
+}
+
+/// Installs whatever is missing (needs root); prints what it does.
+pub fn ensure() -> Result<()> {
+    let missing = missing()?;
+    if missing.is_empty() {
+        eprintln!("  all {} Debian packages present", PACKAGES.len());
+        return Ok(());
+    }
+    eprintln!("  installing: {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(())
+}

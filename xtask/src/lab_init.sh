@@ -1,0 +1,32 @@
+#!/bin/sh
+# /init of the lab's L1 initramfs (written by cargo xtask lab). Loads virtio/9p/KVM modules,
+# mounts the host's root read-only with the shared folders read-write at their host paths,
+# runs /labrun/cmd.sh chrooted into it and leaves the exit status in /labrun/rc.
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in $(cat /lib/modules/order); do
+    insmod /lib/modules/$m.ko || echo "lab: insmod $m failed"
+done
+opts=trans=virtio,version=9p2000.L,msize=512000
+mount -t 9p -o $opts labrun /labrun || { echo "lab: cannot mount the run folder"; reboot -f; }
+mount -t 9p -o $opts,cache=loose,ro hostroot /host || { echo "lab: cannot mount the host root"; reboot -f; }
+mount -t proc proc /host/proc
+mount -t sysfs sysfs /host/sys
+mount -t devtmpfs devtmpfs /host/dev
+mount -t devpts devpts /host/dev/pts 2>/dev/null
+mount -t tmpfs -o mode=1777 tmpfs /host/tmp
+mount -t tmpfs tmpfs /host/run
+mount -t tmpfs tmpfs /host/var/tmp 2>/dev/null
+while read tag dir; do
+    mount -t 9p -o $opts $tag "/host$dir" || echo "lab: cannot mount $dir"
+done < /labrun/mounts
+mkdir -p /host/run/lab
+mount -o bind /labrun /host/run/lab
+ip link set lo up 2>/dev/null
+chroot /host /bin/sh /run/lab/cmd.sh < /dev/null > /labrun/stdout 2> /labrun/stderr
+echo $? > /labrun/rc
+sync
+reboot -f
