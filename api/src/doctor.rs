@@ -9,7 +9,10 @@ const LAB_HINT: &str = "run ember inside the lab instead: `cargo xtask lab -- em
 pub fn run() -> i32 {
     let facts = HostFacts::read();
     let kind = facts.kind();
-    println!("/dev/kvm:        {}", if facts.dev_kvm { "present" } else { "absent" });
+    println!(
+        "/dev/kvm:        {}",
+        if facts.dev_kvm { "present" } else { "absent" }
+    );
     println!(
         "cpu flags:       vmx={} svm={}",
         yes_no(facts.cpu_vmx),

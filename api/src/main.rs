@@ -5,7 +5,11 @@ mod doctor;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "ember", version, about = "ember: a snapshot-centric microVM monitor")]
+#[command(
+    name = "ember",
+    version,
+    about = "ember: a snapshot-centric microVM monitor"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// How `/dev/kvm` is provided on this host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,11 +57,9 @@ impl HostFacts {
     /// Reads the facts from this host's `/proc` and `/sys`.
     pub fn read() -> HostFacts {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        Self::from_sources(
-            Path::new("/dev/kvm").exists(),
-            &cpuinfo,
-            |module| Path::new("/sys/module").join(module).exists(),
-        )
+        Self::from_sources(Path::new("/dev/kvm").exists(), &cpuinfo, |module| {
+            Path::new("/sys/module").join(module).exists()
+        })
     }
 
     /// Builds the facts from given sources (a unit test feeds fake ones).
@@ -117,7 +115,11 @@ pub enum ProbeError {
     #[error("probe guest stopped with an unexpected exit: {0}")]
     UnexpectedExit(String),
     #[error("probe guest wrote {got:?} to port {port:#x}, expected {expected:?}")]
-    WrongOutput { port: u16, got: Vec<u8>, expected: Vec<u8> },
+    WrongOutput {
+        port: u16,
+        got: Vec<u8>,
+        expected: Vec<u8>,
+    },
 }
 
 /// The port the probe guest writes to (COM1's data register).
@@ -189,7 +191,9 @@ pub fn run_probe_guest() -> Result<ProbeReport, ProbeError> {
             other => return Err(ProbeError::UnexpectedExit(format!("{other:?}"))),
         }
         if exits > 16 {
-            return Err(ProbeError::UnexpectedExit(format!("{exits} exits without hlt")));
+            return Err(ProbeError::UnexpectedExit(format!(
+                "{exits} exits without hlt"
+            )));
         }
     }
     if output != PROBE_MESSAGE {
@@ -199,7 +203,11 @@ pub fn run_probe_guest() -> Result<ProbeReport, ProbeError> {
             expected: PROBE_MESSAGE.to_vec(),
         });
     }
-    Ok(ProbeReport { output, exits, elapsed: start.elapsed() })
+    Ok(ProbeReport {
+        output,
+        exits,
+        elapsed: start.elapsed(),
+    })
 }
 
 #[cfg(test)]
@@ -214,11 +222,26 @@ mod tests {
     fn classifies_hardware_pvm_unknown_and_absent() {
         let none = |_: &str| false;
         let pvm = |m: &str| m == "kvm_pvm";
-        assert_eq!(HostFacts::from_sources(true, INTEL_FLAGS, none).kind(), KvmKind::Hardware);
-        assert_eq!(HostFacts::from_sources(true, AMD_FLAGS, none).kind(), KvmKind::Hardware);
-        assert_eq!(HostFacts::from_sources(true, PVM_FLAGS, pvm).kind(), KvmKind::PvmBacked);
-        assert_eq!(HostFacts::from_sources(true, PVM_FLAGS, none).kind(), KvmKind::UnknownBackend);
-        assert_eq!(HostFacts::from_sources(false, AMD_FLAGS, none).kind(), KvmKind::Absent);
+        assert_eq!(
+            HostFacts::from_sources(true, INTEL_FLAGS, none).kind(),
+            KvmKind::Hardware
+        );
+        assert_eq!(
+            HostFacts::from_sources(true, AMD_FLAGS, none).kind(),
+            KvmKind::Hardware
+        );
+        assert_eq!(
+            HostFacts::from_sources(true, PVM_FLAGS, pvm).kind(),
+            KvmKind::PvmBacked
+        );
+        assert_eq!(
+            HostFacts::from_sources(true, PVM_FLAGS, none).kind(),
+            KvmKind::UnknownBackend
+        );
+        assert_eq!(
+            HostFacts::from_sources(false, AMD_FLAGS, none).kind(),
+            KvmKind::Absent
+        );
         assert!(KvmKind::Hardware.runs_linux());
         assert!(!KvmKind::PvmBacked.runs_linux());
     }

@@ -46,7 +46,9 @@ pub fn ensure() -> Result<PathBuf> {
     }
     fs::create_dir_all(&build)?;
     eprintln!("  unpacking {SOURCE_TARBALL}");
-    run(Command::new("tar").args(["xf", SOURCE_TARBALL, "--strip-components=1", "-C"]).arg(&build))?;
+    run(Command::new("tar")
+        .args(["xf", SOURCE_TARBALL, "--strip-components=1", "-C"])
+        .arg(&build))?;
 
     let fragment = config_fragment();
     eprintln!("  configuring: allnoconfig + {}", fragment.display());
@@ -56,10 +58,15 @@ pub fn ensure() -> Result<PathBuf> {
         .env("KCONFIG_ALLCONFIG", &fragment))?;
     check_config(&fragment, &build.join(".config"))?;
 
-    let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let jobs = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
     eprintln!("  building vmlinux with {jobs} jobs (about 5 minutes on 2 cores)");
     run_logged(
-        Command::new("make").current_dir(&build).arg(format!("-j{jobs}")).arg("vmlinux"),
+        Command::new("make")
+            .current_dir(&build)
+            .arg(format!("-j{jobs}"))
+            .arg("vmlinux"),
         &dir.join("build.log"),
         "kernel",
     )?;
@@ -84,7 +91,11 @@ fn check_config(fragment: &Path, config: &Path) -> Result<()> {
         .filter(|line| !got.contains(line))
         .collect();
     if !lost.is_empty() {
-        bail!("kernel options from {} did not survive configuration:\n  {}", fragment.display(), lost.join("\n  "));
+        bail!(
+            "kernel options from {} did not survive configuration:\n  {}",
+            fragment.display(),
+            lost.join("\n  ")
+        );
     }
     Ok(())
 }

@@ -17,16 +17,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::util::{cache_root, output, publish, run, sh_quote, target_dir, workspace_root, InputHash};
+use crate::util::{
+    cache_root, output, publish, run, sh_quote, target_dir, workspace_root, InputHash,
+};
 
 /// Modules the L1 loads, in any order (dependencies are resolved from the modules).
 pub const MODULES: &[&str] = &[
     // the 9p shares
-    "virtio_pci", "9pnet_virtio", "9p",
+    "virtio_pci",
+    "9pnet_virtio",
+    "9p",
     // KVM with AMD SVM (nested paging comes from the emulated CPU)
     "kvm_amd",
     // for sandbox networking in later tests
-    "tun", "veth",
+    "tun",
+    "veth",
 ];
 
 const RECIPE: &str = "lab-v1";
@@ -43,7 +48,12 @@ pub struct LabOptions {
 
 impl Default for LabOptions {
     fn default() -> Self {
-        LabOptions { mem_mib: 3072, cpus: 2, timeout: Duration::from_secs(45 * 60), env: Vec::new() }
+        LabOptions {
+            mem_mib: 3072,
+            cpus: 2,
+            timeout: Duration::from_secs(45 * 60),
+            env: Vec::new(),
+        }
     }
 }
 
@@ -60,7 +70,9 @@ fn l1_kernel_package() -> Result<String> {
         .filter_map(|line| line.trim().strip_prefix("Depends: "))
         .find(|name| name.starts_with("linux-image-") && name.ends_with("-amd64"))
         .map(str::to_string)
-        .context("cannot find the kernel package that linux-image-amd64 depends on (apt-get update?)")
+        .context(
+            "cannot find the kernel package that linux-image-amd64 depends on (apt-get update?)",
+        )
 }
 
 /// Builds (or finds in the cache) the L1 kernel and initramfs.
@@ -71,11 +83,16 @@ pub fn ensure_image() -> Result<LabImage> {
         .find_map(|l| l.strip_prefix("Version: ").map(str::to_string))
         .unwrap_or_default();
     let mut hash = InputHash::new(RECIPE);
-    hash.add("package", package.as_bytes()).add("version", version.as_bytes());
-    hash.add("modules", MODULES.join(",").as_bytes()).add("init", INIT_SCRIPT.as_bytes());
+    hash.add("package", package.as_bytes())
+        .add("version", version.as_bytes());
+    hash.add("modules", MODULES.join(",").as_bytes())
+        .add("init", INIT_SCRIPT.as_bytes());
     hash.add_file("busybox", Path::new("/bin/busybox"))?;
     let dir = cache_root().join("lab").join(hash.key());
-    let image = LabImage { vmlinuz: dir.join("vmlinuz"), initramfs: dir.join("initramfs.cpio.gz") };
+    let image = LabImage {
+        vmlinuz: dir.join("vmlinuz"),
+        initramfs: dir.join("initramfs.cpio.gz"),
+    };
     if image.vmlinuz.exists() && image.initramfs.exists() {
         return Ok(image);
     }
@@ -86,7 +103,10 @@ pub fn ensure_image() -> Result<LabImage> {
         fs::remove_dir_all(&work)?;
     }
     fs::create_dir_all(&work)?;
-    run(Command::new("apt-get").current_dir(&work).args(["download", "-q", &package]))?;
+    run(Command::new("apt-get")
+        .current_dir(&work)
+        .args(["download", "-qq", &package])
+        .stdout(Stdio::null()))?;
     let deb = fs::read_dir(&work)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
@@ -97,7 +117,10 @@ pub fn ensure_image() -> Result<LabImage> {
     let boot = unpacked.join("boot");
     let vmlinuz = fs::read_dir(&boot)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
         .context("the kernel package has no /boot/vmlinuz-*")?;
 
     // The initramfs: busybox, the init script, and the modules in dependency order.
@@ -173,7 +196,9 @@ fn resolve_modules(modules_root: &Path, wanted: &[&str]) -> Result<Vec<(String, 
         if depth > 32 {
             bail!("module dependencies nest too deeply at {name}");
         }
-        let path = index.get(&key).with_context(|| format!("no module {name} in the L1 kernel"))?;
+        let path = index
+            .get(&key)
+            .with_context(|| format!("no module {name} in the L1 kernel"))?;
         for dep in module_depends(path)? {
             visit(&dep, index, seen, ordered, depth + 1)?;
         }
@@ -226,7 +251,8 @@ pub fn run_in_lab(argv: &[String], opts: &LabOptions) -> Result<i32> {
 
     // Paths shared read-write at their host paths (parents first so nesting works).
     let mut rw: Vec<PathBuf> = vec![workspace_root(), cache_root(), target_dir()];
-    rw.iter_mut().for_each(|p| *p = p.canonicalize().unwrap_or_else(|_| p.clone()));
+    rw.iter_mut()
+        .for_each(|p| *p = p.canonicalize().unwrap_or_else(|_| p.clone()));
     rw.sort();
     rw.dedup();
     // A folder inside another shared folder is reached through that one already.
@@ -241,10 +267,14 @@ pub fn run_in_lab(argv: &[String], opts: &LabOptions) -> Result<i32> {
     let path = format!(
         "{}:{}",
         target_bin.display(),
-        std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into())
+        std::env::var("PATH")
+            .unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into())
     );
     let mut script = String::from("# written by cargo xtask lab\n");
-    script.push_str(&format!("cd {} || exit 125\n", sh_quote(&cwd.to_string_lossy())));
+    script.push_str(&format!(
+        "cd {} || exit 125\n",
+        sh_quote(&cwd.to_string_lossy())
+    ));
     let mut env = passed_env();
     env.extend(opts.env.iter().cloned());
     env.push(("PATH".into(), path));
@@ -271,29 +301,56 @@ pub fn run_in_lab(argv: &[String], opts: &LabOptions) -> Result<i32> {
     }
 
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-M", "q35", "-accel", "tcg,thread=multi", "-cpu", "max,+svm"])
-        .args(["-smp", &opts.cpus.to_string(), "-m", &opts.mem_mib.to_string()])
-        .args(["-display", "none", "-monitor", "none", "-no-reboot", "-nic", "none"])
-        .arg("-serial")
-        .arg(format!("file:{}", run_dir.join("console.log").display()))
-        .arg("-kernel")
-        .arg(&image.vmlinuz)
-        .arg("-initrd")
-        .arg(&image.initramfs)
-        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"])
-        .arg("-virtfs")
-        .arg("local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap")
-        .arg("-virtfs")
-        .arg(format!("local,path={},mount_tag=labrun,security_model=none", run_dir.display()));
+    qemu.args([
+        "-M",
+        "q35",
+        "-accel",
+        "tcg,thread=multi",
+        "-cpu",
+        "max,+svm",
+    ])
+    .args([
+        "-smp",
+        &opts.cpus.to_string(),
+        "-m",
+        &opts.mem_mib.to_string(),
+    ])
+    .args([
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-no-reboot",
+        "-nic",
+        "none",
+    ])
+    .arg("-serial")
+    .arg(format!("file:{}", run_dir.join("console.log").display()))
+    .arg("-kernel")
+    .arg(&image.vmlinuz)
+    .arg("-initrd")
+    .arg(&image.initramfs)
+    .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"])
+    .arg("-virtfs")
+    .arg("local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap")
+    .arg("-virtfs")
+    .arg(format!(
+        "local,path={},mount_tag=labrun,security_model=none",
+        run_dir.display()
+    ));
     for (i, p) in rw.iter().enumerate() {
         qemu.arg("-virtfs").arg(format!(
             "local,path={},mount_tag=rw{i},security_model=none,multidevs=remap",
             p.display()
         ));
     }
-    qemu.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    qemu.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     let started = Instant::now();
-    let mut child = qemu.spawn().context("starting qemu-system-x86_64 (cargo xtask deps)")?;
+    let mut child = qemu
+        .spawn()
+        .context("starting qemu-system-x86_64 (cargo xtask deps)")?;
 
     let done = Arc::new(AtomicBool::new(false));
     let followers: Vec<_> = [("stdout", true), ("stderr", false)]
@@ -348,7 +405,9 @@ pub fn run_in_lab(argv: &[String], opts: &LabOptions) -> Result<i32> {
 
 /// Copies what is appended to `path` to our stdout or stderr until `done` and the end.
 fn follow(path: &Path, to_stdout: bool, done: &AtomicBool) {
-    let Ok(mut file) = fs::File::open(path) else { return };
+    let Ok(mut file) = fs::File::open(path) else {
+        return;
+    };
     let mut pos = 0u64;
     let mut buf = vec![0u8; 64 * 1024];
     loop {

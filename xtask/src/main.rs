@@ -1,8 +1,10 @@
 //! `cargo xtask`: builds ember's guest kernel and images, runs the lab, the tests and benches.
 
 mod deps;
+mod images;
 mod kernel;
 mod lab;
+mod test;
 mod util;
 
 use anyhow::Result;
@@ -21,6 +23,18 @@ enum Cmd {
     Deps,
     /// Build (or fetch from the cache) the guest kernel; prints the path of vmlinux.
     Kernel,
+    /// Run every test: formatting, clippy, unit tests, artifact checks, the lab, VM tests.
+    Test {
+        /// Do not check/install Debian packages first.
+        #[arg(long)]
+        skip_deps: bool,
+    },
+    /// ember's main job, end to end: build everything, then boot a sandbox in the lab.
+    Demo,
+    /// Build (or fetch from the cache) the initramfs (busybox + agent); prints its path.
+    Initramfs,
+    /// Build (or fetch from the cache) the Debian rootfs image with the agent; prints its path.
+    Rootfs,
     /// Run a command inside the lab (an L1 VM with hardware-KVM semantics) and return its
     /// exit status. The host's root is visible read-only, the workspace and cache read-write;
     /// `ember` (built first) is on PATH.
@@ -62,9 +76,32 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             println!("{}", path.display());
             Ok(0)
         }
-        Cmd::Lab { mem_mib, cpus, timeout_s, no_build, command } => {
+        Cmd::Test { skip_deps } => test::run_all(skip_deps),
+        Cmd::Demo => demo(),
+        Cmd::Initramfs => {
+            println!("{}", images::initramfs()?.display());
+            Ok(0)
+        }
+        Cmd::Rootfs => {
+            println!("{}", images::rootfs()?.display());
+            Ok(0)
+        }
+        Cmd::Lab {
+            mem_mib,
+            cpus,
+            timeout_s,
+            no_build,
+            command,
+        } => {
             if !no_build {
-                util::run(util::cargo().args(["build", "--quiet", "-p", "ember-api", "--bin", "ember"]))?;
+                util::run(util::cargo().args([
+                    "build",
+                    "--quiet",
+                    "-p",
+                    "ember-api",
+                    "--bin",
+                    "ember",
+                ]))?;
             }
             let opts = lab::LabOptions {
                 mem_mib,
@@ -75,4 +112,38 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             lab::run_in_lab(&command, &opts)
         }
     }
+}
+
+/// The README's main job: everything from packages to a running guest.
+fn demo() -> Result<i32> {
+    let mut phases = util::Phases::new();
+    phases.run("debian packages", deps::ensure)?;
+    let artifacts = phases.run("guest kernel, initramfs, rootfs", test::Artifacts::ensure)?;
+    for (name, value) in artifacts.env() {
+        eprintln!("  {name}={value}");
+    }
+    util::run(util::cargo().args(["build", "--quiet", "-p", "ember-api", "--bin", "ember"]))?;
+    let ember = util::target_dir().join("debug/ember");
+    let here = phases.run("ember doctor on this host", || {
+        Ok(std::process::Command::new(&ember)
+            .arg("doctor")
+            .status()?
+            .success())
+    })?;
+    let script = "ember doctor";
+    let rc = if here {
+        phases.run("ember on this host", || {
+            util::run(std::process::Command::new("sh").args(["-c", script])).map(|_| 0)
+        })?
+    } else {
+        let opts = lab::LabOptions {
+            env: artifacts.env(),
+            ..Default::default()
+        };
+        phases.run("ember in the lab", || {
+            lab::run_in_lab(&["sh".into(), "-c".into(), script.into()], &opts)
+        })?
+    };
+    phases.summary();
+    Ok(rc)
 }

@@ -72,7 +72,8 @@ impl InputHash {
 /// Moves a finished file into the cache atomically: the caller wrote `tmp` next to `dest`.
 pub fn publish(tmp: &Path, dest: &Path) -> Result<()> {
     let file = fs::File::open(tmp).with_context(|| format!("opening {}", tmp.display()))?;
-    file.sync_all().with_context(|| format!("fsync {}", tmp.display()))?;
+    file.sync_all()
+        .with_context(|| format!("fsync {}", tmp.display()))?;
     fs::rename(tmp, dest)
         .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
     if let Some(dir) = dest.parent() {
@@ -83,7 +84,9 @@ pub fn publish(tmp: &Path, dest: &Path) -> Result<()> {
 
 /// Runs a command to completion with inherited output; fails with the command line on error.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("starting {}", describe(cmd)))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {}", describe(cmd)))?;
     if !status.success() {
         bail!("{} failed with {status}", describe(cmd));
     }
@@ -126,7 +129,11 @@ pub fn run_logged(cmd: &mut Command, log: &Path, what: &str) -> Result<()> {
         let line = line.unwrap_or_default();
         writeln!(log_file, "{line}").ok();
         if last_report.elapsed().as_secs() >= 20 {
-            eprintln!("  [{what} {:>4}s] {}", started.elapsed().as_secs(), truncate(&line, 90));
+            eprintln!(
+                "  [{what} {:>4}s] {}",
+                started.elapsed().as_secs(),
+                truncate(&line, 90)
+            );
             last_report = Instant::now();
         }
     }
@@ -134,7 +141,10 @@ pub fn run_logged(cmd: &mut Command, log: &Path, what: &str) -> Result<()> {
     stderr_thread.join().ok();
     if !status.success() {
         let tail = tail_lines(log, 30) + &tail_lines(&log.with_extension("stderr.log"), 30);
-        bail!("{what} failed with {status}; last output:\n{tail}\n(full log: {})", log.display());
+        bail!(
+            "{what} failed with {status}; last output:\n{tail}\n(full log: {})",
+            log.display()
+        );
     }
     Ok(())
 }
@@ -164,7 +174,8 @@ pub fn describe(cmd: &Command) -> String {
 
 /// `cargo` as invoked by the user (respects `$CARGO`).
 pub fn cargo() -> Command {
-    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| OsStr::new("cargo").into()));
+    let mut cmd =
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| OsStr::new("cargo").into()));
     cmd.current_dir(workspace_root());
     cmd
 }
@@ -172,7 +183,9 @@ pub fn cargo() -> Command {
 /// Quotes a word for POSIX sh.
 pub fn sh_quote(word: &str) -> String {
     if !word.is_empty()
-        && word.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
     {
         return word.to_string();
     }
@@ -187,7 +200,10 @@ pub struct Phases {
 
 impl Phases {
     pub fn new() -> Self {
-        Phases { started: Instant::now(), done: Vec::new() }
+        Phases {
+            started: Instant::now(),
+            done: Vec::new(),
+        }
     }
 
     pub fn run<T>(&mut self, name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
@@ -217,7 +233,14 @@ mod tests {
     #[test]
     fn sh_quote_round_trips_through_sh() {
         let words = ["plain", "with space", "it's", "", "$HOME", "a\"b", "x;y"];
-        let script = format!("printf '%s\\n' {}", words.iter().map(|w| sh_quote(w)).collect::<Vec<_>>().join(" "));
+        let script = format!(
+            "printf '%s\\n' {}",
+            words
+                .iter()
+                .map(|w| sh_quote(w))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
         let out = Command::new("sh").arg("-c").arg(&script).output().unwrap();
         let printed = String::from_utf8(out.stdout).unwrap();
         assert_eq!(printed.lines().collect::<Vec<_>>(), words);

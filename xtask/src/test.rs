@@ -1,0 +1,337 @@
+//! `cargo xtask test`: the whole suite, as CI runs it.
+//!
+//! Unit tests run on the host. Tests that boot Linux are named `vmtest_*`; they run directly where
+//! the host has hardware KVM, and inside the lab otherwise. If neither `/dev/kvm` nor QEMU is
+//! available they are reported as SKIPPED, loudly; if the lab cannot start, the suite fails.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use crate::lab::{run_in_lab, LabOptions};
+use crate::util::{cargo, output, run, target_dir, Phases};
+use crate::{deps, images, kernel};
+
+/// The prefix of tests that need hardware-KVM semantics (a booted Linux guest) (hardware KVM or the lab).
+pub const VM_TEST_PREFIX: &str = "vmtest_";
+
+/// Tallies the suite's own end-to-end checks.
+#[derive(Default)]
+struct Checks {
+    passed: u32,
+    failed: Vec<String>,
+}
+
+impl Checks {
+    fn check(&mut self, name: &str, result: Result<()>) {
+        match result {
+            Ok(()) => {
+                eprintln!("check {name} ... ok");
+                self.passed += 1;
+            }
+            Err(err) => {
+                eprintln!("check {name} ... FAILED: {err:#}");
+                self.failed.push(name.to_string());
+            }
+        }
+    }
+}
+
+/// Paths of the guest artifacts, exported to VM tests through the environment.
+pub struct Artifacts {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub rootfs: PathBuf,
+}
+
+impl Artifacts {
+    pub fn ensure() -> Result<Artifacts> {
+        Ok(Artifacts {
+            kernel: kernel::ensure()?,
+            initramfs: images::initramfs()?,
+            rootfs: images::rootfs()?,
+        })
+    }
+
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("EMBER_KERNEL".into(), self.kernel.display().to_string()),
+            (
+                "EMBER_INITRAMFS".into(),
+                self.initramfs.display().to_string(),
+            ),
+            ("EMBER_ROOTFS".into(), self.rootfs.display().to_string()),
+        ]
+    }
+}
+
+/// How VM tests can run on this host.
+enum VmRunner {
+    Direct,
+    Lab,
+    Unavailable,
+}
+
+fn vm_runner(ember: &std::path::Path) -> Result<VmRunner> {
+    let status = Command::new(ember)
+        .arg("doctor")
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    if status.success() {
+        return Ok(VmRunner::Direct);
+    }
+    let has_kvm = std::path::Path::new("/dev/kvm").exists();
+    let has_qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    Ok(if has_qemu {
+        VmRunner::Lab
+    } else if !has_kvm {
+        VmRunner::Unavailable
+    } else {
+        bail!("this host's /dev/kvm cannot run Linux and qemu-system-x86_64 is missing: run `cargo xtask deps`")
+    })
+}
+
+pub fn run_all(skip_deps: bool) -> Result<i32> {
+    let mut phases = Phases::new();
+    let mut checks = Checks::default();
+    if !skip_deps {
+        phases.run("debian packages", deps::ensure)?;
+    }
+    phases.run("rustfmt", || run(cargo().args(["fmt", "--all", "--check"])))?;
+    phases.run("clippy", || {
+        run(cargo().args([
+            "clippy",
+            "--quiet",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    })?;
+    phases.run("host tests (unit, no guest)", || {
+        run(cargo().args(["test", "--workspace", "--", "--skip", VM_TEST_PREFIX]))
+    })?;
+
+    let artifacts = phases.run("guest kernel, initramfs, rootfs", Artifacts::ensure)?;
+    phases.run("artifact checks", || {
+        checks.check("kernel cache hit is fast", check_kernel_cache_hit());
+        checks.check(
+            "rootfs holds python3, node and the agent",
+            check_rootfs(&artifacts.rootfs),
+        );
+        Ok(())
+    })?;
+
+    run(cargo().args(["build", "--quiet", "-p", "ember-api", "--bin", "ember"]))?;
+    let ember = target_dir().join("debug/ember");
+    let vm_bins = phases.run("build VM test binaries", vm_test_binaries)?;
+    match vm_runner(&ember)? {
+        VmRunner::Unavailable => {
+            println!("SKIPPED: VM tests: this host has neither /dev/kvm nor qemu-system-x86_64");
+        }
+        VmRunner::Direct => {
+            phases.run("VM tests (hardware KVM)", || {
+                run_vm_tests_direct(&vm_bins, &artifacts)
+            })?;
+        }
+        VmRunner::Lab => {
+            phases.run("host doctor names PVM", || {
+                checks.check(
+                    "ember doctor on this host exits non-zero and names the backend",
+                    check_host_doctor(&ember),
+                );
+                Ok(())
+            })?;
+            phases.run("lab checks", || {
+                lab_checks(&mut checks);
+                Ok(())
+            })?;
+            phases.run("VM tests (in the lab)", || {
+                run_vm_tests_in_lab(&vm_bins, &artifacts)
+            })?;
+        }
+    }
+    phases.summary();
+    println!(
+        "xtask checks: {} passed, {} failed",
+        checks.passed,
+        checks.failed.len()
+    );
+    if !checks.failed.is_empty() {
+        eprintln!("failed checks: {}", checks.failed.join(", "));
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+fn check_kernel_cache_hit() -> Result<()> {
+    let start = Instant::now();
+    let path = kernel::ensure()?;
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!("  second `xtask kernel`: {secs:.2}s -> {}", path.display());
+    if secs >= 5.0 {
+        bail!("a cached kernel took {secs:.1}s to return (must be < 5s)");
+    }
+    Ok(())
+}
+
+fn check_rootfs(image: &std::path::Path) -> Result<()> {
+    let bin = images::ext4_list(image, "/usr/bin")?;
+    for name in ["python3", "node"] {
+        if !bin.iter().any(|n| n == name) {
+            bail!("/usr/bin/{name} is missing from {}", image.display());
+        }
+    }
+    // bookworm merges /usr: /sbin is a symlink to usr/sbin.
+    let sbin = images::ext4_list(image, "/usr/sbin")?;
+    if !sbin.iter().any(|n| n == "ember-agent") {
+        bail!(
+            "{} is missing from {}",
+            images::AGENT_GUEST_PATH,
+            image.display()
+        );
+    }
+    Ok(())
+}
+
+fn check_host_doctor(ember: &std::path::Path) -> Result<()> {
+    let out = Command::new(ember).arg("doctor").output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if out.status.success() {
+        bail!("ember doctor exited 0 on a host whose KVM cannot run Linux:\n{text}");
+    }
+    if !(text.contains("PVM") || text.contains("absent") || text.contains("neither vmx nor svm")) {
+        bail!("ember doctor did not name the KVM backend:\n{text}");
+    }
+    Ok(())
+}
+
+fn lab_checks(checks: &mut Checks) {
+    let opts = LabOptions::default();
+    let argv = |words: &[&str]| words.iter().map(|w| w.to_string()).collect::<Vec<_>>();
+    checks.check(
+        "lab propagates failure (false)",
+        (|| {
+            let rc = run_in_lab(&argv(&["false"]), &opts)?;
+            if rc == 0 {
+                bail!("`false` in the lab exited 0");
+            }
+            Ok(())
+        })(),
+    );
+    checks.check(
+        "lab propagates exit status 7",
+        (|| {
+            let rc = run_in_lab(&argv(&["sh", "-c", "exit 7"]), &opts)?;
+            if rc != 7 {
+                bail!("`sh -c 'exit 7'` in the lab exited {rc}");
+            }
+            Ok(())
+        })(),
+    );
+    checks.check(
+        "ember doctor in the lab reports hardware KVM",
+        (|| {
+            let rc = run_in_lab(
+                &argv(&[
+                    "sh",
+                    "-c",
+                    "ember doctor | tee /tmp/doctor; grep -q 'kvm kind: *hardware' /tmp/doctor",
+                ]),
+                &opts,
+            )?;
+            if rc != 0 {
+                bail!("ember doctor in the lab exited {rc} or did not report hardware KVM");
+            }
+            Ok(())
+        })(),
+    );
+}
+
+/// Test executables of the workspace (built, not run), by `cargo test --no-run`.
+fn vm_test_binaries() -> Result<Vec<PathBuf>> {
+    let json = output(cargo().args(["test", "--workspace", "--no-run", "--message-format=json"]))?;
+    let mut bins = Vec::new();
+    for line in json.lines() {
+        // Each artifact line with a test profile names its executable.
+        if !line.contains("\"reason\":\"compiler-artifact\"") || !line.contains("\"test\":true") {
+            continue;
+        }
+        if let Some(exe) = json_string_field(line, "executable") {
+            bins.push(PathBuf::from(exe));
+        }
+    }
+    if bins.is_empty() {
+        bail!("cargo test --no-run listed no test executables");
+    }
+    Ok(bins)
+}
+
+/// The string value of `"key":"…"` in one line of cargo's JSON (paths need no unescaping
+/// beyond `\\` and `\"`, which cargo emits for unusual paths only).
+fn json_string_field(line: &str, key: &str) -> Option<String> {
+    let start = line.find(&format!("\"{key}\":\""))? + key.len() + 4;
+    let rest = &line[start..];
+    let end = rest.find('"')?;
+    Some(rest[..end].replace("\\\\", "\\"))
+}
+
+/// A shell script that runs the `vmtest_` tests of every binary and fails if any fails.
+fn vm_test_script(bins: &[PathBuf]) -> String {
+    let mut script = String::from("rc=0\n");
+    for bin in bins {
+        let bin = crate::util::sh_quote(&bin.to_string_lossy());
+        script.push_str(&format!(
+            "if {bin} --list 2>/dev/null | grep -q '{VM_TEST_PREFIX}.*: test'; then\n  {bin} --test-threads=1 {VM_TEST_PREFIX} || rc=1\nfi\n"
+        ));
+    }
+    script.push_str("exit $rc\n");
+    script
+}
+
+fn run_vm_tests_direct(bins: &[PathBuf], artifacts: &Artifacts) -> Result<()> {
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(vm_test_script(bins))
+        .envs(artifacts.env())
+        .status()
+        .context("running VM tests")?;
+    if !status.success() {
+        bail!("VM tests failed");
+    }
+    Ok(())
+}
+
+fn run_vm_tests_in_lab(bins: &[PathBuf], artifacts: &Artifacts) -> Result<()> {
+    let opts = LabOptions {
+        env: artifacts.env(),
+        ..Default::default()
+    };
+    let rc = run_in_lab(&["sh".into(), "-c".into(), vm_test_script(bins)], &opts)?;
+    if rc != 0 {
+        bail!("VM tests in the lab failed (exit {rc})");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_executable_from_cargo_json() {
+        let line = r#"{"reason":"compiler-artifact","profile":{"test":true},"executable":"/t/deps/x-1234","fresh":true}"#;
+        assert_eq!(
+            json_string_field(line, "executable").as_deref(),
+            Some("/t/deps/x-1234")
+        );
+        assert_eq!(json_string_field(line, "missing"), None);
+    }
+}
