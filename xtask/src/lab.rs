@@ -65,7 +65,15 @@ pub struct LabImage {
 
 /// The Debian kernel package the L1 boots: the one `linux-image-amd64` currently points to.
 fn l1_kernel_package() -> Result<String> {
-    let deps = output(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;
+    let lookup = || output(Command::new("apt-cache").args(["depends", "linux-image-amd64"]));
+    // A machine whose package lists were never fetched (or were cleaned) knows no kernels.
+    let deps = match lookup() {
+        Ok(deps) if deps.contains("Depends: linux-image-") => deps,
+        _ => {
+            run(Command::new("apt-get").args(["update", "-q"]))?;
+            lookup()?
+        }
+    };
     deps.lines()
         .filter_map(|line| line.trim().strip_prefix("Depends: "))
         .find(|name| name.starts_with("linux-image-") && name.ends_with("-amd64"))

@@ -21,6 +21,8 @@ mount -t tmpfs -o mode=1777 tmpfs /host/tmp
 mount -t tmpfs tmpfs /host/run
 mount -t tmpfs tmpfs /host/var/tmp 2>/dev/null
 while read tag dir; do
+    # The folder may sit under a tmpfs mounted above (a clone in /tmp): make its mountpoint.
+    mkdir -p "/host$dir" 2>/dev/null
     mount -t 9p -o $opts $tag "/host$dir" || echo "lab: cannot mount $dir"
 done < /labrun/mounts
 mkdir -p /host/run/lab
