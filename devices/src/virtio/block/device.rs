@@ -1,0 +1,297 @@
+//! The virtio-block device: features, config space, activation and event-loop integration.
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::disk::Disk;
+use super::request::{process_queue, SECTOR_SIZE};
+use super::BlockError;
+use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt, FEATURE_VERSION_1};
+use crate::GuestMemoryMmap;
+
+/// Maximum (and default) size of the request queue.
+pub const BLOCK_QUEUE_SIZE: u16 = 256;
+/// Bytes of `struct virtio_blk_config` the device exposes: capacity, size_max, seg_max,
+/// geometry and blk_size.
+pub const BLOCK_CONFIG_SIZE: usize = 24;
+
+/// Everything that only exists between activation and reset.
+struct Active {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    queue_evt: EventFd,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+/// A virtio-block device with one request queue, backed by a raw image file.
+///
+/// Processing happens on the event-manager thread: add the device (as
+/// `Arc<Mutex<Block>>`, the same object given to the transport) with
+/// `EventManager::add_subscriber`.
+pub struct Block {
+    disk: Disk,
+    avail_features: u64,
+    acked_features: u64,
+    queue_max_sizes: [u16; 1],
+    /// Written by `activate` / `reset` (vCPU thread) so the event loop updates which queue
+    /// eventfds it watches.
+    activate_evt: EventFd,
+    active: Option<Active>,
+    /// Our own clones of the queue eventfds currently added to the event loop. Kept separate
+    /// from `active` so a reset cannot close an fd that epoll still watches.
+    registered: Vec<EventFd>,
+}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("disk", &self.disk)
+            .field("avail_features", &self.avail_features)
+            .field("acked_features", &self.acked_features)
+            .field("active", &self.active.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Block {
+    /// Opens the raw image at `path` (read-only if `read_only`); `id` is what GET_ID returns
+    /// (at most 20 bytes are used).
+    pub fn new(path: &Path, read_only: bool, id: String) -> Result<Block, BlockError> {
+        let disk = Disk::open(path, read_only, &id)?;
+        let mut avail_features = FEATURE_VERSION_1
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE;
+        if read_only {
+            avail_features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        Ok(Block {
+            disk,
+            avail_features,
+            acked_features: 0,
+            queue_max_sizes: [BLOCK_QUEUE_SIZE],
+            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
+            active: None,
+            registered: Vec::new(),
+        })
+    }
+
+    /// The backing disk.
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
+
+    /// Features acked by the driver.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// Whether the device is activated.
+    pub fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// The eventfd the event loop watches for (de)activation.
+    pub fn activate_evt(&self) -> &EventFd {
+        &self.activate_evt
+    }
+
+    /// The config space bytes (`struct virtio_blk_config` prefix, little endian).
+    fn config_bytes(&self) -> [u8; BLOCK_CONFIG_SIZE] {
+        let mut c = [0u8; BLOCK_CONFIG_SIZE];
+        c[0..8].copy_from_slice(&self.disk.sectors().to_le_bytes());
+        // size_max (8..12) stays 0: VIRTIO_BLK_F_SIZE_MAX is not offered.
+        // seg_max: the header and status take two descriptors of the chain.
+        let seg_max = u32::from(BLOCK_QUEUE_SIZE) - 2;
+        c[12..16].copy_from_slice(&seg_max.to_le_bytes());
+        // geometry (16..20) stays 0: VIRTIO_BLK_F_GEOMETRY is not offered.
+        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        c
+    }
+
+    /// Drains the request queue and interrupts the driver if it needs it. Does nothing when
+    /// the device is not active. Exposed so tests and the VMM can run it without an event
+    /// loop.
+    pub fn process_queue(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        if !process_queue(&mut active.queue, &active.mem, &self.disk) {
+            return;
+        }
+        match active.queue.needs_notification(&active.mem) {
+            Ok(true) => {
+                if let Err(e) = active.interrupt.signal_used_queue() {
+                    log::error!("virtio-block: failed to raise the used-ring interrupt: {e}");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => log::warn!("virtio-block: cannot check whether to notify: {e}"),
+        }
+    }
+
+    /// Makes the event loop watch exactly the current queue eventfd (none if inactive).
+    fn sync_registrations(&mut self, ops: &mut EventOps) {
+        for evt in self.registered.drain(..) {
+            if let Err(e) = ops.remove(Events::new(&evt, EventSet::IN)) {
+                log::warn!("virtio-block: failed to unregister a queue eventfd: {e:?}");
+            }
+        }
+        let Some(active) = &self.active else {
+            return;
+        };
+        match active.queue_evt.try_clone() {
+            Ok(evt) => match ops.add(Events::new(&evt, EventSet::IN)) {
+                Ok(()) => self.registered.push(evt),
+                Err(e) => log::error!("virtio-block: failed to register the queue eventfd: {e:?}"),
+            },
+            Err(e) => log::error!("virtio-block: failed to clone the queue eventfd: {e}"),
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_max_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn set_acked_features(&mut self, acked: u64) {
+        let unknown = acked & !self.avail_features;
+        if unknown != 0 {
+            log::warn!("virtio-block: ignoring acked features {unknown:#x} that were not offered");
+        }
+        self.acked_features = acked & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.config_bytes();
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let mut outside = false;
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = match start.checked_add(i).and_then(|o| config.get(o)) {
+                Some(b) => *b,
+                None => {
+                    outside = true;
+                    0
+                }
+            };
+        }
+        if outside {
+            log::warn!(
+                "virtio-block: config read at {offset:#x} of {} bytes goes past the {} byte \
+                 config space; reading zeros",
+                data.len(),
+                BLOCK_CONFIG_SIZE
+            );
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        log::warn!(
+            "virtio-block: ignoring {}-byte write to read-only config space at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        queue_evts: Vec<EventFd>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: queues.len(),
+            });
+        }
+        if queue_evts.len() != 1 {
+            return Err(ActivateError::EventCount {
+                expected: 1,
+                got: queue_evts.len(),
+            });
+        }
+        let (Some(mut queue), Some(queue_evt)) =
+            (queues.into_iter().next(), queue_evts.into_iter().next())
+        else {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: 0,
+            });
+        };
+        if !queue.ready() {
+            return Err(ActivateError::QueueNotReady(0));
+        }
+        // EVENT_IDX is never offered, so the queue uses plain notification suppression.
+        queue.set_event_idx(false);
+        self.active = Some(Active {
+            mem,
+            queue,
+            queue_evt,
+            interrupt,
+        });
+        if let Err(e) = self.activate_evt.write(1) {
+            self.active = None;
+            return Err(ActivateError::Signal(e));
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        self.active = None;
+        self.acked_features = 0;
+        // Let the event loop drop the queue eventfd registration.
+        if let Err(e) = self.activate_evt.write(1) {
+            log::warn!("virtio-block: failed to signal the reset to the event loop: {e}");
+        }
+        true
+    }
+}
+
+impl MutEventSubscriber for Block {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
+            log::error!("virtio-block: failed to register the activation eventfd: {e:?}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.activate_evt.as_raw_fd() {
+            // Non-blocking: a spurious wake-up just reads EAGAIN.
+            let _ = self.activate_evt.read();
+            self.sync_registrations(ops);
+            return;
+        }
+        if let Some(evt) = self.registered.iter().find(|e| e.as_raw_fd() == fd) {
+            let _ = evt.read();
+            self.process_queue();
+            return;
+        }
+        log::warn!("virtio-block: event on unexpected fd {fd}");
+    }
+}
+
+#[cfg(test)]
+mod tests;
