@@ -1,3 +1,14 @@
 //! ember's virtual machine monitor.
+//!
+//! `ember run` calls [`run`] with a [`VmConfig`]; finer control (pause, resume, boot time)
+//! goes through [`Vmm`].
 
+pub mod arch;
+pub mod kernel;
+pub mod memory;
 pub mod probe;
+pub mod vcpu;
+pub mod vm;
+pub mod vmm;
+
+pub use crate::vmm::{run, run_with, ExitReason, VmConfig, Vmm, VmmError, VmmOptions};

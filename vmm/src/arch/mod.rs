@@ -1,0 +1,3 @@
+//! Architecture-specific set-up. ember runs x86-64 guests only.
+
+pub mod x86_64;

@@ -1,0 +1,8 @@
+//! x86-64: guest layout, boot protocol, vCPU boot state, CPUID and the MP table.
+
+pub mod boot;
+pub mod cpuid;
+pub mod gdt;
+pub mod layout;
+pub mod mptable;
+pub mod regs;

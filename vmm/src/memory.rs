@@ -1,0 +1,212 @@
+//! Guest RAM: how it is laid out, allocated and registered with KVM.
+//!
+//! RAM starts at guest physical 0. What does not fit below the 32-bit MMIO gap
+//! ([`MMIO_GAP_START`]..[`MMIO_GAP_END`]) is placed from 4 GiB up. The backing is anonymous,
+//! private and `MAP_NORESERVE`, so untouched guest pages cost nothing; all of it is created by
+//! [`create_guest_memory`] so that snapshot restore can later swap the backing in one place.
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
+
+use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
+
+/// The guest memory type shared with the devices (dirty pages tracked per page).
+pub use ember_devices::GuestMemoryMmap;
+
+/// Guest RAM smaller than this cannot hold the boot structures and a kernel.
+pub const MIN_MEM_BYTES: u64 = 8 << 20;
+/// Guest RAM larger than this is refused (a typo guard, not a KVM limit).
+pub const MAX_MEM_BYTES: u64 = 1 << 40;
+const PAGE_SIZE: u64 = 4096;
+
+/// Errors of guest memory creation and registration.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("guest memory size {0:#x} bytes is below the minimum of {MIN_MEM_BYTES:#x}")]
+    TooSmall(u64),
+    #[error("guest memory size {0:#x} bytes is above the maximum of {MAX_MEM_BYTES:#x}")]
+    TooLarge(u64),
+    #[error("guest memory size {0:#x} bytes is not a multiple of the 4 KiB page size")]
+    Unaligned(u64),
+    #[error("cannot map {size:#x} bytes of guest memory at {addr:#x}: {source}")]
+    Mmap {
+        addr: u64,
+        size: u64,
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("guest memory region at {0:#x} overflows the address space")]
+    Region(u64),
+    #[error("cannot assemble the guest memory regions: {0}")]
+    Collection(vm_memory::GuestRegionCollectionError),
+    #[error("cannot register guest memory slot {slot} ({size:#x} bytes at {addr:#x}) with KVM: {source}")]
+    Register {
+        slot: u32,
+        addr: u64,
+        size: u64,
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// The RAM ranges (start, length) for `mem_bytes` of guest memory: below the MMIO gap first,
+/// the rest from 4 GiB.
+pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, u64)> {
+    if mem_bytes <= MMIO_GAP_START {
+        vec![(GuestAddress(0), mem_bytes)]
+    } else {
+        vec![
+            (GuestAddress(0), MMIO_GAP_START),
+            (GuestAddress(MMIO_GAP_END), mem_bytes - MMIO_GAP_START),
+        ]
+    }
+}
+
+/// Checks a requested guest memory size.
+pub fn check_mem_size(mem_bytes: u64) -> Result<(), MemoryError> {
+    if mem_bytes < MIN_MEM_BYTES {
+        return Err(MemoryError::TooSmall(mem_bytes));
+    }
+    if mem_bytes > MAX_MEM_BYTES {
+        return Err(MemoryError::TooLarge(mem_bytes));
+    }
+    if mem_bytes & (PAGE_SIZE - 1) != 0 {
+        return Err(MemoryError::Unaligned(mem_bytes));
+    }
+    Ok(())
+}
+
+/// Allocates `mem_bytes` of guest RAM: anonymous, private, `MAP_NORESERVE`, with a dirty
+/// page bitmap per region.
+pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    check_mem_size(mem_bytes)?;
+    let mut regions = Vec::new();
+    for (addr, size) in ram_ranges(mem_bytes) {
+        let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge(mem_bytes))?;
+        let mapping: MmapRegion<AtomicBitmap> =
+            MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|source| MemoryError::Mmap {
+                    addr: addr.0,
+                    size,
+                    source,
+                })?;
+        let region = GuestRegionMmap::new(mapping, addr).ok_or(MemoryError::Region(addr.0))?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Collection)
+}
+
+/// Registers every region of `mem` with KVM, slot numbers from 0 in address order.
+///
+/// # Safety
+///
+/// KVM keeps pointers into `mem`'s mappings: the caller must keep `mem` (or a clone sharing its
+/// regions) alive for as long as `vm` and any of its vCPUs exist.
+pub unsafe fn register_guest_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let addr = region.start_addr().0;
+        let size = region.len();
+        let host = region.as_ptr() as u64;
+        let kvm_region = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: addr,
+            memory_size: size,
+            userspace_addr: host,
+            flags: 0,
+        };
+        // SAFETY: the region describes exactly one live mapping owned by `mem`; the caller
+        // guarantees that mapping outlives the VM.
+        unsafe { vm.set_user_memory_region(kvm_region) }.map_err(|source| {
+            MemoryError::Register {
+                slot,
+                addr,
+                size,
+                source,
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// The end (exclusive) of RAM below the MMIO gap.
+pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
+    mem.iter()
+        .map(|r| r.start_addr().0 + r.len())
+        .filter(|end| *end <= MMIO_GAP_START)
+        .max()
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn small_memory_is_one_region_from_zero() {
+        assert_eq!(ram_ranges(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
+        assert_eq!(
+            ram_ranges(MMIO_GAP_START),
+            vec![(GuestAddress(0), MMIO_GAP_START)]
+        );
+    }
+
+    #[test]
+    fn memory_above_3g_goes_above_4g() {
+        let ranges = ram_ranges(4 << 30);
+        assert_eq!(
+            ranges,
+            vec![(GuestAddress(0), 3 << 30), (GuestAddress(4 << 30), 1 << 30)]
+        );
+    }
+
+    #[test]
+    fn sizes_are_checked() {
+        assert!(matches!(
+            check_mem_size(1 << 20),
+            Err(MemoryError::TooSmall(_))
+        ));
+        assert!(matches!(
+            check_mem_size((64 << 20) + 1),
+            Err(MemoryError::Unaligned(_))
+        ));
+        assert!(matches!(
+            check_mem_size(2 << 40),
+            Err(MemoryError::TooLarge(_))
+        ));
+        assert!(check_mem_size(128 << 20).is_ok());
+    }
+
+    #[test]
+    fn creates_noreserve_memory_with_a_gap() {
+        // 5 GiB of address space costs nothing with MAP_NORESERVE until touched.
+        let mem = create_guest_memory(5 << 30).unwrap();
+        assert_eq!(mem.num_regions(), 2);
+        assert_eq!(low_ram_end(&mem), MMIO_GAP_START);
+        assert_eq!(mem.last_addr(), GuestAddress((6 << 30) - 1));
+        assert!(mem
+            .write_obj(0xdead_beef_u32, GuestAddress(MMIO_GAP_END))
+            .is_ok());
+        assert!(mem.write_obj(1u8, GuestAddress(MMIO_GAP_START)).is_err());
+        for region in mem.iter() {
+            assert_ne!(region.flags() & libc::MAP_NORESERVE, 0);
+        }
+    }
+
+    #[test]
+    fn registers_with_kvm() {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            return;
+        }
+        let mem = create_guest_memory(64 << 20).unwrap();
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        // SAFETY: `mem` is declared before `vm` and so outlives it.
+        unsafe { register_guest_memory(&vm, &mem) }.unwrap();
+    }
+}

@@ -1,0 +1,794 @@
+//! The VMM: composes KVM, guest memory, the kernel, the boot structures, the devices and the
+//! vCPU threads into a running guest.
+//!
+//! ```text
+//! VmConfig ──Vmm::build──► Vmm (vCPUs paused) ──start──► running ──wait──► ExitReason
+//! ```
+//!
+//! Threads: one per vCPU, one device event loop (virtio-block queues), the serial writer, and
+//! the caller's, which waits in [`Vmm::wait`] for the first vCPU stop or i8042 reset.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ember_devices::virtio::block::Block;
+use ember_devices::virtio::mmio::{regs::QUEUE_NOTIFY, MmioTransport, MMIO_WINDOW_SIZE};
+use ember_devices::{BootTimer, Bus, Serial, BOOT_TIMER_PORT, I8042};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::x86_64::boot::{
+    build_boot_params, build_cmdline, e820_map, load_initrd, ram_of, write_boot_params,
+    write_cmdline, BootError, InitrdInfo,
+};
+use crate::arch::x86_64::layout::{
+    IRQ_MAX, SERIAL_IRQ, SERIAL_PORT, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
+};
+use crate::arch::x86_64::mptable::{self, setup_mptable, MpTableError};
+use crate::arch::x86_64::regs::{write_boot_tables, RegsError};
+use crate::kernel::{load_kernel, KernelError, LoadedKernel};
+use crate::memory::{
+    check_mem_size, create_guest_memory, low_ram_end, GuestMemoryMmap, MemoryError,
+};
+use crate::vcpu::{command_all, ExitAction, IoHandler, Vcpu, VcpuCommand, VcpuError, VcpuHandle};
+use crate::vm::{open_kvm, Vm, VmError};
+
+/// Most vCPUs a guest may have (the MP table must fit the EBDA).
+pub const MAX_VCPUS: u8 = 32;
+const SERIAL_PORT_LEN: u64 = 8;
+const I8042_PORT: u64 = 0x60;
+const I8042_PORT_LEN: u64 = 5;
+const BOOT_TIMER_LEN: u64 = 1;
+/// The block device the root file system is on when `rootfs` is given.
+const ROOT_DEVICE: &str = "/dev/vda";
+
+/// What to boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// ELF vmlinux or bzImage.
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// Disk image exposed as the first virtio-block device (`/dev/vda`) and used as root.
+    pub rootfs: Option<PathBuf>,
+    pub read_only_rootfs: bool,
+    pub vcpus: u8,
+    pub mem_mib: u32,
+    /// Appended to the default command line (a `-- args` part goes to init).
+    pub cmdline_extra: Option<String>,
+}
+
+impl VmConfig {
+    /// Checks the numbers before anything is allocated.
+    pub fn validate(&self) -> Result<(), VmmError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(VmmError::VcpuCount(self.vcpus));
+        }
+        debug_assert!(MAX_VCPUS <= mptable::max_cpus());
+        check_mem_size(self.mem_bytes()).map_err(VmmError::Memory)
+    }
+
+    pub fn mem_bytes(&self) -> u64 {
+        u64::from(self.mem_mib) << 20
+    }
+}
+
+/// Host-side options that are not part of the guest's description.
+pub struct VmmOptions {
+    /// Where the guest's serial output goes.
+    pub serial_out: Box<dyn Write + Send>,
+    /// When boot time is measured from (the boot timer reports the time to userspace).
+    pub start: Instant,
+}
+
+impl Default for VmmOptions {
+    fn default() -> Self {
+        VmmOptions {
+            serial_out: Box::new(std::io::stdout()),
+            start: Instant::now(),
+        }
+    }
+}
+
+/// How a guest run ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest reset through the i8042 (`reboot=k`, ember's default).
+    KeyboardReset,
+    /// The guest triple faulted (`reboot=t`): a reset.
+    TripleFault,
+    /// KVM reported a system reset event.
+    SystemReset,
+    /// The guest powered off or a vCPU halted for good.
+    Stopped,
+}
+
+impl ExitReason {
+    /// Whether the guest asked to be reset (the normal end of `ember run`).
+    pub fn is_reset(self) -> bool {
+        !matches!(self, ExitReason::Stopped)
+    }
+}
+
+/// Errors of the VMM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("{0} vCPUs requested; ember supports 1 to {MAX_VCPUS}")]
+    VcpuCount(u8),
+    #[error(transparent)]
+    Memory(MemoryError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("cannot write the boot page tables and GDT: {0}")]
+    BootTables(RegsError),
+    #[error(transparent)]
+    MpTable(#[from] MpTableError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("cannot create an eventfd for {what}: {source}")]
+    EventFd {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot create the serial console: {0}")]
+    Serial(ember_devices::serial::SerialError),
+    #[error("cannot open the root file system {path}: {source}")]
+    Block {
+        path: String,
+        source: ember_devices::virtio::block::BlockError,
+    },
+    #[error("cannot create the virtio-mmio transport at {base:#x}: {source}")]
+    Mmio {
+        base: u64,
+        source: ember_devices::virtio::mmio::MmioError,
+    },
+    #[error("cannot place {what} on the {bus} bus: {source}")]
+    Bus {
+        what: &'static str,
+        bus: &'static str,
+        source: ember_devices::BusError,
+    },
+    #[error("no GSI is left for virtio device {0} (GSIs {VIRTIO_IRQ_BASE}..={IRQ_MAX})")]
+    OutOfIrqs(usize),
+    #[error("cannot create the device event loop: {0:?}")]
+    EventManager(event_manager::Error),
+    #[error("cannot start the device event loop thread: {0}")]
+    EventThread(std::io::Error),
+    #[error("cannot wait for the guest: {0}")]
+    Wait(std::io::Error),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("vCPU {index} failed: {reason}")]
+    VcpuFailed { index: u8, reason: String },
+}
+
+/// Port and MMIO accesses go to the two device buses. Accesses to nothing read as all-ones
+/// (ports) or zeros (MMIO) and are logged at debug level.
+#[derive(Debug, Default, Clone)]
+pub struct DeviceIo {
+    pub pio: Bus,
+    pub mmio: Bus,
+}
+
+impl IoHandler for DeviceIo {
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if let Err(e) = self.pio.read(u64::from(port), data) {
+            log::debug!("port read of {} bytes at {port:#x}: {e}", data.len());
+            data.fill(0xff);
+        }
+    }
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        if let Err(e) = self.pio.write(u64::from(port), data) {
+            log::debug!("port write of {data:x?} at {port:#x}: {e}");
+        }
+    }
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if let Err(e) = self.mmio.read(addr, data) {
+            log::debug!("MMIO read of {} bytes at {addr:#x}: {e}", data.len());
+            data.fill(0);
+        }
+    }
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if let Err(e) = self.mmio.write(addr, data) {
+            log::debug!("MMIO write of {data:x?} at {addr:#x}: {e}");
+        }
+    }
+}
+
+/// Base address and GSI of virtio-mmio slot `slot`.
+pub fn virtio_slot(slot: usize) -> Result<(u64, u32), VmmError> {
+    let gsi = u32::try_from(slot)
+        .ok()
+        .and_then(|s| s.checked_add(VIRTIO_IRQ_BASE))
+        .filter(|gsi| *gsi <= IRQ_MAX)
+        .ok_or(VmmError::OutOfIrqs(slot))?;
+    Ok((VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE, gsi))
+}
+
+fn eventfd(what: &'static str) -> Result<EventFd, VmmError> {
+    EventFd::new(EFD_NONBLOCK).map_err(|source| VmmError::EventFd { what, source })
+}
+
+fn clone_evt(evt: &EventFd, what: &'static str) -> Result<EventFd, VmmError> {
+    evt.try_clone()
+        .map_err(|source| VmmError::EventFd { what, source })
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Ends the device event loop when its eventfd is written.
+struct LoopExit {
+    evt: EventFd,
+    done: Arc<AtomicBool>,
+}
+
+impl MutEventSubscriber for LoopExit {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.evt.read();
+        self.done.store(true, Ordering::SeqCst);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.evt, event_manager::EventSet::IN)) {
+            log::error!("cannot watch the event loop's exit eventfd: {e:?}");
+        }
+    }
+}
+
+/// The device event loop thread.
+struct EventLoop {
+    exit_evt: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EventLoop {
+    fn start(subscribers: Vec<Subscriber>) -> Result<EventLoop, VmmError> {
+        let mut manager: EventManager<Subscriber> =
+            EventManager::new().map_err(VmmError::EventManager)?;
+        let exit_evt = eventfd("the event loop exit")?;
+        let done = Arc::new(AtomicBool::new(false));
+        manager.add_subscriber(Arc::new(Mutex::new(LoopExit {
+            evt: clone_evt(&exit_evt, "the event loop exit")?,
+            done: done.clone(),
+        })));
+        for subscriber in subscribers {
+            manager.add_subscriber(subscriber);
+        }
+        let thread = std::thread::Builder::new()
+            .name("ember-events".into())
+            .spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    if let Err(e) = manager.run() {
+                        log::error!("device event loop failed: {e:?}");
+                        break;
+                    }
+                }
+            })
+            .map_err(VmmError::EventThread)?;
+        Ok(EventLoop {
+            exit_evt,
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            if let Err(e) = self.exit_evt.write(1) {
+                log::error!("cannot stop the device event loop: {e}");
+                return;
+            }
+            if thread.join().is_err() {
+                log::error!("the device event loop thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for EventLoop {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The devices of a VM and what the VMM keeps of them.
+struct Devices {
+    io: Arc<DeviceIo>,
+    subscribers: Vec<Subscriber>,
+    /// (base, GSI) of each virtio-mmio device, for the command line.
+    virtio: Vec<(u64, u32)>,
+    reset_evt: EventFd,
+    boot_time: Arc<OnceLock<Duration>>,
+}
+
+fn attach_devices(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    options: VmmOptions,
+) -> Result<Devices, VmmError> {
+    let mut io = DeviceIo::default();
+    let bus_error = |what, bus| move |source| VmmError::Bus { what, bus, source };
+
+    let serial_irq = eventfd("the serial IRQ")?;
+    vm.register_irq(&serial_irq, SERIAL_IRQ)?;
+    let serial = Serial::new(serial_irq, options.serial_out).map_err(VmmError::Serial)?;
+    io.pio
+        .insert(
+            Arc::new(Mutex::new(serial)),
+            u64::from(SERIAL_PORT),
+            SERIAL_PORT_LEN,
+        )
+        .map_err(bus_error("the serial port", "port"))?;
+
+    let reset_evt = eventfd("the i8042 reset line")?;
+    let i8042 = I8042::new(clone_evt(&reset_evt, "the i8042 reset line")?);
+    io.pio
+        .insert(Arc::new(Mutex::new(i8042)), I8042_PORT, I8042_PORT_LEN)
+        .map_err(bus_error("the i8042", "port"))?;
+
+    let timer = BootTimer::new(options.start);
+    let boot_time = timer.reached();
+    io.pio
+        .insert(
+            Arc::new(Mutex::new(timer)),
+            u64::from(BOOT_TIMER_PORT),
+            BOOT_TIMER_LEN,
+        )
+        .map_err(bus_error("the boot timer", "port"))?;
+
+    let mut subscribers: Vec<Subscriber> = Vec::new();
+    let mut virtio = Vec::new();
+    if let Some(rootfs) = &config.rootfs {
+        let (base, gsi) = virtio_slot(virtio.len())?;
+        let block = Block::new(rootfs, config.read_only_rootfs, "rootfs".to_string()).map_err(
+            |source| VmmError::Block {
+                path: rootfs.display().to_string(),
+                source,
+            },
+        )?;
+        let block = Arc::new(Mutex::new(block));
+        let irq = eventfd("a virtio IRQ")?;
+        vm.register_irq(&irq, gsi)?;
+        let transport = MmioTransport::new(block.clone(), mem.clone(), irq)
+            .map_err(|source| VmmError::Mmio { base, source })?;
+        for (queue, evt) in transport.queue_evts().into_iter().enumerate() {
+            vm.register_mmio_notify(evt, base + QUEUE_NOTIFY, queue as u32)?;
+        }
+        io.mmio
+            .insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)
+            .map_err(bus_error("the root virtio-block device", "MMIO"))?;
+        subscribers.push(block);
+        virtio.push((base, gsi));
+    }
+    Ok(Devices {
+        io: Arc::new(io),
+        subscribers,
+        virtio,
+        reset_evt,
+        boot_time,
+    })
+}
+
+/// Writes the boot structures (GDT, page tables, MP table, command line, zero page) and
+/// loads the kernel and initrd.
+fn load_guest(
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    virtio: &[(u64, u32)],
+) -> Result<LoadedKernel, VmmError> {
+    write_boot_tables(mem).map_err(VmmError::BootTables)?;
+    setup_mptable(mem, config.vcpus)?;
+    let kernel = load_kernel(mem, &config.kernel)?;
+    let initrd: Option<InitrdInfo> = match &config.initrd {
+        Some(path) => Some(load_initrd(
+            mem,
+            path,
+            low_ram_end(mem),
+            kernel.initrd_addr_max(),
+            kernel.kernel_end,
+        )?),
+        None => None,
+    };
+    let root = config
+        .rootfs
+        .as_ref()
+        .map(|_| (ROOT_DEVICE, config.read_only_rootfs));
+    let cmdline = build_cmdline(virtio, root, config.cmdline_extra.as_deref())?;
+    let cmdline_len = write_cmdline(mem, &cmdline)?;
+    log::debug!("kernel command line: {cmdline:?}");
+    let params = build_boot_params(
+        kernel.setup_header,
+        cmdline_len,
+        initrd,
+        &e820_map(&ram_of(mem)),
+    )?;
+    write_boot_params(mem, &params)?;
+    Ok(kernel)
+}
+
+/// A built VM. Field order is drop order: vCPU threads and the VM go before guest memory.
+pub struct Vmm {
+    vcpus: Vec<VcpuHandle>,
+    event_loop: EventLoop,
+    stops: Receiver<crate::vcpu::VcpuStop>,
+    stop_evt: EventFd,
+    reset_evt: EventFd,
+    boot_time: Arc<OnceLock<Duration>>,
+    io: Arc<DeviceIo>,
+    vm: Vm,
+    mem: GuestMemoryMmap,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("vcpus", &self.vcpus.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vmm {
+    /// Builds the VM for `config` with its vCPUs paused at the kernel entry.
+    pub fn build(config: &VmConfig, options: VmmOptions) -> Result<Vmm, VmmError> {
+        config.validate()?;
+        let kvm = open_kvm()?;
+        let mem = create_guest_memory(config.mem_bytes()).map_err(VmmError::Memory)?;
+        let vm = Vm::new(&kvm)?;
+        // SAFETY: `mem` is stored in the Vmm after `vm` and the vCPUs, so it is dropped after
+        // them; every other holder is a clone sharing the same mappings.
+        unsafe { vm.register_memory(&mem) }?;
+
+        let devices = attach_devices(&vm, &mem, config, options)?;
+        let kernel = load_guest(&mem, config, &devices.virtio)?;
+        log::debug!("{:?} kernel entry {:#x}", kernel.format, kernel.entry.0);
+
+        let (stops_tx, stops) = channel();
+        let stop_evt = eventfd("vCPU stops")?;
+        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+        for index in 0..config.vcpus {
+            let fd = vm.create_boot_vcpu(index, config.vcpus, kernel.entry.0)?;
+            let vcpu = Vcpu {
+                index,
+                fd,
+                io: devices.io.clone(),
+            };
+            vcpus.push(vcpu.start(stops_tx.clone(), clone_evt(&stop_evt, "vCPU stops")?)?);
+        }
+        let event_loop = EventLoop::start(devices.subscribers)?;
+        Ok(Vmm {
+            vcpus,
+            event_loop,
+            stops,
+            stop_evt,
+            reset_evt: devices.reset_evt,
+            boot_time: devices.boot_time,
+            io: devices.io,
+            vm,
+            mem,
+        })
+    }
+
+    /// Runs all vCPUs.
+    pub fn resume(&self) -> Result<(), VmmError> {
+        command_all(&self.vcpus, VcpuCommand::Resume).map_err(VmmError::Vcpu)
+    }
+
+    /// Stops all vCPUs outside `KVM_RUN`; returns once every one has acknowledged.
+    pub fn pause(&self) -> Result<(), VmmError> {
+        command_all(&self.vcpus, VcpuCommand::Pause).map_err(VmmError::Vcpu)
+    }
+
+    /// Waits until the guest resets, stops or fails. The vCPUs are paused on return.
+    pub fn wait(&self) -> Result<ExitReason, VmmError> {
+        const STOP: u64 = 0;
+        const RESET: u64 = 1;
+        let epoll = Epoll::new().map_err(VmmError::Wait)?;
+        for (evt, data) in [(&self.stop_evt, STOP), (&self.reset_evt, RESET)] {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    evt.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, data),
+                )
+                .map_err(VmmError::Wait)?;
+        }
+        let mut ready = [EpollEvent::default(); 2];
+        let reason = loop {
+            // Anything queued before the wait started counts too.
+            if let Ok(stop) = self.stops.try_recv() {
+                let _ = self.stop_evt.read();
+                break match stop.action {
+                    ExitAction::Shutdown => Ok(ExitReason::TripleFault),
+                    ExitAction::Reset => Ok(ExitReason::SystemReset),
+                    ExitAction::Stop | ExitAction::Continue => Ok(ExitReason::Stopped),
+                    ExitAction::Fail(reason) => Err(VmmError::VcpuFailed {
+                        index: stop.index,
+                        reason,
+                    }),
+                };
+            }
+            if self.reset_evt.read().is_ok() {
+                break Ok(ExitReason::KeyboardReset);
+            }
+            match epoll.wait(-1, &mut ready) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(VmmError::Wait(e)),
+            }
+        };
+        self.pause()?;
+        reason
+    }
+
+    /// How long the guest took to reach userspace, once its init wrote the boot timer.
+    pub fn boot_time(&self) -> Option<Duration> {
+        self.boot_time.get().copied()
+    }
+
+    /// Guest memory (shared mappings).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The KVM VM.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// The device buses the vCPUs use.
+    pub fn devices(&self) -> &DeviceIo {
+        &self.io
+    }
+
+    /// Ends the vCPU threads and the event loop.
+    pub fn shutdown(mut self) -> Result<(), VmmError> {
+        let mut first_error = None;
+        for handle in self.vcpus.drain(..) {
+            if let Err(e) = handle.exit_and_join() {
+                first_error.get_or_insert(VmmError::Vcpu(e));
+            }
+        }
+        self.event_loop.stop();
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        for handle in self.vcpus.drain(..) {
+            if let Err(e) = handle.exit_and_join() {
+                log::error!("{e}");
+            }
+        }
+    }
+}
+
+/// Boots `config` with serial output on stdout and runs it until the guest resets (Ok) or
+/// something fails.
+pub fn run(config: &VmConfig) -> Result<ExitReason, VmmError> {
+    run_with(config, VmmOptions::default())
+}
+
+/// [`run`] with explicit host options.
+pub fn run_with(config: &VmConfig, options: VmmOptions) -> Result<ExitReason, VmmError> {
+    let vmm = Vmm::build(config, options)?;
+    vmm.resume()?;
+    let result = vmm.wait();
+    if let Some(boot) = vmm.boot_time() {
+        log::info!("guest reached userspace after {boot:?}");
+    }
+    vmm.shutdown()?;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> VmConfig {
+        VmConfig {
+            kernel: PathBuf::from("/nonexistent/vmlinux"),
+            initrd: None,
+            rootfs: None,
+            read_only_rootfs: false,
+            vcpus: 2,
+            mem_mib: 128,
+            cmdline_extra: None,
+        }
+    }
+
+    #[test]
+    fn config_is_validated() {
+        assert!(config().validate().is_ok());
+        assert!(matches!(
+            VmConfig {
+                vcpus: 0,
+                ..config()
+            }
+            .validate(),
+            Err(VmmError::VcpuCount(0))
+        ));
+        assert!(matches!(
+            VmConfig {
+                vcpus: MAX_VCPUS + 1,
+                ..config()
+            }
+            .validate(),
+            Err(VmmError::VcpuCount(_))
+        ));
+        assert!(matches!(
+            VmConfig {
+                mem_mib: 1,
+                ..config()
+            }
+            .validate(),
+            Err(VmmError::Memory(_))
+        ));
+        assert_eq!(config().mem_bytes(), 128 << 20);
+        assert!(MAX_VCPUS <= mptable::max_cpus());
+    }
+
+    #[test]
+    fn virtio_slots_use_the_mmio_window_and_gsis_5_to_23() {
+        assert_eq!(virtio_slot(0).unwrap(), (0xd000_0000, 5));
+        assert_eq!(virtio_slot(1).unwrap(), (0xd000_1000, 6));
+        assert_eq!(virtio_slot(18).unwrap(), (0xd001_2000, 23));
+        assert!(matches!(virtio_slot(19), Err(VmmError::OutOfIrqs(19))));
+    }
+
+    #[test]
+    fn device_io_answers_unknown_addresses() {
+        let io = DeviceIo::default();
+        let mut data = [0u8; 2];
+        io.pio_read(0x2f8, &mut data);
+        assert_eq!(data, [0xff, 0xff]);
+        let mut data = [9u8; 4];
+        io.mmio_read(0xd000_0000, &mut data);
+        assert_eq!(data, [0; 4]);
+        io.pio_write(0x80, &[1]);
+        io.mmio_write(0xd000_0000, &[1]);
+    }
+
+    #[test]
+    fn exit_reasons() {
+        assert!(ExitReason::KeyboardReset.is_reset());
+        assert!(ExitReason::TripleFault.is_reset());
+        assert!(!ExitReason::Stopped.is_reset());
+    }
+
+    #[derive(Clone, Default)]
+    struct SharedOut(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for SharedOut {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A whole run with a stand-in "kernel": 64-bit code at the ELF entry that prints "hi" on
+    /// the serial port and resets through the i8042. Needs a KVM that runs long mode code.
+    #[test]
+    fn a_tiny_64_bit_kernel_prints_and_resets() {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            return;
+        }
+        let code = [
+            0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+            0xb0, b'h', 0xee, // mov al, 'h'; out dx, al
+            0xb0, b'i', 0xee, // mov al, 'i'; out dx, al
+            0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe; out 0x64, al
+            0xf4, 0xeb, 0xfd, // hlt; jmp back to hlt
+        ];
+        let kernel = tiny_kernel(&code);
+        let out = SharedOut::default();
+        let options = VmmOptions {
+            serial_out: Box::new(out.clone()),
+            start: Instant::now(),
+        };
+        let config = VmConfig {
+            kernel: kernel.as_path().to_path_buf(),
+            ..config()
+        };
+        let reason = run_with(&config, options).unwrap();
+        assert_eq!(reason, ExitReason::KeyboardReset);
+        for _ in 0..100 {
+            if out.0.lock().unwrap().as_slice() == b"hi" {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hi");
+    }
+
+    fn tiny_kernel(code: &[u8]) -> vmm_sys_util::tempfile::TempFile {
+        let kernel = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        std::fs::write(
+            kernel.as_path(),
+            crate::kernel::tests::tiny_elf(0x100_0000, code),
+        )
+        .unwrap();
+        kernel
+    }
+
+    /// int3 with the boot IDT (no valid gate) escalates to a triple fault.
+    #[test]
+    fn a_triple_fault_ends_the_run_as_a_reset() {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            return;
+        }
+        let kernel = tiny_kernel(&[0xcc]);
+        let config = VmConfig {
+            kernel: kernel.as_path().to_path_buf(),
+            vcpus: 1,
+            ..config()
+        };
+        let options = VmmOptions {
+            serial_out: Box::new(std::io::sink()),
+            start: Instant::now(),
+        };
+        match run_with(&config, options) {
+            Ok(reason) => assert_eq!(reason, ExitReason::TripleFault),
+            // PVM-backed KVM cannot deliver the exception and reports an emulation failure,
+            // which must arrive as a vCPU failure with its details.
+            Err(VmmError::VcpuFailed { index: 0, reason })
+                if !crate::probe::HostFacts::read().kind().runs_linux() =>
+            {
+                assert!(reason.contains("emulation failure"), "{reason}")
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// The VMM pauses and resumes a guest that spins, then tears it down.
+    #[test]
+    fn a_spinning_guest_pauses_resumes_and_shuts_down() {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            return;
+        }
+        let kernel = tiny_kernel(&[0xeb, 0xfe]); // jmp $
+        let config = VmConfig {
+            kernel: kernel.as_path().to_path_buf(),
+            vcpus: 4,
+            ..config()
+        };
+        let options = VmmOptions {
+            serial_out: Box::new(std::io::sink()),
+            start: Instant::now(),
+        };
+        let vmm = Vmm::build(&config, options).unwrap();
+        vmm.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        vmm.pause().unwrap();
+        vmm.resume().unwrap();
+        assert_eq!(vmm.boot_time(), None);
+        vmm.shutdown().unwrap();
+    }
+
+    #[test]
+    fn a_missing_kernel_fails_the_build() {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            return;
+        }
+        let options = VmmOptions {
+            serial_out: Box::new(std::io::sink()),
+            start: Instant::now(),
+        };
+        let err = Vmm::build(&config(), options).unwrap_err();
+        assert!(
+            matches!(err, VmmError::Kernel(KernelError::Open { .. })),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,111 @@
+//! Linux boots (`vmtest_*`: hardware KVM or the lab). The guest images come from
+//! `cargo xtask test` through `EMBER_KERNEL`, `EMBER_INITRAMFS` and `EMBER_ROOTFS`; the agent
+//! (init) prints "ready", writes the boot timer and reboots, which ember sees as an i8042 reset.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ember_vmm::{run_with, ExitReason, VmConfig, VmmOptions};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn artifact(var: &str) -> PathBuf {
+    let path = std::env::var_os(var)
+        .unwrap_or_else(|| panic!("{var} is not set; run VM tests through `cargo xtask test`"));
+    PathBuf::from(path)
+}
+
+#[derive(Clone, Default)]
+struct Console(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        std::io::stderr().write_all(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Console {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// Boots `config` and returns how it ended and what the console showed.
+fn boot(config: VmConfig) -> (ExitReason, String) {
+    let console = Console::default();
+    let options = VmmOptions {
+        serial_out: Box::new(console.clone()),
+        start: Instant::now(),
+    };
+    let (done_tx, done) = channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(run_with(&config, options).map_err(|e| e.to_string()));
+    });
+    let result = done.recv_timeout(BOOT_TIMEOUT).unwrap_or_else(|_| {
+        panic!(
+            "no reset within {BOOT_TIMEOUT:?}; console:\n{}",
+            console.text()
+        )
+    });
+    // The serial writer thread may still be draining.
+    std::thread::sleep(Duration::from_millis(200));
+    let reason = result.unwrap_or_else(|e| panic!("{e}; console:\n{}", console.text()));
+    (reason, console.text())
+}
+
+fn initramfs_config(vcpus: u8) -> VmConfig {
+    VmConfig {
+        kernel: artifact("EMBER_KERNEL"),
+        initrd: Some(artifact("EMBER_INITRAMFS")),
+        rootfs: None,
+        read_only_rootfs: false,
+        vcpus,
+        mem_mib: 256,
+        cmdline_extra: None,
+    }
+}
+
+#[test]
+fn vmtest_boots_linux_from_initramfs_and_resets() {
+    let (reason, console) = boot(initramfs_config(1));
+    assert_eq!(reason, ExitReason::KeyboardReset, "console:\n{console}");
+    assert!(
+        console.contains("ember-agent") && console.contains("ready"),
+        "console:\n{console}"
+    );
+}
+
+#[test]
+fn vmtest_boots_linux_with_four_vcpus() {
+    let (reason, console) = boot(VmConfig {
+        cmdline_extra: Some("loglevel=7".into()),
+        ..initramfs_config(4)
+    });
+    assert_eq!(reason, ExitReason::KeyboardReset, "console:\n{console}");
+    assert!(console.contains("ready"), "console:\n{console}");
+    assert!(
+        console.contains("Brought up 1 node, 4 CPUs"),
+        "console:\n{console}"
+    );
+}
+
+#[test]
+fn vmtest_boots_linux_from_a_read_only_virtio_rootfs() {
+    let (reason, console) = boot(VmConfig {
+        initrd: None,
+        rootfs: Some(artifact("EMBER_ROOTFS")),
+        read_only_rootfs: true,
+        cmdline_extra: Some("init=/sbin/ember-agent".into()),
+        ..initramfs_config(2)
+    });
+    assert_eq!(reason, ExitReason::KeyboardReset, "console:\n{console}");
+    assert!(console.contains("ready"), "console:\n{console}");
+}
