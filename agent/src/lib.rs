@@ -11,6 +11,9 @@ pub mod init;
 pub const BOOT_TIMER_PORT: u16 = 0x440;
 pub const BOOT_TIMER_MAGIC: u8 = 123;
 
+/// Where the agent lives in every guest image; the kernel is told `init=` this path.
+pub const AGENT_GUEST_PATH: &str = "/sbin/ember-agent";
+
 /// The kernel command-line key that carries a command for the agent to run at boot.
 pub const RUN_PARAM: &str = "ember.run";
 

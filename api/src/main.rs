@@ -1,6 +1,7 @@
 //! `ember`: the command line of the ember microVM monitor.
 
 mod doctor;
+mod run;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +21,9 @@ enum Command {
     /// Check this host's KVM: hardware, PVM-backed or absent; run a tiny probe guest.
     /// Exits 0 only where a Linux guest can run.
     Doctor,
+    /// Boot a guest in the foreground; its console goes to stdout. Exits 0 when the guest
+    /// resets (its way to stop without ACPI), non-zero on any VMM error.
+    Run(run::RunArgs),
 }
 
 fn main() {
@@ -29,6 +33,7 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Doctor => doctor::run(),
+        Command::Run(args) => run::run(args),
     };
     std::process::exit(code);
 }

@@ -12,8 +12,7 @@ use crate::util::{
     cache_root, cargo, output, publish, run, run_logged, sh_quote, target_dir, InputHash,
 };
 
-/// Where the agent lives in every guest image; the kernel is told `init=` this path.
-pub const AGENT_GUEST_PATH: &str = "/sbin/ember-agent";
+pub use ember_agent::AGENT_GUEST_PATH;
 const SUITE: &str = "bookworm";
 const INCLUDE: &str = "python3,nodejs,ca-certificates";
 const BASE_RECIPE: &str =

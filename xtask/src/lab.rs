@@ -289,6 +289,8 @@ pub fn run_in_lab(argv: &[String], opts: &LabOptions) -> Result<i32> {
     env.push(("HOME".into(), "/tmp".into()));
     env.push(("TMPDIR".into(), "/tmp".into()));
     env.push(("EMBER_IN_LAB".into(), "1".into()));
+    // HOME differs inside the lab: name the artifact cache explicitly.
+    env.push(("EMBER_CACHE_DIR".into(), cache_root().display().to_string()));
     for (k, v) in &env {
         script.push_str(&format!("export {}={}\n", k, sh_quote(v)));
     }

@@ -1,0 +1,150 @@
+//! `ember run`: boot a guest in the foreground, console on stdout.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ember_vmm::probe::HostFacts;
+use ember_vmm::{run_with, VmConfig, VmmOptions};
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Guest kernel (ELF vmlinux or bzImage). Default: $EMBER_KERNEL, else the newest one
+    /// built by `cargo xtask kernel`.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Root filesystem image (raw ext4), exposed as /dev/vda. Default: $EMBER_ROOTFS, else
+    /// the newest one built by `cargo xtask rootfs` (unless --initrd is given).
+    #[arg(long)]
+    pub rootfs: Option<PathBuf>,
+    /// An initramfs; with it and no --rootfs the guest runs from the initramfs alone.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub mem_mib: u32,
+    /// Extra kernel command-line arguments.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Expose the rootfs read-only (guest writes fail with an I/O error).
+    #[arg(long)]
+    pub read_only_rootfs: bool,
+    /// A shell command the guest's init runs once userspace is up; the guest then resets.
+    #[arg(long)]
+    pub init_cmd: Option<String>,
+}
+
+/// Where `cargo xtask` caches artifacts (kept in step with xtask's `cache_root`).
+fn cache_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("EMBER_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("ember");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache/ember")
+}
+
+/// The most recently built `<cache>/<kind>/<key>/<file>`.
+fn newest_artifact(kind: &str, file: &str) -> Option<PathBuf> {
+    std::fs::read_dir(cache_root().join(kind))
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join(file))
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max()
+        .map(|(_, p)| p)
+}
+
+fn default_artifact(env: &str, kind: &str, file: &str) -> Option<PathBuf> {
+    std::env::var_os(env)
+        .map(PathBuf::from)
+        .or_else(|| newest_artifact(kind, file))
+}
+
+pub fn run(args: RunArgs) -> i32 {
+    let start = Instant::now();
+    let facts = HostFacts::read();
+    if !facts.kind().runs_linux() {
+        eprintln!(
+            "ember: this host's KVM is {} and cannot run a Linux guest; see `ember doctor`, \
+             or run ember in the lab: `cargo xtask lab -- ember run …`",
+            facts.kind().label()
+        );
+        return 2;
+    }
+    let Some(kernel) = args
+        .kernel
+        .or_else(|| default_artifact("EMBER_KERNEL", "kernel", "vmlinux"))
+    else {
+        eprintln!("ember: no --kernel given and none built (run `cargo xtask kernel`)");
+        return 2;
+    };
+    let rootfs = match (&args.rootfs, &args.initrd) {
+        (Some(path), _) => Some(path.clone()),
+        (None, Some(_)) => None,
+        (None, None) => match default_artifact("EMBER_ROOTFS", "rootfs", "rootfs.ext4") {
+            Some(path) => Some(path),
+            None => {
+                eprintln!("ember: no --rootfs given and none built (run `cargo xtask rootfs`)");
+                return 2;
+            }
+        },
+    };
+    for path in [Some(&kernel), rootfs.as_ref(), args.initrd.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        if !Path::new(path).is_file() {
+            eprintln!("ember: {} does not exist or is not a file", path.display());
+            return 2;
+        }
+    }
+    let mut extra: Vec<String> = Vec::new();
+    if rootfs.is_some() {
+        extra.push(format!("init={}", ember_agent::AGENT_GUEST_PATH));
+    }
+    if let Some(cmd) = &args.init_cmd {
+        extra.push(format!(
+            "{}={}",
+            ember_agent::RUN_PARAM,
+            ember_agent::encode_run_command(cmd)
+        ));
+    }
+    if let Some(cmdline) = &args.cmdline {
+        extra.push(cmdline.clone());
+    }
+    let config = VmConfig {
+        kernel,
+        initrd: args.initrd,
+        rootfs,
+        read_only_rootfs: args.read_only_rootfs,
+        vcpus: args.vcpus,
+        mem_mib: args.mem_mib,
+        cmdline_extra: (!extra.is_empty()).then(|| extra.join(" ")),
+    };
+    let options = VmmOptions {
+        serial_out: Box::new(std::io::stdout()),
+        start,
+    };
+    match run_with(&config, options) {
+        Ok(reason) => {
+            eprintln!(
+                "ember: guest ended ({reason:?}) after {:.1} ms",
+                start.elapsed().as_secs_f64() * 1e3
+            );
+            if reason.is_reset() {
+                0
+            } else {
+                1
+            }
+        }
+        Err(err) => {
+            eprintln!("ember: {err}");
+            1
+        }
+    }
+}
