@@ -86,6 +86,19 @@ pub fn mark_boot_complete() {
 pub fn sync_and_reset() -> ! {
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
+    // Leave the root filesystem clean (journal committed, not marked in use), as a shutdown
+    // would: a dirty ext4 image cannot be mounted read-only afterwards. Best effort: EBUSY
+    // (a file still open for writing) leaves it as it is.
+    // SAFETY: all pointers are valid NUL-terminated strings or NULL, as remount allows.
+    unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REMOUNT | libc::MS_RDONLY,
+            std::ptr::null(),
+        )
+    };
     // SAFETY: reboot with RB_AUTOBOOT restarts the machine; as PID 1 we are allowed to.
     unsafe { libc::reboot(libc::RB_AUTOBOOT) };
     eprintln!(

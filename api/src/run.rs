@@ -83,11 +83,24 @@ pub fn run(args: RunArgs) -> i32 {
         eprintln!("ember: no --kernel given and none built (run `cargo xtask kernel`)");
         return 2;
     };
+    let mut read_only_rootfs = args.read_only_rootfs;
     let rootfs = match (&args.rootfs, &args.initrd) {
         (Some(path), _) => Some(path.clone()),
         (None, Some(_)) => None,
         (None, None) => match default_artifact("EMBER_ROOTFS", "rootfs", "rootfs.ext4") {
-            Some(path) => Some(path),
+            Some(path) => {
+                // The bundled image is shared by every run and keyed by its inputs: a guest
+                // must never change it.
+                if !read_only_rootfs {
+                    eprintln!(
+                        "ember: using the bundled rootfs read-only ({}); pass --rootfs with a \
+                         copy for a writable disk",
+                        path.display()
+                    );
+                    read_only_rootfs = true;
+                }
+                Some(path)
+            }
             None => {
                 eprintln!("ember: no --rootfs given and none built (run `cargo xtask rootfs`)");
                 return 2;
@@ -121,7 +134,7 @@ pub fn run(args: RunArgs) -> i32 {
         kernel,
         initrd: args.initrd,
         rootfs,
-        read_only_rootfs: args.read_only_rootfs,
+        read_only_rootfs,
         vcpus: args.vcpus,
         mem_mib: args.mem_mib,
         cmdline_extra: (!extra.is_empty()).then(|| extra.join(" ")),

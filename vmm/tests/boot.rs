@@ -69,8 +69,17 @@ fn initramfs_config(vcpus: u8) -> VmConfig {
         read_only_rootfs: false,
         vcpus,
         mem_mib: 256,
-        cmdline_extra: None,
+        // Without a command the agent keeps serving; with one it runs it and resets.
+        cmdline_extra: Some(run_param("echo booted")),
     }
+}
+
+fn run_param(script: &str) -> String {
+    format!(
+        "{}={}",
+        ember_agent::RUN_PARAM,
+        ember_agent::encode_run_command(script)
+    )
 }
 
 #[test]
@@ -81,20 +90,20 @@ fn vmtest_boots_linux_from_initramfs_and_resets() {
         console.contains("ember-agent") && console.contains("ready"),
         "console:\n{console}"
     );
+    assert!(console.contains("booted"), "console:\n{console}");
 }
 
 #[test]
 fn vmtest_boots_linux_with_four_vcpus() {
+    // The agent reports what the guest sees: every vCPU must have come online (MP table,
+    // APIC ids and CPUID topology agree).
+    let script = "echo online=$(cat /sys/devices/system/cpu/online) cpus=$(grep -c ^processor /proc/cpuinfo)";
     let (reason, console) = boot(VmConfig {
-        cmdline_extra: Some("loglevel=7".into()),
+        cmdline_extra: Some(run_param(script)),
         ..initramfs_config(4)
     });
     assert_eq!(reason, ExitReason::KeyboardReset, "console:\n{console}");
-    assert!(console.contains("ready"), "console:\n{console}");
-    assert!(
-        console.contains("Brought up 1 node, 4 CPUs"),
-        "console:\n{console}"
-    );
+    assert!(console.contains("online=0-3 cpus=4"), "console:\n{console}");
 }
 
 #[test]
@@ -103,9 +112,13 @@ fn vmtest_boots_linux_from_a_read_only_virtio_rootfs() {
         initrd: None,
         rootfs: Some(artifact("EMBER_ROOTFS")),
         read_only_rootfs: true,
-        cmdline_extra: Some("init=/sbin/ember-agent".into()),
+        cmdline_extra: Some(format!(
+            "init={} {}",
+            ember_agent::AGENT_GUEST_PATH,
+            run_param("echo booted from $(stat -c %m /sbin/ember-agent)")
+        )),
         ..initramfs_config(2)
     });
     assert_eq!(reason, ExitReason::KeyboardReset, "console:\n{console}");
-    assert!(console.contains("ready"), "console:\n{console}");
+    assert!(console.contains("booted from /"), "console:\n{console}");
 }
