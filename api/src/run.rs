@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use ember_vmm::probe::HostFacts;
-use ember_vmm::{run_with, VmConfig, VmmOptions};
+use ember_vmm::{run_reported, RunReport, VmConfig, VmmOptions};
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -34,6 +34,9 @@ pub struct RunArgs {
     /// A shell command the guest's init runs once userspace is up; the guest then resets.
     #[arg(long)]
     pub init_cmd: Option<String>,
+    /// Write the run's figures (start-up times, VMM memory) as JSON to this file.
+    #[arg(long)]
+    pub report_json: Option<PathBuf>,
 }
 
 /// Where `cargo xtask` caches artifacts (kept in step with xtask's `cache_root`).
@@ -143,12 +146,15 @@ pub fn run(args: RunArgs) -> i32 {
         serial_out: Box::new(std::io::stdout()),
         start,
     };
-    match run_with(&config, options) {
-        Ok(reason) => {
-            eprintln!(
-                "ember: guest ended ({reason:?}) after {:.1} ms",
-                start.elapsed().as_secs_f64() * 1e3
-            );
+    match run_reported(&config, options) {
+        Ok((reason, report)) => {
+            eprintln!("ember: guest ended ({reason:?}); {}", describe(&report));
+            if let Some(path) = &args.report_json {
+                if let Err(err) = write_report(path, &report) {
+                    eprintln!("ember: cannot write {}: {err}", path.display());
+                    return 1;
+                }
+            }
             if reason.is_reset() {
                 0
             } else {
@@ -160,4 +166,24 @@ pub fn run(args: RunArgs) -> i32 {
             1
         }
     }
+}
+
+fn describe(report: &RunReport) -> String {
+    let ms = |us: u64| us as f64 / 1e3;
+    let userspace = report
+        .to_userspace_us
+        .map_or("never".to_string(), |us| format!("{:.1} ms", ms(us)));
+    format!(
+        "first KVM_RUN at {:.1} ms, userspace at {userspace}, ended at {:.1} ms; \
+         VMM resident memory outside guest RAM {} KiB (guest RAM resident {} KiB)",
+        ms(report.to_first_run_us),
+        ms(report.total_us),
+        report.vmm_rss_bytes / 1024,
+        report.guest_rss_bytes / 1024
+    )
+}
+
+fn write_report(path: &Path, report: &RunReport) -> std::io::Result<()> {
+    let json = serde_json::to_vec_pretty(report).map_err(std::io::Error::other)?;
+    std::fs::write(path, json)
 }

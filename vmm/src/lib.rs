@@ -6,9 +6,13 @@
 pub mod arch;
 pub mod kernel;
 pub mod memory;
+pub mod metrics;
 pub mod probe;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;
 
-pub use crate::vmm::{run, run_with, ExitReason, VmConfig, Vmm, VmmError, VmmOptions};
+pub use crate::metrics::RunReport;
+pub use crate::vmm::{
+    run, run_reported, run_with, ExitReason, VmConfig, Vmm, VmmError, VmmOptions,
+};

@@ -359,6 +359,15 @@ impl Vcpu {
                 Err(e) => ExitAction::Fail(format!("KVM_RUN failed: {e}")),
             };
             if action.ends_run() {
+                if action == ExitAction::Shutdown {
+                    // A triple fault is how `reboot=t` resets, but also how an early boot
+                    // failure looks: say where it happened.
+                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                    log::info!(
+                        "vCPU {} triple fault (shutdown) at rip {rip:#x}",
+                        self.index
+                    );
+                }
                 log::debug!("vCPU {} stops: {action:?}", self.index);
                 state = VcpuState::Paused;
                 let _ = stops.send(VcpuStop {

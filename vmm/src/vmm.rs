@@ -37,6 +37,7 @@ use crate::kernel::{load_kernel, KernelError, LoadedKernel};
 use crate::memory::{
     check_mem_size, create_guest_memory, low_ram_end, GuestMemoryMmap, MemoryError,
 };
+use crate::metrics::{micros, resident_split, RunReport};
 use crate::vcpu::{command_all, ExitAction, IoHandler, Vcpu, VcpuCommand, VcpuError, VcpuHandle};
 use crate::vm::{open_kvm, Vm, VmError};
 
@@ -502,6 +503,12 @@ impl Vmm {
         }
         let mut ready = [EpollEvent::default(); 2];
         let reason = loop {
+            // Linux's `reboot=k` falls through to a deliberate triple fault if the keyboard
+            // controller reset has not taken effect yet: when both are pending, the guest
+            // asked for the keyboard reset first.
+            if self.reset_evt.read().is_ok() {
+                break Ok(ExitReason::KeyboardReset);
+            }
             // Anything queued before the wait started counts too.
             if let Ok(stop) = self.stops.try_recv() {
                 let _ = self.stop_evt.read();
@@ -514,9 +521,6 @@ impl Vmm {
                         reason,
                     }),
                 };
-            }
-            if self.reset_evt.read().is_ok() {
-                break Ok(ExitReason::KeyboardReset);
             }
             match epoll.wait(-1, &mut ready) {
                 Ok(_) => {}
@@ -531,6 +535,20 @@ impl Vmm {
     /// How long the guest took to reach userspace, once its init wrote the boot timer.
     pub fn boot_time(&self) -> Option<Duration> {
         self.boot_time.get().copied()
+    }
+
+    /// This process's resident memory as (outside guest RAM, guest RAM).
+    pub fn resident_split(&self) -> std::io::Result<(u64, u64)> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let ranges: Vec<(u64, u64)> = self
+            .mem
+            .iter()
+            .map(|region| {
+                let start = region.as_ptr() as u64;
+                (start, start + region.len())
+            })
+            .collect();
+        resident_split(&ranges)
     }
 
     /// Guest memory (shared mappings).
@@ -579,14 +597,37 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmmError> {
 
 /// [`run`] with explicit host options.
 pub fn run_with(config: &VmConfig, options: VmmOptions) -> Result<ExitReason, VmmError> {
+    run_reported(config, options).map(|(reason, _)| reason)
+}
+
+/// [`run_with`], also returning what the run measured.
+pub fn run_reported(
+    config: &VmConfig,
+    options: VmmOptions,
+) -> Result<(ExitReason, RunReport), VmmError> {
+    let start = options.start;
     let vmm = Vmm::build(config, options)?;
+    let to_first_run = start.elapsed();
     vmm.resume()?;
     let result = vmm.wait();
-    if let Some(boot) = vmm.boot_time() {
+    let total = start.elapsed();
+    let (vmm_rss_bytes, guest_rss_bytes) = vmm.resident_split().unwrap_or_else(|e| {
+        log::warn!("cannot read /proc/self/smaps: {e}");
+        (0, 0)
+    });
+    let boot_time = vmm.boot_time();
+    if let Some(boot) = boot_time {
         log::info!("guest reached userspace after {boot:?}");
     }
     vmm.shutdown()?;
-    result
+    let report = RunReport {
+        to_first_run_us: micros(to_first_run),
+        to_userspace_us: boot_time.map(micros),
+        total_us: micros(total),
+        vmm_rss_bytes,
+        guest_rss_bytes,
+    };
+    result.map(|reason| (reason, report))
 }
 
 #[cfg(test)]

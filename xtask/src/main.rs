@@ -1,5 +1,6 @@
 //! `cargo xtask`: builds ember's guest kernel and images, runs the lab, the tests and benches.
 
+mod bench;
 mod deps;
 mod images;
 mod kernel;
@@ -31,6 +32,25 @@ enum Cmd {
     },
     /// ember's main job, end to end: build everything, then boot a sandbox in the lab.
     Demo,
+    /// Benchmarks measured end to end (in the lab where the host's KVM cannot run Linux).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+    /// (internal) the boot benchmark's harness, run where KVM can run Linux.
+    #[command(hide = true)]
+    BenchBootHarness {
+        #[arg(long)]
+        runs: u32,
+        #[arg(long)]
+        ember: std::path::PathBuf,
+        #[arg(long)]
+        kernel: std::path::PathBuf,
+        #[arg(long)]
+        initramfs: std::path::PathBuf,
+        #[arg(long)]
+        rootfs: std::path::PathBuf,
+    },
     /// Build (or fetch from the cache) the initramfs (busybox + agent); prints its path.
     Initramfs,
     /// Build (or fetch from the cache) the Debian rootfs image with the agent; prints its path.
@@ -57,6 +77,16 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Boot N times with ember and with QEMU microvm (baseline): time to the agent's ready
+    /// line and to exit, first KVM_RUN, boot-timer userspace, VMM memory outside guest RAM.
+    Boot {
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+    },
+}
+
 fn main() {
     let cli = Cli::parse();
     match dispatch(cli.command) {
@@ -78,6 +108,16 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
         }
         Cmd::Test { skip_deps } => test::run_all(skip_deps),
         Cmd::Demo => demo(),
+        Cmd::Bench {
+            what: BenchCmd::Boot { runs },
+        } => bench::boot(runs),
+        Cmd::BenchBootHarness {
+            runs,
+            ember,
+            kernel,
+            initramfs,
+            rootfs,
+        } => bench::harness(runs, &ember, &kernel, &initramfs, &rootfs),
         Cmd::Initramfs => {
             println!("{}", images::initramfs()?.display());
             Ok(0)
@@ -130,7 +170,11 @@ fn demo() -> Result<i32> {
             .status()?
             .success())
     })?;
-    let script = "ember doctor";
+    // Boot the bundled kernel and Debian rootfs, run Python inside, reset; ember prints the
+    // boot figures (first KVM_RUN, userspace reached, VMM memory) as it exits.
+    let script = "ember doctor && ember run --vcpus 2 --init-cmd \"python3 -c 'import platform; \
+                  print(\\\"hello from Python\\\", platform.python_version(), \\\"on Linux\\\", \
+                  platform.release(), \\\"- 44*44 =\\\", 44*44)'\"";
     let rc = if here {
         phases.run("ember on this host", || {
             util::run(std::process::Command::new("sh").args(["-c", script])).map(|_| 0)

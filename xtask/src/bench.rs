@@ -1,0 +1,287 @@
+//! `cargo xtask bench boot`: boot figures measured in one run, with a baseline.
+//!
+//! The harness runs where Linux guests can run (directly on hardware KVM, else inside the lab)
+//! and boots the same kernel and initramfs N times with ember and with QEMU's `microvm`
+//! machine (the baseline), timing each from process start to the agent's "ready" line on the
+//! console and to process exit. ember's own report adds the time to the first `KVM_RUN`, the
+//! boot-timer figure and the VMM's resident memory outside guest RAM.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::lab::{run_in_lab, LabOptions};
+use crate::test::Artifacts;
+use crate::util::{cargo, run, target_dir};
+
+/// One boot's figures, in microseconds / bytes.
+#[derive(Debug, Default, Clone)]
+struct Sample {
+    to_ready_us: u64,
+    total_us: u64,
+    rss_at_ready_bytes: u64,
+    to_first_run_us: Option<u64>,
+    to_userspace_us: Option<u64>,
+    vmm_rss_bytes: Option<u64>,
+}
+
+/// Entry point on the host: build, then run the harness where KVM can run Linux.
+pub fn boot(runs: u32) -> Result<i32> {
+    let artifacts = Artifacts::ensure()?;
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "ember-api",
+        "--bin",
+        "ember",
+    ]))?;
+    let ember = target_dir().join("release/ember");
+    let me = std::env::current_exe()?;
+    let argv: Vec<String> = vec![
+        me.display().to_string(),
+        "bench-boot-harness".into(),
+        "--runs".into(),
+        runs.to_string(),
+        "--ember".into(),
+        ember.display().to_string(),
+        "--kernel".into(),
+        artifacts.kernel.display().to_string(),
+        "--initramfs".into(),
+        artifacts.initramfs.display().to_string(),
+        "--rootfs".into(),
+        artifacts.rootfs.display().to_string(),
+    ];
+    let direct = Command::new(&ember)
+        .arg("doctor")
+        .stdout(Stdio::null())
+        .status()?
+        .success();
+    if direct {
+        eprintln!("bench: hardware KVM on this host: measuring directly");
+        let status = Command::new(&argv[0]).args(&argv[1..]).status()?;
+        return Ok(status.code().unwrap_or(1));
+    }
+    eprintln!("bench: this host's KVM cannot run Linux: measuring inside the lab (figures ~20-30x native)");
+    run_in_lab(&argv, &LabOptions::default())
+}
+
+/// The harness (runs in the lab or on hardware KVM).
+pub fn harness(
+    runs: u32,
+    ember: &Path,
+    kernel: &Path,
+    initramfs: &Path,
+    rootfs: &Path,
+) -> Result<i32> {
+    let env = if std::env::var_os("EMBER_IN_LAB").is_some() {
+        "the lab (nested KVM under QEMU TCG)"
+    } else {
+        "hardware KVM"
+    };
+    let command = ember_agent::encode_run_command("true");
+    let run_param = format!("{}={command}", ember_agent::RUN_PARAM);
+    let report = std::env::temp_dir().join(format!("ember-bench-{}.json", std::process::id()));
+    let s = |p: &Path| p.display().to_string();
+
+    let ember_initramfs = |report: &Path| -> Vec<String> {
+        vec![
+            s(ember),
+            "run".into(),
+            "--kernel".into(),
+            s(kernel),
+            "--initrd".into(),
+            s(initramfs),
+            "--init-cmd".into(),
+            "true".into(),
+            "--report-json".into(),
+            s(report),
+        ]
+    };
+    let ember_rootfs = |report: &Path| -> Vec<String> {
+        vec![
+            s(ember),
+            "run".into(),
+            "--kernel".into(),
+            s(kernel),
+            "--rootfs".into(),
+            s(rootfs),
+            "--read-only-rootfs".into(),
+            "--init-cmd".into(),
+            "true".into(),
+            "--report-json".into(),
+            s(report),
+        ]
+    };
+    // QEMU's minimal machine with the same kernel (PVH entry), initramfs, memory and vCPUs.
+    // Without an i8042 it resets by triple fault (reboot=t); -no-reboot makes that an exit.
+    let qemu: Vec<String> = vec![
+        "qemu-system-x86_64".into(),
+        "-M".into(),
+        "microvm".into(),
+        "-accel".into(),
+        "kvm".into(),
+        "-cpu".into(),
+        "host".into(),
+        "-m".into(),
+        "256".into(),
+        "-smp".into(),
+        "1".into(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-serial".into(),
+        "stdio".into(),
+        "-no-reboot".into(),
+        "-kernel".into(),
+        s(kernel),
+        "-initrd".into(),
+        s(initramfs),
+        "-append".into(),
+        format!("console=ttyS0 reboot=t panic=1 pci=off nomodule tsc=reliable quiet {run_param}"),
+    ];
+
+    let mut results: Vec<(&str, Vec<Sample>)> = vec![
+        ("ember, initramfs", Vec::new()),
+        ("qemu microvm, initramfs (baseline)", Vec::new()),
+        ("ember, Debian rootfs (virtio-block)", Vec::new()),
+    ];
+    for i in 0..runs {
+        eprintln!("bench: round {}/{runs}", i + 1);
+        let mut sample = measure(&ember_initramfs(&report))?;
+        add_report(&mut sample, &report)?;
+        results[0].1.push(sample);
+        results[1].1.push(measure(&qemu)?);
+        let mut sample = measure(&ember_rootfs(&report))?;
+        add_report(&mut sample, &report)?;
+        results[2].1.push(sample);
+    }
+    std::fs::remove_file(&report).ok();
+
+    println!("\nboot figures in {env}: {runs} runs each, 1 vCPU, 256 MiB; median [min–max]\n");
+    println!("| scenario | to agent ready (ms) | to exit (ms) | RSS at ready (MiB) | first KVM_RUN (ms) | boot timer: userspace (ms) | VMM RSS outside guest RAM (MiB) |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, samples) in &results {
+        let ms = |f: &dyn Fn(&Sample) -> Option<u64>| stat(samples, f, 1e3);
+        let mib = |f: &dyn Fn(&Sample) -> Option<u64>| stat(samples, f, 1048576.0);
+        println!(
+            "| {name} | {} | {} | {} | {} | {} | {} |",
+            ms(&|s| Some(s.to_ready_us)),
+            ms(&|s| Some(s.total_us)),
+            mib(&|s| Some(s.rss_at_ready_bytes)),
+            ms(&|s| s.to_first_run_us),
+            ms(&|s| s.to_userspace_us),
+            mib(&|s| s.vmm_rss_bytes),
+        );
+    }
+    let median_ready = |samples: &[Sample]| median(samples.iter().map(|s| s.to_ready_us).collect());
+    let (ember_ready, qemu_ready) = (median_ready(&results[0].1), median_ready(&results[1].1));
+    let (ember_exit, qemu_exit) = (
+        median(results[0].1.iter().map(|s| s.total_us).collect()),
+        median(results[1].1.iter().map(|s| s.total_us).collect()),
+    );
+    println!(
+        "\nratios (ember / qemu microvm, same kernel and initramfs, same run): to ready {:.2}, to exit {:.2}",
+        ember_ready as f64 / qemu_ready.max(1) as f64,
+        ember_exit as f64 / qemu_exit.max(1) as f64
+    );
+    let vmm_rss = median(
+        results[0]
+            .1
+            .iter()
+            .filter_map(|s| s.vmm_rss_bytes)
+            .collect(),
+    );
+    println!(
+        "ember VMM resident memory outside guest RAM: {:.2} MiB (target ≤ 5 MiB: {})",
+        vmm_rss as f64 / 1048576.0,
+        if vmm_rss <= 5 << 20 { "met" } else { "NOT met" }
+    );
+    Ok(0)
+}
+
+fn add_report(sample: &mut Sample, path: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text)?;
+    let get = |k: &str| json.get(k).and_then(|v| v.as_u64());
+    sample.to_first_run_us = get("to_first_run_us");
+    sample.to_userspace_us = get("to_userspace_us");
+    sample.vmm_rss_bytes = get("vmm_rss_bytes");
+    std::fs::remove_file(path).ok();
+    Ok(())
+}
+
+/// Runs `argv`, timing process start to the agent's "ready" line and to exit.
+fn measure(argv: &[String]) -> Result<Sample> {
+    const LIMIT: Duration = Duration::from_secs(300);
+    let start = Instant::now();
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", argv[0]))?;
+    let pid = child.id();
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut sample = Sample::default();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap_or_default();
+        if sample.to_ready_us == 0 && line.contains("ember-agent") && line.contains("ready") {
+            sample.to_ready_us = start.elapsed().as_micros() as u64;
+            sample.rss_at_ready_bytes = rss_of(pid).unwrap_or(0);
+        }
+        if start.elapsed() > LIMIT {
+            child.kill().ok();
+            bail!("{} did not finish within {LIMIT:?}", argv[0]);
+        }
+    }
+    let status = child.wait()?;
+    sample.total_us = start.elapsed().as_micros() as u64;
+    if sample.to_ready_us == 0 {
+        bail!(
+            "{} never printed the agent's ready line ({status})",
+            argv[0]
+        );
+    }
+    Ok(sample)
+}
+
+fn rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+fn median(mut values: Vec<u64>) -> u64 {
+    values.sort_unstable();
+    values.get(values.len() / 2).copied().unwrap_or(0)
+}
+
+fn stat(samples: &[Sample], f: &dyn Fn(&Sample) -> Option<u64>, unit: f64) -> String {
+    let mut values: Vec<u64> = samples.iter().filter_map(f).collect();
+    if values.is_empty() {
+        return "–".into();
+    }
+    values.sort_unstable();
+    let (lo, hi) = (values[0], values[values.len() - 1]);
+    format!(
+        "{:.1} [{:.1}–{:.1}]",
+        median(values) as f64 / unit,
+        lo as f64 / unit,
+        hi as f64 / unit
+    )
+}
