@@ -1,6 +1,10 @@
 //! PID 1 duties: mount the pseudo filesystems, mark boot, reap children, reset the guest.
 
+use std::collections::BTreeSet;
 use std::ffi::CString;
+use std::process::{Child, Command};
+use std::sync::Mutex;
+use std::time::Duration;
 
 /// Mounts proc, sys, dev, devpts, /tmp and /run where they are not mounted yet.
 /// Failures are reported and not fatal: a missing /run must not stop the agent.
@@ -110,7 +114,8 @@ pub fn sync_and_reset() -> ! {
     }
 }
 
-/// Waits for any child forever (PID 1 must reap orphans).
+/// Waits for any child forever (PID 1 must reap orphans). Only for when the agent runs no
+/// commands of its own: see [`reap_orphans_forever`] otherwise.
 pub fn reap_forever() -> ! {
     loop {
         let mut status = 0;
@@ -119,5 +124,62 @@ pub fn reap_forever() -> ! {
         if pid < 0 {
             std::thread::sleep(std::time::Duration::from_secs(1));
         }
+    }
+}
+
+/// Children the agent spawned and reaps itself (by pid): [`reap_orphans_forever`] leaves them
+/// alone. Locked across `spawn` so that a child cannot exit and be reaped by the reaper before
+/// its pid is recorded (and so that std's own `waitpid` after a failed `exec` is never raced).
+static OWNED_CHILDREN: Mutex<BTreeSet<libc::pid_t>> = Mutex::new(BTreeSet::new());
+
+/// Spawns `command` as a child the caller owns: the orphan reaper never reaps it. The caller
+/// reaps it (e.g. `Child::wait`) and then calls [`release_owned`].
+pub fn spawn_owned(command: &mut Command) -> std::io::Result<Child> {
+    let mut owned = OWNED_CHILDREN.lock().unwrap_or_else(|e| e.into_inner());
+    let child = command.spawn()?;
+    owned.insert(child.id() as libc::pid_t);
+    Ok(child)
+}
+
+/// The owner of `pid` has reaped it.
+pub fn release_owned(pid: u32) {
+    OWNED_CHILDREN
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&(pid as libc::pid_t));
+}
+
+/// PID 1's reaper while the agent serves the host: reaps every exited child except those
+/// spawned with [`spawn_owned`], whose exit statuses belong to the threads that spawned them.
+///
+/// `waitid(P_ALL, WEXITED | WNOWAIT)` blocks until some child is a zombie without reaping it;
+/// an orphan (not owned) is then reaped by pid, while an owned zombie is left for its owner
+/// (who reaps it within microseconds of exiting) and looked at again a little later.
+pub fn reap_orphans_forever() -> ! {
+    loop {
+        // SAFETY: siginfo_t is plain data; all-zero is a valid value.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes only into `info`, which is valid for writes.
+        let rc = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if rc < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EINTR) {
+                // ECHILD: no children at all right now.
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            continue;
+        }
+        // SAFETY: waitid succeeded with WEXITED, so `info` describes a child (si_pid is valid).
+        let pid = unsafe { info.si_pid() };
+        let owned = OWNED_CHILDREN.lock().unwrap_or_else(|e| e.into_inner());
+        if owned.contains(&pid) {
+            drop(owned);
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        let mut status = 0;
+        // SAFETY: waitpid on one pid with a valid status pointer; WNOHANG never blocks while
+        // the lock is held.
+        unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
     }
 }

@@ -1,10 +1,15 @@
 //! The ember guest agent: runs as the guest's init and serves the host.
 //!
-//! Until the host↔guest channel exists, the agent does an init's duties, marks "userspace
-//! reached" on the boot-timer port, prints a readiness line, and can run one command given on
-//! the kernel command line (`ember.run=<base64 of a sh -c script>`), then resets the guest.
+//! The agent does an init's duties, marks "userspace reached" on the boot-timer port and prints
+//! a readiness line. Then either it runs the one command given on the kernel command line
+//! (`ember.run=<base64 of a sh -c script>`) and resets the guest, or it serves the host over
+//! vsock port [`protocol::AGENT_VSOCK_PORT`] ([`server`]) for as long as the guest runs. The
+//! host's side of that protocol is [`client`].
 
+pub mod client;
 pub mod init;
+pub mod protocol;
+pub mod server;
 
 /// The I/O port of ember's boot timer and the byte that marks "userspace reached".
 /// Must match `ember_devices::boot_timer`.

@@ -1,8 +1,11 @@
 //! `ember-agent`: the guest's init and the host's agent inside the sandbox.
 
 use std::process::Command;
+use std::sync::Arc;
 
 use ember_agent::init;
+use ember_agent::protocol::AGENT_VSOCK_PORT;
+use ember_agent::server::{serve_forever, ServerConfig, VsockListener};
 
 fn main() {
     let is_init = std::process::id() == 1;
@@ -23,11 +26,36 @@ fn main() {
             if is_init {
                 init::sync_and_reset();
             }
+            return;
         }
         Ok(None) => {}
         Err(err) => eprintln!("ember-agent: {err}"),
     }
+
+    let listener = match VsockListener::bind(AGENT_VSOCK_PORT) {
+        Ok(listener) => Some(listener),
+        Err(err) => {
+            eprintln!("ember-agent: not serving the host: {err}");
+            None
+        }
+    };
     if is_init {
-        init::reap_forever();
+        if let Some(listener) = listener {
+            let config = Arc::new(ServerConfig::new(|| init::sync_and_reset()));
+            let spawned = std::thread::Builder::new()
+                .name("vsock-accept".to_string())
+                .spawn(move || serve_forever(listener, config));
+            if let Err(err) = spawned {
+                eprintln!("ember-agent: cannot start the vsock server: {err}");
+            }
+        }
+        // PID 1 keeps reaping orphans, never the commands the server runs (they are owned).
+        init::reap_orphans_forever();
     }
+    // Not init (started by hand for debugging): serve in the foreground; Shutdown exits.
+    if let Some(listener) = listener {
+        let config = Arc::new(ServerConfig::new(|| std::process::exit(0)));
+        serve_forever(listener, config);
+    }
+    std::process::exit(1);
 }

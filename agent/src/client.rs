@@ -1,0 +1,736 @@
+//! The host's side of the protocol: [`AgentClient`].
+//!
+//! One client is one connection. A background thread reads every response and hands it to
+//! the request with its id, so any number of threads can run requests at once through
+//! `&AgentClient` (it is `Send + Sync`). Requests that stream data (exec output, files) move
+//! it in chunks under the protocol's windows: neither side holds more than a window per
+//! stream.
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::protocol::{
+    decode, encode_frame, read_frame, Credit, ExecRequest, ExitStatus, FileStat, FrameError,
+    RemoteError, Request, RequestBody, Response, ResponseBody, Transport, ACK_THRESHOLD, MAX_CHUNK,
+    PROTOCOL_VERSION,
+};
+
+/// How long the vsock device's `CONNECT`/`OK` exchange may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Default limit for requests that answer at once (hello, stat, mkdir, kill, shutdown).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to the VM's vsock socket {path}: {source}")]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("vsock handshake on {path} for port {port}: {reason}")]
+    Handshake {
+        path: PathBuf,
+        port: u32,
+        reason: String,
+    },
+    #[error("the agent did not answer {what} within {timeout:?}")]
+    Timeout { what: String, timeout: Duration },
+    #[error("agent connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("agent connection: {0}")]
+    Frame(#[from] FrameError),
+    #[error("the agent connection is closed: {0}")]
+    Disconnected(String),
+    #[error("agent: {0}")]
+    Remote(#[from] RemoteError),
+    #[error("the agent speaks protocol version {agent}, this client version {client}")]
+    Version { agent: u32, client: u32 },
+    #[error("unexpected response to {request}: {response}")]
+    Unexpected {
+        request: &'static str,
+        response: String,
+    },
+    #[error("{what}: {source}")]
+    Local { what: String, source: io::Error },
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// Which output stream a chunk of exec output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+/// What `hello` learned about the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    pub agent_version: String,
+    pub protocol_version: u32,
+    pub capabilities: Vec<String>,
+}
+
+/// The result of [`AgentClient::exec_collect`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// A connection to the agent.
+pub struct AgentClient {
+    inner: Arc<Inner>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+    shutdown: Box<dyn Fn() + Send + Sync>,
+    request_timeout: Duration,
+}
+
+struct Inner {
+    writer: Mutex<Box<dyn Write + Send>>,
+    pending: Mutex<Pending>,
+    next_id: AtomicU64,
+}
+
+#[derive(Default)]
+struct Pending {
+    slots: HashMap<u64, Slot>,
+    /// Why the connection is closed, once it is.
+    closed: Option<String>,
+    /// The last error the agent reported for no request (id 0).
+    connection_error: Option<RemoteError>,
+}
+
+struct Slot {
+    tx: Sender<ResponseBody>,
+    /// The window of this request's input stream (stdin, file content).
+    credit: Arc<Credit>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Inner {
+    fn send(&self, id: u64, body: RequestBody) -> Result<()> {
+        let frame = encode_frame(&Request { id, body })?;
+        let mut writer = lock(&self.writer);
+        writer.write_all(&frame)?;
+        writer.flush()?;
+        Ok(())
+    }
+
+    fn register(&self) -> Result<(u64, Receiver<ResponseBody>, Arc<Credit>)> {
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let (tx, rx) = mpsc::channel();
+        let credit = Arc::new(Credit::default());
+        let mut pending = lock(&self.pending);
+        if let Some(reason) = &pending.closed {
+            return Err(ClientError::Disconnected(reason.clone()));
+        }
+        pending.slots.insert(
+            id,
+            Slot {
+                tx,
+                credit: credit.clone(),
+            },
+        );
+        Ok((id, rx, credit))
+    }
+
+    fn unregister(&self, id: u64) {
+        if let Some(slot) = lock(&self.pending).slots.remove(&id) {
+            slot.credit.close();
+        }
+    }
+
+    fn disconnected(&self) -> ClientError {
+        let pending = lock(&self.pending);
+        let mut reason = pending
+            .closed
+            .clone()
+            .unwrap_or_else(|| "request abandoned".to_string());
+        if let Some(err) = &pending.connection_error {
+            reason = format!("{reason} (the agent reported: {err})");
+        }
+        ClientError::Disconnected(reason)
+    }
+
+    /// The background reader: hands each response to its request.
+    fn read_responses(&self, mut reader: impl Read) {
+        let reason = loop {
+            let payload = match read_frame(&mut reader) {
+                Ok(Some(payload)) => payload,
+                Ok(None) => break "the agent closed the connection".to_string(),
+                Err(err) => break err.to_string(),
+            };
+            let response: Response = match decode(&payload) {
+                Ok(response) => response,
+                Err(err) => break format!("malformed response from the agent: {err}"),
+            };
+            let mut pending = lock(&self.pending);
+            match response.body {
+                ResponseBody::Ack { bytes } => {
+                    if let Some(slot) = pending.slots.get(&response.id) {
+                        slot.credit.release(bytes);
+                    }
+                }
+                ResponseBody::Error(err) if response.id == 0 => {
+                    pending.connection_error = Some(err);
+                }
+                body if body.is_final() => {
+                    if let Some(slot) = pending.slots.remove(&response.id) {
+                        slot.credit.close();
+                        slot.tx.send(body).ok();
+                    }
+                }
+                body => {
+                    if let Some(slot) = pending.slots.get(&response.id) {
+                        slot.tx.send(body).ok();
+                    }
+                }
+            }
+        };
+        let mut pending = lock(&self.pending);
+        pending.closed = Some(reason);
+        for (_, slot) in pending.slots.drain() {
+            slot.credit.close();
+        }
+    }
+}
+
+/// Acknowledges consumed output in batches (see `protocol`).
+struct OutputAcker {
+    id: u64,
+    unacked: u64,
+}
+
+impl OutputAcker {
+    fn consumed(&mut self, inner: &Inner, bytes: usize) {
+        self.unacked += bytes as u64;
+        if self.unacked >= ACK_THRESHOLD {
+            // A failed send means the connection is gone; the next receive reports it.
+            inner
+                .send(
+                    self.id,
+                    RequestBody::Ack {
+                        bytes: self.unacked,
+                    },
+                )
+                .ok();
+            self.unacked = 0;
+        }
+    }
+}
+
+fn unexpected(request: &'static str, body: &ResponseBody) -> ClientError {
+    let mut response = format!("{body:?}");
+    response.truncate(200);
+    ClientError::Unexpected { request, response }
+}
+
+impl AgentClient {
+    /// A client over an already connected stream (e.g. one end of a `UnixStream` pair).
+    pub fn new<S: Transport>(stream: S) -> Result<Self> {
+        let reader = stream.try_clone_transport()?;
+        let closer = Mutex::new(stream.try_clone_transport()?);
+        let inner = Arc::new(Inner {
+            writer: Mutex::new(Box::new(stream)),
+            pending: Mutex::new(Pending::default()),
+            next_id: AtomicU64::new(1),
+        });
+        let reader_inner = inner.clone();
+        let handle = std::thread::Builder::new()
+            .name("agent-client-reader".to_string())
+            .spawn(move || {
+                reader_inner.read_responses(BufReader::with_capacity(MAX_CHUNK, reader))
+            })?;
+        Ok(Self {
+            inner,
+            reader: Mutex::new(Some(handle)),
+            shutdown: Box::new(move || {
+                lock(&closer).shutdown_transport().ok();
+            }),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        })
+    }
+
+    /// Connects to the agent's vsock `port` through the VM's vsock Unix socket: sends
+    /// `CONNECT <port>\n` and expects `OK <hostport>\n`.
+    pub fn connect_uds(vm_socket: &Path, port: u32) -> Result<Self> {
+        let handshake_error = |reason: String| ClientError::Handshake {
+            path: vm_socket.to_path_buf(),
+            port,
+            reason,
+        };
+        let mut stream = UnixStream::connect(vm_socket).map_err(|source| ClientError::Connect {
+            path: vm_socket.to_path_buf(),
+            source,
+        })?;
+        stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        stream
+            .write_all(format!("CONNECT {port}\n").as_bytes())
+            .map_err(|err| handshake_error(format!("sending CONNECT: {err}")))?;
+        // Byte by byte: what follows the line already belongs to the agent's stream.
+        let mut line = Vec::new();
+        loop {
+            let mut byte = [0u8; 1];
+            match stream.read(&mut byte) {
+                Ok(0) => {
+                    return Err(handshake_error(format!(
+                        "connection closed after {:?} (is the agent listening?)",
+                        String::from_utf8_lossy(&line)
+                    )))
+                }
+                Ok(_) if byte[0] == b'\n' => break,
+                Ok(_) if line.len() >= 64 => {
+                    return Err(handshake_error(format!(
+                        "reply too long: {:?}…",
+                        String::from_utf8_lossy(&line)
+                    )))
+                }
+                Ok(_) => line.push(byte[0]),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(handshake_error(format!("reading the reply: {err}"))),
+            }
+        }
+        let line = String::from_utf8_lossy(&line);
+        let valid = line
+            .strip_prefix("OK ")
+            .is_some_and(|n| n.trim().parse::<u32>().is_ok());
+        if !valid {
+            return Err(handshake_error(format!(
+                "expected \"OK <port>\", got {line:?}"
+            )));
+        }
+        stream.set_read_timeout(None)?;
+        stream.set_write_timeout(None)?;
+        Self::new(stream)
+    }
+
+    /// Connects and says hello, retrying until the agent answers or `timeout` passes (the
+    /// guest boots meanwhile; the socket may not even exist yet).
+    pub fn wait_ready(vm_socket: &Path, port: u32, timeout: Duration) -> Result<Self> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let attempt = Self::connect_uds(vm_socket, port).and_then(|mut client| {
+                let left = deadline.saturating_duration_since(Instant::now());
+                client.request_timeout = left.max(Duration::from_millis(100));
+                client.hello()?;
+                client.request_timeout = DEFAULT_REQUEST_TIMEOUT;
+                Ok(client)
+            });
+            match attempt {
+                Ok(client) => return Ok(client),
+                Err(err @ ClientError::Version { .. }) => return Err(err),
+                Err(err) if Instant::now() >= deadline => {
+                    return Err(ClientError::Timeout {
+                        what: format!(
+                            "a connection to vsock port {port} via {} (last error: {err})",
+                            vm_socket.display()
+                        ),
+                        timeout,
+                    })
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// Limit for requests that answer at once (not exec, read_file or write_file).
+    pub fn set_request_timeout(&mut self, timeout: Duration) {
+        self.request_timeout = timeout;
+    }
+
+    /// Sends a request and waits for its one final response.
+    fn call(&self, what: &'static str, body: RequestBody) -> Result<ResponseBody> {
+        let (id, rx, _) = self.inner.register()?;
+        if let Err(err) = self.inner.send(id, body) {
+            self.inner.unregister(id);
+            return Err(err);
+        }
+        match rx.recv_timeout(self.request_timeout) {
+            Ok(ResponseBody::Error(err)) => Err(ClientError::Remote(err)),
+            Ok(body) => Ok(body),
+            Err(RecvTimeoutError::Timeout) => {
+                self.inner.unregister(id);
+                Err(ClientError::Timeout {
+                    what: format!("{what} (request {id})"),
+                    timeout: self.request_timeout,
+                })
+            }
+            Err(RecvTimeoutError::Disconnected) => Err(self.inner.disconnected()),
+        }
+    }
+
+    /// The handshake: checks the protocol version and returns what the agent says of itself.
+    pub fn hello(&self) -> Result<AgentInfo> {
+        let body = RequestBody::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client: format!("ember-agent-client {}", env!("CARGO_PKG_VERSION")),
+        };
+        match self.call("hello", body)? {
+            ResponseBody::Hello {
+                agent_version,
+                protocol_version,
+                capabilities,
+            } => {
+                if protocol_version != PROTOCOL_VERSION {
+                    return Err(ClientError::Version {
+                        agent: protocol_version,
+                        client: PROTOCOL_VERSION,
+                    });
+                }
+                Ok(AgentInfo {
+                    agent_version,
+                    protocol_version,
+                    capabilities,
+                })
+            }
+            other => Err(unexpected("hello", &other)),
+        }
+    }
+
+    /// Starts a command and returns once it runs (or with the reason it could not start,
+    /// e.g. [`crate::protocol::ErrorKind::NotFound`] for a missing program).
+    pub fn spawn(&self, request: ExecRequest) -> Result<Execution> {
+        let (id, rx, credit) = self.inner.register()?;
+        if let Err(err) = self.inner.send(id, RequestBody::Exec(request)) {
+            self.inner.unregister(id);
+            return Err(err);
+        }
+        match rx.recv() {
+            Ok(ResponseBody::Started { pid }) => Ok(Execution {
+                inner: self.inner.clone(),
+                id,
+                pid,
+                rx,
+                credit,
+            }),
+            Ok(ResponseBody::Error(err)) => Err(ClientError::Remote(err)),
+            Ok(other) => {
+                self.inner.unregister(id);
+                Err(unexpected("exec", &other))
+            }
+            Err(_) => Err(self.inner.disconnected()),
+        }
+    }
+
+    /// Runs a command, handing its output to `on_output` as it comes; each stream's chunks
+    /// arrive in order. Stdin is `request.stdin` only (`stdin_stream` is ignored).
+    pub fn exec(
+        &self,
+        mut request: ExecRequest,
+        on_output: impl FnMut(OutputStream, &[u8]),
+    ) -> Result<ExitStatus> {
+        request.stdin_stream = false;
+        self.spawn(request)?.wait(on_output)
+    }
+
+    /// Like [`exec`](Self::exec), with stdin streamed from `stdin` (after `request.stdin`)
+    /// by a helper thread until its end.
+    pub fn exec_with_stdin(
+        &self,
+        mut request: ExecRequest,
+        stdin: impl Read + Send,
+        on_output: impl FnMut(OutputStream, &[u8]),
+    ) -> Result<ExitStatus> {
+        request.stdin_stream = true;
+        let execution = self.spawn(request)?;
+        let writer = execution.stdin();
+        std::thread::scope(|scope| {
+            let feeder = scope.spawn(move || writer.copy_from(stdin));
+            let status = execution.wait(on_output);
+            let fed = feeder
+                .join()
+                .unwrap_or_else(|_| Err(ClientError::Disconnected("stdin thread panicked".into())));
+            match (status, fed) {
+                (Ok(_), Err(err @ ClientError::Local { .. })) => Err(err),
+                (status, _) => status,
+            }
+        })
+    }
+
+    /// Runs a command and collects its whole output.
+    pub fn exec_collect(&self, request: ExecRequest) -> Result<ExecOutput> {
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let status = self.exec(request, |stream, data| match stream {
+            OutputStream::Stdout => stdout.extend_from_slice(data),
+            OutputStream::Stderr => stderr.extend_from_slice(data),
+        })?;
+        Ok(ExecOutput {
+            status,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// Sends `signal` to the process group of the running exec `exec_id`
+    /// ([`Execution::id`]).
+    pub fn kill(&self, exec_id: u64, signal: i32) -> Result<()> {
+        let body = RequestBody::Kill {
+            target: exec_id,
+            signal,
+        };
+        match self.call("kill", body)? {
+            ResponseBody::Done { .. } => Ok(()),
+            other => Err(unexpected("kill", &other)),
+        }
+    }
+
+    /// Writes `content` to `path` in the guest (created with `mode`, parents created,
+    /// truncated if it exists); returns the bytes written.
+    pub fn write_file(&self, path: &str, mode: u32, mut content: impl Read) -> Result<u64> {
+        let (id, rx, credit) = self.inner.register()?;
+        let start = RequestBody::WriteFile {
+            path: path.to_string(),
+            mode,
+            create_parents: true,
+        };
+        if let Err(err) = self.inner.send(id, start) {
+            self.inner.unregister(id);
+            return Err(err);
+        }
+        let mut buf = vec![0u8; MAX_CHUNK];
+        let mut local_error = None;
+        loop {
+            let n = match content.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => {
+                    local_error = Some(err);
+                    break;
+                }
+            };
+            // `false`: the agent already answered (an error) or the connection is gone.
+            if !credit.acquire(n as u64) {
+                break;
+            }
+            let data = buf[..n].to_vec();
+            if let Err(err) = self.inner.send(id, RequestBody::FileData { data }) {
+                self.inner.unregister(id);
+                return Err(err);
+            }
+        }
+        self.inner.send(id, RequestBody::FileEnd).ok();
+        let result = match rx.recv() {
+            Ok(ResponseBody::Done { bytes }) => Ok(bytes),
+            Ok(ResponseBody::Error(err)) => Err(ClientError::Remote(err)),
+            Ok(other) => Err(unexpected("write_file", &other)),
+            Err(_) => Err(self.inner.disconnected()),
+        };
+        match local_error {
+            Some(source) => Err(ClientError::Local {
+                what: format!("reading the content for {path:?} (the guest's file is partial)"),
+                source,
+            }),
+            None => result,
+        }
+    }
+
+    /// Streams the guest's `path` into `out`; returns the bytes read.
+    pub fn read_file(&self, path: &str, mut out: impl Write) -> Result<u64> {
+        let (id, rx, _) = self.inner.register()?;
+        if let Err(err) = self.inner.send(
+            id,
+            RequestBody::ReadFile {
+                path: path.to_string(),
+            },
+        ) {
+            self.inner.unregister(id);
+            return Err(err);
+        }
+        let mut acker = OutputAcker { id, unacked: 0 };
+        let mut local_error = None;
+        loop {
+            match rx.recv() {
+                Ok(ResponseBody::FileChunk { data }) => {
+                    if local_error.is_none() {
+                        local_error = out.write_all(&data).err();
+                    }
+                    acker.consumed(&self.inner, data.len());
+                }
+                Ok(ResponseBody::Done { bytes }) => {
+                    return match local_error.or_else(|| out.flush().err()) {
+                        Some(source) => Err(ClientError::Local {
+                            what: format!("writing the content of {path:?}"),
+                            source,
+                        }),
+                        None => Ok(bytes),
+                    };
+                }
+                Ok(ResponseBody::Error(err)) => return Err(ClientError::Remote(err)),
+                Ok(other) => {
+                    self.inner.unregister(id);
+                    return Err(unexpected("read_file", &other));
+                }
+                Err(_) => return Err(self.inner.disconnected()),
+            }
+        }
+    }
+
+    /// `mkdir -p path`; created directories get `mode`.
+    pub fn mkdir_p(&self, path: &str, mode: u32) -> Result<()> {
+        let body = RequestBody::Mkdir {
+            path: path.to_string(),
+            mode,
+        };
+        match self.call("mkdir", body)? {
+            ResponseBody::Done { .. } => Ok(()),
+            other => Err(unexpected("mkdir", &other)),
+        }
+    }
+
+    /// Size, mode, type and mtime of `path` (symlinks followed).
+    pub fn stat(&self, path: &str) -> Result<FileStat> {
+        let body = RequestBody::Stat {
+            path: path.to_string(),
+        };
+        match self.call("stat", body)? {
+            ResponseBody::StatResult(stat) => Ok(stat),
+            other => Err(unexpected("stat", &other)),
+        }
+    }
+
+    /// Asks the agent to sync, remount / read-only and reset the guest. Returns once the agent
+    /// acknowledged; the connection closes when the guest goes away.
+    pub fn shutdown(&self) -> Result<()> {
+        match self.call("shutdown", RequestBody::Shutdown)? {
+            ResponseBody::Done { .. } => Ok(()),
+            other => Err(unexpected("shutdown", &other)),
+        }
+    }
+}
+
+impl Drop for AgentClient {
+    fn drop(&mut self) {
+        (self.shutdown)();
+        if let Some(handle) = lock(&self.reader).take() {
+            handle.join().ok();
+        }
+    }
+}
+
+/// A running command started by [`AgentClient::spawn`].
+pub struct Execution {
+    inner: Arc<Inner>,
+    id: u64,
+    pid: u32,
+    rx: Receiver<ResponseBody>,
+    credit: Arc<Credit>,
+}
+
+impl Execution {
+    /// The request id: what [`AgentClient::kill`] takes.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The command's pid in the guest (also its process group id).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// A handle that feeds the command's stdin (the request needs `stdin_stream: true`);
+    /// usable from another thread while [`wait`](Self::wait) runs.
+    pub fn stdin(&self) -> StdinWriter {
+        StdinWriter {
+            inner: self.inner.clone(),
+            id: self.id,
+            credit: self.credit.clone(),
+        }
+    }
+
+    /// Hands the output to `on_output` until the command exits.
+    pub fn wait(self, mut on_output: impl FnMut(OutputStream, &[u8])) -> Result<ExitStatus> {
+        let mut acker = OutputAcker {
+            id: self.id,
+            unacked: 0,
+        };
+        loop {
+            match self.rx.recv() {
+                Ok(ResponseBody::Stdout { data }) => {
+                    on_output(OutputStream::Stdout, &data);
+                    acker.consumed(&self.inner, data.len());
+                }
+                Ok(ResponseBody::Stderr { data }) => {
+                    on_output(OutputStream::Stderr, &data);
+                    acker.consumed(&self.inner, data.len());
+                }
+                Ok(ResponseBody::Exited { status }) => return Ok(status),
+                Ok(ResponseBody::Error(err)) => return Err(ClientError::Remote(err)),
+                Ok(other) => {
+                    self.inner.unregister(self.id);
+                    return Err(unexpected("exec", &other));
+                }
+                Err(_) => return Err(self.inner.disconnected()),
+            }
+        }
+    }
+}
+
+/// Feeds a running command's stdin. Cheap to clone; closing it once closes the stdin.
+#[derive(Clone)]
+pub struct StdinWriter {
+    inner: Arc<Inner>,
+    id: u64,
+    credit: Arc<Credit>,
+}
+
+impl StdinWriter {
+    /// Sends `data`, waiting while the agent's window is full. Fails once the command ended.
+    pub fn write(&self, data: &[u8]) -> Result<()> {
+        for chunk in data.chunks(MAX_CHUNK) {
+            if !self.credit.acquire(chunk.len() as u64) {
+                return Err(ClientError::Disconnected(format!(
+                    "command {} ended; its stdin is closed",
+                    self.id
+                )));
+            }
+            self.inner.send(
+                self.id,
+                RequestBody::Stdin {
+                    data: chunk.to_vec(),
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Closes the command's stdin (it reads end of file).
+    pub fn close(&self) -> Result<()> {
+        self.inner.send(self.id, RequestBody::StdinClose)
+    }
+
+    /// Copies `reader` to stdin until its end, then closes stdin.
+    pub fn copy_from(&self, mut reader: impl Read) -> Result<()> {
+        let mut buf = vec![0u8; MAX_CHUNK];
+        let result = loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => {
+                    if let Err(err) = self.write(&buf[..n]) {
+                        break Err(err);
+                    }
+                }
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    break Err(ClientError::Local {
+                        what: "reading stdin for the command".to_string(),
+                        source,
+                    })
+                }
+            }
+        };
+        self.close().ok();
+        result
+    }
+}

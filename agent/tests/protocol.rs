@@ -1,0 +1,765 @@
+//! The agent's server and the host's client against each other over real `UnixStream` pairs,
+//! running real processes on this machine.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ember_agent::client::{AgentClient, ClientError, OutputStream};
+use ember_agent::protocol::{
+    decode, read_frame, write_frame, ErrorKind, ExecRequest, ExitStatus, FileType, Request,
+    RequestBody, Response, ResponseBody, AGENT_VSOCK_PORT, MAX_FRAME_LEN, PROTOCOL_VERSION,
+};
+use ember_agent::server::{serve_connection, ServerConfig, ServerError};
+use sha2::{Digest, Sha256};
+
+struct Agent {
+    thread: Option<JoinHandle<Result<(), ServerError>>>,
+    shutdown_called: Arc<AtomicBool>,
+}
+
+impl Agent {
+    fn serve(stream: UnixStream) -> Self {
+        let shutdown_called = Arc::new(AtomicBool::new(false));
+        let flag = shutdown_called.clone();
+        let config = Arc::new(ServerConfig::new(move || {
+            flag.store(true, Ordering::SeqCst)
+        }));
+        let thread = std::thread::spawn(move || serve_connection(stream, config));
+        Self {
+            thread: Some(thread),
+            shutdown_called,
+        }
+    }
+
+    fn join(mut self) -> Result<(), ServerError> {
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// A client connected to a fresh server.
+fn pair() -> (AgentClient, Agent) {
+    let (host, guest) = UnixStream::pair().unwrap();
+    (AgentClient::new(host).unwrap(), Agent::serve(guest))
+}
+
+/// A scratch directory under the target dir, fresh per test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("agent-{name}-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Deterministic bytes covering every value (so not UTF-8).
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as u8
+        })
+        .collect()
+}
+
+fn sha256(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn remote_kind(err: &ClientError) -> ErrorKind {
+    match err {
+        ClientError::Remote(remote) => remote.kind,
+        other => panic!("expected an error from the agent, got {other:?}"),
+    }
+}
+
+#[test]
+fn handshake_reports_versions_and_capabilities() {
+    let (client, _agent) = pair();
+    let info = client.hello().unwrap();
+    assert_eq!(info.protocol_version, PROTOCOL_VERSION);
+    assert_eq!(info.agent_version, env!("CARGO_PKG_VERSION"));
+    for capability in [
+        "exec",
+        "kill",
+        "write-file",
+        "read-file",
+        "stat",
+        "shutdown",
+    ] {
+        assert!(info.capabilities.iter().any(|c| c == capability));
+    }
+}
+
+#[test]
+fn exec_separates_streams_and_reports_the_exit_code() {
+    let (client, _agent) = pair();
+    let out = client
+        .exec_collect(ExecRequest::shell("echo out; echo err >&2; exit 3"))
+        .unwrap();
+    assert_eq!(out.status, ExitStatus::Code(3));
+    assert_eq!(out.stdout, b"out\n");
+    assert_eq!(out.stderr, b"err\n");
+
+    let out = client
+        .exec_collect(ExecRequest::shell("kill -TERM $$"))
+        .unwrap();
+    assert_eq!(out.status, ExitStatus::Signal(libc::SIGTERM));
+}
+
+#[test]
+fn twenty_mib_of_binary_stdout_arrive_byte_exact() {
+    let dir = scratch("stdout20");
+    let data = pattern(20 << 20, 1);
+    let file = dir.join("blob");
+    std::fs::write(&file, &data).unwrap();
+    let (client, _agent) = pair();
+    let mut hasher = Sha256::new();
+    let mut len = 0usize;
+    let mut largest_chunk = 0;
+    let status = client
+        .exec(
+            ExecRequest::new(["/bin/cat", path_str(&file)]),
+            |stream, chunk| {
+                assert_eq!(stream, OutputStream::Stdout);
+                hasher.update(chunk);
+                len += chunk.len();
+                largest_chunk = largest_chunk.max(chunk.len());
+            },
+        )
+        .unwrap();
+    assert_eq!(status, ExitStatus::Code(0));
+    assert_eq!(len, data.len());
+    assert!(largest_chunk <= 64 * 1024);
+    let got: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(got, sha256(&data));
+}
+
+#[test]
+fn five_mib_of_stdin_reach_the_command_while_it_writes_stdout() {
+    let (client, _agent) = pair();
+    let data = pattern(5 << 20, 2);
+    // cat echoes while it reads: stdin and stdout are both in flight at once.
+    let mut echoed = Vec::new();
+    let status = client
+        .exec_with_stdin(ExecRequest::new(["/bin/cat"]), &data[..], |_, chunk| {
+            echoed.extend_from_slice(chunk)
+        })
+        .unwrap();
+    assert_eq!(status, ExitStatus::Code(0));
+    assert!(echoed == data, "cat echoed {} bytes", echoed.len());
+
+    let out = {
+        let mut stdout = Vec::new();
+        let mut request = ExecRequest::shell("sha256sum");
+        request.stdin = b"inline first|".to_vec();
+        let status = client
+            .exec_with_stdin(request, &data[..], |_, chunk| {
+                stdout.extend_from_slice(chunk)
+            })
+            .unwrap();
+        assert_eq!(status, ExitStatus::Code(0));
+        stdout
+    };
+    let mut expected = b"inline first|".to_vec();
+    expected.extend_from_slice(&data);
+    assert!(String::from_utf8(out)
+        .unwrap()
+        .starts_with(&sha256(&expected)));
+}
+
+#[test]
+fn inline_stdin_and_a_command_that_never_reads_its_stdin() {
+    let (client, _agent) = pair();
+    let mut request = ExecRequest::new(["/bin/cat"]);
+    request.stdin = b"hello \xff\n".to_vec();
+    let out = client.exec_collect(request).unwrap();
+    assert_eq!(out.stdout, b"hello \xff\n");
+
+    // 5 MiB offered to a command that exits without reading: no hang, the exit is reported.
+    let data = pattern(5 << 20, 3);
+    let started = Instant::now();
+    let status = client
+        .exec_with_stdin(
+            ExecRequest::shell("sleep 0.2; echo done"),
+            &data[..],
+            |_, _| {},
+        )
+        .unwrap();
+    assert_eq!(status, ExitStatus::Code(0));
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn a_missing_program_is_not_found_with_enoent_promptly() {
+    let (client, _agent) = pair();
+    let started = Instant::now();
+    let err = client
+        .exec_collect(ExecRequest::new(["/no/such/program", "arg"]))
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let ClientError::Remote(remote) = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(remote.kind, ErrorKind::NotFound);
+    assert_eq!(remote.errno, Some(libc::ENOENT));
+    assert!(remote.message.contains("/no/such/program"), "{remote}");
+
+    // Bare names are looked up in the PATH the request passes.
+    let err = client
+        .exec_collect(ExecRequest::shell("true").tap_argv(&["no-such-program-xyz"]))
+        .unwrap_err();
+    assert_eq!(remote_kind(&err), ErrorKind::NotFound);
+
+    let mut request = ExecRequest::new(["/bin/true"]);
+    request.cwd = Some("/no/such/dir".to_string());
+    let err = client.exec_collect(request).unwrap_err();
+    assert_eq!(remote_kind(&err), ErrorKind::NotFound);
+    assert!(err.to_string().contains("working directory"), "{err}");
+
+    let err = client.exec_collect(ExecRequest::default()).unwrap_err();
+    assert_eq!(remote_kind(&err), ErrorKind::InvalidInput);
+    // The connection still serves.
+    client.hello().unwrap();
+}
+
+trait TapArgv {
+    fn tap_argv(self, argv: &[&str]) -> Self;
+}
+
+impl TapArgv for ExecRequest {
+    fn tap_argv(mut self, argv: &[&str]) -> Self {
+        self.argv = argv.iter().map(|s| s.to_string()).collect();
+        self
+    }
+}
+
+fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // A zombie waiting for its reaper is gone as far as running goes.
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+fn wait_gone(pid: i32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if process_gone(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn a_timeout_kills_the_whole_process_tree() {
+    let dir = scratch("timeout");
+    let pidfile = dir.join("bg.pid");
+    let (client, _agent) = pair();
+    let mut request = ExecRequest::shell(&format!(
+        "sleep 100 & echo $! > '{}'; echo started; sleep 100",
+        pidfile.display()
+    ));
+    request.timeout_ms = Some(300);
+    let started = Instant::now();
+    let out = client.exec_collect(request).unwrap();
+    assert_eq!(out.status, ExitStatus::TimedOut);
+    assert_eq!(out.stdout, b"started\n");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let bg: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(wait_gone(bg), "background sleep {bg} survived the timeout");
+
+    // A command that ends in time is not reported as timed out.
+    let mut request = ExecRequest::shell("exit 4");
+    request.timeout_ms = Some(10_000);
+    assert_eq!(
+        client.exec_collect(request).unwrap().status,
+        ExitStatus::Code(4)
+    );
+}
+
+#[test]
+fn kill_signals_the_process_group() {
+    let dir = scratch("kill");
+    let pidfile = dir.join("bg.pid");
+    let (client, _agent) = pair();
+    let execution = client
+        .spawn(ExecRequest::shell(&format!(
+            "sleep 100 & echo $! > '{}'; sleep 100",
+            pidfile.display()
+        )))
+        .unwrap();
+    assert!(execution.pid() > 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !pidfile.exists() || std::fs::read_to_string(&pidfile).unwrap().trim().is_empty() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    client.kill(execution.id(), libc::SIGTERM).unwrap();
+    let status = execution.wait(|_, _| {}).unwrap();
+    assert_eq!(status, ExitStatus::Signal(libc::SIGTERM));
+    let bg: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(wait_gone(bg));
+
+    let err = client.kill(9999, libc::SIGKILL).unwrap_err();
+    assert_eq!(remote_kind(&err), ErrorKind::NotFound);
+    assert!(err.to_string().contains("9999"), "{err}");
+}
+
+#[test]
+fn eight_concurrent_execs_on_one_connection_keep_their_outputs_apart() {
+    let (client, _agent) = pair();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|task| {
+                let client = &client;
+                scope.spawn(move || {
+                    let script = format!(
+                        "i=0; while [ $i -lt 3000 ]; do echo task-{task}-$i; echo e{task}-$i >&2; i=$((i+1)); done; exit {task}"
+                    );
+                    (task, client.exec_collect(ExecRequest::shell(&script)).unwrap())
+                })
+            })
+            .collect();
+        for handle in handles {
+            let (task, out) = handle.join().unwrap();
+            assert_eq!(out.status, ExitStatus::Code(task));
+            let expected: String = (0..3000).map(|i| format!("task-{task}-{i}\n")).collect();
+            let expected_err: String = (0..3000).map(|i| format!("e{task}-{i}\n")).collect();
+            assert!(
+                out.stdout == expected.as_bytes(),
+                "task {task}: stdout mixed"
+            );
+            assert!(
+                out.stderr == expected_err.as_bytes(),
+                "task {task}: stderr mixed"
+            );
+        }
+    });
+}
+
+#[test]
+fn many_connections_at_once() {
+    let handles: Vec<_> = (0..4)
+        .map(|n| {
+            std::thread::spawn(move || {
+                let (client, _agent) = pair();
+                let out = client
+                    .exec_collect(ExecRequest::shell(&format!("echo conn {n}")))
+                    .unwrap();
+                assert_eq!(out.stdout, format!("conn {n}\n").as_bytes());
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.join().unwrap();
+    }
+}
+
+#[test]
+fn the_environment_is_exactly_what_was_passed() {
+    let (client, _agent) = pair();
+    let mut request = ExecRequest::new(["/usr/bin/env"]);
+    request.env = vec![
+        ("FOO".into(), "bar baz".into()),
+        ("UNICODE".into(), "ü".into()),
+    ];
+    let out = client.exec_collect(request).unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "FOO=bar baz\nUNICODE=ü\n"
+    );
+
+    let mut request = ExecRequest::new(["/usr/bin/env"]);
+    request.inherit_env = true;
+    let out = client.exec_collect(request).unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("PATH="));
+
+    let mut request = ExecRequest::new(["/bin/pwd"]);
+    request.cwd = Some("/tmp".into());
+    assert_eq!(client.exec_collect(request).unwrap().stdout, b"/tmp\n");
+}
+
+#[test]
+fn uid_and_gid_are_applied() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: only checking that a uid change is refused with a clear error");
+    }
+    let (client, _agent) = pair();
+    let mut request = ExecRequest::new(["/usr/bin/id", "-u"]);
+    request.uid = Some(65534);
+    request.gid = Some(65534);
+    match client.exec_collect(request) {
+        Ok(out) => assert_eq!(out.stdout, b"65534\n"),
+        Err(err) => assert_eq!(remote_kind(&err), ErrorKind::PermissionDenied),
+    }
+}
+
+#[test]
+fn write_five_mib_then_read_them_back_with_spaces_and_non_ascii_in_the_path() {
+    let dir = scratch("files");
+    let data = pattern(5 << 20 | 123, 4);
+    let path = dir.join("dir with spaces/ünïcødé ✓/file name.bin");
+    let path = path_str(&path);
+    let (client, _agent) = pair();
+    assert_eq!(
+        client.write_file(path, 0o640, &data[..]).unwrap(),
+        data.len() as u64
+    );
+    let meta = std::fs::metadata(path).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o640);
+    assert!(std::fs::read(path).unwrap() == data);
+
+    let mut back = Vec::new();
+    assert_eq!(
+        client.read_file(path, &mut back).unwrap(),
+        data.len() as u64
+    );
+    assert!(back == data);
+
+    let stat = client.stat(path).unwrap();
+    assert_eq!(stat.size, data.len() as u64);
+    assert_eq!(stat.file_type, FileType::File);
+    assert_eq!(stat.mode & 0o7777, 0o640);
+    assert!(stat.mtime_sec > 1_600_000_000);
+
+    // Overwriting truncates; empty files work.
+    client.write_file(path, 0o600, &b""[..]).unwrap();
+    assert_eq!(client.stat(path).unwrap().size, 0);
+    let mut back = Vec::new();
+    assert_eq!(client.read_file(path, &mut back).unwrap(), 0);
+}
+
+#[test]
+fn file_errors_are_clear() {
+    let dir = scratch("file-errors");
+    let (client, _agent) = pair();
+    let missing = dir.join("missing file");
+    let err = client
+        .read_file(path_str(&missing), Vec::new())
+        .unwrap_err();
+    assert_eq!(remote_kind(&err), ErrorKind::NotFound);
+    assert!(err.to_string().contains("missing file"), "{err}");
+
+    let err = client.read_file(path_str(&dir), Vec::new()).unwrap_err();
+    assert_eq!(remote_kind(&err), ErrorKind::InvalidInput);
+    assert!(err.to_string().contains("directory"), "{err}");
+
+    let err = client.stat("relative/path").unwrap_err();
+    assert_eq!(remote_kind(&err), ErrorKind::InvalidInput);
+    assert!(err.to_string().contains("not absolute"), "{err}");
+
+    let err = client.stat(path_str(&dir.join("nope"))).unwrap_err();
+    assert_eq!(remote_kind(&err), ErrorKind::NotFound);
+
+    // Writing under a regular file fails early, even with a large content.
+    std::fs::write(dir.join("plain"), b"x").unwrap();
+    let big = pattern(3 << 20, 5);
+    let err = client
+        .write_file(path_str(&dir.join("plain/child")), 0o644, &big[..])
+        .unwrap_err();
+    assert!(
+        matches!(
+            remote_kind(&err),
+            ErrorKind::NotFound | ErrorKind::AlreadyExists
+        ),
+        "{err}"
+    );
+    client.hello().unwrap();
+}
+
+#[test]
+fn mkdir_p_and_stat() {
+    let dir = scratch("mkdir");
+    let (client, _agent) = pair();
+    let deep = dir.join("a/b c/d");
+    client.mkdir_p(path_str(&deep), 0o750).unwrap();
+    // Again: mkdir -p succeeds on existing directories.
+    client.mkdir_p(path_str(&deep), 0o750).unwrap();
+    let stat = client.stat(path_str(&deep)).unwrap();
+    assert_eq!(stat.file_type, FileType::Dir);
+    std::fs::write(dir.join("file"), b"12345").unwrap();
+    let err = client
+        .mkdir_p(path_str(&dir.join("file")), 0o755)
+        .unwrap_err();
+    assert_eq!(remote_kind(&err), ErrorKind::AlreadyExists);
+    let stat = client.stat(path_str(&dir.join("file"))).unwrap();
+    assert_eq!((stat.size, stat.file_type), (5, FileType::File));
+}
+
+#[test]
+fn shutdown_is_acknowledged_then_runs_the_hook() {
+    let (client, agent) = pair();
+    client.shutdown().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !agent.shutdown_called.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(client);
+    agent.join().unwrap();
+}
+
+/// Sends one raw frame.
+fn raw_frame(stream: &mut UnixStream, payload: &[u8]) {
+    stream
+        .write_all(&(payload.len() as u32).to_le_bytes())
+        .unwrap();
+    stream.write_all(payload).unwrap();
+}
+
+fn read_response(stream: &mut UnixStream) -> Response {
+    let payload = read_frame(stream).unwrap().expect("a response");
+    decode(&payload).unwrap()
+}
+
+#[test]
+fn a_malformed_payload_is_answered_and_the_connection_keeps_serving() {
+    let (mut host, guest) = UnixStream::pair().unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let agent = Agent::serve(guest);
+    // id 41, then a body variant that does not exist.
+    raw_frame(&mut host, &[41, 200, 7, 7]);
+    let response = read_response(&mut host);
+    assert_eq!(response.id, 41);
+    let ResponseBody::Error(err) = response.body else {
+        panic!("{response:?}")
+    };
+    assert_eq!(err.kind, ErrorKind::Protocol);
+    assert!(err.message.contains("malformed"), "{}", err.message);
+    // Nothing decodes at all: answered under id 0.
+    raw_frame(&mut host, &[]);
+    assert_eq!(read_response(&mut host).id, 0);
+
+    write_frame(
+        &mut host,
+        &Request {
+            id: 42,
+            body: RequestBody::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                client: "raw".into(),
+            },
+        },
+    )
+    .unwrap();
+    let response = read_response(&mut host);
+    assert_eq!(response.id, 42);
+    assert!(matches!(response.body, ResponseBody::Hello { .. }));
+    drop(host);
+    agent.join().unwrap();
+}
+
+#[test]
+fn an_oversized_frame_ends_the_connection_with_an_error() {
+    let (mut host, guest) = UnixStream::pair().unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let agent = Agent::serve(guest);
+    host.write_all(&((MAX_FRAME_LEN + 1) as u32).to_le_bytes())
+        .unwrap();
+    let response = read_response(&mut host);
+    let ResponseBody::Error(err) = response.body else {
+        panic!("{response:?}")
+    };
+    assert_eq!(err.kind, ErrorKind::Protocol);
+    assert!(
+        err.message.contains("larger than the limit"),
+        "{}",
+        err.message
+    );
+    assert!(
+        read_frame(&mut host).unwrap().is_none(),
+        "connection closed"
+    );
+    let result = agent.join();
+    assert!(matches!(result, Err(ServerError::Frame(_))), "{result:?}");
+}
+
+#[test]
+fn a_truncated_frame_ends_the_connection() {
+    let (mut host, guest) = UnixStream::pair().unwrap();
+    let agent = Agent::serve(guest);
+    host.write_all(&100u32.to_le_bytes()).unwrap();
+    host.write_all(&[1, 2, 3]).unwrap();
+    host.shutdown(std::net::Shutdown::Write).unwrap();
+    let err = agent.join().unwrap_err();
+    assert!(err.to_string().contains("ended inside a frame"), "{err}");
+}
+
+#[test]
+fn a_closed_connection_kills_its_commands() {
+    let dir = scratch("disconnect");
+    let pidfile = dir.join("pid");
+    let (client, agent) = pair();
+    let execution = client
+        .spawn(ExecRequest::shell(&format!(
+            "echo $$ > '{}'; sleep 100",
+            pidfile.display()
+        )))
+        .unwrap();
+    let pid = execution.pid() as i32;
+    drop(execution);
+    drop(client);
+    agent.join().unwrap();
+    assert!(wait_gone(pid), "the command outlived its connection");
+}
+
+/// A stand-in for the VMM's vsock Unix socket: answers `CONNECT <port>` and serves.
+fn fake_vm_socket(path: &Path, reply: &'static str) -> JoinHandle<()> {
+    let listener = UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(1) {
+            let mut stream = stream.unwrap();
+            let mut line = Vec::new();
+            let mut byte = [0u8];
+            while stream.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+                line.push(byte[0]);
+            }
+            assert_eq!(line, format!("CONNECT {AGENT_VSOCK_PORT}").as_bytes());
+            stream.write_all(reply.as_bytes()).unwrap();
+            if reply.starts_with("OK") {
+                let config = Arc::new(ServerConfig::new(|| {}));
+                serve_connection(stream, config).unwrap();
+            }
+        }
+    })
+}
+
+#[test]
+fn connect_uds_does_the_vsock_handshake() {
+    let dir = scratch("uds");
+    let socket = dir.join("vsock.sock");
+    let vm = fake_vm_socket(&socket, "OK 1073741824\n");
+    let client = AgentClient::connect_uds(&socket, AGENT_VSOCK_PORT).unwrap();
+    let out = client.exec_collect(ExecRequest::shell("echo hi")).unwrap();
+    assert_eq!(out.stdout, b"hi\n");
+    drop(client);
+    vm.join().unwrap();
+
+    let bad = dir.join("bad.sock");
+    let vm = fake_vm_socket(&bad, "NO\n");
+    let err = AgentClient::connect_uds(&bad, AGENT_VSOCK_PORT)
+        .err()
+        .unwrap();
+    assert!(matches!(err, ClientError::Handshake { .. }), "{err}");
+    assert!(err.to_string().contains("expected \"OK <port>\""), "{err}");
+    vm.join().unwrap();
+
+    let err = AgentClient::connect_uds(&dir.join("absent.sock"), AGENT_VSOCK_PORT)
+        .err()
+        .unwrap();
+    assert!(matches!(err, ClientError::Connect { .. }), "{err}");
+}
+
+#[test]
+fn wait_ready_retries_until_the_agent_listens() {
+    let dir = scratch("wait-ready");
+    let socket = dir.join("vsock.sock");
+    let late = {
+        let socket = socket.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            fake_vm_socket(&socket, "OK 5\n").join().unwrap();
+        })
+    };
+    let client =
+        AgentClient::wait_ready(&socket, AGENT_VSOCK_PORT, Duration::from_secs(10)).unwrap();
+    client.hello().unwrap();
+    drop(client);
+    late.join().unwrap();
+
+    let started = Instant::now();
+    let err = AgentClient::wait_ready(
+        &dir.join("never.sock"),
+        AGENT_VSOCK_PORT,
+        Duration::from_millis(200),
+    )
+    .err()
+    .unwrap();
+    assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn the_client_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<AgentClient>();
+}
+
+#[test]
+fn a_slow_consumer_loses_no_output_after_the_command_exits() {
+    let (client, _agent) = pair();
+    // More than the window but less than the window, a chunk and a pipe buffer: the command
+    // exits while the agent still holds output back for want of window.
+    let total = 1_100_000;
+    let mut got = 0;
+    let mut first = true;
+    let status = client
+        .exec(
+            ExecRequest::new(["/usr/bin/head", "-c", &total.to_string(), "/dev/zero"]),
+            |_, chunk| {
+                if first {
+                    first = false;
+                    // Longer than the agent's grace for output after the exit.
+                    std::thread::sleep(Duration::from_millis(2500));
+                }
+                got += chunk.len();
+            },
+        )
+        .unwrap();
+    assert_eq!(status, ExitStatus::Code(0));
+    assert_eq!(got, total);
+}
+
+#[test]
+fn a_background_process_holding_the_pipes_does_not_hold_the_exit() {
+    let (client, _agent) = pair();
+    let started = Instant::now();
+    let out = client
+        .exec_collect(ExecRequest::shell("sleep 30 & echo $!"))
+        .unwrap();
+    assert_eq!(out.status, ExitStatus::Code(0));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let bg: i32 = String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill has no memory-safety preconditions; bg is the test's own sleep.
+    unsafe { libc::kill(bg, libc::SIGKILL) };
+    client.hello().unwrap();
+}
