@@ -5,8 +5,10 @@
 
 pub mod arch;
 pub mod kernel;
+pub mod lazy;
 pub mod memory;
 pub mod metrics;
+pub mod persist;
 pub mod probe;
 pub mod vcpu;
 pub mod vm;

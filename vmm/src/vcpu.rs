@@ -162,6 +162,8 @@ pub enum VcpuCommand {
     Resume,
     Pause,
     Exit,
+    /// Save the vCPU's state (only while paused).
+    Save,
 }
 
 /// The states of a vCPU thread.
@@ -181,7 +183,21 @@ pub enum VcpuResponse {
     Paused,
     Resumed,
     Exited,
+    Saved(SavedVcpu),
+    SaveFailed(String),
 }
+
+/// A saved vCPU state travelling from its thread to the VMM.
+#[derive(Debug, Clone)]
+pub struct SavedVcpu(pub Arc<crate::persist::vcpu::VcpuState>);
+
+impl PartialEq for SavedVcpu {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for SavedVcpu {}
 
 /// The state machine: the state after `command` and its acknowledgement.
 pub fn transition(state: VcpuState, command: VcpuCommand) -> (VcpuState, VcpuResponse) {
@@ -191,6 +207,12 @@ pub fn transition(state: VcpuState, command: VcpuCommand) -> (VcpuState, VcpuRes
         }
         (_, VcpuCommand::Pause) => (VcpuState::Paused, VcpuResponse::Paused),
         (_, VcpuCommand::Resume) => (VcpuState::Running, VcpuResponse::Resumed),
+        // Saving needs the vCPU's fd; the thread answers it itself (see `save_response`). A
+        // running vCPU is never saved: its state would not be consistent.
+        (state, VcpuCommand::Save) => (
+            state,
+            VcpuResponse::SaveFailed(format!("vCPU is {state:?}; pause it first")),
+        ),
     }
 }
 
@@ -233,6 +255,8 @@ pub enum VcpuError {
     },
     #[error("the thread of vCPU {index} panicked")]
     Panicked { index: u8 },
+    #[error("cannot save vCPU {index}: {reason}")]
+    Save { index: u8, reason: String },
 }
 
 /// The signal that kicks a vCPU out of `KVM_RUN`.
@@ -328,6 +352,9 @@ impl Vcpu {
         while state != VcpuState::Exited {
             if state == VcpuState::Paused {
                 match mailbox.recv() {
+                    Ok(VcpuCommand::Save) => {
+                        let _ = acks.send(self.save_response());
+                    }
                     Ok(command) => apply(&mut state, command),
                     Err(_) => state = VcpuState::Exited,
                 }
@@ -335,6 +362,11 @@ impl Vcpu {
             }
             // Running: commands first, so a Pause is never behind a long guest run.
             while let Ok(command) = mailbox.try_recv() {
+                if command == VcpuCommand::Save && state == VcpuState::Paused {
+                    // A Save queued right behind a Pause.
+                    let _ = acks.send(self.save_response());
+                    continue;
+                }
                 if state == VcpuState::Running && command != VcpuCommand::Resume {
                     self.complete_pending_io();
                 }
@@ -384,6 +416,18 @@ impl Vcpu {
 }
 
 impl Vcpu {
+    /// Saves this (paused) vCPU for the VMM.
+    fn save_response(&self) -> VcpuResponse {
+        let msrs = match kvm_ioctls::Kvm::new().and_then(|kvm| kvm.get_msr_index_list()) {
+            Ok(list) => list,
+            Err(e) => return VcpuResponse::SaveFailed(format!("cannot list the host's MSRs: {e}")),
+        };
+        match crate::persist::vcpu::save_vcpu(&self.fd, self.index, msrs.as_slice()) {
+            Ok(state) => VcpuResponse::Saved(SavedVcpu(Arc::new(state))),
+            Err(e) => VcpuResponse::SaveFailed(e.to_string()),
+        }
+    }
+
     /// Finishes an instruction whose port or MMIO access was just handled, without running
     /// the guest further: `KVM_RUN` with `immediate_exit` completes it and returns EINTR. After
     /// this the vCPU state is consistent (e.g. for a snapshot). A string instruction may exit
@@ -440,6 +484,9 @@ impl VcpuHandle {
             VcpuCommand::Resume => VcpuResponse::Resumed,
             VcpuCommand::Pause => VcpuResponse::Paused,
             VcpuCommand::Exit => VcpuResponse::Exited,
+            VcpuCommand::Save => {
+                return self.wait_saved(timeout).map(|_| ());
+            }
         };
         match self.responses.recv_timeout(timeout) {
             Ok(got) if got == expected => Ok(()),
@@ -458,6 +505,32 @@ impl VcpuHandle {
             // The thread ended: it is as exited as it gets.
             Err(RecvTimeoutError::Disconnected) if command != VcpuCommand::Resume => Ok(()),
             Err(RecvTimeoutError::Disconnected) => Err(VcpuError::Send { index, command }),
+        }
+    }
+
+    /// Waits for the answer to a `Save`.
+    fn wait_saved(
+        &self,
+        timeout: Duration,
+    ) -> Result<Arc<crate::persist::vcpu::VcpuState>, VcpuError> {
+        let index = self.index;
+        match self.responses.recv_timeout(timeout) {
+            Ok(VcpuResponse::Saved(saved)) => Ok(saved.0),
+            Ok(VcpuResponse::SaveFailed(reason)) => Err(VcpuError::Save { index, reason }),
+            Ok(got) => Err(VcpuError::WrongResponse {
+                index,
+                command: VcpuCommand::Save,
+                got,
+            }),
+            Err(RecvTimeoutError::Timeout) => Err(VcpuError::Timeout {
+                index,
+                command: VcpuCommand::Save,
+                timeout,
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(VcpuError::Send {
+                index,
+                command: VcpuCommand::Save,
+            }),
         }
     }
 
@@ -505,6 +578,19 @@ impl Drop for VcpuHandle {
 
 /// Sends `command` to every vCPU first, then collects every acknowledgement, so that all
 /// vCPUs move (e.g. pause) together.
+/// Saves every (paused) vCPU, in index order.
+pub fn save_all(
+    handles: &[VcpuHandle],
+) -> Result<Vec<Arc<crate::persist::vcpu::VcpuState>>, VcpuError> {
+    for handle in handles {
+        handle.send(VcpuCommand::Save)?;
+    }
+    handles
+        .iter()
+        .map(|h| h.wait_saved(RESPONSE_TIMEOUT))
+        .collect()
+}
+
 pub fn command_all(handles: &[VcpuHandle], command: VcpuCommand) -> Result<(), VcpuError> {
     for handle in handles {
         handle.send(command)?;
@@ -723,6 +809,38 @@ mod tests {
         handle.exit_and_join().unwrap();
         assert!(stops.try_recv().is_err());
         assert!(stop_evt.read().is_err());
+    }
+
+    #[test]
+    fn a_paused_vcpu_is_saved_and_a_running_one_is_not() {
+        // out 0x80, al; jmp back to the out.
+        let (_mem, _vm, fd) = real_mode_vcpu(&[0xe6, 0x80, 0xeb, 0xfc], true);
+        let (stops_tx, _stops) = channel();
+        let stop_evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let vcpu = Vcpu {
+            index: 0,
+            fd,
+            io: Arc::new(RecordingIo::default()),
+        };
+        let handle = vcpu.start(stops_tx, stop_evt).unwrap();
+        handle.command(VcpuCommand::Resume).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let err = handle.command(VcpuCommand::Save).unwrap_err();
+        assert!(err.to_string().contains("pause it first"), "{err}");
+
+        handle.command(VcpuCommand::Pause).unwrap();
+        let saved = save_all(std::slice::from_ref(&handle)).unwrap();
+        assert_eq!(saved.len(), 1);
+        // Paused at a consistent point: on the `out` or the `jmp` of the loop.
+        assert!(
+            [0x1000, 0x1002].contains(&saved[0].regs.rip),
+            "rip {:#x}",
+            saved[0].regs.rip
+        );
+        assert!(!saved[0].msrs.is_empty());
+        // The vCPU keeps working after a save.
+        handle.command(VcpuCommand::Resume).unwrap();
+        handle.exit_and_join().unwrap();
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! or stuck), new bytes are dropped and counted.
 
 mod output;
+mod persist;
 
 use std::io;
 
@@ -14,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::bus::BusDevice;
 use crate::irq::IrqLine;
 use output::SerialOutput;
+pub use persist::SerialSnapshot;
 
 /// Port I/O base of COM1.
 pub const SERIAL_PORT_BASE: u64 = 0x3f8;
@@ -33,6 +35,8 @@ pub enum SerialError {
     /// The writer thread could not be started.
     #[error("failed to spawn the serial output thread: {0}")]
     SpawnWriter(#[source] io::Error),
+    #[error("cannot restore the serial port from its saved state: {0}")]
+    Restore(String),
 }
 
 /// The emulated UART.

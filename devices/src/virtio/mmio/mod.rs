@@ -655,5 +655,8 @@ impl BusDevice for MmioTransport {
     }
 }
 
+mod persist;
+pub use persist::{MmioStateError, MmioTransportState, QueueSnapshot};
+
 #[cfg(test)]
 mod tests;

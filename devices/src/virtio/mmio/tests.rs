@@ -6,7 +6,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
-use crate::virtio::ActivateError;
+use crate::virtio::{ActivateError, VIRTIO_MMIO_INT_VRING};
 
 const F_EXTRA_LOW: u64 = 1 << 3;
 const F_EXTRA_HIGH: u64 = 1 << 40;
@@ -508,5 +508,101 @@ fn constructor_rejects_bad_devices() {
             max_size: 24,
             ..
         })
+    ));
+}
+
+fn activated() -> T {
+    let mut t = setup();
+    negotiate(&mut t, FEATURE_VERSION_1 | F_EXTRA_HIGH);
+    setup_queue(&mut t, 0, 16, 0x1000);
+    setup_queue(&mut t, 1, 32, 0x8000);
+    wr(&mut t, regs::STATUS, ALL_OK);
+    assert!(t.mmio.is_activated());
+    t
+}
+
+#[test]
+fn saved_state_restores_an_activated_device_with_its_queues() {
+    let t = activated();
+    let state = t.mmio.save_state();
+    assert!(state.activated);
+    assert_eq!(state.queues.len(), 2);
+
+    // Round trip through serde, as a snapshot would.
+    let json = serde_json::to_string(&state).unwrap();
+    let state: MmioTransportState = serde_json::from_str(&json).unwrap();
+
+    let mut fresh = setup();
+    fresh.mmio.restore_state(&state).unwrap();
+    assert!(fresh.mmio.is_activated());
+    assert_eq!(rd(&mut fresh, regs::STATUS), ALL_OK);
+    assert_eq!(
+        fresh.mmio.acked_features(),
+        FEATURE_VERSION_1 | F_EXTRA_HIGH
+    );
+    let dev = fresh.dev.lock().unwrap();
+    assert_eq!(dev.acked, Some(FEATURE_VERSION_1 | F_EXTRA_HIGH));
+    assert_eq!(dev.activations, vec![(vec![16, 32], vec![true, true], 2)]);
+    drop(dev);
+    assert_eq!(
+        fresh.mmio.save_state(),
+        state,
+        "restoring then saving gives the same state"
+    );
+}
+
+#[test]
+fn pending_interrupts_are_raised_again_on_restore() {
+    let t = activated();
+    t.mmio.interrupt().signal_used_queue().unwrap();
+    let state = t.mmio.save_state();
+    let fresh = setup();
+    let mut fresh = fresh;
+    let _ = fresh.irq.read();
+    fresh.mmio.restore_state(&state).unwrap();
+    assert_eq!(
+        rd(&mut fresh, regs::INTERRUPT_STATUS) & VIRTIO_MMIO_INT_VRING,
+        VIRTIO_MMIO_INT_VRING
+    );
+    assert!(fresh.irq.read().is_ok(), "the irqfd fired");
+}
+
+#[test]
+fn foreign_or_damaged_states_are_refused() {
+    let state = activated().mmio.save_state();
+
+    let mut wrong_type = state.clone();
+    wrong_type.device_type = 2;
+    assert!(matches!(
+        setup().mmio.restore_state(&wrong_type),
+        Err(MmioStateError::DeviceType { .. })
+    ));
+
+    let mut fewer = state.clone();
+    fewer.queues.pop();
+    assert!(matches!(
+        setup().mmio.restore_state(&fewer),
+        Err(MmioStateError::QueueCount { .. })
+    ));
+
+    let mut bad_size = state.clone();
+    bad_size.queues[0].size = 3; // not a power of two
+    assert!(matches!(
+        setup().mmio.restore_state(&bad_size),
+        Err(MmioStateError::Queue { index: 0, .. })
+    ));
+
+    let mut bigger = state.clone();
+    bigger.queues[1].max_size = 1024;
+    assert!(matches!(
+        setup().mmio.restore_state(&bigger),
+        Err(MmioStateError::Queue { index: 1, .. })
+    ));
+
+    let mut features = state.clone();
+    features.acked_features |= 1 << 50;
+    assert!(matches!(
+        setup().mmio.restore_state(&features),
+        Err(MmioStateError::Features { .. })
     ));
 }

@@ -1,0 +1,489 @@
+//! Lazy guest memory for restores: pages arrive on first touch through userfaultfd.
+//!
+//! Guest RAM is registered with a userfaultfd before the vCPUs start; a handler thread serves
+//! each missing-page fault from a [`PageSource`] (the snapshot store) with `UFFDIO_COPY`, or
+//! `UFFDIO_ZEROPAGE` for pages that were all zeros. Faults come from the vCPUs (through KVM,
+//! in kernel mode) and from device emulation alike. A prefetch thread may load a recorded
+//! working set in the background; the handler records the order of the pages it serves so the
+//! next restore can prefetch them.
+
+use std::ffi::c_void;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use userfaultfd::{Event, Uffd, UffdBuilder};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use ember_devices::GuestMemoryMmap;
+
+/// Guest pages are served at this granularity.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Where restored pages come from.
+pub trait PageSource: Send + Sync {
+    /// Fills `buf` with guest page `index` (guest physical address / 4 KiB, counted over the
+    /// guest's RAM regions in order) and returns `true`, or returns `false` for an all-zero page
+    /// (leaving `buf` alone). An error stops the VM.
+    fn read_page(&self, index: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<bool, String>;
+}
+
+/// Errors setting up lazy memory.
+#[derive(Debug, thiserror::Error)]
+pub enum LazyError {
+    #[error("cannot create a userfaultfd (is /dev/userfaultfd accessible?): {0}")]
+    Create(userfaultfd::Error),
+    #[error("cannot register guest memory {addr:#x}+{len:#x} with userfaultfd: {source}")]
+    Register {
+        addr: u64,
+        len: u64,
+        source: userfaultfd::Error,
+    },
+    #[error("cannot set up the fault handler's event loop: {0}")]
+    Epoll(std::io::Error),
+    #[error("cannot start the {what} thread: {source}")]
+    Spawn {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("reading guest page {index} for an eager restore failed: {reason}")]
+    EagerRead { index: u64, reason: String },
+    #[error("guest page {index} is outside guest memory")]
+    OutOfRange { index: u64 },
+}
+
+/// Counters of a lazy restore.
+#[derive(Debug, Default)]
+pub struct LazyStats {
+    /// Faults answered with page data.
+    pub faults_copied: AtomicU64,
+    /// Faults answered with a zero page.
+    pub faults_zero: AtomicU64,
+    /// Pages loaded by the prefetch thread before anyone touched them.
+    pub prefetched: AtomicU64,
+}
+
+impl LazyStats {
+    pub fn faults(&self) -> u64 {
+        self.faults_copied.load(Ordering::Relaxed) + self.faults_zero.load(Ordering::Relaxed)
+    }
+}
+
+/// One guest RAM region as the handler sees it.
+#[derive(Debug, Clone, Copy)]
+struct Region {
+    host: u64,
+    len: u64,
+    first_page: u64,
+}
+
+#[derive(Clone)]
+struct Layout(Arc<Vec<Region>>);
+
+impl Layout {
+    fn of(mem: &GuestMemoryMmap) -> Layout {
+        let mut first_page = 0;
+        let regions = mem
+            .iter()
+            .map(|r| {
+                let region = Region {
+                    host: r.as_ptr() as u64,
+                    len: r.len(),
+                    first_page,
+                };
+                first_page += r.len() / PAGE_SIZE as u64;
+                region
+            })
+            .collect();
+        Layout(Arc::new(regions))
+    }
+
+    fn page_of(&self, host_addr: u64) -> Option<(u64, u64)> {
+        let page_addr = host_addr & !(PAGE_SIZE as u64 - 1);
+        self.0
+            .iter()
+            .find(|r| page_addr >= r.host && page_addr < r.host + r.len)
+            .map(|r| {
+                (
+                    r.first_page + (page_addr - r.host) / PAGE_SIZE as u64,
+                    page_addr,
+                )
+            })
+    }
+
+    fn addr_of(&self, index: u64) -> Option<u64> {
+        self.0.iter().find_map(|r| {
+            let pages = r.len / PAGE_SIZE as u64;
+            (index >= r.first_page && index < r.first_page + pages)
+                .then(|| r.host + (index - r.first_page) * PAGE_SIZE as u64)
+        })
+    }
+
+    fn total_pages(&self) -> u64 {
+        self.0.iter().map(|r| r.len / PAGE_SIZE as u64).sum()
+    }
+}
+
+/// Copies one page into place; `Ok(false)` when it was already there (EEXIST).
+fn place_page(uffd: &Uffd, addr: u64, data: Option<&[u8; PAGE_SIZE]>) -> Result<bool, String> {
+    let result = match data {
+        // SAFETY: `addr` is a page-aligned address inside a guest RAM region registered with
+        // this userfaultfd (found through `Layout`), and `buf` is a full page of readable memory.
+        Some(buf) => unsafe {
+            uffd.copy(
+                buf.as_ptr() as *const c_void,
+                addr as *mut c_void,
+                PAGE_SIZE,
+                true,
+            )
+        },
+        // SAFETY: as above; zeropage maps the shared zero page at `addr`.
+        None => unsafe { uffd.zeropage(addr as *mut c_void, PAGE_SIZE, true) },
+    };
+    match result {
+        Ok(_) => Ok(true),
+        Err(userfaultfd::Error::CopyFailed(errno) | userfaultfd::Error::ZeropageFailed(errno))
+            if errno as i32 == libc::EEXIST =>
+        {
+            // Someone (the prefetcher or a racing fault) placed it first: wake any waiter.
+            uffd.wake(addr as *mut c_void, PAGE_SIZE)
+                .map_err(|e| e.to_string())?;
+            Ok(false)
+        }
+        Err(e) => Err(format!("placing guest page at {addr:#x}: {e}")),
+    }
+}
+
+/// A running lazy restore: dropping it stops the handler and prefetch threads (only do that
+/// once the vCPUs are stopped; an unanswered fault would block forever).
+pub struct LazyMemory {
+    stop: EventFd,
+    stopping: Arc<AtomicBool>,
+    handler: Option<JoinHandle<()>>,
+    prefetcher: Option<JoinHandle<()>>,
+    stats: Arc<LazyStats>,
+    recorded: Arc<Mutex<Option<Vec<u64>>>>,
+    /// Written (with the reason stored in `failure`) when serving a page failed.
+    pub error_evt: EventFd,
+    failure: Arc<Mutex<Option<String>>>,
+}
+
+impl LazyMemory {
+    /// Registers all of `mem` (freshly created, never touched) and starts serving faults from
+    /// `source`. `prefetch` lists pages to load in the background, in order.
+    pub fn start(
+        mem: &GuestMemoryMmap,
+        source: Arc<dyn PageSource>,
+        prefetch: Vec<u64>,
+    ) -> Result<LazyMemory, LazyError> {
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .create()
+            .map_err(LazyError::Create)?;
+        let layout = Layout::of(mem);
+        for r in layout.0.iter() {
+            uffd.register(r.host as *mut c_void, r.len as usize)
+                .map_err(|source| LazyError::Register {
+                    addr: r.host,
+                    len: r.len,
+                    source,
+                })?;
+        }
+        let uffd = Arc::new(uffd);
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(LazyError::Epoll)?;
+        let error_evt = EventFd::new(EFD_NONBLOCK).map_err(LazyError::Epoll)?;
+        let stats = Arc::new(LazyStats::default());
+        let recorded = Arc::new(Mutex::new(Some(Vec::new())));
+        let failure = Arc::new(Mutex::new(None));
+        let stopping = Arc::new(AtomicBool::new(false));
+
+        let handler = {
+            let (uffd, layout, source, stats) =
+                (uffd.clone(), layout.clone(), source.clone(), stats.clone());
+            let (recorded, failure) = (recorded.clone(), failure.clone());
+            let stop = stop.try_clone().map_err(LazyError::Epoll)?;
+            let error_evt = error_evt.try_clone().map_err(LazyError::Epoll)?;
+            std::thread::Builder::new()
+                .name("ember-uffd".into())
+                .spawn(move || {
+                    if let Err(reason) =
+                        serve_faults(&uffd, &layout, source.as_ref(), &stats, &recorded, &stop)
+                    {
+                        log::error!("lazy restore stopped: {reason}");
+                        *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+                        let _ = error_evt.write(1);
+                    }
+                })
+                .map_err(|source| LazyError::Spawn {
+                    what: "userfaultfd handler",
+                    source,
+                })?
+        };
+        let prefetcher = if prefetch.is_empty() {
+            None
+        } else {
+            let (uffd, layout, stats, stopping) =
+                (uffd.clone(), layout, stats.clone(), stopping.clone());
+            Some(
+                std::thread::Builder::new()
+                    .name("ember-prefetch".into())
+                    .spawn(move || {
+                        let mut buf = [0u8; PAGE_SIZE];
+                        for index in prefetch {
+                            if stopping.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            let Some(addr) = layout.addr_of(index) else {
+                                continue;
+                            };
+                            let data = match source.read_page(index, &mut buf) {
+                                Ok(true) => Some(&buf),
+                                Ok(false) => None,
+                                // The handler reports errors when the page is really needed.
+                                Err(_) => continue,
+                            };
+                            if let Ok(true) = place_page(&uffd, addr, data) {
+                                stats.prefetched.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    })
+                    .map_err(|source| LazyError::Spawn {
+                        what: "prefetch",
+                        source,
+                    })?,
+            )
+        };
+        Ok(LazyMemory {
+            stop,
+            stopping,
+            handler: Some(handler),
+            prefetcher,
+            stats,
+            recorded,
+            error_evt,
+            failure,
+        })
+    }
+
+    pub fn stats(&self) -> &LazyStats {
+        &self.stats
+    }
+
+    /// Stops recording and returns the pages faulted so far, in first-touch order (the working
+    /// set to prefetch next time).
+    pub fn take_recorded(&self) -> Vec<u64> {
+        self.recorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_default()
+    }
+
+    /// Why serving a page failed, once `error_evt` fired.
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for LazyMemory {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        let _ = self.stop.write(1);
+        if let Some(h) = self.handler.take() {
+            let _ = h.join();
+        }
+        if let Some(h) = self.prefetcher.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn serve_faults(
+    uffd: &Uffd,
+    layout: &Layout,
+    source: &dyn PageSource,
+    stats: &LazyStats,
+    recorded: &Mutex<Option<Vec<u64>>>,
+    stop: &EventFd,
+) -> Result<(), String> {
+    const UFFD: u64 = 0;
+    const STOP: u64 = 1;
+    let epoll = Epoll::new().map_err(|e| e.to_string())?;
+    for (fd, data) in [(uffd.as_raw_fd(), UFFD), (stop.as_raw_fd(), STOP)] {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, data),
+            )
+            .map_err(|e| e.to_string())?;
+    }
+    let mut buf = [0u8; PAGE_SIZE];
+    let mut ready = [EpollEvent::default(); 2];
+    loop {
+        let n = match epoll.wait(-1, &mut ready) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("waiting for faults: {e}")),
+        };
+        if ready[..n].iter().any(|e| e.data() == STOP) {
+            return Ok(());
+        }
+        // Drain every pending event (the fd is non-blocking).
+        while let Some(event) = uffd
+            .read_event()
+            .map_err(|e| format!("reading a fault: {e}"))?
+        {
+            let Event::Pagefault { addr, .. } = event else {
+                continue;
+            };
+            let Some((index, page_addr)) = layout.page_of(addr as u64) else {
+                return Err(format!("fault at {:#x} outside guest memory", addr as u64));
+            };
+            let has_data = source
+                .read_page(index, &mut buf)
+                .map_err(|reason| format!("guest page {index}: {reason}"))?;
+            if place_page(uffd, page_addr, has_data.then_some(&buf))? {
+                let counter = if has_data {
+                    &stats.faults_copied
+                } else {
+                    &stats.faults_zero
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                if let Some(list) = recorded.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                    list.push(index);
+                }
+            }
+        }
+    }
+}
+
+/// Copies every page from `source` into `mem` before the vCPUs start (the eager restore, for
+/// comparison with the lazy one).
+pub fn load_eagerly(mem: &GuestMemoryMmap, source: &dyn PageSource) -> Result<u64, LazyError> {
+    let layout = Layout::of(mem);
+    let mut buf = [0u8; PAGE_SIZE];
+    let mut copied = 0;
+    for index in 0..layout.total_pages() {
+        let addr = layout
+            .addr_of(index)
+            .ok_or(LazyError::OutOfRange { index })?;
+        if source
+            .read_page(index, &mut buf)
+            .map_err(|reason| LazyError::EagerRead { index, reason })?
+        {
+            // SAFETY: `addr` is the start of a page inside a guest RAM mapping owned by `mem`
+            // (from `Layout`), which stays mapped for this call; no vCPU runs yet.
+            unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), addr as *mut u8, PAGE_SIZE) };
+            copied += 1;
+        }
+    }
+    Ok(copied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::create_guest_memory;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// Page n is filled with byte n % 251 + 1, except every 4th page, which is zero.
+    struct Pattern {
+        fail_at: Option<u64>,
+    }
+
+    impl PageSource for Pattern {
+        fn read_page(&self, index: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<bool, String> {
+            if Some(index) == self.fail_at {
+                return Err(format!("object for page {index} is corrupt"));
+            }
+            if index.is_multiple_of(4) {
+                return Ok(false);
+            }
+            buf.fill((index % 251) as u8 + 1);
+            Ok(true)
+        }
+    }
+
+    fn byte_at(mem: &GuestMemoryMmap, page: u64) -> u8 {
+        mem.read_obj::<u8>(GuestAddress(page * PAGE_SIZE as u64 + 17))
+            .unwrap()
+    }
+
+    #[test]
+    fn serves_faults_with_data_and_zero_pages_and_records_them() {
+        let mem = create_guest_memory(16 << 20).unwrap();
+        let lazy =
+            LazyMemory::start(&mem, Arc::new(Pattern { fail_at: None }), Vec::new()).unwrap();
+        assert_eq!(byte_at(&mem, 5), 6);
+        assert_eq!(byte_at(&mem, 8), 0);
+        assert_eq!(byte_at(&mem, 5), 6, "a served page stays");
+        // The handler wakes the faulting thread before it updates its counters.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while lazy.stats().faults() < 2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(lazy.stats().faults_copied.load(Ordering::Relaxed), 1);
+        assert_eq!(lazy.stats().faults_zero.load(Ordering::Relaxed), 1);
+        assert_eq!(lazy.take_recorded(), vec![5, 8]);
+    }
+
+    #[test]
+    fn prefetch_loads_pages_before_they_are_touched() {
+        let mem = create_guest_memory(16 << 20).unwrap();
+        let pages: Vec<u64> = (1..200).collect();
+        let lazy = LazyMemory::start(&mem, Arc::new(Pattern { fail_at: None }), pages).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while lazy.stats().prefetched.load(Ordering::Relaxed) < 199
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        for page in 1..200u64 {
+            let expected = if page.is_multiple_of(4) {
+                0
+            } else {
+                (page % 251) as u8 + 1
+            };
+            assert_eq!(byte_at(&mem, page), expected);
+        }
+        assert_eq!(lazy.stats().faults(), 0, "prefetched pages need no fault");
+    }
+
+    #[test]
+    fn a_failing_source_is_reported_not_hung() {
+        let mem = create_guest_memory(16 << 20).unwrap();
+        let lazy =
+            LazyMemory::start(&mem, Arc::new(Pattern { fail_at: Some(3) }), Vec::new()).unwrap();
+        let mem2 = mem.clone();
+        // The touching thread blocks forever (as a vCPU would); the VMM learns of the failure.
+        std::thread::spawn(move || byte_at(&mem2, 3));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while lazy.error_evt.read().is_err() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let failure = lazy.failure().expect("the failure is reported");
+        assert!(
+            failure.contains("guest page 3") && failure.contains("corrupt"),
+            "{failure}"
+        );
+        std::mem::forget(lazy); // a thread is still blocked on a fault that will never be served
+    }
+
+    #[test]
+    fn eager_load_copies_everything() {
+        let mem = create_guest_memory(8 << 20).unwrap();
+        let copied = load_eagerly(&mem, &Pattern { fail_at: None }).unwrap();
+        assert_eq!(copied, 2048 - 512);
+        assert_eq!(byte_at(&mem, 7), 8);
+        assert_eq!(byte_at(&mem, 12), 0);
+    }
+}
