@@ -1,5 +1,6 @@
 //! `ember`: the command line of the ember microVM monitor.
 
+mod command;
 mod doctor;
 mod run;
 
@@ -23,7 +24,7 @@ enum Command {
     Doctor,
     /// Boot a guest in the foreground; its console goes to stdout. Exits 0 when the guest
     /// resets (its way to stop without ACPI), non-zero on any VMM error.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
 }
 
 fn main() {
@@ -33,7 +34,7 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Doctor => doctor::run(),
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(*args),
     };
     std::process::exit(code);
 }

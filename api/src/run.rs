@@ -37,6 +37,29 @@ pub struct RunArgs {
     /// Write the run's figures (start-up times, VMM memory) as JSON to this file.
     #[arg(long)]
     pub report_json: Option<PathBuf>,
+    /// Copy a host file into the guest before the command: HOST:GUEST (repeatable).
+    #[arg(long, value_name = "HOST:GUEST", value_parser = crate::command::parse_copy)]
+    pub copy_in: Vec<(String, String)>,
+    /// Copy a guest file to the host after the command: GUEST:HOST (repeatable).
+    #[arg(long, value_name = "GUEST:HOST", value_parser = crate::command::parse_copy)]
+    pub copy_out: Vec<(String, String)>,
+    /// Set a variable in the command's environment: KEY=VALUE (repeatable). The command sees
+    /// only a small default environment plus these, never ember's own.
+    #[arg(long, value_name = "KEY=VALUE", value_parser = crate::command::parse_env)]
+    pub env: Vec<(String, String)>,
+    /// The command's working directory in the guest.
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// Kill the command (and everything it started) after this many seconds; ember exits 124.
+    #[arg(long)]
+    pub timeout_s: Option<u64>,
+    /// Forward ember's stdin to the command (otherwise its stdin is empty).
+    #[arg(long, short = 'i')]
+    pub interactive: bool,
+    /// A command to run in the guest through the agent (over vsock): its stdout and stderr
+    /// stream to ember's, and ember exits with its exit code. The guest then shuts down.
+    #[arg(last = true)]
+    pub command: Vec<String>,
 }
 
 /// Where `cargo xtask` caches artifacts (kept in step with xtask's `cache_root`).
@@ -141,7 +164,32 @@ pub fn run(args: RunArgs) -> i32 {
         vcpus: args.vcpus,
         mem_mib: args.mem_mib,
         cmdline_extra: (!extra.is_empty()).then(|| extra.join(" ")),
+        vsock: None,
     };
+    if !args.command.is_empty() {
+        if args.init_cmd.is_some() {
+            eprintln!("ember: --init-cmd and a command after -- cannot be combined");
+            return 2;
+        }
+        let plan = crate::command::CommandPlan {
+            argv: args.command,
+            env: args.env,
+            cwd: args.cwd,
+            timeout: args.timeout_s.map(std::time::Duration::from_secs),
+            copy_in: args
+                .copy_in
+                .into_iter()
+                .map(|(h, g)| (PathBuf::from(h), g))
+                .collect(),
+            copy_out: args
+                .copy_out
+                .into_iter()
+                .map(|(g, h)| (g, PathBuf::from(h)))
+                .collect(),
+            forward_stdin: args.interactive,
+        };
+        return crate::command::run_command(config, plan, start);
+    }
     let options = VmmOptions {
         serial_out: Box::new(std::io::stdout()),
         start,

@@ -16,5 +16,5 @@ pub mod vmm;
 
 pub use crate::metrics::RunReport;
 pub use crate::vmm::{
-    run, run_reported, run_with, ExitReason, VmConfig, Vmm, VmmError, VmmOptions,
+    run, run_reported, run_with, ExitReason, VmConfig, Vmm, VmmError, VmmOptions, VsockConfig,
 };

@@ -5,7 +5,8 @@
 //! VmConfig ──Vmm::build──► Vmm (vCPUs paused) ──start──► running ──wait──► ExitReason
 //! ```
 //!
-//! Threads: one per vCPU, one device event loop (virtio-block queues), the serial writer, and
+//! Threads: one per vCPU, one device event loop (virtio queues, vsock sockets), the serial
+//! writer, and
 //! the caller's, which waits in [`Vmm::wait`] for the first vCPU stop or i8042 reset.
 
 use std::io::Write;
@@ -19,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use ember_devices::virtio::block::Block;
 use ember_devices::virtio::mmio::{regs::QUEUE_NOTIFY, MmioTransport, MMIO_WINDOW_SIZE};
+use ember_devices::virtio::vsock::{Vsock, MAX_UDS_PATH_LEN, MIN_GUEST_CID};
+use ember_devices::virtio::VirtioDevice;
 use ember_devices::{BootTimer, Bus, Serial, BOOT_TIMER_PORT, I8042};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -63,6 +66,38 @@ pub struct VmConfig {
     pub mem_mib: u32,
     /// Appended to the default command line (a `-- args` part goes to init).
     pub cmdline_extra: Option<String>,
+    /// A virtio-vsock device with a Unix-socket back-end.
+    pub vsock: Option<VsockConfig>,
+}
+
+/// A virtio-vsock device whose host side is the Unix socket `uds_path`.
+///
+/// Host-initiated connections: connect to `uds_path`, write `CONNECT <guest port>\n`, read
+/// `OK <host port>\n`, then the stream is the connection. Guest-initiated connections to CID 2
+/// port `P` reach whatever listens on the Unix socket `<uds_path>_P`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's CID (3 or more; `u32::MAX` is reserved).
+    pub guest_cid: u32,
+    /// Where the device listens; a stale socket there is replaced.
+    pub uds_path: PathBuf,
+}
+
+impl VsockConfig {
+    /// Checks the CID and that the path fits a Unix socket address.
+    pub fn validate(&self) -> Result<(), VmmError> {
+        if u64::from(self.guest_cid) < MIN_GUEST_CID || self.guest_cid == u32::MAX {
+            return Err(VmmError::VsockCid(self.guest_cid));
+        }
+        let len = self.uds_path.as_os_str().len();
+        if len == 0 || len > MAX_UDS_PATH_LEN {
+            return Err(VmmError::VsockPath {
+                path: self.uds_path.display().to_string(),
+                len,
+            });
+        }
+        Ok(())
+    }
 }
 
 impl VmConfig {
@@ -72,6 +107,9 @@ impl VmConfig {
             return Err(VmmError::VcpuCount(self.vcpus));
         }
         debug_assert!(MAX_VCPUS <= mptable::max_cpus());
+        if let Some(vsock) = &self.vsock {
+            vsock.validate()?;
+        }
         check_mem_size(self.mem_bytes()).map_err(VmmError::Memory)
     }
 
@@ -145,6 +183,18 @@ pub enum VmmError {
     Block {
         path: String,
         source: ember_devices::virtio::block::BlockError,
+    },
+    #[error("vsock guest CID {0} is invalid: it must be at least {MIN_GUEST_CID} and below {max}", max = u32::MAX)]
+    VsockCid(u32),
+    #[error(
+        "vsock socket path {path} is {len} bytes long; a Unix socket path must be 1 to \
+         {MAX_UDS_PATH_LEN} bytes"
+    )]
+    VsockPath { path: String, len: usize },
+    #[error("cannot create the vsock device on {path}: {source}")]
+    Vsock {
+        path: String,
+        source: ember_devices::virtio::vsock::VsockError,
     },
     #[error("cannot create the virtio-mmio transport at {base:#x}: {source}")]
     Mmio {
@@ -348,7 +398,6 @@ fn attach_devices(
     let mut subscribers: Vec<Subscriber> = Vec::new();
     let mut virtio = Vec::new();
     if let Some(rootfs) = &config.rootfs {
-        let (base, gsi) = virtio_slot(virtio.len())?;
         let block = Block::new(rootfs, config.read_only_rootfs, "rootfs".to_string()).map_err(
             |source| VmmError::Block {
                 path: rootfs.display().to_string(),
@@ -356,18 +405,34 @@ fn attach_devices(
             },
         )?;
         let block = Arc::new(Mutex::new(block));
-        let irq = eventfd("a virtio IRQ")?;
-        vm.register_irq(&irq, gsi)?;
-        let transport = MmioTransport::new(block.clone(), mem.clone(), irq)
-            .map_err(|source| VmmError::Mmio { base, source })?;
-        for (queue, evt) in transport.queue_evts().into_iter().enumerate() {
-            vm.register_mmio_notify(evt, base + QUEUE_NOTIFY, queue as u32)?;
-        }
-        io.mmio
-            .insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)
-            .map_err(bus_error("the root virtio-block device", "MMIO"))?;
+        attach_virtio(
+            vm,
+            mem,
+            &mut io,
+            block.clone(),
+            "the root virtio-block device",
+            &mut virtio,
+        )?;
         subscribers.push(block);
-        virtio.push((base, gsi));
+    }
+    if let Some(vsock) = &config.vsock {
+        let device =
+            Vsock::new(u64::from(vsock.guest_cid), vsock.uds_path.clone()).map_err(|source| {
+                VmmError::Vsock {
+                    path: vsock.uds_path.display().to_string(),
+                    source,
+                }
+            })?;
+        let device = Arc::new(Mutex::new(device));
+        attach_virtio(
+            vm,
+            mem,
+            &mut io,
+            device.clone(),
+            "the virtio-vsock device",
+            &mut virtio,
+        )?;
+        subscribers.push(device);
     }
     Ok(Devices {
         io: Arc::new(io),
@@ -376,6 +441,35 @@ fn attach_devices(
         reset_evt,
         boot_time,
     })
+}
+
+/// Puts `device` on the next virtio-mmio slot: irqfd, queue ioeventfds, MMIO window. Appends
+/// the slot's (base, GSI) to `virtio` for the command line.
+fn attach_virtio(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    io: &mut DeviceIo,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    what: &'static str,
+    virtio: &mut Vec<(u64, u32)>,
+) -> Result<(), VmmError> {
+    let (base, gsi) = virtio_slot(virtio.len())?;
+    let irq = eventfd("a virtio IRQ")?;
+    vm.register_irq(&irq, gsi)?;
+    let transport = MmioTransport::new(device, mem.clone(), irq)
+        .map_err(|source| VmmError::Mmio { base, source })?;
+    for (queue, evt) in transport.queue_evts().into_iter().enumerate() {
+        vm.register_mmio_notify(evt, base + QUEUE_NOTIFY, queue as u32)?;
+    }
+    io.mmio
+        .insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)
+        .map_err(|source| VmmError::Bus {
+            what,
+            bus: "MMIO",
+            source,
+        })?;
+    virtio.push((base, gsi));
+    Ok(())
 }
 
 /// Writes the boot structures (GDT, page tables, MP table, command line, zero page) and
@@ -643,6 +737,7 @@ mod tests {
             vcpus: 2,
             mem_mib: 128,
             cmdline_extra: None,
+            vsock: None,
         }
     }
 
@@ -674,6 +769,30 @@ mod tests {
             Err(VmmError::Memory(_))
         ));
         assert_eq!(config().mem_bytes(), 128 << 20);
+        let vsock = |guest_cid, uds_path: &str| VmConfig {
+            vsock: Some(VsockConfig {
+                guest_cid,
+                uds_path: PathBuf::from(uds_path),
+            }),
+            ..config()
+        };
+        assert!(vsock(3, "/tmp/v.sock").validate().is_ok());
+        assert!(matches!(
+            vsock(2, "/tmp/v.sock").validate(),
+            Err(VmmError::VsockCid(2))
+        ));
+        assert!(matches!(
+            vsock(u32::MAX, "/tmp/v.sock").validate(),
+            Err(VmmError::VsockCid(_))
+        ));
+        let long = format!("/tmp/{}", "x".repeat(MAX_UDS_PATH_LEN));
+        let err = vsock(3, &long).validate().unwrap_err();
+        assert!(matches!(err, VmmError::VsockPath { len: 112, .. }), "{err}");
+        assert!(err.to_string().contains("112 bytes"), "{err}");
+        assert!(matches!(
+            vsock(3, "").validate(),
+            Err(VmmError::VsockPath { len: 0, .. })
+        ));
         assert!(MAX_VCPUS <= mptable::max_cpus());
     }
 

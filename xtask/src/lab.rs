@@ -51,7 +51,7 @@ impl Default for LabOptions {
         LabOptions {
             mem_mib: 3072,
             cpus: 2,
-            timeout: Duration::from_secs(45 * 60),
+            timeout: Duration::from_secs(30 * 60),
             env: Vec::new(),
         }
     }
@@ -372,9 +372,25 @@ pub fn run_in_lab(argv: &[String], opts: &LabOptions) -> Result<i32> {
         })
         .collect();
 
+    let mut last_console_check = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break status;
+        }
+        // A wedged L1 (nested KVM under TCG can soft-lock) never finishes on its own: give
+        // up at once rather than at the timeout, and say why.
+        if last_console_check.elapsed() > Duration::from_secs(5) {
+            last_console_check = Instant::now();
+            if let Some(why) = l1_failure(&run_dir.join("console.log")) {
+                child.kill().ok();
+                child.wait().ok();
+                done.store(true, Ordering::SeqCst);
+                return Err(LabFailure::L1Failed(format!(
+                    "{why}; L1 console:\n{}",
+                    crate::util::tail_lines(&run_dir.join("console.log"), 20)
+                ))
+                .into());
+            }
         }
         if started.elapsed() > opts.timeout {
             child.kill().ok();
@@ -411,6 +427,43 @@ pub fn run_in_lab(argv: &[String], opts: &LabOptions) -> Result<i32> {
         fs::remove_dir_all(&run_dir).ok();
     }
     Ok(rc)
+}
+
+/// Why a lab run failed without the command's fault.
+#[derive(Debug)]
+pub enum LabFailure {
+    /// The L1 kernel locked up or panicked.
+    L1Failed(String),
+}
+
+impl std::fmt::Display for LabFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LabFailure::L1Failed(why) => write!(f, "the lab's L1 kernel failed: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for LabFailure {}
+
+/// A sign in the L1 console that the L1 kernel will not finish: a soft lockup that has lasted
+/// long, or a panic.
+fn l1_failure(console: &Path) -> Option<String> {
+    let text = fs::read_to_string(console).ok()?;
+    if let Some(line) = text.lines().find(|l| l.contains("Kernel panic")) {
+        return Some(line.trim().to_string());
+    }
+    // Short lockups happen when the host is loaded; a minute-long one is a hang.
+    text.lines()
+        .filter(|l| l.contains("soft lockup"))
+        .find(|l| {
+            l.split("stuck for ")
+                .nth(1)
+                .and_then(|rest| rest.split('s').next())
+                .and_then(|secs| secs.parse::<u64>().ok())
+                .is_some_and(|secs| secs >= 60)
+        })
+        .map(|l| l.trim().to_string())
 }
 
 /// Copies what is appended to `path` to our stdout or stderr until `done` and the end.
@@ -463,4 +516,32 @@ pub fn tempdir(prefix: &str) -> Result<PathBuf> {
         }
     }
     bail!("cannot create a temporary folder under {}", base.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn console(text: &str) -> Option<String> {
+        let dir = tempdir("ember-lab-test").unwrap();
+        let path = dir.join("console.log");
+        fs::write(&path, text).unwrap();
+        let result = l1_failure(&path);
+        fs::remove_dir_all(dir).ok();
+        result
+    }
+
+    #[test]
+    fn detects_long_lockups_and_panics_but_not_short_stalls() {
+        assert!(console("[ 1.0] booting\n").is_none());
+        assert!(
+            console("[ 30.0] watchdog: BUG: soft lockup - CPU#1 stuck for 23s! [x:1]\n").is_none()
+        );
+        let long =
+            console("[ 697.2] watchdog: BUG: soft lockup - CPU#1 stuck for 648s! [vm:127]\n");
+        assert!(long.unwrap().contains("648s"));
+        assert!(console("[ 5.0] Kernel panic - not syncing: oops\n")
+            .unwrap()
+            .contains("Kernel panic"));
+    }
 }

@@ -66,7 +66,7 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         cpus: u32,
         /// Give up (and fail) after this many seconds.
-        #[arg(long, default_value_t = 2700)]
+        #[arg(long, default_value_t = 1800)]
         timeout_s: u64,
         /// Do not build `ember` before starting.
         #[arg(long)]

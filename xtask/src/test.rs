@@ -314,7 +314,16 @@ fn run_vm_tests_in_lab(bins: &[PathBuf], artifacts: &Artifacts) -> Result<()> {
         env: artifacts.env(),
         ..Default::default()
     };
-    let rc = run_in_lab(&["sh".into(), "-c".into(), vm_test_script(bins)], &opts)?;
+    let argv = ["sh".into(), "-c".into(), vm_test_script(bins)];
+    // A lab whose L1 kernel wedges (nested KVM under TCG) is retried once; a failing test is
+    // never retried.
+    let rc = match run_in_lab(&argv, &opts) {
+        Err(err) if err.downcast_ref::<crate::lab::LabFailure>().is_some() => {
+            eprintln!("lab: {err:#}\nlab: retrying the VM tests once in a fresh lab");
+            run_in_lab(&argv, &opts)?
+        }
+        other => other?,
+    };
     if rc != 0 {
         bail!("VM tests in the lab failed (exit {rc})");
     }

@@ -1,0 +1,274 @@
+//! `ember run … -- CMD`: boot, wait for the agent, run CMD with streamed output, shut down.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ember_agent::client::{AgentClient, OutputStream};
+use ember_agent::protocol::{ExecRequest, ExitStatus, AGENT_VSOCK_PORT};
+use ember_vmm::{run_reported, ExitReason, RunReport, VmConfig, VmmError, VmmOptions, VsockConfig};
+
+/// The guest's CID for a single foreground VM.
+const GUEST_CID: u32 = 3;
+/// How long the guest may take to boot to its agent (the lab is ~30× slower than native).
+const AGENT_TIMEOUT: Duration = Duration::from_secs(180);
+/// How much of the guest console is kept to explain a failure.
+const CONSOLE_TAIL: usize = 16 * 1024;
+/// The environment a command gets unless `--env` adds to it.
+const DEFAULT_ENV: &[(&str, &str)] = &[
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
+    ("HOME", "/root"),
+    ("LANG", "C.UTF-8"),
+    ("TERM", "dumb"),
+];
+
+/// What `ember run -- CMD` does around the command.
+pub struct CommandPlan {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    pub timeout: Option<Duration>,
+    pub copy_in: Vec<(PathBuf, String)>,
+    pub copy_out: Vec<(String, PathBuf)>,
+    pub forward_stdin: bool,
+}
+
+/// Parses `HOST:GUEST` (or `GUEST:HOST` for copy-out, with `guest_first`).
+pub fn parse_copy(spec: &str) -> Result<(String, String), String> {
+    match spec.split_once(':') {
+        Some((a, b)) if !a.is_empty() && !b.is_empty() => Ok((a.to_string(), b.to_string())),
+        _ => Err(format!("{spec:?} is not of the form SOURCE:DESTINATION")),
+    }
+}
+
+pub fn parse_env(spec: &str) -> Result<(String, String), String> {
+    match spec.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{spec:?} is not of the form KEY=VALUE")),
+    }
+}
+
+/// Keeps the last bytes the guest wrote to its console.
+#[derive(Clone, Default)]
+struct ConsoleTail(Arc<Mutex<VecDeque<u8>>>);
+
+impl Write for ConsoleTail {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut tail = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        tail.extend(buf);
+        let excess = tail.len().saturating_sub(CONSOLE_TAIL);
+        tail.drain(..excess);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ConsoleTail {
+    fn text(&self) -> String {
+        let tail = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        String::from_utf8_lossy(&tail.iter().copied().collect::<Vec<u8>>()).into_owned()
+    }
+}
+
+type VmResult = Result<(ExitReason, RunReport), VmmError>;
+
+/// A private folder for the VM's vsock socket, removed on drop.
+struct SocketDir(PathBuf);
+
+impl SocketDir {
+    fn new() -> std::io::Result<SocketDir> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!("ember-run-{}-{nanos}", std::process::id()));
+        std::fs::create_dir(&dir)?;
+        Ok(SocketDir(dir))
+    }
+}
+
+impl Drop for SocketDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Boots `config`, runs the plan and returns ember's exit code.
+pub fn run_command(mut config: VmConfig, plan: CommandPlan, start: Instant) -> i32 {
+    let dir = match SocketDir::new() {
+        Ok(dir) => dir,
+        Err(e) => {
+            eprintln!("ember: cannot create a folder for the VM's vsock socket: {e}");
+            return 1;
+        }
+    };
+    let socket = dir.0.join("vsock.sock");
+    config.vsock = Some(VsockConfig {
+        guest_cid: GUEST_CID,
+        uds_path: socket.clone(),
+    });
+    let console = ConsoleTail::default();
+    let options = VmmOptions {
+        serial_out: Box::new(console.clone()),
+        start,
+    };
+    let (done_tx, vm_done) = channel::<VmResult>();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(run_reported(&config, options));
+    });
+
+    let client = match wait_for_agent(&socket, &vm_done) {
+        Ok(client) => client,
+        Err(why) => {
+            eprintln!(
+                "ember: {why}\n--- guest console (tail) ---\n{}",
+                console.text()
+            );
+            return 1;
+        }
+    };
+    let ready = start.elapsed();
+    log::info!("agent ready after {:.1} ms", ready.as_secs_f64() * 1e3);
+
+    let code = match run_plan(&client, &plan) {
+        Ok(code) => code,
+        Err(why) => {
+            eprintln!("ember: {why}");
+            1
+        }
+    };
+    // The guest resets right after the agent answers, so the answer may be lost with the
+    // connection: whether the shutdown worked is told by the VM ending.
+    let shutdown = client.shutdown();
+    let failed = |code: i32| if code == 0 { 1 } else { code };
+    match vm_done.recv_timeout(Duration::from_secs(60)) {
+        Ok(Ok((reason, report))) => {
+            log::info!(
+                "guest ended ({reason:?}) after {:.1} ms (agent ready at {:.1} ms, VMM memory \
+                 outside guest RAM {} KiB)",
+                report.total_us as f64 / 1e3,
+                ready.as_secs_f64() * 1e3,
+                report.vmm_rss_bytes / 1024
+            );
+            code
+        }
+        Ok(Err(e)) => {
+            eprintln!("ember: {e}");
+            failed(code)
+        }
+        Err(_) => {
+            let why = shutdown
+                .err()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default();
+            eprintln!("ember: the guest did not stop within 60 s of its shutdown{why}");
+            failed(code)
+        }
+    }
+}
+
+/// Connects to the agent once it listens, giving up if the VM ends or time runs out.
+fn wait_for_agent(socket: &Path, vm_done: &Receiver<VmResult>) -> Result<AgentClient, String> {
+    let deadline = Instant::now() + AGENT_TIMEOUT;
+    let mut last_error = String::from("no attempt yet");
+    loop {
+        match vm_done.try_recv() {
+            Ok(Ok((reason, _))) => {
+                return Err(format!(
+                    "the guest ended ({reason:?}) before its agent answered"
+                ))
+            }
+            Ok(Err(e)) => return Err(format!("the VM failed before its agent answered: {e}")),
+            Err(TryRecvError::Disconnected) => {
+                return Err("the VM thread ended unexpectedly".into())
+            }
+            Err(TryRecvError::Empty) => {}
+        }
+        if socket.exists() {
+            match AgentClient::connect_uds(socket, AGENT_VSOCK_PORT)
+                .and_then(|c| c.hello().map(|_| c))
+            {
+                Ok(client) => return Ok(client),
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the agent did not answer within {AGENT_TIMEOUT:?} (last error: {last_error})"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn run_plan(client: &AgentClient, plan: &CommandPlan) -> Result<i32, String> {
+    for (host, guest) in &plan.copy_in {
+        let file = std::fs::File::open(host)
+            .map_err(|e| format!("--copy-in: cannot open {}: {e}", host.display()))?;
+        let mode = file
+            .metadata()
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
+            .unwrap_or(0o644);
+        client
+            .write_file(guest, mode, file)
+            .map_err(|e| format!("--copy-in {} → {guest}: {e}", host.display()))?;
+    }
+
+    let mut env: Vec<(String, String)> = DEFAULT_ENV
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    for (k, v) in &plan.env {
+        env.retain(|(key, _)| key != k);
+        env.push((k.clone(), v.clone()));
+    }
+    let request = ExecRequest {
+        argv: plan.argv.clone(),
+        env,
+        cwd: plan.cwd.clone(),
+        timeout_ms: plan.timeout.map(|t| t.as_millis() as u64),
+        stdin_stream: plan.forward_stdin,
+        ..Default::default()
+    };
+    let mut stdout = std::io::stdout().lock();
+    let mut stderr = std::io::stderr();
+    let mut on_output = |stream: OutputStream, data: &[u8]| {
+        let _ = match stream {
+            OutputStream::Stdout => stdout.write_all(data).and_then(|_| stdout.flush()),
+            OutputStream::Stderr => stderr.write_all(data),
+        };
+    };
+    let status = if plan.forward_stdin {
+        client.exec_with_stdin(request, std::io::stdin(), &mut on_output)
+    } else {
+        client.exec(request, &mut on_output)
+    }
+    .map_err(|e| format!("running {:?}: {e}", plan.argv))?;
+
+    for (guest, host) in &plan.copy_out {
+        let file = std::fs::File::create(host)
+            .map_err(|e| format!("--copy-out: cannot create {}: {e}", host.display()))?;
+        client
+            .read_file(guest, file)
+            .map_err(|e| format!("--copy-out {guest} → {}: {e}", host.display()))?;
+    }
+    Ok(match status {
+        ExitStatus::Code(code) => code,
+        ExitStatus::Signal(signal) => {
+            eprintln!("ember: {:?} was killed by signal {signal}", plan.argv[0]);
+            128 + signal
+        }
+        ExitStatus::TimedOut => {
+            eprintln!("ember: {:?} timed out and was killed", plan.argv[0]);
+            124
+        }
+    })
+}
