@@ -37,6 +37,8 @@ pub struct CommandPlan {
     pub copy_in: Vec<(PathBuf, String)>,
     pub copy_out: Vec<(String, PathBuf)>,
     pub forward_stdin: bool,
+    /// Where the VM's vsock socket goes (a private temporary folder when absent).
+    pub socket: Option<PathBuf>,
 }
 
 /// Parses `HOST:GUEST` (or `GUEST:HOST` for copy-out, with `guest_first`).
@@ -110,7 +112,10 @@ pub fn run_command(mut config: VmConfig, plan: CommandPlan, start: Instant) -> i
             return 1;
         }
     };
-    let socket = dir.0.join("vsock.sock");
+    let socket = plan
+        .socket
+        .clone()
+        .unwrap_or_else(|| dir.0.join("vsock.sock"));
     config.vsock = Some(VsockConfig {
         guest_cid: GUEST_CID,
         uds_path: socket.clone(),

@@ -56,6 +56,10 @@ pub struct RunArgs {
     /// Forward ember's stdin to the command (otherwise its stdin is empty).
     #[arg(long, short = 'i')]
     pub interactive: bool,
+    /// Put the VM's vsock socket here (default: a private temporary folder), so that other
+    /// agent clients can reach the sandbox while the command runs.
+    #[arg(long)]
+    pub vsock_socket: Option<PathBuf>,
     /// A command to run in the guest through the agent (over vsock): its stdout and stderr
     /// stream to ember's, and ember exits with its exit code. The guest then shuts down.
     #[arg(last = true)]
@@ -187,6 +191,7 @@ pub fn run(args: RunArgs) -> i32 {
                 .map(|(g, h)| (g, PathBuf::from(h)))
                 .collect(),
             forward_stdin: args.interactive,
+            socket: args.vsock_socket,
         };
         return crate::command::run_command(config, plan, start);
     }

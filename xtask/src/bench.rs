@@ -285,3 +285,163 @@ fn stat(samples: &[Sample], f: &dyn Fn(&Sample) -> Option<u64>, unit: f64) -> St
         hi as f64 / unit
     )
 }
+
+/// Entry point on the host for `bench exec`.
+pub fn exec(runs: u32) -> Result<i32> {
+    let artifacts = Artifacts::ensure()?;
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "ember-api",
+        "--bin",
+        "ember",
+    ]))?;
+    let ember = target_dir().join("release/ember");
+    let argv: Vec<String> = vec![
+        std::env::current_exe()?.display().to_string(),
+        "bench-exec-harness".into(),
+        "--runs".into(),
+        runs.to_string(),
+        "--ember".into(),
+        ember.display().to_string(),
+        "--kernel".into(),
+        artifacts.kernel.display().to_string(),
+        "--rootfs".into(),
+        artifacts.rootfs.display().to_string(),
+    ];
+    if Command::new(&ember)
+        .arg("doctor")
+        .stdout(Stdio::null())
+        .status()?
+        .success()
+    {
+        let status = Command::new(&argv[0]).args(&argv[1..]).status()?;
+        return Ok(status.code().unwrap_or(1));
+    }
+    eprintln!("bench: measuring inside the lab (figures ~20-30x native)");
+    run_in_lab(&argv, &LabOptions::default())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// The exec benchmark's harness: one sandbox, many execs through its agent.
+pub fn exec_harness(runs: u32, ember: &Path, kernel: &Path, rootfs: &Path) -> Result<i32> {
+    use ember_agent::client::AgentClient;
+    use ember_agent::protocol::{ExecRequest, AGENT_VSOCK_PORT};
+    let env = if std::env::var_os("EMBER_IN_LAB").is_some() {
+        "the lab (nested KVM under QEMU TCG)"
+    } else {
+        "hardware KVM"
+    };
+    let socket = std::env::temp_dir().join(format!("ember-bench-exec-{}.sock", std::process::id()));
+    let started = Instant::now();
+    let mut sandbox = Command::new(ember)
+        .args(["run", "--kernel"])
+        .arg(kernel)
+        .arg("--rootfs")
+        .arg(rootfs)
+        .args(["--read-only-rootfs", "--vsock-socket"])
+        .arg(&socket)
+        .args(["--", "sleep", "1000000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting ember run")?;
+    let result = (|| -> Result<()> {
+        let client = AgentClient::wait_ready(&socket, AGENT_VSOCK_PORT, Duration::from_secs(300))
+            .map_err(|e| anyhow::anyhow!("the sandbox's agent did not answer: {e}"))?;
+        let ready = started.elapsed();
+        let out = client
+            .exec_collect(ExecRequest::new(["true"]))
+            .map_err(|e| anyhow::anyhow!("first exec: {e}"))?;
+        let first_exec = started.elapsed();
+        anyhow::ensure!(
+            out.status.success(),
+            "`true` failed in the guest: {:?}",
+            out.status
+        );
+
+        let mut guest = Vec::new();
+        let mut local = Vec::new();
+        for _ in 0..runs {
+            let t = Instant::now();
+            client
+                .exec_collect(ExecRequest::new(["true"]))
+                .map_err(|e| anyhow::anyhow!("exec: {e}"))?;
+            guest.push(t.elapsed());
+            let t = Instant::now();
+            Command::new("true").status()?;
+            local.push(t.elapsed());
+        }
+        guest.sort();
+        local.sort();
+
+        const BYTES: u64 = 64 << 20;
+        let t = Instant::now();
+        let mut received = 0u64;
+        client
+            .exec(
+                ExecRequest::new(["head", "-c", &BYTES.to_string(), "/dev/zero"]),
+                |_, data| received += data.len() as u64,
+            )
+            .map_err(|e| anyhow::anyhow!("throughput exec: {e}"))?;
+        let guest_mbs = received as f64 / 1e6 / t.elapsed().as_secs_f64();
+        anyhow::ensure!(received == BYTES, "received {received} of {BYTES} bytes");
+        let t = Instant::now();
+        let mut child = Command::new("head")
+            .args(["-c", &BYTES.to_string(), "/dev/zero"])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let local_bytes = std::io::copy(
+            child.stdout.as_mut().context("stdout")?,
+            &mut std::io::sink(),
+        )?;
+        child.wait()?;
+        let local_mbs = local_bytes as f64 / 1e6 / t.elapsed().as_secs_f64();
+
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        println!("\nexec figures in {env}: 1 vCPU, 256 MiB, bundled rootfs read-only; {runs} round trips\n");
+        println!("| measure | ember sandbox | local process in the same environment (baseline) | ratio |");
+        println!("|---|---|---|---|");
+        println!("| cold boot → agent ready | {:.1} ms | | |", ms(ready));
+        println!(
+            "| cold boot → first exec finished | {:.1} ms | | |",
+            ms(first_exec)
+        );
+        println!(
+            "| exec `true` round trip, median | {:.2} ms | {:.2} ms | {:.1}× |",
+            ms(percentile(&guest, 0.5)),
+            ms(percentile(&local, 0.5)),
+            ms(percentile(&guest, 0.5)) / ms(percentile(&local, 0.5)).max(1e-6)
+        );
+        println!(
+            "| exec `true` round trip, p99 | {:.2} ms | {:.2} ms | {:.1}× |",
+            ms(percentile(&guest, 0.99)),
+            ms(percentile(&local, 0.99)),
+            ms(percentile(&guest, 0.99)) / ms(percentile(&local, 0.99)).max(1e-6)
+        );
+        println!(
+            "| stdout throughput (64 MiB) | {guest_mbs:.1} MB/s | {local_mbs:.1} MB/s | {:.3}× |",
+            guest_mbs / local_mbs.max(1e-6)
+        );
+        let _ = client.shutdown();
+        Ok(())
+    })();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sandbox.try_wait()?.is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sandbox.kill().ok();
+    sandbox.wait().ok();
+    std::fs::remove_file(&socket).ok();
+    result.map(|()| 0)
+}

@@ -51,6 +51,18 @@ enum Cmd {
         #[arg(long)]
         rootfs: std::path::PathBuf,
     },
+    /// (internal) the exec benchmark's harness.
+    #[command(hide = true)]
+    BenchExecHarness {
+        #[arg(long)]
+        runs: u32,
+        #[arg(long)]
+        ember: std::path::PathBuf,
+        #[arg(long)]
+        kernel: std::path::PathBuf,
+        #[arg(long)]
+        rootfs: std::path::PathBuf,
+    },
     /// Build (or fetch from the cache) the initramfs (busybox + agent); prints its path.
     Initramfs,
     /// Build (or fetch from the cache) the Debian rootfs image with the agent; prints its path.
@@ -85,6 +97,12 @@ enum BenchCmd {
         #[arg(long, default_value_t = 5)]
         runs: u32,
     },
+    /// One sandbox: cold boot to agent ready and first exec, `true` round trips (median,
+    /// p99) and stdout throughput, against a local process in the same environment.
+    Exec {
+        #[arg(long, default_value_t = 200)]
+        runs: u32,
+    },
 }
 
 fn main() {
@@ -111,6 +129,15 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
         Cmd::Bench {
             what: BenchCmd::Boot { runs },
         } => bench::boot(runs),
+        Cmd::Bench {
+            what: BenchCmd::Exec { runs },
+        } => bench::exec(runs),
+        Cmd::BenchExecHarness {
+            runs,
+            ember,
+            kernel,
+            rootfs,
+        } => bench::exec_harness(runs, &ember, &kernel, &rootfs),
         Cmd::BenchBootHarness {
             runs,
             ember,
@@ -170,11 +197,12 @@ fn demo() -> Result<i32> {
             .status()?
             .success())
     })?;
-    // Boot the bundled kernel and Debian rootfs, run Python inside, reset; ember prints the
-    // boot figures (first KVM_RUN, userspace reached, VMM memory) as it exits.
-    let script = "ember doctor && ember run --vcpus 2 --init-cmd \"python3 -c 'import platform; \
-                  print(\\\"hello from Python\\\", platform.python_version(), \\\"on Linux\\\", \
-                  platform.release(), \\\"- 44*44 =\\\", 44*44)'\"";
+    // Boot the bundled kernel and Debian rootfs, run Python through the guest agent (stdout,
+    // stderr and the exit code come back over vsock), then stop; ember prints the boot figures.
+    let script = "ember doctor && ember run --vcpus 2 -- python3 -c 'import platform, sys; \
+                  print(\"hello from Python\", platform.python_version(), \"on Linux\", \
+                  platform.release(), \"- 44*44 =\", 44*44); \
+                  print(\"(this line is stderr)\", file=sys.stderr)'";
     let rc = if here {
         phases.run("ember on this host", || {
             util::run(std::process::Command::new("sh").args(["-c", script])).map(|_| 0)
