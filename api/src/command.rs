@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ember_agent::client::{AgentClient, OutputStream};
 use ember_agent::protocol::{ExecRequest, ExitStatus, AGENT_VSOCK_PORT};
-use ember_vmm::{run_reported, ExitReason, RunReport, VmConfig, VmmError, VmmOptions, VsockConfig};
+use ember_vmm::{ExitReason, RestoreMode, VmConfig, Vmm, VmmError, VmmOptions, VsockConfig};
 
 /// The guest's CID for a single foreground VM.
 const GUEST_CID: u32 = 3;
@@ -39,6 +39,38 @@ pub struct CommandPlan {
     pub forward_stdin: bool,
     /// Where the VM's vsock socket goes (a private temporary folder when absent).
     pub socket: Option<PathBuf>,
+    /// After the command, save the VM as this snapshot (and stop it) instead of shutting the
+    /// guest down.
+    pub snapshot_on_exit: Option<String>,
+    /// The snapshot store (for `snapshot_on_exit` after a boot).
+    pub store_dir: PathBuf,
+}
+
+/// Where the VM comes from.
+pub enum Origin {
+    Boot,
+    Restore {
+        store: Arc<ember_snapshot_store::Store>,
+        id: String,
+        mode: RestoreMode,
+    },
+}
+
+/// The snapshot store used when `--store` is not given: `$EMBER_STORE`, else
+/// `$HOME/.local/share/ember/store`.
+pub fn default_store_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("EMBER_STORE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".local/share/ember/store")
+}
+
+/// Opens the snapshot store at `dir`.
+pub fn open_store(dir: &Path) -> Result<Arc<ember_snapshot_store::Store>, String> {
+    ember_snapshot_store::Store::open(dir)
+        .map(Arc::new)
+        .map_err(|e| format!("cannot open the snapshot store {}: {e}", dir.display()))
 }
 
 /// Parses `HOST:GUEST` (or `GUEST:HOST` for copy-out, with `guest_first`).
@@ -80,7 +112,7 @@ impl ConsoleTail {
     }
 }
 
-type VmResult = Result<(ExitReason, RunReport), VmmError>;
+type VmResult = Result<ExitReason, VmmError>;
 
 /// A private folder for the VM's vsock socket, removed on drop.
 struct SocketDir(PathBuf);
@@ -104,7 +136,7 @@ impl Drop for SocketDir {
 }
 
 /// Boots `config`, runs the plan and returns ember's exit code.
-pub fn run_command(mut config: VmConfig, plan: CommandPlan, start: Instant) -> i32 {
+pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, start: Instant) -> i32 {
     let dir = match SocketDir::new() {
         Ok(dir) => dir,
         Err(e) => {
@@ -125,10 +157,26 @@ pub fn run_command(mut config: VmConfig, plan: CommandPlan, start: Instant) -> i
         serial_out: Box::new(console.clone()),
         start,
     };
+    let built = match &origin {
+        Origin::Boot => Vmm::build(&config, options),
+        Origin::Restore { store, id, mode } => {
+            Vmm::restore(&config, store.clone(), id, options, *mode)
+        }
+    };
+    let vmm = match built.and_then(|vmm| vmm.resume().map(|()| vmm)) {
+        Ok(vmm) => Arc::new(vmm),
+        Err(e) => {
+            eprintln!("ember: {e}");
+            return 1;
+        }
+    };
     let (done_tx, vm_done) = channel::<VmResult>();
-    std::thread::spawn(move || {
-        let _ = done_tx.send(run_reported(&config, options));
-    });
+    {
+        let vmm = vmm.clone();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(vmm.wait());
+        });
+    }
 
     let client = match wait_for_agent(&socket, &vm_done) {
         Ok(client) => client,
@@ -150,18 +198,52 @@ pub fn run_command(mut config: VmConfig, plan: CommandPlan, start: Instant) -> i
             1
         }
     };
+    if let (Some(id), Origin::Boot | Origin::Restore { .. }) = (&plan.snapshot_on_exit, &origin) {
+        let store = match &origin {
+            Origin::Restore { store, .. } => Ok(store.clone()),
+            Origin::Boot => open_store(&plan.store_dir),
+        };
+        let result = store.and_then(|store| {
+            let t = Instant::now();
+            vmm.snapshot(&store, id)
+                .map(|m| (m, t.elapsed()))
+                .map_err(|e| e.to_string())
+        });
+        vmm.stop();
+        let _ = vm_done.recv_timeout(Duration::from_secs(60));
+        return match result {
+            Ok((manifest, took)) => {
+                eprintln!(
+                    "ember: saved snapshot {} ({} MiB of memory) in {:.1} ms",
+                    manifest.id,
+                    manifest.memory.size_bytes >> 20,
+                    took.as_secs_f64() * 1e3
+                );
+                code
+            }
+            Err(e) => {
+                eprintln!("ember: {e}");
+                if code == 0 {
+                    1
+                } else {
+                    code
+                }
+            }
+        };
+    }
     // The guest resets right after the agent answers, so the answer may be lost with the
     // connection: whether the shutdown worked is told by the VM ending.
     let shutdown = client.shutdown();
     let failed = |code: i32| if code == 0 { 1 } else { code };
-    match vm_done.recv_timeout(Duration::from_secs(60)) {
-        Ok(Ok((reason, report))) => {
+    let result = match vm_done.recv_timeout(Duration::from_secs(60)) {
+        Ok(Ok(reason)) => {
             log::info!(
-                "guest ended ({reason:?}) after {:.1} ms (agent ready at {:.1} ms, VMM memory \
-                 outside guest RAM {} KiB)",
-                report.total_us as f64 / 1e3,
+                "guest ended ({reason:?}) after {:.1} ms (agent ready at {:.1} ms{})",
+                start.elapsed().as_secs_f64() * 1e3,
                 ready.as_secs_f64() * 1e3,
-                report.vmm_rss_bytes / 1024
+                vmm.faults_served()
+                    .map(|f| format!(", {f} pages served on demand"))
+                    .unwrap_or_default()
             );
             code
         }
@@ -177,7 +259,8 @@ pub fn run_command(mut config: VmConfig, plan: CommandPlan, start: Instant) -> i
             eprintln!("ember: the guest did not stop within 60 s of its shutdown{why}");
             failed(code)
         }
-    }
+    };
+    result
 }
 
 /// Connects to the agent once it listens, giving up if the VM ends or time runs out.
@@ -186,7 +269,7 @@ fn wait_for_agent(socket: &Path, vm_done: &Receiver<VmResult>) -> Result<AgentCl
     let mut last_error = String::from("no attempt yet");
     loop {
         match vm_done.try_recv() {
-            Ok(Ok((reason, _))) => {
+            Ok(Ok(reason)) => {
                 return Err(format!(
                     "the guest ended ({reason:?}) before its agent answered"
                 ))

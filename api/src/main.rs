@@ -25,6 +25,9 @@ enum Command {
     /// Boot a guest in the foreground; its console goes to stdout. Exits 0 when the guest
     /// resets (its way to stop without ACPI), non-zero on any VMM error.
     Run(Box<run::RunArgs>),
+    /// Continue a saved sandbox (memory arrives lazily through userfaultfd) and run a
+    /// command in it.
+    Restore(Box<run::RestoreArgs>),
 }
 
 fn main() {
@@ -35,6 +38,7 @@ fn main() {
     let code = match cli.command {
         Command::Doctor => doctor::run(),
         Command::Run(args) => run::run(*args),
+        Command::Restore(args) => run::restore(*args),
     };
     std::process::exit(code);
 }

@@ -10,11 +10,13 @@ pub mod memory;
 pub mod metrics;
 pub mod persist;
 pub mod probe;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;
 
 pub use crate::metrics::RunReport;
+pub use crate::snapshot::RestoreMode;
 pub use crate::vmm::{
     run, run_reported, run_with, ExitReason, VmConfig, Vmm, VmmError, VmmOptions, VsockConfig,
 };

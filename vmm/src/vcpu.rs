@@ -12,7 +12,7 @@
 
 use std::cell::Cell;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -306,7 +306,7 @@ pub struct Vcpu {
 pub struct VcpuHandle {
     index: u8,
     commands: Sender<VcpuCommand>,
-    responses: Receiver<VcpuResponse>,
+    responses: Mutex<Receiver<VcpuResponse>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -328,7 +328,7 @@ impl Vcpu {
         Ok(VcpuHandle {
             index,
             commands,
-            responses,
+            responses: Mutex::new(responses),
             thread: Some(thread),
         })
     }
@@ -488,7 +488,12 @@ impl VcpuHandle {
                 return self.wait_saved(timeout).map(|_| ());
             }
         };
-        match self.responses.recv_timeout(timeout) {
+        match self
+            .responses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .recv_timeout(timeout)
+        {
             Ok(got) if got == expected => Ok(()),
             // An exited vCPU acknowledges everything with Exited.
             Ok(VcpuResponse::Exited) if command != VcpuCommand::Resume => Ok(()),
@@ -514,7 +519,12 @@ impl VcpuHandle {
         timeout: Duration,
     ) -> Result<Arc<crate::persist::vcpu::VcpuState>, VcpuError> {
         let index = self.index;
-        match self.responses.recv_timeout(timeout) {
+        match self
+            .responses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .recv_timeout(timeout)
+        {
             Ok(VcpuResponse::Saved(saved)) => Ok(saved.0),
             Ok(VcpuResponse::SaveFailed(reason)) => Err(VcpuError::Save { index, reason }),
             Ok(got) => Err(VcpuError::WrongResponse {

@@ -37,12 +37,16 @@ use crate::arch::x86_64::layout::{
 use crate::arch::x86_64::mptable::{self, setup_mptable, MpTableError};
 use crate::arch::x86_64::regs::{write_boot_tables, RegsError};
 use crate::kernel::{load_kernel, KernelError, LoadedKernel};
+use crate::lazy::{load_eagerly, LazyMemory};
 use crate::memory::{
     check_mem_size, create_guest_memory, low_ram_end, GuestMemoryMmap, MemoryError,
 };
 use crate::metrics::{micros, resident_split, RunReport};
+use crate::persist::{decode_state, encode_state};
+use crate::snapshot::{RestoreMode, StorePages, VmSnapshot};
 use crate::vcpu::{command_all, ExitAction, IoHandler, Vcpu, VcpuCommand, VcpuError, VcpuHandle};
 use crate::vm::{open_kvm, Vm, VmError};
+use ember_snapshot_store::{Manifest, MemoryMap, MemoryRef, ObjectKind, Store};
 
 /// Most vCPUs a guest may have (the MP table must fit the EBDA).
 pub const MAX_VCPUS: u8 = 32;
@@ -160,6 +164,12 @@ impl ExitReason {
 pub enum VmmError {
     #[error("{0} vCPUs requested; ember supports 1 to {MAX_VCPUS}")]
     VcpuCount(u8),
+    #[error("snapshot {id}: {reason}")]
+    Snapshot { id: String, reason: String },
+    #[error("restore of snapshot {id}: {reason}")]
+    Restore { id: String, reason: String },
+    #[error("guest memory could not be served: {0}")]
+    LazyMemory(String),
     #[error(transparent)]
     Memory(MemoryError),
     #[error(transparent)]
@@ -353,6 +363,9 @@ impl Drop for EventLoop {
 struct Devices {
     io: Arc<DeviceIo>,
     subscribers: Vec<Subscriber>,
+    serial: Arc<Mutex<Serial>>,
+    /// The virtio-mmio transports in slot order.
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
     /// (base, GSI) of each virtio-mmio device, for the command line.
     virtio: Vec<(u64, u32)>,
     reset_evt: EventFd,
@@ -364,19 +377,21 @@ fn attach_devices(
     mem: &GuestMemoryMmap,
     config: &VmConfig,
     options: VmmOptions,
+    restore: Option<&VmSnapshot>,
 ) -> Result<Devices, VmmError> {
     let mut io = DeviceIo::default();
     let bus_error = |what, bus| move |source| VmmError::Bus { what, bus, source };
 
     let serial_irq = eventfd("the serial IRQ")?;
     vm.register_irq(&serial_irq, SERIAL_IRQ)?;
-    let serial = Serial::new(serial_irq, options.serial_out).map_err(VmmError::Serial)?;
+    let serial = match restore {
+        Some(snap) => Serial::from_snapshot(serial_irq, options.serial_out, &snap.serial),
+        None => Serial::new(serial_irq, options.serial_out),
+    }
+    .map_err(VmmError::Serial)?;
+    let serial = Arc::new(Mutex::new(serial));
     io.pio
-        .insert(
-            Arc::new(Mutex::new(serial)),
-            u64::from(SERIAL_PORT),
-            SERIAL_PORT_LEN,
-        )
+        .insert(serial.clone(), u64::from(SERIAL_PORT), SERIAL_PORT_LEN)
         .map_err(bus_error("the serial port", "port"))?;
 
     let reset_evt = eventfd("the i8042 reset line")?;
@@ -397,6 +412,8 @@ fn attach_devices(
 
     let mut subscribers: Vec<Subscriber> = Vec::new();
     let mut virtio = Vec::new();
+    let mut transports = Vec::new();
+    let mut vsock_device = None;
     if let Some(rootfs) = &config.rootfs {
         let block = Block::new(rootfs, config.read_only_rootfs, "rootfs".to_string()).map_err(
             |source| VmmError::Block {
@@ -405,14 +422,14 @@ fn attach_devices(
             },
         )?;
         let block = Arc::new(Mutex::new(block));
-        attach_virtio(
+        transports.push(attach_virtio(
             vm,
             mem,
             &mut io,
             block.clone(),
             "the root virtio-block device",
             &mut virtio,
-        )?;
+        )?);
         subscribers.push(block);
     }
     if let Some(vsock) = &config.vsock {
@@ -424,19 +441,47 @@ fn attach_devices(
                 }
             })?;
         let device = Arc::new(Mutex::new(device));
-        attach_virtio(
+        vsock_device = Some(device.clone());
+        transports.push(attach_virtio(
             vm,
             mem,
             &mut io,
             device.clone(),
             "the virtio-vsock device",
             &mut virtio,
-        )?;
+        )?);
         subscribers.push(device);
+    }
+    if let Some(snap) = restore {
+        if snap.virtio.len() != transports.len() {
+            return Err(VmmError::Restore {
+                id: String::new(),
+                reason: format!(
+                    "the snapshot has {} virtio devices, this VM {}",
+                    snap.virtio.len(),
+                    transports.len()
+                ),
+            });
+        }
+        for (transport, state) in transports.iter().zip(&snap.virtio) {
+            lock_or_recover(transport)
+                .restore_state(state)
+                .map_err(|e| VmmError::Restore {
+                    id: String::new(),
+                    reason: e.to_string(),
+                })?;
+        }
+        // Connections do not survive a snapshot: the guest is told so, its listening sockets
+        // stay, and host clients connect again.
+        if let Some(vsock) = &vsock_device {
+            lock_or_recover(vsock).send_transport_reset();
+        }
     }
     Ok(Devices {
         io: Arc::new(io),
         subscribers,
+        serial,
+        transports,
         virtio,
         reset_evt,
         boot_time,
@@ -452,7 +497,7 @@ fn attach_virtio(
     device: Arc<Mutex<dyn VirtioDevice>>,
     what: &'static str,
     virtio: &mut Vec<(u64, u32)>,
-) -> Result<(), VmmError> {
+) -> Result<Arc<Mutex<MmioTransport>>, VmmError> {
     let (base, gsi) = virtio_slot(virtio.len())?;
     let irq = eventfd("a virtio IRQ")?;
     vm.register_irq(&irq, gsi)?;
@@ -461,15 +506,20 @@ fn attach_virtio(
     for (queue, evt) in transport.queue_evts().into_iter().enumerate() {
         vm.register_mmio_notify(evt, base + QUEUE_NOTIFY, queue as u32)?;
     }
+    let transport = Arc::new(Mutex::new(transport));
     io.mmio
-        .insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)
+        .insert(transport.clone(), base, MMIO_WINDOW_SIZE)
         .map_err(|source| VmmError::Bus {
             what,
             bus: "MMIO",
             source,
         })?;
     virtio.push((base, gsi));
-    Ok(())
+    Ok(transport)
+}
+
+fn lock_or_recover<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Writes the boot structures (GDT, page tables, MP table, command line, zero page) and
@@ -513,12 +563,17 @@ fn load_guest(
 pub struct Vmm {
     vcpus: Vec<VcpuHandle>,
     event_loop: EventLoop,
-    stops: Receiver<crate::vcpu::VcpuStop>,
+    stops: Mutex<Receiver<crate::vcpu::VcpuStop>>,
     stop_evt: EventFd,
     reset_evt: EventFd,
     boot_time: Arc<OnceLock<Duration>>,
     io: Arc<DeviceIo>,
+    serial: Arc<Mutex<Serial>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    config: VmConfig,
     vm: Vm,
+    /// Serves a restored VM's memory; dropped after the vCPUs (Drop) and before the memory.
+    lazy: Option<LazyMemory>,
     mem: GuestMemoryMmap,
 }
 
@@ -541,7 +596,7 @@ impl Vmm {
         // them; every other holder is a clone sharing the same mappings.
         unsafe { vm.register_memory(&mem) }?;
 
-        let devices = attach_devices(&vm, &mem, config, options)?;
+        let devices = attach_devices(&vm, &mem, config, options, None)?;
         let kernel = load_guest(&mem, config, &devices.virtio)?;
         log::debug!("{:?} kernel entry {:#x}", kernel.format, kernel.entry.0);
 
@@ -561,14 +616,215 @@ impl Vmm {
         Ok(Vmm {
             vcpus,
             event_loop,
-            stops,
+            stops: Mutex::new(stops),
             stop_evt,
             reset_evt: devices.reset_evt,
             boot_time: devices.boot_time,
             io: devices.io,
+            serial: devices.serial,
+            transports: devices.transports,
+            config: config.clone(),
             vm,
+            lazy: None,
             mem,
         })
+    }
+
+    /// Saves the whole VM into `store` as snapshot `id` and returns its manifest. The vCPUs
+    /// are paused first and stay paused; the caller resumes or stops the VM.
+    pub fn snapshot(&self, store: &Store, id: &str) -> Result<Manifest, VmmError> {
+        let fail = |reason: String| VmmError::Snapshot {
+            id: id.to_string(),
+            reason,
+        };
+        if self.config.rootfs.is_some() && !self.config.read_only_rootfs {
+            return Err(fail(
+                "a writable rootfs cannot be captured yet; boot it with --read-only-rootfs".into(),
+            ));
+        }
+        self.pause()?;
+        // Devices must not write guest memory while it is hashed: hold every virtio device
+        // (the event loop waits on these locks meanwhile).
+        let transports: Vec<_> = self.transports.iter().map(|t| lock_or_recover(t)).collect();
+        let devices: Vec<_> = transports.iter().map(|t| t.device()).collect();
+        let _device_guards: Vec<_> = devices.iter().map(|d| lock_or_recover(d)).collect();
+
+        let vcpus = crate::vcpu::save_all(&self.vcpus)
+            .map_err(|e| fail(e.to_string()))?
+            .into_iter()
+            .map(|state| {
+                Arc::try_unwrap(state).map_err(|_| fail("a vCPU state is still shared".into()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let snap = VmSnapshot {
+            vcpu_count: self.config.vcpus,
+            mem_bytes: self.config.mem_bytes(),
+            rootfs: self.config.rootfs.clone(),
+            read_only_rootfs: self.config.read_only_rootfs,
+            vsock_cid: self.config.vsock.as_ref().map(|v| v.guest_cid),
+            vm: crate::persist::vm::save_vm(self.vm.fd()).map_err(|e| fail(e.to_string()))?,
+            vcpus,
+            serial: lock_or_recover(&self.serial).save_state(),
+            virtio: transports.iter().map(|t| t.save_state()).collect(),
+        };
+        let blob = encode_state(&snap).map_err(|e| fail(e.to_string()))?;
+
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let mut writer = store.writer().map_err(|e| fail(e.to_string()))?;
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let mut pages = Vec::new();
+        for region in self.mem.iter() {
+            // SAFETY: the region's mapping is owned by `self.mem` and stays mapped for this
+            // call; the vCPUs are paused and every device is locked, so nothing writes it.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(region.as_ptr() as *const u8, region.len() as usize)
+            };
+            pages.extend(
+                writer
+                    .put_pages(bytes, threads)
+                    .map_err(|e| fail(e.to_string()))?,
+            );
+        }
+        let map = MemoryMap::new(pages);
+        let state = writer
+            .put(ObjectKind::VmState, &blob)
+            .map_err(|e| fail(e.to_string()))?;
+        let map_chunks = map.store(&mut writer).map_err(|e| fail(e.to_string()))?;
+        let mut manifest = Manifest::new(
+            id,
+            state,
+            MemoryRef {
+                size_bytes: map.size_bytes(),
+                page_size: 4096,
+                map_chunks,
+            },
+        );
+        manifest
+            .metadata
+            .insert("vcpus".into(), self.config.vcpus.to_string());
+        manifest
+            .metadata
+            .insert("kernel".into(), self.config.kernel.display().to_string());
+        let stats = writer.commit(&manifest).map_err(|e| fail(e.to_string()))?;
+        log::info!(
+            "snapshot {id}: {} pages ({} zero), {} new objects, {} bytes written",
+            map.pages.len(),
+            map.zero_pages(),
+            stats.objects_written,
+            stats.bytes_written
+        );
+        Ok(manifest)
+    }
+
+    /// Builds a VM from snapshot `id`, paused; `resume` runs it. `config` gives the host side
+    /// (vsock socket path); the guest's shape (vCPUs, memory, disk) comes from the snapshot.
+    pub fn restore(
+        config: &VmConfig,
+        store: Arc<Store>,
+        id: &str,
+        options: VmmOptions,
+        mode: RestoreMode,
+    ) -> Result<Vmm, VmmError> {
+        let fail = |reason: String| VmmError::Restore {
+            id: id.to_string(),
+            reason,
+        };
+        let manifest = store.load_manifest(id).map_err(|e| fail(e.to_string()))?;
+        let blob = store
+            .read(&manifest.vm_state)
+            .map_err(|e| fail(e.to_string()))?;
+        let snap: VmSnapshot = decode_state(&blob).map_err(|e| fail(e.to_string()))?;
+        let map = store
+            .load_memory_map(&manifest)
+            .map_err(|e| fail(e.to_string()))?;
+        if map.size_bytes() != snap.mem_bytes || snap.vcpus.len() != usize::from(snap.vcpu_count) {
+            return Err(fail(format!(
+                "the snapshot is inconsistent: {} bytes of memory map for {} bytes of RAM, {} vCPU states for {} vCPUs",
+                map.size_bytes(),
+                snap.mem_bytes,
+                snap.vcpus.len(),
+                snap.vcpu_count
+            )));
+        }
+        let mut config = config.clone();
+        config.vcpus = snap.vcpu_count;
+        config.mem_mib =
+            u32::try_from(snap.mem_bytes >> 20).map_err(|_| fail("memory size".into()))?;
+        config.rootfs = snap.rootfs.clone();
+        config.read_only_rootfs = snap.read_only_rootfs;
+        if snap.vsock_cid.is_some() != config.vsock.is_some() {
+            return Err(fail(
+                "the snapshot's vsock device needs a vsock socket (and only then)".into(),
+            ));
+        }
+        config.validate()?;
+
+        let kvm = open_kvm()?;
+        let mem = create_guest_memory(config.mem_bytes()).map_err(VmmError::Memory)?;
+        let source = StorePages { store, map };
+        let lazy = match mode {
+            RestoreMode::Lazy => Some(
+                LazyMemory::start(&mem, Arc::new(source), Vec::new())
+                    .map_err(|e| fail(e.to_string()))?,
+            ),
+            RestoreMode::Eager => {
+                load_eagerly(&mem, &source).map_err(|e| fail(e.to_string()))?;
+                None
+            }
+        };
+        let vm = Vm::new(&kvm)?;
+        // SAFETY: as in `build`: `mem` outlives the VM and its vCPUs inside the Vmm.
+        unsafe { vm.register_memory(&mem) }?;
+        let devices = attach_devices(&vm, &mem, &config, options, Some(&snap))
+            .map_err(|e| fail(e.to_string()))?;
+        crate::persist::vm::restore_vm(vm.fd(), &snap.vm).map_err(|e| fail(e.to_string()))?;
+
+        let (stops_tx, stops) = channel();
+        let stop_evt = eventfd("vCPU stops")?;
+        let mut vcpus = Vec::with_capacity(snap.vcpus.len());
+        for state in &snap.vcpus {
+            let index = state.index;
+            let fd = vm
+                .fd()
+                .create_vcpu(u64::from(index))
+                .map_err(|e| fail(format!("creating vCPU {index}: {e}")))?;
+            crate::persist::vcpu::restore_vcpu(&fd, state).map_err(|e| fail(e.to_string()))?;
+            let vcpu = Vcpu {
+                index,
+                fd,
+                io: devices.io.clone(),
+            };
+            vcpus.push(vcpu.start(stops_tx.clone(), clone_evt(&stop_evt, "vCPU stops")?)?);
+        }
+        let event_loop = EventLoop::start(devices.subscribers)?;
+        Ok(Vmm {
+            vcpus,
+            event_loop,
+            stops: Mutex::new(stops),
+            stop_evt,
+            reset_evt: devices.reset_evt,
+            boot_time: devices.boot_time,
+            io: devices.io,
+            serial: devices.serial,
+            transports: devices.transports,
+            config,
+            vm,
+            lazy,
+            mem,
+        })
+    }
+
+    /// Ends a `wait` in progress as if the guest had reset (e.g. after a snapshot, to stop
+    /// the VM without involving the guest).
+    pub fn stop(&self) {
+        let _ = self.reset_evt.write(1);
+    }
+
+    /// Pages served on demand so far (lazy restores only).
+    pub fn faults_served(&self) -> Option<u64> {
+        self.lazy.as_ref().map(|l| l.stats().faults())
     }
 
     /// Runs all vCPUs.
@@ -585,8 +841,13 @@ impl Vmm {
     pub fn wait(&self) -> Result<ExitReason, VmmError> {
         const STOP: u64 = 0;
         const RESET: u64 = 1;
+        const LAZY: u64 = 2;
         let epoll = Epoll::new().map_err(VmmError::Wait)?;
-        for (evt, data) in [(&self.stop_evt, STOP), (&self.reset_evt, RESET)] {
+        let mut watched = vec![(&self.stop_evt, STOP), (&self.reset_evt, RESET)];
+        if let Some(lazy) = &self.lazy {
+            watched.push((&lazy.error_evt, LAZY));
+        }
+        for (evt, data) in watched {
             epoll
                 .ctl(
                     ControlOperation::Add,
@@ -595,7 +856,7 @@ impl Vmm {
                 )
                 .map_err(VmmError::Wait)?;
         }
-        let mut ready = [EpollEvent::default(); 2];
+        let mut ready = [EpollEvent::default(); 3];
         let reason = loop {
             // Linux's `reboot=k` falls through to a deliberate triple fault if the keyboard
             // controller reset has not taken effect yet: when both are pending, the guest
@@ -603,8 +864,21 @@ impl Vmm {
             if self.reset_evt.read().is_ok() {
                 break Ok(ExitReason::KeyboardReset);
             }
+            // A page that cannot be served leaves a vCPU blocked for good: stop with the reason
+            // instead of hanging.
+            if let Some(lazy) = &self.lazy {
+                if lazy.error_evt.read().is_ok() {
+                    let reason = lazy.failure().unwrap_or_else(|| "unknown".into());
+                    return Err(VmmError::LazyMemory(reason));
+                }
+            }
             // Anything queued before the wait started counts too.
-            if let Ok(stop) = self.stops.try_recv() {
+            let stop = self
+                .stops
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .try_recv();
+            if let Ok(stop) = stop {
                 let _ = self.stop_evt.read();
                 break match stop.action {
                     ExitAction::Shutdown => Ok(ExitReason::TripleFault),

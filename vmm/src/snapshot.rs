@@ -1,0 +1,93 @@
+//! Snapshots of a whole VM into the content-addressed store, and the page source that serves
+//! a restored VM's memory from it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ember_devices::serial::SerialSnapshot;
+use ember_devices::virtio::mmio::MmioTransportState;
+use ember_snapshot_store::{MemoryMap, PageRef, Store, PAGE_SIZE};
+use serde::{Deserialize, Serialize};
+
+use crate::lazy::PageSource;
+use crate::persist::vcpu::VcpuState;
+use crate::persist::vm::VmState;
+
+/// Everything but guest memory and disks: stored as one object in the versioned state format
+/// (`persist::encode_state`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmSnapshot {
+    pub vcpu_count: u8,
+    pub mem_bytes: u64,
+    /// The disk the block device was backed by (read-only disks only, for now).
+    pub rootfs: Option<PathBuf>,
+    pub read_only_rootfs: bool,
+    /// The guest CID of the vsock device, if there was one.
+    pub vsock_cid: Option<u32>,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub serial: SerialSnapshot,
+    /// The virtio-mmio transports in slot order (block first, then vsock).
+    pub virtio: Vec<MmioTransportState>,
+}
+
+/// How a restored VM gets its memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreMode {
+    /// Pages are copied in on first touch (userfaultfd); the VM runs at once.
+    Lazy,
+    /// Every page is copied before the vCPUs start.
+    Eager,
+}
+
+/// Serves guest pages from a snapshot's memory map (each read verifies the page's hash).
+pub struct StorePages {
+    pub store: Arc<Store>,
+    pub map: MemoryMap,
+}
+
+impl PageSource for StorePages {
+    fn read_page(&self, index: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<bool, String> {
+        let entry = usize::try_from(index)
+            .ok()
+            .and_then(|i| self.map.pages.get(i))
+            .ok_or_else(|| {
+                format!(
+                    "page {index} is beyond the snapshot's {} pages",
+                    self.map.pages.len()
+                )
+            })?;
+        match entry {
+            PageRef::Zero => Ok(false),
+            PageRef::Object(hash) => {
+                self.store
+                    .read_page_into(hash, buf)
+                    .map_err(|e| e.to_string())?;
+                Ok(true)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_pages_serves_zero_and_stored_pages_and_refuses_others() {
+        let dir = std::env::temp_dir().join(format!("ember-snap-test-{}", std::process::id()));
+        let store = Arc::new(Store::open(&dir).unwrap());
+        let mut writer = store.writer().unwrap();
+        let mut memory = vec![0u8; 3 * PAGE_SIZE];
+        memory[PAGE_SIZE..2 * PAGE_SIZE].fill(7);
+        let map = writer.put_memory(&memory, 1).unwrap();
+        writer.finish().unwrap();
+        let pages = StorePages { store, map };
+        let mut buf = [1u8; PAGE_SIZE];
+        assert!(!pages.read_page(0, &mut buf).unwrap());
+        assert!(pages.read_page(1, &mut buf).unwrap());
+        assert_eq!(buf, [7u8; PAGE_SIZE]);
+        assert!(pages.read_page(3, &mut buf).unwrap_err().contains("beyond"));
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
