@@ -647,7 +647,7 @@ impl Vmm {
         // (the event loop waits on these locks meanwhile).
         let transports: Vec<_> = self.transports.iter().map(|t| lock_or_recover(t)).collect();
         let devices: Vec<_> = transports.iter().map(|t| t.device()).collect();
-        let _device_guards: Vec<_> = devices.iter().map(|d| lock_or_recover(d)).collect();
+        let device_guards: Vec<_> = devices.iter().map(|d| lock_or_recover(d)).collect();
 
         let vcpus = crate::vcpu::save_all(&self.vcpus)
             .map_err(|e| fail(e.to_string()))?
@@ -665,7 +665,12 @@ impl Vmm {
             vm: crate::persist::vm::save_vm(self.vm.fd()).map_err(|e| fail(e.to_string()))?,
             vcpus,
             serial: lock_or_recover(&self.serial).save_state(),
-            virtio: transports.iter().map(|t| t.save_state()).collect(),
+            // The queues' live positions are the devices' (locked above), not the transports'.
+            virtio: transports
+                .iter()
+                .zip(&device_guards)
+                .map(|(t, d)| t.save_state_with(d.queue_states()))
+                .collect(),
         };
         let blob = encode_state(&snap).map_err(|e| fail(e.to_string()))?;
 

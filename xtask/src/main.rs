@@ -198,11 +198,19 @@ fn demo() -> Result<i32> {
             .success())
     })?;
     // Boot the bundled kernel and Debian rootfs, run Python through the guest agent (stdout,
-    // stderr and the exit code come back over vsock), then stop; ember prints the boot figures.
-    let script = "ember doctor && ember run --vcpus 2 -- python3 -c 'import platform, sys; \
-                  print(\"hello from Python\", platform.python_version(), \"on Linux\", \
-                  platform.release(), \"- 44*44 =\", 44*44); \
-                  print(\"(this line is stderr)\", file=sys.stderr)'";
+    // stderr and the exit code come back over vsock), leave state in the guest's memory, save
+    // the sandbox into a fresh store, then restore it in a new VMM and find the state again.
+    let store = lab::tempdir("ember-demo-store")?;
+    let script = format!(
+        "set -e; S={store}; ember doctor; \
+         ember run --vcpus 2 --store $S --snapshot-on-exit demo -- sh -c \
+           'python3 -c \"import platform; print(\\\"hello from Python\\\", platform.python_version(), \\\"on Linux\\\", platform.release(), \\\"- 44*44 =\\\", 44*44)\"; \
+            echo \"state written before the snapshot at $(date +%T)\" > /tmp/state'; \
+         echo '--- restoring the snapshot in a new VMM ---'; \
+         ember restore demo --store $S -- cat /tmp/state",
+        store = store.display()
+    );
+    let script = script.as_str();
     let rc = if here {
         phases.run("ember on this host", || {
             util::run(std::process::Command::new("sh").args(["-c", script])).map(|_| 0)
@@ -216,6 +224,7 @@ fn demo() -> Result<i32> {
             lab::run_in_lab(&["sh".into(), "-c".into(), script.into()], &opts)
         })?
     };
+    std::fs::remove_dir_all(&store).ok();
     phases.summary();
     Ok(rc)
 }

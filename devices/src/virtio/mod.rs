@@ -92,6 +92,11 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Returns the device to its pre-activation state; `false` if it cannot.
     fn reset(&mut self) -> bool;
+    /// The live state of the device's queues once activated (the device, not the transport,
+    /// advances them), in queue order; empty before activation. Snapshots save these.
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        Vec::new()
+    }
 }
 
 /// The interrupt status register of a virtio-mmio device and the line that signals it.

@@ -258,6 +258,10 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active.iter().map(|a| a.queue.state()).collect()
+    }
+
     fn reset(&mut self) -> bool {
         self.active = None;
         self.acked_features = 0;

@@ -86,6 +86,18 @@ pub enum MmioStateError {
 impl MmioTransport {
     /// The transport's registers and queue positions (the device keeps its own state).
     pub fn save_state(&self) -> MmioTransportState {
+        let live = self.live_queue_states();
+        self.save_state_with(live)
+    }
+
+    /// [`MmioTransport::save_state`] for a caller that already holds the device's lock and
+    /// passes the device's `queue_states()` (empty when the device is not active).
+    pub fn save_state_with(&self, device_queues: Vec<QueueState>) -> MmioTransportState {
+        let queues = if self.activated && device_queues.len() == self.queues.len() {
+            device_queues
+        } else {
+            self.queues.iter().map(|q| q.state()).collect()
+        };
         MmioTransportState {
             device_type: self.device_type,
             acked_features: self.acked_features,
@@ -96,8 +108,26 @@ impl MmioTransport {
             config_generation: self.config_generation,
             activated: self.activated,
             interrupt_status: self.interrupt.status(),
-            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+            queues: queues.into_iter().map(Into::into).collect(),
         }
+    }
+
+    /// The queues as the device has advanced them when it is active (the transport's own
+    /// copies stop at activation), else the transport's.
+    fn live_queue_states(&self) -> Vec<QueueState> {
+        if self.activated {
+            let live = lock_recover(&self.device).queue_states();
+            if live.len() == self.queues.len() {
+                return live;
+            }
+            log::warn!(
+                "virtio-mmio: device type {} reports {} live queues, the transport has {}",
+                self.device_type,
+                live.len(),
+                self.queues.len()
+            );
+        }
+        self.queues.iter().map(|q| q.state()).collect()
     }
 
     /// Puts a freshly created transport into `state`; an activated device is activated again

@@ -22,6 +22,8 @@ struct Dummy {
     fail_activation: bool,
     resets: usize,
     config_writes: Vec<(u64, Vec<u8>)>,
+    /// What `queue_states` reports (the device's live queues).
+    live: Vec<virtio_queue::QueueState>,
 }
 
 impl VirtioDevice for Dummy {
@@ -62,6 +64,9 @@ impl VirtioDevice for Dummy {
         ));
         self.interrupt = Some(interrupt);
         Ok(())
+    }
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.live.clone()
     }
     fn reset(&mut self) -> bool {
         self.resets += 1;
@@ -605,4 +610,28 @@ fn foreign_or_damaged_states_are_refused() {
         setup().mmio.restore_state(&features),
         Err(MmioStateError::Features { .. })
     ));
+}
+
+#[test]
+fn saved_queue_positions_are_the_devices_live_ones() {
+    let t = activated();
+    // The device advanced its queues past what the transport saw at activation.
+    let mut live: Vec<_> = t.mmio.queues().iter().map(|q| q.state()).collect();
+    live[0].next_avail = 7;
+    live[0].next_used = 5;
+    live[1].next_avail = 3;
+    t.dev.lock().unwrap().live = live;
+    let state = t.mmio.save_state();
+    assert_eq!(
+        (state.queues[0].next_avail, state.queues[0].next_used),
+        (7, 5)
+    );
+    assert_eq!(state.queues[1].next_avail, 3);
+    let mut fresh = setup();
+    fresh.mmio.restore_state(&state).unwrap();
+    assert_eq!(
+        fresh.mmio.save_state().queues[0].next_avail,
+        7,
+        "restored from the live positions"
+    );
 }

@@ -530,6 +530,13 @@ impl VirtioDevice for Vsock {
         Ok(())
     }
 
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .iter()
+            .flat_map(|a| a.queues.iter().map(|q| q.state()))
+            .collect()
+    }
+
     fn reset(&mut self) -> bool {
         self.active = None;
         self.acked_features = 0;
