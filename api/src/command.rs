@@ -73,6 +73,67 @@ pub fn open_store(dir: &Path) -> Result<Arc<ember_snapshot_store::Store>, String
         .map_err(|e| format!("cannot open the snapshot store {}: {e}", dir.display()))
 }
 
+/// The options `ember run` and `ember restore` share for the command they run.
+#[derive(clap::Args, Debug)]
+pub struct CommandArgs {
+    /// Copy a host file into the guest before the command: HOST:GUEST (repeatable).
+    #[arg(long, value_name = "HOST:GUEST", value_parser = parse_copy)]
+    pub copy_in: Vec<(String, String)>,
+    /// Copy a guest file to the host after the command: GUEST:HOST (repeatable).
+    #[arg(long, value_name = "GUEST:HOST", value_parser = parse_copy)]
+    pub copy_out: Vec<(String, String)>,
+    /// Set a variable in the command's environment: KEY=VALUE (repeatable). The command sees
+    /// only a small default environment plus these, never ember's own.
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// The command's working directory in the guest.
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// Kill the command (and everything it started) after this many seconds; ember exits 124.
+    #[arg(long)]
+    pub timeout_s: Option<u64>,
+    /// Forward ember's stdin to the command (otherwise its stdin is empty).
+    #[arg(long, short = 'i')]
+    pub interactive: bool,
+    /// After the command, save the VM as snapshot ID in the store and stop it (instead of
+    /// shutting the guest down); `ember restore ID` continues from there.
+    #[arg(long, value_name = "ID")]
+    pub snapshot_on_exit: Option<String>,
+    /// The snapshot store (default: $EMBER_STORE, else ~/.local/share/ember/store).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// Put the VM's vsock socket here (default: a private temporary folder), so that other
+    /// agent clients can reach the sandbox while the command runs.
+    #[arg(long)]
+    pub vsock_socket: Option<PathBuf>,
+}
+
+impl CommandArgs {
+    /// The plan for running `argv` with these options.
+    pub fn into_plan(self, argv: Vec<String>) -> CommandPlan {
+        CommandPlan {
+            argv,
+            env: self.env,
+            cwd: self.cwd,
+            timeout: self.timeout_s.map(Duration::from_secs),
+            copy_in: self
+                .copy_in
+                .into_iter()
+                .map(|(h, g)| (PathBuf::from(h), g))
+                .collect(),
+            copy_out: self
+                .copy_out
+                .into_iter()
+                .map(|(g, h)| (g, PathBuf::from(h)))
+                .collect(),
+            forward_stdin: self.interactive,
+            socket: self.vsock_socket,
+            snapshot_on_exit: self.snapshot_on_exit,
+            store_dir: self.store.unwrap_or_else(default_store_dir),
+        }
+    }
+}
+
 /// Parses `HOST:GUEST` (or `GUEST:HOST` for copy-out, with `guest_first`).
 pub fn parse_copy(spec: &str) -> Result<(String, String), String> {
     match spec.split_once(':') {

@@ -37,36 +37,9 @@ pub struct RunArgs {
     /// Write the run's figures (start-up times, VMM memory) as JSON to this file.
     #[arg(long)]
     pub report_json: Option<PathBuf>,
-    /// Copy a host file into the guest before the command: HOST:GUEST (repeatable).
-    #[arg(long, value_name = "HOST:GUEST", value_parser = crate::command::parse_copy)]
-    pub copy_in: Vec<(String, String)>,
-    /// Copy a guest file to the host after the command: GUEST:HOST (repeatable).
-    #[arg(long, value_name = "GUEST:HOST", value_parser = crate::command::parse_copy)]
-    pub copy_out: Vec<(String, String)>,
-    /// Set a variable in the command's environment: KEY=VALUE (repeatable). The command sees
-    /// only a small default environment plus these, never ember's own.
-    #[arg(long, value_name = "KEY=VALUE", value_parser = crate::command::parse_env)]
-    pub env: Vec<(String, String)>,
-    /// The command's working directory in the guest.
-    #[arg(long)]
-    pub cwd: Option<String>,
-    /// Kill the command (and everything it started) after this many seconds; ember exits 124.
-    #[arg(long)]
-    pub timeout_s: Option<u64>,
-    /// Forward ember's stdin to the command (otherwise its stdin is empty).
-    #[arg(long, short = 'i')]
-    pub interactive: bool,
-    /// After the command, save the VM as snapshot ID in the store and stop it (instead of
-    /// shutting the guest down); `ember restore ID` continues from there.
-    #[arg(long, value_name = "ID")]
-    pub snapshot_on_exit: Option<String>,
-    /// The snapshot store (default: $EMBER_STORE, else ~/.local/share/ember/store).
-    #[arg(long)]
-    pub store: Option<PathBuf>,
-    /// Put the VM's vsock socket here (default: a private temporary folder), so that other
-    /// agent clients can reach the sandbox while the command runs.
-    #[arg(long)]
-    pub vsock_socket: Option<PathBuf>,
+    /// How the command after `--` runs, and what happens around it.
+    #[command(flatten)]
+    pub cmd: crate::command::CommandArgs,
     /// A command to run in the guest through the agent (over vsock): its stdout and stderr
     /// stream to ember's, and ember exits with its exit code. The guest then shuts down.
     #[arg(last = true)]
@@ -182,26 +155,7 @@ pub fn run(args: RunArgs) -> i32 {
             eprintln!("ember: --init-cmd and a command after -- cannot be combined");
             return 2;
         }
-        let plan = crate::command::CommandPlan {
-            argv: args.command,
-            env: args.env,
-            cwd: args.cwd,
-            timeout: args.timeout_s.map(std::time::Duration::from_secs),
-            copy_in: args
-                .copy_in
-                .into_iter()
-                .map(|(h, g)| (PathBuf::from(h), g))
-                .collect(),
-            copy_out: args
-                .copy_out
-                .into_iter()
-                .map(|(g, h)| (g, PathBuf::from(h)))
-                .collect(),
-            forward_stdin: args.interactive,
-            socket: args.vsock_socket,
-            snapshot_on_exit: args.snapshot_on_exit,
-            store_dir: args.store.unwrap_or_else(crate::command::default_store_dir),
-        };
+        let plan = args.cmd.into_plan(args.command);
         return crate::command::run_command(config, crate::command::Origin::Boot, plan, start);
     }
     let options = VmmOptions {
@@ -255,36 +209,12 @@ fn write_report(path: &Path, report: &RunReport) -> std::io::Result<()> {
 pub struct RestoreArgs {
     /// The snapshot to continue.
     pub id: String,
-    /// The snapshot store (default: $EMBER_STORE, else ~/.local/share/ember/store).
-    #[arg(long)]
-    pub store: Option<PathBuf>,
     /// Copy all of memory in before the vCPUs start (default: pages arrive on first touch).
     #[arg(long)]
     pub eager: bool,
-    /// Copy a host file into the guest before the command: HOST:GUEST (repeatable).
-    #[arg(long, value_name = "HOST:GUEST", value_parser = crate::command::parse_copy)]
-    pub copy_in: Vec<(String, String)>,
-    /// Copy a guest file to the host after the command: GUEST:HOST (repeatable).
-    #[arg(long, value_name = "GUEST:HOST", value_parser = crate::command::parse_copy)]
-    pub copy_out: Vec<(String, String)>,
-    /// Set a variable in the command's environment: KEY=VALUE (repeatable).
-    #[arg(long, value_name = "KEY=VALUE", value_parser = crate::command::parse_env)]
-    pub env: Vec<(String, String)>,
-    /// The command's working directory in the guest.
-    #[arg(long)]
-    pub cwd: Option<String>,
-    /// Kill the command after this many seconds; ember exits 124.
-    #[arg(long)]
-    pub timeout_s: Option<u64>,
-    /// Forward ember's stdin to the command.
-    #[arg(long, short = 'i')]
-    pub interactive: bool,
-    /// Save the VM again as snapshot ID after the command, and stop it.
-    #[arg(long, value_name = "ID")]
-    pub snapshot_on_exit: Option<String>,
-    /// Put the VM's vsock socket here.
-    #[arg(long)]
-    pub vsock_socket: Option<PathBuf>,
+    /// How the command runs, and what happens around it.
+    #[command(flatten)]
+    pub cmd: crate::command::CommandArgs,
     /// The command to run in the restored sandbox.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -300,8 +230,8 @@ pub fn restore(args: RestoreArgs) -> i32 {
         );
         return 2;
     }
-    let store_dir = args.store.unwrap_or_else(crate::command::default_store_dir);
-    let store = match crate::command::open_store(&store_dir) {
+    let plan = args.cmd.into_plan(args.command);
+    let store = match crate::command::open_store(&plan.store_dir) {
         Ok(store) => store,
         Err(e) => {
             eprintln!("ember: {e}");
@@ -323,26 +253,6 @@ pub fn restore(args: RestoreArgs) -> i32 {
         ember_vmm::RestoreMode::Eager
     } else {
         ember_vmm::RestoreMode::Lazy
-    };
-    let plan = crate::command::CommandPlan {
-        argv: args.command,
-        env: args.env,
-        cwd: args.cwd,
-        timeout: args.timeout_s.map(std::time::Duration::from_secs),
-        copy_in: args
-            .copy_in
-            .into_iter()
-            .map(|(h, g)| (PathBuf::from(h), g))
-            .collect(),
-        copy_out: args
-            .copy_out
-            .into_iter()
-            .map(|(g, h)| (g, PathBuf::from(h)))
-            .collect(),
-        forward_stdin: args.interactive,
-        socket: args.vsock_socket,
-        snapshot_on_exit: args.snapshot_on_exit,
-        store_dir,
     };
     let origin = crate::command::Origin::Restore {
         store,
