@@ -600,11 +600,30 @@ impl Vmm {
         let kernel = load_guest(&mem, config, &devices.virtio)?;
         log::debug!("{:?} kernel entry {:#x}", kernel.format, kernel.entry.0);
 
+        let fds = (0..config.vcpus)
+            .map(|index| {
+                Ok((
+                    index,
+                    vm.create_boot_vcpu(index, config.vcpus, kernel.entry.0)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, VmmError>>()?;
+        Vmm::assemble(config.clone(), vm, mem, None, devices, fds)
+    }
+
+    /// Starts a thread for each vCPU (paused) and the event loop, and puts the VM together.
+    fn assemble(
+        config: VmConfig,
+        vm: Vm,
+        mem: GuestMemoryMmap,
+        lazy: Option<LazyMemory>,
+        devices: Devices,
+        fds: Vec<(u8, kvm_ioctls::VcpuFd)>,
+    ) -> Result<Vmm, VmmError> {
         let (stops_tx, stops) = channel();
         let stop_evt = eventfd("vCPU stops")?;
-        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-        for index in 0..config.vcpus {
-            let fd = vm.create_boot_vcpu(index, config.vcpus, kernel.entry.0)?;
+        let mut vcpus = Vec::with_capacity(fds.len());
+        for (index, fd) in fds {
             let vcpu = Vcpu {
                 index,
                 fd,
@@ -623,9 +642,9 @@ impl Vmm {
             io: devices.io,
             serial: devices.serial,
             transports: devices.transports,
-            config: config.clone(),
+            config,
             vm,
-            lazy: None,
+            lazy,
             mem,
         })
     }
@@ -786,9 +805,7 @@ impl Vmm {
             .map_err(|e| fail(e.to_string()))?;
         crate::persist::vm::restore_vm(vm.fd(), &snap.vm).map_err(|e| fail(e.to_string()))?;
 
-        let (stops_tx, stops) = channel();
-        let stop_evt = eventfd("vCPU stops")?;
-        let mut vcpus = Vec::with_capacity(snap.vcpus.len());
+        let mut fds = Vec::with_capacity(snap.vcpus.len());
         for state in &snap.vcpus {
             let index = state.index;
             let fd = vm
@@ -796,29 +813,9 @@ impl Vmm {
                 .create_vcpu(u64::from(index))
                 .map_err(|e| fail(format!("creating vCPU {index}: {e}")))?;
             crate::persist::vcpu::restore_vcpu(&fd, state).map_err(|e| fail(e.to_string()))?;
-            let vcpu = Vcpu {
-                index,
-                fd,
-                io: devices.io.clone(),
-            };
-            vcpus.push(vcpu.start(stops_tx.clone(), clone_evt(&stop_evt, "vCPU stops")?)?);
+            fds.push((index, fd));
         }
-        let event_loop = EventLoop::start(devices.subscribers)?;
-        Ok(Vmm {
-            vcpus,
-            event_loop,
-            stops: Mutex::new(stops),
-            stop_evt,
-            reset_evt: devices.reset_evt,
-            boot_time: devices.boot_time,
-            io: devices.io,
-            serial: devices.serial,
-            transports: devices.transports,
-            config,
-            vm,
-            lazy,
-            mem,
-        })
+        Vmm::assemble(config, vm, mem, lazy, devices, fds)
     }
 
     /// Ends a `wait` in progress as if the guest had reset (e.g. after a snapshot, to stop

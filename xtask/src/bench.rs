@@ -28,9 +28,8 @@ struct Sample {
     vmm_rss_bytes: Option<u64>,
 }
 
-/// Entry point on the host: build, then run the harness where KVM can run Linux.
-pub fn boot(runs: u32) -> Result<i32> {
-    let artifacts = Artifacts::ensure()?;
+/// Builds the `ember` binary the benches measure (release profile) and returns its path.
+fn build_release_ember() -> Result<std::path::PathBuf> {
     run(cargo().args([
         "build",
         "--quiet",
@@ -40,7 +39,30 @@ pub fn boot(runs: u32) -> Result<i32> {
         "--bin",
         "ember",
     ]))?;
-    let ember = target_dir().join("release/ember");
+    Ok(target_dir().join("release/ember"))
+}
+
+/// Runs a harness `argv` directly where `ember` says this host's KVM runs Linux, otherwise
+/// inside the lab; returns its exit status.
+fn run_harness(ember: &Path, argv: &[String]) -> Result<i32> {
+    if Command::new(ember)
+        .arg("doctor")
+        .stdout(Stdio::null())
+        .status()?
+        .success()
+    {
+        eprintln!("bench: hardware KVM on this host: measuring directly");
+        let status = Command::new(&argv[0]).args(&argv[1..]).status()?;
+        return Ok(status.code().unwrap_or(1));
+    }
+    eprintln!("bench: this host's KVM cannot run Linux: measuring inside the lab (figures ~20-30x native)");
+    run_in_lab(argv, &LabOptions::default())
+}
+
+/// Entry point on the host: build, then run the harness where KVM can run Linux.
+pub fn boot(runs: u32) -> Result<i32> {
+    let artifacts = Artifacts::ensure()?;
+    let ember = build_release_ember()?;
     let me = std::env::current_exe()?;
     let argv: Vec<String> = vec![
         me.display().to_string(),
@@ -56,18 +78,7 @@ pub fn boot(runs: u32) -> Result<i32> {
         "--rootfs".into(),
         artifacts.rootfs.display().to_string(),
     ];
-    let direct = Command::new(&ember)
-        .arg("doctor")
-        .stdout(Stdio::null())
-        .status()?
-        .success();
-    if direct {
-        eprintln!("bench: hardware KVM on this host: measuring directly");
-        let status = Command::new(&argv[0]).args(&argv[1..]).status()?;
-        return Ok(status.code().unwrap_or(1));
-    }
-    eprintln!("bench: this host's KVM cannot run Linux: measuring inside the lab (figures ~20-30x native)");
-    run_in_lab(&argv, &LabOptions::default())
+    run_harness(&ember, &argv)
 }
 
 /// The harness (runs in the lab or on hardware KVM).
@@ -289,16 +300,7 @@ fn stat(samples: &[Sample], f: &dyn Fn(&Sample) -> Option<u64>, unit: f64) -> St
 /// Entry point on the host for `bench exec`.
 pub fn exec(runs: u32) -> Result<i32> {
     let artifacts = Artifacts::ensure()?;
-    run(cargo().args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "ember-api",
-        "--bin",
-        "ember",
-    ]))?;
-    let ember = target_dir().join("release/ember");
+    let ember = build_release_ember()?;
     let argv: Vec<String> = vec![
         std::env::current_exe()?.display().to_string(),
         "bench-exec-harness".into(),
@@ -311,17 +313,7 @@ pub fn exec(runs: u32) -> Result<i32> {
         "--rootfs".into(),
         artifacts.rootfs.display().to_string(),
     ];
-    if Command::new(&ember)
-        .arg("doctor")
-        .stdout(Stdio::null())
-        .status()?
-        .success()
-    {
-        let status = Command::new(&argv[0]).args(&argv[1..]).status()?;
-        return Ok(status.code().unwrap_or(1));
-    }
-    eprintln!("bench: measuring inside the lab (figures ~20-30x native)");
-    run_in_lab(&argv, &LabOptions::default())
+    run_harness(&ember, &argv)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
