@@ -325,17 +325,15 @@ pub fn run_in_lab(argv: &[String], opts: &LabOptions) -> Result<i32> {
         "-m",
         &opts.mem_mib.to_string(),
     ])
-    .args([
-        "-display",
-        "none",
-        "-monitor",
-        "none",
-        "-no-reboot",
-        "-nic",
-        "none",
-    ])
+    .args(["-display", "none", "-no-reboot", "-nic", "none"])
     .arg("-serial")
     .arg(format!("file:{}", run_dir.join("console.log").display()))
+    // A human monitor on a socket, asked where the vCPUs are when the L1 wedges.
+    .arg("-monitor")
+    .arg(format!(
+        "unix:{},server=on,wait=off",
+        run_dir.join("monitor").display()
+    ))
     .arg("-kernel")
     .arg(&image.vmlinuz)
     .arg("-initrd")
@@ -372,32 +370,36 @@ pub fn run_in_lab(argv: &[String], opts: &LabOptions) -> Result<i32> {
         })
         .collect();
 
-    let mut last_console_check = Instant::now();
+    let mut last_check = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break status;
         }
-        // A wedged L1 (nested KVM under TCG can soft-lock) never finishes on its own: give
-        // up at once rather than at the timeout, and say why.
-        if last_console_check.elapsed() > Duration::from_secs(5) {
-            last_console_check = Instant::now();
-            if let Some(why) = l1_failure(&run_dir.join("console.log")) {
+        // A wedged L1 (nested KVM under TCG can soft-lock or stop dead) never finishes on its
+        // own: give up at once rather than at the timeout, and say why.
+        if last_check.elapsed() > Duration::from_secs(5) {
+            last_check = Instant::now();
+            let why = l1_failure(&run_dir.join("console.log"))
+                .or_else(|| heartbeat_lost(&run_dir.join("heartbeat"), started.elapsed()));
+            if let Some(why) = why {
+                let cpus = l1_vcpus(&run_dir.join("monitor"));
                 child.kill().ok();
                 child.wait().ok();
                 done.store(true, Ordering::SeqCst);
                 return Err(LabFailure::L1Failed(format!(
-                    "{why}; L1 console:\n{}",
+                    "{why}; L1 vCPUs: {cpus}; L1 console:\n{}",
                     crate::util::tail_lines(&run_dir.join("console.log"), 20)
                 ))
                 .into());
             }
         }
         if started.elapsed() > opts.timeout {
+            let cpus = l1_vcpus(&run_dir.join("monitor"));
             child.kill().ok();
             child.wait().ok();
             done.store(true, Ordering::SeqCst);
             bail!(
-                "lab command timed out after {:?}; L1 console:\n{}",
+                "lab command timed out after {:?}; L1 vCPUs: {cpus}; L1 console:\n{}",
                 opts.timeout,
                 crate::util::tail_lines(&run_dir.join("console.log"), 40)
             );
@@ -464,6 +466,60 @@ fn l1_failure(console: &Path) -> Option<String> {
                 .is_some_and(|secs| secs >= 60)
         })
         .map(|l| l.trim().to_string())
+}
+
+/// How long the L1 may go without touching its heartbeat file before it counts as wedged
+/// (it touches it every 5 s; a loaded host stretches that, a wedged L1 stops it).
+const HEARTBEAT_LIMIT: Duration = Duration::from_secs(150);
+/// How long the L1 may take to boot and start its heartbeat.
+const FIRST_HEARTBEAT_LIMIT: Duration = Duration::from_secs(240);
+
+/// Says why the L1 counts as wedged, judged by its heartbeat file's (host-side) age.
+fn heartbeat_lost(heartbeat: &Path, running_for: Duration) -> Option<String> {
+    match fs::metadata(heartbeat).and_then(|m| m.modified()) {
+        Ok(touched) => {
+            let age = touched.elapsed().unwrap_or_default();
+            (age > HEARTBEAT_LIMIT).then(|| format!("the L1 stopped its heartbeat {age:.0?} ago"))
+        }
+        Err(_) => (running_for > FIRST_HEARTBEAT_LIMIT)
+            .then(|| format!("the L1 started no heartbeat within {running_for:.0?}")),
+    }
+}
+
+/// Where the L1's vCPUs are (instruction pointer, privilege level, halted), from QEMU's
+/// human monitor: tells an L1 kernel hang from an L2 guest that never exits.
+fn l1_vcpus(socket: &Path) -> String {
+    let command = "info registers -a";
+    use std::os::unix::net::UnixStream;
+    let ask = || -> std::io::Result<String> {
+        let mut stream = UnixStream::connect(socket)?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        stream.write_all(format!("{command}\n").as_bytes())?;
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The monitor echoes and prompts; read until it goes quiet.
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+        }
+        Ok(String::from_utf8_lossy(&answer).into_owned())
+    };
+    match ask() {
+        Ok(text) if !text.contains("RIP=") => "(the monitor did not answer)".to_string(),
+        Ok(text) => text
+            .lines()
+            .filter_map(|l| {
+                let rip = l.split_whitespace().find(|w| w.starts_with("RIP="))?;
+                let cpl = l.split_whitespace().find(|w| w.starts_with("CPL="))?;
+                let hlt = l.split_whitespace().find(|w| w.starts_with("HLT="))?;
+                Some(format!("{rip} {cpl} {hlt}"))
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        Err(e) => format!("(monitor: {e})"),
+    }
 }
 
 /// Copies what is appended to `path` to our stdout or stderr until `done` and the end.

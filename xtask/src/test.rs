@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
+use std::time::Duration;
+
 use anyhow::{bail, Context, Result};
 
 use crate::lab::{run_in_lab, LabOptions};
@@ -283,16 +285,35 @@ fn json_string_field(line: &str, key: &str) -> Option<String> {
     Some(rest[..end].replace("\\\\", "\\"))
 }
 
-/// A shell script that runs the `vmtest_` tests of every binary and fails if any fails.
+/// How long one VM test may run before it counts as hung (the slowest take ~2 min in the lab).
+const VM_TEST_TIMEOUT_S: u32 = 600;
+
+/// A shell script that runs the `vmtest_` tests of every binary one at a time, each under a
+/// time limit (so one hung test fails alone, by name), and fails if any fails.
 fn vm_test_script(bins: &[PathBuf]) -> String {
-    let mut script = String::from("rc=0\n");
+    let mut script = format!(
+        r#"failed=""
+passed=0
+one() {{
+    timeout -k 10 {VM_TEST_TIMEOUT_S} "$1" --exact "$2" --test-threads=1
+    status=$?
+    if [ $status = 0 ]; then passed=$((passed + 1)); return; fi
+    [ $status = 124 ] && echo "VM test $2 timed out after {VM_TEST_TIMEOUT_S} s" >&2
+    failed="$failed $2"
+}}
+"#
+    );
     for bin in bins {
         let bin = crate::util::sh_quote(&bin.to_string_lossy());
         script.push_str(&format!(
-            "if {bin} --list 2>/dev/null | grep -q '{VM_TEST_PREFIX}.*: test'; then\n  {bin} --test-threads=1 {VM_TEST_PREFIX} || rc=1\nfi\n"
+            "for t in $({bin} --list 2>/dev/null | sed -n 's/: test$//p' | grep '{VM_TEST_PREFIX}'); do one {bin} \"$t\"; done\n"
         ));
     }
-    script.push_str("exit $rc\n");
+    script.push_str(
+        r#"echo "VM tests: $passed passed${failed:+, failed:$failed}"
+[ -z "$failed" ]
+"#,
+    );
     script
 }
 
@@ -312,6 +333,9 @@ fn run_vm_tests_direct(bins: &[PathBuf], artifacts: &Artifacts) -> Result<()> {
 fn run_vm_tests_in_lab(bins: &[PathBuf], artifacts: &Artifacts) -> Result<()> {
     let opts = LabOptions {
         env: artifacts.env(),
+        // Room for the tests (~5 min here) many times over, and for one retry within CI's
+        // 90 minutes.
+        timeout: Duration::from_secs(25 * 60),
         ..Default::default()
     };
     let argv = ["sh".into(), "-c".into(), vm_test_script(bins)];
