@@ -346,7 +346,10 @@ fn wait_for_agent(socket: &Path, vm_done: &Receiver<VmResult>) -> Result<AgentCl
                 .and_then(|c| c.hello().map(|_| c))
             {
                 Ok(client) => return Ok(client),
-                Err(e) => last_error = e.to_string(),
+                Err(e) => {
+                    log::debug!("agent not ready yet: {e}");
+                    last_error = e.to_string()
+                }
             }
         }
         if Instant::now() > deadline {

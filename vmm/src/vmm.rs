@@ -755,6 +755,14 @@ impl Vmm {
             id: id.to_string(),
             reason,
         };
+        let start = options.start;
+        let phase = |what: &str| {
+            log::debug!(
+                "restore {id}: {what} at {:.1} ms",
+                start.elapsed().as_secs_f64() * 1e3
+            )
+        };
+        phase("begin");
         let manifest = store.load_manifest(id).map_err(|e| fail(e.to_string()))?;
         let blob = store
             .read(&manifest.vm_state)
@@ -784,6 +792,7 @@ impl Vmm {
             ));
         }
         config.validate()?;
+        phase("manifest, state and memory map read");
 
         let kvm = open_kvm()?;
         let mem = create_guest_memory(config.mem_bytes()).map_err(VmmError::Memory)?;
@@ -798,12 +807,15 @@ impl Vmm {
                 None
             }
         };
+        phase("memory ready");
         let vm = Vm::new(&kvm)?;
         // SAFETY: as in `build`: `mem` outlives the VM and its vCPUs inside the Vmm.
         unsafe { vm.register_memory(&mem) }?;
+        phase("VM created");
         let devices = attach_devices(&vm, &mem, &config, options, Some(&snap))
             .map_err(|e| fail(e.to_string()))?;
         crate::persist::vm::restore_vm(vm.fd(), &snap.vm).map_err(|e| fail(e.to_string()))?;
+        phase("devices and VM state restored");
 
         let mut fds = Vec::with_capacity(snap.vcpus.len());
         for state in &snap.vcpus {
@@ -815,6 +827,7 @@ impl Vmm {
             crate::persist::vcpu::restore_vcpu(&fd, state).map_err(|e| fail(e.to_string()))?;
             fds.push((index, fd));
         }
+        phase("vCPUs restored");
         Vmm::assemble(config, vm, mem, lazy, devices, fds)
     }
 

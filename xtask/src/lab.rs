@@ -34,7 +34,7 @@ pub const MODULES: &[&str] = &[
     "veth",
 ];
 
-const RECIPE: &str = "lab-v1";
+const RECIPE: &str = "lab-v2";
 const INIT_SCRIPT: &str = include_str!("lab_init.sh");
 
 /// Options of one lab run.
@@ -61,6 +61,8 @@ impl Default for LabOptions {
 pub struct LabImage {
     pub vmlinuz: PathBuf,
     pub initramfs: PathBuf,
+    /// The kernel's symbols, to name where a wedged L1 stopped.
+    pub system_map: PathBuf,
 }
 
 /// The Debian kernel package the L1 boots: the one `linux-image-amd64` currently points to.
@@ -100,8 +102,9 @@ pub fn ensure_image() -> Result<LabImage> {
     let image = LabImage {
         vmlinuz: dir.join("vmlinuz"),
         initramfs: dir.join("initramfs.cpio.gz"),
+        system_map: dir.join("System.map"),
     };
-    if image.vmlinuz.exists() && image.initramfs.exists() {
+    if image.vmlinuz.exists() && image.initramfs.exists() && image.system_map.exists() {
         return Ok(image);
     }
 
@@ -153,6 +156,16 @@ pub fn ensure_image() -> Result<LabImage> {
         sh_quote(&tmp.to_string_lossy())
     )))?;
     publish(&tmp, &image.initramfs)?;
+    let map = fs::read_dir(&boot)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("System.map-"))
+        })
+        .context("the kernel package has no /boot/System.map-*")?;
+    let tmp = dir.join("System.map.tmp");
+    fs::copy(&map, &tmp)?;
+    publish(&tmp, &image.system_map)?;
     let tmp = dir.join("vmlinuz.tmp");
     fs::copy(&vmlinuz, &tmp)?;
     publish(&tmp, &image.vmlinuz)?;
@@ -338,7 +351,7 @@ pub fn run_in_lab(argv: &[String], opts: &LabOptions) -> Result<i32> {
     .arg(&image.vmlinuz)
     .arg("-initrd")
     .arg(&image.initramfs)
-    .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"])
+    .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3 nokaslr"])
     .arg("-virtfs")
     .arg("local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap")
     .arg("-virtfs")
@@ -382,7 +395,7 @@ pub fn run_in_lab(argv: &[String], opts: &LabOptions) -> Result<i32> {
             let why = l1_failure(&run_dir.join("console.log"))
                 .or_else(|| heartbeat_lost(&run_dir.join("heartbeat"), started.elapsed()));
             if let Some(why) = why {
-                let cpus = l1_vcpus(&run_dir.join("monitor"));
+                let cpus = l1_vcpus(&run_dir.join("monitor"), &image.system_map);
                 child.kill().ok();
                 child.wait().ok();
                 done.store(true, Ordering::SeqCst);
@@ -394,7 +407,7 @@ pub fn run_in_lab(argv: &[String], opts: &LabOptions) -> Result<i32> {
             }
         }
         if started.elapsed() > opts.timeout {
-            let cpus = l1_vcpus(&run_dir.join("monitor"));
+            let cpus = l1_vcpus(&run_dir.join("monitor"), &image.system_map);
             child.kill().ok();
             child.wait().ok();
             done.store(true, Ordering::SeqCst);
@@ -468,6 +481,23 @@ fn l1_failure(console: &Path) -> Option<String> {
         .map(|l| l.trim().to_string())
 }
 
+/// `function+offset` for a kernel address, from a System.map (the L1 boots with `nokaslr`).
+fn symbolize(system_map: &Path, addr: u64) -> Option<String> {
+    let text = fs::read_to_string(system_map).ok()?;
+    let (start, name) = text
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.split_whitespace();
+            let start = u64::from_str_radix(parts.next()?, 16).ok()?;
+            let kind = parts.next()?;
+            let name = parts.next()?;
+            matches!(kind, "t" | "T").then_some((start, name))
+        })
+        .filter(|(start, _)| *start <= addr)
+        .max_by_key(|(start, _)| *start)?;
+    Some(format!("{name}+{:#x}", addr - start))
+}
+
 /// How long the L1 may go without touching its heartbeat file before it counts as wedged
 /// (it touches it every 5 s; a loaded host stretches that, a wedged L1 stops it).
 const HEARTBEAT_LIMIT: Duration = Duration::from_secs(150);
@@ -488,7 +518,7 @@ fn heartbeat_lost(heartbeat: &Path, running_for: Duration) -> Option<String> {
 
 /// Where the L1's vCPUs are (instruction pointer, privilege level, halted), from QEMU's
 /// human monitor: tells an L1 kernel hang from an L2 guest that never exits.
-fn l1_vcpus(socket: &Path) -> String {
+fn l1_vcpus(socket: &Path, system_map: &Path) -> String {
     let command = "info registers -a";
     use std::os::unix::net::UnixStream;
     let ask = || -> std::io::Result<String> {
@@ -514,7 +544,12 @@ fn l1_vcpus(socket: &Path) -> String {
                 let rip = l.split_whitespace().find(|w| w.starts_with("RIP="))?;
                 let cpl = l.split_whitespace().find(|w| w.starts_with("CPL="))?;
                 let hlt = l.split_whitespace().find(|w| w.starts_with("HLT="))?;
-                Some(format!("{rip} {cpl} {hlt}"))
+                let symbol = u64::from_str_radix(&rip[4..], 16)
+                    .ok()
+                    .and_then(|addr| symbolize(system_map, addr))
+                    .map(|s| format!(" ({s})"))
+                    .unwrap_or_default();
+                Some(format!("{rip}{symbol} {cpl} {hlt}"))
             })
             .collect::<Vec<_>>()
             .join("; "),
