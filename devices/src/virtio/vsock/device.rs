@@ -60,6 +60,11 @@ pub struct Vsock {
     registered: Vec<EventFd>,
     /// A transport reset event waits for an event-queue buffer.
     pending_reset_event: bool,
+    /// The reset event was delivered but the driver has not yet handled it (it re-posts the
+    /// event buffer and kicks the event queue when it has). Until then nothing goes to the
+    /// guest's rx queue: a host connection requested now would be torn down by the reset
+    /// the guest has yet to process.
+    reset_unhandled: bool,
     /// Payload staging for one packet.
     scratch: Vec<u8>,
     log: LogLimiter,
@@ -97,6 +102,7 @@ impl Vsock {
             active: None,
             registered: Vec::new(),
             pending_reset_event: false,
+            reset_unhandled: false,
             scratch: vec![0; MAX_PKT_LEN as usize],
             log: LogLimiter::new(),
         })
@@ -160,6 +166,11 @@ impl Vsock {
     /// Whether a transport reset event is still waiting for an event-queue buffer.
     pub fn transport_reset_pending(&self) -> bool {
         self.pending_reset_event
+    }
+
+    /// Whether rx delivery waits for the driver to handle a transport reset.
+    pub fn rx_held_for_reset(&self) -> bool {
+        self.pending_reset_event || self.reset_unhandled
     }
 
     /// Raises the used-ring interrupt for `queue` if the driver wants it.
@@ -240,7 +251,7 @@ impl Vsock {
         let Some(active) = self.active.as_mut() else {
             return false;
         };
-        if !self.muxer.has_rx() {
+        if !self.muxer.has_rx() || self.pending_reset_event || self.reset_unhandled {
             return false;
         }
         let mem = &active.mem;
@@ -327,6 +338,7 @@ impl Vsock {
             let len = match written {
                 Ok(()) => {
                     self.pending_reset_event = false;
+                    self.reset_unhandled = true;
                     EVENT_SIZE as u32
                 }
                 Err(e) => {
@@ -541,6 +553,7 @@ impl VirtioDevice for Vsock {
         self.active = None;
         self.acked_features = 0;
         self.pending_reset_event = false;
+        self.reset_unhandled = false;
         self.muxer.reset_all();
         // Let the event loop drop the queue eventfds and close the connections' sockets.
         self.wake_loop();
@@ -568,6 +581,11 @@ impl MutEventSubscriber for Vsock {
         } else if let Some(index) = self.registered.iter().position(|e| e.as_raw_fd() == fd) {
             let _ = self.registered[index].read();
             tx = index == TX;
+            // The driver kicks the event queue after handling events (re-posting buffers).
+            if index == EVT && self.reset_unhandled {
+                log::debug!("virtio-vsock: the driver handled the transport reset");
+                self.reset_unhandled = false;
+            }
         } else if !self.muxer.handle_event(fd, events.event_set()) {
             // A socket closed earlier in this batch of events.
             log::debug!("virtio-vsock: event on unknown fd {fd}");

@@ -793,6 +793,23 @@ fn transport_reset_drops_connections_and_notifies_the_guest() {
     h.dev.lock().unwrap().send_transport_reset();
     assert!(!h.dev.lock().unwrap().transport_reset_pending());
     h.pump();
+    // Until the driver has handled the reset (it re-posts the buffer and kicks), a host
+    // connection waits: its request would be torn down by the reset.
+    assert!(h.dev.lock().unwrap().rx_held_for_reset());
+    let mut early = UnixStream::connect(&h.uds).unwrap();
+    early.write_all(b"CONNECT 52\n").unwrap();
+    h.pump();
+    assert!(h.recv().is_empty(), "a request went out before the reset was handled");
+    h.desc(EVT, 2, EV_BUF + 32, 4, W, 0);
+    h.make_avail(EVT, 2);
+    h.kick(EVT);
+    h.pump();
+    assert!(!h.dev.lock().unwrap().rx_held_for_reset());
+    let pkts = h.recv_until(|p| !p.is_empty());
+    assert_eq!(pkts[0].op(), Some(Op::Request));
+    let rst = h.hdr(Op::Rst, 52, pkts[0].hdr.src_port, 0);
+    h.send(&rst, &[]);
+    drop(early);
     let (mut c3, port) = h.host_connect(52);
     let rw = h.hdr(Op::Rw, 52, port, 3);
     h.send(&rw, b"new");
