@@ -14,13 +14,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::protocol::{
     decode, encode_frame, read_frame, Credit, ExecRequest, ExitStatus, FileStat, FrameError,
-    RemoteError, Request, RequestBody, Response, ResponseBody, Transport, ACK_THRESHOLD, MAX_CHUNK,
-    PROTOCOL_VERSION,
+    RemoteError, Request, RequestBody, Response, ResponseBody, Transport, ACK_THRESHOLD,
+    CAP_RESYNC, MAX_CHUNK, MAX_RESYNC_ENTROPY, PROTOCOL_VERSION,
 };
+
+/// Entropy bytes [`AgentClient::resync_now`] sends.
+pub const RESYNC_ENTROPY_BYTES: usize = 64;
 
 /// How long the vsock device's `CONNECT`/`OK` exchange may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -57,6 +60,16 @@ pub enum ClientError {
     },
     #[error("{what}: {source}")]
     Local { what: String, source: io::Error },
+    #[error(
+        "the agent (version {agent_version}) cannot {what}: it lacks the {capability:?} capability"
+    )]
+    Unsupported {
+        what: &'static str,
+        capability: &'static str,
+        agent_version: String,
+    },
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
 }
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
@@ -90,6 +103,8 @@ pub struct AgentClient {
     reader: Mutex<Option<JoinHandle<()>>>,
     shutdown: Box<dyn Fn() + Send + Sync>,
     request_timeout: Duration,
+    /// What the agent said of itself in the last `hello` (none before it).
+    info: Mutex<Option<AgentInfo>>,
 }
 
 struct Inner {
@@ -258,6 +273,7 @@ impl AgentClient {
                 lock(&closer).shutdown_transport().ok();
             }),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            info: Mutex::new(None),
         })
     }
 
@@ -388,14 +404,79 @@ impl AgentClient {
                         client: PROTOCOL_VERSION,
                     });
                 }
-                Ok(AgentInfo {
+                let info = AgentInfo {
                     agent_version,
                     protocol_version,
                     capabilities,
-                })
+                };
+                *lock(&self.info) = Some(info.clone());
+                Ok(info)
             }
             other => Err(unexpected("hello", &other)),
         }
+    }
+
+    /// What the agent said of itself in the last [`hello`](Self::hello), if any.
+    pub fn agent_info(&self) -> Option<AgentInfo> {
+        lock(&self.info).clone()
+    }
+
+    /// Fails with [`ClientError::Unsupported`] when `hello` showed that the agent lacks
+    /// `capability` (without a `hello`, the agent is asked anyway).
+    fn require(&self, capability: &'static str, what: &'static str) -> Result<()> {
+        match &*lock(&self.info) {
+            Some(info) if !info.capabilities.iter().any(|c| c == capability) => {
+                Err(ClientError::Unsupported {
+                    what,
+                    capability,
+                    agent_version: info.agent_version.clone(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// After a restore: sets the guest's wall clock to `unix_time_ns` (nanoseconds since the
+    /// epoch) and mixes `entropy` (at most [`MAX_RESYNC_ENTROPY`] bytes, credited in full)
+    /// into the guest kernel's RNG, which then reseeds. An agent without [`CAP_RESYNC`] (in
+    /// a snapshot taken before it existed) gives [`ClientError::Unsupported`]; a step that
+    /// failed in the guest gives a [`ClientError::Remote`] naming it.
+    pub fn resync(&self, unix_time_ns: u64, entropy: &[u8]) -> Result<()> {
+        if entropy.len() > MAX_RESYNC_ENTROPY {
+            return Err(ClientError::InvalidRequest(format!(
+                "resync with {} bytes of entropy: at most {MAX_RESYNC_ENTROPY} are allowed",
+                entropy.len()
+            )));
+        }
+        self.require(CAP_RESYNC, "resync the clock and RNG")?;
+        let body = RequestBody::Resync {
+            unix_time_ns,
+            entropy: entropy.to_vec(),
+        };
+        match self.call("resync", body)? {
+            ResponseBody::Done { .. } => Ok(()),
+            other => Err(unexpected("resync", &other)),
+        }
+    }
+
+    /// [`resync`](Self::resync) with the host's current time and
+    /// [`RESYNC_ENTROPY_BYTES`] bytes from the host's `/dev/urandom`.
+    pub fn resync_now(&self) -> Result<()> {
+        self.require(CAP_RESYNC, "resync the clock and RNG")?;
+        let mut entropy = [0u8; RESYNC_ENTROPY_BYTES];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut entropy))
+            .map_err(|source| ClientError::Local {
+                what: format!("reading {RESYNC_ENTROPY_BYTES} bytes from /dev/urandom"),
+                source,
+            })?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_err(|_| ClientError::InvalidRequest("the host's clock is before 1970".into()))?;
+        let unix_time_ns = u64::try_from(now.as_nanos()).map_err(|_| {
+            ClientError::InvalidRequest("the host's clock is past the year 2554".into())
+        })?;
+        self.resync(unix_time_ns, &entropy)
     }
 
     /// Starts a command and returns once it runs (or with the reason it could not start,

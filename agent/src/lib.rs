@@ -9,6 +9,7 @@
 pub mod client;
 pub mod init;
 pub mod protocol;
+pub mod resync;
 pub mod server;
 
 /// The I/O port of ember's boot timer and the byte that marks "userspace reached".

@@ -52,6 +52,14 @@ pub const STREAM_WINDOW: u64 = 1024 * 1024;
 /// A receiver acknowledges once it has consumed this many unacknowledged bytes.
 pub const ACK_THRESHOLD: u64 = STREAM_WINDOW / 4;
 
+/// Largest `entropy` a [`RequestBody::Resync`] may carry.
+pub const MAX_RESYNC_ENTROPY: usize = 512;
+
+/// The capability (in `Hello`) of an agent that handles [`RequestBody::Resync`]. Agents
+/// without it (older ones, e.g. inside an older snapshot) cannot decode that request and
+/// answer it with an [`ErrorKind::Protocol`] error.
+pub const CAP_RESYNC: &str = "resync";
+
 /// A frame from the host to the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
@@ -103,6 +111,17 @@ pub enum RequestBody {
     /// The host consumed `bytes` of the output stream (`Stdout`/`Stderr`/`FileChunk`) with
     /// this frame's id.
     Ack { bytes: u64 },
+    /// After a restore (every clone of a snapshot wakes up with the same clock and the same
+    /// RNG state): sets the guest's wall clock (`CLOCK_REALTIME`) to `unix_time_ns`, then
+    /// mixes `entropy` (at most [`MAX_RESYNC_ENTROPY`] bytes) into the kernel's RNG,
+    /// crediting 8 bits per byte, and reseeds it. Answered with `Done` (`bytes`: the entropy
+    /// bytes mixed in) or an `Error` that says which step failed. Needs [`CAP_RESYNC`]; new
+    /// variants go last so the older ones keep their encoding.
+    Resync {
+        unix_time_ns: u64,
+        #[serde(with = "serde_bytes")]
+        entropy: Vec<u8>,
+    },
 }
 
 /// What to run and how. Only `argv` is required.
@@ -502,6 +521,38 @@ mod tests {
             assert_eq!(decode_id(&payload), Some(7));
         }
         assert!(read_frame(&mut reader).unwrap().is_none());
+    }
+
+    #[test]
+    fn resync_round_trips_and_older_requests_keep_their_encoding() {
+        let request = Request {
+            id: 42,
+            body: RequestBody::Resync {
+                unix_time_ns: 1_700_000_000_123_456_789,
+                entropy: (0..=255u8).chain(0..=255u8).collect(),
+            },
+        };
+        let frame = encode_frame(&request).unwrap();
+        let payload = read_frame(&mut &frame[..]).unwrap().unwrap();
+        assert_eq!(decode::<Request>(&payload).unwrap(), request);
+        assert_eq!(decode_id(&payload), Some(42));
+        // The entropy travels as bytes: 512 of them plus a few bytes of framing.
+        assert!(payload.len() < MAX_RESYNC_ENTROPY + 24, "{}", payload.len());
+        // Adding Resync last left every older request's encoding (its variant index) alone:
+        // `Shutdown` is still variant 11 and `Ack` 12, as an older agent expects.
+        let shutdown = encode_frame(&Request {
+            id: 1,
+            body: RequestBody::Shutdown,
+        })
+        .unwrap();
+        assert_eq!(&shutdown[4..], &[1, 11]);
+        let ack = encode_frame(&Request {
+            id: 1,
+            body: RequestBody::Ack { bytes: 5 },
+        })
+        .unwrap();
+        assert_eq!(&ack[4..], &[1, 12, 5]);
+        assert_eq!(payload[1], 13);
     }
 
     #[test]

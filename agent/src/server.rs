@@ -25,7 +25,7 @@ use crate::init::{release_owned, spawn_owned};
 use crate::protocol::{
     decode, decode_id, encode_frame, read_frame, Credit, ErrorKind, ExecRequest, ExitStatus,
     FileStat, FileType, FrameError, RemoteError, Request, RequestBody, Response, ResponseBody,
-    Transport, ACK_THRESHOLD, MAX_CHUNK, PROTOCOL_VERSION, STREAM_WINDOW,
+    Transport, ACK_THRESHOLD, CAP_RESYNC, MAX_CHUNK, PROTOCOL_VERSION, STREAM_WINDOW,
 };
 
 /// What the agent tells the host it can do, in `Hello`.
@@ -39,6 +39,7 @@ pub const CAPABILITIES: &[&str] = &[
     "mkdir",
     "stat",
     "shutdown",
+    CAP_RESYNC,
 ];
 
 /// How long an exec waits for its output pipes to close after the command exited (a
@@ -353,6 +354,16 @@ impl Conn {
                 if let Some(credit) = lock(&self.outputs).get(&id) {
                     credit.release(bytes);
                 }
+            }
+            RequestBody::Resync {
+                unix_time_ns,
+                entropy,
+            } => {
+                // clock_settime and two ioctls: answered inline, like Mkdir.
+                match crate::resync::resync(unix_time_ns, &entropy) {
+                    Ok(bytes) => self.send(id, ResponseBody::Done { bytes }),
+                    Err(err) => self.send_error(id, err),
+                };
             }
         }
     }

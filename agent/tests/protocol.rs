@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use ember_agent::client::{AgentClient, ClientError, OutputStream};
 use ember_agent::protocol::{
     decode, read_frame, write_frame, ErrorKind, ExecRequest, ExitStatus, FileType, Request,
-    RequestBody, Response, ResponseBody, AGENT_VSOCK_PORT, MAX_FRAME_LEN, PROTOCOL_VERSION,
+    RequestBody, Response, ResponseBody, AGENT_VSOCK_PORT, MAX_FRAME_LEN, MAX_RESYNC_ENTROPY,
+    PROTOCOL_VERSION,
 };
 use ember_agent::server::{serve_connection, ServerConfig, ServerError};
 use sha2::{Digest, Sha256};
@@ -101,9 +102,11 @@ fn handshake_reports_versions_and_capabilities() {
         "read-file",
         "stat",
         "shutdown",
+        "resync",
     ] {
         assert!(info.capabilities.iter().any(|c| c == capability));
     }
+    assert_eq!(client.agent_info(), Some(info));
 }
 
 #[test]
@@ -581,6 +584,128 @@ fn a_malformed_payload_is_answered_and_the_connection_keeps_serving() {
     assert!(matches!(response.body, ResponseBody::Hello { .. }));
     drop(host);
     agent.join().unwrap();
+}
+
+#[test]
+fn resync_with_oversized_entropy_is_an_error_value_and_the_connection_goes_on() {
+    let (mut host, guest) = UnixStream::pair().unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let agent = Agent::serve(guest);
+    // Past the bound: refused before the clock or the RNG is touched (this test runs on
+    // the host, often as root; a valid Resync would set the host's clock).
+    write_frame(
+        &mut host,
+        &Request {
+            id: 9,
+            body: RequestBody::Resync {
+                unix_time_ns: 1,
+                entropy: vec![7; MAX_RESYNC_ENTROPY + 1],
+            },
+        },
+    )
+    .unwrap();
+    let response = read_response(&mut host);
+    assert_eq!(response.id, 9);
+    let ResponseBody::Error(err) = response.body else {
+        panic!("{response:?}")
+    };
+    assert_eq!(err.kind, ErrorKind::TooLarge);
+    assert!(err.message.contains("entropy"), "{}", err.message);
+    // The connection still serves.
+    write_frame(
+        &mut host,
+        &Request {
+            id: 10,
+            body: RequestBody::Stat { path: "/".into() },
+        },
+    )
+    .unwrap();
+    let response = read_response(&mut host);
+    assert_eq!(response.id, 10);
+    assert!(matches!(response.body, ResponseBody::StatResult(_)));
+    drop(host);
+    agent.join().unwrap();
+}
+
+#[test]
+fn the_client_refuses_oversized_entropy_without_asking_the_agent() {
+    let (client, _agent) = pair();
+    let err = client.resync(1, &[0; MAX_RESYNC_ENTROPY + 1]).unwrap_err();
+    assert!(matches!(err, ClientError::InvalidRequest(_)), "{err}");
+    assert!(err.to_string().contains("513 bytes"), "{err}");
+}
+
+/// An agent from before `Resync` (as in an older snapshot): its `Hello` lacks the capability
+/// and it answers anything but `Hello` with the protocol error an old agent gives for a
+/// request it cannot decode. Returns the requests it received.
+fn old_agent(mut guest: UnixStream) -> JoinHandle<Vec<Request>> {
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        while let Ok(Some(payload)) = read_frame(&mut guest) {
+            let Ok(request) = decode::<Request>(&payload) else {
+                let id = ember_agent::protocol::decode_id(&payload).unwrap_or(0);
+                let error =
+                    ember_agent::protocol::RemoteError::new(ErrorKind::Protocol, "malformed frame");
+                let body = ResponseBody::Error(error);
+                if write_frame(&mut guest, &Response { id, body }).is_err() {
+                    break;
+                }
+                continue;
+            };
+            let body = match &request.body {
+                RequestBody::Hello { .. } => ResponseBody::Hello {
+                    agent_version: "0.0.9".into(),
+                    protocol_version: PROTOCOL_VERSION,
+                    capabilities: vec!["exec".into(), "shutdown".into()],
+                },
+                _ => ResponseBody::Error(ember_agent::protocol::RemoteError::new(
+                    ErrorKind::Protocol,
+                    "unknown request",
+                )),
+            };
+            let id = request.id;
+            seen.push(request);
+            if write_frame(&mut guest, &Response { id, body }).is_err() {
+                break;
+            }
+        }
+        seen
+    })
+}
+
+#[test]
+fn resync_to_an_agent_without_the_capability_is_unsupported_and_not_sent() {
+    let (host, guest) = UnixStream::pair().unwrap();
+    let agent = old_agent(guest);
+    let client = AgentClient::new(host).unwrap();
+    // Before hello the client cannot know: the old agent answers a protocol error.
+    let err = client.resync(5, &[1, 2, 3]).unwrap_err();
+    assert_eq!(remote_kind(&err), ErrorKind::Protocol);
+    client.hello().unwrap();
+    for err in [
+        client.resync(5, &[1, 2, 3]).unwrap_err(),
+        client.resync_now().unwrap_err(),
+    ] {
+        let ClientError::Unsupported {
+            capability,
+            agent_version,
+            ..
+        } = &err
+        else {
+            panic!("{err:?}")
+        };
+        assert_eq!(*capability, "resync");
+        assert_eq!(agent_version, "0.0.9");
+        assert!(err.to_string().contains("\"resync\""), "{err}");
+    }
+    drop(client);
+    let seen = agent.join().unwrap();
+    assert_eq!(seen.len(), 2, "nothing was sent after the hello: {seen:?}");
+    assert!(
+        matches!(seen[1].body, RequestBody::Hello { .. }),
+        "{seen:?}"
+    );
 }
 
 #[test]

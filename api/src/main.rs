@@ -3,6 +3,7 @@
 mod command;
 mod doctor;
 mod run;
+mod store_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +29,12 @@ enum Command {
     /// Continue a saved sandbox (memory arrives lazily through userfaultfd) and run a
     /// command in it.
     Restore(Box<run::RestoreArgs>),
+    /// List the snapshots in the store (`--json` for a JSON array), or delete one:
+    /// `ember snapshots delete ID`.
+    Snapshots(store_cmd::SnapshotsArgs),
+    /// Inspect and maintain the snapshot store: `stats`, `verify` (re-hash every object),
+    /// `gc` (reclaim what no snapshot uses).
+    Store(store_cmd::StoreArgs),
 }
 
 fn main() {
@@ -39,6 +46,8 @@ fn main() {
         Command::Doctor => doctor::run(),
         Command::Run(args) => run::run(*args),
         Command::Restore(args) => run::restore(*args),
+        Command::Snapshots(args) => store_cmd::snapshots(args),
+        Command::Store(args) => store_cmd::store(args),
     };
     std::process::exit(code);
 }
