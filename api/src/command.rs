@@ -251,6 +251,12 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
     };
     let ready = start.elapsed();
     log::info!("agent ready after {:.1} ms", ready.as_secs_f64() * 1e3);
+    if matches!(origin, Origin::Restore { .. }) {
+        // The restored guest's clock and RNG are the snapshot's (the same in every clone).
+        if let Err(e) = client.resync_now() {
+            log::warn!("cannot resync the restored guest's clock and entropy: {e}");
+        }
+    }
 
     let code = match run_plan(&client, &plan) {
         Ok(code) => code,
@@ -259,6 +265,14 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
             1
         }
     };
+    if let Origin::Restore {
+        store,
+        id,
+        mode: RestoreMode::Prefetch,
+    } = &origin
+    {
+        record_working_set(&vmm, store, id);
+    }
     if let (Some(id), Origin::Boot | Origin::Restore { .. }) = (&plan.snapshot_on_exit, &origin) {
         let store = match &origin {
             Origin::Restore { store, .. } => Ok(store.clone()),
@@ -303,7 +317,10 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
                 start.elapsed().as_secs_f64() * 1e3,
                 ready.as_secs_f64() * 1e3,
                 vmm.faults_served()
-                    .map(|f| format!(", {f} pages served on demand"))
+                    .map(|f| format!(
+                        ", {f} pages served on demand, {} prefetched",
+                        vmm.pages_prefetched().unwrap_or(0)
+                    ))
                     .unwrap_or_default()
             );
             code
@@ -322,6 +339,27 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
         }
     };
     result
+}
+
+/// After a snapshot's first prefetch-mode restore has run its command, saves the pages that
+/// restore needed so later restores load them up front.
+fn record_working_set(vmm: &Vmm, store: &ember_snapshot_store::Store, id: &str) {
+    match store.load_working_set(id) {
+        Ok(Some(_)) => return,
+        Ok(None) => {}
+        // A damaged one is replaced.
+        Err(e) => log::warn!("{e}; recording a new one"),
+    }
+    let Some(pages) = vmm.take_working_set() else {
+        return;
+    };
+    match store.save_working_set(id, &pages) {
+        Ok(()) => log::info!(
+            "recorded a working set of {} pages for snapshot {id}",
+            pages.len()
+        ),
+        Err(e) => log::warn!("cannot record the working set of snapshot {id}: {e}"),
+    }
 }
 
 /// Connects to the agent once it listens, giving up if the VM ends or time runs out.

@@ -209,8 +209,13 @@ fn write_report(path: &Path, report: &RunReport) -> std::io::Result<()> {
 pub struct RestoreArgs {
     /// The snapshot to continue.
     pub id: String,
-    /// Copy all of memory in before the vCPUs start (default: pages arrive on first touch).
-    #[arg(long)]
+    /// How memory arrives: `prefetch` (default: on first touch, plus the working set
+    /// recorded by the snapshot's first restore loaded in bulk in the background), `lazy`
+    /// (on first touch only) or `eager` (all of it before the vCPUs start).
+    #[arg(long, default_value = "prefetch", value_parser = clap::value_parser!(ember_vmm::RestoreMode))]
+    pub mode: ember_vmm::RestoreMode,
+    /// Same as `--mode eager`.
+    #[arg(long, conflicts_with = "mode")]
     pub eager: bool,
     /// How the command runs, and what happens around it.
     #[command(flatten)]
@@ -252,7 +257,7 @@ pub fn restore(args: RestoreArgs) -> i32 {
     let mode = if args.eager {
         ember_vmm::RestoreMode::Eager
     } else {
-        ember_vmm::RestoreMode::Lazy
+        args.mode
     };
     let origin = crate::command::Origin::Restore {
         store,

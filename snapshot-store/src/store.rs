@@ -39,6 +39,12 @@ pub enum StoreError {
     #[error(transparent)]
     Map(#[from] MapError),
     /// No sealed pack holds this object.
+    #[error("working set of snapshot {id} ({path}) is unusable: {reason}")]
+    WorkingSet {
+        id: String,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("object {0} not found in the store")]
     NotFound(Hash),
     /// The stored bytes do not hash to the object's name (or do not decompress).
@@ -737,7 +743,8 @@ impl Store {
         fsutil::sync_dir(&self.manifests_dir).map_err(|source| StoreError::Io {
             path: self.manifests_dir.clone(),
             source,
-        })
+        })?;
+        self.delete_working_set(id)
     }
 
     /// Loads a snapshot's memory map, checking it against the manifest's memory size.

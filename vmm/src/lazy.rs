@@ -233,24 +233,7 @@ impl LazyMemory {
                 std::thread::Builder::new()
                     .name("ember-prefetch".into())
                     .spawn(move || {
-                        let mut buf = [0u8; PAGE_SIZE];
-                        for index in prefetch {
-                            if stopping.load(Ordering::Relaxed) {
-                                break;
-                            }
-                            let Some(addr) = layout.addr_of(index) else {
-                                continue;
-                            };
-                            let data = match source.read_page(index, &mut buf) {
-                                Ok(true) => Some(&buf),
-                                Ok(false) => None,
-                                // The handler reports errors when the page is really needed.
-                                Err(_) => continue,
-                            };
-                            if let Ok(true) = place_page(&uffd, addr, data) {
-                                stats.prefetched.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
+                        prefetch_runs(&uffd, &layout, source.as_ref(), &stats, &stopping, prefetch)
                     })
                     .map_err(|source| LazyError::Spawn {
                         what: "prefetch",
@@ -268,6 +251,13 @@ impl LazyMemory {
             error_evt,
             failure,
         })
+    }
+
+    /// Waits until the prefetch thread (if any) has loaded its pages.
+    pub fn finish_prefetch(&mut self) {
+        if let Some(h) = self.prefetcher.take() {
+            let _ = h.join();
+        }
     }
 
     pub fn stats(&self) -> &LazyStats {
@@ -304,6 +294,94 @@ impl Drop for LazyMemory {
             let _ = h.join();
         }
     }
+}
+
+/// Pages per `UFFDIO_COPY` when prefetching (one call per run of neighbouring pages: the
+/// per-call cost, not the copy, dominates a 4 KiB page).
+const PREFETCH_RUN_PAGES: usize = 64;
+
+/// Loads `pages` in bulk: sorted into runs of neighbouring pages, each read from `source` and
+/// placed with one `UFFDIO_COPY`. Pages the guest touched first are skipped (EEXIST); read
+/// errors are left to the fault handler, which reports them if the page is really needed.
+fn prefetch_runs(
+    uffd: &Uffd,
+    layout: &Layout,
+    source: &dyn PageSource,
+    stats: &LazyStats,
+    stopping: &AtomicBool,
+    mut pages: Vec<u64>,
+) {
+    pages.sort_unstable();
+    pages.dedup();
+    let mut buf = vec![0u8; PREFETCH_RUN_PAGES * PAGE_SIZE];
+    let mut i = 0;
+    while i < pages.len() && !stopping.load(Ordering::Relaxed) {
+        // A run: consecutive indices that are also contiguous in the host mapping.
+        let first = pages[i];
+        let Some(base) = layout.addr_of(first) else {
+            i += 1;
+            continue;
+        };
+        let mut len = 1;
+        while len < PREFETCH_RUN_PAGES
+            && i + len < pages.len()
+            && pages[i + len] == first + len as u64
+            && layout.addr_of(first + len as u64) == Some(base + (len * PAGE_SIZE) as u64)
+        {
+            len += 1;
+        }
+        let mut readable = true;
+        for (k, chunk) in buf.chunks_exact_mut(PAGE_SIZE).take(len).enumerate() {
+            let page: &mut [u8; PAGE_SIZE] = chunk.try_into().expect("chunks are pages");
+            match source.read_page(first + k as u64, page) {
+                Ok(true) => {}
+                Ok(false) => page.fill(0),
+                Err(_) => readable = false,
+            }
+        }
+        if readable {
+            stats.prefetched.fetch_add(
+                place_run(uffd, base, &buf[..len * PAGE_SIZE]),
+                Ordering::Relaxed,
+            );
+        }
+        i += len;
+    }
+}
+
+/// Copies a run of pages into place, stepping over pages already there; returns how many
+/// pages it placed.
+fn place_run(uffd: &Uffd, base: u64, data: &[u8]) -> u64 {
+    let mut done = 0usize;
+    let mut placed = 0u64;
+    while done < data.len() {
+        let rest = &data[done..];
+        let dst = base + done as u64;
+        // SAFETY: `dst..dst + rest.len()` lies inside one guest RAM region registered with
+        // this userfaultfd (the run was built from `Layout`), and `rest` is readable memory of
+        // exactly that length.
+        let result = unsafe {
+            uffd.copy(
+                rest.as_ptr() as *const c_void,
+                dst as *mut c_void,
+                rest.len(),
+                true,
+            )
+        };
+        match result {
+            Ok(n) | Err(userfaultfd::Error::PartiallyCopied(n)) if n > 0 => {
+                done += n;
+                placed += (n / PAGE_SIZE) as u64;
+            }
+            Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == libc::EEXIST => {
+                // Faulted in meanwhile: wake any waiter and go on after it.
+                let _ = uffd.wake(dst as *mut c_void, PAGE_SIZE);
+                done += PAGE_SIZE;
+            }
+            Ok(_) | Err(_) => break,
+        }
+    }
+    placed
 }
 
 fn serve_faults(

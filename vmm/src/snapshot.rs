@@ -38,6 +38,25 @@ pub enum RestoreMode {
     Lazy,
     /// Every page is copied before the vCPUs start.
     Eager,
+    /// As `Lazy`, and the snapshot's recorded working set (if any) is loaded in bulk in the
+    /// background from the start; without one, this restore's touched pages can be recorded
+    /// for the next (`Vmm::take_working_set`).
+    Prefetch,
+}
+
+impl std::str::FromStr for RestoreMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "lazy" => Ok(RestoreMode::Lazy),
+            "eager" => Ok(RestoreMode::Eager),
+            "prefetch" => Ok(RestoreMode::Prefetch),
+            other => Err(format!(
+                "unknown restore mode {other:?} (lazy, eager or prefetch)"
+            )),
+        }
+    }
 }
 
 /// Serves guest pages from a snapshot's memory map (each read verifies the page's hash).

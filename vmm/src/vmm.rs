@@ -370,6 +370,7 @@ struct Devices {
     virtio: Vec<(u64, u32)>,
     reset_evt: EventFd,
     boot_time: Arc<OnceLock<Duration>>,
+    vsock: Option<Arc<Mutex<Vsock>>>,
 }
 
 fn attach_devices(
@@ -471,13 +472,9 @@ fn attach_devices(
                     reason: e.to_string(),
                 })?;
         }
-        // Connections do not survive a snapshot: the guest is told so, its listening sockets
-        // stay, and host clients connect again.
-        if let Some(vsock) = &vsock_device {
-            lock_or_recover(vsock).send_transport_reset();
-        }
     }
     Ok(Devices {
+        vsock: vsock_device,
         io: Arc::new(io),
         subscribers,
         serial,
@@ -796,10 +793,22 @@ impl Vmm {
 
         let kvm = open_kvm()?;
         let mem = create_guest_memory(config.mem_bytes()).map_err(VmmError::Memory)?;
+        crate::memory::disable_huge_pages(&mem).map_err(VmmError::Memory)?;
         let source = StorePages { store, map };
+        let prefetch = match mode {
+            RestoreMode::Prefetch => match source.store.load_working_set(id) {
+                Ok(pages) => pages,
+                Err(e) => {
+                    log::warn!("restore {id}: not prefetching: {e}");
+                    None
+                }
+            },
+            RestoreMode::Lazy | RestoreMode::Eager => None,
+        };
+        let prefetching = prefetch.as_ref().map_or(0, Vec::len);
         let lazy = match mode {
-            RestoreMode::Lazy => Some(
-                LazyMemory::start(&mem, Arc::new(source), Vec::new())
+            RestoreMode::Lazy | RestoreMode::Prefetch => Some(
+                LazyMemory::start(&mem, Arc::new(source), prefetch.unwrap_or_default())
                     .map_err(|e| fail(e.to_string()))?,
             ),
             RestoreMode::Eager => {
@@ -807,6 +816,9 @@ impl Vmm {
                 None
             }
         };
+        if prefetching > 0 {
+            log::debug!("restore {id}: prefetching a working set of {prefetching} pages");
+        }
         phase("memory ready");
         let vm = Vm::new(&kvm)?;
         // SAFETY: as in `build`: `mem` outlives the VM and its vCPUs inside the Vmm.
@@ -827,7 +839,23 @@ impl Vmm {
             crate::persist::vcpu::restore_vcpu(&fd, state).map_err(|e| fail(e.to_string()))?;
             fds.push((index, fd));
         }
+        // Connections do not survive a snapshot: the guest is told so, its listening sockets
+        // stay, and host clients connect again. Only now, with the interrupt controllers and
+        // LAPICs restored, can the event's interrupt reach the guest (restoring the irqchip
+        // would clear a line raised earlier, and the driver would not see the event until some
+        // other vsock interrupt).
+        if let Some(vsock) = &devices.vsock {
+            lock_or_recover(vsock).send_transport_reset();
+        }
         phase("vCPUs restored");
+        // The working set was loading while the VM was put together; let it finish before
+        // the guest runs (REAP's finding: loading it in one go beats racing the guest for it,
+        // which on few cores mostly steals the vCPU's time).
+        let mut lazy = lazy;
+        if let Some(lazy) = lazy.as_mut() {
+            lazy.finish_prefetch();
+        }
+        phase("working set loaded");
         Vmm::assemble(config, vm, mem, lazy, devices, fds)
     }
 
@@ -840,6 +868,21 @@ impl Vmm {
     /// Pages served on demand so far (lazy restores only).
     pub fn faults_served(&self) -> Option<u64> {
         self.lazy.as_ref().map(|l| l.stats().faults())
+    }
+
+    /// Pages the prefetcher placed before the guest touched them (lazy restores only).
+    pub fn pages_prefetched(&self) -> Option<u64> {
+        self.lazy.as_ref().map(|l| {
+            l.stats()
+                .prefetched
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+    }
+
+    /// Stops recording faults and returns the pages served on demand so far, in first-touch
+    /// order: the working set to prefetch next time (lazy restores only).
+    pub fn take_working_set(&self) -> Option<Vec<u64>> {
+        self.lazy.as_ref().map(LazyMemory::take_recorded)
     }
 
     /// Runs all vCPUs.

@@ -799,7 +799,10 @@ fn transport_reset_drops_connections_and_notifies_the_guest() {
     let mut early = UnixStream::connect(&h.uds).unwrap();
     early.write_all(b"CONNECT 52\n").unwrap();
     h.pump();
-    assert!(h.recv().is_empty(), "a request went out before the reset was handled");
+    assert!(
+        h.recv().is_empty(),
+        "a request went out before the reset was handled"
+    );
     h.desc(EVT, 2, EV_BUF + 32, 4, W, 0);
     h.make_avail(EVT, 2);
     h.kick(EVT);

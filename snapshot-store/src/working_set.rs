@@ -1,0 +1,164 @@
+//! Recorded working sets: the guest pages a restored snapshot touched until its first command
+//! finished, in first-touch order. A later restore of the same snapshot loads them in bulk
+//! before the guest asks (REAP-style prefetch).
+//!
+//! One file per snapshot under `workingsets/`: magic, page count, the pages as little-endian
+//! u64s, and a BLAKE3 checksum of everything before it. Written atomically; a working set is
+//! advisory, so a damaged one is reported and the restore falls back to plain lazy loading.
+
+use std::fs;
+use std::io;
+use std::path::PathBuf;
+
+use crate::fsutil;
+use crate::manifest::validate_id;
+use crate::store::{Result, Store, StoreError};
+
+const MAGIC: &[u8; 8] = b"EMBRWSET";
+/// Bound on a working set's length (1 Mi pages = 4 GiB of touched memory).
+pub const MAX_WORKING_SET_PAGES: usize = 1 << 20;
+
+impl Store {
+    fn working_set_path(&self, id: &str) -> Result<PathBuf> {
+        validate_id(id)?;
+        Ok(self.root().join("workingsets").join(id))
+    }
+
+    /// Saves the working set recorded for snapshot `id`, replacing an earlier one.
+    pub fn save_working_set(&self, id: &str, pages: &[u64]) -> Result<()> {
+        let path = self.working_set_path(id)?;
+        let fail = |reason: String| StoreError::WorkingSet {
+            id: id.to_string(),
+            path: path.clone(),
+            reason,
+        };
+        if pages.len() > MAX_WORKING_SET_PAGES {
+            return Err(fail(format!(
+                "{} pages is above the bound of {MAX_WORKING_SET_PAGES}",
+                pages.len()
+            )));
+        }
+        // Only a snapshot that exists gets one (and `delete_manifest` removes it).
+        self.load_manifest(id)?;
+        let dir = path.parent().map(PathBuf::from).unwrap_or_default();
+        fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut bytes = Vec::with_capacity(16 + pages.len() * 8 + 32);
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&(pages.len() as u64).to_le_bytes());
+        for page in pages {
+            bytes.extend_from_slice(&page.to_le_bytes());
+        }
+        let sum = blake3::hash(&bytes);
+        bytes.extend_from_slice(sum.as_bytes());
+        let tmp = dir.join(format!(".{id}.tmp-{}", std::process::id()));
+        fsutil::write_atomic(&tmp, &path, &bytes).map_err(|source| StoreError::Io {
+            path: path.clone(),
+            source,
+        })
+    }
+
+    /// The working set recorded for snapshot `id`: `Ok(None)` if none was recorded, an error
+    /// if the file is damaged.
+    pub fn load_working_set(&self, id: &str) -> Result<Option<Vec<u64>>> {
+        let path = self.working_set_path(id)?;
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StoreError::Io { path, source }),
+        };
+        let fail = |reason: String| StoreError::WorkingSet {
+            id: id.to_string(),
+            path: path.clone(),
+            reason,
+        };
+        if bytes.len() < 16 + 32 || &bytes[..8] != MAGIC {
+            return Err(fail("wrong magic or too short".into()));
+        }
+        let (body, sum) = bytes.split_at(bytes.len() - 32);
+        if blake3::hash(body).as_bytes() != sum {
+            return Err(fail("checksum mismatch".into()));
+        }
+        let count = u64::from_le_bytes(body[8..16].try_into().unwrap_or_default());
+        let listed = &body[16..];
+        if count > MAX_WORKING_SET_PAGES as u64 || listed.len() as u64 != count * 8 {
+            return Err(fail(format!(
+                "declares {count} pages but holds {} bytes of them",
+                listed.len()
+            )));
+        }
+        Ok(Some(
+            listed
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+                .collect(),
+        ))
+    }
+
+    /// Forgets snapshot `id`'s working set (a missing one is fine).
+    pub fn delete_working_set(&self, id: &str) -> Result<()> {
+        let path = self.working_set_path(id)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StoreError::Io { path, source }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Manifest, MemoryRef, Store};
+
+    fn store_with_snapshot(name: &str) -> (Store, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("ember-ws-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).unwrap();
+        let mut w = store.writer().unwrap();
+        let map = w.put_memory(&vec![1u8; 8192], 1).unwrap();
+        let state = w.put(crate::ObjectKind::VmState, b"state").unwrap();
+        let map_chunks = map.store(&mut w).unwrap();
+        let m = Manifest::new(
+            "snap",
+            state,
+            MemoryRef {
+                size_bytes: map.size_bytes(),
+                page_size: 4096,
+                map_chunks,
+            },
+        );
+        w.commit(&m).unwrap();
+        (store, dir)
+    }
+
+    #[test]
+    fn round_trips_and_is_removed_with_its_snapshot() {
+        let (store, dir) = store_with_snapshot("rt");
+        assert_eq!(store.load_working_set("snap").unwrap(), None);
+        store.save_working_set("snap", &[5, 1, 9]).unwrap();
+        assert_eq!(store.load_working_set("snap").unwrap(), Some(vec![5, 1, 9]));
+        store.save_working_set("snap", &[2]).unwrap();
+        assert_eq!(store.load_working_set("snap").unwrap(), Some(vec![2]));
+        assert!(store.save_working_set("nosuch", &[1]).is_err());
+        store.delete_manifest("snap").unwrap();
+        assert_eq!(store.load_working_set("snap").unwrap(), None);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn damage_is_reported_not_trusted() {
+        let (store, dir) = store_with_snapshot("dmg");
+        store.save_working_set("snap", &[5, 1, 9]).unwrap();
+        let path = dir.join("workingsets/snap");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[20] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = store.load_working_set("snap").unwrap_err().to_string();
+        assert!(err.contains("checksum"), "{err}");
+        std::fs::write(&path, &bytes[..10]).unwrap();
+        assert!(store.load_working_set("snap").is_err());
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
