@@ -32,7 +32,8 @@ struct Active {
     interrupt: Arc<VirtioInterrupt>,
 }
 
-/// A virtio-block device with one request queue, backed by a raw image file.
+/// A virtio-block device with one request queue, backed by a [`Disk`] (a raw image file or a
+/// copy-on-write view of a base image).
 ///
 /// Processing happens on the event-manager thread: add the device (as
 /// `Arc<Mutex<Block>>`, the same object given to the transport) with
@@ -66,12 +67,17 @@ impl Block {
     /// Opens the raw image at `path` (read-only if `read_only`); `id` is what GET_ID returns
     /// (at most 20 bytes are used).
     pub fn new(path: &Path, read_only: bool, id: String) -> Result<Block, BlockError> {
-        let disk = Disk::open(path, read_only, &id)?;
+        Block::with_disk(Disk::open(path, read_only, &id)?)
+    }
+
+    /// A device over an already opened disk, e.g. a copy-on-write one from
+    /// [`Disk::open_cow`]. The device is read-only if the disk is.
+    pub fn with_disk(disk: Disk) -> Result<Block, BlockError> {
         let mut avail_features = FEATURE_VERSION_1
             | 1 << VIRTIO_BLK_F_FLUSH
             | 1 << VIRTIO_BLK_F_SEG_MAX
             | 1 << VIRTIO_BLK_F_BLK_SIZE;
-        if read_only {
+        if disk.read_only() {
             avail_features |= 1 << VIRTIO_BLK_F_RO;
         }
         Ok(Block {

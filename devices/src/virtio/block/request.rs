@@ -8,7 +8,6 @@
 //! guest cannot make the device allocate large buffers.
 
 use std::io;
-use std::os::unix::fs::FileExt;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
@@ -350,13 +349,12 @@ pub fn execute_request(
             let mut offset = byte_offset(req)?;
             for &(addr, len) in &req.data {
                 copy_chunks(addr, len, &mut buf, |gpa, chunk| {
-                    disk.file().read_exact_at(chunk, offset).map_err(|source| {
-                        RequestError::Io {
+                    disk.read_at(chunk, offset)
+                        .map_err(|source| RequestError::Io {
                             op: "read",
                             offset,
                             source,
-                        }
-                    })?;
+                        })?;
                     mem.write_slice(chunk, gpa)
                         .map_err(|source| RequestError::Memory {
                             addr: gpa.0,
@@ -379,8 +377,7 @@ pub fn execute_request(
                             addr: gpa.0,
                             source,
                         })?;
-                    disk.file()
-                        .write_all_at(chunk, offset)
+                    disk.write_at(chunk, offset)
                         .map_err(|source| RequestError::Io {
                             op: "write",
                             offset,
@@ -394,7 +391,7 @@ pub fn execute_request(
         }
         RequestType::Flush => {
             if !disk.read_only() {
-                disk.file().sync_data().map_err(|source| RequestError::Io {
+                disk.sync_data().map_err(|source| RequestError::Io {
                     op: "flush",
                     offset: 0,
                     source,

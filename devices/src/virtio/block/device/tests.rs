@@ -54,6 +54,26 @@ fn features_and_config_space() {
 }
 
 #[test]
+fn block_over_a_cow_disk() {
+    let img = image(64 * 512 + 100);
+    let overlay = img.as_path().with_extension("overlay");
+    let disk = Disk::open_cow(img.as_path(), &overlay, "cow").unwrap();
+    let b = Block::with_disk(disk).unwrap();
+    assert_eq!(b.avail_features() & 1 << VIRTIO_BLK_F_RO, 0);
+    assert_eq!(config(&b, 0, 8), 64u64.to_le_bytes());
+    let cow = b.disk().cow().unwrap();
+    assert_eq!(cow.base_path(), img.as_path());
+    assert_eq!(cow.overlay_path(), overlay);
+    assert!(overlay.exists());
+    drop(b);
+    assert!(!overlay.exists());
+
+    // A read-only disk gives a read-only device.
+    let ro = Block::with_disk(Disk::open(img.as_path(), true, "ro").unwrap()).unwrap();
+    assert_ne!(ro.avail_features() & 1 << VIRTIO_BLK_F_RO, 0);
+}
+
+#[test]
 fn config_writes_and_unoffered_acks_are_ignored() {
     let img = image(4096);
     let mut b = Block::new(img.as_path(), false, "x".into()).unwrap();

@@ -40,6 +40,15 @@ fn setup_with(read_only: bool, size: u64) -> Setup {
     Setup { mem, file, disk }
 }
 
+/// A copy-on-write disk over a base holding `pattern`; `file` is the base. The overlay sits
+/// next to it and is removed when the disk is dropped.
+fn setup_cow(size: u64) -> Setup {
+    let mut s = setup_with(true, size);
+    let overlay = s.file.as_path().with_extension("overlay");
+    s.disk = Disk::open_cow(s.file.as_path(), &overlay, "ember-cow-0").unwrap();
+    s
+}
+
 fn setup(read_only: bool) -> Setup {
     setup_with(read_only, DISK_SIZE)
 }
@@ -496,4 +505,56 @@ fn unaligned_image_size_is_rounded_down() {
     write_header(&s.mem, VIRTIO_BLK_T_IN, 8);
     let descs = chain(&request(&[(DATA, 512, W)]));
     assert_eq!(submit(&s, &descs), (Some(1), STATUS_IOERR));
+}
+
+#[test]
+fn write_then_read_over_a_cow_disk() {
+    let s = setup_cow(DISK_SIZE);
+    let overlay = s.disk.cow().unwrap().overlay_path().to_owned();
+    let base_before = file_bytes(&s, 0, DISK_SIZE as usize);
+    let payload: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 256) as u8 | 1).collect();
+    s.mem.write_slice(&payload, GuestAddress(DATA)).unwrap();
+
+    // OUT: 8 KiB at sector 124, across the boundary of the first two 64 KiB chunks.
+    write_header(&s.mem, VIRTIO_BLK_T_OUT, 124);
+    let descs = chain(&request(&[(DATA, 4096, R), (DATA + 4096, 4096, R)]));
+    assert_eq!(submit(&s, &descs), (Some(1), STATUS_OK));
+    let cow = s.disk.cow().unwrap();
+    assert_eq!(cow.written_chunks(), vec![0, 1]);
+
+    // FLUSH syncs the overlay.
+    write_header(&s.mem, VIRTIO_BLK_T_FLUSH, 0);
+    let descs = chain(&[(HDR, 16, R), (STATUS, 1, W)]);
+    assert_eq!(submit(&s, &descs), (Some(1), STATUS_OK));
+
+    // IN: the written sectors plus one base sector on each side.
+    let back = DATA + 0x10000;
+    write_header(&s.mem, VIRTIO_BLK_T_IN, 123);
+    let descs = chain(&request(&[(back, 9216, W)]));
+    assert_eq!(submit(&s, &descs), (Some(9216 + 1), STATUS_OK));
+    let got = guest_bytes(&s.mem, back, 9216);
+    assert_eq!(got[..512], base_before[123 * 512..124 * 512]);
+    assert_eq!(got[512..8704], payload[..]);
+    assert_eq!(got[8704..], base_before[140 * 512..141 * 512]);
+
+    // A read of an untouched chunk comes from the base.
+    write_header(&s.mem, VIRTIO_BLK_T_IN, 1000);
+    let descs = chain(&request(&[(back, 4096, W)]));
+    assert_eq!(submit(&s, &descs), (Some(4097), STATUS_OK));
+    assert_eq!(
+        guest_bytes(&s.mem, back, 4096),
+        base_before[1000 * 512..1000 * 512 + 4096]
+    );
+
+    // Past the end: an I/O error, nothing written.
+    write_header(&s.mem, VIRTIO_BLK_T_OUT, DISK_SIZE / 512);
+    let descs = chain(&request(&[(DATA, 512, R)]));
+    assert_eq!(submit(&s, &descs), (Some(1), STATUS_IOERR));
+    assert_eq!(s.disk.cow().unwrap().written_chunks(), vec![0, 1]);
+
+    // The base never changed; the overlay goes with the disk.
+    assert_eq!(file_bytes(&s, 0, DISK_SIZE as usize), base_before);
+    assert!(overlay.exists());
+    drop(s.disk);
+    assert!(!overlay.exists());
 }
