@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use ember_agent::client::{AgentClient, OutputStream};
 use ember_agent::protocol::{ExecRequest, ExitStatus, AGENT_VSOCK_PORT};
-use ember_vmm::{ExitReason, RestoreMode, VmConfig, Vmm, VmmError, VmmOptions, VsockConfig};
+use ember_vmm::{
+    ExitReason, RestoreMode, SnapshotKind, VmConfig, Vmm, VmmError, VmmOptions, VsockConfig,
+};
 
 /// The guest's CID for a single foreground VM.
 const GUEST_CID: u32 = 3;
@@ -42,6 +44,8 @@ pub struct CommandPlan {
     /// After the command, save the VM as this snapshot (and stop it) instead of shutting the
     /// guest down.
     pub snapshot_on_exit: Option<String>,
+    /// Store only the pages written since the restored snapshot (`snapshot_on_exit`).
+    pub diff: bool,
     /// The snapshot store (for `snapshot_on_exit` after a boot).
     pub store_dir: PathBuf,
 }
@@ -99,6 +103,10 @@ pub struct CommandArgs {
     /// shutting the guest down); `ember restore ID` continues from there.
     #[arg(long, value_name = "ID")]
     pub snapshot_on_exit: Option<String>,
+    /// With --snapshot-on-exit after a restore: a diff snapshot, which hashes and stores only
+    /// the pages written since the restored snapshot (the rest is shared with it).
+    #[arg(long, requires = "snapshot_on_exit")]
+    pub diff: bool,
     /// The snapshot store (default: $EMBER_STORE, else ~/.local/share/ember/store).
     #[arg(long)]
     pub store: Option<PathBuf>,
@@ -129,6 +137,7 @@ impl CommandArgs {
             forward_stdin: self.interactive,
             socket: self.vsock_socket,
             snapshot_on_exit: self.snapshot_on_exit,
+            diff: self.diff,
             store_dir: self.store.unwrap_or_else(default_store_dir),
         }
     }
@@ -280,7 +289,12 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
         };
         let result = store.and_then(|store| {
             let t = Instant::now();
-            vmm.snapshot(&store, id)
+            let kind = if plan.diff {
+                SnapshotKind::Diff
+            } else {
+                SnapshotKind::Full
+            };
+            vmm.snapshot_as(&store, id, kind)
                 .map(|m| (m, t.elapsed()))
                 .map_err(|e| e.to_string())
         });

@@ -194,3 +194,219 @@ fn vmtest_a_corrupt_object_fails_the_restore_naming_it() {
         "{stderr}"
     );
 }
+
+/// Boots the bundled rootfs (read-only) and saves it as snapshot `id` after `script`.
+fn boot_and_save(store: &TempStore, id: &str, script: &str) {
+    let (kernel, rootfs) = (artifact("EMBER_KERNEL"), artifact("EMBER_ROOTFS"));
+    let out = ember(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--rootfs",
+        &rootfs,
+        "--read-only-rootfs",
+        "--store",
+        store.path(),
+        "--snapshot-on-exit",
+        id,
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+}
+
+/// `ember restore ID ARGS… -- sh -c SCRIPT`, which must succeed.
+fn restore_ok(store: &TempStore, id: &str, args: &[&str], script: &str) -> Output {
+    let mut argv = vec!["restore", id, "--store", store.path()];
+    argv.extend_from_slice(args);
+    argv.extend_from_slice(&["--", "sh", "-c", script]);
+    let out = ember(&argv);
+    assert!(
+        out.status.success(),
+        "ember {argv:?} failed; stderr:\n{}",
+        text(&out.stderr)
+    );
+    out
+}
+
+/// The number in "… N <what> …" on ember's stderr.
+fn logged_count(out: &Output, what: &str) -> u64 {
+    let stderr = text(&out.stderr);
+    stderr
+        .lines()
+        .filter_map(|line| {
+            let end = line.find(what)?;
+            line[..end].split_whitespace().last()?.parse().ok()
+        })
+        .next_back()
+        .unwrap_or_else(|| panic!("no \"{what}\" in stderr:\n{stderr}"))
+}
+
+fn memory_objects(store: &TempStore, id: &str) -> std::collections::HashSet<String> {
+    let store = ember_snapshot_store::Store::open(&store.0).unwrap();
+    let manifest = store.load_manifest(id).unwrap();
+    store
+        .load_memory_map(&manifest)
+        .unwrap()
+        .pages
+        .iter()
+        .filter_map(|p| match p {
+            ember_snapshot_store::PageRef::Object(hash) => Some(hash.to_string()),
+            ember_snapshot_store::PageRef::Zero => None,
+        })
+        .collect()
+}
+
+#[test]
+fn vmtest_diff_snapshots_store_only_dirty_pages_and_snapshots_share_objects() {
+    let store = TempStore::new("diff");
+    boot_and_save(&store, "base", "true");
+
+    // A full snapshot of the same sandbox a few seconds later shares most of its pages.
+    restore_ok(&store, "base", &["--snapshot-on-exit", "later"], "sleep 3");
+    let (base, later) = (
+        memory_objects(&store, "base"),
+        memory_objects(&store, "later"),
+    );
+    let shared = later.intersection(&base).count();
+    assert!(
+        shared * 10 >= later.len() * 9,
+        "only {shared} of {} memory objects shared",
+        later.len()
+    );
+
+    // A diff snapshot after writing 8 MiB to a tmpfs stores about those pages, not memory.
+    let write = "head -c 8388608 /dev/urandom > /tmp/blob && sha256sum /tmp/blob";
+    let out = restore_ok(
+        &store,
+        "base",
+        &["--snapshot-on-exit", "dirty", "--diff"],
+        write,
+    );
+    let sum_before = text(&out.stdout);
+    let dirty = logged_count(&out, "pages written since base");
+    assert!(
+        (2048..8192).contains(&dirty),
+        "{dirty} dirty pages for 8 MiB written (of 65536)"
+    );
+    let added: usize = memory_objects(&store, "dirty")
+        .difference(&memory_objects(&store, "base"))
+        .count();
+    assert!(
+        added as u64 <= dirty,
+        "{added} new objects for {dirty} dirty pages"
+    );
+    let manifest = ember_snapshot_store::Store::open(&store.0)
+        .unwrap()
+        .load_manifest("dirty")
+        .unwrap();
+    assert_eq!(manifest.parent.as_deref(), Some("base"));
+
+    // The diff restores exactly, and a diff of a diff works too.
+    let out = restore_ok(
+        &store,
+        "dirty",
+        &["--snapshot-on-exit", "dirty2", "--diff"],
+        "sha256sum /tmp/blob; echo more > /tmp/more",
+    );
+    assert_eq!(text(&out.stdout), sum_before);
+    let out = restore_ok(
+        &store,
+        "dirty2",
+        &["--mode", "lazy"],
+        "sha256sum /tmp/blob; cat /tmp/more",
+    );
+    assert_eq!(text(&out.stdout), format!("{sum_before}more\n"));
+
+    // The store checks out.
+    let verify = ember(&["store", "verify", "--store", store.path()]);
+    assert!(verify.status.success(), "{}", text(&verify.stdout));
+}
+
+#[test]
+fn vmtest_prefetching_the_working_set_removes_most_faults() {
+    let store = TempStore::new("prefetch");
+    boot_and_save(&store, "ws", "python3 -c 'print(1)'");
+    let script = "python3 -c 'print(2)'";
+    let lazy = restore_ok(&store, "ws", &["--mode", "lazy"], script);
+    let lazy_faults = logged_count(&lazy, "pages served on demand");
+    // The first prefetch-mode restore records the working set, the next ones load it.
+    let first = restore_ok(&store, "ws", &["--mode", "prefetch"], script);
+    assert!(
+        text(&first.stderr).contains("recorded a working set"),
+        "{}",
+        text(&first.stderr)
+    );
+    let warm = restore_ok(&store, "ws", &["--mode", "prefetch"], script);
+    let warm_faults = logged_count(&warm, "pages served on demand");
+    let prefetched = logged_count(&warm, "prefetched");
+    assert_eq!(text(&warm.stdout), "2\n");
+    assert!(prefetched > 0, "nothing prefetched");
+    assert!(
+        warm_faults * 10 <= lazy_faults,
+        "prefetch left {warm_faults} faults of {lazy_faults}"
+    );
+}
+
+#[test]
+fn vmtest_four_clones_of_one_snapshot_run_at_once_with_their_own_randomness_and_clock() {
+    let store = TempStore::new("clones");
+    boot_and_save(&store, "parent", "echo ready > /tmp/marker");
+    let script = "cat /tmp/marker; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
+                  date +%s";
+    // Old enough that a guest clock simply continued from the snapshot would be behind.
+    std::thread::sleep(std::time::Duration::from_secs(10));
+    let restored_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let clones: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_ember"))
+                .args([
+                    "restore",
+                    "parent",
+                    "--store",
+                    store.path(),
+                    "--",
+                    "sh",
+                    "-c",
+                    script,
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start a clone")
+        })
+        .collect();
+    let outputs: Vec<Output> = clones
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("clone output"))
+        .collect();
+    let mut randoms = std::collections::HashSet::new();
+    for out in &outputs {
+        assert!(
+            out.status.success(),
+            "a clone failed:\n{}",
+            text(&out.stderr)
+        );
+        let stdout = text(&out.stdout);
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.first(), Some(&"ready"), "{stdout}");
+        assert_eq!(lines.get(1).map(|l| l.len()), Some(32), "{stdout}");
+        randoms.insert(lines[1].to_string());
+        let guest_time: u64 = lines[2].parse().expect("date +%s");
+        let host_time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(
+            guest_time + 3 >= restored_at && guest_time <= host_time + 3,
+            "guest clock {guest_time}, host {restored_at}..{host_time}"
+        );
+    }
+    assert_eq!(randoms.len(), 4, "clones shared randomness: {randoms:?}");
+}

@@ -16,7 +16,7 @@ pub mod vm;
 pub mod vmm;
 
 pub use crate::metrics::RunReport;
-pub use crate::snapshot::RestoreMode;
+pub use crate::snapshot::{RestoreMode, SnapshotKind};
 pub use crate::vmm::{
     run, run_reported, run_with, ExitReason, VmConfig, Vmm, VmmError, VmmOptions, VsockConfig,
 };

@@ -47,6 +47,11 @@ pub enum MemoryError {
         size: u64,
         source: std::io::Error,
     },
+    #[error("cannot read KVM's dirty page log of memory slot {slot}: {source}")]
+    DirtyLog {
+        slot: u32,
+        source: kvm_ioctls::Error,
+    },
     #[error("cannot assemble the guest memory regions: {0}")]
     Collection(vm_memory::GuestRegionCollectionError),
     #[error("cannot register guest memory slot {slot} ({size:#x} bytes at {addr:#x}) with KVM: {source}")]
@@ -133,6 +138,40 @@ pub fn disable_huge_pages(mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
     Ok(())
 }
 
+/// The guest pages written since the last call (or since dirty logging was switched on), as
+/// page indices over all regions in address order (the numbering of a snapshot's memory map):
+/// those the guest wrote (KVM's log) and those the VMM's devices wrote (the regions' bitmaps).
+/// Both logs are cleared. Call only while the vCPUs are paused and the devices are idle.
+pub fn take_dirty_pages(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<u64>, MemoryError> {
+    let mut dirty = Vec::new();
+    let mut first_page = 0u64;
+    for (slot, region) in mem.iter().enumerate() {
+        let len = region.len() as usize;
+        let kvm_log =
+            vm.get_dirty_log(slot as u32, len)
+                .map_err(|source| MemoryError::DirtyLog {
+                    slot: slot as u32,
+                    source,
+                })?;
+        let mapping: &MmapRegion<AtomicBitmap> = region;
+        let vmm_log = mapping.bitmap().get_and_reset();
+        let pages = (region.len() / PAGE_SIZE) as usize;
+        for (word_index, (kvm, vmm)) in kvm_log.iter().zip(vmm_log.iter()).enumerate() {
+            let mut word = kvm | vmm;
+            while word != 0 {
+                let bit = word.trailing_zeros() as usize;
+                word &= word - 1;
+                let page = word_index * 64 + bit;
+                if page < pages {
+                    dirty.push(first_page + page as u64);
+                }
+            }
+        }
+        first_page += pages as u64;
+    }
+    Ok(dirty)
+}
+
 /// Registers every region of `mem` with KVM, slot numbers from 0 in address order.
 ///
 /// # Safety
@@ -140,6 +179,21 @@ pub fn disable_huge_pages(mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
 /// KVM keeps pointers into `mem`'s mappings: the caller must keep `mem` (or a clone sharing its
 /// regions) alive for as long as `vm` and any of its vCPUs exist.
 pub unsafe fn register_guest_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    // SAFETY: forwarded to the caller.
+    unsafe { register_guest_memory_with(vm, mem, false) }
+}
+
+/// As [`register_guest_memory`]; with `log_dirty`, KVM records the pages the guest writes
+/// (re-registering the same slots switches logging on or off, and clears the log).
+///
+/// # Safety
+///
+/// As [`register_guest_memory`].
+pub unsafe fn register_guest_memory_with(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    log_dirty: bool,
+) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let slot = slot as u32;
         let addr = region.start_addr().0;
@@ -150,7 +204,11 @@ pub unsafe fn register_guest_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<
             guest_phys_addr: addr,
             memory_size: size,
             userspace_addr: host,
-            flags: 0,
+            flags: if log_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
         };
         // SAFETY: the region describes exactly one live mapping owned by `mem`; the caller
         // guarantees that mapping outlives the VM.
@@ -241,5 +299,24 @@ mod tests {
         let vm = kvm.create_vm().unwrap();
         // SAFETY: `mem` is declared before `vm` and so outlives it.
         unsafe { register_guest_memory(&vm, &mem) }.unwrap();
+    }
+
+    #[test]
+    fn device_writes_show_in_the_dirty_pages_once() {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            return;
+        }
+        use vm_memory::Bytes;
+        let mem = create_guest_memory(64 << 20).unwrap();
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        // SAFETY: `mem` is declared before `vm` and so outlives it.
+        unsafe { register_guest_memory_with(&vm, &mem, true) }.unwrap();
+        assert!(take_dirty_pages(&vm, &mem).unwrap().is_empty());
+        // Writes through vm-memory (what devices do) are tracked by the regions' bitmaps.
+        mem.write_obj(7u64, GuestAddress(3 * 4096 + 8)).unwrap();
+        mem.write_obj(7u64, GuestAddress(70 * 4096)).unwrap();
+        assert_eq!(take_dirty_pages(&vm, &mem).unwrap(), vec![3, 70]);
+        assert!(take_dirty_pages(&vm, &mem).unwrap().is_empty());
     }
 }

@@ -31,6 +31,24 @@ pub struct VmSnapshot {
     pub virtio: Vec<MmioTransportState>,
 }
 
+/// Which pages a snapshot hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotKind {
+    /// Every page of guest memory.
+    Full,
+    /// Only the pages written since the VM's parent snapshot (the one it was restored from
+    /// or last saved to), found through KVM's dirty page log and the devices' write bitmap;
+    /// every other page is taken from the parent's map.
+    Diff,
+}
+
+/// The snapshot a running VM's memory equals, but for the pages dirtied since.
+#[derive(Debug)]
+pub struct SnapshotBase {
+    pub id: String,
+    pub map: MemoryMap,
+}
+
 /// How a restored VM gets its memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestoreMode {

@@ -112,6 +112,21 @@ impl Vm {
         unsafe { register_guest_memory(&self.fd, mem) }.map_err(VmError::Memory)
     }
 
+    /// Registers all of `mem` with KVM's dirty page logging on (again: this also clears the
+    /// log).
+    ///
+    /// # Safety
+    ///
+    /// As [`Vm::register_memory`].
+    pub unsafe fn register_memory_logging_dirty(
+        &self,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), VmError> {
+        // SAFETY: forwarded to the caller.
+        unsafe { crate::memory::register_guest_memory_with(&self.fd, mem, true) }
+            .map_err(VmError::Memory)
+    }
+
     /// Creates vCPU `index` of `count` with its CPUID, at the 64-bit kernel `entry`.
     pub fn create_boot_vcpu(&self, index: u8, count: u8, entry: u64) -> Result<VcpuFd, VmError> {
         let vcpu = self

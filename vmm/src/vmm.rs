@@ -43,7 +43,7 @@ use crate::memory::{
 };
 use crate::metrics::{micros, resident_split, RunReport};
 use crate::persist::{decode_state, encode_state};
-use crate::snapshot::{RestoreMode, StorePages, VmSnapshot};
+use crate::snapshot::{RestoreMode, SnapshotBase, SnapshotKind, StorePages, VmSnapshot};
 use crate::vcpu::{command_all, ExitAction, IoHandler, Vcpu, VcpuCommand, VcpuError, VcpuHandle};
 use crate::vm::{open_kvm, Vm, VmError};
 use ember_snapshot_store::{Manifest, MemoryMap, MemoryRef, ObjectKind, Store};
@@ -515,6 +515,26 @@ fn attach_virtio(
     Ok(transport)
 }
 
+/// Guest page `index` (numbered over all regions in address order) as a slice of the VMM's
+/// mapping.
+fn page_bytes(mem: &GuestMemoryMmap, index: u64) -> Option<&[u8; 4096]> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let mut first = 0u64;
+    for region in mem.iter() {
+        let pages = region.len() / 4096;
+        if index < first + pages {
+            let offset = usize::try_from((index - first) * 4096).ok()?;
+            // SAFETY: the page lies inside the region's mapping, owned by `mem` for the
+            // lifetime of the returned borrow; callers hold the vCPUs paused and the devices
+            // locked, so nothing writes it meanwhile.
+            let page = unsafe { &*(region.as_ptr().add(offset) as *const [u8; 4096]) };
+            return Some(page);
+        }
+        first += pages;
+    }
+    None
+}
+
 fn lock_or_recover<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -571,6 +591,9 @@ pub struct Vmm {
     vm: Vm,
     /// Serves a restored VM's memory; dropped after the vCPUs (Drop) and before the memory.
     lazy: Option<LazyMemory>,
+    /// The snapshot memory equals but for the dirty pages (set by restores and snapshots);
+    /// dirty page logging is on exactly when this is set.
+    base: Mutex<Option<SnapshotBase>>,
     mem: GuestMemoryMmap,
 }
 
@@ -605,7 +628,7 @@ impl Vmm {
                 ))
             })
             .collect::<Result<Vec<_>, VmmError>>()?;
-        Vmm::assemble(config.clone(), vm, mem, None, devices, fds)
+        Vmm::assemble(config.clone(), vm, mem, None, None, devices, fds)
     }
 
     /// Starts a thread for each vCPU (paused) and the event loop, and puts the VM together.
@@ -614,6 +637,7 @@ impl Vmm {
         vm: Vm,
         mem: GuestMemoryMmap,
         lazy: Option<LazyMemory>,
+        base: Option<SnapshotBase>,
         devices: Devices,
         fds: Vec<(u8, kvm_ioctls::VcpuFd)>,
     ) -> Result<Vmm, VmmError> {
@@ -642,6 +666,7 @@ impl Vmm {
             config,
             vm,
             lazy,
+            base: Mutex::new(base),
             mem,
         })
     }
@@ -649,6 +674,17 @@ impl Vmm {
     /// Saves the whole VM into `store` as snapshot `id` and returns its manifest. The vCPUs
     /// are paused first and stay paused; the caller resumes or stops the VM.
     pub fn snapshot(&self, store: &Store, id: &str) -> Result<Manifest, VmmError> {
+        self.snapshot_as(store, id, SnapshotKind::Full)
+    }
+
+    /// As [`Vmm::snapshot`]; a `Diff` hashes only the pages written since the parent snapshot
+    /// (an error if this VM has none yet: it was booted and never saved).
+    pub fn snapshot_as(
+        &self,
+        store: &Store,
+        id: &str,
+        kind: SnapshotKind,
+    ) -> Result<Manifest, VmmError> {
         let fail = |reason: String| VmmError::Snapshot {
             id: id.to_string(),
             reason,
@@ -690,24 +726,71 @@ impl Vmm {
         };
         let blob = encode_state(&snap).map_err(|e| fail(e.to_string()))?;
 
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        let mut base = lock_or_recover(&self.base);
         let mut writer = store.writer().map_err(|e| fail(e.to_string()))?;
-        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-        let mut pages = Vec::new();
-        for region in self.mem.iter() {
-            // SAFETY: the region's mapping is owned by `self.mem` and stays mapped for this
-            // call; the vCPUs are paused and every device is locked, so nothing writes it.
-            let bytes = unsafe {
-                std::slice::from_raw_parts(region.as_ptr() as *const u8, region.len() as usize)
-            };
-            pages.extend(
-                writer
-                    .put_pages(bytes, threads)
-                    .map_err(|e| fail(e.to_string()))?,
-            );
-        }
+        let pages = match (kind, base.as_ref()) {
+            (SnapshotKind::Diff, None) => {
+                return Err(fail(
+                    "a diff snapshot needs a parent: take a full snapshot of this VM first".into(),
+                ))
+            }
+            (SnapshotKind::Diff, Some(parent)) => {
+                let dirty = crate::memory::take_dirty_pages(self.vm.fd(), &self.mem)
+                    .map_err(|e| fail(e.to_string()))?;
+                let mut pages = parent.map.pages.clone();
+                for &index in &dirty {
+                    let slot = usize::try_from(index)
+                        .ok()
+                        .filter(|&i| i < pages.len())
+                        .ok_or_else(|| fail(format!("dirty page {index} is beyond memory")))?;
+                    let page = page_bytes(&self.mem, index)
+                        .ok_or_else(|| fail(format!("dirty page {index} is not mapped")))?;
+                    pages[slot] = writer.put_page(page).map_err(|e| fail(e.to_string()))?;
+                }
+                log::info!(
+                    "snapshot {id}: {} pages written since {}",
+                    dirty.len(),
+                    parent.id
+                );
+                pages
+            }
+            (SnapshotKind::Full, _) => {
+                let threads = std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1);
+                use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+                let mut pages = Vec::new();
+                for region in self.mem.iter() {
+                    // SAFETY: the region's mapping is owned by `self.mem` and stays mapped for
+                    // this call; the vCPUs are paused and every device is locked, so nothing
+                    // writes it.
+                    let bytes = unsafe {
+                        std::slice::from_raw_parts(
+                            region.as_ptr() as *const u8,
+                            region.len() as usize,
+                        )
+                    };
+                    pages.extend(
+                        writer
+                            .put_pages(bytes, threads)
+                            .map_err(|e| fail(e.to_string()))?,
+                    );
+                }
+                // From here on, what is written is what the next diff snapshot stores.
+                if base.is_some() {
+                    crate::memory::take_dirty_pages(self.vm.fd(), &self.mem)
+                        .map_err(|e| fail(e.to_string()))?;
+                } else {
+                    // SAFETY: the same memory, registered again with logging on; it outlives
+                    // the VM (field order of `Vmm`).
+                    unsafe { self.vm.register_memory_logging_dirty(&self.mem) }
+                        .map_err(|e| fail(e.to_string()))?;
+                    crate::memory::take_dirty_pages(self.vm.fd(), &self.mem)
+                        .map_err(|e| fail(e.to_string()))?;
+                }
+                pages
+            }
+        };
         let map = MemoryMap::new(pages);
         let state = writer
             .put(ObjectKind::VmState, &blob)
@@ -722,6 +805,15 @@ impl Vmm {
                 map_chunks,
             },
         );
+        manifest.parent = base.as_ref().map(|b| b.id.clone());
+        manifest.metadata.insert(
+            "kind".into(),
+            match kind {
+                SnapshotKind::Full => "full",
+                SnapshotKind::Diff => "diff",
+            }
+            .into(),
+        );
         manifest
             .metadata
             .insert("vcpus".into(), self.config.vcpus.to_string());
@@ -729,6 +821,10 @@ impl Vmm {
             .metadata
             .insert("kernel".into(), self.config.kernel.display().to_string());
         let stats = writer.commit(&manifest).map_err(|e| fail(e.to_string()))?;
+        *base = Some(SnapshotBase {
+            id: id.to_string(),
+            map: map.clone(),
+        });
         log::info!(
             "snapshot {id}: {} pages ({} zero), {} new objects, {} bytes written",
             map.pages.len(),
@@ -794,6 +890,7 @@ impl Vmm {
         let kvm = open_kvm()?;
         let mem = create_guest_memory(config.mem_bytes()).map_err(VmmError::Memory)?;
         crate::memory::disable_huge_pages(&mem).map_err(VmmError::Memory)?;
+        let base_map = map.clone();
         let source = StorePages { store, map };
         let prefetch = match mode {
             RestoreMode::Prefetch => match source.store.load_working_set(id) {
@@ -821,8 +918,10 @@ impl Vmm {
         }
         phase("memory ready");
         let vm = Vm::new(&kvm)?;
+        // Logging dirty pages from the start makes the next snapshot of this VM a possible
+        // diff against this one.
         // SAFETY: as in `build`: `mem` outlives the VM and its vCPUs inside the Vmm.
-        unsafe { vm.register_memory(&mem) }?;
+        unsafe { vm.register_memory_logging_dirty(&mem) }?;
         phase("VM created");
         let devices = attach_devices(&vm, &mem, &config, options, Some(&snap))
             .map_err(|e| fail(e.to_string()))?;
@@ -856,7 +955,11 @@ impl Vmm {
             lazy.finish_prefetch();
         }
         phase("working set loaded");
-        Vmm::assemble(config, vm, mem, lazy, devices, fds)
+        let base = SnapshotBase {
+            id: id.to_string(),
+            map: base_map,
+        };
+        Vmm::assemble(config, vm, mem, lazy, Some(base), devices, fds)
     }
 
     /// Ends a `wait` in progress as if the guest had reset (e.g. after a snapshot, to stop
