@@ -70,6 +70,13 @@ pub fn default_store_dir() -> PathBuf {
     PathBuf::from(home).join(".local/share/ember/store")
 }
 
+/// A fresh path for a VM's rootfs overlay (the overlay is removed with the VM).
+pub fn overlay_path() -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("ember-rootfs-{}-{n}.overlay", std::process::id()))
+}
+
 /// Opens the snapshot store at `dir`.
 pub fn open_store(dir: &Path) -> Result<Arc<ember_snapshot_store::Store>, String> {
     ember_snapshot_store::Store::open(dir)
@@ -230,6 +237,8 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
     let built = match &origin {
         Origin::Boot => Vmm::build(&config, options),
         Origin::Restore { store, id, mode } => {
+            // Used only if the snapshot's rootfs has an overlay.
+            config.rootfs_overlay = Some(overlay_path());
             Vmm::restore(&config, store.clone(), id, options, *mode)
         }
     };

@@ -31,6 +31,11 @@ pub struct RunArgs {
     /// Expose the rootfs read-only (guest writes fail with an I/O error).
     #[arg(long)]
     pub read_only_rootfs: bool,
+    /// Leave --rootfs unmodified and send the guest's writes to a private copy-on-write
+    /// overlay, dropped when the VM ends unless a snapshot keeps them (always so for the
+    /// bundled rootfs).
+    #[arg(long, conflicts_with = "read_only_rootfs")]
+    pub cow: bool,
     /// A shell command the guest's init runs once userspace is up; the guest then resets.
     #[arg(long)]
     pub init_cmd: Option<String>,
@@ -93,22 +98,16 @@ pub fn run(args: RunArgs) -> i32 {
         eprintln!("ember: no --kernel given and none built (run `cargo xtask kernel`)");
         return 2;
     };
-    let mut read_only_rootfs = args.read_only_rootfs;
+    let read_only_rootfs = args.read_only_rootfs;
+    let mut cow = args.cow;
     let rootfs = match (&args.rootfs, &args.initrd) {
         (Some(path), _) => Some(path.clone()),
         (None, Some(_)) => None,
         (None, None) => match default_artifact("EMBER_ROOTFS", "rootfs", "rootfs.ext4") {
             Some(path) => {
                 // The bundled image is shared by every run and keyed by its inputs: a guest
-                // must never change it.
-                if !read_only_rootfs {
-                    eprintln!(
-                        "ember: using the bundled rootfs read-only ({}); pass --rootfs with a \
-                         copy for a writable disk",
-                        path.display()
-                    );
-                    read_only_rootfs = true;
-                }
+                // writes to its own overlay, never to it.
+                cow = !read_only_rootfs;
                 Some(path)
             }
             None => {
@@ -143,6 +142,7 @@ pub fn run(args: RunArgs) -> i32 {
     let config = VmConfig {
         kernel,
         initrd: args.initrd,
+        rootfs_overlay: (cow && rootfs.is_some()).then(crate::command::overlay_path),
         rootfs,
         read_only_rootfs,
         vcpus: args.vcpus,
@@ -249,6 +249,7 @@ pub fn restore(args: RestoreArgs) -> i32 {
         initrd: None,
         rootfs: None,
         read_only_rootfs: true,
+        rootfs_overlay: None,
         vcpus: 1,
         mem_mib: 256,
         cmdline_extra: None,

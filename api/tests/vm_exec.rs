@@ -190,6 +190,7 @@ impl Sandbox {
             initrd: None,
             rootfs: Some(artifact("EMBER_ROOTFS").into()),
             read_only_rootfs: true,
+            rootfs_overlay: None,
             vcpus: 2,
             mem_mib: 512,
             cmdline_extra: Some(format!("init={}", ember_agent::AGENT_GUEST_PATH)),

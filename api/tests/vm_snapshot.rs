@@ -410,3 +410,84 @@ fn vmtest_four_clones_of_one_snapshot_run_at_once_with_their_own_randomness_and_
     }
     assert_eq!(randoms.len(), 4, "clones shared randomness: {randoms:?}");
 }
+
+#[test]
+fn vmtest_three_cycles_keep_memory_and_disk_exact() {
+    let store = TempStore::new("cycles");
+    let (kernel, rootfs) = (artifact("EMBER_KERNEL"), artifact("EMBER_ROOTFS"));
+    let base_before = std::fs::metadata(&rootfs).unwrap().modified().unwrap();
+    // Each cycle writes a random file to the disk (/root) and one to memory (/tmp, a tmpfs),
+    // then prints the hashes of everything written so far; the next cycle, restored from the
+    // snapshot, first checks them with the page cache dropped (so the disk is really read).
+    let cycle = |i: usize| {
+        format!(
+            "set -e; echo 3 > /proc/sys/vm/drop_caches; \
+             cd /root && sha256sum -c /tmp/sums >&2 2>/dev/null || [ {i} = 0 ]; \
+             head -c 300000 /dev/urandom > /root/disk{i}; head -c 300000 /dev/urandom > /tmp/mem{i}; \
+             sync; sha256sum /root/disk* /tmp/mem* | tee /tmp/sums"
+        )
+    };
+    let first = ember(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--rootfs",
+        &rootfs,
+        "--cow",
+        "--store",
+        store.path(),
+        "--snapshot-on-exit",
+        "c0",
+        "--",
+        "sh",
+        "-c",
+        &cycle(0),
+    ]);
+    assert!(first.status.success(), "stderr:\n{}", text(&first.stderr));
+    let mut sums = text(&first.stdout);
+    for i in 1..=3 {
+        let mut args = vec!["--snapshot-on-exit".to_string(), format!("c{i}")];
+        if i % 2 == 0 {
+            args.push("--diff".into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = restore_ok(&store, &format!("c{}", i - 1), &args, &cycle(i));
+        let now = text(&out.stdout);
+        assert!(
+            now.starts_with(&sums) || sums.lines().all(|l| now.contains(l)),
+            "cycle {i} lost data:\nbefore:\n{sums}\nnow:\n{now}"
+        );
+        assert_eq!(now.lines().count(), 2 * (i + 1), "{now}");
+        sums = now;
+    }
+    let last = restore_ok(
+        &store,
+        "c3",
+        &["--mode", "eager"],
+        "echo 3 > /proc/sys/vm/drop_caches; sha256sum /root/disk* /tmp/mem*",
+    );
+    assert_eq!(text(&last.stdout), sums);
+    // The shared base image was never written.
+    assert_eq!(
+        std::fs::metadata(&rootfs).unwrap().modified().unwrap(),
+        base_before
+    );
+    // A booted VM's writes to the bundled image's overlay are gone after it ends.
+    let fresh = ember(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--rootfs",
+        &rootfs,
+        "--cow",
+        "--",
+        "sh",
+        "-c",
+        "ls /root/disk0 2>&1 || true",
+    ]);
+    assert!(
+        text(&fresh.stdout).contains("No such file"),
+        "{}",
+        text(&fresh.stdout)
+    );
+}

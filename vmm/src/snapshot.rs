@@ -22,6 +22,9 @@ pub struct VmSnapshot {
     /// The disk the block device was backed by (read-only disks only, for now).
     pub rootfs: Option<PathBuf>,
     pub read_only_rootfs: bool,
+    /// With a copy-on-write rootfs: the base image it was over (its chunks are in the
+    /// manifest's `rootfs` disk map; chunks the map leaves out come from this image).
+    pub rootfs_base: Option<BaseImage>,
     /// The guest CID of the vsock device, if there was one.
     pub vsock_cid: Option<u32>,
     pub vm: VmState,
@@ -29,6 +32,26 @@ pub struct VmSnapshot {
     pub serial: SerialSnapshot,
     /// The virtio-mmio transports in slot order (block first, then vsock).
     pub virtio: Vec<MmioTransportState>,
+}
+
+/// What identifies a base image cheaply (hashing gigabytes per snapshot would not be): a
+/// restore refuses a base whose size or modification time changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseImage {
+    pub size: u64,
+    pub modified_unix_ns: i128,
+}
+
+impl BaseImage {
+    pub fn of(path: &std::path::Path) -> std::io::Result<BaseImage> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path)?;
+        Ok(BaseImage {
+            size: meta.len(),
+            modified_unix_ns: i128::from(meta.mtime()) * 1_000_000_000
+                + i128::from(meta.mtime_nsec()),
+        })
+    }
 }
 
 /// Which pages a snapshot hashes.

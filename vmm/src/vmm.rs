@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ember_devices::virtio::block::Block;
+use ember_devices::virtio::block::{Block, CowDisk, Disk, COW_CHUNK_SIZE};
 use ember_devices::virtio::mmio::{regs::QUEUE_NOTIFY, MmioTransport, MMIO_WINDOW_SIZE};
 use ember_devices::virtio::vsock::{Vsock, MAX_UDS_PATH_LEN, MIN_GUEST_CID};
 use ember_devices::virtio::VirtioDevice;
@@ -43,10 +43,10 @@ use crate::memory::{
 };
 use crate::metrics::{micros, resident_split, RunReport};
 use crate::persist::{decode_state, encode_state};
-use crate::snapshot::{RestoreMode, SnapshotBase, SnapshotKind, StorePages, VmSnapshot};
+use crate::snapshot::{BaseImage, RestoreMode, SnapshotBase, SnapshotKind, StorePages, VmSnapshot};
 use crate::vcpu::{command_all, ExitAction, IoHandler, Vcpu, VcpuCommand, VcpuError, VcpuHandle};
 use crate::vm::{open_kvm, Vm, VmError};
-use ember_snapshot_store::{Manifest, MemoryMap, MemoryRef, ObjectKind, Store};
+use ember_snapshot_store::{DiskMap, DiskRef, Manifest, MemoryMap, MemoryRef, ObjectKind, Store};
 
 /// Most vCPUs a guest may have (the MP table must fit the EBDA).
 pub const MAX_VCPUS: u8 = 32;
@@ -66,6 +66,10 @@ pub struct VmConfig {
     /// Disk image exposed as the first virtio-block device (`/dev/vda`) and used as root.
     pub rootfs: Option<PathBuf>,
     pub read_only_rootfs: bool,
+    /// With a rootfs: keep it unmodified and send the guest's writes to a private
+    /// copy-on-write overlay created at this path (removed with the VM). Snapshots capture
+    /// the overlay's chunks.
+    pub rootfs_overlay: Option<PathBuf>,
     pub vcpus: u8,
     pub mem_mib: u32,
     /// Appended to the default command line (a `-- args` part goes to init).
@@ -113,6 +117,11 @@ impl VmConfig {
         debug_assert!(MAX_VCPUS <= mptable::max_cpus());
         if let Some(vsock) = &self.vsock {
             vsock.validate()?;
+        }
+        if self.rootfs_overlay.is_some() && (self.rootfs.is_none() || self.read_only_rootfs) {
+            return Err(VmmError::Overlay(
+                "a copy-on-write overlay needs a rootfs that is not read-only".into(),
+            ));
         }
         check_mem_size(self.mem_bytes()).map_err(VmmError::Memory)
     }
@@ -189,6 +198,8 @@ pub enum VmmError {
     },
     #[error("cannot create the serial console: {0}")]
     Serial(ember_devices::serial::SerialError),
+    #[error("rootfs overlay: {0}")]
+    Overlay(String),
     #[error("cannot open the root file system {path}: {source}")]
     Block {
         path: String,
@@ -371,6 +382,7 @@ struct Devices {
     reset_evt: EventFd,
     boot_time: Arc<OnceLock<Duration>>,
     vsock: Option<Arc<Mutex<Vsock>>>,
+    rootfs_cow: Option<Arc<CowDisk>>,
 }
 
 fn attach_devices(
@@ -379,6 +391,7 @@ fn attach_devices(
     config: &VmConfig,
     options: VmmOptions,
     restore: Option<&VmSnapshot>,
+    restored_overlay: Option<Arc<CowDisk>>,
 ) -> Result<Devices, VmmError> {
     let mut io = DeviceIo::default();
     let bus_error = |what, bus| move |source| VmmError::Bus { what, bus, source };
@@ -415,13 +428,25 @@ fn attach_devices(
     let mut virtio = Vec::new();
     let mut transports = Vec::new();
     let mut vsock_device = None;
+    let mut rootfs_cow = None;
     if let Some(rootfs) = &config.rootfs {
-        let block = Block::new(rootfs, config.read_only_rootfs, "rootfs".to_string()).map_err(
-            |source| VmmError::Block {
-                path: rootfs.display().to_string(),
-                source,
-            },
-        )?;
+        let block_error = |source| VmmError::Block {
+            path: rootfs.display().to_string(),
+            source,
+        };
+        let cow = match (restored_overlay, &config.rootfs_overlay) {
+            (Some(cow), _) => Some(cow),
+            (None, Some(overlay)) => Some(Arc::new(
+                CowDisk::create(rootfs, overlay, COW_CHUNK_SIZE).map_err(block_error)?,
+            )),
+            (None, None) => None,
+        };
+        let block = match &cow {
+            Some(cow) => Block::with_disk(Disk::from_cow(cow.clone(), "rootfs")),
+            None => Block::new(rootfs, config.read_only_rootfs, "rootfs".to_string()),
+        }
+        .map_err(block_error)?;
+        rootfs_cow = cow;
         let block = Arc::new(Mutex::new(block));
         transports.push(attach_virtio(
             vm,
@@ -475,6 +500,7 @@ fn attach_devices(
     }
     Ok(Devices {
         vsock: vsock_device,
+        rootfs_cow,
         io: Arc::new(io),
         subscribers,
         serial,
@@ -513,6 +539,45 @@ fn attach_virtio(
         })?;
     virtio.push((base, gsi));
     Ok(transport)
+}
+
+/// The name of the rootfs in a manifest's disk list.
+const ROOTFS_DISK: &str = "rootfs";
+
+/// A fresh overlay over `base_path` holding the chunks of a snapshot's rootfs map (chunks
+/// the map leaves out are the base image's, which must be the one the snapshot was taken
+/// over).
+fn restore_overlay(
+    store: &Store,
+    disk: &DiskRef,
+    base: &BaseImage,
+    base_path: &std::path::Path,
+    overlay: &std::path::Path,
+) -> Result<Arc<CowDisk>, String> {
+    let now = BaseImage::of(base_path).map_err(|e| format!("{}: {e}", base_path.display()))?;
+    if &now != base {
+        return Err(format!(
+            "the base image {} changed since the snapshot ({base:?} then, {now:?} now)",
+            base_path.display()
+        ));
+    }
+    let map = store.load_disk_map(disk).map_err(|e| e.to_string())?;
+    let cow = CowDisk::create(base_path, overlay, map.chunk_size).map_err(|e| e.to_string())?;
+    if cow.size() != map.size {
+        return Err(format!(
+            "the disk map is for {} bytes, the base image has {}",
+            map.size,
+            cow.size()
+        ));
+    }
+    for (index, chunk) in map.chunks.iter().enumerate() {
+        if let Some(hash) = chunk {
+            let data = store.read(hash).map_err(|e| e.to_string())?;
+            cow.load_chunk(index as u64, &data)
+                .map_err(|e| format!("chunk {index}: {e}"))?;
+        }
+    }
+    Ok(Arc::new(cow))
 }
 
 /// Guest page `index` (numbered over all regions in address order) as a slice of the VMM's
@@ -587,6 +652,8 @@ pub struct Vmm {
     io: Arc<DeviceIo>,
     serial: Arc<Mutex<Serial>>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The rootfs's copy-on-write overlay, if it has one (read for snapshots).
+    rootfs_cow: Option<Arc<CowDisk>>,
     config: VmConfig,
     vm: Vm,
     /// Serves a restored VM's memory; dropped after the vCPUs (Drop) and before the memory.
@@ -616,7 +683,7 @@ impl Vmm {
         // them; every other holder is a clone sharing the same mappings.
         unsafe { vm.register_memory(&mem) }?;
 
-        let devices = attach_devices(&vm, &mem, config, options, None)?;
+        let devices = attach_devices(&vm, &mem, config, options, None, None)?;
         let kernel = load_guest(&mem, config, &devices.virtio)?;
         log::debug!("{:?} kernel entry {:#x}", kernel.format, kernel.entry.0);
 
@@ -663,6 +730,7 @@ impl Vmm {
             io: devices.io,
             serial: devices.serial,
             transports: devices.transports,
+            rootfs_cow: devices.rootfs_cow,
             config,
             vm,
             lazy,
@@ -689,9 +757,14 @@ impl Vmm {
             id: id.to_string(),
             reason,
         };
-        if self.config.rootfs.is_some() && !self.config.read_only_rootfs {
+        if self.config.rootfs.is_some()
+            && !self.config.read_only_rootfs
+            && self.rootfs_cow.is_none()
+        {
             return Err(fail(
-                "a writable rootfs cannot be captured yet; boot it with --read-only-rootfs".into(),
+                "a rootfs written in place cannot be captured; give the VM a copy-on-write \
+                 overlay (the default for `ember run`) or a read-only rootfs"
+                    .into(),
             ));
         }
         self.pause()?;
@@ -713,6 +786,12 @@ impl Vmm {
             mem_bytes: self.config.mem_bytes(),
             rootfs: self.config.rootfs.clone(),
             read_only_rootfs: self.config.read_only_rootfs,
+            rootfs_base: match (&self.rootfs_cow, &self.config.rootfs) {
+                (Some(_), Some(path)) => {
+                    Some(BaseImage::of(path).map_err(|e| fail(format!("the rootfs: {e}")))?)
+                }
+                _ => None,
+            },
             vsock_cid: self.config.vsock.as_ref().map(|v| v.guest_cid),
             vm: crate::persist::vm::save_vm(self.vm.fd()).map_err(|e| fail(e.to_string()))?,
             vcpus,
@@ -796,6 +875,36 @@ impl Vmm {
             .put(ObjectKind::VmState, &blob)
             .map_err(|e| fail(e.to_string()))?;
         let map_chunks = map.store(&mut writer).map_err(|e| fail(e.to_string()))?;
+        // The overlay's written chunks (the devices are locked: no request is in flight);
+        // chunks it never wrote stay the base image's.
+        let disks = match &self.rootfs_cow {
+            Some(cow) => {
+                let mut chunks = vec![None; cow.chunk_count() as usize];
+                let mut buf = Vec::new();
+                for index in cow.written_chunks() {
+                    cow.read_chunk(index, &mut buf)
+                        .map_err(|e| fail(format!("reading rootfs chunk {index}: {e}")))?;
+                    let hash = writer
+                        .put(ObjectKind::DiskChunk, &buf)
+                        .map_err(|e| fail(e.to_string()))?;
+                    if let Some(slot) = chunks.get_mut(index as usize) {
+                        *slot = Some(hash);
+                    }
+                }
+                let disk = DiskMap {
+                    size: cow.size(),
+                    chunk_size: cow.chunk_size(),
+                    chunks,
+                };
+                vec![DiskRef {
+                    name: ROOTFS_DISK.into(),
+                    size: disk.size,
+                    chunk_size: disk.chunk_size,
+                    map_chunks: disk.store(&mut writer).map_err(|e| fail(e.to_string()))?,
+                }]
+            }
+            None => Vec::new(),
+        };
         let mut manifest = Manifest::new(
             id,
             state,
@@ -806,6 +915,7 @@ impl Vmm {
             },
         );
         manifest.parent = base.as_ref().map(|b| b.id.clone());
+        manifest.disks = disks;
         manifest.metadata.insert(
             "kind".into(),
             match kind {
@@ -879,6 +989,29 @@ impl Vmm {
             u32::try_from(snap.mem_bytes >> 20).map_err(|_| fail("memory size".into()))?;
         config.rootfs = snap.rootfs.clone();
         config.read_only_rootfs = snap.read_only_rootfs;
+        let overlay = match (&snap.rootfs_base, &snap.rootfs) {
+            (Some(base), Some(path)) => {
+                let overlay = config.rootfs_overlay.clone().ok_or_else(|| {
+                    fail(
+                        "the snapshot's rootfs has an overlay: give the restore a path for it"
+                            .into(),
+                    )
+                })?;
+                let disk = manifest
+                    .disks
+                    .iter()
+                    .find(|d| d.name == ROOTFS_DISK)
+                    .ok_or_else(|| fail("the manifest has no rootfs disk map".into()))?;
+                Some(
+                    restore_overlay(&store, disk, base, path, &overlay)
+                        .map_err(|reason| fail(format!("the rootfs overlay: {reason}")))?,
+                )
+            }
+            _ => {
+                config.rootfs_overlay = None;
+                None
+            }
+        };
         if snap.vsock_cid.is_some() != config.vsock.is_some() {
             return Err(fail(
                 "the snapshot's vsock device needs a vsock socket (and only then)".into(),
@@ -923,7 +1056,7 @@ impl Vmm {
         // SAFETY: as in `build`: `mem` outlives the VM and its vCPUs inside the Vmm.
         unsafe { vm.register_memory_logging_dirty(&mem) }?;
         phase("VM created");
-        let devices = attach_devices(&vm, &mem, &config, options, Some(&snap))
+        let devices = attach_devices(&vm, &mem, &config, options, Some(&snap), overlay)
             .map_err(|e| fail(e.to_string()))?;
         crate::persist::vm::restore_vm(vm.fd(), &snap.vm).map_err(|e| fail(e.to_string()))?;
         phase("devices and VM state restored");
@@ -1169,6 +1302,7 @@ mod tests {
             initrd: None,
             rootfs: None,
             read_only_rootfs: false,
+            rootfs_overlay: None,
             vcpus: 2,
             mem_mib: 128,
             cmdline_extra: None,

@@ -67,6 +67,7 @@ fn initramfs_config(vcpus: u8) -> VmConfig {
         initrd: Some(artifact("EMBER_INITRAMFS")),
         rootfs: None,
         read_only_rootfs: false,
+        rootfs_overlay: None,
         vcpus,
         mem_mib: 256,
         // Without a command the agent keeps serving; with one it runs it and resets.
@@ -113,6 +114,7 @@ fn vmtest_boots_linux_from_a_read_only_virtio_rootfs() {
         initrd: None,
         rootfs: Some(artifact("EMBER_ROOTFS")),
         read_only_rootfs: true,
+        rootfs_overlay: None,
         cmdline_extra: Some(format!(
             "init={} {}",
             ember_agent::AGENT_GUEST_PATH,

@@ -177,6 +177,7 @@ fn vmtest_vsock_echo_and_guest_initiated_connection() {
         initrd: None,
         rootfs: Some(artifact("EMBER_ROOTFS")),
         read_only_rootfs: true,
+        rootfs_overlay: None,
         vcpus: 2,
         mem_mib: 512,
         cmdline_extra: Some(format!(

@@ -5,6 +5,8 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use std::sync::Arc;
+
 use super::cow::{CowDisk, COW_CHUNK_SIZE};
 use super::request::SECTOR_SIZE;
 use super::BlockError;
@@ -18,7 +20,9 @@ enum DiskBackend {
     /// A raw image, read and written in place.
     Raw(File),
     /// A read-only base plus a private overlay of written chunks.
-    Cow(CowDisk),
+    /// Shared so the VMM can read the written chunks for a snapshot while the device (locked,
+    /// so idle) holds it.
+    Cow(Arc<CowDisk>),
 }
 
 /// An opened disk: its backing store, usable size and device ID string.
@@ -76,12 +80,12 @@ impl Disk {
     /// the base's size rounded down to a whole sector; `id` as for [`Disk::open`].
     pub fn open_cow(base: &Path, overlay: &Path, id: &str) -> Result<Self, BlockError> {
         let cow = CowDisk::create(base, overlay, COW_CHUNK_SIZE)?;
-        Ok(Disk::from_cow(cow, id))
+        Ok(Disk::from_cow(Arc::new(cow), id))
     }
 
     /// A writable disk over an existing copy-on-write disk (e.g. one created with another
     /// chunk size, or with chunks already loaded from a snapshot).
-    pub fn from_cow(cow: CowDisk, id: &str) -> Self {
+    pub fn from_cow(cow: Arc<CowDisk>, id: &str) -> Self {
         let size = cow.size();
         let base = cow.base_path().to_owned();
         Disk::with_backend(DiskBackend::Cow(cow), &base, size, false, id)
@@ -130,7 +134,7 @@ impl Disk {
     }
 
     /// The copy-on-write disk, if this is one.
-    pub fn cow(&self) -> Option<&CowDisk> {
+    pub fn cow(&self) -> Option<&Arc<CowDisk>> {
         match &self.backend {
             DiskBackend::Raw(_) => None,
             DiskBackend::Cow(cow) => Some(cow),

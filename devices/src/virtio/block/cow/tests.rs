@@ -615,7 +615,7 @@ fn disk_over_a_cow_disk() {
     // from_cow keeps a custom chunk size.
     let overlay = ScratchPath::new("from");
     let cow = CowDisk::create(base.as_path(), &overlay.0, 8192).unwrap();
-    let disk = Disk::from_cow(cow, "y");
+    let disk = Disk::from_cow(std::sync::Arc::new(cow), "y");
     assert_eq!(disk.cow().unwrap().chunk_size(), 8192);
 }
 
