@@ -193,6 +193,11 @@ fn vmtest_a_corrupt_object_fails_the_restore_naming_it() {
         stderr.contains("corrupt") || stderr.contains("mismatch"),
         "{stderr}"
     );
+    // `ember store verify` finds it too, and names the object.
+    let verify = ember(&["store", "verify", "--store", store.path()]);
+    assert!(!verify.status.success(), "verify passed a flipped byte");
+    let report = format!("{}{}", text(&verify.stdout), text(&verify.stderr));
+    assert!(report.contains("corrupt object"), "{report}");
 }
 
 /// Boots the bundled rootfs (read-only) and saves it as snapshot `id` after `script`.
@@ -490,4 +495,78 @@ fn vmtest_three_cycles_keep_memory_and_disk_exact() {
         "{}",
         text(&fresh.stdout)
     );
+}
+
+#[test]
+fn vmtest_sigkill_in_the_middle_of_a_snapshot_leaves_the_store_usable() {
+    let store = TempStore::new("sigkill");
+    boot_and_save(&store, "good", "echo kept > /tmp/kept");
+    let sealed_before = packs(&store.0).len();
+
+    // A snapshot with ~64 MiB of fresh pages to write takes a while; kill ember while the
+    // new pack is still being written (it exists, its index does not yet).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args([
+            "restore",
+            "good",
+            "--store",
+            store.path(),
+            "--snapshot-on-exit",
+            "torn",
+            "--",
+            "sh",
+            "-c",
+            "head -c 67108864 /dev/urandom > /tmp/big",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ember");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    let killed_mid_write = loop {
+        let unsealed = packs(&store.0)
+            .into_iter()
+            .any(|p| !p.with_extension("idx").exists() && p.metadata().is_ok_and(|m| m.len() > 0));
+        if unsealed {
+            child.kill().expect("SIGKILL ember");
+            break true;
+        }
+        if child.try_wait().unwrap().is_some() || std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let _ = child.wait();
+    assert!(
+        killed_mid_write,
+        "never saw the snapshot's pack being written"
+    );
+
+    // The torn snapshot does not exist, the store verifies, the earlier snapshot restores.
+    let list = ember(&["snapshots", "--store", store.path()]);
+    assert!(list.status.success(), "{}", text(&list.stderr));
+    assert!(
+        !text(&list.stdout).contains("torn"),
+        "{}",
+        text(&list.stdout)
+    );
+    assert!(
+        text(&list.stdout).contains("good"),
+        "{}",
+        text(&list.stdout)
+    );
+    let verify = ember(&["store", "verify", "--store", store.path()]);
+    assert!(
+        verify.status.success(),
+        "verify after SIGKILL:\n{}{}",
+        text(&verify.stdout),
+        text(&verify.stderr)
+    );
+    let out = restore_ok(&store, "good", &[], "cat /tmp/kept");
+    assert_eq!(text(&out.stdout), "kept\n");
+    // gc removes the torn pack; what is left is the sealed ones.
+    let gc = ember(&["store", "gc", "--store", store.path()]);
+    assert!(gc.status.success(), "{}", text(&gc.stderr));
+    assert!(packs(&store.0).len() >= sealed_before);
 }
