@@ -61,8 +61,9 @@ impl Default for LabOptions {
 pub struct LabImage {
     pub vmlinuz: PathBuf,
     pub initramfs: PathBuf,
-    /// The kernel's symbols, to name where a wedged L1 stopped.
-    pub system_map: PathBuf,
+    /// The L1 kernel's text symbols (from its /proc/kallsyms: Debian ships only a stub
+    /// System.map), to name where a wedged L1 stopped; written by the first lab run.
+    pub kallsyms: PathBuf,
 }
 
 /// The Debian kernel package the L1 boots: the one `linux-image-amd64` currently points to.
@@ -102,9 +103,9 @@ pub fn ensure_image() -> Result<LabImage> {
     let image = LabImage {
         vmlinuz: dir.join("vmlinuz"),
         initramfs: dir.join("initramfs.cpio.gz"),
-        system_map: dir.join("System.map"),
+        kallsyms: dir.join("kallsyms"),
     };
-    if image.vmlinuz.exists() && image.initramfs.exists() && image.system_map.exists() {
+    if image.vmlinuz.exists() && image.initramfs.exists() {
         return Ok(image);
     }
 
@@ -156,16 +157,6 @@ pub fn ensure_image() -> Result<LabImage> {
         sh_quote(&tmp.to_string_lossy())
     )))?;
     publish(&tmp, &image.initramfs)?;
-    let map = fs::read_dir(&boot)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("System.map-"))
-        })
-        .context("the kernel package has no /boot/System.map-*")?;
-    let tmp = dir.join("System.map.tmp");
-    fs::copy(&map, &tmp)?;
-    publish(&tmp, &image.system_map)?;
     let tmp = dir.join("vmlinuz.tmp");
     fs::copy(&vmlinuz, &tmp)?;
     publish(&tmp, &image.vmlinuz)?;
@@ -322,6 +313,9 @@ pub fn run_in_lab(argv: &[String], opts: &LabOptions) -> Result<i32> {
     for name in ["stdout", "stderr"] {
         fs::write(run_dir.join(name), b"")?;
     }
+    if !image.kallsyms.exists() {
+        fs::write(run_dir.join("want-kallsyms"), b"")?;
+    }
 
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args([
@@ -395,7 +389,7 @@ pub fn run_in_lab(argv: &[String], opts: &LabOptions) -> Result<i32> {
             let why = l1_failure(&run_dir.join("console.log"))
                 .or_else(|| heartbeat_lost(&run_dir.join("heartbeat"), started.elapsed()));
             if let Some(why) = why {
-                let cpus = l1_vcpus(&run_dir.join("monitor"), &image.system_map);
+                let cpus = l1_vcpus(&run_dir.join("monitor"), &image.kallsyms);
                 child.kill().ok();
                 child.wait().ok();
                 done.store(true, Ordering::SeqCst);
@@ -407,7 +401,7 @@ pub fn run_in_lab(argv: &[String], opts: &LabOptions) -> Result<i32> {
             }
         }
         if started.elapsed() > opts.timeout {
-            let cpus = l1_vcpus(&run_dir.join("monitor"), &image.system_map);
+            let cpus = l1_vcpus(&run_dir.join("monitor"), &image.kallsyms);
             child.kill().ok();
             child.wait().ok();
             done.store(true, Ordering::SeqCst);
@@ -426,6 +420,12 @@ pub fn run_in_lab(argv: &[String], opts: &LabOptions) -> Result<i32> {
     let mut qemu_err = String::new();
     if let Some(mut e) = child.stderr.take() {
         e.read_to_string(&mut qemu_err).ok();
+    }
+    if run_dir.join("kallsyms").exists() && !image.kallsyms.exists() {
+        let tmp = image.kallsyms.with_extension("tmp");
+        if fs::copy(run_dir.join("kallsyms"), &tmp).is_ok() {
+            let _ = publish(&tmp, &image.kallsyms);
+        }
     }
     let rc = fs::read_to_string(run_dir.join("rc")).ok();
     let console = crate::util::tail_lines(&run_dir.join("console.log"), 40);
@@ -481,9 +481,10 @@ fn l1_failure(console: &Path) -> Option<String> {
         .map(|l| l.trim().to_string())
 }
 
-/// `function+offset` for a kernel address, from a System.map (the L1 boots with `nokaslr`).
-fn symbolize(system_map: &Path, addr: u64) -> Option<String> {
-    let text = fs::read_to_string(system_map).ok()?;
+/// `function+offset` for a kernel address, from kallsyms (the L1 boots with `nokaslr`, so
+/// addresses are the same in every run).
+fn symbolize(kallsyms: &Path, addr: u64) -> Option<String> {
+    let text = fs::read_to_string(kallsyms).ok()?;
     let (start, name) = text
         .lines()
         .filter_map(|line| {
@@ -518,7 +519,7 @@ fn heartbeat_lost(heartbeat: &Path, running_for: Duration) -> Option<String> {
 
 /// Where the L1's vCPUs are (instruction pointer, privilege level, halted), from QEMU's
 /// human monitor: tells an L1 kernel hang from an L2 guest that never exits.
-fn l1_vcpus(socket: &Path, system_map: &Path) -> String {
+fn l1_vcpus(socket: &Path, kallsyms: &Path) -> String {
     let command = "info registers -a";
     use std::os::unix::net::UnixStream;
     let ask = || -> std::io::Result<String> {
@@ -546,7 +547,7 @@ fn l1_vcpus(socket: &Path, system_map: &Path) -> String {
                 let hlt = l.split_whitespace().find(|w| w.starts_with("HLT="))?;
                 let symbol = u64::from_str_radix(&rip[4..], 16)
                     .ok()
-                    .and_then(|addr| symbolize(system_map, addr))
+                    .and_then(|addr| symbolize(kallsyms, addr))
                     .map(|s| format!(" ({s})"))
                     .unwrap_or_default();
                 Some(format!("{rip}{symbol} {cpl} {hlt}"))

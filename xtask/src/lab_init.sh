@@ -28,6 +28,8 @@ done < /labrun/mounts
 mkdir -p /host/run/lab
 mount -o bind /labrun /host/run/lab
 ip link set lo up 2>/dev/null
+# Once per lab image: the kernel's text symbols, to name where a wedged L1 stopped.
+[ -e /labrun/want-kallsyms ] && grep ' [tT] ' /proc/kallsyms > /labrun/kallsyms
 # A heartbeat the host watches (by the file's host-side mtime): if it stops, the L1 is
 # wedged and the host gives up on this run instead of waiting for its timeout.
 ( while :; do echo > /labrun/heartbeat; sleep 5; done ) &
