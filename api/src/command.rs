@@ -14,7 +14,7 @@ use ember_vmm::{
 };
 
 /// The guest's CID for a single foreground VM.
-const GUEST_CID: u32 = 3;
+pub(crate) const GUEST_CID: u32 = 3;
 /// How long the guest may take to boot to its agent (the lab is ~30× slower than native).
 const AGENT_TIMEOUT: Duration = Duration::from_secs(180);
 /// How much of the guest console is kept to explain a failure.
@@ -167,7 +167,7 @@ pub fn parse_env(spec: &str) -> Result<(String, String), String> {
 
 /// Keeps the last bytes the guest wrote to its console.
 #[derive(Clone, Default)]
-struct ConsoleTail(Arc<Mutex<VecDeque<u8>>>);
+pub(crate) struct ConsoleTail(Arc<Mutex<VecDeque<u8>>>);
 
 impl Write for ConsoleTail {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -183,13 +183,13 @@ impl Write for ConsoleTail {
 }
 
 impl ConsoleTail {
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         let tail = self.0.lock().unwrap_or_else(|p| p.into_inner());
         String::from_utf8_lossy(&tail.iter().copied().collect::<Vec<u8>>()).into_owned()
     }
 }
 
-type VmResult = Result<ExitReason, VmmError>;
+pub(crate) type VmResult = Result<ExitReason, VmmError>;
 
 /// A private folder for the VM's vsock socket, removed on drop.
 struct SocketDir(PathBuf);
@@ -364,17 +364,30 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
     result
 }
 
-/// After a snapshot's first prefetch-mode restore has run its command, saves the pages that
-/// restore needed so later restores load them up front.
-fn record_working_set(vmm: &Vmm, store: &ember_snapshot_store::Store, id: &str) {
-    match store.load_working_set(id) {
-        Ok(Some(_)) => return,
-        Ok(None) => {}
+/// After a prefetch-mode restore has run its command: the first restore of a snapshot saves
+/// the pages it needed, so later restores load them up front; a later restore that still
+/// needed more than 2 % extra pages on demand (the guest does not touch exactly the same
+/// pages every time) adds them, so the working set converges.
+pub(crate) fn record_working_set(vmm: &Vmm, store: &ember_snapshot_store::Store, id: &str) {
+    let known = match store.load_working_set(id) {
+        Ok(known) => known,
         // A damaged one is replaced.
-        Err(e) => log::warn!("{e}; recording a new one"),
-    }
-    let Some(pages) = vmm.take_working_set() else {
+        Err(e) => {
+            log::warn!("{e}; recording a new one");
+            None
+        }
+    };
+    let Some(faulted) = vmm.take_working_set() else {
         return;
+    };
+    let pages = match known {
+        None => faulted,
+        Some(known) if faulted.len() * 50 <= known.len() => return,
+        Some(mut known) => {
+            let seen: std::collections::HashSet<u64> = known.iter().copied().collect();
+            known.extend(faulted.into_iter().filter(|p| !seen.contains(p)));
+            known
+        }
     };
     match store.save_working_set(id, &pages) {
         Ok(()) => log::info!(
@@ -386,7 +399,10 @@ fn record_working_set(vmm: &Vmm, store: &ember_snapshot_store::Store, id: &str) 
 }
 
 /// Connects to the agent once it listens, giving up if the VM ends or time runs out.
-fn wait_for_agent(socket: &Path, vm_done: &Receiver<VmResult>) -> Result<AgentClient, String> {
+pub(crate) fn wait_for_agent(
+    socket: &Path,
+    vm_done: &Receiver<VmResult>,
+) -> Result<AgentClient, String> {
     let deadline = Instant::now() + AGENT_TIMEOUT;
     let mut last_error = String::from("no attempt yet");
     loop {

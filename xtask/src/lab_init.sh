@@ -33,6 +33,19 @@ ip link set lo up 2>/dev/null
 # A heartbeat the host watches (by the file's host-side mtime): if it stops, the L1 is
 # wedged and the host gives up on this run instead of waiting for its timeout.
 ( while :; do echo > /labrun/heartbeat; sleep 5; done ) &
+# A VM that lives as long as the lab, with one never-run vCPU: its software-disabled LAPIC
+# keeps KVM's apic_sw_disabled static key enabled, so the VMs the command creates and destroys
+# never flip it. Each flip live-patches kernel text (int3 + IPIs to every CPU), and under
+# multi-threaded TCG that has wedged the L1 (one CPU spinning in asm_exc_int3, the other in
+# smp_call_function_many_cond waiting for it).
+chroot /host /usr/bin/python3 -c '
+import fcntl, os, time
+kvm = os.open("/dev/kvm", os.O_RDWR)
+vm = fcntl.ioctl(kvm, 0xAE01, 0)   # KVM_CREATE_VM
+fcntl.ioctl(vm, 0xAE60, 0)         # KVM_CREATE_IRQCHIP
+fcntl.ioctl(vm, 0xAE41, 0)         # KVM_CREATE_VCPU 0
+time.sleep(1 << 30)
+' > /labrun/keeper.log 2>&1 &
 chroot /host /bin/sh /run/lab/cmd.sh < /dev/null > /labrun/stdout 2> /labrun/stderr
 echo $? > /labrun/rc
 sync

@@ -20,9 +20,11 @@ pub const E820_RAM: u32 = 1;
 /// e820 type of reserved memory.
 pub const E820_RESERVED: u32 = 2;
 
-/// The command line every guest starts from.
+/// The command line every guest starts from. `init_on_free=1` makes the guest zero the pages
+/// it frees: a freed page is then a zero page in a snapshot (not stored, restored with the
+/// shared zero page) instead of stale data that costs store space, dedup and restore time.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodule \
-     i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable quiet";
+     i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable init_on_free=1 quiet";
 
 const BOOT_FLAG: u16 = 0xaa55;
 const HDRS_MAGIC: u32 = 0x5372_6448;
