@@ -1,9 +1,14 @@
 //! `ember`: the command line of the ember microVM monitor.
 
+mod client;
 mod command;
+mod control;
 mod doctor;
+mod remote;
 mod run;
+mod service;
 mod store_cmd;
+mod worker;
 
 use clap::{Parser, Subcommand};
 
@@ -35,6 +40,30 @@ enum Command {
     /// Inspect and maintain the snapshot store: `stats`, `verify` (re-hash every object),
     /// `gc` (reclaim what no snapshot uses).
     Store(store_cmd::StoreArgs),
+    /// Run the ember service: the HTTP/JSON API on a Unix socket, one VMM process per
+    /// sandbox.
+    Serve(service::ServeArgs),
+    /// Create a sandbox (boot, or restore `--snapshot`) through the service; prints its id.
+    Create(remote::CreateArgs),
+    /// List the service's sandboxes.
+    Ls(remote::LsArgs),
+    /// Run a command in a sandbox, streaming its output; exits with its exit code.
+    Exec(remote::ExecArgs),
+    /// Copy a file into (`HOST SANDBOX:/path`) or out of (`SANDBOX:/path HOST`) a sandbox.
+    Cp(remote::CpArgs),
+    /// Pause a sandbox's vCPUs.
+    Pause(remote::IdArgs),
+    /// Resume a paused sandbox.
+    Resume(remote::IdArgs),
+    /// Save a sandbox as a snapshot; prints the snapshot's id.
+    Snapshot(remote::SnapshotArgs),
+    /// Start `--count` sandboxes from one snapshot at once; prints their ids.
+    Fork(remote::ForkArgs),
+    /// Stop and delete sandboxes.
+    Rm(remote::RmArgs),
+    /// One sandbox's VMM process (started by `ember serve`).
+    #[command(hide = true)]
+    Vmm(worker::VmmArgs),
 }
 
 fn main() {
@@ -46,8 +75,24 @@ fn main() {
         Command::Doctor => doctor::run(),
         Command::Run(args) => run::run(*args),
         Command::Restore(args) => run::restore(*args),
-        Command::Snapshots(args) => store_cmd::snapshots(args),
+        Command::Snapshots(args) => match &args.service.socket {
+            Some(_) if args.action.is_none() && args.store.is_none() => {
+                remote::snapshots(&args.service, args.json)
+            }
+            _ => store_cmd::snapshots(args),
+        },
         Command::Store(args) => store_cmd::store(args),
+        Command::Serve(args) => service::serve(args),
+        Command::Create(args) => remote::create(args),
+        Command::Ls(args) => remote::ls(args),
+        Command::Exec(args) => remote::exec(args),
+        Command::Cp(args) => remote::cp(args),
+        Command::Pause(args) => remote::pause(args),
+        Command::Resume(args) => remote::resume(args),
+        Command::Snapshot(args) => remote::snapshot(args),
+        Command::Fork(args) => remote::fork(args),
+        Command::Rm(args) => remote::rm(args),
+        Command::Vmm(args) => worker::run(args),
     };
     std::process::exit(code);
 }

@@ -80,6 +80,16 @@ fn default_artifact(env: &str, kind: &str, file: &str) -> Option<PathBuf> {
         .or_else(|| newest_artifact(kind, file))
 }
 
+/// The kernel used when none is given: `$EMBER_KERNEL`, else the newest xtask build.
+pub fn default_kernel() -> Option<PathBuf> {
+    default_artifact("EMBER_KERNEL", "kernel", "vmlinux")
+}
+
+/// The rootfs used when none is given: `$EMBER_ROOTFS`, else the newest xtask build.
+pub fn default_rootfs() -> Option<PathBuf> {
+    default_artifact("EMBER_ROOTFS", "rootfs", "rootfs.ext4")
+}
+
 pub fn run(args: RunArgs) -> i32 {
     let start = Instant::now();
     let facts = HostFacts::read();

@@ -28,6 +28,9 @@ pub struct SnapshotsArgs {
     /// Print a JSON array (one object per snapshot) instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// List the snapshots of the ember service listening here instead of reading a store.
+    #[command(flatten)]
+    pub service: crate::remote::ServiceArgs,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -214,6 +217,11 @@ impl Row {
             self.disks.to_string(),
         ]
     }
+}
+
+/// A snapshot as `ember snapshots --json` and the API show it.
+pub(crate) fn snapshot_json(m: &Manifest) -> Value {
+    Row::of(m).to_json()
 }
 
 fn list(dir: &Path, as_json: bool) -> Result<i32, String> {

@@ -19,4 +19,5 @@ pub use crate::metrics::RunReport;
 pub use crate::snapshot::{RestoreMode, SnapshotKind};
 pub use crate::vmm::{
     run, run_reported, run_with, ExitReason, VmConfig, Vmm, VmmError, VmmOptions, VsockConfig,
+    MAX_VCPUS,
 };

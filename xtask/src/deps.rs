@@ -30,6 +30,8 @@ pub const PACKAGES: &[&str] = &[
     // used by tests and benches
     "python3",
     "procps",
+    // the service tests talk to its Unix socket with curl
+    "curl",
 ];
 
 /// The packages from [`PACKAGES`] that are not installed.

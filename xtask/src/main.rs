@@ -181,6 +181,11 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
     }
 }
 
+/// Single-quotes `text` for sh.
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
+
 /// The README's main job: everything from packages to a running guest.
 fn demo() -> Result<i32> {
     let mut phases = util::Phases::new();
@@ -197,18 +202,14 @@ fn demo() -> Result<i32> {
             .status()?
             .success())
     })?;
-    // Boot the bundled kernel and Debian rootfs, run Python through the guest agent (stdout,
-    // stderr and the exit code come back over vsock), leave state in the guest's memory, save
-    // the sandbox into a fresh store, then restore it in a new VMM and find the state again.
-    let store = lab::tempdir("ember-demo-store")?;
+    // The product story against a live `ember serve`: create a Python sandbox, install a
+    // dependency, snapshot, delete, restore into a new sandbox and use the dependency.
+    let state = lab::tempdir("ember-demo")?;
     let script = format!(
-        "set -e; S={store}; ember doctor; \
-         ember run --vcpus 2 --store $S --snapshot-on-exit demo -- sh -c \
-           'python3 -c \"import platform; print(\\\"hello from Python\\\", platform.python_version(), \\\"on Linux\\\", platform.release(), \\\"- 44*44 =\\\", 44*44)\"; \
-            echo \"state written before the snapshot at $(date +%T)\" > /tmp/state'; \
-         echo '--- restoring the snapshot in a new VMM ---'; \
-         ember restore demo --store $S -- cat /tmp/state",
-        store = store.display()
+        "PATH={bin}:$PATH STATE={state} sh -c {quoted}",
+        bin = util::target_dir().join("debug").display(),
+        state = state.display(),
+        quoted = shell_quote(include_str!("demo.sh"))
     );
     let script = script.as_str();
     let rc = if here {
@@ -224,7 +225,7 @@ fn demo() -> Result<i32> {
             lab::run_in_lab(&["sh".into(), "-c".into(), script.into()], &opts)
         })?
     };
-    std::fs::remove_dir_all(&store).ok();
+    std::fs::remove_dir_all(&state).ok();
     phases.summary();
     Ok(rc)
 }

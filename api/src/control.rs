@@ -1,0 +1,161 @@
+//! The control protocol between `ember serve` and a sandbox's VMM process (`ember vmm`):
+//! one JSON object per line on the VMM's control socket, one reply line per request.
+//!
+//! The VMM process also writes one [`WorkerEvent`] line to its stdout when the guest's agent
+//! first answers, so the service knows the sandbox is ready and how long that took.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The longest control line either side accepts.
+pub const MAX_CONTROL_LINE: usize = 64 * 1024;
+
+/// What the VMM process is asked to start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSpec {
+    pub sandbox_id: String,
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+    pub vcpus: u8,
+    pub mem_mib: u32,
+    pub origin: WorkerOrigin,
+    pub store_dir: PathBuf,
+    /// The VM's vsock Unix socket (the service talks to the agent through it).
+    pub vsock_socket: PathBuf,
+    /// Where the VMM listens for [`ControlRequest`]s.
+    pub control_socket: PathBuf,
+    /// The private copy-on-write overlay of the rootfs.
+    pub overlay: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum WorkerOrigin {
+    Boot,
+    Restore { snapshot: String, mode: String },
+}
+
+/// A line on the VMM process's stdout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum WorkerEvent {
+    /// The guest's agent answered; `ready_ms` counts from the VMM process's start.
+    Ready {
+        ready_ms: f64,
+        restored: bool,
+        /// Pages served on demand until then (restores only).
+        faults: Option<u64>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ControlRequest {
+    /// Answered with the VM's state.
+    Status,
+    /// Stops every vCPU at a consistent point; the agent does not answer meanwhile.
+    Pause,
+    Resume,
+    /// Saves the VM as snapshot `id` (a diff against the snapshot it came from with `diff`),
+    /// then resumes it, or stops the VMM with `stop`.
+    Snapshot {
+        id: String,
+        diff: bool,
+        stop: bool,
+    },
+    /// After a prefetch-mode restore's first command: record the pages it needed.
+    RecordWorkingSet,
+    /// Ends the VM (and the VMM process) without involving the guest.
+    Stop,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlReply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `running` or `paused`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotDone>,
+}
+
+impl ControlReply {
+    pub fn ok() -> ControlReply {
+        ControlReply {
+            ok: true,
+            ..Default::default()
+        }
+    }
+
+    pub fn error(message: impl Into<String>) -> ControlReply {
+        ControlReply {
+            ok: false,
+            error: Some(message.into()),
+            ..Default::default()
+        }
+    }
+}
+
+/// What a snapshot request saved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotDone {
+    pub id: String,
+    pub memory_bytes: u64,
+    pub took_ms: f64,
+    pub parent: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_unknown_fields_are_refused() {
+        let request = ControlRequest::Snapshot {
+            id: "a".into(),
+            diff: true,
+            stop: false,
+        };
+        let line = serde_json::to_string(&request).unwrap();
+        assert_eq!(
+            line,
+            r#"{"op":"snapshot","id":"a","diff":true,"stop":false}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<ControlRequest>(&line).unwrap(),
+            request
+        );
+        assert!(serde_json::from_str::<ControlRequest>(
+            r#"{"op":"snapshot","id":"a","diff":true,"stop":false,"x":1}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<ControlRequest>(r#"{"op":"explode"}"#).is_err());
+    }
+
+    #[test]
+    fn spec_round_trips() {
+        let spec = WorkerSpec {
+            sandbox_id: "sb".into(),
+            kernel: "/k".into(),
+            rootfs: "/r".into(),
+            vcpus: 2,
+            mem_mib: 256,
+            origin: WorkerOrigin::Restore {
+                snapshot: "s".into(),
+                mode: "prefetch".into(),
+            },
+            store_dir: "/s".into(),
+            vsock_socket: "/v".into(),
+            control_socket: "/c".into(),
+            overlay: "/o".into(),
+        };
+        let text = serde_json::to_string(&spec).unwrap();
+        assert_eq!(serde_json::from_str::<WorkerSpec>(&text).unwrap(), spec);
+    }
+}

@@ -1,0 +1,557 @@
+//! The CLI commands that talk to `ember serve`: create, ls, exec, cp, pause, resume,
+//! snapshot, fork, rm (and `ember snapshots --socket`).
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use futures_util::TryStreamExt;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper::Method;
+use serde_json::{json, Value};
+
+use crate::client::{empty_body, encode_query, json_body, ApiClient, ApiClientError};
+
+/// Where the service listens.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServiceArgs {
+    /// The service's socket (default: $EMBER_SOCKET, else STATE_DIR/ember.sock).
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
+}
+
+impl ServiceArgs {
+    fn client(&self) -> ApiClient {
+        let socket = self
+            .socket
+            .clone()
+            .unwrap_or_else(|| crate::service::default_socket(None));
+        ApiClient::new(&socket)
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CreateArgs {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// Restore this snapshot instead of booting.
+    #[arg(long)]
+    pub snapshot: Option<String>,
+    #[arg(long)]
+    pub vcpus: Option<u8>,
+    #[arg(long)]
+    pub memory_mib: Option<u32>,
+    /// Stop the sandbox after this many seconds (default 300).
+    #[arg(long)]
+    pub timeout_s: Option<u64>,
+    /// KEY=VALUE for every command in the sandbox (repeatable).
+    #[arg(long, value_parser = crate::command::parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Print the sandbox as JSON instead of its id.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LsArgs {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// The sandbox.
+    pub id: String,
+    #[arg(long, value_parser = crate::command::parse_env)]
+    pub env: Vec<(String, String)>,
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// Kill the command after this many seconds (ember exits 124).
+    #[arg(long)]
+    pub timeout_s: Option<u64>,
+    /// Send ember's stdin (read to its end, at most 1 MiB) to the command.
+    #[arg(long, short = 'i')]
+    pub interactive: bool,
+    /// Start the command and print its id; `GET /sandboxes/ID/commands/CID` shows it later.
+    #[arg(long)]
+    pub detach: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CpArgs {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// A host path, or SANDBOX:/guest/path.
+    pub source: String,
+    /// A host path, or SANDBOX:/guest/path.
+    pub destination: String,
+    /// Permission bits (octal) for a file copied into a sandbox.
+    #[arg(long)]
+    pub mode: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct IdArgs {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    pub id: String,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RmArgs {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    #[arg(required = true)]
+    pub ids: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// The sandbox to save.
+    pub id: String,
+    /// The snapshot's id (default: a fresh one).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Store only the pages written since this sandbox's last snapshot (or its origin).
+    #[arg(long)]
+    pub diff: bool,
+    /// Stop the sandbox once it is saved.
+    #[arg(long)]
+    pub stop: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ForkArgs {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// The snapshot to start from.
+    pub snapshot: String,
+    #[arg(long, default_value_t = 1)]
+    pub count: u32,
+    #[arg(long)]
+    pub timeout_s: Option<u64>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime")
+}
+
+/// Runs an async command; an error is printed and exits 1.
+fn finish(result: Result<i32, ApiClientError>) -> i32 {
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ember: {e}");
+            1
+        }
+    }
+}
+
+/// Shows `what… N s` on a terminal while a long request runs.
+async fn with_progress<T>(what: &str, work: impl std::future::Future<Output = T>) -> T {
+    if !std::io::stderr().is_terminal() {
+        return work.await;
+    }
+    let start = Instant::now();
+    let ticker = async {
+        loop {
+            eprint!("\r{what}… {:.0} s", start.elapsed().as_secs_f64());
+            let _ = std::io::stderr().flush();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    let result = tokio::select! {
+        result = work => result,
+        _ = ticker => unreachable!("the ticker never ends"),
+    };
+    eprintln!("\r{what}: {:.1} s", start.elapsed().as_secs_f64());
+    result
+}
+
+fn print_json(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
+pub fn create(args: CreateArgs) -> i32 {
+    let client = args.service.client();
+    let mut body = json!({});
+    if let Some(s) = &args.snapshot {
+        body["snapshot"] = json!(s);
+    }
+    if let Some(v) = args.vcpus {
+        body["vcpus"] = json!(v);
+    }
+    if let Some(m) = args.memory_mib {
+        body["memory_mib"] = json!(m);
+    }
+    if let Some(t) = args.timeout_s {
+        body["timeout_s"] = json!(t);
+    }
+    if !args.env.is_empty() {
+        body["env"] = json!(args
+            .env
+            .iter()
+            .cloned()
+            .collect::<std::collections::BTreeMap<_, _>>());
+    }
+    let what = if args.snapshot.is_some() {
+        "restoring a sandbox"
+    } else {
+        "booting a sandbox"
+    };
+    finish(runtime().block_on(async {
+        let sandbox = with_progress(
+            what,
+            client.json(Method::POST, "/sandboxes", json_body(&body)),
+        )
+        .await?;
+        if args.json {
+            print_json(&sandbox);
+        } else {
+            println!("{}", sandbox["id"].as_str().unwrap_or(""));
+        }
+        Ok(0)
+    }))
+}
+
+pub fn ls(args: LsArgs) -> i32 {
+    let client = args.service.client();
+    finish(runtime().block_on(async {
+        let list = client.json(Method::GET, "/sandboxes", empty_body()).await?;
+        if args.json {
+            print_json(&list["sandboxes"]);
+            return Ok(0);
+        }
+        println!(
+            "{:<16} {:<8} {:>5} {:>7} {:>9}  SNAPSHOT",
+            "ID", "STATE", "VCPUS", "MEMORY", "READY(ms)"
+        );
+        for s in list["sandboxes"].as_array().into_iter().flatten() {
+            println!(
+                "{:<16} {:<8} {:>5} {:>7} {:>9}  {}",
+                s["id"].as_str().unwrap_or("-"),
+                s["state"].as_str().unwrap_or("-"),
+                s["vcpus"],
+                format!("{}M", s["memory_mib"]),
+                s["ready_ms"]
+                    .as_f64()
+                    .map(|v| format!("{v:.0}"))
+                    .unwrap_or("-".into()),
+                s["snapshot"].as_str().unwrap_or("-"),
+            );
+        }
+        Ok(0)
+    }))
+}
+
+pub fn exec(args: ExecArgs) -> i32 {
+    let client = args.service.client();
+    let mut body = json!({
+        "cmd": args.command[0],
+        "args": args.command[1..],
+    });
+    if !args.env.is_empty() {
+        body["env"] = json!(args
+            .env
+            .iter()
+            .cloned()
+            .collect::<std::collections::BTreeMap<_, _>>());
+    }
+    if let Some(cwd) = &args.cwd {
+        body["cwd"] = json!(cwd);
+    }
+    if let Some(t) = args.timeout_s {
+        body["timeout_s"] = json!(t);
+    }
+    if args.detach {
+        body["detach"] = json!(true);
+    }
+    if args.interactive {
+        let mut input = Vec::new();
+        if let Err(e) = std::io::stdin().read_to_end(&mut input) {
+            eprintln!("ember: cannot read stdin: {e}");
+            return 1;
+        }
+        body["stdin_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(input));
+    }
+    let uri = format!("/sandboxes/{}/exec", args.id);
+    finish(runtime().block_on(async {
+        if args.detach {
+            let record = client.json(Method::POST, &uri, json_body(&body)).await?;
+            println!("{}", record["cmd_id"].as_str().unwrap_or(""));
+            return Ok(0);
+        }
+        let response = client.send(Method::POST, &uri, json_body(&body)).await?;
+        let mut body = response.into_body();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut code = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ApiClientError::Http(e.to_string()))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                if let Some(c) = handle_record(&line) {
+                    code = Some(c);
+                }
+            }
+        }
+        Ok(code.unwrap_or_else(|| {
+            eprintln!("ember: the output stream ended before the command's exit");
+            1
+        }))
+    }))
+}
+
+/// Writes one NDJSON record's output; returns ember's exit code for the final record.
+fn handle_record(line: &[u8]) -> Option<i32> {
+    let record: Value = serde_json::from_slice(line).ok()?;
+    let data = || -> Vec<u8> {
+        if let Some(text) = record["data"].as_str() {
+            text.as_bytes().to_vec()
+        } else {
+            record["data_base64"]
+                .as_str()
+                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                .unwrap_or_default()
+        }
+    };
+    match record["type"].as_str()? {
+        "stdout" => {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&data()).and_then(|_| out.flush());
+            None
+        }
+        "stderr" => {
+            let _ = std::io::stderr().write_all(&data());
+            None
+        }
+        "exit" => Some(if let Some(code) = record["exit_code"].as_i64() {
+            code as i32
+        } else if let Some(signal) = record["signal"].as_i64() {
+            eprintln!("ember: the command was killed by signal {signal}");
+            128 + signal as i32
+        } else if record["timed_out"].as_bool() == Some(true) {
+            eprintln!("ember: the command timed out and was killed");
+            124
+        } else {
+            eprintln!(
+                "ember: the command failed: {}",
+                record["error"].as_str().unwrap_or("unknown error")
+            );
+            1
+        }),
+        _ => None,
+    }
+}
+
+/// `SANDBOX:/path` → (sandbox, path); anything else is a host path.
+fn split_remote(spec: &str) -> Option<(&str, &str)> {
+    let (id, path) = spec.split_once(':')?;
+    (!id.is_empty() && !id.contains('/') && path.starts_with('/')).then_some((id, path))
+}
+
+pub fn cp(args: CpArgs) -> i32 {
+    let client = args.service.client();
+    let source = split_remote(&args.source);
+    let destination = split_remote(&args.destination);
+    finish(runtime().block_on(async {
+        match (source, destination) {
+            (None, Some((id, path))) => {
+                let file = tokio::fs::File::open(&args.source).await.map_err(|e| {
+                    ApiClientError::Http(format!("cannot open {}: {e}", args.source))
+                })?;
+                let stream = tokio_util::io::ReaderStream::new(file).map_ok(Frame::data);
+                let body = BodyExt::boxed(StreamBody::new(stream));
+                let mut uri = format!("/sandboxes/{id}/files?path={}", encode_query(path));
+                if let Some(mode) = &args.mode {
+                    uri.push_str(&format!("&mode={}", encode_query(mode)));
+                }
+                let answer = client.json(Method::PUT, &uri, body).await?;
+                eprintln!("copied {} bytes", answer["bytes"]);
+                Ok(0)
+            }
+            (Some((id, path)), None) => {
+                let uri = format!("/sandboxes/{id}/files?path={}", encode_query(path));
+                let response = client.send(Method::GET, &uri, empty_body()).await?;
+                let mut out = std::fs::File::create(&args.destination).map_err(|e| {
+                    ApiClientError::Http(format!("cannot create {}: {e}", args.destination))
+                })?;
+                let mut body = response.into_body();
+                while let Some(frame) = body.frame().await {
+                    let frame = frame.map_err(|e| {
+                        ApiClientError::Http(format!("the download broke off: {e}"))
+                    })?;
+                    if let Ok(data) = frame.into_data() {
+                        out.write_all(&data).map_err(|e| {
+                            ApiClientError::Http(format!("writing {}: {e}", args.destination))
+                        })?;
+                    }
+                }
+                Ok(0)
+            }
+            _ => Err(ApiClientError::Http(
+                "exactly one of SOURCE and DESTINATION must be SANDBOX:/absolute/path".into(),
+            )),
+        }
+    }))
+}
+
+fn simple(args: &IdArgs, method: Method, uri: String, body: Value) -> i32 {
+    let client = args.service.client();
+    finish(runtime().block_on(async {
+        let answer = client.json(method, &uri, json_body(&body)).await?;
+        if let Some(state) = answer["state"].as_str() {
+            println!("{} {state}", args.id);
+        }
+        Ok(0)
+    }))
+}
+
+pub fn pause(args: IdArgs) -> i32 {
+    let uri = format!("/sandboxes/{}/pause", args.id);
+    simple(&args, Method::POST, uri, json!({}))
+}
+
+pub fn resume(args: IdArgs) -> i32 {
+    let uri = format!("/sandboxes/{}/resume", args.id);
+    simple(&args, Method::POST, uri, json!({}))
+}
+
+pub fn rm(args: RmArgs) -> i32 {
+    let client = args.service.client();
+    finish(runtime().block_on(async {
+        let mut code = 0;
+        for id in &args.ids {
+            match client
+                .send(Method::DELETE, &format!("/sandboxes/{id}"), empty_body())
+                .await
+            {
+                Ok(_) => println!("{id} deleted"),
+                Err(e) => {
+                    eprintln!("ember: {id}: {e}");
+                    code = 1;
+                }
+            }
+        }
+        Ok(code)
+    }))
+}
+
+pub fn snapshot(args: SnapshotArgs) -> i32 {
+    let client = args.service.client();
+    let mut body = json!({"diff": args.diff, "stop": args.stop});
+    if let Some(name) = &args.name {
+        body["name"] = json!(name);
+    }
+    let uri = format!("/sandboxes/{}/snapshots", args.id);
+    finish(runtime().block_on(async {
+        let snap = with_progress(
+            "saving a snapshot",
+            client.json(Method::POST, &uri, json_body(&body)),
+        )
+        .await?;
+        if args.json {
+            print_json(&snap);
+        } else {
+            println!("{}", snap["id"].as_str().unwrap_or(""));
+        }
+        Ok(0)
+    }))
+}
+
+pub fn fork(args: ForkArgs) -> i32 {
+    let client = args.service.client();
+    let mut body = json!({"count": args.count});
+    if let Some(t) = args.timeout_s {
+        body["timeout_s"] = json!(t);
+    }
+    let uri = format!("/snapshots/{}/fork", args.snapshot);
+    finish(runtime().block_on(async {
+        let answer = with_progress(
+            "restoring sandboxes",
+            client.json(Method::POST, &uri, json_body(&body)),
+        )
+        .await?;
+        if args.json {
+            print_json(&answer["sandboxes"]);
+        } else {
+            for s in answer["sandboxes"].as_array().into_iter().flatten() {
+                println!("{}", s["id"].as_str().unwrap_or(""));
+            }
+        }
+        Ok(0)
+    }))
+}
+
+/// `ember snapshots --socket PATH`: the service's snapshots.
+pub fn snapshots(service: &ServiceArgs, as_json: bool) -> i32 {
+    let client = service.client();
+    finish(runtime().block_on(async {
+        let list = client.json(Method::GET, "/snapshots", empty_body()).await?;
+        if as_json {
+            print_json(&list["snapshots"]);
+        } else {
+            for s in list["snapshots"].as_array().into_iter().flatten() {
+                println!(
+                    "{}  {}  {:.0} MiB  parent {}",
+                    s["id"].as_str().unwrap_or("-"),
+                    s["created"].as_str().unwrap_or("-"),
+                    s["memory_mib"].as_f64().unwrap_or(0.0),
+                    s["parent"].as_str().unwrap_or("-")
+                );
+            }
+        }
+        Ok(0)
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_paths() {
+        assert_eq!(split_remote("sb-1:/tmp/x"), Some(("sb-1", "/tmp/x")));
+        assert_eq!(split_remote("./local:file"), None);
+        assert_eq!(split_remote("sb-1:relative"), None);
+        assert_eq!(split_remote("/abs/path"), None);
+    }
+
+    #[test]
+    fn exit_records_give_exit_codes() {
+        assert_eq!(handle_record(br#"{"type":"exit","exit_code":7}"#), Some(7));
+        assert_eq!(
+            handle_record(br#"{"type":"exit","exit_code":null,"signal":9}"#),
+            Some(137)
+        );
+        assert_eq!(
+            handle_record(br#"{"type":"exit","exit_code":null,"signal":null,"timed_out":true}"#),
+            Some(124)
+        );
+        assert_eq!(handle_record(br#"{"type":"started","cmd_id":"c"}"#), None);
+    }
+}

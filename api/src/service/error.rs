@@ -1,0 +1,80 @@
+//! The API's one error type: every failure is `{"error": {"code", "message"}}` with the
+//! HTTP status that fits it.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    pub fn not_found(what: &str, id: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no {what} {id:?}"),
+        )
+    }
+
+    pub fn conflict(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            log::warn!("{}: {}", self.code, self.message);
+        }
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// Maps an agent failure to the status a client can act on.
+pub fn from_agent(what: &str, err: ember_agent::client::ClientError) -> ApiError {
+    use ember_agent::client::ClientError;
+    use ember_agent::protocol::ErrorKind;
+    match &err {
+        ClientError::Remote(remote) => {
+            let (status, code) = match remote.kind {
+                ErrorKind::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+                ErrorKind::PermissionDenied => (StatusCode::FORBIDDEN, "permission_denied"),
+                ErrorKind::AlreadyExists => (StatusCode::CONFLICT, "already_exists"),
+                ErrorKind::InvalidInput => (StatusCode::BAD_REQUEST, "invalid_request"),
+                ErrorKind::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+                ErrorKind::Io | ErrorKind::Protocol => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, "guest_error")
+                }
+            };
+            ApiError::new(status, code, format!("{what}: {remote}"))
+        }
+        _ => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "agent_unreachable",
+            format!("{what}: {err}"),
+        ),
+    }
+}

@@ -1,0 +1,213 @@
+//! Files in a sandbox: streamed uploads and downloads through the guest agent.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use ember_agent::protocol::FileType;
+use futures_util::TryStreamExt;
+use serde::Deserialize;
+use serde_json::json;
+use tokio_util::io::{StreamReader, SyncIoBridge};
+
+use super::error::{from_agent, ApiError};
+use super::{parse_body, AppState, JsonBody};
+
+/// The longest guest path accepted.
+const MAX_PATH: usize = 4096;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileQuery {
+    pub path: String,
+    /// Permission bits (octal text, e.g. `755`) for an upload; 644 by default.
+    pub mode: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MkdirBody {
+    pub path: String,
+    pub mode: Option<u32>,
+}
+
+/// A guest path must be absolute, normalised (no `.` or `..` parts, which could climb out
+/// of where a caller meant), without NUL and not too long.
+pub fn check_guest_path(path: &str) -> Result<(), ApiError> {
+    let invalid = |why: &str| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+            format!("guest path {path:?} {why}"),
+        )
+    };
+    if path.len() > MAX_PATH {
+        return Err(invalid("is too long"));
+    }
+    if path.contains('\0') {
+        return Err(invalid("contains NUL"));
+    }
+    if !path.starts_with('/') {
+        return Err(invalid(
+            "is not absolute (paths start at the guest's filesystem root, /)",
+        ));
+    }
+    if path.split('/').any(|part| part == ".." || part == ".") {
+        return Err(invalid(
+            "has a `.` or `..` component: it would leave the guest's filesystem root or is \
+             not normalised",
+        ));
+    }
+    Ok(())
+}
+
+fn parse_mode(mode: Option<&str>) -> Result<u32, ApiError> {
+    match mode {
+        None => Ok(0o644),
+        Some(text) => u32::from_str_radix(text, 8)
+            .ok()
+            .filter(|m| *m <= 0o7777)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("mode {text:?} is not octal permission bits"))
+            }),
+    }
+}
+
+/// `PUT /sandboxes/{id}/files?path=…[&mode=755]`: the body is the file's content.
+pub async fn put_file(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(query): Query<FileQuery>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    check_guest_path(&query.path)?;
+    let mode = parse_mode(query.mode.as_deref())?;
+    let sandbox = state.sandbox(&id)?;
+    sandbox.require_running()?;
+    let agent = sandbox.agent().await?;
+    let stream = body.into_data_stream().map_err(std::io::Error::other);
+    let reader = SyncIoBridge::new(StreamReader::new(stream));
+    let path = query.path.clone();
+    let written = tokio::task::spawn_blocking(move || agent.write_file(&path, mode, reader))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| from_agent(&format!("writing {}", query.path), e))?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({"path": query.path, "bytes": written, "mode": format!("{mode:o}")})),
+    )
+        .into_response())
+}
+
+/// Sends what the agent reads into the response body.
+struct ChannelWriter(tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>);
+
+impl Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client gone"))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `GET /sandboxes/{id}/files?path=…`: the file's content, streamed.
+pub async fn get_file(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(query): Query<FileQuery>,
+) -> Result<Response, ApiError> {
+    check_guest_path(&query.path)?;
+    if query.mode.is_some() {
+        return Err(ApiError::bad_request("`mode` is for uploads"));
+    }
+    let sandbox = state.sandbox(&id)?;
+    sandbox.require_running()?;
+    let agent = sandbox.agent().await?;
+    // Errors are only expressible before the body starts: look first.
+    let stat = {
+        let agent = agent.clone();
+        let path = query.path.clone();
+        tokio::task::spawn_blocking(move || agent.stat(&path))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(|e| from_agent(&format!("reading {}", query.path), e))?
+    };
+    if stat.file_type != FileType::File {
+        return Err(ApiError::bad_request(format!(
+            "{} is not a regular file ({:?})",
+            query.path, stat.file_type
+        )));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let path = query.path.clone();
+    tokio::task::spawn_blocking(move || {
+        let errors = tx.clone();
+        if let Err(e) = agent.read_file(&path, ChannelWriter(tx)) {
+            // The status is sent; breaking the body tells the client it is incomplete.
+            let _ = errors.blocking_send(Err(std::io::Error::other(e.to_string())));
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header("x-file-size", stat.size)
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
+/// `POST /sandboxes/{id}/files/mkdir` `{path, mode?}`: `mkdir -p`.
+pub async fn mkdir(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    let body: MkdirBody = parse_body(body)?;
+    check_guest_path(&body.path)?;
+    let mode = body.mode.unwrap_or(0o755);
+    if mode > 0o7777 {
+        return Err(ApiError::bad_request(format!("mode {mode} is too large")));
+    }
+    let sandbox = state.sandbox(&id)?;
+    sandbox.require_running()?;
+    let agent = sandbox.agent().await?;
+    let path = body.path.clone();
+    tokio::task::spawn_blocking(move || agent.mkdir_p(&path, mode))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| from_agent(&format!("mkdir {}", body.path), e))?;
+    Ok((StatusCode::CREATED, axum::Json(json!({"path": body.path}))).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_paths() {
+        assert!(check_guest_path("/tmp/x").is_ok());
+        assert!(check_guest_path("/").is_ok());
+        for bad in ["tmp/x", "", "/tmp/../etc/passwd", "/..", "/a/./b", "/a\0b"] {
+            let err = check_guest_path(bad).unwrap_err();
+            assert_eq!(err.code, "invalid_path", "{bad:?}");
+        }
+        assert!(check_guest_path(&format!("/{}", "a".repeat(MAX_PATH))).is_err());
+    }
+
+    #[test]
+    fn modes() {
+        assert_eq!(parse_mode(None).unwrap(), 0o644);
+        assert_eq!(parse_mode(Some("755")).unwrap(), 0o755);
+        assert!(parse_mode(Some("9")).is_err());
+        assert!(parse_mode(Some("77777")).is_err());
+    }
+}

@@ -1,0 +1,191 @@
+//! `GET /metrics`: Prometheus text exposition of the service's counters.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+
+use super::sandbox::SandboxState;
+use super::AppState;
+
+/// A running sum and count of durations (a Prometheus summary without quantiles).
+#[derive(Default)]
+pub struct Timing {
+    sum_ms: Mutex<f64>,
+    count: AtomicU64,
+}
+
+impl Timing {
+    fn add(&self, ms: f64) {
+        *self.sum_ms.lock().unwrap_or_else(|p| p.into_inner()) += ms;
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn write(&self, out: &mut String, name: &str, help: &str) {
+        let sum = *self.sum_ms.lock().unwrap_or_else(|p| p.into_inner()) / 1e3;
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} summary");
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {}", self.count.load(Ordering::Relaxed));
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub boots: AtomicU64,
+    pub restores: AtomicU64,
+    pub start_failures: AtomicU64,
+    pub execs: AtomicU64,
+    pub snapshots: AtomicU64,
+    pub timeouts: AtomicU64,
+    boot_ready: Timing,
+    restore_ready: Timing,
+    snapshot_time: Timing,
+}
+
+impl Metrics {
+    pub fn record_start(&self, restored: bool, ready_ms: f64) {
+        if restored {
+            self.restores.fetch_add(1, Ordering::Relaxed);
+            self.restore_ready.add(ready_ms);
+        } else {
+            self.boots.fetch_add(1, Ordering::Relaxed);
+            self.boot_ready.add(ready_ms);
+        }
+    }
+
+    pub fn record_start_failure(&self) {
+        self.start_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn record_snapshot(&self, took_ms: Option<f64>) {
+        self.snapshots.fetch_add(1, Ordering::Relaxed);
+        if let Some(ms) = took_ms {
+            self.snapshot_time.add(ms);
+        }
+    }
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} counter");
+    let _ = writeln!(out, "{name} {value}");
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} gauge");
+    let _ = writeln!(out, "{name} {value}");
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let m = &state.metrics;
+    let mut out = String::new();
+    let states: Vec<SandboxState> = state
+        .sandboxes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .map(|s| s.state())
+        .collect();
+    let _ = writeln!(out, "# HELP ember_sandboxes Sandboxes by state.");
+    let _ = writeln!(out, "# TYPE ember_sandboxes gauge");
+    for s in SandboxState::ALL {
+        let n = states.iter().filter(|x| **x == s).count();
+        let _ = writeln!(out, "ember_sandboxes{{state=\"{}\"}} {n}", s.label());
+    }
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    counter(
+        &mut out,
+        "ember_boots_total",
+        "Sandboxes booted.",
+        load(&m.boots),
+    );
+    counter(
+        &mut out,
+        "ember_restores_total",
+        "Sandboxes restored from a snapshot.",
+        load(&m.restores),
+    );
+    counter(
+        &mut out,
+        "ember_start_failures_total",
+        "Sandboxes that failed to start.",
+        load(&m.start_failures),
+    );
+    counter(
+        &mut out,
+        "ember_execs_total",
+        "Commands started.",
+        load(&m.execs),
+    );
+    counter(
+        &mut out,
+        "ember_snapshots_total",
+        "Snapshots saved.",
+        load(&m.snapshots),
+    );
+    counter(
+        &mut out,
+        "ember_timeouts_total",
+        "Sandboxes stopped at their timeout.",
+        load(&m.timeouts),
+    );
+    m.boot_ready.write(
+        &mut out,
+        "ember_boot_ready_seconds",
+        "VMM start to agent ready, booted sandboxes.",
+    );
+    m.restore_ready.write(
+        &mut out,
+        "ember_restore_ready_seconds",
+        "VMM start to agent ready, restored sandboxes.",
+    );
+    m.snapshot_time.write(
+        &mut out,
+        "ember_snapshot_seconds",
+        "Time to save a snapshot.",
+    );
+    let store = state.store.clone();
+    // VMM processes write snapshots: read what they added before counting.
+    let stats = tokio::task::spawn_blocking(move || {
+        store.refresh()?;
+        store.stats()
+    });
+    if let Ok(Ok(stats)) = stats.await {
+        gauge(
+            &mut out,
+            "ember_store_snapshots",
+            "Snapshots in the store.",
+            stats.manifests as u64,
+        );
+        gauge(
+            &mut out,
+            "ember_store_logical_bytes",
+            "Memory and disk bytes the snapshots describe.",
+            stats.logical_bytes,
+        );
+        gauge(
+            &mut out,
+            "ember_store_stored_bytes",
+            "Bytes of pack files (after dedup).",
+            stats.stored_bytes,
+        );
+        gauge(
+            &mut out,
+            "ember_store_objects",
+            "Distinct objects stored.",
+            stats.unique_objects as u64,
+        );
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response()
+}

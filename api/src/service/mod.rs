@@ -1,0 +1,776 @@
+//! `ember serve`: the control plane. HTTP/1.1 + JSON on a Unix socket (axum on tokio); one
+//! VMM process per sandbox; snapshots in the content-addressed store under the state
+//! directory.
+
+pub mod error;
+pub mod exec;
+pub mod files;
+pub mod metrics;
+pub mod sandbox;
+pub mod snapshots;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::json;
+
+use self::error::ApiError;
+use self::sandbox::{NewSandbox, Sandbox, SandboxState};
+use crate::control::{ControlRequest, WorkerOrigin};
+
+/// The largest JSON request body.
+const MAX_JSON_BODY: usize = 1 << 20;
+pub const DEFAULT_TIMEOUT_S: u64 = 300;
+const MAX_TIMEOUT_S: u64 = 24 * 3600;
+const MAX_ENV_VARS: usize = 256;
+const MIN_MEMORY_MIB: u32 = 128;
+const MAX_MEMORY_MIB: u32 = 16 * 1024;
+
+/// The OpenAPI description of this API (also served at `GET /openapi.json`).
+pub const OPENAPI: &str = include_str!("../../openapi.json");
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// The API's Unix socket (default: STATE_DIR/ember.sock).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Where sandboxes, their logs and the snapshot store live (default: $EMBER_STATE_DIR,
+    /// else ~/.local/share/ember).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// The guest kernel (default: $EMBER_KERNEL, else the newest `cargo xtask kernel`).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// The base rootfs every sandbox gets a copy-on-write view of (default: $EMBER_ROOTFS,
+    /// else the newest `cargo xtask rootfs`).
+    #[arg(long)]
+    pub rootfs: Option<PathBuf>,
+    /// At most this many sandboxes run at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_sandboxes: usize,
+}
+
+pub struct ServiceConfig {
+    pub state_dir: PathBuf,
+    pub store_dir: PathBuf,
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+    /// This program (`ember vmm` runs each sandbox).
+    pub exe: PathBuf,
+    pub max_sandboxes: usize,
+}
+
+pub struct AppState {
+    pub config: ServiceConfig,
+    pub sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
+    pub store: Arc<ember_snapshot_store::Store>,
+    pub metrics: metrics::Metrics,
+}
+
+impl AppState {
+    pub fn sandbox(&self, id: &str) -> Result<Arc<Sandbox>, ApiError> {
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found("sandbox", id))
+    }
+}
+
+/// The default state directory: `$EMBER_STATE_DIR`, else `~/.local/share/ember`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("EMBER_STATE_DIR") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".local/share/ember")
+}
+
+/// The API socket: `--socket`, else `$EMBER_SOCKET`, else `STATE_DIR/ember.sock`.
+pub fn default_socket(state_dir: Option<&std::path::Path>) -> PathBuf {
+    if let Some(path) = std::env::var_os("EMBER_SOCKET") {
+        return PathBuf::from(path);
+    }
+    state_dir
+        .map(PathBuf::from)
+        .unwrap_or_else(default_state_dir)
+        .join("ember.sock")
+}
+
+pub fn serve(args: ServeArgs) -> i32 {
+    let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| default_socket(Some(&state_dir)));
+    let facts = ember_vmm::probe::HostFacts::read();
+    if !facts.kind().runs_linux() {
+        eprintln!(
+            "ember serve: this host's KVM is {} and cannot run a Linux guest; see `ember \
+             doctor`, or run ember in the lab: `cargo xtask lab -- ember serve …`",
+            facts.kind().label()
+        );
+        return 2;
+    }
+    let Some(kernel) = args.kernel.clone().or_else(crate::run::default_kernel) else {
+        eprintln!("ember serve: no --kernel given and none built (run `cargo xtask kernel`)");
+        return 2;
+    };
+    let Some(rootfs) = args.rootfs.clone().or_else(crate::run::default_rootfs) else {
+        eprintln!("ember serve: no --rootfs given and none built (run `cargo xtask rootfs`)");
+        return 2;
+    };
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("ember serve: cannot find its own program: {e}");
+            return 1;
+        }
+    };
+    for dir in [state_dir.join("sandboxes"), state_dir.join("run")] {
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            eprintln!("ember serve: cannot create {}: {e}", dir.display());
+            return 1;
+        }
+    }
+    let store_dir = state_dir.join("store");
+    let store = match crate::command::open_store(&store_dir) {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("ember serve: {e}");
+            return 1;
+        }
+    };
+    let state = Arc::new(AppState {
+        config: ServiceConfig {
+            state_dir,
+            store_dir,
+            kernel,
+            rootfs,
+            exe,
+            max_sandboxes: args.max_sandboxes.max(1),
+        },
+        sandboxes: Mutex::new(HashMap::new()),
+        store,
+        metrics: metrics::Metrics::default(),
+    });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ember serve: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(run_service(state, socket)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("ember serve: {e}");
+            1
+        }
+    }
+}
+
+async fn run_service(state: Arc<AppState>, socket: PathBuf) -> Result<(), String> {
+    sandbox::recover(&state).await;
+    match std::fs::remove_file(&socket) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(format!("cannot replace {}: {e}", socket.display()))
+        }
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+    tokio::spawn(sandbox::reap_expired(state.clone()));
+    log::info!(
+        "ember serve: listening on {} (state in {})",
+        socket.display(),
+        state.config.state_dir.display()
+    );
+    let app = router(state.clone());
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        log::info!(
+            "ember serve: stopping (sandboxes keep running; a restarted service adopts them)"
+        );
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| format!("serving: {e}"))?;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/openapi.json", get(openapi))
+        .route("/metrics", get(metrics::metrics))
+        .route("/sandboxes", post(create_sandbox).get(list_sandboxes))
+        .route("/sandboxes/{id}", get(get_sandbox).delete(delete_sandbox))
+        .route("/sandboxes/{id}/timeout", post(set_timeout))
+        .route("/sandboxes/{id}/pause", post(pause))
+        .route("/sandboxes/{id}/resume", post(resume))
+        .route("/sandboxes/{id}/exec", post(exec::exec))
+        .route("/sandboxes/{id}/commands", get(exec::list_commands))
+        .route("/sandboxes/{id}/commands/{cid}", get(exec::get_command))
+        .route(
+            "/sandboxes/{id}/commands/{cid}/kill",
+            post(exec::kill_command),
+        )
+        .route(
+            "/sandboxes/{id}/files",
+            get(files::get_file).put(files::put_file),
+        )
+        .route("/sandboxes/{id}/files/mkdir", post(files::mkdir))
+        .route("/sandboxes/{id}/snapshots", post(snapshots::create))
+        .route("/snapshots", get(snapshots::list))
+        .route(
+            "/snapshots/{id}",
+            get(snapshots::get).delete(snapshots::delete),
+        )
+        .route("/snapshots/{id}/fork", post(snapshots::fork))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .with_state(state)
+}
+
+/// A JSON request body as bytes (so malformed ones get this API's error shape).
+pub type JsonBody = Result<Bytes, BytesRejection>;
+
+/// Parses a JSON body strictly: unknown fields are refused (the types say
+/// `deny_unknown_fields`), an oversize body is 413.
+pub fn parse_body<T: DeserializeOwned>(body: JsonBody) -> Result<T, ApiError> {
+    let bytes = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the request body is larger than {MAX_JSON_BODY} bytes"),
+            )
+        } else {
+            ApiError::bad_request(format!("cannot read the request body: {rejection}"))
+        }
+    })?;
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        &bytes
+    };
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("the request body is not what this endpoint takes: {e}"),
+        )
+    })
+}
+
+pub fn check_env(key: &str, value: &str) -> Result<(), ApiError> {
+    if key.is_empty()
+        || key.len() > 256
+        || key.contains(['=', '\0'])
+        || value.contains('\0')
+        || value.len() > 64 * 1024
+    {
+        return Err(ApiError::bad_request(format!(
+            "environment variable {key:?} is not a NAME=VALUE pair ember accepts"
+        )));
+    }
+    Ok(())
+}
+
+fn check_env_map(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if env.len() > MAX_ENV_VARS {
+        return Err(ApiError::bad_request(format!(
+            "at most {MAX_ENV_VARS} environment variables"
+        )));
+    }
+    env.iter().try_for_each(|(k, v)| check_env(k, v))
+}
+
+fn check_timeout(timeout_s: u64) -> Result<Duration, ApiError> {
+    if timeout_s == 0 || timeout_s > MAX_TIMEOUT_S {
+        return Err(ApiError::bad_request(format!(
+            "`timeout_s` must be between 1 and {MAX_TIMEOUT_S}"
+        )));
+    }
+    Ok(Duration::from_secs(timeout_s))
+}
+
+async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    let sandboxes = state
+        .sandboxes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .len();
+    axum::Json(json!({"status": "ok", "sandboxes": sandboxes})).into_response()
+}
+
+async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
+        .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBody {
+    /// `default` (the bundled Debian image with Python and Node); `python` and `node` are
+    /// the same image.
+    pub image: Option<String>,
+    /// Restore this snapshot instead of booting.
+    pub snapshot: Option<String>,
+    pub vcpus: Option<u8>,
+    pub memory_mib: Option<u32>,
+    pub timeout_s: Option<u64>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// `prefetch` (default), `lazy` or `eager`; restores only.
+    pub restore_mode: Option<String>,
+}
+
+pub const IMAGES: &[&str] = &["default", "python", "node"];
+
+/// `POST /sandboxes`
+async fn create_sandbox(
+    State(state): State<Arc<AppState>>,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    let body: CreateBody = parse_body(body)?;
+    check_env_map(&body.env)?;
+    let timeout = check_timeout(body.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S))?;
+    let new = match (&body.image, &body.snapshot) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "give `image` or `snapshot`, not both",
+            ))
+        }
+        (_, Some(snapshot)) => {
+            if body.vcpus.is_some() || body.memory_mib.is_some() {
+                return Err(ApiError::bad_request(
+                    "a restored sandbox has its snapshot's vCPUs and memory; leave out \
+                     `vcpus` and `memory_mib`",
+                ));
+            }
+            snapshots::restore_spec(&state, snapshot, body.restore_mode.as_deref()).await?
+        }
+        (image, None) => {
+            let image = image.as_deref().unwrap_or("default");
+            if !IMAGES.contains(&image) {
+                return Err(ApiError::bad_request(format!(
+                    "unknown image {image:?}; this service has {IMAGES:?}"
+                )));
+            }
+            if body.restore_mode.is_some() {
+                return Err(ApiError::bad_request("`restore_mode` is for snapshots"));
+            }
+            let vcpus = body.vcpus.unwrap_or(1);
+            if vcpus == 0 || vcpus > ember_vmm::MAX_VCPUS {
+                return Err(ApiError::bad_request(format!(
+                    "`vcpus` must be between 1 and {}",
+                    ember_vmm::MAX_VCPUS
+                )));
+            }
+            let mem_mib = body.memory_mib.unwrap_or(256);
+            if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&mem_mib) {
+                return Err(ApiError::bad_request(format!(
+                    "`memory_mib` must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}"
+                )));
+            }
+            (WorkerOrigin::Boot, vcpus, mem_mib)
+        }
+    };
+    let (origin, vcpus, mem_mib) = new;
+    let sandbox = sandbox::create(
+        &state,
+        NewSandbox {
+            origin,
+            vcpus,
+            mem_mib,
+            timeout,
+            env: body.env,
+        },
+    )
+    .await?;
+    Ok((StatusCode::CREATED, axum::Json(sandbox.to_json())).into_response())
+}
+
+/// `GET /sandboxes`
+async fn list_sandboxes(State(state): State<Arc<AppState>>) -> Response {
+    let mut list: Vec<Arc<Sandbox>> = state
+        .sandboxes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    list.sort_by_key(|s| s.record().created_unix_ms);
+    let list: Vec<_> = list.iter().map(|s| s.to_json()).collect();
+    axum::Json(json!({ "sandboxes": list })).into_response()
+}
+
+/// `GET /sandboxes/{id}`
+async fn get_sandbox(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(axum::Json(state.sandbox(&id)?.to_json()).into_response())
+}
+
+/// `DELETE /sandboxes/{id}`: stops it and forgets it (its overlay and logs go too).
+async fn delete_sandbox(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let sandbox = state.sandbox(&id)?;
+    sandbox.stop("deleted").await;
+    state
+        .sandboxes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
+    let _ = std::fs::remove_dir_all(&sandbox.dir);
+    let spec = sandbox.record().spec;
+    let _ = std::fs::remove_file(&spec.vsock_socket);
+    let _ = std::fs::remove_file(&spec.control_socket);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TimeoutBody {
+    timeout_s: u64,
+}
+
+/// `POST /sandboxes/{id}/timeout` `{timeout_s}`: the sandbox now stops `timeout_s` from now.
+async fn set_timeout(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    let body: TimeoutBody = parse_body(body)?;
+    let timeout = check_timeout(body.timeout_s)?;
+    let sandbox = state.sandbox(&id)?;
+    if !matches!(
+        sandbox.state(),
+        SandboxState::Running | SandboxState::Paused
+    ) {
+        sandbox.require_running()?;
+    }
+    sandbox.update(|r| r.deadline_unix_ms = sandbox::unix_ms() + timeout.as_millis() as u64);
+    Ok(axum::Json(sandbox.to_json()).into_response())
+}
+
+/// `POST /sandboxes/{id}/pause`
+async fn pause(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let sandbox = state.sandbox(&id)?;
+    sandbox.require_running()?;
+    control(&sandbox, ControlRequest::Pause).await?;
+    sandbox.update(|r| r.state = SandboxState::Paused);
+    Ok(axum::Json(sandbox.to_json()).into_response())
+}
+
+/// `POST /sandboxes/{id}/resume`
+async fn resume(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let sandbox = state.sandbox(&id)?;
+    if sandbox.state() != SandboxState::Paused {
+        return Err(ApiError::conflict(format!(
+            "sandbox {id} is {}, not paused",
+            sandbox.state().label()
+        )));
+    }
+    control(&sandbox, ControlRequest::Resume).await?;
+    sandbox.update(|r| r.state = SandboxState::Running);
+    Ok(axum::Json(sandbox.to_json()).into_response())
+}
+
+/// Sends a control request; a VMM that cannot answer is a failed sandbox.
+pub async fn control(
+    sandbox: &Sandbox,
+    request: ControlRequest,
+) -> Result<crate::control::ControlReply, ApiError> {
+    let timeout = match request {
+        ControlRequest::Snapshot { .. } => Duration::from_secs(900),
+        _ => Duration::from_secs(30),
+    };
+    let reply = sandbox
+        .control(request, timeout)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "vmm_unreachable", e))?;
+    if !reply.ok {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "vmm_error",
+            reply.error.unwrap_or_else(|| "the VMM refused".into()),
+        ));
+    }
+    Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    fn state(dir: &std::path::Path) -> Arc<AppState> {
+        Arc::new(AppState {
+            config: ServiceConfig {
+                state_dir: dir.to_path_buf(),
+                store_dir: dir.join("store"),
+                kernel: "/nonexistent/vmlinux".into(),
+                rootfs: "/nonexistent/rootfs.ext4".into(),
+                exe: "/nonexistent/ember".into(),
+                max_sandboxes: 4,
+            },
+            sandboxes: Mutex::new(HashMap::new()),
+            store: crate::command::open_store(&dir.join("store")).unwrap(),
+            metrics: metrics::Metrics::default(),
+        })
+    }
+
+    async fn call(
+        app: &Router,
+        method: &str,
+        uri: &str,
+        body: impl Into<Body>,
+    ) -> (StatusCode, serde_json::Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(body.into())
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap_or_default())
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_json_errors_with_the_right_status() {
+        let dir = std::env::temp_dir().join(format!("ember-api-unit-{}", std::process::id()));
+        let app = router(state(&dir));
+        let cases: &[(&str, &str, String, StatusCode, &str)] = &[
+            (
+                "POST",
+                "/sandboxes",
+                "{oops".into(),
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+            ),
+            (
+                "POST",
+                "/sandboxes",
+                r#"{"colour":1}"#.into(),
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+            ),
+            (
+                "POST",
+                "/sandboxes",
+                r#"{"memory_mib":64}"#.into(),
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+            ),
+            (
+                "POST",
+                "/sandboxes",
+                r#"{"vcpus":0}"#.into(),
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+            ),
+            (
+                "POST",
+                "/sandboxes",
+                r#"{"timeout_s":0}"#.into(),
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+            ),
+            (
+                "POST",
+                "/sandboxes",
+                r#"{"image":"x","snapshot":"y"}"#.into(),
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+            ),
+            (
+                "POST",
+                "/sandboxes",
+                r#"{"snapshot":"none"}"#.into(),
+                StatusCode::NOT_FOUND,
+                "not_found",
+            ),
+            (
+                "POST",
+                "/sandboxes",
+                r#"{"env":{"A=B":"c"}}"#.into(),
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+            ),
+            (
+                "GET",
+                "/sandboxes/sb-x",
+                String::new(),
+                StatusCode::NOT_FOUND,
+                "not_found",
+            ),
+            (
+                "DELETE",
+                "/sandboxes/sb-x",
+                String::new(),
+                StatusCode::NOT_FOUND,
+                "not_found",
+            ),
+            (
+                "POST",
+                "/sandboxes/sb-x/exec",
+                r#"{"cmd":"true"}"#.into(),
+                StatusCode::NOT_FOUND,
+                "not_found",
+            ),
+            (
+                "POST",
+                "/sandboxes/sb-x/exec",
+                r#"{"cmd":"true","x":1}"#.into(),
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+            ),
+            (
+                "GET",
+                "/sandboxes/sb-x/files?path=../x",
+                String::new(),
+                StatusCode::BAD_REQUEST,
+                "invalid_path",
+            ),
+            (
+                "DELETE",
+                "/snapshots/none",
+                String::new(),
+                StatusCode::NOT_FOUND,
+                "not_found",
+            ),
+            (
+                "DELETE",
+                "/snapshots/..",
+                String::new(),
+                StatusCode::NOT_FOUND,
+                "not_found",
+            ),
+            (
+                "POST",
+                "/snapshots/none/fork",
+                r#"{"count":0}"#.into(),
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+            ),
+            (
+                "POST",
+                "/snapshots/none/fork",
+                r#"{"count":2}"#.into(),
+                StatusCode::NOT_FOUND,
+                "not_found",
+            ),
+            (
+                "GET",
+                "/nowhere",
+                String::new(),
+                StatusCode::NOT_FOUND,
+                "not_found",
+            ),
+            (
+                "PATCH",
+                "/sandboxes",
+                String::new(),
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+            ),
+            (
+                "POST",
+                "/sandboxes",
+                format!(r#"{{"env":{{"A":"{}"}}}}"#, "x".repeat(MAX_JSON_BODY)),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+            ),
+        ];
+        for (method, uri, body, status, code) in cases {
+            let (got, doc) = call(&app, method, uri, body.clone()).await;
+            assert_eq!(got, *status, "{method} {uri}: {doc}");
+            assert_eq!(doc["error"]["code"], *code, "{method} {uri}: {doc}");
+            assert!(doc["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()));
+        }
+        let (status, doc) = call(&app, "GET", "/snapshots", "").await;
+        assert_eq!((status, doc), (StatusCode::OK, json!({"snapshots": []})));
+        let (status, doc) = call(&app, "GET", "/openapi.json", "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(doc["openapi"], "3.0.3");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_openapi_document_names_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        for path in [
+            "/sandboxes",
+            "/sandboxes/{id}",
+            "/sandboxes/{id}/exec",
+            "/sandboxes/{id}/files",
+            "/sandboxes/{id}/files/mkdir",
+            "/sandboxes/{id}/commands/{cid}",
+            "/sandboxes/{id}/commands/{cid}/kill",
+            "/sandboxes/{id}/pause",
+            "/sandboxes/{id}/resume",
+            "/sandboxes/{id}/timeout",
+            "/sandboxes/{id}/snapshots",
+            "/snapshots",
+            "/snapshots/{id}",
+            "/snapshots/{id}/fork",
+            "/metrics",
+            "/healthz",
+        ] {
+            assert!(doc["paths"][path].is_object(), "{path} is not documented");
+        }
+    }
+}

@@ -1,0 +1,629 @@
+//! Sandboxes: one VMM process each (`ember vmm`), its control socket, its agent connection,
+//! and the record on disk that lets a restarted service find it again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ember_agent::client::AgentClient;
+use ember_agent::protocol::AGENT_VSOCK_PORT;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use super::error::ApiError;
+use super::exec::CommandRecord;
+use super::AppState;
+use crate::control::{
+    ControlReply, ControlRequest, WorkerEvent, WorkerOrigin, WorkerSpec, MAX_CONTROL_LINE,
+};
+
+/// How long a VMM process may take from start to its guest's agent answering (the lab is
+/// ~30× slower than native hardware).
+const READY_TIMEOUT: Duration = Duration::from_secs(240);
+/// How long a stopped VMM process gets to exit before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How much of a VMM's log explains its failure.
+const FAILURE_TAIL: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxState {
+    Starting,
+    Running,
+    Paused,
+    /// Stopped on request (delete, timeout, or a snapshot with `stop`).
+    Stopped,
+    /// The VMM process ended by itself or could not start; `failure` says why.
+    Failed,
+}
+
+impl SandboxState {
+    pub fn label(self) -> &'static str {
+        match self {
+            SandboxState::Starting => "starting",
+            SandboxState::Running => "running",
+            SandboxState::Paused => "paused",
+            SandboxState::Stopped => "stopped",
+            SandboxState::Failed => "failed",
+        }
+    }
+
+    pub const ALL: [SandboxState; 5] = [
+        SandboxState::Starting,
+        SandboxState::Running,
+        SandboxState::Paused,
+        SandboxState::Stopped,
+        SandboxState::Failed,
+    ];
+
+    fn is_live(self) -> bool {
+        matches!(
+            self,
+            SandboxState::Starting | SandboxState::Running | SandboxState::Paused
+        )
+    }
+}
+
+/// What is kept on disk about a sandbox (`<state>/sandboxes/<id>/sandbox.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub id: String,
+    pub created_unix_ms: u64,
+    pub spec: WorkerSpec,
+    pub env: BTreeMap<String, String>,
+    pub state: SandboxState,
+    pub failure: Option<String>,
+    pub pid: Option<u32>,
+    /// When the sandbox is stopped automatically.
+    pub deadline_unix_ms: u64,
+    /// From the VMM's start to the agent answering.
+    pub ready_ms: Option<f64>,
+    /// The last snapshot taken of this sandbox (the parent of a diff).
+    #[serde(default)]
+    pub last_snapshot: Option<String>,
+}
+
+pub struct Sandbox {
+    pub id: String,
+    pub dir: PathBuf,
+    record: Mutex<SandboxRecord>,
+    /// The connection to the guest's agent, made on first use and shared by requests.
+    agent: tokio::sync::Mutex<Option<Arc<AgentClient>>>,
+    /// Control requests go one at a time.
+    control: tokio::sync::Mutex<()>,
+    pub commands: Mutex<HashMap<String, Arc<CommandRecord>>>,
+    next_command: AtomicU64,
+    /// Whether the first command after a restore has finished (its pages are the working
+    /// set recorded for the snapshot).
+    pub first_exec_done: std::sync::atomic::AtomicBool,
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A random id with a prefix, e.g. `sb-3f9a0c1d2e4b`.
+pub fn random_id(prefix: &str) -> String {
+    let mut bytes = [0u8; 6];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut bytes);
+    }
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}-{hex}")
+}
+
+/// Ids the API accepts for sandboxes, snapshots and commands: 1–64 of `[A-Za-z0-9._-]`,
+/// not starting with a dot.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+impl Sandbox {
+    fn new(dir: PathBuf, record: SandboxRecord) -> Sandbox {
+        Sandbox {
+            id: record.id.clone(),
+            dir,
+            record: Mutex::new(record),
+            agent: tokio::sync::Mutex::new(None),
+            control: tokio::sync::Mutex::new(()),
+            commands: Mutex::new(HashMap::new()),
+            next_command: AtomicU64::new(1),
+            first_exec_done: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    pub fn record(&self) -> SandboxRecord {
+        self.record
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn state(&self) -> SandboxState {
+        self.record.lock().unwrap_or_else(|p| p.into_inner()).state
+    }
+
+    /// Changes the record and writes it to disk.
+    pub fn update(&self, change: impl FnOnce(&mut SandboxRecord)) {
+        let snapshot = {
+            let mut record = self.record.lock().unwrap_or_else(|p| p.into_inner());
+            change(&mut record);
+            record.clone()
+        };
+        if let Err(e) = save_record(&self.dir, &snapshot) {
+            log::warn!("cannot save the record of sandbox {}: {e}", self.id);
+        }
+    }
+
+    /// Marks the sandbox failed unless it was already stopped or failed.
+    pub fn fail(&self, reason: String) {
+        self.update(|r| {
+            if r.state.is_live() {
+                log::warn!("sandbox {} failed: {reason}", r.id);
+                r.state = SandboxState::Failed;
+                r.failure = Some(reason);
+            }
+        });
+    }
+
+    pub fn next_command_id(&self) -> String {
+        format!("cmd-{}", self.next_command.fetch_add(1, Ordering::Relaxed))
+    }
+
+    pub fn restored_from(&self) -> Option<String> {
+        match &self.record().spec.origin {
+            WorkerOrigin::Restore { snapshot, .. } => Some(snapshot.clone()),
+            WorkerOrigin::Boot => None,
+        }
+    }
+
+    /// The sandbox as the API shows it.
+    pub fn to_json(&self) -> Value {
+        let r = self.record();
+        json!({
+            "id": r.id,
+            "state": r.state.label(),
+            "failure": r.failure,
+            "created_unix_ms": r.created_unix_ms,
+            "vcpus": r.spec.vcpus,
+            "memory_mib": r.spec.mem_mib,
+            "snapshot": match &r.spec.origin {
+                WorkerOrigin::Restore { snapshot, .. } => Some(snapshot.clone()),
+                WorkerOrigin::Boot => None,
+            },
+            "restore_mode": match &r.spec.origin {
+                WorkerOrigin::Restore { mode, .. } => Some(mode.clone()),
+                WorkerOrigin::Boot => None,
+            },
+            "timeout_at_unix_ms": r.deadline_unix_ms,
+            "ready_ms": r.ready_ms,
+            "pid": r.pid,
+            "env": r.env,
+        })
+    }
+
+    /// Fails unless the sandbox is running (paused, stopped and failed ones run nothing).
+    pub fn require_running(&self) -> Result<(), ApiError> {
+        let r = self.record();
+        match r.state {
+            SandboxState::Running => Ok(()),
+            SandboxState::Failed => Err(ApiError::conflict(format!(
+                "sandbox {} has failed: {}",
+                r.id,
+                r.failure.unwrap_or_default()
+            ))),
+            state => Err(ApiError::conflict(format!(
+                "sandbox {} is {}",
+                r.id,
+                state.label()
+            ))),
+        }
+    }
+
+    /// The agent connection (made on first use).
+    pub async fn agent(&self) -> Result<Arc<AgentClient>, ApiError> {
+        let mut slot = self.agent.lock().await;
+        if let Some(client) = slot.as_ref() {
+            return Ok(client.clone());
+        }
+        let socket = self.record().spec.vsock_socket;
+        let client = tokio::task::spawn_blocking(move || {
+            let client = AgentClient::connect_uds(&socket, AGENT_VSOCK_PORT)?;
+            client.hello()?;
+            Ok::<_, ember_agent::client::ClientError>(client)
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| super::error::from_agent("connecting to the guest agent", e))?;
+        let client = Arc::new(client);
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Drops a broken agent connection so the next request makes a new one.
+    pub async fn forget_agent(&self) {
+        *self.agent.lock().await = None;
+    }
+
+    /// Sends one control request to the VMM process.
+    pub async fn control(
+        &self,
+        request: ControlRequest,
+        timeout: Duration,
+    ) -> Result<ControlReply, String> {
+        let _turn = self.control.lock().await;
+        let path = self.record().spec.control_socket;
+        tokio::time::timeout(timeout, control_request(&path, &request))
+            .await
+            .map_err(|_| format!("the VMM did not answer {request:?} within {timeout:?}"))?
+    }
+
+    /// Stops the VMM process: asks it, then kills it after a grace period.
+    pub async fn stop(&self, why: &str) {
+        let record = self.record();
+        if !record.state.is_live() {
+            return;
+        }
+        log::info!("stopping sandbox {} ({why})", self.id);
+        self.update(|r| {
+            r.state = SandboxState::Stopped;
+            r.failure = None;
+        });
+        let _ = self
+            .control(ControlRequest::Stop, Duration::from_secs(5))
+            .await;
+        if let Some(pid) = record.pid {
+            let deadline = tokio::time::Instant::now() + STOP_GRACE;
+            while process_alive(pid) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if process_alive(pid) {
+                log::warn!("sandbox {}: killing its VMM (pid {pid})", self.id);
+                kill(pid, libc::SIGKILL);
+            }
+        }
+        self.forget_agent().await;
+    }
+}
+
+async fn control_request(path: &Path, request: &ControlRequest) -> Result<ControlReply, String> {
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|e| format!("cannot reach the VMM's control socket: {e}"))?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
+    line.push('\n');
+    write
+        .write_all(line.as_bytes())
+        .await
+        .map_err(|e| format!("cannot send to the VMM: {e}"))?;
+    let mut reply = String::new();
+    let mut reader = BufReader::new(read).take(MAX_CONTROL_LINE as u64);
+    reader
+        .read_line(&mut reply)
+        .await
+        .map_err(|e| format!("cannot read the VMM's reply: {e}"))?;
+    if reply.is_empty() {
+        return Err("the VMM closed its control socket without answering".into());
+    }
+    serde_json::from_str(&reply).map_err(|e| format!("malformed reply from the VMM: {e}"))
+}
+
+pub fn process_alive(pid: u32) -> bool {
+    // A zombie still answers signal 0; its /proc status says so.
+    if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        if let Some(after) = status.rsplit(')').next() {
+            return !after.trim_start().starts_with('Z');
+        }
+    }
+    false
+}
+
+pub fn kill(pid: u32, signal: i32) {
+    // SAFETY: kill only sends a signal; a wrong pid at worst fails with ESRCH.
+    unsafe {
+        libc::kill(pid as libc::pid_t, signal);
+    }
+}
+
+fn save_record(dir: &Path, record: &SandboxRecord) -> std::io::Result<()> {
+    let text = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
+    let tmp = dir.join("sandbox.json.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, dir.join("sandbox.json"))
+}
+
+/// The last bytes of a VMM's log: why it failed.
+pub fn log_tail(dir: &Path) -> String {
+    let text = std::fs::read(dir.join("vmm.log")).unwrap_or_default();
+    let start = text.len().saturating_sub(FAILURE_TAIL);
+    String::from_utf8_lossy(&text[start..]).trim().to_string()
+}
+
+/// What a new sandbox is made from.
+pub struct NewSandbox {
+    pub origin: WorkerOrigin,
+    pub vcpus: u8,
+    pub mem_mib: u32,
+    pub timeout: Duration,
+    pub env: BTreeMap<String, String>,
+}
+
+/// Starts a VMM process for a new sandbox and waits until its agent answers.
+pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbox>, ApiError> {
+    {
+        let sandboxes = state.sandboxes.lock().unwrap_or_else(|p| p.into_inner());
+        let live = sandboxes.values().filter(|s| s.state().is_live()).count();
+        if live >= state.config.max_sandboxes {
+            return Err(ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "too_many_sandboxes",
+                format!(
+                    "{live} sandboxes are running; this service allows {}",
+                    state.config.max_sandboxes
+                ),
+            ));
+        }
+    }
+    let id = random_id("sb");
+    let dir = state.config.state_dir.join("sandboxes").join(&id);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", dir.display())))?;
+    let run = state.config.state_dir.join("run");
+    let spec = WorkerSpec {
+        sandbox_id: id.clone(),
+        kernel: state.config.kernel.clone(),
+        rootfs: state.config.rootfs.clone(),
+        vcpus: new.vcpus,
+        mem_mib: new.mem_mib,
+        origin: new.origin.clone(),
+        store_dir: state.config.store_dir.clone(),
+        vsock_socket: run.join(format!("{id}.vsock")),
+        control_socket: run.join(format!("{id}.ctl")),
+        overlay: dir.join("rootfs.overlay"),
+    };
+    let record = SandboxRecord {
+        id: id.clone(),
+        created_unix_ms: unix_ms(),
+        spec: spec.clone(),
+        env: new.env,
+        state: SandboxState::Starting,
+        failure: None,
+        pid: None,
+        deadline_unix_ms: unix_ms() + new.timeout.as_millis() as u64,
+        ready_ms: None,
+        last_snapshot: None,
+    };
+    let sandbox = Arc::new(Sandbox::new(dir.clone(), record));
+    sandbox.update(|_| {});
+    state
+        .sandboxes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id.clone(), sandbox.clone());
+
+    match start_vmm(state, &sandbox, &spec).await {
+        Ok(ready_ms) => {
+            let restored = matches!(new.origin, WorkerOrigin::Restore { .. });
+            state.metrics.record_start(restored, ready_ms);
+            log::info!(
+                "sandbox {id} ready in {ready_ms:.1} ms ({})",
+                if restored { "restored" } else { "booted" }
+            );
+            Ok(sandbox)
+        }
+        Err(why) => {
+            state.metrics.record_start_failure();
+            sandbox.fail(why.clone());
+            if let Some(pid) = sandbox.record().pid {
+                kill(pid, libc::SIGKILL);
+            }
+            Err(ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "start_failed",
+                format!("sandbox {id} did not start: {why}"),
+            ))
+        }
+    }
+}
+
+async fn start_vmm(
+    state: &Arc<AppState>,
+    sandbox: &Arc<Sandbox>,
+    spec: &WorkerSpec,
+) -> Result<f64, String> {
+    let spec_path = sandbox.dir.join("spec.json");
+    let text = serde_json::to_vec_pretty(spec).map_err(|e| e.to_string())?;
+    std::fs::write(&spec_path, text).map_err(|e| format!("cannot write the spec: {e}"))?;
+    let log = std::fs::File::create(sandbox.dir.join("vmm.log"))
+        .map_err(|e| format!("cannot create the VMM log: {e}"))?;
+    let mut child = tokio::process::Command::new(&state.config.exe)
+        .arg("vmm")
+        .arg("--spec")
+        .arg(&spec_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        // Its own process group: a ^C meant for the service does not reach the sandboxes.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", state.config.exe.display()))?;
+    let pid = child.id().unwrap_or(0);
+    sandbox.update(|r| r.pid = Some(pid));
+    let stdout = child.stdout.take().ok_or("the VMM has no stdout")?;
+
+    // Whatever happens next, the watcher reports the VMM's end.
+    let (exited_tx, mut exited_rx) = tokio::sync::oneshot::channel::<String>();
+    {
+        let sandbox = sandbox.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let code = match &status {
+                Ok(s) => s.to_string(),
+                Err(e) => e.to_string(),
+            };
+            let why = format!(
+                "the VMM process (pid {pid}) ended ({code}): {}",
+                log_tail(&sandbox.dir)
+            );
+            sandbox.fail(why.clone());
+            sandbox.forget_agent().await;
+            let _ = exited_tx.send(why);
+        });
+    }
+
+    let mut lines = BufReader::new(stdout).lines();
+    let ready = async {
+        loop {
+            tokio::select! {
+                line = lines.next_line() => match line {
+                    Ok(Some(line)) => {
+                        if let Ok(WorkerEvent::Ready { ready_ms, .. }) = serde_json::from_str(&line) {
+                            return Ok(ready_ms);
+                        }
+                        log::debug!("sandbox {}: VMM says {line}", sandbox.id);
+                    }
+                    Ok(None) | Err(_) => {
+                        // The process is ending: the watcher has the reason.
+                        return Err((&mut exited_rx).await.unwrap_or_else(|_| "the VMM ended".into()));
+                    }
+                },
+                why = &mut exited_rx => {
+                    return Err(why.unwrap_or_else(|_| "the VMM ended".into()));
+                }
+            }
+        }
+    };
+    let ready_ms = tokio::time::timeout(READY_TIMEOUT, ready)
+        .await
+        .map_err(|_| format!("its agent did not answer within {READY_TIMEOUT:?}"))??;
+    // Keep reading (and dropping) the VMM's stdout so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    sandbox.update(|r| {
+        if r.state == SandboxState::Starting {
+            r.state = SandboxState::Running;
+        }
+        r.ready_ms = Some(ready_ms);
+    });
+    if sandbox.state() != SandboxState::Running {
+        return Err(sandbox
+            .record()
+            .failure
+            .unwrap_or_else(|| "the sandbox stopped while starting".into()));
+    }
+    Ok(ready_ms)
+}
+
+/// Loads the sandboxes a previous run of the service left: those whose VMM still answers
+/// are adopted, the others are reported as failed.
+pub async fn recover(state: &Arc<AppState>) {
+    let root = state.config.state_dir.join("sandboxes");
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let record: SandboxRecord = match std::fs::read(dir.join("sandbox.json"))
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("ignoring {}: {e}", dir.display());
+                continue;
+            }
+        };
+        let sandbox = Arc::new(Sandbox::new(dir, record.clone()));
+        if record.state.is_live() {
+            let alive = record.pid.is_some_and(process_alive);
+            let answer = if alive {
+                sandbox
+                    .control(ControlRequest::Status, Duration::from_secs(5))
+                    .await
+                    .ok()
+            } else {
+                None
+            };
+            match answer {
+                Some(reply) if reply.ok => {
+                    let paused = reply.state.as_deref() == Some("paused");
+                    sandbox.update(|r| {
+                        r.state = if paused {
+                            SandboxState::Paused
+                        } else {
+                            SandboxState::Running
+                        }
+                    });
+                    log::info!("adopted sandbox {} (pid {:?})", record.id, record.pid);
+                    watch_adopted(sandbox.clone(), record.pid.unwrap_or(0));
+                }
+                _ => sandbox.fail(format!(
+                    "its VMM process (pid {}) was gone when the service started: {}",
+                    record.pid.map(|p| p.to_string()).unwrap_or("-".into()),
+                    log_tail(&sandbox.dir)
+                )),
+            }
+        }
+        state
+            .sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(record.id.clone(), sandbox);
+    }
+}
+
+/// An adopted VMM is not this process's child: poll whether it lives.
+fn watch_adopted(sandbox: Arc<Sandbox>, pid: u32) {
+    tokio::spawn(async move {
+        while process_alive(pid) {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        sandbox.fail(format!(
+            "the VMM process (pid {pid}) ended: {}",
+            log_tail(&sandbox.dir)
+        ));
+        sandbox.forget_agent().await;
+    });
+}
+
+/// Stops sandboxes whose time is up; runs for the life of the service.
+pub async fn reap_expired(state: Arc<AppState>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = unix_ms();
+        let expired: Vec<Arc<Sandbox>> = state
+            .sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|s| {
+                let r = s.record();
+                matches!(r.state, SandboxState::Running | SandboxState::Paused)
+                    && r.deadline_unix_ms <= now
+            })
+            .cloned()
+            .collect();
+        for sandbox in expired {
+            state.metrics.timeouts.fetch_add(1, Ordering::Relaxed);
+            let state = state.clone();
+            tokio::spawn(async move {
+                sandbox.stop("its timeout passed").await;
+                sandbox.update(|r| r.failure = Some("stopped at its timeout".into()));
+                drop(state);
+            });
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! Snapshots through the API: save a sandbox, list and delete snapshots, fork N sandboxes
+//! from one.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use ember_snapshot_store::{ManifestError, StoreError};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::error::ApiError;
+use super::sandbox::{self, NewSandbox, SandboxState};
+use super::{check_env_map, check_timeout, control, parse_body, AppState, JsonBody};
+use crate::control::{ControlRequest, WorkerOrigin};
+
+const MAX_FORK: u32 = 16;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotBody {
+    /// The snapshot's id (default: a fresh `snap-…`).
+    pub name: Option<String>,
+    /// Store only the pages written since the snapshot this sandbox was restored from.
+    #[serde(default)]
+    pub diff: bool,
+    /// Stop the sandbox after saving it.
+    #[serde(default)]
+    pub stop: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkBody {
+    pub count: u32,
+    pub timeout_s: Option<u64>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub restore_mode: Option<String>,
+}
+
+fn store_error(id: &str, e: StoreError) -> ApiError {
+    match e {
+        StoreError::Manifest(ManifestError::NotFound { .. }) => ApiError::not_found("snapshot", id),
+        e => ApiError::internal(format!("snapshot {id}: {e}")),
+    }
+}
+
+/// The snapshot as the API shows it.
+async fn describe(state: &Arc<AppState>, id: &str) -> Result<serde_json::Value, ApiError> {
+    if !sandbox::valid_id(id) {
+        return Err(ApiError::not_found("snapshot", id));
+    }
+    let store = state.store.clone();
+    let owned = id.to_string();
+    let manifest = tokio::task::spawn_blocking(move || store.load_manifest(&owned))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| store_error(id, e))?;
+    Ok(crate::store_cmd::snapshot_json(&manifest))
+}
+
+/// The origin, vCPUs and memory of a sandbox restored from `id`.
+pub async fn restore_spec(
+    state: &Arc<AppState>,
+    id: &str,
+    mode: Option<&str>,
+) -> Result<(WorkerOrigin, u8, u32), ApiError> {
+    let mode = mode.unwrap_or("prefetch");
+    mode.parse::<ember_vmm::RestoreMode>()
+        .map_err(ApiError::bad_request)?;
+    let snapshot = describe(state, id).await?;
+    let vcpus = snapshot["vcpus"].as_u64().unwrap_or(1) as u8;
+    let mem_mib = (snapshot["memory_bytes"].as_u64().unwrap_or(0) >> 20) as u32;
+    Ok((
+        WorkerOrigin::Restore {
+            snapshot: id.to_string(),
+            mode: mode.to_string(),
+        },
+        vcpus,
+        mem_mib,
+    ))
+}
+
+/// `POST /sandboxes/{id}/snapshots` `{name?, diff?, stop?}`
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    let body: SnapshotBody = parse_body(body)?;
+    let name = match body.name {
+        Some(name) if !sandbox::valid_id(&name) => {
+            return Err(ApiError::bad_request(format!(
+                "snapshot name {name:?}: use 1 to 64 of A-Z a-z 0-9 . _ - (not starting with .)"
+            )))
+        }
+        Some(name) => name,
+        None => sandbox::random_id("snap"),
+    };
+    let sandbox = state.sandbox(&id)?;
+    let before = sandbox.state();
+    if !matches!(before, SandboxState::Running | SandboxState::Paused) {
+        sandbox.require_running()?;
+    }
+    if state.store.load_manifest(&name).is_ok() {
+        return Err(ApiError::conflict(format!(
+            "a snapshot named {name:?} exists already"
+        )));
+    }
+    if body.diff && sandbox.restored_from().is_none() && !has_parent(&sandbox) {
+        return Err(ApiError::bad_request(
+            "a diff snapshot needs a parent: this sandbox was booted and never saved",
+        ));
+    }
+    if body.stop {
+        // Its VMM exits once the snapshot is saved: that is not a failure.
+        sandbox.update(|r| r.state = SandboxState::Stopped);
+    }
+    let reply = control(
+        &sandbox,
+        ControlRequest::Snapshot {
+            id: name.clone(),
+            diff: body.diff,
+            stop: body.stop,
+        },
+    )
+    .await;
+    let reply = match reply {
+        Ok(reply) => reply,
+        Err(e) => {
+            if body.stop {
+                sandbox.update(|r| r.state = before);
+            }
+            return Err(e);
+        }
+    };
+    sandbox.update(|r| r.last_snapshot = Some(name.clone()));
+    state
+        .metrics
+        .record_snapshot(reply.snapshot.as_ref().map(|s| s.took_ms));
+    let mut out = describe(&state, &name).await?;
+    out["took_ms"] = json!(reply.snapshot.map(|s| s.took_ms));
+    out["sandbox"] = sandbox.to_json();
+    Ok((StatusCode::CREATED, axum::Json(out)).into_response())
+}
+
+fn has_parent(sandbox: &sandbox::Sandbox) -> bool {
+    sandbox.record().last_snapshot.is_some()
+}
+
+/// `GET /snapshots`
+pub async fn list(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let store = state.store.clone();
+    let rows = tokio::task::spawn_blocking(move || {
+        let ids = store.list_manifests()?;
+        Ok::<_, StoreError>(
+            ids.iter()
+                .filter_map(|id| store.load_manifest(id).ok())
+                .map(|m| crate::store_cmd::snapshot_json(&m))
+                .collect::<Vec<_>>(),
+        )
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| ApiError::internal(format!("listing snapshots: {e}")))?;
+    Ok(axum::Json(json!({ "snapshots": rows })).into_response())
+}
+
+/// `GET /snapshots/{id}`
+pub async fn get(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(axum::Json(describe(&state, &id).await?).into_response())
+}
+
+/// `DELETE /snapshots/{id}`: its objects are reclaimed by `ember store gc`.
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if !sandbox::valid_id(&id) {
+        return Err(ApiError::not_found("snapshot", &id));
+    }
+    let store = state.store.clone();
+    let owned = id.clone();
+    tokio::task::spawn_blocking(move || store.delete_manifest(&owned))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| store_error(&id, e))?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `POST /snapshots/{id}/fork` `{count}`: `count` sandboxes restored from one snapshot, at
+/// once. If any fails, the others are deleted again and the error says why.
+pub async fn fork(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    let body: ForkBody = parse_body(body)?;
+    if body.count == 0 || body.count > MAX_FORK {
+        return Err(ApiError::bad_request(format!(
+            "`count` must be between 1 and {MAX_FORK}"
+        )));
+    }
+    check_env_map(&body.env)?;
+    let timeout = check_timeout(body.timeout_s.unwrap_or(super::DEFAULT_TIMEOUT_S))?;
+    let (origin, vcpus, mem_mib) = restore_spec(&state, &id, body.restore_mode.as_deref()).await?;
+    let starts = (0..body.count).map(|_| {
+        let state = state.clone();
+        let new = NewSandbox {
+            origin: origin.clone(),
+            vcpus,
+            mem_mib,
+            timeout,
+            env: body.env.clone(),
+        };
+        tokio::spawn(async move { sandbox::create(&state, new).await })
+    });
+    let results = futures_util::future::join_all(starts).await;
+    let mut created = Vec::new();
+    let mut failure = None;
+    for result in results {
+        match result {
+            Ok(Ok(sandbox)) => created.push(sandbox),
+            Ok(Err(e)) => failure = Some(e),
+            Err(e) => failure = Some(ApiError::internal(e.to_string())),
+        }
+    }
+    if let Some(e) = failure {
+        for sandbox in created {
+            sandbox.stop("its fork failed").await;
+        }
+        return Err(e);
+    }
+    let list: Vec<_> = created.iter().map(|s| s.to_json()).collect();
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({ "sandboxes": list })),
+    )
+        .into_response())
+}

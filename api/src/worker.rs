@@ -1,0 +1,325 @@
+//! `ember vmm --spec FILE` (internal): one sandbox's VMM process, started by `ember serve`.
+//!
+//! It boots or restores the VM, reports on stdout when the guest's agent answers, and serves
+//! the control socket (pause, resume, snapshot, stop) until the VM ends. The service talks
+//! to the agent itself, through the VM's vsock socket. Running each sandbox in its own
+//! process means a VMM that crashes (or a guest that compromises it) takes down only that
+//! sandbox.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ember_vmm::{RestoreMode, SnapshotKind, VmConfig, Vmm, VmmOptions, VsockConfig};
+
+use crate::command::{open_store, record_working_set, wait_for_agent, ConsoleTail, GUEST_CID};
+use crate::control::{
+    ControlReply, ControlRequest, SnapshotDone, WorkerEvent, WorkerOrigin, WorkerSpec,
+    MAX_CONTROL_LINE,
+};
+
+#[derive(clap::Args, Debug)]
+pub struct VmmArgs {
+    /// The sandbox's description (JSON, written by `ember serve`).
+    #[arg(long)]
+    pub spec: PathBuf,
+}
+
+/// Exit codes the service reads.
+pub const EXIT_STOPPED: i32 = 0;
+pub const EXIT_FAILED: i32 = 1;
+pub const EXIT_GUEST_ENDED: i32 = 3;
+
+struct Worker {
+    vmm: Arc<Vmm>,
+    store: Arc<ember_snapshot_store::Store>,
+    spec: WorkerSpec,
+    paused: Mutex<bool>,
+    stopping: AtomicBool,
+}
+
+pub fn run(args: VmmArgs) -> i32 {
+    let start = Instant::now();
+    let spec: WorkerSpec = match std::fs::read(&args.spec)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!(
+                "ember vmm: cannot read the spec {}: {e}",
+                args.spec.display()
+            );
+            return EXIT_FAILED;
+        }
+    };
+    let store = match open_store(&spec.store_dir) {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("ember vmm: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    let config = VmConfig {
+        kernel: spec.kernel.clone(),
+        initrd: None,
+        rootfs: Some(spec.rootfs.clone()),
+        read_only_rootfs: false,
+        rootfs_overlay: Some(spec.overlay.clone()),
+        vcpus: spec.vcpus,
+        mem_mib: spec.mem_mib,
+        cmdline_extra: Some(format!("init={}", ember_agent::AGENT_GUEST_PATH)),
+        vsock: Some(VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: spec.vsock_socket.clone(),
+        }),
+    };
+    let console = ConsoleTail::default();
+    let options = VmmOptions {
+        serial_out: Box::new(console.clone()),
+        start,
+    };
+    let built = match &spec.origin {
+        WorkerOrigin::Boot => Vmm::build(&config, options),
+        WorkerOrigin::Restore { snapshot, mode } => match mode.parse::<RestoreMode>() {
+            Ok(mode) => Vmm::restore(&config, store.clone(), snapshot, options, mode),
+            Err(e) => {
+                eprintln!("ember vmm: {e}");
+                return EXIT_FAILED;
+            }
+        },
+    };
+    let vmm = match built.and_then(|vmm| vmm.resume().map(|()| vmm)) {
+        Ok(vmm) => Arc::new(vmm),
+        Err(e) => {
+            eprintln!("ember vmm: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    let (done_tx, vm_done) = channel();
+    {
+        let vmm = vmm.clone();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(vmm.wait());
+        });
+    }
+    let restored = matches!(spec.origin, WorkerOrigin::Restore { .. });
+    match wait_for_agent(&spec.vsock_socket, &vm_done) {
+        Ok(client) => {
+            let ready_ms = start.elapsed().as_secs_f64() * 1e3;
+            if restored {
+                if let Err(e) = client.resync_now() {
+                    log::warn!("cannot resync the restored guest's clock and entropy: {e}");
+                }
+            }
+            let event = WorkerEvent::Ready {
+                ready_ms,
+                restored,
+                faults: vmm.faults_served(),
+            };
+            let line = serde_json::to_string(&event).unwrap_or_default();
+            let mut stdout = std::io::stdout().lock();
+            let _ = writeln!(stdout, "{line}").and_then(|_| stdout.flush());
+            // stdout is a pipe to the service, which may restart; nothing else goes there.
+            detach_stdout();
+        }
+        Err(why) => {
+            eprintln!(
+                "ember vmm: {why}\n--- guest console (tail) ---\n{}",
+                console.text()
+            );
+            return EXIT_FAILED;
+        }
+    }
+
+    let listener = match bind(&spec.control_socket) {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!(
+                "ember vmm: cannot listen on the control socket {}: {e}",
+                spec.control_socket.display()
+            );
+            vmm.stop();
+            return EXIT_FAILED;
+        }
+    };
+    let worker = Arc::new(Worker {
+        vmm: vmm.clone(),
+        store,
+        spec,
+        paused: Mutex::new(false),
+        stopping: AtomicBool::new(false),
+    });
+    {
+        let worker = worker.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let worker = worker.clone();
+                std::thread::spawn(move || serve_connection(&worker, stream));
+            }
+        });
+    }
+
+    let result = vm_done.recv();
+    let _ = std::fs::remove_file(&worker.spec.control_socket);
+    match result {
+        _ if worker.stopping.load(Ordering::SeqCst) => EXIT_STOPPED,
+        Ok(Ok(reason)) => {
+            eprintln!(
+                "ember vmm: the guest ended by itself ({reason:?})\n--- guest console (tail) ---\n{}",
+                console.text()
+            );
+            EXIT_GUEST_ENDED
+        }
+        Ok(Err(e)) => {
+            eprintln!(
+                "ember vmm: the VM failed: {e}\n--- guest console (tail) ---\n{}",
+                console.text()
+            );
+            EXIT_FAILED
+        }
+        Err(_) => {
+            eprintln!("ember vmm: the VM thread ended unexpectedly");
+            EXIT_FAILED
+        }
+    }
+}
+
+/// Points stdout at /dev/null so a write after the service went away cannot kill the VMM
+/// with SIGPIPE.
+fn detach_stdout() {
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: dup2 onto fd 1 only replaces what stdout refers to; `null` stays open
+        // until after the call.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), libc::STDOUT_FILENO);
+        }
+    }
+}
+
+fn bind(path: &std::path::Path) -> std::io::Result<UnixListener> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    UnixListener::bind(path)
+}
+
+/// Answers one line per request until the service hangs up.
+fn serve_connection(worker: &Worker, stream: UnixStream) {
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        match (&mut reader)
+            .take(MAX_CONTROL_LINE as u64 + 1)
+            .read_line(&mut line)
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let reply = if line.len() > MAX_CONTROL_LINE {
+            ControlReply::error(format!(
+                "control request longer than {MAX_CONTROL_LINE} bytes"
+            ))
+        } else {
+            match serde_json::from_str::<ControlRequest>(line.trim_end()) {
+                Ok(request) => handle(worker, request),
+                Err(e) => ControlReply::error(format!("malformed control request: {e}")),
+            }
+        };
+        let mut text = serde_json::to_string(&reply).unwrap_or_default();
+        text.push('\n');
+        if writer.write_all(text.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// Carries out one control request (a plain function of the worker's state).
+fn handle(worker: &Worker, request: ControlRequest) -> ControlReply {
+    let mut paused = worker.paused.lock().unwrap_or_else(|p| p.into_inner());
+    let state = |paused: bool| Some(if paused { "paused" } else { "running" }.to_string());
+    match request {
+        ControlRequest::Status => ControlReply {
+            state: state(*paused),
+            ..ControlReply::ok()
+        },
+        ControlRequest::Pause => match worker.vmm.pause() {
+            Ok(()) => {
+                *paused = true;
+                ControlReply {
+                    state: state(true),
+                    ..ControlReply::ok()
+                }
+            }
+            Err(e) => ControlReply::error(format!("cannot pause: {e}")),
+        },
+        ControlRequest::Resume => match worker.vmm.resume() {
+            Ok(()) => {
+                *paused = false;
+                ControlReply {
+                    state: state(false),
+                    ..ControlReply::ok()
+                }
+            }
+            Err(e) => ControlReply::error(format!("cannot resume: {e}")),
+        },
+        ControlRequest::Snapshot { id, diff, stop } => {
+            let kind = if diff {
+                SnapshotKind::Diff
+            } else {
+                SnapshotKind::Full
+            };
+            let t = Instant::now();
+            let result = worker.vmm.snapshot_as(&worker.store, &id, kind);
+            let took_ms = t.elapsed().as_secs_f64() * 1e3;
+            // The snapshot left the vCPUs paused.
+            let next = if stop && result.is_ok() {
+                worker.stopping.store(true, Ordering::SeqCst);
+                worker.vmm.stop();
+                Ok(())
+            } else if *paused {
+                Ok(())
+            } else {
+                worker.vmm.resume()
+            };
+            match (result, next) {
+                (Ok(m), Ok(())) => ControlReply {
+                    snapshot: Some(SnapshotDone {
+                        id: m.id.clone(),
+                        memory_bytes: m.memory.size_bytes,
+                        took_ms,
+                        parent: m.parent.clone(),
+                    }),
+                    state: state(*paused),
+                    ..ControlReply::ok()
+                },
+                (Err(e), _) => ControlReply::error(e.to_string()),
+                (Ok(_), Err(e)) => ControlReply::error(format!(
+                    "the snapshot {id} was saved but the VM cannot resume: {e}"
+                )),
+            }
+        }
+        ControlRequest::RecordWorkingSet => {
+            if let WorkerOrigin::Restore { snapshot, mode } = &worker.spec.origin {
+                if mode == "prefetch" {
+                    record_working_set(&worker.vmm, &worker.store, snapshot);
+                }
+            }
+            ControlReply::ok()
+        }
+        ControlRequest::Stop => {
+            worker.stopping.store(true, Ordering::SeqCst);
+            worker.vmm.stop();
+            ControlReply::ok()
+        }
+    }
+}

@@ -1,0 +1,646 @@
+//! `ember serve` end to end (`vmtest_*`: hardware KVM or the lab): curl on its Unix socket
+//! and the `ember` CLI against a live service with real sandboxes.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+fn artifact(var: &str) -> String {
+    std::env::var(var)
+        .unwrap_or_else(|_| panic!("{var} is not set; run VM tests through `cargo xtask test`"))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A running `ember serve` with its own state directory (removed at the end).
+struct Service {
+    child: Option<Child>,
+    state: PathBuf,
+    socket: PathBuf,
+}
+
+impl Service {
+    fn start(name: &str) -> Service {
+        // Unix socket paths are short: keep the state directory near the root.
+        let state = PathBuf::from(format!("/tmp/es-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state);
+        std::fs::create_dir_all(&state).unwrap();
+        let socket = state.join("api.sock");
+        let mut service = Service {
+            child: None,
+            state,
+            socket,
+        };
+        service.launch();
+        service
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state.join("serve.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ember"))
+            .args(["serve", "--socket"])
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(["--kernel", &artifact("EMBER_KERNEL")])
+            .args(["--rootfs", &artifact("EMBER_ROOTFS")])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start ember serve");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.curl("GET", "/healthz", None).0 != 200 {
+            assert!(
+                Instant::now() < deadline,
+                "ember serve did not answer; its log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the service the way an operator would (SIGTERM) and waits for it.
+    fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill only sends a signal to our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.state.join("serve.log")).unwrap_or_default()
+    }
+
+    /// `curl` on the service's socket: (HTTP status, body).
+    fn curl(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--max-time", "600", "--unix-socket"])
+            .arg(&self.socket)
+            .args(["-X", method, "-w", "\n%{http_code}"])
+            .arg(format!("http://ember{path}"));
+        if let Some(body) = body {
+            cmd.args([
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+                body,
+            ]);
+        }
+        let out = cmd.output().expect("run curl");
+        let all = text(&out.stdout);
+        let (body, code) = all.rsplit_once('\n').unwrap_or(("", &all));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    /// A JSON request that must succeed with `want`.
+    fn call(&self, method: &str, path: &str, body: Option<Value>, want: u16) -> Value {
+        let body = body.map(|b| b.to_string());
+        let (status, answer) = self.curl(method, path, body.as_deref());
+        assert_eq!(
+            status,
+            want,
+            "{method} {path} answered {status}: {answer}\n--- service log ---\n{}",
+            self.log()
+        );
+        serde_json::from_str(&answer).unwrap_or(Value::Null)
+    }
+
+    /// A request that must fail with `status` and error `code`.
+    fn refuse(&self, method: &str, path: &str, body: Option<&str>, status: u16, code: &str) {
+        let (got, answer) = self.curl(method, path, body);
+        assert_eq!(got, status, "{method} {path}: {answer}");
+        let doc: Value = serde_json::from_str(&answer)
+            .unwrap_or_else(|e| panic!("{method} {path}: error body is not JSON ({e}): {answer}"));
+        assert_eq!(doc["error"]["code"], code, "{method} {path}: {answer}");
+        assert!(
+            doc["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{answer}"
+        );
+    }
+
+    fn ember(&self, args: &[&str]) -> Output {
+        // `--socket` belongs to the subcommand, before any `--`.
+        Command::new(env!("CARGO_BIN_EXE_ember"))
+            .arg(args[0])
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(&args[1..])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ember")
+    }
+
+    fn create(&self, body: Value) -> String {
+        let sandbox = self.call("POST", "/sandboxes", Some(body), 201);
+        assert_eq!(sandbox["state"], "running", "{sandbox}");
+        sandbox["id"].as_str().unwrap().to_string()
+    }
+
+    /// `exec?wait=true` of `sh -c script`.
+    fn sh(&self, id: &str, script: &str) -> Value {
+        self.call(
+            "POST",
+            &format!("/sandboxes/{id}/exec?wait=true"),
+            Some(json!({"cmd": "sh", "args": ["-c", script]})),
+            200,
+        )
+    }
+
+    fn sandbox(&self, id: &str) -> Value {
+        self.call("GET", &format!("/sandboxes/{id}"), None, 200)
+    }
+
+    /// Waits until the sandbox is in `state`.
+    fn wait_state(&self, id: &str, state: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let s = self.sandbox(id);
+            if s["state"] == state {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sandbox never became {state}: {s}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        // Delete what is left so no VMM outlives the test.
+        let (_, list) = self.curl("GET", "/sandboxes", None);
+        if let Ok(list) = serde_json::from_str::<Value>(&list) {
+            for s in list["sandboxes"].as_array().into_iter().flatten() {
+                if let Some(id) = s["id"].as_str() {
+                    let _ = self.curl("DELETE", &format!("/sandboxes/{id}"), None);
+                }
+            }
+        }
+        self.terminate();
+        if let Ok(entries) = std::fs::read_dir(self.state.join("sandboxes")) {
+            for e in entries.flatten() {
+                if let Ok(r) = std::fs::read_to_string(e.path().join("sandbox.json")) {
+                    if let Some(pid) = serde_json::from_str::<Value>(&r)
+                        .ok()
+                        .and_then(|v| v["pid"].as_i64())
+                    {
+                        // SAFETY: a leftover VMM of this test; at worst ESRCH.
+                        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+#[test]
+fn vmtest_service_exec_streams_files_and_refuses_bad_requests() {
+    let service = Service::start("exec");
+    let id = service.create(json!({"env": {"GREETING": "hi"}}));
+
+    // The issue's first example, waited for.
+    let out = service.call(
+        "POST",
+        &format!("/sandboxes/{id}/exec?wait=true"),
+        Some(json!({"cmd": "python3", "args": ["-c", "print(44*44)"]})),
+        200,
+    );
+    assert_eq!(out["stdout"], "1936\n", "{out}");
+    assert_eq!(out["exit_code"], 0, "{out}");
+    // The sandbox's env reaches commands; a failing command's code comes back.
+    let out = service.sh(&id, "echo $GREETING; echo oops >&2; exit 3");
+    assert_eq!(
+        (out["stdout"].as_str(), out["stderr"].as_str()),
+        (Some("hi\n"), Some("oops\n"))
+    );
+    assert_eq!(out["exit_code"], 3);
+
+    // A streamed command printing 1,000 lines: NDJSON, in order, complete, then the exit.
+    let (status, stream) = service.curl(
+        "POST",
+        &format!("/sandboxes/{id}/exec"),
+        Some(r#"{"cmd":"sh","args":["-c","for i in $(seq 1 1000); do echo line $i; done"]}"#),
+    );
+    assert_eq!(status, 200, "{stream}");
+    let records: Vec<Value> = stream
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad NDJSON line {l:?}: {e}")))
+        .collect();
+    assert_eq!(records[0]["type"], "started");
+    let stdout: String = records
+        .iter()
+        .filter(|r| r["type"] == "stdout")
+        .map(|r| r["data"].as_str().unwrap().to_string())
+        .collect();
+    let want: String = (1..=1000).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(stdout, want);
+    let last = records.last().unwrap();
+    assert_eq!(
+        (last["type"].as_str(), last["exit_code"].as_i64()),
+        (Some("exit"), Some(0))
+    );
+
+    // The CLI streams and exits with the command's code.
+    let out = service.ember(&["exec", &id, "--", "sh", "-c", "printf 'a\\nb\\n'; exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "a\nb\n");
+
+    // Files: upload (binary, streamed), download, mkdir; the CLI's cp both ways.
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let host = service.state.join("blob.bin");
+    std::fs::write(&host, &data).unwrap();
+    let out = service.ember(&[
+        "cp",
+        host.to_str().unwrap(),
+        &format!("{id}:/root/in/blob.bin"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = service.sh(&id, "sha256sum /root/in/blob.bin | cut -d' ' -f1");
+    let want = {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(&data);
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    assert_eq!(out["stdout"].as_str().unwrap().trim(), want);
+    let back = service.state.join("back.bin");
+    let out = service.ember(&[
+        "cp",
+        &format!("{id}:/root/in/blob.bin"),
+        back.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+    service.call(
+        "POST",
+        &format!("/sandboxes/{id}/files/mkdir"),
+        Some(json!({"path": "/srv/a/b"})),
+        201,
+    );
+    assert_eq!(
+        service.sh(&id, "test -d /srv/a/b && echo yes")["stdout"],
+        "yes\n"
+    );
+    let (status, body) = service.curl(
+        "GET",
+        &format!("/sandboxes/{id}/files?path=/etc/hostname"),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+
+    // Detached commands: status, logs, kill.
+    let cmd = service.call(
+        "POST",
+        &format!("/sandboxes/{id}/exec"),
+        Some(json!({"cmd": "sh", "args": ["-c", "echo started; sleep 600"], "detach": true})),
+        202,
+    );
+    let cid = cmd["cmd_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let c = service.call("GET", &format!("/sandboxes/{id}/commands/{cid}"), None, 200);
+        assert_eq!(c["status"], "running", "{c}");
+        if c["stdout"] == "started\n" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no output from the detached command: {c}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    service.call(
+        "POST",
+        &format!("/sandboxes/{id}/commands/{cid}/kill"),
+        Some(json!({})),
+        200,
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let c = service.call("GET", &format!("/sandboxes/{id}/commands/{cid}"), None, 200);
+        if c["status"] == "finished" {
+            assert_eq!(c["signal"], 9, "{c}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the killed command still runs: {c}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Bad requests: clear errors, nothing lost.
+    service.refuse("POST", "/sandboxes", Some("{not json"), 400, "invalid_json");
+    service.refuse(
+        "POST",
+        "/sandboxes",
+        Some(r#"{"vcpus":1,"colour":"red"}"#),
+        400,
+        "invalid_json",
+    );
+    service.refuse(
+        "POST",
+        "/sandboxes",
+        Some(r#"{"memory_mib":1}"#),
+        400,
+        "invalid_request",
+    );
+    service.refuse(
+        "POST",
+        "/sandboxes",
+        Some(r#"{"image":"windows"}"#),
+        400,
+        "invalid_request",
+    );
+    service.refuse(
+        "POST",
+        "/sandboxes",
+        Some(r#"{"snapshot":"no-such"}"#),
+        404,
+        "not_found",
+    );
+    service.refuse("GET", "/sandboxes/sb-nope", None, 404, "not_found");
+    service.refuse(
+        "POST",
+        "/sandboxes/sb-nope/exec",
+        Some(r#"{"cmd":"true"}"#),
+        404,
+        "not_found",
+    );
+    service.refuse("GET", "/no/such/endpoint", None, 404, "not_found");
+    let huge = format!(r#"{{"cmd":"true","args":["{}"]}}"#, "x".repeat(2 << 20));
+    let huge_file = service.state.join("huge.json");
+    std::fs::write(&huge_file, huge).unwrap();
+    service.refuse(
+        "POST",
+        &format!("/sandboxes/{id}/exec"),
+        Some(&format!("@{}", huge_file.display())),
+        413,
+        "too_large",
+    );
+    for bad in ["../etc/passwd", "/root/../../etc/passwd", "relative/path"] {
+        service.refuse(
+            "GET",
+            &format!("/sandboxes/{id}/files?path={bad}"),
+            None,
+            400,
+            "invalid_path",
+        );
+    }
+    service.refuse(
+        "GET",
+        &format!("/sandboxes/{id}/files?path=/no/such/file"),
+        None,
+        404,
+        "not_found",
+    );
+    service.refuse(
+        "POST",
+        &format!("/sandboxes/{id}/exec"),
+        Some(r#"{"cmd":"/no/such/program"}"#),
+        404,
+        "not_found",
+    );
+    // After all that the sandbox still works.
+    assert_eq!(service.sh(&id, "echo alive")["stdout"], "alive\n");
+
+    // Pause: nothing runs until resume.
+    service.call("POST", &format!("/sandboxes/{id}/pause"), None, 200);
+    service.refuse(
+        "POST",
+        &format!("/sandboxes/{id}/exec"),
+        Some(r#"{"cmd":"true"}"#),
+        409,
+        "conflict",
+    );
+    service.call("POST", &format!("/sandboxes/{id}/resume"), None, 200);
+    assert_eq!(service.sh(&id, "echo back")["stdout"], "back\n");
+
+    // A sandbox at its timeout stops; commands on it are refused.
+    let short = service.create(json!({"timeout_s": 2}));
+    service.wait_state(&short, "stopped", Duration::from_secs(60));
+    service.refuse(
+        "POST",
+        &format!("/sandboxes/{short}/exec"),
+        Some(r#"{"cmd":"true"}"#),
+        409,
+        "conflict",
+    );
+
+    // kill -9 of one sandbox's VMM: reported as failed, the other keeps working.
+    let victim = service.create(json!({}));
+    let pid = service.sandbox(&victim)["pid"].as_i64().unwrap();
+    // SAFETY: the victim's VMM process, started by the service for this test.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let failed = service.wait_state(&victim, "failed", Duration::from_secs(30));
+    assert!(
+        failed["failure"]
+            .as_str()
+            .is_some_and(|f| f.contains("signal: 9") || f.contains("SIGKILL")),
+        "{failed}"
+    );
+    service.refuse(
+        "POST",
+        &format!("/sandboxes/{victim}/exec"),
+        Some(r#"{"cmd":"true"}"#),
+        409,
+        "conflict",
+    );
+    assert_eq!(service.sh(&id, "echo still here")["stdout"], "still here\n");
+
+    // The CLI lists them; metrics count them.
+    let out = service.ember(&["ls"]);
+    assert!(
+        text(&out.stdout).contains(&id) && text(&out.stdout).contains("failed"),
+        "{}",
+        text(&out.stdout)
+    );
+    let (status, metrics) = service.curl("GET", "/metrics", None);
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("ember_sandboxes{state=\"failed\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("ember_boots_total 3"), "{metrics}");
+    let (status, openapi) = service.curl("GET", "/openapi.json", None);
+    assert_eq!(status, 200);
+    assert!(
+        serde_json::from_str::<Value>(&openapi).unwrap()["paths"]["/sandboxes/{id}/exec"]
+            .is_object()
+    );
+
+    let out = service.ember(&["rm", &id, &short, &victim]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        service.call("GET", "/sandboxes", None, 200)["sandboxes"],
+        json!([])
+    );
+}
+
+/// Installs a dependency (a Python package written into site-packages, no network here)
+/// and simulates its slow set-up.
+const INSTALL: &str = "mkdir -p /usr/local/lib/python3.11/dist-packages/emberdemo && \
+    printf 'def greet():\\n    return \"hello from a dependency\"\\n' \
+      > /usr/local/lib/python3.11/dist-packages/emberdemo/__init__.py && \
+    python3 -c 'import emberdemo, compileall; compileall.compile_dir(\"/usr/local/lib/python3.11/dist-packages\", quiet=1)' && \
+    echo installed";
+
+const USE_DEP: &str = "python3 -c 'import emberdemo; print(emberdemo.greet())'";
+
+fn uptime(service: &Service, id: &str) -> f64 {
+    let out = service.sh(id, "cut -d' ' -f1 /proc/uptime");
+    out["stdout"].as_str().unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn vmtest_service_story_snapshot_restore_fork_and_restart() {
+    let mut service = Service::start("story");
+
+    // Cold: create, install, use.
+    let t = Instant::now();
+    let cold = service.create(json!({"image": "python"}));
+    let out = service.sh(&cold, INSTALL);
+    assert_eq!(out["stdout"], "installed\n", "{out}");
+    let cold_first_exec = t.elapsed();
+    assert_eq!(
+        service.sh(&cold, USE_DEP)["stdout"],
+        "hello from a dependency\n"
+    );
+
+    // Snapshot (stopping it), delete the sandbox.
+    let booted_for = uptime(&service, &cold);
+    let out = service.ember(&["snapshot", &cold, "--name", "with-dep", "--stop"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "with-dep");
+    service.wait_state(&cold, "stopped", Duration::from_secs(30));
+    service.call("DELETE", &format!("/sandboxes/{cold}"), None, 204);
+    service.refuse(
+        "POST",
+        &format!("/sandboxes/{cold}/snapshots"),
+        Some("{}"),
+        404,
+        "not_found",
+    );
+    let snaps = service.call("GET", "/snapshots", None, 200);
+    assert_eq!(snaps["snapshots"][0]["id"], "with-dep", "{snaps}");
+
+    // Restore: the dependency is there without reinstalling, and the guest carried on
+    // (its uptime continues from the snapshot's, it did not boot again).
+    let t = Instant::now();
+    let warm = service.create(json!({"snapshot": "with-dep"}));
+    let out = service.sh(&warm, USE_DEP);
+    let warm_first_exec = t.elapsed();
+    assert_eq!(out["stdout"], "hello from a dependency\n", "{out}");
+    assert!(
+        uptime(&service, &warm) >= booted_for,
+        "the restored guest booted afresh"
+    );
+    eprintln!(
+        "story: cold create+install {:.0} ms, restore+first exec {:.0} ms ({:.1}x)",
+        cold_first_exec.as_secs_f64() * 1e3,
+        warm_first_exec.as_secs_f64() * 1e3,
+        cold_first_exec.as_secs_f64() / warm_first_exec.as_secs_f64()
+    );
+
+    // A diff snapshot of the restored sandbox, which keeps running.
+    let diff = service.call(
+        "POST",
+        &format!("/sandboxes/{warm}/snapshots"),
+        Some(json!({"name": "with-dep-2", "diff": true})),
+        201,
+    );
+    assert_eq!(diff["parent"], "with-dep", "{diff}");
+    assert_eq!(service.sh(&warm, "echo running")["stdout"], "running\n");
+    service.refuse(
+        "POST",
+        &format!("/sandboxes/{warm}/snapshots"),
+        Some(r#"{"name":"with-dep"}"#),
+        409,
+        "conflict",
+    );
+
+    // Fork four from one snapshot: independent sandboxes.
+    let out = service.ember(&["fork", "with-dep", "--count", "4"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let forks: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+    assert_eq!(forks.len(), 4, "{forks:?}");
+    let mut randoms = Vec::new();
+    for (i, id) in forks.iter().enumerate() {
+        let out = service.sh(id, &format!("echo {i} > /root/who; {USE_DEP}; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'"));
+        assert!(
+            out["stdout"]
+                .as_str()
+                .unwrap()
+                .starts_with("hello from a dependency\n"),
+            "{out}"
+        );
+        randoms.push(
+            out["stdout"]
+                .as_str()
+                .unwrap()
+                .lines()
+                .nth(1)
+                .unwrap_or("")
+                .to_string(),
+        );
+    }
+    for (i, id) in forks.iter().enumerate() {
+        assert_eq!(
+            service.sh(id, "cat /root/who")["stdout"],
+            format!("{i}\n"),
+            "fork {id} saw another's write"
+        );
+    }
+    randoms.sort();
+    randoms.dedup();
+    assert_eq!(
+        randoms.len(),
+        4,
+        "forks share their randomness: {randoms:?}"
+    );
+
+    // Restart the service: snapshots are kept, running sandboxes are adopted, and one whose
+    // VMM died meanwhile is reported.
+    let victim = forks[0].clone();
+    let victim_pid = service.sandbox(&victim)["pid"].as_i64().unwrap();
+    service.terminate();
+    // SAFETY: the victim's VMM process, started by the service for this test.
+    unsafe { libc::kill(victim_pid as i32, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(500));
+    service.launch();
+    let snaps = service.ember(&["snapshots"]);
+    assert!(
+        text(&snaps.stdout).contains("with-dep-2"),
+        "{}",
+        text(&snaps.stdout)
+    );
+    let s = service.sandbox(&victim);
+    assert_eq!(s["state"], "failed", "{s}");
+    assert!(s["failure"].as_str().unwrap().contains("gone"), "{s}");
+    assert_eq!(service.sandbox(&forks[1])["state"], "running");
+    assert_eq!(service.sh(&forks[1], "cat /root/who")["stdout"], "1\n");
+    // And it still restores.
+    let again = service.create(json!({"snapshot": "with-dep-2"}));
+    assert_eq!(
+        service.sh(&again, USE_DEP)["stdout"],
+        "hello from a dependency\n"
+    );
+}
