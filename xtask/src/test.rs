@@ -335,7 +335,7 @@ fn run_vm_tests_in_lab(bins: &[PathBuf], artifacts: &Artifacts) -> Result<()> {
         env: artifacts.env(),
         // Room for the tests (~5 min here) many times over, and for one retry within CI's
         // 90 minutes.
-        timeout: Duration::from_secs(25 * 60),
+        timeout: Duration::from_secs(45 * 60),
         ..Default::default()
     };
     let argv = ["sh".into(), "-c".into(), vm_test_script(bins)];
