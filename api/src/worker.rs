@@ -237,7 +237,15 @@ fn serve_connection(worker: &Worker, stream: UnixStream) {
         };
         let mut text = serde_json::to_string(&reply).unwrap_or_default();
         text.push('\n');
-        if writer.write_all(text.as_bytes()).is_err() {
+        let sent = writer
+            .write_all(text.as_bytes())
+            .and_then(|_| writer.flush());
+        // A request that ends the VM does so only once its answer is on its way: the
+        // process exits right after the VM does.
+        if worker.stopping.load(Ordering::SeqCst) {
+            worker.vmm.stop();
+        }
+        if sent.is_err() {
             return;
         }
     }
@@ -283,8 +291,8 @@ fn handle(worker: &Worker, request: ControlRequest) -> ControlReply {
             let took_ms = t.elapsed().as_secs_f64() * 1e3;
             // The snapshot left the vCPUs paused.
             let next = if stop && result.is_ok() {
+                // The VM stops once this answer is sent (see `serve_connection`).
                 worker.stopping.store(true, Ordering::SeqCst);
-                worker.vmm.stop();
                 Ok(())
             } else if *paused {
                 Ok(())
@@ -318,7 +326,6 @@ fn handle(worker: &Worker, request: ControlRequest) -> ControlReply {
         }
         ControlRequest::Stop => {
             worker.stopping.store(true, Ordering::SeqCst);
-            worker.vmm.stop();
             ControlReply::ok()
         }
     }
