@@ -4,12 +4,14 @@
 # without reinstalling. Prints cold-boot vs restore vs time-to-first-exec figures.
 # Needs: ember on PATH, EMBER_KERNEL, EMBER_ROOTFS, and STATE (an empty directory).
 set -eu
+mkdir -p "$STATE"
 SOCK="$STATE/api.sock"
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 ember serve --socket "$SOCK" --state-dir "$STATE" > "$STATE/serve.log" 2>&1 &
 SERVE=$!
 trap 'kill $SERVE 2>/dev/null; wait $SERVE 2>/dev/null' EXIT
-for i in $(seq 1 100); do [ -S "$SOCK" ] && break; sleep 0.1; done
+for i in $(seq 1 300); do [ -S "$SOCK" ] && break; sleep 0.1; done
+[ -S "$SOCK" ] || { echo "ember serve did not start:"; cat "$STATE/serve.log"; exit 1; }
 E="--socket $SOCK"
 ember doctor || true
 

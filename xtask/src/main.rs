@@ -194,8 +194,17 @@ fn demo() -> Result<i32> {
     for (name, value) in artifacts.env() {
         eprintln!("  {name}={value}");
     }
-    util::run(util::cargo().args(["build", "--quiet", "-p", "ember-api", "--bin", "ember"]))?;
-    let ember = util::target_dir().join("debug/ember");
+    // Release: the figures the demo prints should be the VMM's, not a debug build's.
+    util::run(util::cargo().args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "ember-api",
+        "--bin",
+        "ember",
+    ]))?;
+    let ember = util::target_dir().join("release/ember");
     let here = phases.run("ember doctor on this host", || {
         Ok(std::process::Command::new(&ember)
             .arg("doctor")
@@ -207,7 +216,7 @@ fn demo() -> Result<i32> {
     let state = lab::tempdir("ember-demo")?;
     let script = format!(
         "PATH={bin}:$PATH STATE={state} sh -c {quoted}",
-        bin = util::target_dir().join("debug").display(),
+        bin = util::target_dir().join("release").display(),
         state = state.display(),
         quoted = shell_quote(include_str!("demo.sh"))
     );
