@@ -52,14 +52,14 @@ api -d '{"cmd":"sh","args":["-c","mkdir -p /opt/pkg && cp -r /usr/lib/python3.11
 api -d '{"name":"base","stop":true}' "http://ember/sandboxes/$id/snapshots" | field took_ms | sed 's/^/snapshot (256 MiB, full) ms: /'
 api -X DELETE "http://ember/sandboxes/$id"
 
-for mode in eager lazy prefetch; do
+for mode in ${MODES:-eager lazy prefetch}; do
   # The first prefetch restore records the working set; it is not counted.
   [ $mode = prefetch ] && round '{"snapshot":"base","restore_mode":"prefetch"}' > /dev/null
   for i in $(seq "$ROUNDS"); do round "{\"snapshot\":\"base\",\"restore_mode\":\"$mode\"}"; done > "$STATE/$mode"
   report "$mode"
 done
 cold=$(cut -d' ' -f2 "$STATE/cold" | median)
-for mode in eager lazy prefetch; do
+for mode in ${MODES:-eager lazy prefetch}; do
   awk -v c="$cold" -v r="$(cut -d' ' -f2 "$STATE/$mode" | median)" -v m=$mode \
     'BEGIN {printf "  %s: first exec %.2fx sooner than cold boot\n", m, c / r}'
 done
