@@ -431,10 +431,15 @@ pub fn run_in_lab(argv: &[String], opts: &LabOptions) -> Result<i32> {
     let console = crate::util::tail_lines(&run_dir.join("console.log"), 40);
     let rc = match rc.as_deref().map(str::trim).map(str::parse::<i32>) {
         Some(Ok(rc)) => rc,
-        _ => bail!(
-            "the lab ended without the command's exit status (qemu {status}); qemu said: {}\nL1 console:\n{console}",
-            qemu_err.trim()
-        ),
+        // The L1 died before the command finished (a kernel panic ends QEMU at once with
+        // -no-reboot): the lab's failure, not the command's.
+        _ => {
+            return Err(LabFailure::L1Failed(format!(
+                "the lab ended without the command's exit status (qemu {status}); qemu said: {}\nL1 console:\n{console}",
+                qemu_err.trim()
+            ))
+            .into())
+        }
     };
     if std::env::var_os("EMBER_LAB_KEEP").is_some() {
         eprintln!("lab: run folder kept at {}", run_dir.display());
