@@ -1,12 +1,13 @@
-//! Snapshots of a whole VM into the content-addressed store, and the page source that serves
-//! a restored VM's memory from it.
+//! Snapshots of a whole VM into the content-addressed store, and the page and chunk sources
+//! that serve a restored VM's memory and disk from it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use ember_devices::serial::SerialSnapshot;
+use ember_devices::virtio::block::ChunkSource;
 use ember_devices::virtio::mmio::MmioTransportState;
-use ember_snapshot_store::{MemoryMap, PageRef, Store, PAGE_SIZE};
+use ember_snapshot_store::{DiskMap, Hash, MemoryMap, PageRef, Store, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
 
 use crate::lazy::PageSource;
@@ -126,6 +127,52 @@ impl PageSource for StorePages {
                 Ok(true)
             }
         }
+    }
+}
+
+/// Serves a restored copy-on-write disk's chunks from the store (each verified against its
+/// hash), on the guest's first access to each.
+pub struct StoreChunks {
+    pub store: Arc<Store>,
+    pub map: DiskMap,
+}
+
+impl StoreChunks {
+    /// The chunks the snapshot holds (the others are the base image's).
+    pub fn stored_chunks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.map
+            .chunks
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_some())
+            .map(|(i, _)| i as u64)
+    }
+
+    /// The object holding chunk `index`, if the snapshot stored it.
+    pub fn hash_of(&self, index: u64) -> Option<Hash> {
+        let index = usize::try_from(index).ok()?;
+        self.map.chunks.get(index).copied().flatten()
+    }
+}
+
+impl ChunkSource for StoreChunks {
+    fn read_chunk(&self, index: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let hash = self.hash_of(index).ok_or_else(|| {
+            std::io::Error::other(format!("disk chunk {index} is not in the snapshot"))
+        })?;
+        let data = self
+            .store
+            .read(&hash)
+            .map_err(|e| std::io::Error::other(format!("disk chunk {index}: {e}")))?;
+        if data.len() != buf.len() {
+            return Err(std::io::Error::other(format!(
+                "disk chunk {index} ({hash}) holds {} bytes, the disk's chunk is {}",
+                data.len(),
+                buf.len()
+            )));
+        }
+        buf.copy_from_slice(&data);
+        Ok(())
     }
 }
 

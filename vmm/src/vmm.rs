@@ -43,7 +43,9 @@ use crate::memory::{
 };
 use crate::metrics::{micros, resident_split, RunReport};
 use crate::persist::{decode_state, encode_state};
-use crate::snapshot::{BaseImage, RestoreMode, SnapshotBase, SnapshotKind, StorePages, VmSnapshot};
+use crate::snapshot::{
+    BaseImage, RestoreMode, SnapshotBase, SnapshotKind, StoreChunks, StorePages, VmSnapshot,
+};
 use crate::vcpu::{command_all, ExitAction, IoHandler, Vcpu, VcpuCommand, VcpuError, VcpuHandle};
 use crate::vm::{open_kvm, Vm, VmError};
 use ember_snapshot_store::{DiskMap, DiskRef, Manifest, MemoryMap, MemoryRef, ObjectKind, Store};
@@ -544,16 +546,16 @@ fn attach_virtio(
 /// The name of the rootfs in a manifest's disk list.
 const ROOTFS_DISK: &str = "rootfs";
 
-/// A fresh overlay over `base_path` holding the chunks of a snapshot's rootfs map (chunks
-/// the map leaves out are the base image's, which must be the one the snapshot was taken
-/// over).
+/// A fresh overlay over `base_path` whose chunks are a snapshot's rootfs map (chunks the map
+/// leaves out are the base image's, which must be the one the snapshot was taken over). The
+/// snapshot's chunks are not copied now: each loads from the store on the guest's first use.
 fn restore_overlay(
-    store: &Store,
+    store: &Arc<Store>,
     disk: &DiskRef,
     base: &BaseImage,
     base_path: &std::path::Path,
     overlay: &std::path::Path,
-) -> Result<Arc<CowDisk>, String> {
+) -> Result<(Arc<CowDisk>, Arc<StoreChunks>), String> {
     let now = BaseImage::of(base_path).map_err(|e| format!("{}: {e}", base_path.display()))?;
     if &now != base {
         return Err(format!(
@@ -562,7 +564,7 @@ fn restore_overlay(
         ));
     }
     let map = store.load_disk_map(disk).map_err(|e| e.to_string())?;
-    let cow = CowDisk::create(base_path, overlay, map.chunk_size).map_err(|e| e.to_string())?;
+    let mut cow = CowDisk::create(base_path, overlay, map.chunk_size).map_err(|e| e.to_string())?;
     if cow.size() != map.size {
         return Err(format!(
             "the disk map is for {} bytes, the base image has {}",
@@ -570,14 +572,13 @@ fn restore_overlay(
             cow.size()
         ));
     }
-    for (index, chunk) in map.chunks.iter().enumerate() {
-        if let Some(hash) = chunk {
-            let data = store.read(hash).map_err(|e| e.to_string())?;
-            cow.load_chunk(index as u64, &data)
-                .map_err(|e| format!("chunk {index}: {e}"))?;
-        }
-    }
-    Ok(Arc::new(cow))
+    let chunks = Arc::new(StoreChunks {
+        store: store.clone(),
+        map,
+    });
+    cow.load_lazily(chunks.clone(), chunks.stored_chunks())
+        .map_err(|e| e.to_string())?;
+    Ok((Arc::new(cow), chunks))
 }
 
 /// Guest page `index` (numbered over all regions in address order) as a slice of the VMM's
@@ -654,6 +655,8 @@ pub struct Vmm {
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     /// The rootfs's copy-on-write overlay, if it has one (read for snapshots).
     rootfs_cow: Option<Arc<CowDisk>>,
+    /// A restored rootfs's snapshot chunks, for those the guest has not touched yet.
+    rootfs_chunks: Option<Arc<StoreChunks>>,
     config: VmConfig,
     vm: Vm,
     /// Serves a restored VM's memory; dropped after the vCPUs (Drop) and before the memory.
@@ -731,6 +734,7 @@ impl Vmm {
             serial: devices.serial,
             transports: devices.transports,
             rootfs_cow: devices.rootfs_cow,
+            rootfs_chunks: None,
             config,
             vm,
             lazy,
@@ -880,6 +884,20 @@ impl Vmm {
         let disks = match &self.rootfs_cow {
             Some(cow) => {
                 let mut chunks = vec![None; cow.chunk_count() as usize];
+                // Chunks of the snapshot this VM was restored from that the guest has not
+                // touched yet are still that snapshot's objects; reading them from the overlay
+                // would load them for nothing. (Listed before the written ones: a chunk loaded
+                // meanwhile shows in both, and its written content wins.)
+                for index in cow.pending_chunks() {
+                    let hash = self
+                        .rootfs_chunks
+                        .as_ref()
+                        .and_then(|c| c.hash_of(index))
+                        .ok_or_else(|| fail(format!("rootfs chunk {index} has no source")))?;
+                    if let Some(slot) = chunks.get_mut(index as usize) {
+                        *slot = Some(hash);
+                    }
+                }
                 let mut buf = Vec::new();
                 for index in cow.written_chunks() {
                     cow.read_chunk(index, &mut buf)
@@ -971,9 +989,11 @@ impl Vmm {
             .read(&manifest.vm_state)
             .map_err(|e| fail(e.to_string()))?;
         let snap: VmSnapshot = decode_state(&blob).map_err(|e| fail(e.to_string()))?;
+        phase("manifest and state read");
         let map = store
             .load_memory_map(&manifest)
             .map_err(|e| fail(e.to_string()))?;
+        phase("memory map read");
         if map.size_bytes() != snap.mem_bytes || snap.vcpus.len() != usize::from(snap.vcpu_count) {
             return Err(fail(format!(
                 "the snapshot is inconsistent: {} bytes of memory map for {} bytes of RAM, {} vCPU states for {} vCPUs",
@@ -1018,7 +1038,7 @@ impl Vmm {
             ));
         }
         config.validate()?;
-        phase("manifest, state and memory map read");
+        phase("disk overlay restored");
 
         let kvm = open_kvm()?;
         let mem = create_guest_memory(config.mem_bytes()).map_err(VmmError::Memory)?;
@@ -1056,6 +1076,7 @@ impl Vmm {
         // SAFETY: as in `build`: `mem` outlives the VM and its vCPUs inside the Vmm.
         unsafe { vm.register_memory_logging_dirty(&mem) }?;
         phase("VM created");
+        let (overlay, rootfs_chunks) = overlay.unzip();
         let devices = attach_devices(&vm, &mem, &config, options, Some(&snap), overlay)
             .map_err(|e| fail(e.to_string()))?;
         crate::persist::vm::restore_vm(vm.fd(), &snap.vm).map_err(|e| fail(e.to_string()))?;
@@ -1092,7 +1113,9 @@ impl Vmm {
             id: id.to_string(),
             map: base_map,
         };
-        Vmm::assemble(config, vm, mem, lazy, Some(base), devices, fds)
+        let mut vmm = Vmm::assemble(config, vm, mem, lazy, Some(base), devices, fds)?;
+        vmm.rootfs_chunks = rootfs_chunks;
+        Ok(vmm)
     }
 
     /// Ends a `wait` in progress as if the guest had reset (e.g. after a snapshot, to stop

@@ -7,6 +7,11 @@
 //! so any number of sandboxes can share it, and the bitmap says exactly which chunks a guest
 //! changed, which is what a snapshot of the disk needs to store.
 //!
+//! A disk restored from a snapshot need not copy the snapshot's chunks in before the guest runs:
+//! [`CowDisk::load_lazily`] marks them *pending* behind a [`ChunkSource`], and each is copied
+//! into the overlay on its first read or write (the same copy-up as for a first write, from the
+//! snapshot instead of the base).
+//!
 //! Requests come from the event-loop thread while snapshot code may read the bitmap and the
 //! chunks from another, so [`CowDisk`] is `Sync`: the bitmap is atomic and a chunk is marked
 //! present only once its data is in the overlay (a concurrent reader sees either the base
@@ -19,7 +24,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::BlockError;
 
@@ -28,6 +33,27 @@ pub const COW_CHUNK_SIZE: u32 = 64 * 1024;
 
 /// Chunk sizes must be a multiple of this (and a power of two).
 const MIN_CHUNK_SIZE: u32 = 4096;
+
+/// Where the chunks of a restored snapshot come from (the snapshot store, verified).
+pub trait ChunkSource: Send + Sync {
+    /// Fills `buf` (exactly the chunk's length) with chunk `index`'s content.
+    fn read_chunk(&self, index: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+/// Chunks that belong to the disk but are still in a [`ChunkSource`], not the overlay.
+struct PendingChunks {
+    source: Arc<dyn ChunkSource>,
+    /// One bit per chunk: set while the chunk's content is only in `source`.
+    bits: Vec<AtomicU64>,
+}
+
+/// Where a chunk's current content is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkHome {
+    Base,
+    Overlay,
+    Pending,
+}
 
 /// A copy-on-write disk: a read-only base image plus a private overlay file holding the chunks
 /// written since creation (or loaded from a snapshot). See the module documentation.
@@ -47,6 +73,8 @@ pub struct CowDisk {
     /// Serializes writers; holds a reusable chunk-sized buffer for copy-ups.
     write_lock: Mutex<Vec<u8>>,
     remove_on_drop: AtomicBool,
+    /// Chunks of a restored snapshot not loaded yet (see [`CowDisk::load_lazily`]).
+    pending: Option<PendingChunks>,
 }
 
 impl fmt::Debug for CowDisk {
@@ -141,6 +169,7 @@ impl CowDisk {
             present,
             write_lock: Mutex::new(Vec::new()),
             remove_on_drop: AtomicBool::new(true),
+            pending: None,
         })
     }
 
@@ -201,18 +230,85 @@ impl CowDisk {
         self.present[(index / 64) as usize].fetch_or(1 << (index % 64), Ordering::Release);
     }
 
+    /// Declares `chunks` (a restored snapshot's) as part of the disk, their content to come
+    /// from `source` on first use instead of being copied in now. Only for a fresh disk: a
+    /// chunk already in the overlay, or an index past the end, is an `InvalidInput` error.
+    pub fn load_lazily(
+        &mut self,
+        source: Arc<dyn ChunkSource>,
+        chunks: impl IntoIterator<Item = u64>,
+    ) -> io::Result<()> {
+        let bits: Vec<AtomicU64> = (0..self.present.len()).map(|_| AtomicU64::new(0)).collect();
+        for index in chunks {
+            if index >= self.chunk_count || self.is_written(index) {
+                return Err(invalid_input(format!(
+                    "copy-on-write disk {}: cannot load chunk {index} lazily ({} chunks, {} \
+                     written)",
+                    self.overlay_path.display(),
+                    self.chunk_count,
+                    self.written_chunk_count()
+                )));
+            }
+            bits[(index / 64) as usize].fetch_or(1 << (index % 64), Ordering::Relaxed);
+        }
+        self.pending = Some(PendingChunks { source, bits });
+        Ok(())
+    }
+
+    /// Whether chunk `index` still waits in the [`ChunkSource`].
+    pub fn is_pending(&self, index: u64) -> bool {
+        match &self.pending {
+            Some(p) if index < self.chunk_count => {
+                p.bits[(index / 64) as usize].load(Ordering::Acquire) & (1 << (index % 64)) != 0
+            }
+            _ => false,
+        }
+    }
+
+    /// Indices of the chunks still waiting in the [`ChunkSource`], ascending.
+    pub fn pending_chunks(&self) -> Vec<u64> {
+        self.pending
+            .as_ref()
+            .map(|p| set_bits(&p.bits))
+            .unwrap_or_default()
+    }
+
+    fn home(&self, index: u64) -> ChunkHome {
+        if self.is_written(index) {
+            ChunkHome::Overlay
+        } else if self.is_pending(index) {
+            ChunkHome::Pending
+        } else if self.is_written(index) {
+            // Loaded between the two checks: a chunk is marked written before it stops being
+            // pending, so it is never seen as neither.
+            ChunkHome::Overlay
+        } else {
+            ChunkHome::Base
+        }
+    }
+
+    /// Copies pending chunk `index` into the overlay (`scratch` is the writers' buffer, so the
+    /// caller holds the write lock). Nothing to do if it is no longer pending.
+    fn load_pending(&self, index: u64, scratch: &mut Vec<u8>) -> io::Result<()> {
+        let Some(pending) = &self.pending else {
+            return Ok(());
+        };
+        if self.is_written(index) || !self.is_pending(index) {
+            return Ok(());
+        }
+        scratch.clear();
+        scratch.resize(self.chunk_len(index) as usize, 0);
+        pending.source.read_chunk(index, scratch)?;
+        self.overlay
+            .write_all_at(scratch, index * u64::from(self.chunk_size))?;
+        self.mark_written(index);
+        pending.bits[(index / 64) as usize].fetch_and(!(1 << (index % 64)), Ordering::Release);
+        Ok(())
+    }
+
     /// Indices of the chunks in the overlay (written by the guest or loaded), ascending.
     pub fn written_chunks(&self) -> Vec<u64> {
-        let mut out = Vec::new();
-        for (w, word) in self.present.iter().enumerate() {
-            let mut bits = word.load(Ordering::Acquire);
-            while bits != 0 {
-                let bit = u64::from(bits.trailing_zeros());
-                out.push(w as u64 * 64 + bit);
-                bits &= bits - 1;
-            }
-        }
-        out
+        set_bits(&self.present)
     }
 
     /// Number of chunks in the overlay.
@@ -262,14 +358,22 @@ impl CowDisk {
     }
 
     /// Reads `buf.len()` bytes at `offset`: each chunk from the overlay if it was written,
-    /// else from the base. A range past the end is an `InvalidInput` error.
+    /// else from the base (a pending chunk is loaded into the overlay first). A range past the
+    /// end is an `InvalidInput` error.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.check_range("read", offset, buf.len())?;
         self.for_each_piece(offset, buf.len(), |index, pos, range| {
-            let file = if self.is_written(index) {
-                &self.overlay
-            } else {
-                &self.base
+            let file = match self.home(index) {
+                ChunkHome::Overlay => &self.overlay,
+                ChunkHome::Base => &self.base,
+                ChunkHome::Pending => {
+                    let mut scratch = self
+                        .write_lock
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    self.load_pending(index, &mut scratch)?;
+                    &self.overlay
+                }
             };
             file.read_exact_at(&mut buf[range], pos)
         })
@@ -289,6 +393,9 @@ impl CowDisk {
             .unwrap_or_else(PoisonError::into_inner);
         self.for_each_piece(offset, buf.len(), |index, pos, range| {
             let data = &buf[range];
+            if self.is_pending(index) {
+                self.load_pending(index, &mut scratch)?;
+            }
             if self.is_written(index) {
                 return self.overlay.write_all_at(data, pos);
             }
@@ -359,6 +466,20 @@ impl CowDisk {
         self.mark_written(index);
         Ok(())
     }
+}
+
+/// Indices of the set bits of a bitmap, ascending.
+fn set_bits(words: &[AtomicU64]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for (w, word) in words.iter().enumerate() {
+        let mut bits = word.load(Ordering::Acquire);
+        while bits != 0 {
+            let bit = u64::from(bits.trailing_zeros());
+            out.push(w as u64 * 64 + bit);
+            bits &= bits - 1;
+        }
+    }
+    out
 }
 
 impl Drop for CowDisk {

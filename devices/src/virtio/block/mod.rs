@@ -13,7 +13,7 @@ pub mod request;
 use std::io;
 use std::path::PathBuf;
 
-pub use cow::{CowDisk, COW_CHUNK_SIZE};
+pub use cow::{ChunkSource, CowDisk, COW_CHUNK_SIZE};
 pub use device::{Block, BLOCK_CONFIG_SIZE, BLOCK_QUEUE_SIZE};
 pub use disk::Disk;
 pub use request::SECTOR_SIZE;

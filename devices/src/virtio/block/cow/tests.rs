@@ -650,3 +650,98 @@ fn raw_disk_read_write_and_bounds() {
     ro.read_at(&mut buf, 10).unwrap();
     assert_eq!(buf, [1, 2, 3]);
 }
+
+/// A snapshot's chunks: chunk i is filled with byte `i + 100`; `fail` makes reads error.
+struct SnapshotChunks {
+    reads: std::sync::Mutex<Vec<u64>>,
+    fail: bool,
+}
+
+impl ChunkSource for SnapshotChunks {
+    fn read_chunk(&self, index: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.reads.lock().unwrap().push(index);
+        if self.fail {
+            return Err(io::Error::other(format!(
+                "chunk {index} is corrupt in the store"
+            )));
+        }
+        buf.fill(index as u8 + 100);
+        Ok(())
+    }
+}
+
+fn snapshot_chunks(fail: bool) -> Arc<SnapshotChunks> {
+    Arc::new(SnapshotChunks {
+        reads: std::sync::Mutex::new(Vec::new()),
+        fail,
+    })
+}
+
+#[test]
+fn lazy_chunks_load_on_first_read_once_and_survive_writes() {
+    let mut s = setup(8 * u64::from(CS), CS);
+    let source = snapshot_chunks(false);
+    s.disk.load_lazily(source.clone(), [1, 3]).unwrap();
+    assert_eq!(s.disk.pending_chunks(), vec![1, 3]);
+    assert!(s.disk.written_chunks().is_empty());
+    assert!(
+        source.reads.lock().unwrap().is_empty(),
+        "nothing is read up front"
+    );
+
+    // A read spanning chunks 0..2 gets the base, then the snapshot's chunk 1.
+    let got = read(&s.disk, u64::from(CS) - 2, 4);
+    let base = base_bytes(&s);
+    assert_eq!(&got[..2], &base[CS as usize - 2..CS as usize]);
+    assert_eq!(&got[2..], &[101, 101]);
+    assert_eq!(s.disk.pending_chunks(), vec![3]);
+    assert_eq!(s.disk.written_chunks(), vec![1]);
+    // Read again: from the overlay, not the source.
+    assert_eq!(read(&s.disk, u64::from(CS), 3), vec![101; 3]);
+    assert_eq!(*source.reads.lock().unwrap(), vec![1]);
+
+    // A partial write to a pending chunk splices into the snapshot's content, not the base's.
+    s.disk.write_at(&[7, 7], 3 * u64::from(CS) + 10).unwrap();
+    let chunk3 = read(&s.disk, 3 * u64::from(CS), CS as usize);
+    assert_eq!(&chunk3[..10], &[103; 10]);
+    assert_eq!(&chunk3[10..12], &[7, 7]);
+    assert_eq!(&chunk3[12..], &vec![103; CS as usize - 12][..]);
+    assert!(s.disk.pending_chunks().is_empty());
+    assert_eq!(s.disk.written_chunks(), vec![1, 3]);
+    // Untouched chunks are still the base's and the base is unchanged.
+    assert_eq!(
+        read(&s.disk, 5 * u64::from(CS), 4),
+        base[5 * CS as usize..][..4].to_vec()
+    );
+    assert_eq!(base_bytes(&s), original(8 * u64::from(CS)));
+}
+
+#[test]
+fn a_failing_chunk_source_is_an_io_error_and_stays_pending() {
+    let mut s = setup(4 * u64::from(CS), CS);
+    s.disk.load_lazily(snapshot_chunks(true), [2]).unwrap();
+    let mut buf = vec![0u8; 16];
+    let err = s.disk.read_at(&mut buf, 2 * u64::from(CS)).unwrap_err();
+    assert!(err.to_string().contains("corrupt"), "{err}");
+    assert!(s.disk.write_at(&[1], 2 * u64::from(CS)).is_err());
+    assert_eq!(s.disk.pending_chunks(), vec![2], "never marked loaded");
+    // Other chunks still work.
+    s.disk.write_at(&[9; 4], 0).unwrap();
+    assert_eq!(read(&s.disk, 0, 4), vec![9; 4]);
+}
+
+#[test]
+fn load_lazily_checks_its_input() {
+    let mut s = setup(4 * u64::from(CS), CS);
+    assert!(
+        s.disk.load_lazily(snapshot_chunks(false), [4]).is_err(),
+        "past the end"
+    );
+    s.disk.write_at(&[1; 4], 0).unwrap();
+    assert!(
+        s.disk.load_lazily(snapshot_chunks(false), [0]).is_err(),
+        "already written"
+    );
+    s.disk.load_lazily(snapshot_chunks(false), [1]).unwrap();
+    assert_eq!(s.disk.pending_chunks(), vec![1]);
+}
