@@ -1,5 +1,6 @@
 //! `ember`: the command line of the ember microVM monitor.
 
+mod bench;
 mod client;
 mod command;
 mod control;
@@ -61,6 +62,9 @@ enum Command {
     Fork(remote::ForkArgs),
     /// Stop and delete sandboxes.
     Rm(remote::RmArgs),
+    /// Measure cold boot vs restore (each mode), snapshots, exec, density and store sharing
+    /// through the service; writes JSON, Markdown and SVG charts.
+    Bench(bench::BenchArgs),
     /// One sandbox's VMM process (started by `ember serve`).
     #[command(hide = true)]
     Vmm(worker::VmmArgs),
@@ -92,6 +96,7 @@ fn main() {
         Command::Snapshot(args) => remote::snapshot(args),
         Command::Fork(args) => remote::fork(args),
         Command::Rm(args) => remote::rm(args),
+        Command::Bench(args) => bench::run(args),
         Command::Vmm(args) => worker::run(args),
     };
     std::process::exit(code);

@@ -116,6 +116,9 @@ pub fn run(args: VmmArgs) -> i32 {
                     log::warn!("cannot resync the restored guest's clock and entropy: {e}");
                 }
             }
+            if let Some(faults) = vmm.faults_served() {
+                log::info!("agent ready after {ready_ms:.1} ms: {faults} pages faulted in so far");
+            }
             let event = WorkerEvent::Ready {
                 ready_ms,
                 restored,
@@ -317,6 +320,9 @@ fn handle(worker: &Worker, request: ControlRequest) -> ControlReply {
             }
         }
         ControlRequest::RecordWorkingSet => {
+            if let Some(faults) = worker.vmm.faults_served() {
+                log::info!("first command done: {faults} pages faulted in since the restore");
+            }
             if let WorkerOrigin::Restore { snapshot, mode } = &worker.spec.origin {
                 if mode == "prefetch" {
                     record_working_set(&worker.vmm, &worker.store, snapshot);

@@ -1,0 +1,622 @@
+//! `ember bench`: cold vs warm start, end to end through the service, the way API users see
+//! it, with one persistent client (no process start-up per request in the figures).
+//!
+//! Every figure is the median and spread of N runs made in this one session, and names its
+//! environment: hardware KVM, or the lab (nested KVM under QEMU TCG), where absolute times are
+//! ~20-30x native and fixed per-event costs (exits, faults, context switches) weigh more.
+//! Start-up figures carry their ratio to the cold boot's same figure.
+
+pub mod report;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper::Method;
+use serde_json::{json, Value};
+
+use crate::client::{empty_body, json_body, ApiClient};
+use report::{regressions, Better, DensityPoint, Figure, Report, SCHEMA};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Measure fewer runs and sizes (minutes in the lab).
+    #[arg(long)]
+    pub quick: bool,
+    /// Runs per figure (default: 3 with --quick, else 5).
+    #[arg(long)]
+    pub runs: Option<u32>,
+    /// Where the report (JSON, Markdown, SVG charts) goes.
+    #[arg(long, default_value = "bench-results")]
+    pub out: PathBuf,
+    /// A previous `report.json`: figures worse by more than --threshold-pct fail the run.
+    #[arg(long)]
+    pub compare: Option<PathBuf>,
+    #[arg(long, default_value_t = 15.0)]
+    pub threshold_pct: f64,
+    /// Measure this running service instead of starting one (store figures need
+    /// --state-dir too).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// The state directory of the service given with --socket.
+    #[arg(long, requires = "socket")]
+    pub state_dir: Option<PathBuf>,
+    /// Kernel and rootfs for the service this starts (default: as `ember serve`).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    #[arg(long)]
+    pub rootfs: Option<PathBuf>,
+}
+
+/// Errors of a benchmark run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("starting the service: {0}")]
+    Service(String),
+    #[error("{what}: {reason}")]
+    Step { what: String, reason: String },
+    #[error(transparent)]
+    Report(#[from] report::ReportError),
+}
+
+fn step(what: impl Into<String>) -> impl FnOnce(String) -> BenchError {
+    let what = what.into();
+    move |reason| BenchError::Step { what, reason }
+}
+
+/// The "install" every measured snapshot holds: byte-identical files and warm imports.
+const INSTALL: &str = "mkdir -p /opt/pkg && cp -r /usr/lib/python3.11/json /opt/pkg/ && \
+                       python3 -c 'import json, email' && sync";
+
+pub fn run(args: BenchArgs) -> i32 {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ember bench: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(bench(&args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ember bench: {e}");
+            1
+        }
+    }
+}
+
+/// A service this run started: stopped (and its state removed) on drop.
+struct OwnService {
+    child: Child,
+    state_dir: PathBuf,
+}
+
+impl OwnService {
+    fn start(args: &BenchArgs) -> Result<(OwnService, PathBuf), BenchError> {
+        let exe = std::env::current_exe().map_err(|e| BenchError::Service(e.to_string()))?;
+        let state_dir = std::env::temp_dir().join(format!(
+            "ember-bench-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0)
+        ));
+        std::fs::create_dir_all(&state_dir)
+            .map_err(|e| BenchError::Service(format!("{}: {e}", state_dir.display())))?;
+        let socket = state_dir.join("api.sock");
+        let log = std::fs::File::create(state_dir.join("serve.log"))
+            .map_err(|e| BenchError::Service(e.to_string()))?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .stdin(Stdio::null())
+            .stdout(
+                log.try_clone()
+                    .map_err(|e| BenchError::Service(e.to_string()))?,
+            )
+            .stderr(log);
+        if let Some(k) = &args.kernel {
+            cmd.arg("--kernel").arg(k);
+        }
+        if let Some(r) = &args.rootfs {
+            cmd.arg("--rootfs").arg(r);
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| BenchError::Service(e.to_string()))?;
+        let mut service = OwnService { child, state_dir };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !socket.exists() {
+            if let Ok(Some(status)) = service.child.try_wait() {
+                let log = std::fs::read_to_string(service.state_dir.join("serve.log"))
+                    .unwrap_or_default();
+                return Err(BenchError::Service(format!(
+                    "`ember serve` exited ({status}):\n{log}"
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(BenchError::Service("no API socket after 60 s".into()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok((service, socket))
+    }
+}
+
+impl Drop for OwnService {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+/// The API calls the bench makes, timed by the caller.
+struct Api(ApiClient);
+
+impl Api {
+    async fn create(&self, body: Value) -> Result<Value, String> {
+        self.0
+            .json(Method::POST, "/sandboxes", json_body(&body))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn exec(&self, id: &str, cmd: &str, args: &[&str]) -> Result<Value, String> {
+        let answer = self
+            .0
+            .json(
+                Method::POST,
+                &format!("/sandboxes/{id}/exec?wait=true"),
+                json_body(&json!({"cmd": cmd, "args": args})),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if answer["exit_code"] != json!(0) {
+            return Err(format!("`{cmd}` in {id} did not succeed: {answer}"));
+        }
+        Ok(answer)
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), String> {
+        self.0
+            .json(Method::DELETE, &format!("/sandboxes/{id}"), empty_body())
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn snapshot(&self, id: &str, body: Value) -> Result<Value, String> {
+        self.0
+            .json(
+                Method::POST,
+                &format!("/sandboxes/{id}/snapshots"),
+                json_body(&body),
+            )
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn id_of(sandbox: &Value) -> Result<String, String> {
+    sandbox["id"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| format!("no sandbox id in {sandbox}"))
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+/// One start (cold boot or restore) measured: request → agent ready → first exec done.
+struct StartSample {
+    ready_ms: f64,
+    first_exec_ms: f64,
+    vmm_ready_ms: Option<f64>,
+}
+
+async fn start_once(api: &Api, body: Value, keep: bool) -> Result<(StartSample, String), String> {
+    let t0 = Instant::now();
+    let sandbox = api.create(body).await?;
+    let ready_ms = ms(t0);
+    let id = id_of(&sandbox)?;
+    api.exec(&id, "true", &[]).await?;
+    let first_exec_ms = ms(t0);
+    if !keep {
+        api.delete(&id).await?;
+    }
+    Ok((
+        StartSample {
+            ready_ms,
+            first_exec_ms,
+            vmm_ready_ms: sandbox["ready_ms"].as_f64(),
+        },
+        id,
+    ))
+}
+
+fn environment() -> String {
+    if std::env::var_os("EMBER_IN_LAB").is_some() {
+        "the lab (nested KVM under QEMU TCG)".into()
+    } else {
+        let facts = ember_vmm::probe::HostFacts::read();
+        format!("{} KVM", facts.kind().label())
+    }
+}
+
+async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
+    let runs = args.runs.unwrap_or(if args.quick { 3 } else { 5 }).max(1);
+    let (own, socket, state_dir) = match &args.socket {
+        Some(socket) => (None, socket.clone(), args.state_dir.clone()),
+        None => {
+            let (service, socket) = OwnService::start(args)?;
+            let state = service.state_dir.clone();
+            (Some(service), socket, Some(state))
+        }
+    };
+    let api = Api(ApiClient::new(&socket));
+    let started_unix_ms = crate::service::sandbox::unix_ms();
+    let mut figures = Vec::new();
+    let mut notes = Vec::new();
+    let say = |what: &str| eprintln!("ember bench: {what}");
+
+    // Cold boots, and the exec round trip on a running sandbox.
+    say(&format!("cold boot x{runs}"));
+    let mut cold = Vec::new();
+    let mut round_trips = Vec::new();
+    for i in 0..runs {
+        let (sample, id) = start_once(&api, json!({}), i == 0)
+            .await
+            .map_err(step("cold boot"))?;
+        if i == 0 {
+            for _ in 0..runs.max(5) {
+                let t = Instant::now();
+                api.exec(&id, "true", &[])
+                    .await
+                    .map_err(step("exec round trip"))?;
+                round_trips.push(ms(t));
+            }
+            api.delete(&id).await.map_err(step("delete"))?;
+        }
+        cold.push(sample);
+    }
+    push_start(&mut figures, "cold", "cold boot", &cold, None);
+    let cold_first = figures
+        .iter()
+        .find(|f| f.name == "cold.first_exec_ms")
+        .map(|f| f.median);
+    let cold_ready = figures
+        .iter()
+        .find(|f| f.name == "cold.ready_ms")
+        .map(|f| f.median);
+    figures.push(Figure::new(
+        "exec.round_trip_ms",
+        "exec `true` on a running sandbox (round trip)",
+        "ms",
+        Better::Lower,
+        round_trips,
+    ));
+
+    // The snapshot every restore starts from, and a diff on top of it.
+    say("install, then full and diff snapshots");
+    let sandbox = api.create(json!({})).await.map_err(step("create"))?;
+    let id = id_of(&sandbox).map_err(step("create"))?;
+    api.exec(&id, "sh", &["-c", INSTALL])
+        .await
+        .map_err(step("install"))?;
+    let full = api
+        .snapshot(&id, json!({"name": "bench-base"}))
+        .await
+        .map_err(step("full snapshot"))?;
+    api.exec(&id, "sh", &["-c", "echo changed > /tmp/changed"])
+        .await
+        .map_err(step("change"))?;
+    let diff = api
+        .snapshot(&id, json!({"name": "bench-diff", "diff": true}))
+        .await
+        .map_err(step("diff snapshot"))?;
+    api.delete(&id).await.map_err(step("delete"))?;
+    let mem_mib = sandbox["memory_mib"].as_u64().unwrap_or(256) as u32;
+    for (name, label, answer) in [("full", "full", &full), ("diff", "diff", &diff)] {
+        if let Some(took) = answer["took_ms"].as_f64() {
+            figures.push(Figure::new(
+                &format!("snapshot.{name}.{mem_mib}mib_ms"),
+                &format!("snapshot ({label}, {mem_mib} MiB guest, running sandbox)"),
+                "ms",
+                Better::Lower,
+                vec![took],
+            ));
+        }
+    }
+    if !args.quick {
+        for size in [512u32, 1024] {
+            say(&format!("full snapshot at {size} MiB"));
+            let sb = api
+                .create(json!({"memory_mib": size}))
+                .await
+                .map_err(step(format!("create {size} MiB")))?;
+            let sid = id_of(&sb).map_err(step("create"))?;
+            api.exec(&sid, "sh", &["-c", INSTALL])
+                .await
+                .map_err(step("install"))?;
+            let answer = api
+                .snapshot(&sid, json!({"name": format!("bench-{size}"), "stop": true}))
+                .await
+                .map_err(step(format!("snapshot {size} MiB")))?;
+            api.delete(&sid).await.map_err(step("delete"))?;
+            if let Some(took) = answer["took_ms"].as_f64() {
+                figures.push(Figure::new(
+                    &format!("snapshot.full.{size}mib_ms"),
+                    &format!("snapshot (full, {size} MiB guest)"),
+                    "ms",
+                    Better::Lower,
+                    vec![took],
+                ));
+            }
+        }
+    }
+
+    // Restores in each mode.
+    for mode in ["eager", "lazy", "prefetch"] {
+        let body = json!({"snapshot": "bench-base", "restore_mode": mode});
+        if mode == "prefetch" {
+            // The first prefetch restore records the working set the next ones load.
+            start_once(&api, body.clone(), false)
+                .await
+                .map_err(step("recording the working set"))?;
+        }
+        say(&format!("{mode} restore x{runs}"));
+        let mut samples = Vec::new();
+        for _ in 0..runs {
+            let (s, _) = start_once(&api, body.clone(), false)
+                .await
+                .map_err(step(format!("{mode} restore")))?;
+            samples.push(s);
+        }
+        push_start(
+            &mut figures,
+            &format!("restore.{mode}"),
+            &format!("{mode} restore"),
+            &samples,
+            Some((cold_ready, cold_first)),
+        );
+    }
+
+    // Density: K clones of the snapshot at once, each having run a command.
+    let ks: &[u32] = if args.quick { &[1, 2] } else { &[1, 2, 4, 8] };
+    let mut density = Vec::new();
+    for &k in ks {
+        say(&format!("{k} clones at once"));
+        let mut ids = Vec::new();
+        let mut pids = Vec::new();
+        for _ in 0..k {
+            let sb = api
+                .create(json!({"snapshot": "bench-base"}))
+                .await
+                .map_err(step("clone"))?;
+            ids.push(id_of(&sb).map_err(step("clone"))?);
+            pids.extend(sb["pid"].as_u64());
+        }
+        for id in &ids {
+            api.exec(id, "true", &[])
+                .await
+                .map_err(step("exec in a clone"))?;
+        }
+        let (rss, pss) = pids.iter().fold((0u64, 0u64), |(r, p), pid| {
+            let (r2, p2) = memory_of(*pid as u32);
+            (r + r2, p + p2)
+        });
+        density.push(DensityPoint {
+            clones: k,
+            rss_mib_per_clone: rss as f64 / f64::from(k) / 1048576.0,
+            pss_mib_per_clone: pss as f64 / f64::from(k) / 1048576.0,
+        });
+        for id in &ids {
+            api.delete(id).await.map_err(step("delete a clone"))?;
+        }
+    }
+
+    // The store: N sandboxes after the same install, each snapshotted.
+    if let Some(state) = &state_dir {
+        let n = if args.quick { 2 } else { 10 };
+        say(&format!(
+            "{n} sandboxes after the same install, snapshotted"
+        ));
+        let store_dir = state.join("store");
+        let before = dir_bytes(&store_dir);
+        let mut logical = 0u64;
+        for i in 0..n {
+            let sb = api.create(json!({})).await.map_err(step("create"))?;
+            let sid = id_of(&sb).map_err(step("create"))?;
+            api.exec(&sid, "sh", &["-c", INSTALL])
+                .await
+                .map_err(step("install"))?;
+            api.snapshot(
+                &sid,
+                json!({"name": format!("bench-same-{i}"), "stop": true}),
+            )
+            .await
+            .map_err(step("snapshot"))?;
+            api.delete(&sid).await.map_err(step("delete"))?;
+            logical += logical_bytes(&store_dir, &format!("bench-same-{i}"))
+                .map_err(step("reading the store"))?;
+        }
+        let stored = dir_bytes(&store_dir).saturating_sub(before);
+        figures.push(Figure::new(
+            "store.stored_mib",
+            &format!("store growth for {n} snapshots after the same install"),
+            "MiB",
+            Better::Lower,
+            vec![stored as f64 / 1048576.0],
+        ));
+        figures.push(Figure::new(
+            "store.logical_mib",
+            &format!("logical size of those {n} snapshots (memory + written disk chunks)"),
+            "MiB",
+            Better::Lower,
+            vec![logical as f64 / 1048576.0],
+        ));
+        if stored > 0 {
+            figures.push(Figure::new(
+                "store.dedup_ratio",
+                "logical / stored bytes",
+                "x",
+                Better::Higher,
+                vec![logical as f64 / stored as f64],
+            ));
+        }
+    } else {
+        notes.push("store figures skipped: give --state-dir with --socket".into());
+    }
+
+    let environment = environment();
+    notes.push(format!(
+        "Measured in {environment}. Times run from the API request (one persistent client) to \
+         the answer; `ready` is the create call's answer (agent answering), `first exec` adds a \
+         `true` run to completion."
+    ));
+    if environment.starts_with("the lab") {
+        notes.push(
+            "The lab runs the guest as nested KVM under QEMU's TCG: absolute times are ~20-30x \
+             native, and per-event costs (VM exits, page faults, context switches) are inflated \
+             far more than straight-line code; compare ratios measured in one run."
+                .into(),
+        );
+    }
+    let report = Report {
+        schema: SCHEMA.into(),
+        environment,
+        ember_version: env!("CARGO_PKG_VERSION").into(),
+        started_unix_ms,
+        quick: args.quick,
+        runs,
+        guest_memory_mib: mem_mib,
+        figures,
+        density,
+        notes,
+    };
+    drop(own);
+    report.write(&args.out)?;
+    print!("{}", report.markdown());
+    println!(
+        "\nwritten: {}/report.json, report.md, restore-latency.svg, memory-per-clone.svg",
+        args.out.display()
+    );
+    if let Some(old) = &args.compare {
+        let old = Report::load(old)?;
+        let found = regressions(&old, &report, args.threshold_pct);
+        if found.is_empty() {
+            println!(
+                "no figure is more than {}% worse than {}",
+                args.threshold_pct, old.environment
+            );
+        } else {
+            for r in &found {
+                println!(
+                    "REGRESSION {}: {:.2} -> {:.2} ({:.1}% worse)",
+                    r.name, r.old, r.new, r.worse_pct
+                );
+            }
+            return Ok(3);
+        }
+    }
+    Ok(0)
+}
+
+/// Adds a start's figures: agent ready, first exec done, and the VMM's own view of ready.
+fn push_start(
+    figures: &mut Vec<Figure>,
+    key: &str,
+    label: &str,
+    samples: &[StartSample],
+    cold: Option<(Option<f64>, Option<f64>)>,
+) {
+    let mut ready = Figure::new(
+        &format!("{key}.ready_ms"),
+        &format!("{label}: request → agent ready"),
+        "ms",
+        Better::Lower,
+        samples.iter().map(|s| s.ready_ms).collect(),
+    );
+    let mut first = Figure::new(
+        &format!("{key}.first_exec_ms"),
+        &format!("{label}: request → first exec done"),
+        "ms",
+        Better::Lower,
+        samples.iter().map(|s| s.first_exec_ms).collect(),
+    );
+    if let Some((cold_ready, cold_first)) = cold {
+        ready.ratio_to_cold = cold_ready.map(|c| c / ready.median);
+        first.ratio_to_cold = cold_first.map(|c| c / first.median);
+    }
+    figures.push(ready);
+    figures.push(first);
+    let vmm: Vec<f64> = samples.iter().filter_map(|s| s.vmm_ready_ms).collect();
+    if !vmm.is_empty() {
+        figures.push(Figure::new(
+            &format!("{key}.vmm_start_to_ready_ms"),
+            &format!("{label}: VMM process start → agent ready"),
+            "ms",
+            Better::Lower,
+            vmm,
+        ));
+    }
+}
+
+/// Resident and proportional memory of a process, in bytes (0 if it is gone).
+fn memory_of(pid: u32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024)
+    };
+    (field("Rss:"), field("Pss:"))
+}
+
+/// Bytes the files under `dir` take on disk.
+fn dir_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// What snapshot `id` would take stored whole: its memory plus its written disk chunks.
+fn logical_bytes(store_dir: &Path, id: &str) -> Result<u64, String> {
+    let store = ember_snapshot_store::Store::open(store_dir).map_err(|e| e.to_string())?;
+    let manifest = store.load_manifest(id).map_err(|e| e.to_string())?;
+    let mut bytes = manifest.memory.size_bytes;
+    for disk in &manifest.disks {
+        let map = store.load_disk_map(disk).map_err(|e| e.to_string())?;
+        bytes += map.chunks.iter().flatten().count() as u64 * u64::from(map.chunk_size);
+    }
+    Ok(bytes)
+}

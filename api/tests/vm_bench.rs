@@ -1,0 +1,101 @@
+//! `ember bench --quick` end to end (`vmtest_*`: hardware KVM or the lab): it starts its own
+//! service, measures cold boots and restores, and writes a report whose charts render.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+fn artifact(var: &str) -> String {
+    std::env::var(var)
+        .unwrap_or_else(|_| panic!("{var} is not set; run VM tests through `cargo xtask test`"))
+}
+
+#[test]
+fn vmtest_bench_quick_writes_a_report_with_ratios_and_charts() {
+    let out = PathBuf::from(format!("/tmp/ember-bench-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let run = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["bench", "--quick", "--runs", "1", "--out"])
+        .arg(&out)
+        .args(["--kernel", &artifact("EMBER_KERNEL")])
+        .args(["--rootfs", &artifact("EMBER_ROOTFS")])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    eprintln!("{stdout}");
+
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["schema"], "ember-bench/1");
+    assert!(
+        report["environment"].as_str().unwrap().contains("KVM"),
+        "{}",
+        report["environment"]
+    );
+    let figure = |name: &str| -> Value {
+        report["figures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no figure {name} in {report}"))
+    };
+    for name in [
+        "cold.ready_ms",
+        "cold.first_exec_ms",
+        "exec.round_trip_ms",
+        "snapshot.full.256mib_ms",
+        "snapshot.diff.256mib_ms",
+        "restore.eager.first_exec_ms",
+        "restore.lazy.first_exec_ms",
+        "restore.prefetch.first_exec_ms",
+        "store.dedup_ratio",
+    ] {
+        let median = figure(name)["median"].as_f64().unwrap();
+        assert!(median.is_finite() && median > 0.0, "{name}: {median}");
+    }
+    // Each restore's first exec carries its ratio to the cold boot's, consistently computed.
+    let cold = figure("cold.first_exec_ms")["median"].as_f64().unwrap();
+    for mode in ["eager", "lazy", "prefetch"] {
+        let f = figure(&format!("restore.{mode}.first_exec_ms"));
+        let ratio = f["ratio_to_cold"].as_f64().unwrap();
+        let expected = cold / f["median"].as_f64().unwrap();
+        assert!(
+            (ratio - expected).abs() < 1e-6,
+            "{mode}: {ratio} vs {expected}"
+        );
+    }
+    // Two sandboxes after the same install share most of their bytes.
+    assert!(figure("store.dedup_ratio")["median"].as_f64().unwrap() > 2.0);
+    let density = report["density"].as_array().unwrap();
+    assert_eq!(density.len(), 2, "{density:?}");
+    assert!(density
+        .iter()
+        .all(|d| d["rss_mib_per_clone"].as_f64().unwrap() > 1.0));
+
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("prefetch restore: request → first exec done"),
+        "{md}"
+    );
+    for chart in ["restore-latency.svg", "memory-per-clone.svg"] {
+        let svg = std::fs::read_to_string(out.join(chart)).unwrap();
+        assert!(svg.len() > 2000, "{chart}: {} bytes", svg.len());
+        assert!(
+            svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+            "{chart}"
+        );
+    }
+    let svg = std::fs::read_to_string(out.join("restore-latency.svg")).unwrap();
+    assert!(
+        svg.matches("<rect").count() >= 8,
+        "bars for 4 starts x 2 figures"
+    );
+    // The service it started is gone, and so is its state.
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    std::fs::remove_dir_all(&out).unwrap();
+}
