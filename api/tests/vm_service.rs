@@ -1,6 +1,9 @@
 //! `ember serve` end to end (`vmtest_*`: hardware KVM or the lab): curl on its Unix socket
 //! and the `ember` CLI against a live service with real sandboxes.
 
+mod common;
+use common::memory_objects;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -506,21 +509,6 @@ const INSTALL: &str = "mkdir -p /usr/local/lib/python3.11/dist-packages/emberdem
 const USE_DEP: &str = "python3 -c 'import emberdemo; print(emberdemo.greet())'";
 
 /// The distinct non-zero pages of a snapshot's memory.
-fn memory_objects(service: &Service, id: &str) -> std::collections::HashSet<String> {
-    let store = ember_snapshot_store::Store::open(service.state.join("store")).unwrap();
-    let manifest = store.load_manifest(id).unwrap();
-    store
-        .load_memory_map(&manifest)
-        .unwrap()
-        .pages
-        .iter()
-        .filter_map(|p| match p {
-            ember_snapshot_store::PageRef::Object(hash) => Some(hash.to_string()),
-            ember_snapshot_store::PageRef::Zero => None,
-        })
-        .collect()
-}
-
 fn uptime(service: &Service, id: &str) -> f64 {
     let out = service.sh(id, "cut -d' ' -f1 /proc/uptime");
     out["stdout"].as_str().unwrap().trim().parse().unwrap()
@@ -559,8 +547,8 @@ fn vmtest_service_story_snapshot_restore_fork_and_restart() {
     assert_eq!(text(&out.stdout).trim(), "with-dep");
     service.wait_state(&cold, "stopped", Duration::from_secs(30));
     let (pre, later) = (
-        memory_objects(&service, "pre"),
-        memory_objects(&service, "with-dep"),
+        memory_objects(&service.state.join("store"), "pre"),
+        memory_objects(&service.state.join("store"), "with-dep"),
     );
     let shared = later.intersection(&pre).count();
     eprintln!("story: {shared} of {} memory objects shared", later.len());

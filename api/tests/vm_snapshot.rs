@@ -1,5 +1,8 @@
 //! Snapshot and restore end to end (`vmtest_*`: hardware KVM or the lab).
 
+mod common;
+use common::memory_objects;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -249,21 +252,6 @@ fn logged_count(out: &Output, what: &str) -> u64 {
         .unwrap_or_else(|| panic!("no \"{what}\" in stderr:\n{stderr}"))
 }
 
-fn memory_objects(store: &TempStore, id: &str) -> std::collections::HashSet<String> {
-    let store = ember_snapshot_store::Store::open(&store.0).unwrap();
-    let manifest = store.load_manifest(id).unwrap();
-    store
-        .load_memory_map(&manifest)
-        .unwrap()
-        .pages
-        .iter()
-        .filter_map(|p| match p {
-            ember_snapshot_store::PageRef::Object(hash) => Some(hash.to_string()),
-            ember_snapshot_store::PageRef::Zero => None,
-        })
-        .collect()
-}
-
 #[test]
 fn vmtest_diff_snapshots_store_only_dirty_pages_and_snapshots_share_objects() {
     let store = TempStore::new("diff");
@@ -275,8 +263,8 @@ fn vmtest_diff_snapshots_store_only_dirty_pages_and_snapshots_share_objects() {
     // sandbox ≥ 90 % shared, is in vm_service.rs).
     restore_ok(&store, "base", &["--snapshot-on-exit", "later"], "sleep 3");
     let (base, later) = (
-        memory_objects(&store, "base"),
-        memory_objects(&store, "later"),
+        memory_objects(&store.0, "base"),
+        memory_objects(&store.0, "later"),
     );
     let shared = later.intersection(&base).count();
     eprintln!("{shared} of {} memory objects shared", later.len());
@@ -300,8 +288,8 @@ fn vmtest_diff_snapshots_store_only_dirty_pages_and_snapshots_share_objects() {
         (2048..8192).contains(&dirty),
         "{dirty} dirty pages for 8 MiB written (of 65536)"
     );
-    let added: usize = memory_objects(&store, "dirty")
-        .difference(&memory_objects(&store, "base"))
+    let added: usize = memory_objects(&store.0, "dirty")
+        .difference(&memory_objects(&store.0, "base"))
         .count();
     assert!(
         added as u64 <= dirty,

@@ -316,6 +316,35 @@ pub fn exec(runs: u32) -> Result<i32> {
     run_harness(&ember, &argv)
 }
 
+/// `ember bench` where Linux guests run; `out` and `compare` are paths in the workspace,
+/// which the lab shares.
+pub fn service(quick: bool, runs: Option<u32>, out: &Path, compare: Option<&Path>) -> Result<i32> {
+    let artifacts = Artifacts::ensure()?;
+    let ember = build_release_ember()?;
+    let absolute =
+        |p: &Path| -> Result<String> { Ok(std::env::current_dir()?.join(p).display().to_string()) };
+    let mut argv: Vec<String> = vec![
+        ember.display().to_string(),
+        "bench".into(),
+        "--out".into(),
+        absolute(out)?,
+        "--kernel".into(),
+        artifacts.kernel.display().to_string(),
+        "--rootfs".into(),
+        artifacts.rootfs.display().to_string(),
+    ];
+    if quick {
+        argv.push("--quick".into());
+    }
+    if let Some(runs) = runs {
+        argv.extend(["--runs".into(), runs.to_string()]);
+    }
+    if let Some(old) = compare {
+        argv.extend(["--compare".into(), absolute(old)?]);
+    }
+    run_harness(&ember, &argv)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;

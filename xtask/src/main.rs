@@ -103,6 +103,20 @@ enum BenchCmd {
         #[arg(long, default_value_t = 200)]
         runs: u32,
     },
+    /// `ember bench` (cold vs warm through the service, snapshots, density, store sharing),
+    /// in the lab where the host's KVM cannot run Linux; the report goes to --out.
+    Service {
+        #[arg(long)]
+        quick: bool,
+        /// Default: `ember bench`'s (3 quick, 5 full).
+        #[arg(long)]
+        runs: Option<u32>,
+        #[arg(long, default_value = "target/bench-results")]
+        out: std::path::PathBuf,
+        /// A previous report.json to compare against (regressions fail the run).
+        #[arg(long)]
+        compare: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() {
@@ -132,6 +146,15 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
         Cmd::Bench {
             what: BenchCmd::Exec { runs },
         } => bench::exec(runs),
+        Cmd::Bench {
+            what:
+                BenchCmd::Service {
+                    quick,
+                    runs,
+                    out,
+                    compare,
+                },
+        } => bench::service(quick, runs, &out, compare.as_deref()),
         Cmd::BenchExecHarness {
             runs,
             ember,

@@ -78,6 +78,8 @@ pub struct KillBody {
 
 /// One command's record: what `GET …/commands/{cid}` shows.
 pub struct CommandRecord {
+    /// Woken once the command has finished (its exit is recorded).
+    pub done: tokio::sync::Notify,
     pub id: String,
     pub argv: Vec<String>,
     pub started: Instant,
@@ -114,6 +116,18 @@ impl Log {
 }
 
 impl CommandRecord {
+    /// Returns once the command has finished.
+    pub async fn finished_signal(&self) {
+        loop {
+            // Created before the check, so a finish in between still wakes it.
+            let notified = self.done.notified();
+            if self.finished() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     fn to_json(&self) -> Value {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = json!({
@@ -307,6 +321,7 @@ pub async fn exec(
     state.metrics.execs.fetch_add(1, Ordering::Relaxed);
 
     let record = Arc::new(CommandRecord {
+        done: tokio::sync::Notify::new(),
         id: sandbox.next_command_id(),
         argv: request.argv.clone(),
         started: Instant::now(),
@@ -362,16 +377,13 @@ pub async fn exec(
         }
         Err(_) => return Err(ApiError::internal("the command thread ended")),
     }
-    {
+    if sandbox.restored_from().is_some() && !sandbox.first_exec_done.load(Ordering::SeqCst) {
         // After a restore, the first command's end marks the working set to record.
         let sandbox = sandbox.clone();
         let record = record.clone();
-        let mut rx_done = RecordDone(record);
         tokio::spawn(async move {
-            rx_done.wait().await;
-            if sandbox.restored_from().is_some()
-                && !sandbox.first_exec_done.swap(true, Ordering::SeqCst)
-            {
+            record.finished_signal().await;
+            if !sandbox.first_exec_done.swap(true, Ordering::SeqCst) {
                 let _ = sandbox
                     .control(ControlRequest::RecordWorkingSet, Duration::from_secs(60))
                     .await;
@@ -417,17 +429,6 @@ pub async fn exec(
 enum Event {
     Output(OutputStream, Vec<u8>),
     Exit(Result<ExitStatus, String>, f64),
-}
-
-/// Waits until a command has finished.
-struct RecordDone(Arc<CommandRecord>);
-
-impl RecordDone {
-    async fn wait(&mut self) {
-        while !self.0.finished() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
 }
 
 /// Runs one command to its end on this (blocking) thread.
@@ -483,6 +484,7 @@ fn run_command(
         inner.exit = Some(exit.clone());
         inner.duration_ms = Some(duration_ms);
     }
+    record.done.notify_waiters();
     if listening {
         let _ = tx.blocking_send(Event::Exit(exit, duration_ms));
     }
