@@ -285,6 +285,12 @@ impl LazyMemory {
 
 impl Drop for LazyMemory {
     fn drop(&mut self) {
+        log::info!(
+            "lazy memory: {} faults served ({} with a zero page), {} pages prefetched",
+            self.stats.faults(),
+            self.stats.faults_zero.load(Ordering::Relaxed),
+            self.stats.prefetched.load(Ordering::Relaxed)
+        );
         self.stopping.store(true, Ordering::Relaxed);
         let _ = self.stop.write(1);
         if let Some(h) = self.handler.take() {

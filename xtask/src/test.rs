@@ -120,6 +120,23 @@ pub fn run_all(skip_deps: bool) -> Result<i32> {
     phases.run("host tests (unit, no guest)", || {
         run(cargo().args(["test", "--workspace", "--", "--skip", VM_TEST_PREFIX]))
     })?;
+    // The in-process benchmarks build and run (briefly: figures come from full runs).
+    phases.run("criterion benches (--quick)", || {
+        run(cargo().args([
+            "bench",
+            "--quiet",
+            "-p",
+            "ember-benches",
+            "--bench",
+            "store",
+            "--bench",
+            "restore",
+            "--bench",
+            "devices",
+            "--",
+            "--quick",
+        ]))
+    })?;
 
     let artifacts = phases.run("guest kernel, initramfs, rootfs", Artifacts::ensure)?;
     phases.run("artifact checks", || {

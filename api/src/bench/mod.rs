@@ -41,6 +41,9 @@ pub struct BenchArgs {
     /// The state directory of the service given with --socket.
     #[arg(long, requires = "socket")]
     pub state_dir: Option<PathBuf>,
+    /// Measure nothing: write the Markdown and charts of this earlier `report.json` to --out.
+    #[arg(long, conflicts_with_all = ["compare", "socket"])]
+    pub render: Option<PathBuf>,
     /// Kernel and rootfs for the service this starts (default: as `ember serve`).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -262,6 +265,12 @@ fn environment() -> String {
 }
 
 async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
+    if let Some(old) = &args.render {
+        let report = Report::load(old)?;
+        report.write(&args.out)?;
+        print!("{}", report.markdown());
+        return Ok(0);
+    }
     let runs = args.runs.unwrap_or(if args.quick { 3 } else { 5 }).max(1);
     let (own, socket, state_dir) = match &args.socket {
         Some(socket) => (None, socket.clone(), args.state_dir.clone()),

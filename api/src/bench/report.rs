@@ -214,7 +214,8 @@ impl Report {
                 Some((s.trim_start_matches("restore."), ready, exec))
             })
             .collect();
-        let top = rows.iter().map(|r| r.2.max(r.1)).fold(1.0, f64::max) * 1.15;
+        // Headroom above the tallest bar for the labels and the legend.
+        let top = rows.iter().map(|r| r.2.max(r.1)).fold(1.0, f64::max) * 1.4;
         let chart_err = |e: String| ReportError::Chart {
             path: path.display().to_string(),
             reason: e,
@@ -287,6 +288,7 @@ impl Report {
             .map_err(|e| chart_err(e.to_string()))?;
         chart
             .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw()
