@@ -525,6 +525,7 @@ pub fn handle_chain(
 /// completed (the caller then decides whether to interrupt via `needs_notification`).
 pub fn process_queue(queue: &mut Queue, mem: &GuestMemoryMmap, disk: &Disk) -> bool {
     let mut used_any = false;
+    let mut empty_rounds = 0u8;
     loop {
         if let Err(e) = queue.disable_notification(mem) {
             log::warn!("virtio-block: cannot disable queue notifications: {e}");
@@ -553,7 +554,10 @@ pub fn process_queue(queue: &mut Queue, mem: &GuestMemoryMmap, disk: &Disk) -> b
         }
         match queue.enable_notification(mem) {
             // More chains arrived while notifications were off.
-            Ok(true) if progressed => continue,
+            Ok(true) if progressed => empty_rounds = 0,
+            // A chain published just after the ring was read: read it again (stopping here
+            // would leave it unprocessed, with no kick to come).
+            Ok(true) if empty_rounds == 0 => empty_rounds = 1,
             Ok(true) => {
                 // The ring claims more chains but none could be read: do not spin.
                 log::warn!("virtio-block: available ring is not readable; stopping");

@@ -204,6 +204,7 @@ impl Vsock {
         let mem = &active.mem;
         let q = &mut active.queues[TX];
         let mut used_any = false;
+        let mut empty_rounds = 0u8;
         loop {
             if let Err(e) = q.disable_notification(mem) {
                 self.log
@@ -229,7 +230,10 @@ impl Vsock {
                 }
             }
             match q.enable_notification(mem) {
-                Ok(true) if progressed => continue,
+                Ok(true) if progressed => empty_rounds = 0,
+                // The driver published a chain just after the ring was read: read it again
+                // (stopping here would leave it unprocessed, with no kick to come).
+                Ok(true) if empty_rounds == 0 => empty_rounds = 1,
                 Ok(true) => {
                     self.log
                         .warn(format_args!("tx available ring is not readable; stopping"));
