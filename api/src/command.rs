@@ -419,10 +419,17 @@ pub(crate) fn wait_for_agent(
             Err(TryRecvError::Empty) => {}
         }
         if socket.exists() {
+            let attempt = Instant::now();
             match AgentClient::connect_uds(socket, AGENT_VSOCK_PORT)
                 .and_then(|c| c.hello().map(|_| c))
             {
-                Ok(client) => return Ok(client),
+                Ok(client) => {
+                    log::debug!(
+                        "agent connected and answered in {:.1} ms",
+                        attempt.elapsed().as_secs_f64() * 1e3
+                    );
+                    return Ok(client);
+                }
                 Err(e) => {
                     log::debug!("agent not ready yet: {e}");
                     last_error = e.to_string()

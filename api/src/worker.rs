@@ -112,8 +112,15 @@ pub fn run(args: VmmArgs) -> i32 {
         Ok(client) => {
             let ready_ms = start.elapsed().as_secs_f64() * 1e3;
             if restored {
-                if let Err(e) = client.resync_now() {
-                    log::warn!("cannot resync the restored guest's clock and entropy: {e}");
+                let resync = Instant::now();
+                match client.resync_now() {
+                    Ok(_) => log::debug!(
+                        "guest clock and entropy resynced in {:.1} ms",
+                        resync.elapsed().as_secs_f64() * 1e3
+                    ),
+                    Err(e) => {
+                        log::warn!("cannot resync the restored guest's clock and entropy: {e}")
+                    }
                 }
             }
             if let Some(faults) = vmm.faults_served() {

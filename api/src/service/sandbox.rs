@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ember_agent::client::AgentClient;
 use ember_agent::protocol::AGENT_VSOCK_PORT;
@@ -240,9 +240,17 @@ impl Sandbox {
             return Ok(client.clone());
         }
         let socket = self.record().spec.vsock_socket;
+        let id = self.id.clone();
         let client = tokio::task::spawn_blocking(move || {
+            let start = Instant::now();
             let client = AgentClient::connect_uds(&socket, AGENT_VSOCK_PORT)?;
+            let connected = start.elapsed();
             client.hello()?;
+            log::debug!(
+                "{id}: agent connection made in {:.1} ms, hello answered {:.1} ms later",
+                connected.as_secs_f64() * 1e3,
+                (start.elapsed() - connected).as_secs_f64() * 1e3
+            );
             Ok::<_, ember_agent::client::ClientError>(client)
         })
         .await
