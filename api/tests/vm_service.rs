@@ -508,7 +508,7 @@ const INSTALL: &str = "mkdir -p /usr/local/lib/python3.11/dist-packages/emberdem
 
 const USE_DEP: &str = "python3 -c 'import emberdemo; print(emberdemo.greet())'";
 
-/// The distinct non-zero pages of a snapshot's memory.
+/// Seconds since the guest booted (a restored guest carries on from its snapshot's).
 fn uptime(service: &Service, id: &str) -> f64 {
     let out = service.sh(id, "cut -d' ' -f1 /proc/uptime");
     out["stdout"].as_str().unwrap().trim().parse().unwrap()
