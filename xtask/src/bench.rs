@@ -29,7 +29,7 @@ struct Sample {
 }
 
 /// Builds the `ember` binary the benches measure (release profile) and returns its path.
-fn build_release_ember() -> Result<std::path::PathBuf> {
+pub fn build_release_ember() -> Result<std::path::PathBuf> {
     run(cargo().args([
         "build",
         "--quiet",

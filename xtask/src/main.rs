@@ -218,16 +218,7 @@ fn demo() -> Result<i32> {
         eprintln!("  {name}={value}");
     }
     // Release: the figures the demo prints should be the VMM's, not a debug build's.
-    util::run(util::cargo().args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "ember-api",
-        "--bin",
-        "ember",
-    ]))?;
-    let ember = util::target_dir().join("release/ember");
+    let ember = bench::build_release_ember()?;
     let here = phases.run("ember doctor on this host", || {
         Ok(std::process::Command::new(&ember)
             .arg("doctor")
