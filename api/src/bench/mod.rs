@@ -205,6 +205,19 @@ impl Api {
             .map_err(|e| e.to_string())
     }
 
+    /// A fresh sandbox (`create` body) that runs the install and is saved as snapshot `name`
+    /// (stopping it), then deleted; returns the snapshot's answer.
+    async fn installed_snapshot(&self, create: Value, name: &str) -> Result<Value, String> {
+        let sandbox = self.create(create).await?;
+        let id = id_of(&sandbox)?;
+        self.exec(&id, "sh", &["-c", INSTALL]).await?;
+        let answer = self
+            .snapshot(&id, json!({"name": name, "stop": true}))
+            .await?;
+        self.delete(&id).await?;
+        Ok(answer)
+    }
+
     async fn snapshot(&self, id: &str, body: Value) -> Result<Value, String> {
         self.0
             .json(
@@ -357,19 +370,10 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
     if !args.quick {
         for size in [512u32, 1024] {
             say(&format!("full snapshot at {size} MiB"));
-            let sb = api
-                .create(json!({"memory_mib": size}))
-                .await
-                .map_err(step(format!("create {size} MiB")))?;
-            let sid = id_of(&sb).map_err(step("create"))?;
-            api.exec(&sid, "sh", &["-c", INSTALL])
-                .await
-                .map_err(step("install"))?;
             let answer = api
-                .snapshot(&sid, json!({"name": format!("bench-{size}"), "stop": true}))
+                .installed_snapshot(json!({"memory_mib": size}), &format!("bench-{size}"))
                 .await
-                .map_err(step(format!("snapshot {size} MiB")))?;
-            api.delete(&sid).await.map_err(step("delete"))?;
+                .map_err(step(format!("snapshot of an install at {size} MiB")))?;
             if let Some(took) = answer["took_ms"].as_f64() {
                 figures.push(Figure::new(
                     &format!("snapshot.full.{size}mib_ms"),
@@ -450,23 +454,15 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
         ));
         let store_dir = state.join("store");
         let before = dir_bytes(&store_dir);
-        let mut logical = 0u64;
+        let mut ids = Vec::new();
         for i in 0..n {
-            let sb = api.create(json!({})).await.map_err(step("create"))?;
-            let sid = id_of(&sb).map_err(step("create"))?;
-            api.exec(&sid, "sh", &["-c", INSTALL])
+            let id = format!("bench-same-{i}");
+            api.installed_snapshot(json!({}), &id)
                 .await
-                .map_err(step("install"))?;
-            api.snapshot(
-                &sid,
-                json!({"name": format!("bench-same-{i}"), "stop": true}),
-            )
-            .await
-            .map_err(step("snapshot"))?;
-            api.delete(&sid).await.map_err(step("delete"))?;
-            logical += logical_bytes(&store_dir, &format!("bench-same-{i}"))
-                .map_err(step("reading the store"))?;
+                .map_err(step("snapshot of an install"))?;
+            ids.push(id);
         }
+        let logical = logical_bytes(&store_dir, &ids).map_err(step("reading the store"))?;
         let stored = dir_bytes(&store_dir).saturating_sub(before);
         figures.push(Figure::new(
             "store.stored_mib",
@@ -618,14 +614,17 @@ fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-/// What snapshot `id` would take stored whole: its memory plus its written disk chunks.
-fn logical_bytes(store_dir: &Path, id: &str) -> Result<u64, String> {
+/// What snapshots `ids` would take stored whole: their memory plus their written disk chunks.
+fn logical_bytes(store_dir: &Path, ids: &[String]) -> Result<u64, String> {
     let store = ember_snapshot_store::Store::open(store_dir).map_err(|e| e.to_string())?;
-    let manifest = store.load_manifest(id).map_err(|e| e.to_string())?;
-    let mut bytes = manifest.memory.size_bytes;
-    for disk in &manifest.disks {
-        let map = store.load_disk_map(disk).map_err(|e| e.to_string())?;
-        bytes += map.chunks.iter().flatten().count() as u64 * u64::from(map.chunk_size);
+    let mut bytes = 0;
+    for id in ids {
+        let manifest = store.load_manifest(id).map_err(|e| e.to_string())?;
+        bytes += manifest.memory.size_bytes;
+        for disk in &manifest.disks {
+            let map = store.load_disk_map(disk).map_err(|e| e.to_string())?;
+            bytes += map.chunks.iter().flatten().count() as u64 * u64::from(map.chunk_size);
+        }
     }
     Ok(bytes)
 }
