@@ -234,6 +234,7 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
         serial_out: Box::new(console.clone()),
         start,
     };
+    block_stall_signal();
     let built = match &origin {
         Origin::Boot => Vmm::build(&config, options),
         Origin::Restore { store, id, mode } => {
@@ -249,6 +250,7 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
             return 1;
         }
     };
+    log_stall_reports_on_sigusr1(&vmm);
     let (done_tx, vm_done) = channel::<VmResult>();
     {
         let vmm = vmm.clone();
@@ -257,7 +259,7 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
         });
     }
 
-    let client = match wait_for_agent(&socket, &vm_done) {
+    let client = match wait_for_agent(&socket, &vm_done, &vmm) {
         Ok(client) => client,
         Err(why) => {
             eprintln!(
@@ -399,12 +401,69 @@ pub(crate) fn record_working_set(vmm: &Vmm, store: &ember_snapshot_store::Store,
 }
 
 /// Connects to the agent once it listens, giving up if the VM ends or time runs out.
+/// Blocks SIGUSR1 in this thread and every thread it starts from now on, so that only the
+/// thread of [`log_stall_reports_on_sigusr1`] receives it. Call before the VMM starts its
+/// threads.
+pub(crate) fn block_stall_signal() {
+    // SAFETY: a zeroed sigset_t is valid storage for sigemptyset, which initialises it;
+    // pthread_sigmask only changes this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// `kill -USR1` of a VMM process logs what its VM is doing (`Vmm::stall_report`), and writes it
+/// to `$TMPDIR/ember-stall-PID.txt`: how a hung test or sandbox is looked into without
+/// stopping it.
+pub(crate) fn log_stall_reports_on_sigusr1(vmm: &Arc<Vmm>) {
+    let vmm = Arc::downgrade(vmm);
+    let spawned = std::thread::Builder::new()
+        .name("ember-stall".into())
+        .spawn(move || loop {
+            let mut signal = 0;
+            // SAFETY: as in block_stall_signal; sigwait writes the signal number to `signal`.
+            let waited = unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGUSR1);
+                libc::sigwait(&set, &mut signal)
+            };
+            if waited != 0 {
+                log::warn!("stall reports: sigwait failed ({waited}); no more reports");
+                return;
+            }
+            let Some(vmm) = vmm.upgrade() else { return };
+            let report = vmm.stall_report();
+            log::warn!("SIGUSR1: what the VM is doing:\n{report}");
+            // Also in a file: a captured stderr (a test's) may never be shown.
+            let file = std::env::temp_dir().join(format!("ember-stall-{}.txt", std::process::id()));
+            if let Err(e) = std::fs::write(&file, &report) {
+                log::warn!("cannot write {}: {e}", file.display());
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("cannot start the stall report thread: {e}");
+    }
+}
+
+/// A minute without an answer is far beyond a healthy boot or restore, even in the lab: the
+/// VMM then logs what the VM is doing (see `Vmm::stall_report`).
+const AGENT_STALL_REPORT_AFTER: Duration = Duration::from_secs(60);
+
+/// Connects to the agent once it listens, giving up if the VM ends or time runs out. A guest
+/// that keeps silent gets `vmm`'s stall report in the log, and again in the error.
 pub(crate) fn wait_for_agent(
     socket: &Path,
     vm_done: &Receiver<VmResult>,
+    vmm: &Vmm,
 ) -> Result<AgentClient, String> {
-    let deadline = Instant::now() + AGENT_TIMEOUT;
+    let started = Instant::now();
+    let deadline = started + AGENT_TIMEOUT;
     let mut last_error = String::from("no attempt yet");
+    let mut reported = false;
     loop {
         match vm_done.try_recv() {
             Ok(Ok(reason)) => {
@@ -438,8 +497,18 @@ pub(crate) fn wait_for_agent(
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "the agent did not answer within {AGENT_TIMEOUT:?} (last error: {last_error})"
+                "the agent did not answer within {AGENT_TIMEOUT:?} (last error: {last_error})\n\
+                 --- what the VM is doing ---\n{}",
+                vmm.stall_report()
             ));
+        }
+        if !reported && started.elapsed() > AGENT_STALL_REPORT_AFTER {
+            reported = true;
+            log::warn!(
+                "the agent has not answered for {AGENT_STALL_REPORT_AFTER:?} (last error: \
+                 {last_error}); the VM:\n{}",
+                vmm.stall_report()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -16,7 +16,10 @@ use std::time::Instant;
 
 use ember_vmm::{RestoreMode, SnapshotKind, VmConfig, Vmm, VmmOptions, VsockConfig};
 
-use crate::command::{open_store, record_working_set, wait_for_agent, ConsoleTail, GUEST_CID};
+use crate::command::{
+    block_stall_signal, log_stall_reports_on_sigusr1, open_store, record_working_set,
+    wait_for_agent, ConsoleTail, GUEST_CID,
+};
 use crate::control::{
     ControlReply, ControlRequest, SnapshotDone, WorkerEvent, WorkerOrigin, WorkerSpec,
     MAX_CONTROL_LINE,
@@ -83,6 +86,7 @@ pub fn run(args: VmmArgs) -> i32 {
         serial_out: Box::new(console.clone()),
         start,
     };
+    block_stall_signal();
     let built = match &spec.origin {
         WorkerOrigin::Boot => Vmm::build(&config, options),
         WorkerOrigin::Restore { snapshot, mode } => match mode.parse::<RestoreMode>() {
@@ -100,6 +104,7 @@ pub fn run(args: VmmArgs) -> i32 {
             return EXIT_FAILED;
         }
     };
+    log_stall_reports_on_sigusr1(&vmm);
     let (done_tx, vm_done) = channel();
     {
         let vmm = vmm.clone();
@@ -108,7 +113,7 @@ pub fn run(args: VmmArgs) -> i32 {
         });
     }
     let restored = matches!(spec.origin, WorkerOrigin::Restore { .. });
-    match wait_for_agent(&spec.vsock_socket, &vm_done) {
+    match wait_for_agent(&spec.vsock_socket, &vm_done, &vmm) {
         Ok(client) => {
             let ready_ms = start.elapsed().as_secs_f64() * 1e3;
             if restored {

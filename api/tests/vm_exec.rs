@@ -4,12 +4,13 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ember_agent::client::AgentClient;
 use ember_agent::protocol::{ExecRequest, ExitStatus, AGENT_VSOCK_PORT};
-use ember_vmm::{run_with, VmConfig, VmmOptions, VsockConfig};
+use ember_vmm::{VmConfig, Vmm, VmmOptions, VsockConfig};
 use sha2::{Digest, Sha256};
 
 fn artifact(var: &str) -> String {
@@ -174,11 +175,17 @@ fn vmtest_timeouts_isolation_and_copies() {
 }
 
 /// A VM with a vsock device, booted in this process, and a client connected to its agent.
+/// A watchdog ends the test process with the VM's stall report if the test hangs.
 struct Sandbox {
     client: Arc<AgentClient>,
     vm: Option<std::thread::JoinHandle<()>>,
+    vmm: std::sync::Weak<Vmm>,
+    finished: Arc<AtomicBool>,
     dir: PathBuf,
 }
+
+/// Longer than any test using a `Sandbox` takes in the lab; shorter than the suite's limit.
+const SANDBOX_WATCHDOG: Duration = Duration::from_secs(420);
 
 impl Sandbox {
     fn boot() -> Sandbox {
@@ -199,18 +206,51 @@ impl Sandbox {
                 uds_path: socket.clone(),
             }),
         };
-        let vm = std::thread::spawn(move || {
-            let options = VmmOptions {
-                serial_out: Box::new(std::io::sink()),
-                start: Instant::now(),
-            };
-            run_with(&config, options).expect("the VM runs until shutdown");
-        });
+        let options = VmmOptions {
+            serial_out: Box::new(std::io::sink()),
+            start: Instant::now(),
+        };
+        let vmm = Arc::new(Vmm::build(&config, options).expect("the VM builds"));
+        vmm.resume().expect("the vCPUs run");
+        let vm = {
+            let vmm = vmm.clone();
+            std::thread::spawn(move || {
+                vmm.wait().expect("the VM runs until shutdown");
+                if let Ok(vmm) = Arc::try_unwrap(vmm) {
+                    vmm.shutdown().expect("the VMM shuts down");
+                }
+            })
+        };
+        let finished = Arc::new(AtomicBool::new(false));
+        {
+            let vmm = Arc::downgrade(&vmm);
+            let finished = finished.clone();
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                while started.elapsed() < SANDBOX_WATCHDOG {
+                    if finished.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                let report = vmm.upgrade().map(|v| v.stall_report()).unwrap_or_default();
+                // Straight to stderr: libtest's capture would lose it when the process ends.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "the test is still running after {SANDBOX_WATCHDOG:?}; the VM:\n{report}"
+                );
+                std::process::exit(101);
+            });
+        }
+        let weak = Arc::downgrade(&vmm);
+        drop(vmm);
         let client = AgentClient::wait_ready(&socket, AGENT_VSOCK_PORT, Duration::from_secs(240))
             .expect("the agent answers");
         Sandbox {
             client: Arc::new(client),
             vm: Some(vm),
+            vmm: weak,
+            finished,
             dir,
         }
     }
@@ -222,6 +262,7 @@ impl Drop for Sandbox {
         if let Some(vm) = self.vm.take() {
             let _ = vm.join();
         }
+        self.finished.store(true, Ordering::SeqCst);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -295,4 +336,28 @@ fn vmtest_concurrent_execs_and_files_through_one_agent() {
         missing.to_string().contains("No such file or directory"),
         "{missing}"
     );
+}
+
+#[test]
+fn vmtest_a_stall_report_shows_vcpus_queues_and_threads_and_the_vm_runs_on() {
+    let sandbox = Sandbox::boot();
+    let report = sandbox.vmm.upgrade().expect("the VM runs").stall_report();
+    for expected in [
+        "vCPU 0: ",
+        "vCPU 1: ",
+        // virtio-block is type 2, virtio-vsock 19; both drivers are up.
+        "type 2 status 0xf activated true",
+        "type 19 status 0xf activated true",
+        "queue 0: ready true",
+        "| ring avail.idx ",
+        "ember-vcpu0",
+    ] {
+        assert!(report.contains(expected), "no {expected:?} in:\n{report}");
+    }
+    // The report paused and resumed the vCPUs: the guest still answers.
+    let out = sandbox
+        .client
+        .exec_collect(ExecRequest::shell("echo still here"))
+        .expect("exec after the report");
+    assert_eq!(text(&out.stdout), "still here\n");
 }

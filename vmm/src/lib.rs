@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod persist;
 pub mod probe;
 pub mod snapshot;
+pub mod stall;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

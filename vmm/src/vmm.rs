@@ -601,6 +601,24 @@ fn page_bytes(mem: &GuestMemoryMmap, index: u64) -> Option<&[u8; 4096]> {
     None
 }
 
+/// Locks `m`, giving up after `patience` (for diagnostics that must not hang themselves).
+fn try_lock_for<T: ?Sized>(
+    m: &Mutex<T>,
+    patience: Duration,
+) -> Option<std::sync::MutexGuard<'_, T>> {
+    let deadline = Instant::now() + patience;
+    loop {
+        match m.try_lock() {
+            Ok(guard) => return Some(guard),
+            Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        }
+    }
+}
+
 fn lock_or_recover<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -1152,6 +1170,74 @@ impl Vmm {
     /// Stops all vCPUs outside `KVM_RUN`; returns once every one has acknowledged.
     pub fn pause(&self) -> Result<(), VmmError> {
         command_all(&self.vcpus, VcpuCommand::Pause).map_err(VmmError::Vcpu)
+    }
+
+    /// A few lines on what the VM is doing, for a guest that stopped answering: each vCPU's
+    /// state and position (paused briefly to read them), each virtio queue's progress on the
+    /// device's and the driver's side, pending interrupt bits, and the VMM's threads. Never
+    /// blocks for long: a vCPU or device that does not answer is reported as such.
+    pub fn stall_report(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        match self.pause() {
+            Ok(()) => {
+                match crate::vcpu::save_all(&self.vcpus) {
+                    Ok(states) => {
+                        for s in &states {
+                            let _ = writeln!(
+                                out,
+                                "{}",
+                                crate::stall::describe_vcpu(
+                                    s.index,
+                                    &s.regs,
+                                    &s.sregs,
+                                    &s.mp_state
+                                )
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        let _ = writeln!(out, "vCPUs: cannot read their state: {e}");
+                    }
+                }
+                if let Err(e) = self.resume() {
+                    let _ = writeln!(out, "vCPUs: cannot resume them: {e}");
+                }
+            }
+            Err(e) => {
+                let _ = writeln!(out, "vCPUs: cannot pause them (stuck in KVM_RUN?): {e}");
+                // Those that did pause must run again.
+                let _ = self.resume();
+            }
+        }
+        for (slot, transport) in self.transports.iter().enumerate() {
+            let Some(transport) = try_lock_for(transport, Duration::from_secs(1)) else {
+                let _ = writeln!(out, "virtio slot {slot}: transport lock held for 1 s");
+                continue;
+            };
+            let _ = writeln!(
+                out,
+                "virtio slot {slot}: type {} status {:#x} activated {} interrupt status {:#x}",
+                transport.device_type(),
+                transport.status(),
+                transport.is_activated(),
+                transport.interrupt().status()
+            );
+            let device = transport.device();
+            let Some(device) = try_lock_for(&device, Duration::from_secs(1)) else {
+                let _ = writeln!(out, "  device lock held for 1 s (event loop busy or stuck)");
+                continue;
+            };
+            for (index, state) in device.queue_states().iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "  {}",
+                    crate::stall::describe_queue(index, state, &self.mem)
+                );
+            }
+        }
+        out.push_str(&crate::stall::describe_threads());
+        out
     }
 
     /// Waits until the guest resets, stops or fails. The vCPUs are paused on return.

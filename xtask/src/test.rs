@@ -304,6 +304,9 @@ fn json_string_field(line: &str, key: &str) -> Option<String> {
 
 /// How long one VM test may run before it counts as hung (the slowest take ~2 min in the lab).
 const VM_TEST_TIMEOUT_S: u32 = 600;
+/// When a still-running VM test's VMMs are asked (SIGUSR1) to log what their VMs are doing,
+/// and those logs are printed: a hang leaves evidence instead of only a timeout.
+const VM_TEST_WATCHDOG_S: u32 = 540;
 
 /// A shell script that runs the `vmtest_` tests of every binary one at a time, each under a
 /// time limit (so one hung test fails alone, by name), and fails if any fails.
@@ -312,8 +315,22 @@ fn vm_test_script(bins: &[PathBuf]) -> String {
         r#"failed=""
 passed=0
 one() {{
+    marker=$(mktemp)
+    (
+        sleep {VM_TEST_WATCHDOG_S}
+        echo "VM test $2 still running after {VM_TEST_WATCHDOG_S} s; what its VMs are doing:" >&2
+        pkill -USR1 -f '/ember (vmm|run) '
+        sleep 5
+        find /tmp \( -name vmm.log -o -name 'ember-stall-*.txt' \) -newer "$marker" 2>/dev/null | while read -r log; do
+            echo "--- $log (tail)" >&2
+            tail -n 100 "$log" >&2
+        done
+    ) &
+    watchdog=$!
     timeout -k 10 {VM_TEST_TIMEOUT_S} "$1" --exact "$2" --test-threads=1
     status=$?
+    kill $watchdog 2>/dev/null
+    rm -f "$marker"
     if [ $status = 0 ]; then passed=$((passed + 1)); return; fi
     [ $status = 124 ] && echo "VM test $2 timed out after {VM_TEST_TIMEOUT_S} s" >&2
     failed="$failed $2"
