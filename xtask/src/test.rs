@@ -314,7 +314,14 @@ fn vm_test_script(bins: &[PathBuf]) -> String {
     let mut script = format!(
         r#"failed=""
 passed=0
+# Tests an earlier lab of this suite run already finished ("pass NAME" / "fail NAME"): a lab
+# that died part-way is followed by one that runs only the rest.
+done_file="${{EMBER_VM_TESTS_DONE:-/dev/null}}"
 one() {{
+    if grep -qxF -e "pass $2" -e "fail $2" "$done_file" 2>/dev/null; then
+        echo "VM test $2: finished in an earlier lab"
+        return
+    fi
     marker=$(mktemp)
     (
         sleep {VM_TEST_WATCHDOG_S}
@@ -329,11 +336,16 @@ one() {{
     watchdog=$!
     timeout -k 10 {VM_TEST_TIMEOUT_S} "$1" --exact "$2" --test-threads=1
     status=$?
-    kill $watchdog 2>/dev/null
+    pkill -P $watchdog 2>/dev/null; kill $watchdog 2>/dev/null
     rm -f "$marker"
-    if [ $status = 0 ]; then passed=$((passed + 1)); return; fi
+    if [ $status = 0 ]; then
+        passed=$((passed + 1))
+        echo "pass $2" >> "$done_file"
+        return
+    fi
     [ $status = 124 ] && echo "VM test $2 timed out after {VM_TEST_TIMEOUT_S} s" >&2
     failed="$failed $2"
+    echo "fail $2" >> "$done_file"
 }}
 "#
     );
@@ -344,7 +356,9 @@ one() {{
         ));
     }
     script.push_str(
-        r#"echo "VM tests: $passed passed${failed:+, failed:$failed}"
+        r#"earlier=$(sed -n 's/^fail / /p' "$done_file" 2>/dev/null | tr -d '\n')
+for t in $earlier; do case " $failed " in *" $t "*) ;; *) failed="$failed $t" ;; esac; done
+echo "VM tests: $passed passed in this lab${failed:+, failed:$failed}"
 [ -z "$failed" ]
 "#,
     );
@@ -364,6 +378,9 @@ fn run_vm_tests_direct(bins: &[PathBuf], artifacts: &Artifacts) -> Result<()> {
     Ok(())
 }
 
+/// Labs the VM tests may take, when L1 kernels die under them.
+const MAX_VM_TEST_LABS: u32 = 3;
+
 fn run_vm_tests_in_lab(bins: &[PathBuf], artifacts: &Artifacts) -> Result<()> {
     let opts = LabOptions {
         env: artifacts.env(),
@@ -372,15 +389,33 @@ fn run_vm_tests_in_lab(bins: &[PathBuf], artifacts: &Artifacts) -> Result<()> {
         timeout: Duration::from_secs(45 * 60),
         ..Default::default()
     };
+    // Which tests finished, kept on the host (the target folder is shared with the lab), so
+    // that a lab whose L1 kernel dies (nested KVM under TCG: a wedge or panic in its KVM path,
+    // seen every few runs) is followed by one that runs only the tests not finished yet. A
+    // test that failed is never run again.
+    let done_file = target_dir().join("vm-tests-done");
+    let _ = std::fs::remove_file(&done_file);
+    let mut opts = opts;
+    opts.env.push((
+        "EMBER_VM_TESTS_DONE".into(),
+        done_file.display().to_string(),
+    ));
     let argv = ["sh".into(), "-c".into(), vm_test_script(bins)];
-    // A lab whose L1 kernel wedges (nested KVM under TCG) is retried once; a failing test is
-    // never retried.
-    let rc = match run_in_lab(&argv, &opts) {
-        Err(err) if err.downcast_ref::<crate::lab::LabFailure>().is_some() => {
-            eprintln!("lab: {err:#}\nlab: retrying the VM tests once in a fresh lab");
-            run_in_lab(&argv, &opts)?
+    let mut labs = 1;
+    let rc = loop {
+        match run_in_lab(&argv, &opts) {
+            Err(err)
+                if err.downcast_ref::<crate::lab::LabFailure>().is_some()
+                    && labs < MAX_VM_TEST_LABS =>
+            {
+                labs += 1;
+                eprintln!(
+                    "lab: {err:#}\nlab: the VM tests not finished yet go on in a fresh lab \
+                     ({labs} of at most {MAX_VM_TEST_LABS})"
+                );
+            }
+            other => break other?,
         }
-        other => other?,
     };
     if rc != 0 {
         bail!("VM tests in the lab failed (exit {rc})");
@@ -400,5 +435,68 @@ mod tests {
             Some("/t/deps/x-1234")
         );
         assert_eq!(json_string_field(line, "missing"), None);
+    }
+
+    /// Runs the VM test script over a fake test binary with tests a, b (failing) and c, with
+    /// `done` as the record of an earlier lab; returns (exit success, tests run, record).
+    fn run_script_with_record(done: &str) -> (bool, String, String) {
+        let dir = std::env::temp_dir().join(format!(
+            "xtask-vmscript-{}-{}",
+            std::process::id(),
+            done.len()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let bin = dir.join("fake-tests");
+        let ran = dir.join("ran");
+        std::fs::write(
+            &bin,
+            format!(
+                "#!/bin/sh\nif [ \"$1\" = --list ]; then printf 'vmtest_a: test\\nvmtest_b: test\\nvmtest_c: test\\nother: test\\n'; exit 0; fi\n\
+                 echo \"$2\" >> {ran}\n[ \"$2\" != vmtest_b ]\n",
+                ran = ran.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let record = dir.join("done");
+        std::fs::write(&record, done).unwrap();
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(vm_test_script(&[bin]))
+            .env("EMBER_VM_TESTS_DONE", &record)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        let result = (
+            status.success(),
+            std::fs::read_to_string(&ran).unwrap_or_default(),
+            std::fs::read_to_string(&record).unwrap(),
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        result
+    }
+
+    #[test]
+    fn a_later_lab_runs_only_the_tests_not_finished_and_keeps_earlier_failures() {
+        // A first lab: every test runs; b fails.
+        let (ok, ran, record) = run_script_with_record("");
+        assert!(!ok);
+        assert_eq!(ran, "vmtest_a\nvmtest_b\nvmtest_c\n");
+        assert_eq!(record, "pass vmtest_a\nfail vmtest_b\npass vmtest_c\n");
+        // The lab died after a passed and b failed: only c runs, and b's failure still counts.
+        let (ok, ran, _) = run_script_with_record("pass vmtest_a\nfail vmtest_b\n");
+        assert!(!ok);
+        assert_eq!(ran, "vmtest_c\n");
+        // The lab died after a passed: b (failing) and c run.
+        let (ok, ran, _) = run_script_with_record("pass vmtest_a\n");
+        assert!(!ok);
+        assert_eq!(ran, "vmtest_b\nvmtest_c\n");
+        // Everything but c passed earlier: c passes, the suite passes.
+        let (ok, ran, _) = run_script_with_record("pass vmtest_a\npass vmtest_b\n");
+        assert!(ok);
+        assert_eq!(ran, "vmtest_c\n");
     }
 }
