@@ -311,12 +311,14 @@ const VM_TEST_WATCHDOG_S: u32 = 540;
 /// A shell script that runs the `vmtest_` tests of every binary one at a time, each under a
 /// time limit (so one hung test fails alone, by name), and fails if any fails.
 fn vm_test_script(bins: &[PathBuf]) -> String {
+    let ember_bin = crate::util::sh_quote(&target_dir().join("debug/ember").to_string_lossy());
     let mut script = format!(
         r#"failed=""
 passed=0
 # Tests an earlier lab of this suite run already finished ("pass NAME" / "fail NAME"): a lab
 # that died part-way is followed by one that runs only the rest.
 done_file="${{EMBER_VM_TESTS_DONE:-/dev/null}}"
+ember_bin={ember_bin}
 one() {{
     if grep -qxF -e "pass $2" -e "fail $2" "$done_file" 2>/dev/null; then
         echo "VM test $2: finished in an earlier lab"
@@ -338,6 +340,12 @@ one() {{
     status=$?
     pkill -P $watchdog 2>/dev/null; kill $watchdog 2>/dev/null
     rm -f "$marker"
+    # VMMs a test left behind (a timed-out test's children, say) would slow every later test.
+    left=$(pgrep -f "^$ember_bin " | wc -l)
+    if [ "$left" != 0 ]; then
+        echo "VM test $2 left $left ember processes running; killing them" >&2
+        pkill -KILL -f "^$ember_bin "
+    fi
     if [ $status = 0 ]; then
         passed=$((passed + 1))
         echo "pass $2" >> "$done_file"
