@@ -67,6 +67,8 @@ pub enum ControlRequest {
     },
     /// After a prefetch-mode restore's first command: record the pages it needed.
     RecordWorkingSet,
+    /// Answered with the restore's page faults over time (see [`FaultReport`]).
+    Faults,
     /// Ends the VM (and the VMM process) without involving the guest.
     Stop,
 }
@@ -82,6 +84,21 @@ pub struct ControlReply {
     pub state: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotDone>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub faults: Option<FaultReport>,
+}
+
+/// A restored VM's demand for memory: pages served on demand (userfaultfd faults) per
+/// `bucket_ms` since the restore started serving memory, and the totals. `lazy` is false (and
+/// the rest empty) for a booted or eagerly restored VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultReport {
+    pub lazy: bool,
+    pub bucket_ms: u64,
+    pub counts: Vec<u32>,
+    pub served: u64,
+    pub prefetched: u64,
 }
 
 impl ControlReply {

@@ -21,7 +21,7 @@ use crate::command::{
     wait_for_agent, ConsoleTail, GUEST_CID,
 };
 use crate::control::{
-    ControlReply, ControlRequest, SnapshotDone, WorkerEvent, WorkerOrigin, WorkerSpec,
+    ControlReply, ControlRequest, FaultReport, SnapshotDone, WorkerEvent, WorkerOrigin, WorkerSpec,
     MAX_CONTROL_LINE,
 };
 
@@ -273,6 +273,19 @@ fn handle(worker: &Worker, request: ControlRequest) -> ControlReply {
     match request {
         ControlRequest::Status => ControlReply {
             state: state(*paused),
+            ..ControlReply::ok()
+        },
+        ControlRequest::Faults => ControlReply {
+            faults: Some(match worker.vmm.fault_timeline() {
+                Some(counts) => FaultReport {
+                    lazy: true,
+                    bucket_ms: ember_vmm::lazy::FAULT_BUCKET_MS,
+                    counts,
+                    served: worker.vmm.faults_served().unwrap_or(0),
+                    prefetched: worker.vmm.pages_prefetched().unwrap_or(0),
+                },
+                None => FaultReport::default(),
+            }),
             ..ControlReply::ok()
         },
         ControlRequest::Pause => match worker.vmm.pause() {

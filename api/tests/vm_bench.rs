@@ -54,6 +54,10 @@ fn vmtest_bench_quick_writes_a_report_with_ratios_and_charts() {
         "restore.lazy.first_exec_ms",
         "restore.prefetch.first_exec_ms",
         "store.dedup_ratio",
+        "throughput.vsock_out_mib_s",
+        "throughput.vsock_in_mib_s",
+        "throughput.block_read_mib_s",
+        "throughput.block_write_mib_s",
     ] {
         let median = figure(name)["median"].as_f64().unwrap();
         assert!(median.is_finite() && median > 0.0, "{name}: {median}");
@@ -77,12 +81,43 @@ fn vmtest_bench_quick_writes_a_report_with_ratios_and_charts() {
         .iter()
         .all(|d| d["rss_mib_per_clone"].as_f64().unwrap() > 1.0));
 
+    // The lazy restore faulted pages in on demand, over time; the prefetch restore loaded its
+    // working set up front and faulted (far) less.
+    let series = report["fault_series"].as_array().unwrap();
+    let of = |mode: &str| -> (u64, u64) {
+        let s = series
+            .iter()
+            .find(|s| s["mode"] == mode)
+            .unwrap_or_else(|| panic!("no {mode} fault series in {series:?}"));
+        let faults = s["counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_u64().unwrap())
+            .sum();
+        (faults, s["prefetched"].as_u64().unwrap())
+    };
+    let (lazy_faults, lazy_prefetched) = of("lazy");
+    let (prefetch_faults, prefetched) = of("prefetch");
+    assert!(
+        lazy_faults > 100 && lazy_prefetched == 0,
+        "lazy: {lazy_faults} faults"
+    );
+    assert!(
+        prefetched > 100 && prefetch_faults < lazy_faults,
+        "prefetch: {prefetch_faults} faults after {prefetched} prefetched; lazy {lazy_faults}"
+    );
+
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(
         md.contains("prefetch restore: request → first exec done"),
         "{md}"
     );
-    for chart in ["restore-latency.svg", "memory-per-clone.svg"] {
+    for chart in [
+        "restore-latency.svg",
+        "memory-per-clone.svg",
+        "faults-after-restore.svg",
+    ] {
         let svg = std::fs::read_to_string(out.join(chart)).unwrap();
         assert!(svg.len() > 2000, "{chart}: {} bytes", svg.len());
         assert!(

@@ -9,7 +9,7 @@
 
 use std::ffi::c_void;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -64,6 +64,55 @@ pub struct LazyStats {
     pub faults_zero: AtomicU64,
     /// Pages loaded by the prefetch thread before anyone touched them.
     pub prefetched: AtomicU64,
+    /// When the faults came.
+    pub timeline: FaultTimeline,
+}
+
+/// How finely [`FaultTimeline`] counts.
+pub const FAULT_BUCKET_MS: u64 = 20;
+/// How long after the restore [`FaultTimeline`] counts (later faults are only totalled).
+const FAULT_TIMELINE_BUCKETS: usize = 3000;
+
+/// Faults served on demand, counted per [`FAULT_BUCKET_MS`] since the handler started (the
+/// first minute): how a restored guest's demand for memory dies down.
+#[derive(Debug)]
+pub struct FaultTimeline {
+    started: std::time::Instant,
+    buckets: Box<[AtomicU32]>,
+}
+
+impl Default for FaultTimeline {
+    fn default() -> Self {
+        FaultTimeline {
+            started: std::time::Instant::now(),
+            buckets: (0..FAULT_TIMELINE_BUCKETS)
+                .map(|_| AtomicU32::new(0))
+                .collect(),
+        }
+    }
+}
+
+impl FaultTimeline {
+    /// Counts one fault, now.
+    pub fn record(&self) {
+        let bucket = self.started.elapsed().as_millis() as u64 / FAULT_BUCKET_MS;
+        if let Some(b) = self.buckets.get(bucket as usize) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The counts so far, without the trailing empty buckets.
+    pub fn counts(&self) -> Vec<u32> {
+        let mut counts: Vec<u32> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        while counts.last() == Some(&0) {
+            counts.pop();
+        }
+        counts
+    }
 }
 
 impl LazyStats {
@@ -442,6 +491,7 @@ fn serve_faults(
                     &stats.faults_zero
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
+                stats.timeline.record();
                 if let Some(list) = recorded.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
                     list.push(index);
                 }
@@ -518,6 +568,26 @@ mod tests {
         assert_eq!(lazy.stats().faults_copied.load(Ordering::Relaxed), 1);
         assert_eq!(lazy.stats().faults_zero.load(Ordering::Relaxed), 1);
         assert_eq!(lazy.take_recorded(), vec![5, 8]);
+        while lazy.stats().timeline.counts().iter().sum::<u32>() < 2
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(lazy.stats().timeline.counts().iter().sum::<u32>(), 2);
+    }
+
+    #[test]
+    fn the_fault_timeline_counts_by_time_and_drops_the_empty_tail() {
+        let timeline = FaultTimeline::default();
+        assert!(timeline.counts().is_empty());
+        timeline.record();
+        timeline.record();
+        std::thread::sleep(std::time::Duration::from_millis(3 * FAULT_BUCKET_MS));
+        timeline.record();
+        let counts = timeline.counts();
+        assert_eq!(counts.iter().sum::<u32>(), 3);
+        assert!(counts.len() >= 3, "{counts:?}");
+        assert_ne!(counts.last(), Some(&0));
     }
 
     #[test]

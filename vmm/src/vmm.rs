@@ -1156,6 +1156,12 @@ impl Vmm {
         })
     }
 
+    /// Faults served on demand per [`crate::lazy::FAULT_BUCKET_MS`] since the restore started
+    /// serving memory (lazy restores only).
+    pub fn fault_timeline(&self) -> Option<Vec<u32>> {
+        self.lazy.as_ref().map(|l| l.stats().timeline.counts())
+    }
+
     /// Stops recording faults and returns the pages served on demand so far, in first-touch
     /// order: the working set to prefetch next time (lazy restores only).
     pub fn take_working_set(&self) -> Option<Vec<u64>> {

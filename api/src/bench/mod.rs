@@ -12,11 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
 use hyper::Method;
 use serde_json::{json, Value};
 
-use crate::client::{empty_body, json_body, ApiClient};
-use report::{regressions, Better, DensityPoint, Figure, Report, SCHEMA};
+use crate::client::{empty_body, encode_query, json_body, ApiClient};
+use report::{regressions, Better, DensityPoint, FaultSeries, Figure, Report, SCHEMA};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -218,6 +220,17 @@ impl Api {
         Ok(answer)
     }
 
+    async fn faults(&self, id: &str) -> Result<Value, String> {
+        self.0
+            .json(
+                Method::GET,
+                &format!("/sandboxes/{id}/faults"),
+                empty_body(),
+            )
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     async fn snapshot(&self, id: &str, body: Value) -> Result<Value, String> {
         self.0
             .json(
@@ -268,6 +281,137 @@ async fn start_once(api: &Api, body: Value, keep: bool) -> Result<(StartSample, 
     ))
 }
 
+/// Data rates on a running sandbox, each the median of `runs`: a file streamed out of and into
+/// the guest through the API (the agent over virtio-vsock), and the guest reading its rootfs and
+/// writing a file to it with O_DIRECT (virtio-block, past the guest's page cache).
+async fn throughput(
+    api: &Api,
+    id: &str,
+    quick: bool,
+    runs: u32,
+    figures: &mut Vec<Figure>,
+) -> Result<(), BenchError> {
+    let mib: u64 = if quick { 16 } else { 64 };
+    let path = "/tmp/ember-bench-blob";
+    api.exec(
+        id,
+        "sh",
+        &["-c", &format!("head -c {} /dev/zero > {path}", mib << 20)],
+    )
+    .await
+    .map_err(step("writing the file to stream out"))?;
+    let mut out_rates = Vec::new();
+    let mut in_rates = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let got = api
+            .0
+            .send(
+                Method::GET,
+                &format!("/sandboxes/{id}/files?path={}", encode_query(path)),
+                empty_body(),
+            )
+            .await
+            .map_err(|e| e.to_string())
+            .map_err(step("file download"))?
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())
+            .map_err(step("file download"))?
+            .to_bytes()
+            .len() as u64;
+        if got != mib << 20 {
+            return Err(step("file download")(format!(
+                "{got} bytes arrived, not {}",
+                mib << 20
+            )));
+        }
+        out_rates.push(mib as f64 / t.elapsed().as_secs_f64());
+        let body = Full::new(Bytes::from(vec![0x5au8; (mib << 20) as usize]))
+            .map_err(|never| match never {})
+            .boxed();
+        let t = Instant::now();
+        api.0
+            .send(
+                Method::PUT,
+                &format!(
+                    "/sandboxes/{id}/files?path={}",
+                    encode_query("/tmp/ember-bench-up")
+                ),
+                body,
+            )
+            .await
+            .map_err(|e| e.to_string())
+            .map_err(step("file upload"))?;
+        in_rates.push(mib as f64 / t.elapsed().as_secs_f64());
+    }
+    figures.push(Figure::new(
+        "throughput.vsock_out_mib_s",
+        &format!("file out of the guest ({mib} MiB, API + vsock)"),
+        "MiB/s",
+        Better::Higher,
+        out_rates,
+    ));
+    figures.push(Figure::new(
+        "throughput.vsock_in_mib_s",
+        &format!("file into the guest ({mib} MiB, API + vsock)"),
+        "MiB/s",
+        Better::Higher,
+        in_rates,
+    ));
+
+    // GNU dd reports "N bytes … copied, S s, R MB/s" on stderr; the seconds are the guest's.
+    let mut read_rates = Vec::new();
+    let mut write_rates = Vec::new();
+    for _ in 0..runs {
+        for (rates, script) in [
+            (
+                &mut read_rates,
+                format!("dd if=/dev/vda of=/dev/null bs=1M count={mib} iflag=direct 2>&1"),
+            ),
+            (
+                &mut write_rates,
+                format!(
+                    "dd if=/dev/zero of=/root/ember-bench-dd bs=1M count={mib} oflag=direct \
+                     conv=fsync 2>&1; rm -f /root/ember-bench-dd"
+                ),
+            ),
+        ] {
+            let answer = api
+                .exec(id, "sh", &["-c", &script])
+                .await
+                .map_err(step("dd in the guest"))?;
+            let secs = dd_seconds(answer["stdout"].as_str().unwrap_or_default())
+                .ok_or_else(|| step("dd in the guest")(format!("no time in {answer}")))?;
+            rates.push(mib as f64 / secs);
+        }
+    }
+    figures.push(Figure::new(
+        "throughput.block_read_mib_s",
+        &format!("guest reads its rootfs ({mib} MiB, O_DIRECT, virtio-block)"),
+        "MiB/s",
+        Better::Higher,
+        read_rates,
+    ));
+    figures.push(Figure::new(
+        "throughput.block_write_mib_s",
+        &format!("guest writes a file ({mib} MiB, O_DIRECT + fsync, virtio-block)"),
+        "MiB/s",
+        Better::Higher,
+        write_rates,
+    ));
+    Ok(())
+}
+
+/// The seconds in GNU dd's summary line (`…, 1.5 s, 44.7 MB/s`).
+fn dd_seconds(output: &str) -> Option<f64> {
+    let line = output.lines().rev().find(|l| l.contains(" copied, "))?;
+    let after = line.split(" copied, ").nth(1)?;
+    let secs: f64 = after.split_whitespace().next()?.parse().ok()?;
+    (secs > 0.0).then_some(secs)
+}
+
 fn environment() -> String {
     if std::env::var_os("EMBER_IN_LAB").is_some() {
         "the lab (nested KVM under QEMU TCG)".into()
@@ -315,6 +459,7 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
                     .map_err(step("exec round trip"))?;
                 round_trips.push(ms(t));
             }
+            throughput(&api, &id, args.quick, runs, &mut figures).await?;
             api.delete(&id).await.map_err(step("delete"))?;
         }
         cold.push(sample);
@@ -387,6 +532,7 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
     }
 
     // Restores in each mode.
+    let mut fault_series = Vec::new();
     for mode in ["eager", "lazy", "prefetch"] {
         let body = json!({"snapshot": "bench-base", "restore_mode": mode});
         if mode == "prefetch" {
@@ -397,11 +543,26 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
         }
         say(&format!("{mode} restore x{runs}"));
         let mut samples = Vec::new();
-        for _ in 0..runs {
-            let (s, _) = start_once(&api, body.clone(), false)
+        for run in 0..runs {
+            // The first lazy and prefetch restores also show when their faults came.
+            let keep = run == 0 && mode != "eager";
+            let (s, id) = start_once(&api, body.clone(), keep)
                 .await
                 .map_err(step(format!("{mode} restore")))?;
             samples.push(s);
+            if keep {
+                let faults = api.faults(&id).await.map_err(step("reading faults"))?;
+                api.delete(&id).await.map_err(step("delete"))?;
+                fault_series.push(FaultSeries {
+                    mode: mode.to_string(),
+                    bucket_ms: faults["bucket_ms"].as_u64().unwrap_or(1),
+                    counts: faults["counts"]
+                        .as_array()
+                        .map(|a| a.iter().map(|n| n.as_u64().unwrap_or(0) as u32).collect())
+                        .unwrap_or_default(),
+                    prefetched: faults["prefetched"].as_u64().unwrap_or(0),
+                });
+            }
         }
         push_start(
             &mut figures,
@@ -515,6 +676,7 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
         guest_memory_mib: mem_mib,
         figures,
         density,
+        fault_series,
         notes,
     };
     drop(own);
@@ -627,4 +789,17 @@ fn logical_bytes(store_dir: &Path, ids: &[String]) -> Result<u64, String> {
         }
     }
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dd_summaries_give_their_seconds() {
+        let out = "64+0 records in\n64+0 records out\n67108864 bytes (67 MB, 64 MiB) copied, 1.52 s, 44.2 MB/s\n";
+        assert_eq!(dd_seconds(out), Some(1.52));
+        assert_eq!(dd_seconds("dd: failed to open '/dev/vda'"), None);
+        assert_eq!(dd_seconds("0 bytes copied, 0 s, 0 B/s"), None);
+    }
 }

@@ -90,6 +90,19 @@ pub struct DensityPoint {
     pub pss_mib_per_clone: f64,
 }
 
+/// A restored sandbox's page faults over time, from its restore through its first exec and
+/// the bench's look at it (`GET /sandboxes/{id}/faults`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FaultSeries {
+    /// The restore mode (`lazy`, `prefetch`).
+    pub mode: String,
+    pub bucket_ms: u64,
+    /// Pages served on demand per bucket since the restore started serving memory.
+    pub counts: Vec<u32>,
+    /// Pages the working-set prefetch loaded up front.
+    pub prefetched: u64,
+}
+
 /// A whole run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
@@ -103,6 +116,9 @@ pub struct Report {
     pub guest_memory_mib: u32,
     pub figures: Vec<Figure>,
     pub density: Vec<DensityPoint>,
+    /// Reports written before fault series existed have none.
+    #[serde(default)]
+    pub fault_series: Vec<FaultSeries>,
     pub notes: Vec<String>,
 }
 
@@ -177,6 +193,22 @@ impl Report {
                 );
             }
         }
+        if !self.fault_series.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n| restore | pages prefetched | pages faulted in on demand | last fault after |\n|---|---:|---:|---:|"
+            );
+            for f in &self.fault_series {
+                let total: u64 = f.counts.iter().map(|&n| u64::from(n)).sum();
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {total} | {} ms |",
+                    f.mode,
+                    f.prefetched,
+                    f.counts.len() as u64 * f.bucket_ms
+                );
+            }
+        }
         if !self.notes.is_empty() {
             let _ = writeln!(out);
             for n in &self.notes {
@@ -200,7 +232,87 @@ impl Report {
         std::fs::write(&path, self.markdown()).map_err(write_err(&path))?;
         self.restore_chart(&dir.join("restore-latency.svg"))?;
         self.density_chart(&dir.join("memory-per-clone.svg"))?;
+        self.faults_chart(&dir.join("faults-after-restore.svg"))?;
         Ok(())
+    }
+
+    /// Lines: pages faulted in on demand so far, against time since the restore began, per
+    /// restore mode (the prefetch line starts after its up-front load).
+    pub fn faults_chart(&self, path: &Path) -> Result<(), ReportError> {
+        let chart_err = |e: String| ReportError::Chart {
+            path: path.display().to_string(),
+            reason: e,
+        };
+        let cumulative: Vec<(&FaultSeries, Vec<(f64, f64)>)> = self
+            .fault_series
+            .iter()
+            .map(|series| {
+                let mut total = 0.0;
+                let mut points = vec![(0.0, 0.0)];
+                for (i, n) in series.counts.iter().enumerate() {
+                    total += f64::from(*n);
+                    points.push((((i + 1) as u64 * series.bucket_ms) as f64, total));
+                }
+                (series, points)
+            })
+            .collect();
+        let right = cumulative
+            .iter()
+            .flat_map(|(_, p)| p.last().map(|l| l.0))
+            .fold(100.0, f64::max)
+            * 1.05;
+        let top = cumulative
+            .iter()
+            .flat_map(|(_, p)| p.last().map(|l| l.1))
+            .fold(10.0, f64::max)
+            * 1.15;
+        let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| chart_err(e.to_string()))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                format!(
+                    "Pages faulted in on demand after a restore ({})",
+                    short_env(&self.environment)
+                ),
+                ("sans-serif", 18),
+            )
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0.0..right, 0.0..top)
+            .map_err(|e| chart_err(e.to_string()))?;
+        chart
+            .configure_mesh()
+            .x_desc("ms since the restore began")
+            .y_desc("pages (4 KiB) so far")
+            .draw()
+            .map_err(|e| chart_err(e.to_string()))?;
+        let colors = [RGBColor(0x4c, 0x78, 0xa8), RGBColor(0xf5, 0x85, 0x18)];
+        for (i, (series, points)) in cumulative.iter().enumerate() {
+            let color = colors[i % colors.len()];
+            let label = if series.prefetched > 0 {
+                format!("{} ({} pages prefetched)", series.mode, series.prefetched)
+            } else {
+                series.mode.clone()
+            };
+            chart
+                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+                .map_err(|e| chart_err(e.to_string()))?
+                .label(label)
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 14, y)], color.stroke_width(2))
+                });
+        }
+        if !cumulative.is_empty() {
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::LowerRight)
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| chart_err(e.to_string()))?;
+        }
+        root.present().map_err(|e| chart_err(e.to_string()))
     }
 
     /// Bars: time to agent ready and to the first exec done, cold boot vs each restore mode.
@@ -493,6 +605,20 @@ mod tests {
                     pss_mib_per_clone: 20.0,
                 },
             ],
+            fault_series: vec![
+                FaultSeries {
+                    mode: "lazy".into(),
+                    bucket_ms: 20,
+                    counts: vec![300, 120, 0, 40, 5],
+                    prefetched: 0,
+                },
+                FaultSeries {
+                    mode: "prefetch".into(),
+                    bucket_ms: 20,
+                    counts: vec![0, 0, 0, 0, 0, 0, 0, 0, 3, 2],
+                    prefetched: 1200,
+                },
+            ],
             notes: vec!["a note".into()],
         }
     }
@@ -524,6 +650,8 @@ mod tests {
             ),
             "{md}"
         );
+        assert!(md.contains("| lazy | 0 | 465 | 100 ms |"), "{md}");
+        assert!(md.contains("| prefetch | 1200 | 5 | 200 ms |"), "{md}");
         for (chart, words) in [
             (
                 "restore-latency.svg",
@@ -532,6 +660,14 @@ mod tests {
             (
                 "memory-per-clone.svg",
                 ["RSS", "PSS", "clones of one snapshot"],
+            ),
+            (
+                "faults-after-restore.svg",
+                [
+                    "lazy",
+                    "prefetch (1200 pages prefetched)",
+                    "ms since the restore began",
+                ],
             ),
         ] {
             let svg = std::fs::read_to_string(dir.join(chart)).unwrap();

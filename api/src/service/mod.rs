@@ -232,6 +232,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/sandboxes/{id}/timeout", post(set_timeout))
         .route("/sandboxes/{id}/pause", post(pause))
         .route("/sandboxes/{id}/resume", post(resume))
+        .route("/sandboxes/{id}/faults", get(faults))
         .route("/sandboxes/{id}/exec", post(exec::exec))
         .route("/sandboxes/{id}/commands", get(exec::list_commands))
         .route("/sandboxes/{id}/commands/{cid}", get(exec::get_command))
@@ -523,6 +524,23 @@ async fn resume(
     Ok(axum::Json(sandbox.to_json()).into_response())
 }
 
+/// `GET /sandboxes/{id}/faults`: a restored sandbox's page faults over time (how its demand
+/// for the snapshot's memory died down); `lazy` is false for a booted or eager one.
+async fn faults(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let sandbox = state.sandbox(&id)?;
+    if !matches!(
+        sandbox.state(),
+        SandboxState::Running | SandboxState::Paused
+    ) {
+        sandbox.require_running()?;
+    }
+    let reply = control(&sandbox, ControlRequest::Faults).await?;
+    Ok(axum::Json(reply.faults.unwrap_or_default()).into_response())
+}
+
 /// Sends a control request; a VMM that cannot answer is a failed sandbox.
 pub async fn control(
     sandbox: &Sandbox,
@@ -762,6 +780,7 @@ mod tests {
             "/sandboxes/{id}/commands/{cid}/kill",
             "/sandboxes/{id}/pause",
             "/sandboxes/{id}/resume",
+            "/sandboxes/{id}/faults",
             "/sandboxes/{id}/timeout",
             "/sandboxes/{id}/snapshots",
             "/snapshots",
