@@ -514,19 +514,41 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
     }
     if !args.quick {
         for size in [512u32, 1024] {
-            say(&format!("full snapshot at {size} MiB"));
-            let answer = api
-                .installed_snapshot(json!({"memory_mib": size}), &format!("bench-{size}"))
+            say(&format!("full and diff snapshots at {size} MiB"));
+            let what = |w: &str| step(format!("{w} at {size} MiB"));
+            let sandbox = api
+                .create(json!({"memory_mib": size}))
                 .await
-                .map_err(step(format!("snapshot of an install at {size} MiB")))?;
-            if let Some(took) = answer["took_ms"].as_f64() {
-                figures.push(Figure::new(
-                    &format!("snapshot.full.{size}mib_ms"),
-                    &format!("snapshot (full, {size} MiB guest)"),
-                    "ms",
-                    Better::Lower,
-                    vec![took],
-                ));
+                .map_err(what("create"))?;
+            let id = id_of(&sandbox).map_err(what("create"))?;
+            api.exec(&id, "sh", &["-c", INSTALL])
+                .await
+                .map_err(what("install"))?;
+            let full = api
+                .snapshot(&id, json!({"name": format!("bench-{size}")}))
+                .await
+                .map_err(what("full snapshot"))?;
+            api.exec(&id, "sh", &["-c", "echo changed > /tmp/changed"])
+                .await
+                .map_err(what("change"))?;
+            let diff = api
+                .snapshot(
+                    &id,
+                    json!({"name": format!("bench-{size}-diff"), "diff": true}),
+                )
+                .await
+                .map_err(what("diff snapshot"))?;
+            api.delete(&id).await.map_err(what("delete"))?;
+            for (name, answer) in [("full", &full), ("diff", &diff)] {
+                if let Some(took) = answer["took_ms"].as_f64() {
+                    figures.push(Figure::new(
+                        &format!("snapshot.{name}.{size}mib_ms"),
+                        &format!("snapshot ({name}, {size} MiB guest, running sandbox)"),
+                        "ms",
+                        Better::Lower,
+                        vec![took],
+                    ));
+                }
             }
         }
     }
