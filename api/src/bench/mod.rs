@@ -447,6 +447,7 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
     say(&format!("cold boot x{runs}"));
     let mut cold = Vec::new();
     let mut round_trips = Vec::new();
+    let mut rates = Vec::new();
     for i in 0..runs {
         let (sample, id) = start_once(&api, json!({}), i == 0)
             .await
@@ -459,7 +460,7 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
                     .map_err(step("exec round trip"))?;
                 round_trips.push(ms(t));
             }
-            throughput(&api, &id, args.quick, runs, &mut figures).await?;
+            throughput(&api, &id, args.quick, runs, &mut rates).await?;
             api.delete(&id).await.map_err(step("delete"))?;
         }
         cold.push(sample);
@@ -480,6 +481,7 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
         Better::Lower,
         round_trips,
     ));
+    figures.append(&mut rates);
 
     // The snapshot every restore starts from, and a diff on top of it.
     say("install, then full and diff snapshots");
@@ -705,7 +707,8 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
     report.write(&args.out)?;
     print!("{}", report.markdown());
     println!(
-        "\nwritten: {}/report.json, report.md, restore-latency.svg, memory-per-clone.svg",
+        "\nwritten: {}/report.json, report.md, restore-latency.svg, memory-per-clone.svg, \
+         faults-after-restore.svg",
         args.out.display()
     );
     if let Some(old) = &args.compare {
