@@ -326,7 +326,13 @@ one() {{
     fi
     marker=$(mktemp)
     (
-        sleep {VM_TEST_WATCHDOG_S}
+        # Ends within a second of the test (the marker goes): nothing to kill, no race.
+        waited=0
+        while [ $waited -lt {VM_TEST_WATCHDOG_S} ]; do
+            sleep 1
+            [ -e "$marker" ] || exit 0
+            waited=$((waited + 1))
+        done
         echo "VM test $2 still running after {VM_TEST_WATCHDOG_S} s; what its VMs are doing:" >&2
         pkill -USR1 -f '/ember (vmm|run) '
         sleep 5
@@ -338,8 +344,8 @@ one() {{
     watchdog=$!
     timeout -k 10 {VM_TEST_TIMEOUT_S} "$1" --exact "$2" --test-threads=1
     status=$?
-    pkill -P $watchdog 2>/dev/null; kill $watchdog 2>/dev/null
     rm -f "$marker"
+    wait $watchdog
     # VMMs a test left behind (a timed-out test's children, say) would slow every later test.
     left=$(pgrep -f "^$ember_bin " | wc -l)
     if [ "$left" != 0 ]; then
