@@ -261,6 +261,7 @@ impl Vsock {
         let mem = &active.mem;
         let q = &mut active.queues[RX];
         let mut used_any = false;
+        let mut empty_rounds = 0u8;
         loop {
             if let Err(e) = q.disable_notification(mem) {
                 self.log
@@ -268,11 +269,13 @@ impl Vsock {
                 return used_any;
             }
             let mut out_of_buffers = false;
+            let mut progressed = false;
             while self.muxer.has_rx() {
                 let Some(chain) = q.pop_descriptor_chain(mem) else {
                     out_of_buffers = true;
                     break;
                 };
+                progressed = true;
                 let head = chain.head_index();
                 let segs = match Segments::from_chain(chain, mem, Direction::Write) {
                     Ok(s) if s.len() >= HDR_SIZE as u64 => s,
@@ -313,7 +316,18 @@ impl Vsock {
             }
             match q.enable_notification(mem) {
                 // Buffers arrived while notifications were off and packets still wait.
-                Ok(true) if out_of_buffers && self.muxer.has_rx() => continue,
+                Ok(true) if out_of_buffers && self.muxer.has_rx() && progressed => empty_rounds = 0,
+                // A buffer published just after the ring was read: read it again.
+                Ok(true) if out_of_buffers && self.muxer.has_rx() && empty_rounds == 0 => {
+                    empty_rounds = 1
+                }
+                Ok(true) if out_of_buffers && self.muxer.has_rx() => {
+                    // The ring claims buffers but none can be read (e.g. an available index
+                    // more than a queue size ahead): stop instead of spinning.
+                    self.log
+                        .warn(format_args!("rx available ring is not readable; stopping"));
+                    return used_any;
+                }
                 Ok(_) => return used_any,
                 Err(e) => {
                     self.log

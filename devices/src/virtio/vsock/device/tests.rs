@@ -974,6 +974,30 @@ fn unusable_rx_buffers_are_skipped() {
     }
 }
 
+/// Found by the vsock_packets fuzz target: an rx ring whose available index runs more than a
+/// queue size ahead cannot be read, yet re-enabling notifications reports buffers; the device
+/// looped on that forever, hanging its event loop.
+#[test]
+fn an_unreadable_rx_ring_does_not_hang_the_device() {
+    let mut h = Harness::new();
+    let avail_idx = GuestAddress(h.layouts[RX].avail + 2);
+    let sane = h.avail[RX];
+    h.mem
+        .write_obj(sane.wrapping_add(QSIZE + 7), avail_idx)
+        .unwrap();
+    // A packet for the guest: a request to a port nobody listens on is answered with a reset.
+    let req = h.hdr(Op::Request, 40000, 77, 0);
+    h.send(&req, &[]);
+    assert!(h.recv().is_empty(), "nothing can be delivered yet");
+    // The driver repairs its ring and kicks: the reset arrives.
+    h.mem.write_obj(sane, avail_idx).unwrap();
+    h.kick(RX);
+    h.pump();
+    let got = h.recv();
+    assert_eq!(got.len(), 1, "{} packets", got.len());
+    assert_eq!(got[0].op(), Some(Op::Rst));
+}
+
 #[test]
 fn device_reset_drops_connections() {
     let mut h = Harness::new();
