@@ -2,6 +2,7 @@
 
 mod bench;
 mod deps;
+mod fuzz;
 mod images;
 mod kernel;
 mod lab;
@@ -32,6 +33,15 @@ enum Cmd {
     },
     /// ember's main job, end to end: build everything, then boot a sandbox in the lab.
     Demo,
+    /// Run the cargo-fuzz targets in fuzz/ (nightly; installs cargo-fuzz if needed).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// Benchmarks measured end to end (in the lab where the host's KVM cannot run Linux).
     Bench {
         #[command(subcommand)]
@@ -140,6 +150,7 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
         }
         Cmd::Test { skip_deps } => test::run_all(skip_deps),
         Cmd::Demo => demo(),
+        Cmd::Fuzz { seconds, target } => fuzz::run_targets(seconds, target.as_deref()),
         Cmd::Bench {
             what: BenchCmd::Boot { runs },
         } => bench::boot(runs),

@@ -137,6 +137,14 @@ pub fn run_all(skip_deps: bool) -> Result<i32> {
             "--quick",
         ]))
     })?;
+    // Every fuzz target builds and runs clean for a while (full runs: `cargo xtask fuzz`).
+    phases.run(
+        "fuzz targets (30 s each)",
+        || match crate::fuzz::run_targets(FUZZ_SECONDS_IN_SUITE, None)? {
+            0 => Ok(()),
+            _ => bail!("a fuzz target found a crash"),
+        },
+    )?;
 
     let artifacts = phases.run("guest kernel, initramfs, rootfs", Artifacts::ensure)?;
     phases.run("artifact checks", || {
@@ -301,6 +309,9 @@ fn json_string_field(line: &str, key: &str) -> Option<String> {
     let end = rest.find('"')?;
     Some(rest[..end].replace("\\\\", "\\"))
 }
+
+/// How long the suite runs each fuzz target.
+const FUZZ_SECONDS_IN_SUITE: u64 = 30;
 
 /// How long one VM test may run before it counts as hung (the slowest take ~2 min in the lab).
 const VM_TEST_TIMEOUT_S: u32 = 600;

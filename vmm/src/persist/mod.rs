@@ -52,14 +52,20 @@ pub fn encode_state<T: Serialize>(state: &T) -> Result<Vec<u8>, StateFormatError
             declared: payload.len() as u64,
         });
     }
+    Ok(seal_state(&payload))
+}
+
+/// Wraps an encoded payload in the state envelope (magic, version, length, checksum). Fuzzing
+/// uses it to reach the payload decoder with arbitrary bytes.
+pub fn seal_state(payload: &[u8]) -> Vec<u8> {
     let mut blob = Vec::with_capacity(HEADER_LEN + payload.len() + CHECKSUM_LEN);
     blob.extend_from_slice(&STATE_MAGIC);
     blob.extend_from_slice(&STATE_FORMAT_VERSION.to_le_bytes());
     blob.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    blob.extend_from_slice(&payload);
+    blob.extend_from_slice(payload);
     let checksum = blake3::hash(&blob);
     blob.extend_from_slice(checksum.as_bytes());
-    Ok(blob)
+    blob
 }
 
 /// Checks and decodes a blob written by [`encode_state`].

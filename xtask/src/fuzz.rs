@@ -1,0 +1,116 @@
+//! Fuzzing with cargo-fuzz (libFuzzer, nightly, AddressSanitizer): the targets in `fuzz/`, each
+//! started from its seed corpus in `fuzz/corpus/<target>`. New inputs a run finds go to
+//! `target/fuzz-corpus/<target>` (not into the repository); a crash leaves its input in
+//! `fuzz/artifacts/<target>/` and fails the run.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::util::{run, target_dir, workspace_root};
+
+/// Every fuzz target (a `[[bin]]` of `fuzz/Cargo.toml`).
+pub const TARGETS: &[&str] = &[
+    "virtio_block",
+    "vsock_packets",
+    "agent_frames",
+    "snapshot_state",
+    "store_files",
+];
+
+/// rustup's `cargo` with the nightly toolchain, free of the variables the stable `cargo` that
+/// runs xtask set (they would pin the toolchain and its tools).
+fn nightly_cargo() -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.arg("+nightly").current_dir(workspace_root());
+    for var in [
+        "CARGO",
+        "RUSTC",
+        "RUSTDOC",
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC_WRAPPER",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// Installs the nightly toolchain (rustup) and cargo-fuzz (into `~/.cargo/bin`) unless they
+/// are there.
+fn ensure_cargo_fuzz() -> Result<()> {
+    let nightly = nightly_cargo()
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !nightly {
+        eprintln!("fuzz: installing the nightly toolchain");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))
+        .context("installing the nightly toolchain with rustup")?;
+    }
+    let present = nightly_cargo()
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if present {
+        return Ok(());
+    }
+    eprintln!("fuzz: installing cargo-fuzz");
+    run(nightly_cargo().args(["install", "--locked", "cargo-fuzz"])).context(
+        "installing cargo-fuzz (needs the nightly toolchain: rustup toolchain install nightly)",
+    )
+}
+
+/// Runs each target (or `only`) for `seconds`; fails if any finds a crash.
+pub fn run_targets(seconds: u64, only: Option<&str>) -> Result<i32> {
+    let targets: Vec<&str> = match only {
+        Some(name) if TARGETS.contains(&name) => vec![name],
+        Some(name) => bail!(
+            "no fuzz target {name:?}; the targets: {}",
+            TARGETS.join(", ")
+        ),
+        None => TARGETS.to_vec(),
+    };
+    ensure_cargo_fuzz()?;
+    let mut crashed = Vec::new();
+    for target in targets {
+        let found: PathBuf = target_dir().join("fuzz-corpus").join(target);
+        std::fs::create_dir_all(&found)?;
+        let seeds = workspace_root().join("fuzz/corpus").join(target);
+        eprintln!("fuzz: {target} for {seconds} s");
+        let status = nightly_cargo()
+            .args(["fuzz", "run", target])
+            .arg(&found)
+            .arg(&seeds)
+            .args([
+                "--",
+                &format!("-max_total_time={seconds}"),
+                // A slow input is a finding too (a guest must not stall the VMM).
+                "-timeout=10",
+                "-rss_limit_mb=2048",
+                "-print_final_stats=1",
+            ])
+            .status()
+            .with_context(|| format!("running fuzz target {target}"))?;
+        if !status.success() {
+            crashed.push(target);
+        }
+    }
+    if crashed.is_empty() {
+        Ok(0)
+    } else {
+        eprintln!(
+            "fuzz: crashes in {} (inputs in fuzz/artifacts/)",
+            crashed.join(", ")
+        );
+        Ok(1)
+    }
+}
