@@ -231,6 +231,28 @@ impl Api {
             .map_err(|e| e.to_string())
     }
 
+    /// A sandbox (`create` body) that runs the install, is saved as snapshot `name`, changed a
+    /// little and saved again as the diff `{name}-diff`, then deleted: both snapshots' answers
+    /// and the sandbox's memory in MiB.
+    async fn full_and_diff(
+        &self,
+        create: Value,
+        name: &str,
+    ) -> Result<(Value, Value, u32), String> {
+        let sandbox = self.create(create).await?;
+        let id = id_of(&sandbox)?;
+        self.exec(&id, "sh", &["-c", INSTALL]).await?;
+        let full = self.snapshot(&id, json!({ "name": name })).await?;
+        self.exec(&id, "sh", &["-c", "echo changed > /tmp/changed"])
+            .await?;
+        let diff = self
+            .snapshot(&id, json!({"name": format!("{name}-diff"), "diff": true}))
+            .await?;
+        self.delete(&id).await?;
+        let mem_mib = sandbox["memory_mib"].as_u64().unwrap_or(256) as u32;
+        Ok((full, diff, mem_mib))
+    }
+
     async fn snapshot(&self, id: &str, body: Value) -> Result<Value, String> {
         self.0
             .json(
@@ -279,6 +301,21 @@ async fn start_once(api: &Api, body: Value, keep: bool) -> Result<(StartSample, 
         },
         id,
     ))
+}
+
+/// The full and diff snapshot times of a `mem_mib` guest, from the snapshots' answers.
+fn push_snapshot_figures(figures: &mut Vec<Figure>, mem_mib: u32, full: &Value, diff: &Value) {
+    for (name, answer) in [("full", full), ("diff", diff)] {
+        if let Some(took) = answer["took_ms"].as_f64() {
+            figures.push(Figure::new(
+                &format!("snapshot.{name}.{mem_mib}mib_ms"),
+                &format!("snapshot ({name}, {mem_mib} MiB guest, running sandbox)"),
+                "ms",
+                Better::Lower,
+                vec![took],
+            ));
+        }
+    }
 }
 
 /// Data rates on a running sandbox, each the median of `runs`: a file streamed out of and into
@@ -483,75 +520,22 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
     ));
     figures.append(&mut rates);
 
-    // The snapshot every restore starts from, and a diff on top of it.
+    // The snapshot every restore starts from, and a diff on top of it; the same at 512 MiB
+    // and 1 GiB in a full run.
     say("install, then full and diff snapshots");
-    let sandbox = api.create(json!({})).await.map_err(step("create"))?;
-    let id = id_of(&sandbox).map_err(step("create"))?;
-    api.exec(&id, "sh", &["-c", INSTALL])
+    let (full, diff, mem_mib) = api
+        .full_and_diff(json!({}), "bench-base")
         .await
-        .map_err(step("install"))?;
-    let full = api
-        .snapshot(&id, json!({"name": "bench-base"}))
-        .await
-        .map_err(step("full snapshot"))?;
-    api.exec(&id, "sh", &["-c", "echo changed > /tmp/changed"])
-        .await
-        .map_err(step("change"))?;
-    let diff = api
-        .snapshot(&id, json!({"name": "bench-diff", "diff": true}))
-        .await
-        .map_err(step("diff snapshot"))?;
-    api.delete(&id).await.map_err(step("delete"))?;
-    let mem_mib = sandbox["memory_mib"].as_u64().unwrap_or(256) as u32;
-    for (name, label, answer) in [("full", "full", &full), ("diff", "diff", &diff)] {
-        if let Some(took) = answer["took_ms"].as_f64() {
-            figures.push(Figure::new(
-                &format!("snapshot.{name}.{mem_mib}mib_ms"),
-                &format!("snapshot ({label}, {mem_mib} MiB guest, running sandbox)"),
-                "ms",
-                Better::Lower,
-                vec![took],
-            ));
-        }
-    }
+        .map_err(step("full and diff snapshots"))?;
+    push_snapshot_figures(&mut figures, mem_mib, &full, &diff);
     if !args.quick {
         for size in [512u32, 1024] {
             say(&format!("full and diff snapshots at {size} MiB"));
-            let what = |w: &str| step(format!("{w} at {size} MiB"));
-            let sandbox = api
-                .create(json!({"memory_mib": size}))
+            let (full, diff, _) = api
+                .full_and_diff(json!({"memory_mib": size}), &format!("bench-{size}"))
                 .await
-                .map_err(what("create"))?;
-            let id = id_of(&sandbox).map_err(what("create"))?;
-            api.exec(&id, "sh", &["-c", INSTALL])
-                .await
-                .map_err(what("install"))?;
-            let full = api
-                .snapshot(&id, json!({"name": format!("bench-{size}")}))
-                .await
-                .map_err(what("full snapshot"))?;
-            api.exec(&id, "sh", &["-c", "echo changed > /tmp/changed"])
-                .await
-                .map_err(what("change"))?;
-            let diff = api
-                .snapshot(
-                    &id,
-                    json!({"name": format!("bench-{size}-diff"), "diff": true}),
-                )
-                .await
-                .map_err(what("diff snapshot"))?;
-            api.delete(&id).await.map_err(what("delete"))?;
-            for (name, answer) in [("full", &full), ("diff", &diff)] {
-                if let Some(took) = answer["took_ms"].as_f64() {
-                    figures.push(Figure::new(
-                        &format!("snapshot.{name}.{size}mib_ms"),
-                        &format!("snapshot ({name}, {size} MiB guest, running sandbox)"),
-                        "ms",
-                        Better::Lower,
-                        vec![took],
-                    ));
-                }
-            }
+                .map_err(step(format!("full and diff snapshots at {size} MiB")))?;
+            push_snapshot_figures(&mut figures, size, &full, &diff);
         }
     }
 
