@@ -15,6 +15,8 @@ mount -t 9p -o $opts labrun /labrun || { echo "lab: cannot mount the run folder"
 mount -t 9p -o $opts,cache=loose,ro hostroot /host || { echo "lab: cannot mount the host root"; reboot -f; }
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
+# cgroup v2, for the service's per-sandbox limits.
+mount -t cgroup2 cgroup2 /host/sys/fs/cgroup || echo "lab: cannot mount cgroup2"
 mount -t devtmpfs devtmpfs /host/dev
 mount -t devpts devpts /host/dev/pts 2>/dev/null
 mount -t tmpfs -o mode=1777 tmpfs /host/tmp

@@ -31,6 +31,12 @@ enum Cmd {
         #[arg(long)]
         skip_deps: bool,
     },
+    /// Only the VM tests (`vmtest_*`), through the suite's harness (in the lab where the host's
+    /// KVM cannot run Linux); `--filter` keeps those whose name contains it.
+    VmTests {
+        #[arg(long)]
+        filter: Option<String>,
+    },
     /// ember's main job, end to end: build everything, then boot a sandbox in the lab.
     Demo,
     /// Run the cargo-fuzz targets in fuzz/ (nightly; installs cargo-fuzz if needed).
@@ -149,6 +155,7 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             Ok(0)
         }
         Cmd::Test { skip_deps } => test::run_all(skip_deps),
+        Cmd::VmTests { filter } => test::run_vm_tests_only(filter.as_deref()),
         Cmd::Demo => demo(),
         Cmd::Fuzz { seconds, target } => fuzz::run_targets(seconds, target.as_deref()),
         Cmd::Bench {
