@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use ember_agent::client::{AgentClient, OutputStream};
 use ember_agent::protocol::{ExecRequest, ExitStatus, AGENT_VSOCK_PORT};
 use ember_vmm::{
-    ExitReason, RestoreMode, SnapshotKind, VmConfig, Vmm, VmmError, VmmOptions, VsockConfig,
+    ExitReason, RateLimit, RestoreMode, SnapshotKind, VmConfig, Vmm, VmmError, VmmOptions,
+    VsockConfig,
 };
 
 /// The guest's CID for a single foreground VM.
@@ -48,6 +49,8 @@ pub struct CommandPlan {
     pub diff: bool,
     /// The snapshot store (for `snapshot_on_exit` after a boot).
     pub store_dir: PathBuf,
+    /// Limits on the root disk's traffic.
+    pub disk_rate_limit: RateLimit,
 }
 
 /// Where the VM comes from.
@@ -121,11 +124,27 @@ pub struct CommandArgs {
     /// agent clients can reach the sandbox while the command runs.
     #[arg(long)]
     pub vsock_socket: Option<PathBuf>,
+    /// Limit the guest's root disk to this many bytes per second (a token bucket holding
+    /// one second's worth).
+    #[arg(long, value_name = "BYTES")]
+    pub disk_bytes_per_sec: Option<u64>,
+    /// Limit the guest's root disk to this many requests per second.
+    #[arg(long, value_name = "N")]
+    pub disk_ops_per_sec: Option<u64>,
 }
 
 impl CommandArgs {
+    /// The disk limits these options ask for.
+    pub fn disk_rate_limit(&self) -> RateLimit {
+        RateLimit {
+            bytes_per_sec: self.disk_bytes_per_sec,
+            ops_per_sec: self.disk_ops_per_sec,
+        }
+    }
+
     /// The plan for running `argv` with these options.
     pub fn into_plan(self, argv: Vec<String>) -> CommandPlan {
+        let disk_rate_limit = self.disk_rate_limit();
         CommandPlan {
             argv,
             env: self.env,
@@ -146,6 +165,7 @@ impl CommandArgs {
             snapshot_on_exit: self.snapshot_on_exit,
             diff: self.diff,
             store_dir: self.store.unwrap_or_else(default_store_dir),
+            disk_rate_limit,
         }
     }
 }
@@ -233,6 +253,7 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
     let options = VmmOptions {
         serial_out: Box::new(console.clone()),
         start,
+        disk_rate_limit: plan.disk_rate_limit,
     };
     block_stall_signal();
     let built = match &origin {
@@ -422,26 +443,34 @@ pub(crate) fn log_stall_reports_on_sigusr1(vmm: &Arc<Vmm>) {
     let vmm = Arc::downgrade(vmm);
     let spawned = std::thread::Builder::new()
         .name("ember-stall".into())
-        .spawn(move || loop {
-            let mut signal = 0;
-            // SAFETY: as in block_stall_signal; sigwait writes the signal number to `signal`.
-            let waited = unsafe {
-                let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut set);
-                libc::sigaddset(&mut set, libc::SIGUSR1);
-                libc::sigwait(&set, &mut signal)
-            };
-            if waited != 0 {
-                log::warn!("stall reports: sigwait failed ({waited}); no more reports");
+        .spawn(move || {
+            if let Err(e) = ember_seccomp::install(ember_seccomp::ThreadKind::Control) {
+                log::warn!("stall reports: {e}; no reports");
                 return;
             }
-            let Some(vmm) = vmm.upgrade() else { return };
-            let report = vmm.stall_report();
-            log::warn!("SIGUSR1: what the VM is doing:\n{report}");
-            // Also in a file: a captured stderr (a test's) may never be shown.
-            let file = std::env::temp_dir().join(format!("ember-stall-{}.txt", std::process::id()));
-            if let Err(e) = std::fs::write(&file, &report) {
-                log::warn!("cannot write {}: {e}", file.display());
+            loop {
+                let mut signal = 0;
+                // SAFETY: as in block_stall_signal; sigwait writes the signal number to
+                // `signal`.
+                let waited = unsafe {
+                    let mut set: libc::sigset_t = std::mem::zeroed();
+                    libc::sigemptyset(&mut set);
+                    libc::sigaddset(&mut set, libc::SIGUSR1);
+                    libc::sigwait(&set, &mut signal)
+                };
+                if waited != 0 {
+                    log::warn!("stall reports: sigwait failed ({waited}); no more reports");
+                    return;
+                }
+                let Some(vmm) = vmm.upgrade() else { return };
+                let report = vmm.stall_report();
+                log::warn!("SIGUSR1: what the VM is doing:\n{report}");
+                // Also in a file: a captured stderr (a test's) may never be shown.
+                let file =
+                    std::env::temp_dir().join(format!("ember-stall-{}.txt", std::process::id()));
+                if let Err(e) = std::fs::write(&file, &report) {
+                    log::warn!("cannot write {}: {e}", file.display());
+                }
             }
         });
     if let Err(e) = spawned {

@@ -28,6 +28,9 @@ pub struct WorkerSpec {
     pub control_socket: PathBuf,
     /// The private copy-on-write overlay of the rootfs.
     pub overlay: PathBuf,
+    /// Limits on the root disk's traffic.
+    #[serde(default)]
+    pub disk_rate_limit: ember_vmm::RateLimit,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +174,10 @@ mod tests {
             vsock_socket: "/v".into(),
             control_socket: "/c".into(),
             overlay: "/o".into(),
+            disk_rate_limit: ember_vmm::RateLimit {
+                bytes_per_sec: Some(1 << 20),
+                ops_per_sec: None,
+            },
         };
         let text = serde_json::to_string(&spec).unwrap();
         assert_eq!(serde_json::from_str::<WorkerSpec>(&text).unwrap(), spec);

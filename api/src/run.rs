@@ -171,6 +171,7 @@ pub fn run(args: RunArgs) -> i32 {
     let options = VmmOptions {
         serial_out: Box::new(std::io::stdout()),
         start,
+        disk_rate_limit: args.cmd.disk_rate_limit(),
     };
     match run_reported(&config, options) {
         Ok((reason, report)) => {

@@ -60,6 +60,10 @@ pub fn run(args: VmmArgs) -> i32 {
             return EXIT_FAILED;
         }
     };
+    if let Err(e) = limit_resources(&spec) {
+        eprintln!("ember vmm: {e}");
+        return EXIT_FAILED;
+    }
     let store = match open_store(&spec.store_dir) {
         Ok(store) => store,
         Err(e) => {
@@ -85,6 +89,7 @@ pub fn run(args: VmmArgs) -> i32 {
     let options = VmmOptions {
         serial_out: Box::new(console.clone()),
         start,
+        disk_rate_limit: spec.disk_rate_limit,
     };
     block_stall_signal();
     let built = match &spec.origin {
@@ -105,6 +110,13 @@ pub fn run(args: VmmArgs) -> i32 {
         }
     };
     log_stall_reports_on_sigusr1(&vmm);
+    // From here on this thread (and those it starts) only serves the sandbox: the agent
+    // connection, the control socket, snapshots into the store.
+    if let Err(e) = ember_seccomp::install(ember_seccomp::ThreadKind::Control) {
+        eprintln!("ember vmm: {e}");
+        vmm.stop();
+        return EXIT_FAILED;
+    }
     let (done_tx, vm_done) = channel();
     {
         let vmm = vmm.clone();
@@ -206,6 +218,53 @@ pub fn run(args: VmmArgs) -> i32 {
 
 /// Points stdout at /dev/null so a write after the service went away cannot kill the VMM
 /// with SIGPIPE.
+/// File descriptors a VMM may hold: its disk, the store's packs, KVM and event fds, and one
+/// per vsock connection; far beyond what a sandbox uses, far below what would starve the host.
+const MAX_OPEN_FILES: u64 = 4096;
+
+/// The largest file a VMM may write: its rootfs overlay (at most the rootfs's size) and the
+/// store's packs of a snapshot (at most the guest's memory and disk), with room to spare.
+fn max_file_size(spec: &WorkerSpec) -> u64 {
+    let rootfs = std::fs::metadata(&spec.rootfs).map_or(0, |m| m.len());
+    let memory = u64::from(spec.mem_mib) << 20;
+    rootfs.saturating_add(memory).saturating_mul(2) + (1 << 30)
+}
+
+/// Caps what a compromised VMM could take from the host (`RLIMIT_NOFILE`, `RLIMIT_FSIZE`,
+/// soft and hard: it cannot raise them again).
+fn limit_resources(spec: &WorkerSpec) -> Result<(), String> {
+    for (resource, name, value) in [
+        (libc::RLIMIT_NOFILE, "RLIMIT_NOFILE", MAX_OPEN_FILES),
+        (libc::RLIMIT_FSIZE, "RLIMIT_FSIZE", max_file_size(spec)),
+    ] {
+        let mut current = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit into `current`.
+        if unsafe { libc::getrlimit(resource, &mut current) } != 0 {
+            return Err(format!(
+                "cannot read {name}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // Never above what is already allowed (raising a hard limit needs privileges).
+        let value = value.min(current.rlim_max);
+        let limit = libc::rlimit {
+            rlim_cur: value,
+            rlim_max: value,
+        };
+        // SAFETY: setrlimit reads the rlimit we pass; it changes only this process's limits.
+        if unsafe { libc::setrlimit(resource, &limit) } != 0 {
+            return Err(format!(
+                "cannot set {name} to {value}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn detach_stdout() {
     if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
         use std::os::fd::AsRawFd;

@@ -209,6 +209,7 @@ impl Sandbox {
         let options = VmmOptions {
             serial_out: Box::new(std::io::sink()),
             start: Instant::now(),
+            ..Default::default()
         };
         let vmm = Arc::new(Vmm::build(&config, options).expect("the VM builds"));
         vmm.resume().expect("the vCPUs run");
@@ -360,4 +361,30 @@ fn vmtest_a_stall_report_shows_vcpus_queues_and_threads_and_the_vm_runs_on() {
         .exec_collect(ExecRequest::shell("echo still here"))
         .expect("exec after the report");
     assert_eq!(text(&out.stdout), "still here\n");
+
+    // A VM paused on purpose (the API's pause, a snapshot) stays paused through a report.
+    let vmm = sandbox.vmm.upgrade().expect("the VM runs");
+    vmm.pause().expect("pause");
+    let vcpu_lines = |report: &str| -> Vec<String> {
+        report
+            .lines()
+            .filter(|l| l.starts_with("vCPU"))
+            .map(str::to_string)
+            .collect()
+    };
+    let first = vmm.stall_report();
+    assert!(first.contains("vCPUs: paused (not running)"), "{first}");
+    assert!(!vmm.is_running(), "the report resumed a paused VM");
+    let second = vmm.stall_report();
+    assert_eq!(
+        vcpu_lines(&first),
+        vcpu_lines(&second),
+        "the guest ran between reports"
+    );
+    vmm.resume().expect("resume");
+    let out = sandbox
+        .client
+        .exec_collect(ExecRequest::shell("echo resumed"))
+        .expect("exec after resume");
+    assert_eq!(text(&out.stdout), "resumed\n");
 }

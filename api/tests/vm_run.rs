@@ -19,8 +19,14 @@ fn artifact(var: &str) -> PathBuf {
 
 /// Runs `ember ARGS…` with a time limit and returns its output.
 fn ember(args: &[&str]) -> Output {
+    ember_with_env(args, &[])
+}
+
+/// As [`ember`], with extra environment variables.
+fn ember_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -137,6 +143,15 @@ impl Drop for Scratch {
 }
 
 fn run_with_initramfs(disk: &Scratch, read_only: bool, script: &str) -> Output {
+    run_with_initramfs_env(disk, read_only, script, &[])
+}
+
+fn run_with_initramfs_env(
+    disk: &Scratch,
+    read_only: bool,
+    script: &str,
+    env: &[(&str, &str)],
+) -> Output {
     let kernel = artifact("EMBER_KERNEL");
     let initrd = artifact("EMBER_INITRAMFS");
     let mut args = vec![
@@ -153,7 +168,7 @@ fn run_with_initramfs(disk: &Scratch, read_only: bool, script: &str) -> Output {
     if read_only {
         args.push("--read-only-rootfs");
     }
-    ember(&args)
+    ember_with_env(&args, env)
 }
 
 #[test]
@@ -212,6 +227,103 @@ fn vmtest_a_read_only_disk_refuses_writes_and_keeps_its_bytes() {
     assert!(
         std::fs::read(&disk.0).unwrap() == pattern,
         "the read-only disk was modified"
+    );
+}
+
+#[test]
+fn vmtest_a_thread_making_a_forbidden_call_stops_the_vmm_with_the_seccomp_reason() {
+    let disk = Scratch::new("seccomp.img");
+    std::fs::write(&disk.0, vec![0u8; 1 << 20]).unwrap();
+    let seccomp_exit = Some(ember_seccomp::EXIT_SECCOMP);
+    // A vCPU thread without KVM_RUN stops the VMM before the guest's first instruction.
+    let out = run_with_initramfs_env(
+        &disk,
+        false,
+        "echo BOOTED",
+        &[("EMBER_SECCOMP_DENY", "vcpu:ioctl")],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), seccomp_exit, "{stderr}");
+    assert!(
+        stderr.contains("ember: seccomp: the vcpu thread made a forbidden system call: ioctl (16)"),
+        "{stderr}"
+    );
+    assert!(!text(&out.stdout).contains("BOOTED"), "the guest ran");
+    // The device thread may read the disk but not write it: the guest boots, and its first
+    // write to the disk ends the VMM.
+    let out = run_with_initramfs_env(
+        &disk,
+        false,
+        "echo BOOTED; dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct; echo WROTE",
+        &[("EMBER_SECCOMP_DENY", "devices:pwrite64,devices:pwritev")],
+    );
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), seccomp_exit, "{stdout}\n{stderr}");
+    assert!(stdout.contains("BOOTED"), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("WROTE"), "{stdout}");
+    assert!(
+        stderr.contains("ember: seccomp: the devices thread made a forbidden system call: pwrite"),
+        "{stderr}"
+    );
+    // Everything else in the suite runs with every filter enforced.
+}
+
+#[test]
+fn vmtest_a_disk_rate_limit_slows_the_guest_and_loses_no_byte() {
+    use sha2::Digest;
+    let disk = Scratch::new("limited.img");
+    // 8 MiB that no page cache or zero-page shortcut can fake.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let data: Vec<u8> = (0..8 << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    std::fs::write(&disk.0, &data).unwrap();
+    let expected = format!("{:x}", sha2::Sha256::digest(&data));
+    let script = "a=$(cut -d' ' -f1 /proc/uptime); sum=$(sha256sum /dev/vda); \
+                  b=$(cut -d' ' -f1 /proc/uptime); echo \"READ $sum\"; echo \"ELAPSED $a $b\"";
+    let kernel = artifact("EMBER_KERNEL");
+    let initrd = artifact("EMBER_INITRAMFS");
+    let out = ember(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--rootfs",
+        disk.path(),
+        "--read-only-rootfs",
+        "--disk-bytes-per-sec",
+        "1048576",
+        "--init-cmd",
+        script,
+    ]);
+    let console = expect_success(&out);
+    let read = console
+        .lines()
+        .find_map(|l| l.strip_prefix("READ "))
+        .unwrap_or_else(|| panic!("no READ line:\n{console}"));
+    assert!(
+        read.starts_with(&expected),
+        "the guest read other bytes: {read}"
+    );
+    let times: Vec<f64> = console
+        .lines()
+        .find_map(|l| l.strip_prefix("ELAPSED "))
+        .unwrap_or_else(|| panic!("no ELAPSED line:\n{console}"))
+        .split_whitespace()
+        .map(|t| t.parse().unwrap())
+        .collect();
+    let elapsed = times[1] - times[0];
+    // 8 MiB at 1 MiB/s with a one-second burst takes at least 7 s; unlimited, the lab reads
+    // it in well under a second. (A lower bound: a slow lab cannot make it pass wrongly.)
+    assert!(
+        elapsed >= 5.0,
+        "8 MiB read in {elapsed:.2} s under a 1 MiB/s limit"
     );
 }
 

@@ -215,7 +215,80 @@ impl Drop for Service {
 #[test]
 fn vmtest_service_exec_streams_files_and_refuses_bad_requests() {
     let service = Service::start("exec");
-    let id = service.create(json!({"env": {"GREETING": "hi"}}));
+    // A disk limit far above what the test moves: the path from the API to the device.
+    let id = service.create(json!({
+        "env": {"GREETING": "hi"},
+        "disk_limits": {"bytes_per_sec": 1u64 << 30}
+    }));
+    let sandbox = service.sandbox(&id);
+    assert_eq!(
+        sandbox["disk_limits"]["bytes_per_sec"],
+        1u64 << 30,
+        "{sandbox}"
+    );
+
+    // The VMM process is contained: every one of its threads runs under a seccomp filter,
+    // and its file limits are set.
+    let pid = sandbox["pid"].as_i64().unwrap();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    let mut threads = Vec::new();
+    for task in tasks {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        threads.push((field("Name:"), field("Seccomp:")));
+    }
+    assert!(threads.len() >= 5, "{threads:?}");
+    assert!(
+        threads.iter().all(|(_, mode)| mode == "2"),
+        "a VMM thread runs without a seccomp filter: {threads:?}"
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    assert!(
+        limits.lines().any(|l| l.starts_with("Max open files")
+            && l.split_whitespace().nth(3) == Some("4096")),
+        "{limits}"
+    );
+    // Its own cgroup v2: memory = the guest's 256 MiB + 160 MiB, one vCPU's CPU, 64 tasks.
+    let membership = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let cgroup = membership
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .filter(|p| p.ends_with(&format!("/ember-sandboxes/{id}")))
+        .unwrap_or_else(|| panic!("the VMM is not in its sandbox's cgroup: {membership}"));
+    let cgroup = std::path::Path::new("/sys/fs/cgroup").join(cgroup.trim_start_matches('/'));
+    let read = |file: &str| {
+        std::fs::read_to_string(cgroup.join(file))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(read("memory.max"), ((256u64 + 160) << 20).to_string());
+    assert_eq!(read("cpu.max"), "100000 100000");
+    assert_eq!(read("pids.max"), "64");
+    // The guest fills most of its RAM: the VMM grows, stays under its limit, is not killed,
+    // and the sandbox goes on answering.
+    let out = service.sh(
+        &id,
+        "python3 -c 'b = bytearray(160 << 20); b[::4096] = b\"x\" * len(b[::4096]); print(len(b) >> 20)'",
+    );
+    assert_eq!(out["stdout"], "160\n", "{out}");
+    let peak: u64 = read("memory.peak").parse().unwrap_or(0);
+    let current: u64 = read("memory.current").parse().unwrap();
+    assert!(
+        peak.max(current) > 130 << 20 && peak.max(current) <= (256 + 160) << 20,
+        "memory.current {current}, memory.peak {peak}"
+    );
+    let events = read("memory.events");
+    assert!(
+        events.lines().any(|l| l == "oom_kill 0"),
+        "the sandbox's VMM was OOM-killed: {events}"
+    );
 
     // The first example, waited for.
     let out = service.call(

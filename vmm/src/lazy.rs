@@ -257,9 +257,10 @@ impl LazyMemory {
             let (recorded, failure) = (recorded.clone(), failure.clone());
             let stop = stop.try_clone().map_err(LazyError::Epoll)?;
             let error_evt = error_evt.try_clone().map_err(LazyError::Epoll)?;
-            std::thread::Builder::new()
-                .name("ember-uffd".into())
-                .spawn(move || {
+            ember_seccomp::spawn_filtered(
+                "ember-uffd".into(),
+                ember_seccomp::ThreadKind::MemoryFaults,
+                move || {
                     if let Err(reason) =
                         serve_faults(&uffd, &layout, source.as_ref(), &stats, &recorded, &stop)
                     {
@@ -267,11 +268,12 @@ impl LazyMemory {
                         *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
                         let _ = error_evt.write(1);
                     }
-                })
-                .map_err(|source| LazyError::Spawn {
-                    what: "userfaultfd handler",
-                    source,
-                })?
+                },
+            )
+            .map_err(|source| LazyError::Spawn {
+                what: "userfaultfd handler",
+                source,
+            })?
         };
         let prefetcher = if prefetch.is_empty() {
             None
@@ -279,15 +281,17 @@ impl LazyMemory {
             let (uffd, layout, stats, stopping) =
                 (uffd.clone(), layout, stats.clone(), stopping.clone());
             Some(
-                std::thread::Builder::new()
-                    .name("ember-prefetch".into())
-                    .spawn(move || {
+                ember_seccomp::spawn_filtered(
+                    "ember-prefetch".into(),
+                    ember_seccomp::ThreadKind::MemoryFaults,
+                    move || {
                         prefetch_runs(&uffd, &layout, source.as_ref(), &stats, &stopping, prefetch)
-                    })
-                    .map_err(|source| LazyError::Spawn {
-                        what: "prefetch",
-                        source,
-                    })?,
+                    },
+                )
+                .map_err(|source| LazyError::Spawn {
+                    what: "prefetch",
+                    source,
+                })?,
             )
         };
         Ok(LazyMemory {

@@ -12,7 +12,7 @@
 
 use std::cell::Cell;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -321,10 +321,17 @@ impl Vcpu {
         let index = self.index;
         let (commands, mailbox) = channel();
         let (acks, responses) = channel();
-        let thread = std::thread::Builder::new()
-            .name(format!("ember-vcpu{index}"))
-            .spawn(move || self.run_thread(mailbox, acks, stops, stop_evt))
-            .map_err(|source| VcpuError::Spawn { index, source })?;
+        // Read here, where opening /dev/kvm is allowed, for the thread's saves.
+        if let Err(e) = host_msr_indices() {
+            log::warn!("vCPU {index}: cannot list the host's MSRs (snapshots will fail): {e}");
+        }
+        // The thread's filter is in place before `start` returns, so before any Resume.
+        let thread = ember_seccomp::spawn_filtered(
+            format!("ember-vcpu{index}"),
+            ember_seccomp::ThreadKind::Vcpu,
+            move || self.run_thread(mailbox, acks, stops, stop_evt),
+        )
+        .map_err(|source| VcpuError::Spawn { index, source })?;
         Ok(VcpuHandle {
             index,
             commands,
@@ -415,14 +422,29 @@ impl Vcpu {
     }
 }
 
+/// The host's MSR list (`KVM_GET_MSR_INDEX_LIST`), read once, by `Vcpu::start`: opening
+/// `/dev/kvm` is not among what a vCPU thread may do.
+fn host_msr_indices() -> Result<&'static [u32], &'static str> {
+    static LIST: OnceLock<Result<Vec<u32>, String>> = OnceLock::new();
+    LIST.get_or_init(|| {
+        kvm_ioctls::Kvm::new()
+            .and_then(|kvm| kvm.get_msr_index_list())
+            .map(|list| list.as_slice().to_vec())
+            .map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map(Vec::as_slice)
+    .map_err(String::as_str)
+}
+
 impl Vcpu {
     /// Saves this (paused) vCPU for the VMM.
     fn save_response(&self) -> VcpuResponse {
-        let msrs = match kvm_ioctls::Kvm::new().and_then(|kvm| kvm.get_msr_index_list()) {
+        let msrs = match host_msr_indices() {
             Ok(list) => list,
             Err(e) => return VcpuResponse::SaveFailed(format!("cannot list the host's MSRs: {e}")),
         };
-        match crate::persist::vcpu::save_vcpu(&self.fd, self.index, msrs.as_slice()) {
+        match crate::persist::vcpu::save_vcpu(&self.fd, self.index, msrs) {
             Ok(state) => VcpuResponse::Saved(SavedVcpu(Arc::new(state))),
             Err(e) => VcpuResponse::SaveFailed(e.to_string()),
         }

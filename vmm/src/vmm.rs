@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub use ember_devices::rate_limiter::RateLimit;
 use ember_devices::virtio::block::{Block, CowDisk, Disk, COW_CHUNK_SIZE};
 use ember_devices::virtio::mmio::{regs::QUEUE_NOTIFY, MmioTransport, MMIO_WINDOW_SIZE};
 use ember_devices::virtio::vsock::{Vsock, MAX_UDS_PATH_LEN, MIN_GUEST_CID};
@@ -139,6 +140,9 @@ pub struct VmmOptions {
     pub serial_out: Box<dyn Write + Send>,
     /// When boot time is measured from (the boot timer reports the time to userspace).
     pub start: Instant,
+    /// Limits on the root disk's bytes and requests per second (none by default): one guest
+    /// must not starve the host's disk.
+    pub disk_rate_limit: RateLimit,
 }
 
 impl Default for VmmOptions {
@@ -146,6 +150,7 @@ impl Default for VmmOptions {
         VmmOptions {
             serial_out: Box::new(std::io::stdout()),
             start: Instant::now(),
+            disk_rate_limit: RateLimit::default(),
         }
     }
 }
@@ -336,17 +341,19 @@ impl EventLoop {
         for subscriber in subscribers {
             manager.add_subscriber(subscriber);
         }
-        let thread = std::thread::Builder::new()
-            .name("ember-events".into())
-            .spawn(move || {
+        let thread = ember_seccomp::spawn_filtered(
+            "ember-events".into(),
+            ember_seccomp::ThreadKind::Devices,
+            move || {
                 while !done.load(Ordering::SeqCst) {
                     if let Err(e) = manager.run() {
                         log::error!("device event loop failed: {e:?}");
                         break;
                     }
                 }
-            })
-            .map_err(VmmError::EventThread)?;
+            },
+        )
+        .map_err(VmmError::EventThread)?;
         Ok(EventLoop {
             exit_evt,
             thread: Some(thread),
@@ -443,11 +450,14 @@ fn attach_devices(
             )),
             (None, None) => None,
         };
-        let block = match &cow {
+        let mut block = match &cow {
             Some(cow) => Block::with_disk(Disk::from_cow(cow.clone(), "rootfs")),
             None => Block::new(rootfs, config.read_only_rootfs, "rootfs".to_string()),
         }
         .map_err(block_error)?;
+        block
+            .set_rate_limit(options.disk_rate_limit)
+            .map_err(block_error)?;
         rootfs_cow = cow;
         let block = Arc::new(Mutex::new(block));
         transports.push(attach_virtio(
@@ -682,6 +692,9 @@ pub struct Vmm {
     /// The snapshot memory equals but for the dirty pages (set by restores and snapshots);
     /// dirty page logging is on exactly when this is set.
     base: Mutex<Option<SnapshotBase>>,
+    /// Whether the vCPUs were last told to run (`resume`) rather than to stop (`pause`);
+    /// the lock also orders pauses and resumes from different threads.
+    running: Mutex<bool>,
     mem: GuestMemoryMmap,
 }
 
@@ -757,6 +770,7 @@ impl Vmm {
             vm,
             lazy,
             base: Mutex::new(base),
+            running: Mutex::new(false),
             mem,
         })
     }
@@ -1170,12 +1184,24 @@ impl Vmm {
 
     /// Runs all vCPUs.
     pub fn resume(&self) -> Result<(), VmmError> {
-        command_all(&self.vcpus, VcpuCommand::Resume).map_err(VmmError::Vcpu)
+        let mut running = lock_or_recover(&self.running);
+        command_all(&self.vcpus, VcpuCommand::Resume).map_err(VmmError::Vcpu)?;
+        *running = true;
+        Ok(())
     }
 
     /// Stops all vCPUs outside `KVM_RUN`; returns once every one has acknowledged.
     pub fn pause(&self) -> Result<(), VmmError> {
+        let mut running = lock_or_recover(&self.running);
+        // Marked stopped first: after a failed pause some vCPUs may be stopped, and a later
+        // `resume` (not a stall report) is what runs them again.
+        *running = false;
         command_all(&self.vcpus, VcpuCommand::Pause).map_err(VmmError::Vcpu)
+    }
+
+    /// Whether the vCPUs were last told to run.
+    pub fn is_running(&self) -> bool {
+        *lock_or_recover(&self.running)
     }
 
     /// A few lines on what the VM is doing, for a guest that stopped answering: each vCPU's
@@ -1185,8 +1211,17 @@ impl Vmm {
     pub fn stall_report(&self) -> String {
         use std::fmt::Write;
         let mut out = String::new();
-        match self.pause() {
-            Ok(()) => {
+        // Held throughout, so an API pause or resume waits for the report; a VM that was
+        // paused (by the API, or for a snapshot) stays paused.
+        let running = lock_or_recover(&self.running);
+        let paused_here = if *running {
+            command_all(&self.vcpus, VcpuCommand::Pause).map(|()| true)
+        } else {
+            let _ = writeln!(out, "vCPUs: paused (not running)");
+            Ok(false)
+        };
+        match paused_here {
+            Ok(paused_here) => {
                 match crate::vcpu::save_all(&self.vcpus) {
                     Ok(states) => {
                         for s in &states {
@@ -1206,16 +1241,19 @@ impl Vmm {
                         let _ = writeln!(out, "vCPUs: cannot read their state: {e}");
                     }
                 }
-                if let Err(e) = self.resume() {
-                    let _ = writeln!(out, "vCPUs: cannot resume them: {e}");
+                if paused_here {
+                    if let Err(e) = command_all(&self.vcpus, VcpuCommand::Resume) {
+                        let _ = writeln!(out, "vCPUs: cannot resume them: {e}");
+                    }
                 }
             }
             Err(e) => {
                 let _ = writeln!(out, "vCPUs: cannot pause them (stuck in KVM_RUN?): {e}");
-                // Those that did pause must run again.
-                let _ = self.resume();
+                // Those that did pause must run again: the VM was running.
+                let _ = command_all(&self.vcpus, VcpuCommand::Resume);
             }
         }
+        drop(running);
         for (slot, transport) in self.transports.iter().enumerate() {
             let Some(transport) = try_lock_for(transport, Duration::from_secs(1)) else {
                 let _ = writeln!(out, "virtio slot {slot}: transport lock held for 1 s");
@@ -1540,6 +1578,7 @@ mod tests {
         let options = VmmOptions {
             serial_out: Box::new(out.clone()),
             start: Instant::now(),
+            ..Default::default()
         };
         let config = VmConfig {
             kernel: kernel.as_path().to_path_buf(),
@@ -1581,6 +1620,7 @@ mod tests {
         let options = VmmOptions {
             serial_out: Box::new(std::io::sink()),
             start: Instant::now(),
+            ..Default::default()
         };
         match run_with(&config, options) {
             Ok(reason) => assert_eq!(reason, ExitReason::TripleFault),
@@ -1610,6 +1650,7 @@ mod tests {
         let options = VmmOptions {
             serial_out: Box::new(std::io::sink()),
             start: Instant::now(),
+            ..Default::default()
         };
         let vmm = Vmm::build(&config, options).unwrap();
         vmm.resume().unwrap();
@@ -1628,6 +1669,7 @@ mod tests {
         let options = VmmOptions {
             serial_out: Box::new(std::io::sink()),
             start: Instant::now(),
+            ..Default::default()
         };
         let err = Vmm::build(&config(), options).unwrap_err();
         assert!(

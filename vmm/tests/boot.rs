@@ -44,6 +44,7 @@ fn boot(config: VmConfig) -> (ExitReason, String) {
     let options = VmmOptions {
         serial_out: Box::new(console.clone()),
         start: Instant::now(),
+        ..Default::default()
     };
     let (done_tx, done) = channel();
     std::thread::spawn(move || {

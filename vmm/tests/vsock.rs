@@ -195,6 +195,7 @@ fn vmtest_vsock_echo_and_guest_initiated_connection() {
     let options = VmmOptions {
         serial_out: Box::new(console.clone()),
         start: Instant::now(),
+        ..Default::default()
     };
     let (done_tx, done) = channel();
     std::thread::spawn(move || {

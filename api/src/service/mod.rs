@@ -2,6 +2,7 @@
 //! VMM process per sandbox; snapshots in the content-addressed store under the state
 //! directory.
 
+pub mod cgroup;
 pub mod error;
 pub mod exec;
 pub mod files;
@@ -76,6 +77,8 @@ pub struct AppState {
     pub sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     pub store: Arc<ember_snapshot_store::Store>,
     pub metrics: metrics::Metrics,
+    /// Where sandboxes' cgroups go (none: the host has no usable cgroup v2 hierarchy).
+    pub cgroups: Option<cgroup::Cgroups>,
 }
 
 impl AppState {
@@ -165,6 +168,19 @@ pub fn serve(args: ServeArgs) -> i32 {
         sandboxes: Mutex::new(HashMap::new()),
         store,
         metrics: metrics::Metrics::default(),
+        cgroups: match cgroup::Cgroups::detect(std::path::Path::new("/sys/fs/cgroup")) {
+            Ok(cgroups) => {
+                log::info!(
+                    "sandboxes get cgroup v2 limits under {}",
+                    cgroups.root().display()
+                );
+                Some(cgroups)
+            }
+            Err(e) => {
+                log::warn!("sandboxes run without cgroup limits: {e}");
+                None
+            }
+        },
     });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -361,6 +377,8 @@ pub struct CreateBody {
     pub env: BTreeMap<String, String>,
     /// `prefetch` (default), `lazy` or `eager`; restores only.
     pub restore_mode: Option<String>,
+    /// Limits on the sandbox's root disk: `{bytes_per_sec, ops_per_sec}` (none by default).
+    pub disk_limits: Option<ember_vmm::RateLimit>,
 }
 
 pub const IMAGES: &[&str] = &["default", "python", "node"];
@@ -415,6 +433,13 @@ async fn create_sandbox(
         }
     };
     let (origin, vcpus, mem_mib) = new;
+    if let Some(limits) = &body.disk_limits {
+        if limits.bytes_per_sec == Some(0) || limits.ops_per_sec == Some(0) {
+            return Err(ApiError::bad_request(
+                "`disk_limits` rates must be at least 1 (leave a field out for no limit)",
+            ));
+        }
+    }
     let sandbox = sandbox::create(
         &state,
         NewSandbox {
@@ -423,6 +448,7 @@ async fn create_sandbox(
             mem_mib,
             timeout,
             env: body.env,
+            disk_rate_limit: body.disk_limits.unwrap_or_default(),
         },
     )
     .await?;
@@ -585,6 +611,7 @@ mod tests {
             sandboxes: Mutex::new(HashMap::new()),
             store: crate::command::open_store(&dir.join("store")).unwrap(),
             metrics: metrics::Metrics::default(),
+            cgroups: None,
         })
     }
 
@@ -665,6 +692,20 @@ mod tests {
                 r#"{"env":{"A=B":"c"}}"#.into(),
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
+            ),
+            (
+                "POST",
+                "/sandboxes",
+                r#"{"disk_limits":{"bytes_per_sec":0}}"#.into(),
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+            ),
+            (
+                "POST",
+                "/sandboxes",
+                r#"{"disk_limits":{"iops":10}}"#.into(),
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
             ),
             (
                 "GET",

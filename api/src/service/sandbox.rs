@@ -212,6 +212,7 @@ impl Sandbox {
             "ready_ms": r.ready_ms,
             "pid": r.pid,
             "env": r.env,
+            "disk_limits": r.spec.disk_rate_limit,
         })
     }
 
@@ -368,6 +369,7 @@ pub struct NewSandbox {
     pub mem_mib: u32,
     pub timeout: Duration,
     pub env: BTreeMap<String, String>,
+    pub disk_rate_limit: ember_vmm::RateLimit,
 }
 
 /// Starts a VMM process for a new sandbox and waits until its agent answers.
@@ -402,6 +404,7 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         vsock_socket: run.join(format!("{id}.vsock")),
         control_socket: run.join(format!("{id}.ctl")),
         overlay: dir.join("rootfs.overlay"),
+        disk_rate_limit: new.disk_rate_limit,
     };
     let record = SandboxRecord {
         id: id.clone(),
@@ -458,7 +461,12 @@ async fn start_vmm(
     std::fs::write(&spec_path, text).map_err(|e| format!("cannot write the spec: {e}"))?;
     let log = std::fs::File::create(sandbox.dir.join("vmm.log"))
         .map_err(|e| format!("cannot create the VMM log: {e}"))?;
-    let mut child = tokio::process::Command::new(&state.config.exe)
+    let cgroup = match &state.cgroups {
+        Some(cgroups) => Some(cgroups.create(&sandbox.id, spec.mem_mib, spec.vcpus)?),
+        None => None,
+    };
+    let mut command = tokio::process::Command::new(&state.config.exe);
+    command
         .arg("vmm")
         .arg("--spec")
         .arg(&spec_path)
@@ -466,9 +474,27 @@ async fn start_vmm(
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         // Its own process group: a ^C meant for the service does not reach the sandboxes.
-        .process_group(0)
+        .process_group(0);
+    if let Some(cgroup) = &cgroup {
+        let procs = cgroup.procs_fd();
+        // SAFETY: runs in the child between fork and exec, where only async-signal-safe calls
+        // are allowed: one write(2) of a static buffer to a descriptor opened before the fork
+        // (it stays open until the spawn returns). Writing "0" moves the child itself, so the
+        // VMM never runs outside its cgroup.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::write(procs, b"0".as_ptr().cast(), 1) == 1 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    let mut child = command
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", state.config.exe.display()))?;
+    drop(cgroup);
     let pid = child.id().unwrap_or(0);
     sandbox.update(|r| r.pid = Some(pid));
     let stdout = child.stdout.take().ok_or("the VMM has no stdout")?;
@@ -477,10 +503,15 @@ async fn start_vmm(
     let (exited_tx, mut exited_rx) = tokio::sync::oneshot::channel::<String>();
     {
         let sandbox = sandbox.clone();
+        let cgroups = state.cgroups.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
+            if let Some(cgroups) = cgroups {
+                let id = sandbox.id.clone();
+                let _ = tokio::task::spawn_blocking(move || cgroups.remove(&id)).await;
+            }
             let code = match &status {
-                Ok(s) => s.to_string(),
+                Ok(s) => describe_vmm_exit(*s),
                 Err(e) => e.to_string(),
             };
             let why = format!(
@@ -576,7 +607,11 @@ pub async fn recover(state: &Arc<AppState>) {
                         }
                     });
                     log::info!("adopted sandbox {} (pid {:?})", record.id, record.pid);
-                    watch_adopted(sandbox.clone(), record.pid.unwrap_or(0));
+                    watch_adopted(
+                        sandbox.clone(),
+                        record.pid.unwrap_or(0),
+                        state.cgroups.clone(),
+                    );
                 }
                 _ => sandbox.fail(format!(
                     "its VMM process (pid {}) was gone when the service started: {}",
@@ -591,13 +626,30 @@ pub async fn recover(state: &Arc<AppState>) {
             .unwrap_or_else(|p| p.into_inner())
             .insert(record.id.clone(), sandbox);
     }
+    // Cgroups of sandboxes that are not live any more (their VMM died with a service that
+    // was not there to clean up).
+    if let Some(cgroups) = &state.cgroups {
+        let live: Vec<String> = state
+            .sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|s| s.state().is_live())
+            .map(|s| s.id.clone())
+            .collect();
+        cgroups.remove_stale(&live);
+    }
 }
 
 /// An adopted VMM is not this process's child: poll whether it lives.
-fn watch_adopted(sandbox: Arc<Sandbox>, pid: u32) {
+fn watch_adopted(sandbox: Arc<Sandbox>, pid: u32, cgroups: Option<super::cgroup::Cgroups>) {
     tokio::spawn(async move {
         while process_alive(pid) {
             tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        if let Some(cgroups) = cgroups {
+            let id = sandbox.id.clone();
+            let _ = tokio::task::spawn_blocking(move || cgroups.remove(&id)).await;
         }
         sandbox.fail(format!(
             "the VMM process (pid {pid}) ended: {}",
@@ -633,5 +685,26 @@ pub async fn reap_expired(state: Arc<AppState>) {
                 drop(state);
             });
         }
+    }
+}
+
+/// How a VMM process ended, in words: a seccomp stop is named as such.
+fn describe_vmm_exit(status: std::process::ExitStatus) -> String {
+    if status.code() == Some(ember_seccomp::EXIT_SECCOMP) {
+        format!("{status}: stopped by its seccomp filter after a forbidden system call")
+    } else {
+        status.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_seccomp_stop_is_named() {
+        use std::os::unix::process::ExitStatusExt;
+        let seccomp = std::process::ExitStatus::from_raw(ember_seccomp::EXIT_SECCOMP << 8);
+        assert!(super::describe_vmm_exit(seccomp).contains("seccomp filter"));
+        let plain = std::process::ExitStatus::from_raw(1 << 8);
+        assert_eq!(super::describe_vmm_exit(plain), "exit status: 1");
     }
 }

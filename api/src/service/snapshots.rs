@@ -218,6 +218,7 @@ pub async fn fork(
             mem_mib,
             timeout,
             env: body.env.clone(),
+            disk_rate_limit: ember_vmm::RateLimit::default(),
         };
         tokio::spawn(async move { sandbox::create(&state, new).await })
     });

@@ -43,9 +43,11 @@ impl SerialOutput {
             warned: AtomicBool::new(false),
         });
         let thread_shared = shared.clone();
-        std::thread::Builder::new()
-            .name("serial-out".into())
-            .spawn(move || writer_loop(&thread_shared, &mut *sink))?;
+        ember_seccomp::spawn_filtered(
+            "serial-out".into(),
+            ember_seccomp::ThreadKind::SerialOutput,
+            move || writer_loop(&thread_shared, &mut *sink),
+        )?;
         Ok(SerialOutput { shared })
     }
 

@@ -3,6 +3,7 @@
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_blk::{
@@ -11,10 +12,12 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::disk::Disk;
-use super::request::{process_queue, SECTOR_SIZE};
+use super::request::{process_queue_limited, SECTOR_SIZE};
 use super::BlockError;
+use crate::rate_limiter::{RateLimit, RateLimiter};
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt, FEATURE_VERSION_1};
 use crate::GuestMemoryMmap;
 
@@ -50,6 +53,12 @@ pub struct Block {
     /// Our own clones of the queue eventfds currently added to the event loop. Kept separate
     /// from `active` so a reset cannot close an fd that epoll still watches.
     registered: Vec<EventFd>,
+    /// Limits on the guest's disk bytes and requests per second (unlimited by default).
+    limiter: RateLimiter,
+    /// Fires when a throttled queue may be processed again (exists when limited).
+    retry_timer: Option<TimerFd>,
+    /// A throttled queue waits for `retry_timer`; kicks meanwhile change nothing.
+    throttled: bool,
 }
 
 impl std::fmt::Debug for Block {
@@ -88,7 +97,26 @@ impl Block {
             activate_evt: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
             active: None,
             registered: Vec::new(),
+            limiter: RateLimiter::unlimited(),
+            retry_timer: None,
+            throttled: false,
         })
+    }
+
+    /// Limits the guest's disk traffic (before the device is added to the event loop).
+    pub fn set_rate_limit(&mut self, limit: RateLimit) -> Result<(), BlockError> {
+        self.retry_timer = if limit.is_limited() {
+            Some(TimerFd::new().map_err(|e| BlockError::Timer(e.into()))?)
+        } else {
+            None
+        };
+        self.limiter = RateLimiter::new(limit);
+        Ok(())
+    }
+
+    /// Requests the rate limiter made wait so far.
+    pub fn throttled_requests(&self) -> u64 {
+        self.limiter.throttled()
     }
 
     /// The backing disk.
@@ -131,7 +159,27 @@ impl Block {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        if !process_queue(&mut active.queue, &active.mem, &self.disk) {
+        let outcome = process_queue_limited(
+            &mut active.queue,
+            &active.mem,
+            &self.disk,
+            &mut self.limiter,
+        );
+        self.throttled = outcome.throttled;
+        if outcome.throttled {
+            // At least a millisecond: a timer of zero would disarm it.
+            let wait = self.limiter.wait_time().max(Duration::from_millis(1));
+            match self.retry_timer.as_mut().map(|t| t.reset(wait, None)) {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    // Without the timer the queue would wait for a kick that may not come.
+                    log::error!("virtio-block: cannot arm the rate limiter's timer: {e}");
+                    self.throttled = false;
+                }
+                None => log::error!("virtio-block: throttled without a retry timer"),
+            }
+        }
+        if !outcome.used_any {
             return;
         }
         match active.queue.needs_notification(&active.mem) {
@@ -162,6 +210,11 @@ impl Block {
             },
             Err(e) => log::error!("virtio-block: failed to clone the queue eventfd: {e}"),
         }
+        // A restored queue may hold requests the device had not taken yet (e.g. held back by
+        // the rate limiter, with notifications off): take them now rather than wait for a kick
+        // that will not come. A fresh queue is empty and this does nothing.
+        self.throttled = false;
+        self.process_queue();
     }
 }
 
@@ -271,6 +324,7 @@ impl VirtioDevice for Block {
     fn reset(&mut self) -> bool {
         self.active = None;
         self.acked_features = 0;
+        self.throttled = false;
         // Let the event loop drop the queue eventfd registration.
         if let Err(e) = self.activate_evt.write(1) {
             log::warn!("virtio-block: failed to signal the reset to the event loop: {e}");
@@ -284,6 +338,11 @@ impl MutEventSubscriber for Block {
         if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
             log::error!("virtio-block: failed to register the activation eventfd: {e:?}");
         }
+        if let Some(timer) = &self.retry_timer {
+            if let Err(e) = ops.add(Events::new(timer, EventSet::IN)) {
+                log::error!("virtio-block: failed to register the rate limiter's timer: {e:?}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -294,9 +353,18 @@ impl MutEventSubscriber for Block {
             self.sync_registrations(ops);
             return;
         }
+        if let Some(timer) = self.retry_timer.as_mut().filter(|t| t.as_raw_fd() == fd) {
+            // Readable: it expired, and the read does not block.
+            let _ = timer.wait();
+            self.process_queue();
+            return;
+        }
         if let Some(evt) = self.registered.iter().find(|e| e.as_raw_fd() == fd) {
             let _ = evt.read();
-            self.process_queue();
+            // Throttled: the timer resumes processing; a kick changes nothing before then.
+            if !self.throttled {
+                self.process_queue();
+            }
             return;
         }
         log::warn!("virtio-block: event on unexpected fd {fd}");

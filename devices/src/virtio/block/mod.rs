@@ -41,6 +41,9 @@ pub enum BlockError {
         #[source]
         source: io::Error,
     },
+    /// The rate limiter's retry timer could not be created.
+    #[error("failed to create the rate limiter's timer: {0}")]
+    Timer(#[source] io::Error),
     /// The disk image is not a regular file (or block device).
     #[error("disk image {0} is not a regular file or block device")]
     NotAFile(PathBuf),

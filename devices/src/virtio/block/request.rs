@@ -18,6 +18,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
 
 use super::disk::Disk;
+use crate::rate_limiter::RateLimiter;
 use crate::GuestMemoryMmap;
 
 /// Size of a virtio-block sector, whatever the disk's physical block size.
@@ -524,12 +525,37 @@ pub fn handle_chain(
 /// end, looping if the driver added more chains meanwhile. Returns whether any chain was
 /// completed (the caller then decides whether to interrupt via `needs_notification`).
 pub fn process_queue(queue: &mut Queue, mem: &GuestMemoryMmap, disk: &Disk) -> bool {
+    process_queue_limited(queue, mem, disk, &mut RateLimiter::unlimited()).used_any
+}
+
+/// What [`process_queue_limited`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueOutcome {
+    /// Some chain was completed.
+    pub used_any: bool,
+    /// The rate limiter refused the next chain: it stays in the ring, notifications stay
+    /// off, and the caller retries after `limiter.wait_time()`.
+    pub throttled: bool,
+}
+
+/// As [`process_queue`], charging each chain (its descriptors' total length, and one
+/// operation) to `limiter` before handling it.
+pub fn process_queue_limited(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    disk: &Disk,
+    limiter: &mut RateLimiter,
+) -> QueueOutcome {
     let mut used_any = false;
+    let outcome = |used_any, throttled| QueueOutcome {
+        used_any,
+        throttled,
+    };
     let mut empty_rounds = 0u8;
     loop {
         if let Err(e) = queue.disable_notification(mem) {
             log::warn!("virtio-block: cannot disable queue notifications: {e}");
-            return used_any;
+            return outcome(used_any, false);
         }
         let mut progressed = false;
         loop {
@@ -540,10 +566,22 @@ pub fn process_queue(queue: &mut Queue, mem: &GuestMemoryMmap, disk: &Disk) -> b
                     // E.g. an avail index more than a queue size ahead: unrecoverable until the
                     // driver resets the device; stop instead of spinning.
                     log::warn!("virtio-block: cannot read the available ring: {e}");
-                    return used_any;
+                    return outcome(used_any, false);
                 }
             };
             let Some(chain) = chain else { break };
+            if limiter.is_limited() {
+                // The chain's length bounds the data moved (the iterator stops at a queue's
+                // worth of descriptors, so a looping chain costs a bounded amount to measure).
+                let cost = chain
+                    .clone()
+                    .map(|d| u64::from(d.len()))
+                    .fold(0u64, u64::saturating_add);
+                if !limiter.try_consume(cost) {
+                    queue.go_to_previous_position();
+                    return outcome(used_any, true);
+                }
+            }
             progressed = true;
             let head = chain.head_index();
             let len = handle_chain(chain, mem, disk);
@@ -561,12 +599,12 @@ pub fn process_queue(queue: &mut Queue, mem: &GuestMemoryMmap, disk: &Disk) -> b
             Ok(true) => {
                 // The ring claims more chains but none could be read: do not spin.
                 log::warn!("virtio-block: available ring is not readable; stopping");
-                return used_any;
+                return outcome(used_any, false);
             }
-            Ok(false) => return used_any,
+            Ok(false) => return outcome(used_any, false),
             Err(e) => {
                 log::warn!("virtio-block: cannot re-enable queue notifications: {e}");
-                return used_any;
+                return outcome(used_any, false);
             }
         }
     }

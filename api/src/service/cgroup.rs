@@ -1,0 +1,169 @@
+//! cgroups v2 limits per sandbox: each VMM process starts inside its own cgroup (under
+//! `ember-sandboxes/` beside the service's), which caps its memory (the guest's RAM plus a
+//! stated overhead, no swap), its CPU time (its vCPUs' worth) and its tasks. A guest that
+//! fills its RAM, or a compromised VMM that allocates or spawns without end, stays inside.
+//!
+//! Without a cgroup v2 hierarchy with the memory, cpu and pids controllers (a v1 host, a
+//! container without delegation) the service says so once and runs sandboxes without these
+//! limits.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+/// Memory a VMM process needs besides the guest's RAM: its binary and heap, KVM's and the
+/// kernel's page tables for the guest, device buffers, the store's caches during a snapshot.
+pub const MEMORY_OVERHEAD_MIB: u64 = 160;
+/// Tasks a VMM process may have: one thread per vCPU (at most 32) and a dozen of its own.
+pub const PIDS_MAX: u32 = 64;
+/// The CPU period `cpu.max` is expressed in (the kernel's default).
+const CPU_PERIOD_US: u64 = 100_000;
+
+const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+
+/// The folder holding the sandboxes' cgroups.
+#[derive(Debug, Clone)]
+pub struct Cgroups {
+    root: PathBuf,
+}
+
+/// One sandbox's cgroup, open for moving a process into it.
+#[derive(Debug)]
+pub struct SandboxCgroup {
+    procs: OwnedFd,
+}
+
+impl SandboxCgroup {
+    /// The raw `cgroup.procs` descriptor: writing "0" to it moves the writing process in
+    /// (what the VMM's child does before it runs `ember vmm`).
+    pub fn procs_fd(&self) -> i32 {
+        self.procs.as_raw_fd()
+    }
+}
+
+fn write(path: &Path, value: &str) -> Result<(), String> {
+    std::fs::write(path, value).map_err(|e| format!("writing {value:?} to {}: {e}", path.display()))
+}
+
+impl Cgroups {
+    /// Finds the cgroup v2 hierarchy at `mount` (normally `/sys/fs/cgroup`), enables the
+    /// controllers for the service's children and makes `ember-sandboxes/`.
+    pub fn detect(mount: &Path) -> Result<Cgroups, String> {
+        let controllers = std::fs::read_to_string(mount.join("cgroup.controllers"))
+            .map_err(|e| format!("no cgroup v2 hierarchy at {}: {e}", mount.display()))?;
+        for wanted in CONTROLLERS {
+            if !controllers.split_whitespace().any(|c| c == wanted) {
+                return Err(format!(
+                    "the {wanted} controller is not available in {} (has: {})",
+                    mount.display(),
+                    controllers.trim()
+                ));
+            }
+        }
+        let own = std::fs::read_to_string("/proc/self/cgroup")
+            .map_err(|e| format!("reading /proc/self/cgroup: {e}"))?;
+        let own = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .ok_or("this process is not in a cgroup v2 hierarchy")?;
+        let base = mount.join(own.trim().trim_start_matches('/'));
+        let enable: String = CONTROLLERS.iter().map(|c| format!("+{c} ")).collect();
+        // The service's own cgroup hands the controllers down (allowed for the root cgroup,
+        // or one without processes of its own).
+        write(&base.join("cgroup.subtree_control"), enable.trim())?;
+        let root = base.join("ember-sandboxes");
+        match std::fs::create_dir(&root) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("creating {}: {e}", root.display())),
+        }
+        write(&root.join("cgroup.subtree_control"), enable.trim())?;
+        Ok(Cgroups { root })
+    }
+
+    /// Where the sandboxes' cgroups are.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Makes sandbox `id`'s cgroup with its limits.
+    pub fn create(&self, id: &str, mem_mib: u32, vcpus: u8) -> Result<SandboxCgroup, String> {
+        let path = self.root.join(id);
+        std::fs::create_dir(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+        let memory = (u64::from(mem_mib) + MEMORY_OVERHEAD_MIB) << 20;
+        let result = (|| {
+            write(&path.join("memory.max"), &memory.to_string())?;
+            // No swap: the limit is the memory the sandbox holds (absent without swap support).
+            let swap = path.join("memory.swap.max");
+            if swap.exists() {
+                write(&swap, "0")?;
+            }
+            write(
+                &path.join("cpu.max"),
+                &format!(
+                    "{} {CPU_PERIOD_US}",
+                    u64::from(vcpus.max(1)) * CPU_PERIOD_US
+                ),
+            )?;
+            write(&path.join("pids.max"), &PIDS_MAX.to_string())?;
+            let procs = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path.join("cgroup.procs"))
+                .map_err(|e| format!("opening {}/cgroup.procs: {e}", path.display()))?;
+            Ok(OwnedFd::from(procs))
+        })();
+        match result {
+            Ok(procs) => Ok(SandboxCgroup { procs }),
+            Err(e) => {
+                let _ = std::fs::remove_dir(&path);
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes sandbox `id`'s cgroup once its processes are gone (waits up to a second for
+    /// the kernel to notice the last one left).
+    pub fn remove(&self, id: &str) {
+        let path = self.root.join(id);
+        for _ in 0..20 {
+            match std::fs::remove_dir(&path) {
+                Ok(()) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            }
+        }
+        log::warn!("cannot remove the cgroup {}", path.display());
+    }
+
+    /// Removes the cgroups of sandboxes not in `live` (left by a service that died), killing
+    /// what still runs in them.
+    pub fn remove_stale(&self, live: &[String]) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !entry.path().is_dir() || live.contains(&name) {
+                continue;
+            }
+            let _ = std::fs::write(entry.path().join("cgroup.kill"), "1");
+            self.remove(&name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_without_cgroup_v2_is_reported_not_fatal() {
+        let dir = std::env::temp_dir().join(format!("ember-cg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = Cgroups::detect(&dir).unwrap_err();
+        assert!(err.contains("no cgroup v2 hierarchy"), "{err}");
+        std::fs::write(dir.join("cgroup.controllers"), "cpu io\n").unwrap();
+        let err = Cgroups::detect(&dir).unwrap_err();
+        assert!(err.contains("memory controller is not available"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
