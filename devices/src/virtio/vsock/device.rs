@@ -155,6 +155,7 @@ impl Vsock {
     /// its CID. Used when the guest resumes somewhere its connections do not exist (snapshots).
     pub fn send_transport_reset(&mut self) {
         self.muxer.reset_all();
+        self.muxer.move_ports_past_old_connections();
         self.pending_reset_event = true;
         if self.flush_events() {
             self.signal(EVT);

@@ -28,6 +28,8 @@ use super::{
 
 /// First port handed out for host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1024;
+/// Where host ports start after a transport reset (see `move_ports_past_old_connections`).
+const RESTORED_FIRST_PORT: u32 = 1 << 20;
 /// Resets for unknown connections waiting for an rx buffer; more are dropped.
 const MAX_PENDING_RSTS: usize = 1024;
 /// Connections accepted per listener event, so a connect storm cannot starve the queues.
@@ -255,6 +257,20 @@ impl Muxer {
         self.rx_list.clear();
         self.rst_queue.clear();
         self.dirty.clear();
+    }
+
+    /// After a transport reset (a restored snapshot), new connections take host ports far
+    /// from those the snapshot's connections used: until the guest has processed the reset
+    /// event, its old sockets are still connected, and a new connection on an old port pair
+    /// would be delivered to the old socket. Old connections used ports counted up from
+    /// `FIRST_LOCAL_PORT`; new ones start at a random port in `[2^20, 2^31)`.
+    pub fn move_ports_past_old_connections(&mut self) {
+        use std::hash::{BuildHasher, Hasher};
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        self.next_local_port =
+            RESTORED_FIRST_PORT + (random % u64::from(RESTORED_FIRST_PORT * 2047)) as u32;
     }
 
     // ---- bookkeeping -------------------------------------------------------------------
@@ -751,6 +767,21 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn after_a_transport_reset_ports_start_far_from_the_old_connections() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-vsock-mux-").unwrap();
+        let mut m = Muxer::new(3, dir.as_path().join("v.sock")).unwrap();
+        assert_eq!(m.alloc_local_port(), Some(FIRST_LOCAL_PORT));
+        let mut starts = HashSet::new();
+        for _ in 0..8 {
+            m.move_ports_past_old_connections();
+            let port = m.alloc_local_port().unwrap();
+            assert!((1 << 20..1 << 31).contains(&port), "{port}");
+            starts.insert(port);
+        }
+        assert!(starts.len() > 1, "every restore starts at the same port");
     }
 
     #[test]
