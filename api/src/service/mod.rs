@@ -489,7 +489,7 @@ async fn delete_sandbox(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&id);
-    let _ = std::fs::remove_dir_all(&sandbox.dir);
+    sandbox.remove_from_disk();
     let spec = sandbox.record().spec;
     let _ = std::fs::remove_file(&spec.vsock_socket);
     let _ = std::fs::remove_file(&spec.control_socket);

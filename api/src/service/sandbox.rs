@@ -101,6 +101,10 @@ pub struct Sandbox {
     /// Whether the first command after a restore has finished (its pages are the working
     /// set recorded for the snapshot).
     pub first_exec_done: std::sync::atomic::AtomicBool,
+    /// Whether the sandbox's folder was removed (it was deleted); held while the record is
+    /// written, so a late update (its VMM's end, noticed after the delete) cannot put the
+    /// folder back.
+    removed: Mutex<bool>,
 }
 
 pub fn unix_ms() -> u64 {
@@ -142,6 +146,18 @@ impl Sandbox {
             commands: Mutex::new(HashMap::new()),
             next_command: AtomicU64::new(1),
             first_exec_done: std::sync::atomic::AtomicBool::new(false),
+            removed: Mutex::new(false),
+        }
+    }
+
+    /// Removes the sandbox's folder (record, log, overlay) for good.
+    pub fn remove_from_disk(&self) {
+        let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+        *removed = true;
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                log::warn!("cannot remove {}: {e}", self.dir.display());
+            }
         }
     }
 
@@ -163,9 +179,14 @@ impl Sandbox {
             change(&mut record);
             record.clone()
         };
+        let removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+        if *removed {
+            return;
+        }
         if let Err(e) = save_record(&self.dir, &snapshot) {
             log::warn!("cannot save the record of sandbox {}: {e}", self.id);
         }
+        drop(removed);
     }
 
     /// Marks the sandbox failed unless it was already stopped or failed.
@@ -699,6 +720,46 @@ fn describe_vmm_exit(status: std::process::ExitStatus) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn an_update_after_the_delete_does_not_bring_the_folder_back() {
+        let dir = std::env::temp_dir().join(format!("ember-sb-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let spec: WorkerSpec = serde_json::from_value(serde_json::json!({
+            "sandbox_id": "sb-t", "kernel": "/k", "rootfs": "/r", "vcpus": 1, "mem_mib": 256,
+            "origin": "boot", "store_dir": "/s", "vsock_socket": "/v", "control_socket": "/c",
+            "overlay": "/o"
+        }))
+        .unwrap();
+        let record = SandboxRecord {
+            id: "sb-t".into(),
+            created_unix_ms: 0,
+            spec,
+            env: BTreeMap::new(),
+            state: SandboxState::Running,
+            failure: None,
+            pid: None,
+            deadline_unix_ms: 0,
+            ready_ms: None,
+            last_snapshot: None,
+        };
+        let sandbox = Sandbox::new(dir.clone(), record);
+        sandbox.update(|_| {});
+        assert!(dir.join("sandbox.json").exists());
+        sandbox.remove_from_disk();
+        assert!(!dir.exists());
+        // Its VMM's end, noticed after the delete, while the folder is still there (the
+        // removal racing with the write): no record is written into it.
+        std::fs::create_dir_all(&dir).unwrap();
+        sandbox.fail("the VMM process ended".into());
+        assert!(
+            !dir.join("sandbox.json").exists(),
+            "a deleted sandbox's record was written again"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn a_seccomp_stop_is_named() {
         use std::os::unix::process::ExitStatusExt;
