@@ -110,7 +110,7 @@ pub fn compile(kind: ThreadKind, mode: Mode) -> Result<Option<BpfProgram>, Secco
     };
     let denied = denied_calls(kind);
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for &call in lists::COMMON.iter().chain(lists::allowed(kind)) {
+    for &call in lists::COMMON.iter().chain(&lists::allowed(kind)) {
         if !denied.contains(&call) {
             rules.insert(call, Vec::new());
         }

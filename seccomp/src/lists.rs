@@ -86,120 +86,115 @@ fn clone_thread() -> Arg {
     }
 }
 
+/// Waiting on epoll and event fds.
+const EVENTS: &[i64] = &[
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_eventfd2,
+];
+
+/// Reading files (the disk image, the store's packs and indexes).
+const FILE_READ: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_pread64,
+    libc::SYS_preadv,
+    libc::SYS_lseek,
+    libc::SYS_openat,
+    libc::SYS_fstat,
+    libc::SYS_statx,
+    libc::SYS_newfstatat,
+];
+
+/// Writing files already open (the disk's overlay, the store's packs).
+const FILE_WRITE: &[i64] = &[
+    libc::SYS_pwrite64,
+    libc::SYS_pwritev,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_fallocate,
+    libc::SYS_ftruncate,
+];
+
+/// Talking over Unix sockets (made with `socket(AF_UNIX)` only, see `restricted`).
+const SOCKET_IO: &[i64] = &[
+    libc::SYS_accept4,
+    libc::SYS_connect,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+];
+
 /// Calls a thread of `kind` may make with any arguments, besides [`COMMON`].
-pub(crate) fn allowed(kind: ThreadKind) -> &'static [i64] {
-    match kind {
-        // KVM_RUN and the state ioctls (below), writes to event fds and the log: all in
-        // COMMON and `restricted`.
+pub(crate) fn allowed(kind: ThreadKind) -> Vec<i64> {
+    let groups: &[&[i64]] = match kind {
+        // KVM_RUN and the state ioctls (`restricted`), writes to event fds and the log
+        // (COMMON).
         ThreadKind::Vcpu => &[],
         ThreadKind::Devices => &[
-            libc::SYS_epoll_wait,
-            libc::SYS_epoll_pwait,
-            libc::SYS_epoll_ctl,
-            libc::SYS_read,
-            libc::SYS_readv,
-            libc::SYS_pread64,
-            libc::SYS_preadv,
-            libc::SYS_pwrite64,
-            libc::SYS_pwritev,
-            libc::SYS_lseek,
-            libc::SYS_fsync,
-            libc::SYS_fdatasync,
-            libc::SYS_fallocate,
-            libc::SYS_ftruncate,
-            libc::SYS_fstat,
-            libc::SYS_statx,
-            libc::SYS_newfstatat,
-            libc::SYS_openat,
-            libc::SYS_accept4,
-            libc::SYS_connect,
-            libc::SYS_recvfrom,
-            libc::SYS_recvmsg,
-            libc::SYS_sendto,
-            libc::SYS_sendmsg,
-            libc::SYS_shutdown,
-            libc::SYS_getsockopt,
-            libc::SYS_getsockname,
-            libc::SYS_getpeername,
-            libc::SYS_eventfd2,
+            EVENTS,
+            FILE_READ,
+            FILE_WRITE,
+            SOCKET_IO,
             // The block rate limiter's retry timer.
-            libc::SYS_timerfd_settime,
-            libc::SYS_timerfd_gettime,
+            &[libc::SYS_timerfd_settime, libc::SYS_timerfd_gettime],
         ],
-        ThreadKind::MemoryFaults => &[
-            libc::SYS_epoll_create1,
-            libc::SYS_epoll_wait,
-            libc::SYS_epoll_pwait,
-            libc::SYS_epoll_ctl,
-            libc::SYS_read,
-            libc::SYS_pread64,
-            libc::SYS_openat,
-            libc::SYS_fstat,
-            libc::SYS_statx,
-            libc::SYS_lseek,
-        ],
+        ThreadKind::MemoryFaults => &[EVENTS, FILE_READ],
         ThreadKind::SerialOutput => &[],
         ThreadKind::Control => &[
-            libc::SYS_read,
-            libc::SYS_readv,
-            libc::SYS_pread64,
-            libc::SYS_pwrite64,
-            libc::SYS_lseek,
-            libc::SYS_openat,
-            libc::SYS_fstat,
-            libc::SYS_statx,
-            libc::SYS_newfstatat,
-            libc::SYS_fsync,
-            libc::SYS_fdatasync,
-            libc::SYS_ftruncate,
-            libc::SYS_fallocate,
-            libc::SYS_renameat,
-            libc::SYS_rename,
-            libc::SYS_renameat2,
-            libc::SYS_mkdir,
-            libc::SYS_mkdirat,
-            libc::SYS_unlink,
-            libc::SYS_unlinkat,
-            libc::SYS_getdents64,
-            libc::SYS_flock,
-            libc::SYS_link,
-            libc::SYS_linkat,
-            libc::SYS_readlink,
-            libc::SYS_readlinkat,
-            libc::SYS_getcwd,
-            libc::SYS_epoll_create1,
-            libc::SYS_epoll_wait,
-            libc::SYS_epoll_pwait,
-            libc::SYS_epoll_ctl,
-            libc::SYS_eventfd2,
-            libc::SYS_poll,
-            libc::SYS_ppoll,
-            libc::SYS_accept4,
-            libc::SYS_bind,
-            libc::SYS_listen,
-            libc::SYS_connect,
-            libc::SYS_recvfrom,
-            libc::SYS_recvmsg,
-            libc::SYS_sendto,
-            libc::SYS_sendmsg,
-            libc::SYS_shutdown,
-            libc::SYS_getsockopt,
-            libc::SYS_setsockopt,
-            libc::SYS_getsockname,
-            libc::SYS_getpeername,
-            libc::SYS_rt_sigaction,
-            libc::SYS_rt_sigtimedwait,
-            libc::SYS_tgkill,
-            libc::SYS_prctl,
-            libc::SYS_wait4,
-            libc::SYS_dup,
-            libc::SYS_dup2,
-            libc::SYS_dup3,
+            EVENTS,
+            FILE_READ,
+            FILE_WRITE,
+            SOCKET_IO,
+            // Snapshots into the store: temporary names, renames, directories, locks.
+            &[
+                libc::SYS_rename,
+                libc::SYS_renameat,
+                libc::SYS_renameat2,
+                libc::SYS_mkdir,
+                libc::SYS_mkdirat,
+                libc::SYS_unlink,
+                libc::SYS_unlinkat,
+                libc::SYS_link,
+                libc::SYS_linkat,
+                libc::SYS_getdents64,
+                libc::SYS_flock,
+                libc::SYS_readlink,
+                libc::SYS_readlinkat,
+                libc::SYS_getcwd,
+            ],
+            // The control socket, the agent connection, stall reports on SIGUSR1, vCPU kicks.
+            &[
+                libc::SYS_bind,
+                libc::SYS_listen,
+                libc::SYS_setsockopt,
+                libc::SYS_poll,
+                libc::SYS_ppoll,
+                libc::SYS_rt_sigaction,
+                libc::SYS_rt_sigtimedwait,
+                libc::SYS_tgkill,
+                libc::SYS_prctl,
+                libc::SYS_wait4,
+                libc::SYS_dup,
+                libc::SYS_dup2,
+                libc::SYS_dup3,
+            ],
             // Threads: clone3 is answered ENOSYS by a second filter (its flags cannot be
             // inspected), so the C library falls back to `clone`, allowed for threads only.
-            libc::SYS_clone3,
+            &[libc::SYS_clone3],
         ],
-    }
+    };
+    let mut calls: Vec<i64> = groups.iter().flat_map(|g| g.iter().copied()).collect();
+    calls.sort_unstable();
+    calls.dedup();
+    calls
 }
 
 /// Whether threads of `kind` start threads (and so need the `clone3` → `ENOSYS` filter).

@@ -56,7 +56,7 @@ fn the_vcpu_thread_may_not_do_what_a_vcpu_never_does() {
 fn allowed_numbers(kind: ThreadKind) -> Vec<i64> {
     let mut calls: Vec<i64> = lists::COMMON
         .iter()
-        .chain(lists::allowed(kind))
+        .chain(&lists::allowed(kind))
         .copied()
         .collect();
     calls.extend(lists::restricted(kind).iter().map(|(call, _)| *call));
