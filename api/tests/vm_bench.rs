@@ -134,3 +134,36 @@ fn vmtest_bench_quick_writes_a_report_with_ratios_and_charts() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+#[test]
+fn vmtest_a_short_soak_leaves_nothing_behind_and_draws_its_curve() {
+    let out = PathBuf::from(format!("/tmp/ember-soak-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let run = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["bench", "--soak", "4", "--out"])
+        .arg(&out)
+        .args(["--kernel", &artifact("EMBER_KERNEL")])
+        .args(["--rootfs", &artifact("EMBER_ROOTFS")])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    eprintln!("{stdout}");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("soak.json")).unwrap()).unwrap();
+    let samples = report["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 4, "{report}");
+    assert!(samples
+        .iter()
+        .all(|s| s["open_fds"].as_u64().unwrap() > 0 && s["threads"].as_u64().unwrap() > 0));
+    assert_eq!(report["leftovers"], serde_json::json!([]), "{report}");
+    assert!(stdout.contains("Left behind: nothing"), "{stdout}");
+    let svg = std::fs::read_to_string(out.join("soak.svg")).unwrap();
+    assert!(
+        svg.len() > 2000 && svg.contains("<polyline"),
+        "{} bytes",
+        svg.len()
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -143,13 +143,15 @@ impl Drop for Scratch {
 }
 
 fn run_with_initramfs(disk: &Scratch, read_only: bool, script: &str) -> Output {
-    run_with_initramfs_env(disk, read_only, script, &[])
+    run_with_initramfs_opts(disk, read_only, script, &[], &[])
 }
 
-fn run_with_initramfs_env(
+/// As [`run_with_initramfs`], with more `ember run` options and environment variables.
+fn run_with_initramfs_opts(
     disk: &Scratch,
     read_only: bool,
     script: &str,
+    options: &[&str],
     env: &[(&str, &str)],
 ) -> Output {
     let kernel = artifact("EMBER_KERNEL");
@@ -168,6 +170,7 @@ fn run_with_initramfs_env(
     if read_only {
         args.push("--read-only-rootfs");
     }
+    args.extend_from_slice(options);
     ember_with_env(&args, env)
 }
 
@@ -236,10 +239,11 @@ fn vmtest_a_thread_making_a_forbidden_call_stops_the_vmm_with_the_seccomp_reason
     std::fs::write(&disk.0, vec![0u8; 1 << 20]).unwrap();
     let seccomp_exit = Some(ember_seccomp::EXIT_SECCOMP);
     // A vCPU thread without KVM_RUN stops the VMM before the guest's first instruction.
-    let out = run_with_initramfs_env(
+    let out = run_with_initramfs_opts(
         &disk,
         false,
         "echo BOOTED",
+        &[],
         &[("EMBER_SECCOMP_DENY", "vcpu:ioctl")],
     );
     let stderr = text(&out.stderr);
@@ -251,10 +255,11 @@ fn vmtest_a_thread_making_a_forbidden_call_stops_the_vmm_with_the_seccomp_reason
     assert!(!text(&out.stdout).contains("BOOTED"), "the guest ran");
     // The device thread may read the disk but not write it: the guest boots, and its first
     // write to the disk ends the VMM.
-    let out = run_with_initramfs_env(
+    let out = run_with_initramfs_opts(
         &disk,
         false,
         "echo BOOTED; dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct; echo WROTE",
+        &[],
         &[("EMBER_SECCOMP_DENY", "devices:pwrite64,devices:pwritev")],
     );
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
@@ -286,22 +291,13 @@ fn vmtest_a_disk_rate_limit_slows_the_guest_and_loses_no_byte() {
     let expected = format!("{:x}", sha2::Sha256::digest(&data));
     let script = "a=$(cut -d' ' -f1 /proc/uptime); sum=$(sha256sum /dev/vda); \
                   b=$(cut -d' ' -f1 /proc/uptime); echo \"READ $sum\"; echo \"ELAPSED $a $b\"";
-    let kernel = artifact("EMBER_KERNEL");
-    let initrd = artifact("EMBER_INITRAMFS");
-    let out = ember(&[
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--rootfs",
-        disk.path(),
-        "--read-only-rootfs",
-        "--disk-bytes-per-sec",
-        "1048576",
-        "--init-cmd",
+    let out = run_with_initramfs_opts(
+        &disk,
+        true,
         script,
-    ]);
+        &["--disk-bytes-per-sec", "1048576"],
+        &[],
+    );
     let console = expect_success(&out);
     let read = console
         .lines()

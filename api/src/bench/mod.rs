@@ -7,6 +7,7 @@
 //! Start-up figures carry their ratio to the cold boot's same figure.
 
 pub mod report;
+pub mod soak;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -46,6 +47,12 @@ pub struct BenchArgs {
     /// Measure nothing: write the Markdown and charts of this earlier `report.json` to --out.
     #[arg(long, conflicts_with_all = ["compare", "socket"])]
     pub render: Option<PathBuf>,
+    /// Instead of the benchmark: a soak of this many cycles (create, exec, snapshot, restore,
+    /// exec, delete) against a service this run starts, with the service's file descriptors,
+    /// threads and memory after each (`soak.json`, `soak.md`, `soak.svg` in --out); fails on
+    /// growth beyond noise or anything left behind.
+    #[arg(long, value_name = "CYCLES", conflicts_with_all = ["compare", "socket", "render"])]
+    pub soak: Option<u32>,
     /// Kernel and rootfs for the service this starts (default: as `ember serve`).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -464,6 +471,24 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
         report.write(&args.out)?;
         print!("{}", report.markdown());
         return Ok(0);
+    }
+    if let Some(cycles) = args.soak {
+        let (service, socket) = OwnService::start(args)?;
+        let api = Api(ApiClient::new(&socket));
+        let report = soak::soak(
+            &api,
+            service.child.id(),
+            &service.state_dir,
+            cycles.max(1),
+            environment(),
+        )
+        .await?;
+        drop(service);
+        report
+            .write(&args.out)
+            .map_err(step("writing the soak report"))?;
+        print!("{}", report.markdown());
+        return Ok(if report.passed() { 0 } else { 1 });
     }
     let runs = args.runs.unwrap_or(if args.quick { 3 } else { 5 }).max(1);
     let (own, socket, state_dir) = match &args.socket {

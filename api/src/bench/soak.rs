@@ -1,0 +1,429 @@
+//! `ember bench --soak N`: N cycles of create → exec → snapshot → restore → exec → delete
+//! through the API of a service this run starts, sampling the service's open file
+//! descriptors, threads and resident memory after each cycle, then looking for anything left
+//! behind (VMM processes, cgroups, sockets, overlays, records, mounts). A leak shows as a
+//! curve that climbs: the report compares the first cycles' figures with the last ones'.
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{id_of, step, Api, BenchError};
+use hyper::Method;
+
+/// One sample of the service process, after a cycle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SoakSample {
+    pub cycle: u32,
+    pub open_fds: u64,
+    pub threads: u64,
+    pub rss_kib: u64,
+    /// How long the cycle took.
+    pub seconds: f64,
+}
+
+/// The soak's results.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SoakReport {
+    pub environment: String,
+    pub cycles: u32,
+    pub samples: Vec<SoakSample>,
+    /// What the cycles left behind (empty when clean).
+    pub leftovers: Vec<String>,
+    /// Growth beyond noise between the first and the last cycles (empty when flat).
+    pub growth: Vec<String>,
+}
+
+/// File descriptors and threads may differ by this much between the start and the end
+/// (a connection in flight, a runtime thread parked).
+const FD_NOISE: f64 = 3.0;
+const THREAD_NOISE: f64 = 2.0;
+/// Resident memory may grow by this fraction plus this much (allocator caches settling).
+const RSS_NOISE_FRACTION: f64 = 0.2;
+const RSS_NOISE_KIB: f64 = 16.0 * 1024.0;
+
+/// Reads one figure of a sample.
+type Metric = fn(&SoakSample) -> f64;
+
+fn status_field(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn sample(pid: u32, cycle: u32, seconds: f64) -> SoakSample {
+    SoakSample {
+        cycle,
+        open_fds: std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64),
+        threads: status_field(pid, "Threads:"),
+        rss_kib: status_field(pid, "VmRSS:"),
+        seconds,
+    }
+}
+
+/// Runs the cycles against the service at `api` (process `pid`, state in `state_dir`).
+pub(super) async fn soak(
+    api: &Api,
+    pid: u32,
+    state_dir: &Path,
+    cycles: u32,
+    environment: String,
+) -> Result<SoakReport, BenchError> {
+    let mounts_before = mount_count();
+    let mut samples = Vec::with_capacity(cycles as usize);
+    for cycle in 0..cycles {
+        let start = Instant::now();
+        one_cycle(api, cycle).await?;
+        let s = sample(pid, cycle, start.elapsed().as_secs_f64());
+        eprintln!(
+            "ember bench: soak cycle {}/{cycles}: {} fds, {} threads, {} KiB resident, {:.1} s",
+            cycle + 1,
+            s.open_fds,
+            s.threads,
+            s.rss_kib,
+            s.seconds
+        );
+        samples.push(s);
+    }
+    // A VMM's cgroup goes a moment after the VMM: give the last cycle's a few seconds.
+    let mut leftovers = leftovers(state_dir);
+    for _ in 0..10 {
+        if leftovers.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        leftovers = self::leftovers(state_dir);
+    }
+    let mounts_after = mount_count();
+    if mounts_after > mounts_before {
+        leftovers.push(format!(
+            "{} mounts more than before the cycles",
+            mounts_after - mounts_before
+        ));
+    }
+    let growth = growth(&samples);
+    Ok(SoakReport {
+        environment,
+        cycles,
+        samples,
+        leftovers,
+        growth,
+    })
+}
+
+async fn one_cycle(api: &Api, cycle: u32) -> Result<(), BenchError> {
+    let what = |s: &str| format!("soak cycle {cycle}: {s}");
+    let sandbox = api.create(json!({})).await.map_err(step(what("create")))?;
+    let id = id_of(&sandbox).map_err(step(what("create")))?;
+    api.exec(&id, "sh", &["-c", &format!("echo {cycle} > /root/cycle")])
+        .await
+        .map_err(step(what("exec")))?;
+    let name = format!("soak-{cycle}");
+    api.snapshot(&id, json!({"name": name, "stop": true}))
+        .await
+        .map_err(step(what("snapshot")))?;
+    api.delete(&id).await.map_err(step(what("delete")))?;
+    let restored = api
+        .create(json!({ "snapshot": name }))
+        .await
+        .map_err(step(what("restore")))?;
+    let restored_id = id_of(&restored).map_err(step(what("restore")))?;
+    let out = api
+        .exec(&restored_id, "cat", &["/root/cycle"])
+        .await
+        .map_err(step(what("exec after restore")))?;
+    if out["stdout"] != json!(format!("{cycle}\n")) {
+        return Err(BenchError::Step {
+            what: what("exec after restore"),
+            reason: format!("the restored sandbox read {}", out["stdout"]),
+        });
+    }
+    api.delete(&restored_id)
+        .await
+        .map_err(step(what("delete the restored sandbox")))?;
+    api.0
+        .json(
+            Method::DELETE,
+            &format!("/snapshots/{name}"),
+            crate::client::empty_body(),
+        )
+        .await
+        .map_err(|e| BenchError::Step {
+            what: what("delete the snapshot"),
+            reason: e.to_string(),
+        })?;
+    Ok(())
+}
+
+fn mount_count() -> usize {
+    std::fs::read_to_string("/proc/self/mountinfo").map_or(0, |m| m.lines().count())
+}
+
+/// What the cycles left: VMM processes of this service, sandbox records, sockets and
+/// overlays in its state directory, cgroups of its sandboxes.
+fn leftovers(state_dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let spec_prefix = state_dir.join("sandboxes");
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for entry in procs.flatten() {
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            if args.get(1).map(String::as_str) == Some("vmm")
+                && args.iter().any(|a| Path::new(a).starts_with(&spec_prefix))
+            {
+                found.push(format!(
+                    "VMM process {} still runs",
+                    entry.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    for (dir, what) in [
+        (state_dir.join("sandboxes"), "sandbox folder"),
+        (state_dir.join("run"), "socket"),
+    ] {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                found.push(format!("{what} {} remains", entry.path().display()));
+            }
+        }
+    }
+    let cgroups = Path::new("/sys/fs/cgroup/ember-sandboxes");
+    if let Ok(entries) = std::fs::read_dir(cgroups) {
+        for entry in entries.flatten().filter(|e| e.path().is_dir()) {
+            found.push(format!("cgroup {} remains", entry.path().display()));
+        }
+    }
+    found
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = values.fold((0.0, 0u32), |(s, n), v| (s + v, n + 1));
+    if n == 0 {
+        0.0
+    } else {
+        sum / f64::from(n)
+    }
+}
+
+/// Compares the first and the last tenth of the cycles (at least one cycle each; the very
+/// first cycle is left out when there are more: it warms up the service's pools).
+pub fn growth(samples: &[SoakSample]) -> Vec<String> {
+    let samples = if samples.len() > 3 {
+        &samples[1..]
+    } else {
+        samples
+    };
+    if samples.len() < 2 {
+        return Vec::new();
+    }
+    let window = (samples.len() / 10).max(1);
+    let first = &samples[..window];
+    let last = &samples[samples.len() - window..];
+    let mut growth = Vec::new();
+    let checks: [(&str, Metric, f64, f64); 3] = [
+        (
+            "open file descriptors",
+            |s| s.open_fds as f64,
+            0.0,
+            FD_NOISE,
+        ),
+        ("threads", |s| s.threads as f64, 0.0, THREAD_NOISE),
+        (
+            "resident KiB",
+            |s| s.rss_kib as f64,
+            RSS_NOISE_FRACTION,
+            RSS_NOISE_KIB,
+        ),
+    ];
+    for (name, pick, fraction, absolute) in checks {
+        let (a, b) = (mean(first.iter().map(pick)), mean(last.iter().map(pick)));
+        if b > a * (1.0 + fraction) + absolute {
+            growth.push(format!("{name} grew from {a:.0} to {b:.0}"));
+        }
+    }
+    growth
+}
+
+impl SoakReport {
+    /// Whether the soak passed: nothing left behind, nothing growing.
+    pub fn passed(&self) -> bool {
+        self.leftovers.is_empty() && self.growth.is_empty()
+    }
+
+    pub fn markdown(&self) -> String {
+        let first = self.samples.first();
+        let last = self.samples.last();
+        let row = |s: Option<&SoakSample>| {
+            s.map_or("- | - | - | -".to_string(), |s| {
+                format!(
+                    "{} | {} | {} | {:.1}",
+                    s.open_fds,
+                    s.threads,
+                    s.rss_kib / 1024,
+                    s.seconds
+                )
+            })
+        };
+        let mut md = format!(
+            "# ember soak: {} cycles of create, exec, snapshot, restore, exec, delete\n\n\
+             Environment: {}. The service process after each cycle:\n\n\
+             | after | open fds | threads | RSS MiB | cycle s |\n| --- | --- | --- | --- | --- |\n\
+             | cycle 1 | {} |\n| cycle {} | {} |\n\n",
+            self.cycles,
+            self.environment,
+            row(first),
+            self.cycles,
+            row(last),
+        );
+        md.push_str(&format!(
+            "Growth beyond noise: {}.\n\nLeft behind: {}.\n",
+            if self.growth.is_empty() {
+                "none".to_string()
+            } else {
+                self.growth.join("; ")
+            },
+            if self.leftovers.is_empty() {
+                "nothing (no VMM processes, sandbox folders, sockets, cgroups or mounts; ember \
+                 makes no TAPs or network namespaces yet)"
+                    .to_string()
+            } else {
+                self.leftovers.join("; ")
+            }
+        ));
+        md
+    }
+
+    /// Writes `soak.json`, `soak.md` and the curve, `soak.svg`, into `dir`.
+    pub fn write(&self, dir: &Path) -> Result<(), String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let json = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
+        std::fs::write(dir.join("soak.json"), json).map_err(|e| e.to_string())?;
+        std::fs::write(dir.join("soak.md"), self.markdown()).map_err(|e| e.to_string())?;
+        self.chart(&dir.join("soak.svg"))
+    }
+
+    fn chart(&self, path: &Path) -> Result<(), String> {
+        use plotters::prelude::*;
+        let root = SVGBackend::new(path, (720, 600)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let areas = root.split_evenly((3, 1));
+        let cycles = self.samples.len().max(2) as u32;
+        let series: [(&str, Metric, RGBColor); 3] = [
+            (
+                "open file descriptors",
+                |s| s.open_fds as f64,
+                RGBColor(0x4c, 0x78, 0xa8),
+            ),
+            ("threads", |s| s.threads as f64, RGBColor(0xf5, 0x85, 0x18)),
+            (
+                "resident MiB",
+                |s| s.rss_kib as f64 / 1024.0,
+                RGBColor(0x54, 0xa2, 0x4b),
+            ),
+        ];
+        for (area, (name, pick, color)) in areas.iter().zip(series) {
+            let top = self.samples.iter().map(pick).fold(1.0, f64::max) * 1.25;
+            let mut chart = ChartBuilder::on(area)
+                .caption(
+                    format!("ember serve: {name} after each soak cycle"),
+                    ("sans-serif", 15),
+                )
+                .margin(8)
+                .x_label_area_size(28)
+                .y_label_area_size(56)
+                .build_cartesian_2d(1u32..cycles, 0.0..top)
+                .map_err(|e| e.to_string())?;
+            chart
+                .configure_mesh()
+                .x_desc("cycle")
+                .draw()
+                .map_err(|e| e.to_string())?;
+            chart
+                .draw_series(LineSeries::new(
+                    self.samples.iter().map(|s| (s.cycle + 1, pick(s))),
+                    color.stroke_width(2),
+                ))
+                .map_err(|e| e.to_string())?;
+        }
+        root.present().map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples(fds: &[u64], rss: &[u64]) -> Vec<SoakSample> {
+        fds.iter()
+            .zip(rss)
+            .enumerate()
+            .map(|(i, (&f, &r))| SoakSample {
+                cycle: i as u32,
+                open_fds: f,
+                threads: 8,
+                rss_kib: r,
+                seconds: 1.0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_flat_curve_passes_and_a_leak_is_named() {
+        let flat = samples(
+            &[40, 20, 21, 20, 22, 20],
+            &[9000, 30000, 30500, 31000, 30800, 31200],
+        );
+        assert!(growth(&flat).is_empty(), "{:?}", growth(&flat));
+        let leaking: Vec<u64> = (0..30).map(|i| 20 + i).collect();
+        let rss = vec![30000; 30];
+        let found = growth(&samples(&leaking, &rss));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("open file descriptors grew"),
+            "{found:?}"
+        );
+        let bloating: Vec<u64> = (0..30).map(|i| 30000 + i * 4000).collect();
+        let found = growth(&samples(&[20; 30], &bloating));
+        assert!(found[0].starts_with("resident KiB grew"), "{found:?}");
+    }
+
+    #[test]
+    fn the_report_renders_with_its_curve() {
+        let report = SoakReport {
+            environment: "test".into(),
+            cycles: 3,
+            samples: samples(&[20, 21, 20], &[30000, 30100, 30050]),
+            leftovers: Vec::new(),
+            growth: Vec::new(),
+        };
+        assert!(report.passed());
+        let dir = std::env::temp_dir().join(format!("ember-soak-test-{}", std::process::id()));
+        report.write(&dir).unwrap();
+        let svg = std::fs::read_to_string(dir.join("soak.svg")).unwrap();
+        assert!(
+            svg.len() > 2000 && svg.contains("<polyline"),
+            "{}",
+            svg.len()
+        );
+        let md = std::fs::read_to_string(dir.join("soak.md")).unwrap();
+        assert!(md.contains("| cycle 3 | 20 | 8 | 29 | 1.0 |"), "{md}");
+        let back: SoakReport =
+            serde_json::from_slice(&std::fs::read(dir.join("soak.json")).unwrap()).unwrap();
+        assert_eq!(back.samples.len(), 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
