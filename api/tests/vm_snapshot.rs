@@ -1,7 +1,7 @@
 //! Snapshot and restore end to end (`vmtest_*`: hardware KVM or the lab).
 
 mod common;
-use common::memory_objects;
+use common::{memory_objects, output_within, COMMAND_LIMIT};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -16,11 +16,14 @@ fn text(b: &[u8]) -> String {
 }
 
 fn ember(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ember"))
+    let child = Command::new(env!("CARGO_BIN_EXE_ember"))
         .args(args)
         .stdin(Stdio::null())
-        .output()
-        .expect("run ember")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ember");
+    output_within(child, COMMAND_LIMIT)
 }
 
 struct TempStore(PathBuf);
@@ -361,6 +364,7 @@ fn vmtest_four_clones_of_one_snapshot_run_at_once_with_their_own_randomness_and_
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
+    let spawned = std::time::Instant::now();
     let clones: Vec<_> = (0..4)
         .map(|_| {
             Command::new(env!("CARGO_BIN_EXE_ember"))
@@ -383,7 +387,7 @@ fn vmtest_four_clones_of_one_snapshot_run_at_once_with_their_own_randomness_and_
         .collect();
     let outputs: Vec<Output> = clones
         .into_iter()
-        .map(|c| c.wait_with_output().expect("clone output"))
+        .map(|c| output_within(c, COMMAND_LIMIT.saturating_sub(spawned.elapsed())))
         .collect();
     let mut randoms = std::collections::HashSet::new();
     for out in &outputs {

@@ -347,10 +347,12 @@ fn json_string_field(line: &str, key: &str) -> Option<String> {
 /// How long the suite runs each fuzz target.
 const FUZZ_SECONDS_IN_SUITE: u64 = 30;
 
-/// How long one VM test may run before it counts as hung (the slowest take ~2 min in the lab).
+/// How long one VM test may run before it counts as hung (the slowest take ~2 min in the lab);
+/// `EMBER_VM_TEST_TIMEOUT_S` overrides it (the harness's own tests).
 const VM_TEST_TIMEOUT_S: u32 = 600;
 /// When a still-running VM test's VMMs are asked (SIGUSR1) to log what their VMs are doing,
 /// and those logs are printed: a hang leaves evidence instead of only a timeout.
+/// `EMBER_VM_TEST_WATCHDOG_S` overrides it.
 const VM_TEST_WATCHDOG_S: u32 = 540;
 
 /// A shell script that runs the `vmtest_` tests of every binary one at a time, each under a
@@ -361,6 +363,8 @@ fn vm_test_script(bins: &[PathBuf]) -> String {
         r#"failed=""
 passed=0
 lab_faults=0
+timeout_s=${{EMBER_VM_TEST_TIMEOUT_S:-{VM_TEST_TIMEOUT_S}}}
+watchdog_s=${{EMBER_VM_TEST_WATCHDOG_S:-{VM_TEST_WATCHDOG_S}}}
 # Tests an earlier lab of this suite run already finished ("pass NAME" / "fail NAME"): a lab
 # that died part-way is followed by one that runs only the rest.
 done_file="${{EMBER_VM_TESTS_DONE:-/dev/null}}"
@@ -386,14 +390,19 @@ run_once() {{
     marker=$(mktemp)
     : > "$out.watchdog"
     (
-        # Ends within a second of the test (the marker goes): nothing to kill, no race.
-        waited=0
-        while [ $waited -lt {VM_TEST_WATCHDOG_S} ]; do
+        # Ends within a second of the test (the marker goes): nothing to kill, no race. Time is
+        # read from the clock (/proc/uptime, no fork), not counted in sleeps: in a busy lab each
+        # `sleep 1` took well over a second, and the count never reached the limit before the
+        # test's own timeout.
+        read -r up _ < /proc/uptime
+        deadline=$((${{up%.*}} + watchdog_s))
+        while :; do
             sleep 1
             [ -e "$marker" ] || exit 0
-            waited=$((waited + 1))
+            read -r up _ < /proc/uptime
+            [ "${{up%.*}}" -lt $deadline ] || break
         done
-        echo "VM test $2 still running after {VM_TEST_WATCHDOG_S} s; what its VMs are doing:"
+        echo "VM test $2 still running after $watchdog_s s; what its VMs are doing:"
         pkill -USR1 -f '/ember (vmm|run) '
         sleep 5
         find /tmp \( -name vmm.log -o -name 'ember-stall-*.txt' \) -newer "$marker" 2>/dev/null | while read -r log; do
@@ -402,7 +411,7 @@ run_once() {{
         done
     ) > "$out.watchdog" 2>&1 &
     watchdog=$!
-    {{ timeout -k 10 {VM_TEST_TIMEOUT_S} "$1" --exact "$2" --test-threads=1; echo $? > "$out.status"; }} 2>&1 | tee "$out"
+    {{ timeout -k 10 "$timeout_s" "$1" --exact "$2" --test-threads=1; echo $? > "$out.status"; }} 2>&1 | tee "$out"
     status=$(cat "$out.status")
     rm -f "$marker"
     wait $watchdog
@@ -438,7 +447,7 @@ one() {{
         echo "pass $2" >> "$done_file"
         return
     fi
-    [ "$status" = 124 ] && echo "VM test $2 timed out after {VM_TEST_TIMEOUT_S} s" >&2
+    [ "$status" = 124 ] && echo "VM test $2 timed out after $timeout_s s" >&2
     failed="$failed $2"
     echo "fail $2" >> "$done_file"
 }}
@@ -632,6 +641,60 @@ mod tests {
             "{stderr}"
         );
         assert!(!stderr.contains("VM test vmtest_g: lab fault"), "{stderr}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_hung_test_gets_its_stall_report_on_time_and_a_lab_fault_in_it_runs_once_more() {
+        let dir = std::env::temp_dir().join(format!("xtask-watchdog-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let kallsyms = dir.join("kallsyms");
+        std::fs::write(&kallsyms, "ffffffffc041b170 t __svm_vcpu_run\t[kvm_amd]\n").unwrap();
+        // Where the watchdog looks for stall reports (a VMM writes them to its temp folder).
+        let report = PathBuf::from(format!("/tmp/ember-stall-xtask-{}.txt", std::process::id()));
+        // The first run hangs after leaving a stall report with a vCPU in the L1's KVM; the
+        // second passes.
+        let bin = dir.join("fake-tests");
+        let ran = dir.join("ran");
+        std::fs::write(
+            &bin,
+            format!(
+                "#!/bin/sh\nif [ \"$1\" = --list ]; then echo 'vmtest_hang: test'; exit 0; fi\n\
+                 echo \"$2\" >> {ran}\n\
+                 [ $(grep -c . {ran}) = 2 ] && exit 0\n\
+                 sleep 1; echo 'vCPU 0: runnable rip 0xffffffffc041b20c' > {report}\nsleep 60\n",
+                ran = ran.display(),
+                report = report.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let started = Instant::now();
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(vm_test_script(&[bin]))
+            .env("EMBER_VM_TESTS_DONE", dir.join("done"))
+            .env("EMBER_L1_KALLSYMS", &kallsyms)
+            .env("EMBER_VM_TEST_TIMEOUT_S", "15")
+            .env("EMBER_VM_TEST_WATCHDOG_S", "3")
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_file(&report);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("VM test vmtest_hang still running after 3 s")
+                && stderr.contains("rip 0xffffffffc041b20c is in the L1's KVM module"),
+            "{stderr}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&ran).unwrap(),
+            "vmtest_hang\nvmtest_hang\n"
+        );
+        // The first run is stopped by its time limit; the watchdog reported well before.
+        assert!(started.elapsed() < Duration::from_secs(40));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
