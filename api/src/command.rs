@@ -421,14 +421,20 @@ pub(crate) fn record_working_set(vmm: &Vmm, store: &ember_snapshot_store::Store,
     }
 }
 
-/// Connects to the agent once it listens, giving up if the VM ends or time runs out.
 /// Blocks SIGUSR1 in this thread and every thread it starts from now on, so that only the
 /// thread of [`log_stall_reports_on_sigusr1`] receives it. Call before the VMM starts its
 /// threads.
 pub(crate) fn block_stall_signal() {
+    extern "C" fn ignore(_: libc::c_int) {}
     // SAFETY: a zeroed sigset_t is valid storage for sigemptyset, which initialises it;
-    // pthread_sigmask only changes this thread's mask.
+    // pthread_sigmask only changes this thread's mask. The handler does nothing (the signal
+    // is taken by sigwait); it is there because a jailed VMM is PID 1 of its namespace, and
+    // the kernel drops signals from outside that a PID 1 has left at their default action.
     unsafe {
+        libc::signal(
+            libc::SIGUSR1,
+            ignore as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGUSR1);

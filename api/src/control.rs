@@ -31,6 +31,10 @@ pub struct WorkerSpec {
     /// Limits on the root disk's traffic.
     #[serde(default)]
     pub disk_rate_limit: ember_vmm::RateLimit,
+    /// The jail the VMM enters first (none: it runs as started, e.g. a service not run as
+    /// root).
+    #[serde(default)]
+    pub jail: Option<ember_jail::JailSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,6 +182,15 @@ mod tests {
                 bytes_per_sec: Some(1 << 20),
                 ops_per_sec: None,
             },
+            jail: Some(ember_jail::JailSpec {
+                root: "/j".into(),
+                uid: 7,
+                gid: 8,
+                mounts: vec![ember_jail::JailMount {
+                    path: "/s".into(),
+                    writable: true,
+                }],
+            }),
         };
         let text = serde_json::to_string(&spec).unwrap();
         assert_eq!(serde_json::from_str::<WorkerSpec>(&text).unwrap(), spec);

@@ -5,6 +5,7 @@ mod client;
 mod command;
 mod control;
 mod doctor;
+mod jail_probe;
 mod remote;
 mod run;
 mod service;

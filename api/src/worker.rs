@@ -30,6 +30,16 @@ pub struct VmmArgs {
     /// The sandbox's description (JSON, written by `ember serve`).
     #[arg(long)]
     pub spec: PathBuf,
+    /// Instead of running the VM: enter the spec's jail, report what can be seen and done
+    /// from inside it (JSON on stdout), and exit. How the jail is tested.
+    #[arg(long, hide = true)]
+    pub jail_probe: bool,
+    /// With --jail-probe: a host path to try to reach (repeatable).
+    #[arg(long, hide = true)]
+    pub probe_path: Vec<PathBuf>,
+    /// With --jail-probe: a TCP address (host:port) to try to connect to.
+    #[arg(long, hide = true)]
+    pub probe_connect: Option<String>,
 }
 
 /// Exit codes the service reads.
@@ -60,6 +70,27 @@ pub fn run(args: VmmArgs) -> i32 {
             return EXIT_FAILED;
         }
     };
+    if let Some(jail) = &spec.jail {
+        match ember_jail::enter(jail) {
+            Ok(ember_jail::Entered::Jailed) => {}
+            Ok(ember_jail::Entered::Supervisor(supervisor)) => {
+                if let Err(e) = ember_seccomp::install(ember_seccomp::ThreadKind::JailSupervisor) {
+                    eprintln!("ember vmm: the jail's supervisor: {e}");
+                    // SAFETY: kill(2) on our own child, the jailed process.
+                    unsafe { libc::kill(supervisor.child(), libc::SIGKILL) };
+                    return EXIT_FAILED;
+                }
+                supervisor.run();
+            }
+            Err(e) => {
+                eprintln!("ember vmm: cannot enter the jail: {e}");
+                return EXIT_FAILED;
+            }
+        }
+    }
+    if args.jail_probe {
+        return crate::jail_probe::run(&args.probe_path, args.probe_connect.as_deref());
+    }
     if let Err(e) = limit_resources(&spec) {
         eprintln!("ember vmm: {e}");
         return EXIT_FAILED;

@@ -227,9 +227,35 @@ fn vmtest_service_exec_streams_files_and_refuses_bad_requests() {
         "{sandbox}"
     );
 
+    // The service runs as root, so the VMM is jailed: the process it started is the jail's
+    // supervisor (one thread, filtered), and the VMM is its only child, PID 1 of its own
+    // namespace, running as the jail's user.
+    let supervisor = sandbox["pid"].as_i64().unwrap();
+    let status_of = |pid: i64| std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = |status: &str, name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    let outside = status_of(supervisor);
+    assert_eq!(line(&outside, "Threads:"), "1", "{outside}");
+    assert_eq!(line(&outside, "Seccomp:"), "2", "{outside}");
+    let children =
+        std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children")).unwrap();
+    let children: Vec<i64> = children
+        .split_whitespace()
+        .map(|c| c.parse().unwrap())
+        .collect();
+    assert_eq!(children.len(), 1, "{children:?}");
+    let pid = children[0];
+    let inside = status_of(pid);
+    assert_eq!(line(&inside, "NSpid:"), format!("{pid} 1"), "{inside}");
+    assert_eq!(line(&inside, "Uid:"), "64177 64177 64177 64177", "{inside}");
+    assert_eq!(line(&inside, "CapEff:"), "0000000000000000", "{inside}");
     // The VMM process is contained: every one of its threads runs under a seccomp filter,
     // and its file limits are set.
-    let pid = sandbox["pid"].as_i64().unwrap();
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
     let mut threads = Vec::new();
     for task in tasks {
@@ -748,4 +774,166 @@ fn vmtest_service_story_snapshot_restore_fork_and_restart() {
         service.sh(&again, USE_DEP)["stdout"],
         "hello from a dependency\n"
     );
+}
+
+#[test]
+fn vmtest_a_jailed_vmm_sees_only_its_own_files_and_no_network() {
+    let service = Service::start("jail");
+    let a = service.create(json!({}));
+    let b = service.create(json!({}));
+    let spec_of = |id: &str| service.state.join("sandboxes").join(id).join("spec.json");
+    let spec: Value = serde_json::from_str(&std::fs::read_to_string(spec_of(&a)).unwrap()).unwrap();
+    assert_eq!(spec["jail"]["uid"], 64177, "{spec}");
+    // A host TCP listener the probe must not reach.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let a_dir = service.state.join("sandboxes").join(&a);
+    let b_dir = service.state.join("sandboxes").join(&b);
+    let run = service.state.join("run");
+    let outsiders = [
+        PathBuf::from("/etc/passwd"),
+        PathBuf::from("/usr"),
+        PathBuf::from("/home"),
+        PathBuf::from("/sys"),
+        service.socket.clone(),
+        service.state.join("serve.log"),
+        a_dir.join("sandbox.json"),
+        a_dir.join("spec.json"),
+        b_dir.join("vmm").join("rootfs.overlay"),
+        run.join(&b).join("vsock"),
+        run.join(&b).join("ctl"),
+    ];
+    let insiders = [
+        PathBuf::from(artifact("EMBER_KERNEL")),
+        PathBuf::from(artifact("EMBER_ROOTFS")),
+        a_dir.join("vmm").join("rootfs.overlay"),
+        run.join(&a).join("vsock"),
+        service.state.join("store"),
+        PathBuf::from("/dev/kvm"),
+    ];
+    // The probe enters sandbox a's jail exactly as a's VMM did, then looks around.
+    let mut probe = Command::new(env!("CARGO_BIN_EXE_ember"));
+    probe
+        .args(["vmm", "--jail-probe", "--spec"])
+        .arg(spec_of(&a))
+        .args(["--probe-connect", &address])
+        .env("SECRET_OF_THE_HOST", "x");
+    for path in outsiders.iter().chain(&insiders) {
+        probe.arg("--probe-path").arg(path);
+    }
+    let out = probe.output().expect("run the jail probe");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let seen: Value = serde_json::from_slice(&out.stdout).expect("the probe's JSON");
+    assert_eq!(seen["uid"], 64177, "{seen}");
+    assert_eq!(seen["gid"], 64177, "{seen}");
+    assert_eq!(seen["effective_capabilities"], "0000000000000000", "{seen}");
+    assert_eq!(seen["pid"], 1, "{seen}");
+    assert_eq!(seen["visible_processes"], 1, "{seen}");
+    assert_eq!(seen["hostname"], "ember-sandbox", "{seen}");
+    assert_eq!(seen["interfaces"], json!(["lo"]), "{seen}");
+    assert_ne!(seen["connect"], "connected", "{seen}");
+    assert_eq!(seen["open_fds"], json!([0, 1, 2]), "{seen}");
+    assert_eq!(seen["kvm_opens"], true, "{seen}");
+    // The root holds the devices, /proc and the top of each visible path, nothing else.
+    let top = |p: &PathBuf| {
+        p.components()
+            .nth(1)
+            .unwrap()
+            .as_os_str()
+            .to_string_lossy()
+            .into_owned()
+    };
+    let mut expected: Vec<String> = insiders
+        .iter()
+        .map(top)
+        .chain(["dev".into(), "proc".into()])
+        .collect();
+    expected.sort();
+    expected.dedup();
+    assert_eq!(seen["root_entries"], json!(expected), "{seen}");
+    let reachable: Vec<PathBuf> = serde_json::from_value(seen["reachable_paths"].clone()).unwrap();
+    for path in &outsiders {
+        assert!(
+            !reachable.contains(path),
+            "the jail reaches {}: {seen}",
+            path.display()
+        );
+    }
+    for path in &insiders {
+        assert!(
+            reachable.contains(path),
+            "the jail lacks {}: {seen}",
+            path.display()
+        );
+    }
+    // The VMM's environment is what the service chose, none of the service's own.
+    let environ = {
+        let supervisor = service.sandbox(&a)["pid"].as_i64().unwrap();
+        let children =
+            std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
+                .unwrap();
+        let child = children.split_whitespace().next().unwrap().to_string();
+        std::fs::read(format!("/proc/{child}/environ")).unwrap()
+    };
+    let names: Vec<String> = environ
+        .split(|b| *b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| text(v).split('=').next().unwrap().to_string())
+        .collect();
+    assert!(
+        names.iter().all(|n| [
+            "TMPDIR",
+            "RUST_LOG",
+            "RUST_BACKTRACE",
+            "EMBER_SECCOMP",
+            "EMBER_SECCOMP_DENY"
+        ]
+        .contains(&n.as_str())),
+        "{names:?}"
+    );
+    // Both jailed sandboxes work, snapshot included (the store is the jail user's).
+    for id in [&a, &b] {
+        let out = service.sh(id, "echo jailed; id -u");
+        assert_eq!(out["stdout"], "jailed\n0\n", "{out}");
+    }
+    service.call(
+        "POST",
+        &format!("/sandboxes/{a}/snapshots"),
+        Some(json!({"name": "jailed"})),
+        201,
+    );
+    assert!(!memory_objects(&service.state.join("store"), "jailed").is_empty());
+    // A restore in a jail: its memory arrives through the jail's /dev/userfaultfd.
+    let restored = service.create(json!({"snapshot": "jailed"}));
+    let out = service.sh(&restored, "echo restored");
+    assert_eq!(out["stdout"], "restored\n", "{out}");
+    // A VMM dies with its supervisor (the pid the service knows and kills).
+    let supervisor = service.sandbox(&b)["pid"].as_i64().unwrap();
+    let children =
+        std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children")).unwrap();
+    let jailed: i64 = children.trim().parse().unwrap();
+    // SAFETY: kill(2) on the test's own sandbox's supervisor.
+    unsafe { libc::kill(supervisor as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{jailed}/exe")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the jailed VMM {jailed} outlived its supervisor"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // What a jail leaves on the host goes with its sandbox: no mount of the jail's is seen
+    // outside, and deleting the sandboxes leaves no socket folder.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains("ember-jail"), "{mounts}");
+    for id in [&a, &b, &restored] {
+        service.call("DELETE", &format!("/sandboxes/{id}"), None, 204);
+    }
+    let left: Vec<_> = std::fs::read_dir(&run)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    drop(listener);
 }

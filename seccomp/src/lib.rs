@@ -41,15 +41,18 @@ pub enum ThreadKind {
     /// The sandbox's control threads: the control socket (pause, resume, snapshot into the
     /// store, stop), the agent connection, waiting for the VM's end, stall reports.
     Control,
+    /// Waits outside a jail for the jailed VMM and forwards signals to it (`ember-jail`).
+    JailSupervisor,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Vcpu,
         ThreadKind::Devices,
         ThreadKind::MemoryFaults,
         ThreadKind::SerialOutput,
         ThreadKind::Control,
+        ThreadKind::JailSupervisor,
     ];
 
     /// The name used in logs and in the trap's message.
@@ -60,6 +63,7 @@ impl ThreadKind {
             ThreadKind::MemoryFaults => "memory-faults",
             ThreadKind::SerialOutput => "serial-output",
             ThreadKind::Control => "control",
+            ThreadKind::JailSupervisor => "jail-supervisor",
         }
     }
 }

@@ -148,6 +148,13 @@ pub(crate) fn allowed(kind: ThreadKind) -> Vec<i64> {
         ],
         ThreadKind::MemoryFaults => &[EVENTS, FILE_READ],
         ThreadKind::SerialOutput => &[],
+        ThreadKind::JailSupervisor => &[&[
+            libc::SYS_wait4,
+            libc::SYS_rt_sigtimedwait,
+            libc::SYS_rt_sigaction,
+            libc::SYS_kill,
+            libc::SYS_tgkill,
+        ]],
         ThreadKind::Control => &[
             EVENTS,
             FILE_READ,
@@ -244,7 +251,7 @@ fn restricted_for(kind: ThreadKind) -> Vec<(i64, Vec<Arg>)> {
             (libc::SYS_socket, vec![unix_socket()]),
         ],
         ThreadKind::MemoryFaults => vec![(libc::SYS_ioctl, vec![ioctl_type(UFFDIO)])],
-        ThreadKind::SerialOutput => Vec::new(),
+        ThreadKind::SerialOutput | ThreadKind::JailSupervisor => Vec::new(),
         ThreadKind::Control => vec![
             (
                 libc::SYS_ioctl,

@@ -781,17 +781,28 @@ fn push_start(
     }
 }
 
-/// Resident and proportional memory of a process, in bytes (0 if it is gone).
+/// Resident and proportional memory of a sandbox's VMM, in bytes (0 if it is gone): the
+/// process the service started and its children (a jailed VMM runs as the child of a small
+/// supervisor).
 fn memory_of(pid: u32) -> (u64, u64) {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .map_or(0, |kib| kib * 1024)
-    };
-    (field("Rss:"), field("Pss:"))
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let pids =
+        std::iter::once(pid).chain(children.split_whitespace().filter_map(|c| c.parse().ok()));
+    let (mut rss, mut pss) = (0, 0);
+    for pid in pids {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+        let field = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+                .map_or(0, |kib| kib * 1024)
+        };
+        rss += field("Rss:");
+        pss += field("Pss:");
+    }
+    (rss, pss)
 }
 
 /// Bytes the files under `dir` take on disk.

@@ -6,6 +6,7 @@ pub mod cgroup;
 pub mod error;
 pub mod exec;
 pub mod files;
+mod jail;
 pub mod metrics;
 pub mod sandbox;
 pub mod snapshots;
@@ -60,6 +61,16 @@ pub struct ServeArgs {
     /// At most this many sandboxes run at once.
     #[arg(long, default_value_t = 64)]
     pub max_sandboxes: usize,
+    /// The unprivileged user each sandbox's VMM runs as, inside its jail.
+    #[arg(long, default_value_t = jail::DEFAULT_JAIL_ID)]
+    pub jail_uid: u32,
+    /// The group each sandbox's VMM runs as.
+    #[arg(long, default_value_t = jail::DEFAULT_JAIL_ID)]
+    pub jail_gid: u32,
+    /// Run VMMs without their jail (namespaces, a private root, an unprivileged user). A
+    /// service not run as root cannot build jails, and says so.
+    #[arg(long)]
+    pub no_jail: bool,
 }
 
 pub struct ServiceConfig {
@@ -70,6 +81,8 @@ pub struct ServiceConfig {
     /// This program (`ember vmm` runs each sandbox).
     pub exe: PathBuf,
     pub max_sandboxes: usize,
+    /// Who VMMs run as in their jails (none: VMMs are not jailed).
+    pub jail: Option<jail::JailIds>,
 }
 
 pub struct AppState {
@@ -156,6 +169,13 @@ pub fn serve(args: ServeArgs) -> i32 {
             return 1;
         }
     };
+    let jail = match jail::JailIds::for_service(&args, &store_dir) {
+        Ok(jail) => jail,
+        Err(e) => {
+            eprintln!("ember serve: {e}");
+            return 1;
+        }
+    };
     let state = Arc::new(AppState {
         config: ServiceConfig {
             state_dir,
@@ -164,6 +184,7 @@ pub fn serve(args: ServeArgs) -> i32 {
             rootfs,
             exe,
             max_sandboxes: args.max_sandboxes.max(1),
+            jail,
         },
         sandboxes: Mutex::new(HashMap::new()),
         store,
@@ -490,9 +511,6 @@ async fn delete_sandbox(
         .unwrap_or_else(|p| p.into_inner())
         .remove(&id);
     sandbox.remove_from_disk();
-    let spec = sandbox.record().spec;
-    let _ = std::fs::remove_file(&spec.vsock_socket);
-    let _ = std::fs::remove_file(&spec.control_socket);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -607,6 +625,7 @@ mod tests {
                 rootfs: "/nonexistent/rootfs.ext4".into(),
                 exe: "/nonexistent/ember".into(),
                 max_sandboxes: 4,
+                jail: None,
             },
             sandboxes: Mutex::new(HashMap::new()),
             store: crate::command::open_store(&dir.join("store")).unwrap(),

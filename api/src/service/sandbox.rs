@@ -150,13 +150,30 @@ impl Sandbox {
         }
     }
 
-    /// Removes the sandbox's folder (record, log, overlay) for good.
+    /// Removes the sandbox's folder (record, log, overlay) and its sockets for good.
     pub fn remove_from_disk(&self) {
         let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
         *removed = true;
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                log::warn!("cannot remove {}: {e}", self.dir.display());
+        let spec = self.record().spec;
+        // Sockets live in a folder of their own (`run/ID/`); records from before that had
+        // them straight in `run/`.
+        let sockets = spec
+            .vsock_socket
+            .parent()
+            .filter(|dir| dir.file_name() == Some(std::ffi::OsStr::new(&self.id)));
+        let mut gone = vec![self.dir.clone()];
+        match sockets {
+            Some(dir) => gone.push(dir.to_path_buf()),
+            None => {
+                let _ = std::fs::remove_file(&spec.vsock_socket);
+                let _ = std::fs::remove_file(&spec.control_socket);
+            }
+        }
+        for dir in gone {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    log::warn!("cannot remove {}: {e}", dir.display());
+                }
             }
         }
     }
@@ -393,6 +410,18 @@ pub struct NewSandbox {
     pub disk_rate_limit: ember_vmm::RateLimit,
 }
 
+/// The environment variables a VMM process gets from the service (logging, and seccomp's
+/// modes for tests and diagnosis).
+const VMM_ENVIRONMENT: [&str; 4] = [
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+    "EMBER_SECCOMP",
+    "EMBER_SECCOMP_DENY",
+];
+
+/// The subfolder of a sandbox's folder that belongs to its VMM (overlay, stall reports).
+pub const VMM_DIR: &str = "vmm";
+
 /// Starts a VMM process for a new sandbox and waits until its agent answers.
 pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbox>, ApiError> {
     {
@@ -413,8 +442,17 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
     let dir = state.config.state_dir.join("sandboxes").join(&id);
     std::fs::create_dir_all(&dir)
         .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", dir.display())))?;
-    let run = state.config.state_dir.join("run");
-    let spec = WorkerSpec {
+    std::fs::create_dir_all(dir.join(VMM_DIR)).map_err(|e| {
+        ApiError::internal(format!(
+            "cannot create {}: {e}",
+            dir.join(VMM_DIR).display()
+        ))
+    })?;
+    // Its sockets get a folder of their own: a jailed VMM sees that folder, not the others'.
+    let run = state.config.state_dir.join("run").join(&id);
+    std::fs::create_dir_all(&run)
+        .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", run.display())))?;
+    let mut spec = WorkerSpec {
         sandbox_id: id.clone(),
         kernel: state.config.kernel.clone(),
         rootfs: state.config.rootfs.clone(),
@@ -422,11 +460,20 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         mem_mib: new.mem_mib,
         origin: new.origin.clone(),
         store_dir: state.config.store_dir.clone(),
-        vsock_socket: run.join(format!("{id}.vsock")),
-        control_socket: run.join(format!("{id}.ctl")),
-        overlay: dir.join("rootfs.overlay"),
+        vsock_socket: run.join("vsock"),
+        control_socket: run.join("ctl"),
+        // The only part of the sandbox's folder its VMM writes (and, jailed, sees): the
+        // record and spec stay the service's.
+        overlay: dir.join(VMM_DIR).join("rootfs.overlay"),
         disk_rate_limit: new.disk_rate_limit,
+        jail: None,
     };
+    if let Some(ids) = state.config.jail {
+        spec.jail = Some(
+            ids.prepare(&spec, &dir, &dir.join(VMM_DIR), &run)
+                .map_err(|e| ApiError::internal(format!("cannot prepare the jail: {e}")))?,
+        );
+    }
     let record = SandboxRecord {
         id: id.clone(),
         created_unix_ms: unix_ms(),
@@ -495,7 +542,16 @@ async fn start_vmm(
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         // Its own process group: a ^C meant for the service does not reach the sandboxes.
-        .process_group(0);
+        .process_group(0)
+        // Nothing of the service's environment but what a VMM reads; its temporary files
+        // (stall reports) go to its own folder.
+        .env_clear()
+        .env("TMPDIR", sandbox.dir.join(VMM_DIR))
+        .envs(std::env::vars_os().filter(|(name, _)| {
+            VMM_ENVIRONMENT
+                .iter()
+                .any(|kept| name.as_os_str() == std::ffi::OsStr::new(kept))
+        }));
     if let Some(cgroup) = &cgroup {
         let procs = cgroup.procs_fd();
         // SAFETY: runs in the child between fork and exec, where only async-signal-safe calls
