@@ -937,3 +937,80 @@ fn vmtest_a_jailed_vmm_sees_only_its_own_files_and_no_network() {
     assert!(left.is_empty(), "{left:?}");
     drop(listener);
 }
+
+/// The VMM of sandbox `id`: the jail supervisor's only child.
+fn jailed_vmm_pid(service: &Service, id: &str) -> i64 {
+    let supervisor = service.sandbox(id)["pid"].as_i64().unwrap();
+    std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A value of sandbox `id`'s cgroup (read through its VMM's membership).
+fn cgroup_value(service: &Service, id: &str, file: &str) -> String {
+    let pid = jailed_vmm_pid(service, id);
+    let membership = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let path = membership
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap();
+    std::fs::read_to_string(
+        std::path::Path::new("/sys/fs/cgroup")
+            .join(path.trim_start_matches('/'))
+            .join(file),
+    )
+    .unwrap()
+}
+
+#[test]
+fn vmtest_a_guest_exhausting_its_memory_and_forking_without_end_harms_no_one_else() {
+    let service = Service::start("hostile");
+    let hostile = service.create(json!({}));
+    let bystander = service.create(json!({}));
+    // Allocating without end: the guest's own OOM killer ends the hog (SIGKILL: 137); the
+    // host's memory limit on its VMM never fires, and the sandbox answers afterwards.
+    let out = service.call(
+        "POST",
+        &format!("/sandboxes/{hostile}/exec?wait=true"),
+        Some(json!({"cmd": "python3", "args": ["-c",
+            "x = []\nwhile True: x.append(bytearray(1 << 20)); x[-1][::4096] = b'x' * 256"],
+            "timeout_s": 240})),
+        200,
+    );
+    assert_ne!(out["exit_code"], 0, "{out}");
+    assert_eq!(service.sh(&hostile, "echo alive")["stdout"], "alive\n");
+    let events = cgroup_value(&service, &hostile, "memory.events");
+    assert!(events.lines().any(|l| l == "oom_kill 0"), "{events}");
+    // A fork bomb, left running: the guest drowns in its own processes, the host's task limit
+    // on its VMM holds, and the service and the other sandbox carry on.
+    service.call(
+        "POST",
+        &format!("/sandboxes/{hostile}/exec"),
+        Some(json!({"cmd": "sh", "args": ["-c", "b() { b | b & }; b"], "detach": true})),
+        202,
+    );
+    std::thread::sleep(Duration::from_secs(20));
+    let tasks: u32 = cgroup_value(&service, &hostile, "pids.current")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(tasks <= 64, "{tasks} tasks");
+    for round in 0..3 {
+        let out = service.sh(&bystander, &format!("echo round {round}"));
+        assert_eq!(out["stdout"], format!("round {round}\n"), "{out}");
+        assert_eq!(service.curl("GET", "/healthz", None).0, 200);
+    }
+    assert_eq!(
+        cgroup_value(&service, &hostile, "memory.events")
+            .lines()
+            .find(|l| l.starts_with("oom_kill ")),
+        Some("oom_kill 0")
+    );
+    // The drowned sandbox still goes away when asked.
+    let started = Instant::now();
+    service.call("DELETE", &format!("/sandboxes/{hostile}"), None, 204);
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert_eq!(service.sh(&bystander, "echo still")["stdout"], "still\n");
+}
