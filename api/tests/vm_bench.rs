@@ -11,21 +11,30 @@ fn artifact(var: &str) -> String {
         .unwrap_or_else(|_| panic!("{var} is not set; run VM tests through `cargo xtask test`"))
 }
 
-#[test]
-fn vmtest_bench_quick_writes_a_report_with_ratios_and_charts() {
-    let out = PathBuf::from(format!("/tmp/ember-bench-test-{}", std::process::id()));
+/// Runs `ember bench ARGS --out /tmp/ember-NAME-PID` on the suite's kernel and rootfs; it must
+/// succeed. Returns (the output folder, its stdout, its stderr).
+fn bench(name: &str, args: &[&str]) -> (PathBuf, String, String) {
+    let out = PathBuf::from(format!("/tmp/ember-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let run = Command::new(env!("CARGO_BIN_EXE_ember"))
-        .args(["bench", "--quick", "--runs", "1", "--out"])
+        .arg("bench")
+        .args(args)
+        .arg("--out")
         .arg(&out)
         .args(["--kernel", &artifact("EMBER_KERNEL")])
         .args(["--rootfs", &artifact("EMBER_ROOTFS")])
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
     assert!(run.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     eprintln!("{stdout}");
+    (out, stdout, stderr)
+}
+
+#[test]
+fn vmtest_bench_quick_writes_a_report_with_ratios_and_charts() {
+    let (out, _, stderr) = bench("bench-test", &["--quick", "--runs", "1"]);
 
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
@@ -137,19 +146,7 @@ fn vmtest_bench_quick_writes_a_report_with_ratios_and_charts() {
 
 #[test]
 fn vmtest_a_short_soak_leaves_nothing_behind_and_draws_its_curve() {
-    let out = PathBuf::from(format!("/tmp/ember-soak-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
-    let run = Command::new(env!("CARGO_BIN_EXE_ember"))
-        .args(["bench", "--soak", "4", "--out"])
-        .arg(&out)
-        .args(["--kernel", &artifact("EMBER_KERNEL")])
-        .args(["--rootfs", &artifact("EMBER_ROOTFS")])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
-    eprintln!("{stdout}");
+    let (out, stdout, _) = bench("soak-test", &["--soak", "4"]);
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("soak.json")).unwrap()).unwrap();
     let samples = report["samples"].as_array().unwrap();

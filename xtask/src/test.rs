@@ -530,6 +530,7 @@ fn run_vm_tests_in_lab(bins: &[PathBuf], artifacts: &Artifacts) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn reads_executable_from_cargo_json() {
@@ -541,6 +542,29 @@ mod tests {
         assert_eq!(json_string_field(line, "missing"), None);
     }
 
+    /// A fake test binary in folder `dir`: `--list` lists `tests` (and a test
+    /// without the VM prefix), a run appends the test's name to `dir/ran` and then runs
+    /// `body` (`$2` is the test's name, `{ran}` the record's path). Returns (binary, record).
+    fn fake_test_binary(dir: &Path, tests: &[&str], body: &str) -> (PathBuf, PathBuf) {
+        std::fs::create_dir_all(dir).unwrap();
+        let bin = dir.join("fake-tests");
+        let ran = dir.join("ran");
+        let list: String = tests.iter().map(|t| format!("{t}: test\\n")).collect();
+        std::fs::write(
+            &bin,
+            format!(
+                "#!/bin/sh\nif [ \"$1\" = --list ]; then printf '{list}other: test\\n'; exit 0; fi\n\
+                 echo \"$2\" >> {ran}\n{body}",
+                ran = ran.display(),
+                body = body.replace("{ran}", &ran.display().to_string())
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        (bin, ran)
+    }
+
     /// Runs the VM test script over a fake test binary with tests a, b (failing) and c, with
     /// `done` as the record of an earlier lab; returns (exit success, tests run, record).
     fn run_script_with_record(done: &str) -> (bool, String, String) {
@@ -550,20 +574,11 @@ mod tests {
             done.len()
         ));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let bin = dir.join("fake-tests");
-        let ran = dir.join("ran");
-        std::fs::write(
-            &bin,
-            format!(
-                "#!/bin/sh\nif [ \"$1\" = --list ]; then printf 'vmtest_a: test\\nvmtest_b: test\\nvmtest_c: test\\nother: test\\n'; exit 0; fi\n\
-                 echo \"$2\" >> {ran}\n[ \"$2\" != vmtest_b ]\n",
-                ran = ran.display()
-            ),
-        )
-        .unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (bin, ran) = fake_test_binary(
+            &dir,
+            &["vmtest_a", "vmtest_b", "vmtest_c"],
+            "[ \"$2\" != vmtest_b ]\n",
+        );
         let record = dir.join("done");
         std::fs::write(&record, done).unwrap();
         let status = Command::new("sh")
@@ -599,24 +614,15 @@ mod tests {
         // l fails once with its vCPU inside the L1's kvm_amd, then passes; g fails with a
         // guest address (a real failure: not rerun); h fails twice in the L1's KVM (a second
         // lab fault in one test is a failure).
-        let bin = dir.join("fake-tests");
-        let ran = dir.join("ran");
-        std::fs::write(
-            &bin,
-            format!(
-                "#!/bin/sh\nif [ \"$1\" = --list ]; then printf 'vmtest_l: test\\nvmtest_g: test\\nvmtest_h: test\\n'; exit 0; fi\n\
-                 echo \"$2\" >> {ran}\n\
-                 case \"$2\" in\n\
-                 vmtest_l) [ $(grep -c vmtest_l {ran}) = 2 ] && exit 0; echo 'vCPU 0: runnable rip 0xffffffffc041b20c rsp 0xffa0000000a13b60'; exit 101 ;;\n\
-                 vmtest_g) echo 'vCPU 0: runnable rip 0xffffffff8100abcd'; exit 101 ;;\n\
-                 vmtest_h) echo 'vCPU 1: halted rip 0xffffffffc0600010'; exit 101 ;;\n\
-                 esac\n",
-                ran = ran.display()
-            ),
-        )
-        .unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (bin, ran) = fake_test_binary(
+            &dir,
+            &["vmtest_l", "vmtest_g", "vmtest_h"],
+            "case \"$2\" in\n\
+             vmtest_l) [ $(grep -c vmtest_l {ran}) = 2 ] && exit 0; echo 'vCPU 0: runnable rip 0xffffffffc041b20c rsp 0xffa0000000a13b60'; exit 101 ;;\n\
+             vmtest_g) echo 'vCPU 0: runnable rip 0xffffffff8100abcd'; exit 101 ;;\n\
+             vmtest_h) echo 'vCPU 1: halted rip 0xffffffffc0600010'; exit 101 ;;\n\
+             esac\n",
+        );
         let record = dir.join("done");
         let out = Command::new("sh")
             .arg("-c")
@@ -655,22 +661,15 @@ mod tests {
         let report = PathBuf::from(format!("/tmp/ember-stall-xtask-{}.txt", std::process::id()));
         // The first run hangs after leaving a stall report with a vCPU in the L1's KVM; the
         // second passes.
-        let bin = dir.join("fake-tests");
-        let ran = dir.join("ran");
-        std::fs::write(
-            &bin,
-            format!(
-                "#!/bin/sh\nif [ \"$1\" = --list ]; then echo 'vmtest_hang: test'; exit 0; fi\n\
-                 echo \"$2\" >> {ran}\n\
-                 [ $(grep -c . {ran}) = 2 ] && exit 0\n\
+        let (bin, ran) = fake_test_binary(
+            &dir,
+            &["vmtest_hang"],
+            &format!(
+                "[ $(grep -c . {{ran}}) = 2 ] && exit 0\n\
                  sleep 1; echo 'vCPU 0: runnable rip 0xffffffffc041b20c' > {report}\nsleep 60\n",
-                ran = ran.display(),
                 report = report.display()
             ),
-        )
-        .unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        );
         let started = Instant::now();
         let out = Command::new("sh")
             .arg("-c")

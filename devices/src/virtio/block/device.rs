@@ -114,11 +114,6 @@ impl Block {
         Ok(())
     }
 
-    /// Requests the rate limiter made wait so far.
-    pub fn throttled_requests(&self) -> u64 {
-        self.limiter.throttled()
-    }
-
     /// The backing disk.
     pub fn disk(&self) -> &Disk {
         &self.disk
