@@ -1,16 +1,6 @@
 //! `ember`: the command line of the ember microVM monitor.
 
-mod bench;
-mod client;
-mod command;
-mod control;
-mod doctor;
-mod jail_probe;
-mod remote;
-mod run;
-mod service;
-mod store_cmd;
-mod worker;
+use ember_api::{bench, doctor, remote, run, service, store_cmd, worker};
 
 use clap::{Parser, Subcommand};
 

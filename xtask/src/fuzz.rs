@@ -17,6 +17,7 @@ pub const TARGETS: &[&str] = &[
     "agent_frames",
     "snapshot_state",
     "store_files",
+    "api_requests",
 ];
 
 /// rustup's `cargo` with the nightly toolchain, free of the variables the stable `cargo` that

@@ -1,0 +1,14 @@
+//! The parts of the `ember` binary (`src/main.rs` is its command line). A library so that the
+//! fuzz targets can reach the service's request handling.
+
+pub mod bench;
+pub mod client;
+pub mod command;
+pub mod control;
+pub mod doctor;
+pub mod jail_probe;
+pub mod remote;
+pub mod run;
+pub mod service;
+pub mod store_cmd;
+pub mod worker;
