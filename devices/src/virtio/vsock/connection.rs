@@ -197,6 +197,11 @@ impl Connection {
         self.ports
     }
 
+    /// Guest bytes received but not yet written to the host socket.
+    pub fn undelivered(&self) -> usize {
+        self.buf.len()
+    }
+
     pub fn state(&self) -> State {
         self.state
     }
