@@ -59,6 +59,8 @@ const I8042_PORT_LEN: u64 = 5;
 const BOOT_TIMER_LEN: u64 = 1;
 /// The block device the root file system is on when `rootfs` is given.
 const ROOT_DEVICE: &str = "/dev/vda";
+/// How long a shut-down VM waits for host sockets to take the guest's last vsock bytes.
+const VSOCK_DELIVERY_LIMIT: Duration = Duration::from_secs(3);
 
 /// What to boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -685,6 +687,8 @@ pub struct Vmm {
     rootfs_cow: Option<Arc<CowDisk>>,
     /// A restored rootfs's snapshot chunks, for those the guest has not touched yet.
     rootfs_chunks: Option<Arc<StoreChunks>>,
+    /// The vsock device, whose last guest bytes are delivered at shutdown.
+    vsock: Option<Arc<Mutex<Vsock>>>,
     config: VmConfig,
     vm: Vm,
     /// Serves a restored VM's memory; dropped after the vCPUs (Drop) and before the memory.
@@ -766,6 +770,7 @@ impl Vmm {
             transports: devices.transports,
             rootfs_cow: devices.rootfs_cow,
             rootfs_chunks: None,
+            vsock: devices.vsock,
             config,
             vm,
             lazy,
@@ -1390,6 +1395,9 @@ impl Vmm {
             }
         }
         self.event_loop.stop();
+        if let Some(vsock) = &self.vsock {
+            lock_or_recover(vsock).deliver_to_host(VSOCK_DELIVERY_LIMIT);
+        }
         first_error.map_or(Ok(()), Err)
     }
 }

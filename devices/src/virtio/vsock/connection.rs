@@ -202,6 +202,12 @@ impl Connection {
         self.buf.len()
     }
 
+    /// Whether guest bytes (or the `OK` line) still wait for a host socket that can take
+    /// them: the connection is not being reset.
+    pub fn awaiting_host_write(&self) -> bool {
+        !self.rst_sent && !self.need_rst && (!self.prefix.is_empty() || !self.buf.is_empty())
+    }
+
     pub fn state(&self) -> State {
         self.state
     }

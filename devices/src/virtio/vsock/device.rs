@@ -10,6 +10,7 @@
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
@@ -131,6 +132,24 @@ impl Vsock {
     /// Live connections.
     pub fn connection_count(&self) -> usize {
         self.muxer.connection_count()
+    }
+
+    /// Guest bytes that live host sockets have yet to take.
+    pub fn undelivered_to_host(&self) -> usize {
+        self.muxer.undelivered_to_host()
+    }
+
+    /// When the VM has ended: writes the guest bytes still buffered to their host sockets,
+    /// waiting up to `limit` for slow readers, and says how many were lost if some were.
+    pub fn deliver_to_host(&mut self, limit: Duration) -> usize {
+        let lost = self.muxer.deliver_to_host(limit);
+        if lost > 0 {
+            log::warn!(
+                "virtio-vsock: {lost} bytes the guest sent were not taken by their host \
+                 sockets within {limit:?} of the VM's end; they are dropped"
+            );
+        }
+        lost
     }
 
     /// Host clients still sending their CONNECT line.

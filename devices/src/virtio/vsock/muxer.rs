@@ -273,6 +273,66 @@ impl Muxer {
             RESTORED_FIRST_PORT + (random % u64::from(RESTORED_FIRST_PORT * 2047)) as u32;
     }
 
+    /// Guest bytes that live host sockets have yet to take.
+    pub fn undelivered_to_host(&self) -> usize {
+        self.conns
+            .values()
+            .filter(|c| c.awaiting_host_write())
+            .map(Connection::undelivered)
+            .sum()
+    }
+
+    /// Writes the guest bytes still buffered to their host sockets, waiting (blocking) up to
+    /// `limit` for slow readers. For the end of a VM: the guest's last words (an echo, a
+    /// command's output) often arrive just before it powers off, and without this they would
+    /// be lost with the sockets. Returns the bytes no host socket took in time.
+    pub fn deliver_to_host(&mut self, limit: Duration) -> usize {
+        let deadline = Instant::now() + limit;
+        loop {
+            let waiting: Vec<(ConnKey, RawFd)> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.awaiting_host_write())
+                .map(|(key, c)| (*key, c.stream().as_raw_fd()))
+                .collect();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if waiting.is_empty() || left.is_zero() {
+                return self.undelivered_to_host();
+            }
+            let mut fds: Vec<libc::pollfd> = waiting
+                .iter()
+                .map(|(_, fd)| libc::pollfd {
+                    fd: *fd,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                })
+                .collect();
+            let timeout_ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+            // SAFETY: `fds` is a valid array of `fds.len()` pollfd structures that outlives
+            // the call; the descriptors belong to connections this muxer owns.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    log::warn!("virtio-vsock: waiting for host sockets to drain failed: {e}");
+                    return self.undelivered_to_host();
+                }
+                continue;
+            }
+            for ((key, _), pfd) in waiting.iter().zip(&fds) {
+                if pfd.revents == 0 {
+                    continue;
+                }
+                if let Some(conn) = self.conns.get_mut(key) {
+                    if let Err(e) = conn.flush() {
+                        log::debug!("virtio-vsock: connection {key:?}: {e}; giving up on it");
+                        conn.reset();
+                    }
+                }
+            }
+        }
+    }
+
     // ---- bookkeeping -------------------------------------------------------------------
 
     /// Re-evaluates a connection after something happened to it.

@@ -1011,3 +1011,75 @@ fn device_reset_drops_connections() {
     h.activate();
     let (_c, _) = h.host_connect(52);
 }
+
+/// The guest sends to a host client that does not read until the host socket is full and the
+/// device buffers the rest, then closes. Returns everything the guest sent.
+fn fill_until_the_device_buffers(h: &mut Harness, host_port: u32) -> Vec<u8> {
+    let data = random_bytes(4 << 20, 9);
+    let (mut sent, mut peer_fwd) = (0usize, 0u32);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.dev.lock().unwrap().undelivered_to_host() == 0 {
+        let credit = CONN_BUF_ALLOC as usize - (sent - peer_fwd as usize);
+        let n = credit.min(MAX_PKT_LEN as usize);
+        assert!(sent + n <= data.len(), "the host socket never filled");
+        if n > 0 {
+            let hdr = h.hdr(Op::Rw, 52, host_port, n);
+            h.send(&hdr, &data[sent..sent + n]);
+            sent += n;
+        } else {
+            h.pump();
+        }
+        for p in h.recv() {
+            assert_ne!(p.op(), Some(Op::Rst), "reset while sending");
+            peer_fwd = p.hdr.fwd_cnt;
+        }
+        assert!(Instant::now() < deadline, "no credit update");
+    }
+    let mut sd = h.hdr(Op::Shutdown, 52, host_port, 0);
+    sd.flags = SHUTDOWN_BOTH;
+    h.send(&sd, &[]);
+    data[..sent].to_vec()
+}
+
+#[test]
+fn bytes_a_slow_host_reader_has_not_taken_are_delivered_when_the_vm_ends() {
+    let mut h = Harness::new();
+    let (client, host_port) = h.host_connect(52);
+    let sent = fill_until_the_device_buffers(&mut h, host_port);
+    let waiting = h.dev.lock().unwrap().undelivered_to_host();
+    assert!(waiting > 0);
+    // The VM ends (no more event loop); the host starts reading only later.
+    let reader = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let mut c = client;
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).map(|_| got)
+    });
+    let lost = h
+        .dev
+        .lock()
+        .unwrap()
+        .deliver_to_host(Duration::from_secs(30));
+    assert_eq!(lost, 0, "{waiting} bytes waited");
+    assert_eq!(h.dev.lock().unwrap().undelivered_to_host(), 0);
+    // The guest had shut down its sending side: once drained, the host reads EOF (not a
+    // timeout), with every byte in order.
+    let got = reader.join().unwrap().expect("the host read EOF");
+    assert_eq!(got.len(), sent.len());
+    assert!(got == sent, "the delivered bytes differ");
+}
+
+#[test]
+fn a_host_reader_that_never_reads_costs_the_vm_end_at_most_the_limit() {
+    let mut h = Harness::new();
+    let (_client, host_port) = h.host_connect(52);
+    fill_until_the_device_buffers(&mut h, host_port);
+    let waiting = h.dev.lock().unwrap().undelivered_to_host();
+    let lost = h
+        .dev
+        .lock()
+        .unwrap()
+        .deliver_to_host(Duration::from_millis(200));
+    assert_eq!(lost, waiting);
+}
