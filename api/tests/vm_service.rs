@@ -867,14 +867,7 @@ fn vmtest_a_jailed_vmm_sees_only_its_own_files_and_no_network() {
         );
     }
     // The VMM's environment is what the service chose, none of the service's own.
-    let environ = {
-        let supervisor = service.sandbox(&a)["pid"].as_i64().unwrap();
-        let children =
-            std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
-                .unwrap();
-        let child = children.split_whitespace().next().unwrap().to_string();
-        std::fs::read(format!("/proc/{child}/environ")).unwrap()
-    };
+    let environ = std::fs::read(format!("/proc/{}/environ", jailed_vmm_pid(&service, &a))).unwrap();
     let names: Vec<String> = environ
         .split(|b| *b == 0)
         .filter(|v| !v.is_empty())
@@ -909,9 +902,7 @@ fn vmtest_a_jailed_vmm_sees_only_its_own_files_and_no_network() {
     assert_eq!(out["stdout"], "restored\n", "{out}");
     // A VMM dies with its supervisor (the pid the service knows and kills).
     let supervisor = service.sandbox(&b)["pid"].as_i64().unwrap();
-    let children =
-        std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children")).unwrap();
-    let jailed: i64 = children.trim().parse().unwrap();
+    let jailed = jailed_vmm_pid(&service, &b);
     // SAFETY: kill(2) on the test's own sandbox's supervisor.
     unsafe { libc::kill(supervisor as i32, libc::SIGKILL) };
     let deadline = Instant::now() + Duration::from_secs(10);
