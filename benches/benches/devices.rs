@@ -8,7 +8,7 @@ use std::io::Write as _;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ember_devices::virtio::block::request::{parse_request, status_descriptor};
 use ember_devices::virtio::block::Disk;
-use ember_devices::virtio::vsock::packet::{Header, Segments, HDR_SIZE};
+use ember_devices::virtio::vsock::packet::{Header, PacketChain, Segments, HDR_SIZE};
 use ember_vmm::memory::create_guest_memory;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress};

@@ -2,6 +2,7 @@
 //! interrupt state they share with the transport, and the virtio-mmio transport itself.
 
 pub mod block;
+pub mod chain;
 pub mod mmio;
 pub mod vsock;
 

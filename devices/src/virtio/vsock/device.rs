@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::muxer::Muxer;
 use super::packet::{
-    Direction, Op, Segments, EVENT_SIZE, EVENT_TRANSPORT_RESET, HDR_SIZE, MAX_PKT_LEN,
+    Direction, Op, PacketChain, Segments, EVENT_SIZE, EVENT_TRANSPORT_RESET, HDR_SIZE, MAX_PKT_LEN,
 };
 use super::{LogLimiter, VsockError, MIN_GUEST_CID};
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt, FEATURE_VERSION_1};
@@ -481,7 +481,7 @@ fn handle_tx_chain(
         return;
     };
     if let Err(e) = segs.read_at(mem, HDR_SIZE as u64, payload) {
-        muxer.recv_bad_packet(&hdr, &e);
+        muxer.recv_bad_packet(&hdr, &e.into());
         return;
     }
     muxer.recv_packet(&hdr, op, payload);

@@ -8,10 +8,8 @@
 
 use std::fmt;
 
-use virtio_queue::desc::split::Descriptor;
-use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
-
+use crate::virtio::chain::ChainError;
+pub use crate::virtio::chain::{Direction, Segments};
 use crate::GuestMemoryMmap;
 
 /// Size of `struct virtio_vsock_hdr`.
@@ -68,48 +66,12 @@ impl Op {
     }
 }
 
-/// Why a packet or chain was rejected.
+/// Why a packet was rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum PacketError {
-    /// The head index is outside the descriptor table.
-    #[error("descriptor chain with head {0} is empty (head index out of range)")]
-    EmptyChain(u16),
-    /// The chain loops, points outside the table, is too long or could not be read.
-    #[error("descriptor chain with head {head} is broken after {count} descriptors")]
-    BrokenChain {
-        /// Head index.
-        head: u16,
-        /// Descriptors read before it broke.
-        count: usize,
-    },
-    /// A descriptor has the wrong direction for its queue.
-    #[error("descriptor {addr:#x}+{len} is {found} on a queue that needs {expected} buffers")]
-    Direction {
-        /// Descriptor address.
-        addr: u64,
-        /// Descriptor length.
-        len: u32,
-        /// What it is.
-        found: &'static str,
-        /// What the queue needs.
-        expected: &'static str,
-    },
-    /// A descriptor lies (partly) outside guest memory or wraps the address space.
-    #[error("descriptor {addr:#x}+{len} is outside guest memory")]
-    OutsideMemory {
-        /// Descriptor address.
-        addr: u64,
-        /// Descriptor length.
-        len: u32,
-    },
-    /// The chain cannot hold what is needed.
-    #[error("descriptor chain holds {have} bytes, need {need}")]
-    TooShort {
-        /// Bytes in the chain.
-        have: u64,
-        /// Bytes needed.
-        need: u64,
-    },
+    /// The descriptor chain is unusable.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
     /// The header says more payload than the device accepts.
     #[error("packet length {len} is above the maximum {MAX_PKT_LEN}")]
     LenTooLarge {
@@ -130,15 +92,6 @@ pub enum PacketError {
     /// Socket type other than stream.
     #[error("unsupported socket type {0} (only stream, 1, is offered)")]
     UnsupportedType(u16),
-    /// Guest memory access failed (cannot happen for validated segments, but is not trusted).
-    #[error("guest memory access at {addr:#x} failed: {source}")]
-    Memory {
-        /// Guest address.
-        addr: u64,
-        /// The underlying error.
-        #[source]
-        source: GuestMemoryError,
-    },
 }
 
 /// `struct virtio_vsock_hdr`, decoded.
@@ -266,189 +219,46 @@ impl fmt::Display for Header {
     }
 }
 
-/// Which way the device uses a chain's buffers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// The device reads (tx queue): every descriptor must be device-readable.
-    Read,
-    /// The device writes (rx and event queues): every descriptor must be device-writable.
-    Write,
-}
-
-/// A descriptor chain's buffers, each checked to lie inside guest memory with the right
-/// direction, read and written as one contiguous byte range.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Segments {
-    segs: Vec<(GuestAddress, u32)>,
-    total: u64,
-}
-
-impl Segments {
-    /// Validates `chain` for `dir`. Empty descriptors are skipped.
-    pub fn from_chain(
-        chain: DescriptorChain<&GuestMemoryMmap>,
-        mem: &GuestMemoryMmap,
-        dir: Direction,
-    ) -> Result<Segments, PacketError> {
-        let head = chain.head_index();
-        // virtio-queue bounds the walk (queue size, indirect table size) and stops on
-        // unreadable or out-of-range descriptors, leaving NEXT set on the last one it yields.
-        let descs: Vec<Descriptor> = chain.collect();
-        match descs.last() {
-            None => return Err(PacketError::EmptyChain(head)),
-            Some(last) if last.has_next() => {
-                return Err(PacketError::BrokenChain {
-                    head,
-                    count: descs.len(),
-                })
-            }
-            Some(_) => {}
-        }
-        let mut out = Segments::default();
-        for d in &descs {
-            let (found, expected) = match (dir, d.is_write_only()) {
-                (Direction::Read, true) => ("device-writable", "device-readable"),
-                (Direction::Write, false) => ("device-readable", "device-writable"),
-                _ => ("", ""),
-            };
-            if !found.is_empty() {
-                return Err(PacketError::Direction {
-                    addr: d.addr().0,
-                    len: d.len(),
-                    found,
-                    expected,
-                });
-            }
-            if d.len() == 0 {
-                continue;
-            }
-            let access = match dir {
-                Direction::Read => Permissions::Read,
-                Direction::Write => Permissions::Write,
-            };
-            let inside = d.addr().checked_add(u64::from(d.len())).is_some()
-                && mem.check_range(d.addr(), d.len() as usize, access);
-            if !inside {
-                return Err(PacketError::OutsideMemory {
-                    addr: d.addr().0,
-                    len: d.len(),
-                });
-            }
-            out.push(d.addr(), d.len());
-        }
-        Ok(out)
-    }
-
-    /// Adds a buffer (tests and hand-built chains; no validation).
-    pub fn push(&mut self, addr: GuestAddress, len: u32) {
-        self.segs.push((addr, len));
-        // At most 2^16 descriptors of < 2^32 bytes: no overflow.
-        self.total += u64::from(len);
-    }
-
-    /// Total bytes in the chain.
-    pub fn len(&self) -> u64 {
-        self.total
-    }
-
-    /// Whether the chain holds no bytes.
-    pub fn is_empty(&self) -> bool {
-        self.total == 0
-    }
-
-    /// Calls `f(guest address, range in buf)` for each piece of `[offset, offset + len)`.
-    fn for_each_piece(
-        &self,
-        offset: u64,
-        len: usize,
-        mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), PacketError>,
-    ) -> Result<(), PacketError> {
-        let end = offset.saturating_add(len as u64);
-        if end > self.total {
-            return Err(PacketError::TooShort {
-                have: self.total,
-                need: end,
-            });
-        }
-        let mut seg_start = 0u64;
-        let mut done = 0usize;
-        for &(addr, seg_len) in &self.segs {
-            let seg_end = seg_start + u64::from(seg_len);
-            let pos = offset + done as u64;
-            if done < len && pos < seg_end && pos >= seg_start {
-                let within = pos - seg_start;
-                let n =
-                    usize::try_from((seg_end - pos).min((len - done) as u64)).unwrap_or(len - done);
-                let gpa = addr.checked_add(within).ok_or(PacketError::OutsideMemory {
-                    addr: addr.0,
-                    len: seg_len,
-                })?;
-                f(gpa, done..done + n)?;
-                done += n;
-            }
-            seg_start = seg_end;
-        }
-        Ok(())
-    }
-
-    /// Reads `buf.len()` bytes starting `offset` bytes into the chain.
-    pub fn read_at(
-        &self,
-        mem: &GuestMemoryMmap,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<(), PacketError> {
-        self.for_each_piece(offset, buf.len(), |gpa, range| {
-            mem.read_slice(&mut buf[range], gpa)
-                .map_err(|source| PacketError::Memory {
-                    addr: gpa.0,
-                    source,
-                })
-        })
-    }
-
-    /// Writes `buf` starting `offset` bytes into the chain.
-    pub fn write_at(
-        &self,
-        mem: &GuestMemoryMmap,
-        offset: u64,
-        buf: &[u8],
-    ) -> Result<(), PacketError> {
-        self.for_each_piece(offset, buf.len(), |gpa, range| {
-            mem.write_slice(&buf[range], gpa)
-                .map_err(|source| PacketError::Memory {
-                    addr: gpa.0,
-                    source,
-                })
-        })
-    }
-
+/// Packets in and out of chains.
+pub trait PacketChain {
     /// Reads a tx packet header (validate it with [`Header::check`]). The payload is the
     /// `hdr.len` bytes at offset [`HDR_SIZE`].
-    pub fn read_header(&self, mem: &GuestMemoryMmap) -> Result<Header, PacketError> {
+    fn read_header(&self, mem: &GuestMemoryMmap) -> Result<Header, PacketError>;
+    /// Payload bytes after the header.
+    fn payload_room(&self) -> u64;
+    /// Writes an rx packet (header, then `payload`); returns the used length.
+    fn write_packet(
+        &self,
+        mem: &GuestMemoryMmap,
+        hdr: &Header,
+        payload: &[u8],
+    ) -> Result<u32, PacketError>;
+}
+
+impl PacketChain for Segments {
+    fn read_header(&self, mem: &GuestMemoryMmap) -> Result<Header, PacketError> {
         let mut b = [0u8; HDR_SIZE];
         self.read_at(mem, 0, &mut b)?;
         Ok(Header::from_bytes(&b))
     }
 
-    /// Payload bytes after the header.
-    pub fn payload_room(&self) -> u64 {
-        self.total.saturating_sub(HDR_SIZE as u64)
+    fn payload_room(&self) -> u64 {
+        self.len().saturating_sub(HDR_SIZE as u64)
     }
 
-    /// Writes an rx packet (header, then `payload`); returns the used length.
-    pub fn write_packet(
+    fn write_packet(
         &self,
         mem: &GuestMemoryMmap,
         hdr: &Header,
         payload: &[u8],
     ) -> Result<u32, PacketError> {
         let total = HDR_SIZE + payload.len();
-        if total as u64 > self.total {
-            return Err(PacketError::TooShort {
-                have: self.total,
+        if total as u64 > self.len() {
+            return Err(ChainError::TooShort {
+                have: self.len(),
                 need: total as u64,
-            });
+            }
+            .into());
         }
         self.write_at(mem, 0, &hdr.to_bytes())?;
         self.write_at(mem, HDR_SIZE as u64, payload)?;

@@ -2,7 +2,10 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 
+use vm_memory::{Bytes, GuestAddress};
+
 use super::*;
+use crate::virtio::chain::ChainError;
 
 const MEM_SIZE: usize = 1 << 20;
 const W: u16 = VRING_DESC_F_WRITE as u16;
@@ -31,7 +34,7 @@ fn segments(
     mem: &GuestMemoryMmap,
     parts: &[(u64, u32, u16)],
     dir: Direction,
-) -> Result<Segments, PacketError> {
+) -> Result<Segments, ChainError> {
     let descs: Vec<RawDescriptor> = parts
         .iter()
         .enumerate()
@@ -143,14 +146,14 @@ fn segments_read_and_write_across_descriptors() {
     assert_eq!(all, data);
     assert!(matches!(
         s.read_at(&m, 90, &mut buf),
-        Err(PacketError::TooShort {
+        Err(ChainError::TooShort {
             have: 100,
             need: 110
         })
     ));
     assert!(matches!(
         s.read_at(&m, u64::MAX, &mut buf),
-        Err(PacketError::TooShort { .. })
+        Err(ChainError::TooShort { .. })
     ));
 
     let w = segments(
@@ -169,7 +172,7 @@ fn segments_read_and_write_across_descriptors() {
     assert_eq!(&p, b"abc");
     assert!(matches!(
         w.write_packet(&m, &h, &vec![0u8; 4097]),
-        Err(PacketError::TooShort { .. })
+        Err(PacketError::Chain(ChainError::TooShort { .. }))
     ));
     assert_eq!(w.read_header(&m).unwrap(), h);
 }
@@ -180,30 +183,33 @@ fn segments_reject_bad_descriptors() {
     // Direction.
     assert!(matches!(
         segments(&m, &[(0x1_0000, 44, 0), (0x2_0000, 10, W)], Direction::Read),
-        Err(PacketError::Direction { .. })
+        Err(ChainError::Direction { .. })
     ));
     assert!(matches!(
         segments(&m, &[(0x1_0000, 44, 0)], Direction::Write),
-        Err(PacketError::Direction { .. })
+        Err(ChainError::Direction { .. })
     ));
     // Outside memory, straddling the end, wrapping.
     assert!(matches!(
         segments(&m, &[(MEM_SIZE as u64, 44, 0)], Direction::Read),
-        Err(PacketError::OutsideMemory { .. })
+        Err(ChainError::OutsideMemory { .. })
     ));
     assert!(matches!(
         segments(&m, &[(MEM_SIZE as u64 - 10, 44, W)], Direction::Write),
-        Err(PacketError::OutsideMemory { .. })
+        Err(ChainError::OutsideMemory { .. })
     ));
     assert!(matches!(
         segments(&m, &[(u64::MAX - 5, 44, 0)], Direction::Read),
-        Err(PacketError::OutsideMemory { .. })
+        Err(ChainError::OutsideMemory { .. })
     ));
     // A header that does not fit the chain.
     let short = segments(&m, &[(0x1_0000, 20, 0), (0x2_0000, 20, 0)], Direction::Read).unwrap();
     assert!(matches!(
         short.read_header(&m),
-        Err(PacketError::TooShort { have: 40, need: 44 })
+        Err(PacketError::Chain(ChainError::TooShort {
+            have: 40,
+            need: 44
+        }))
     ));
     assert_eq!(short.payload_room(), 0);
 }
@@ -222,7 +228,7 @@ fn broken_chains_are_rejected() {
     let chain = vq.build_multiple_desc_chains(&looped).unwrap();
     assert!(matches!(
         Segments::from_chain(chain, &m, Direction::Read),
-        Err(PacketError::BrokenChain { .. })
+        Err(ChainError::BrokenChain { .. })
     ));
     // `next` out of the table.
     let out = [RawDescriptor::from(SplitDescriptor::new(
@@ -234,7 +240,7 @@ fn broken_chains_are_rejected() {
     let chain = vq.build_multiple_desc_chains(&out).unwrap();
     assert!(matches!(
         Segments::from_chain(chain, &m, Direction::Read),
-        Err(PacketError::BrokenChain { .. })
+        Err(ChainError::BrokenChain { .. })
     ));
 }
 
