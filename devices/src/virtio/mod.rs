@@ -4,11 +4,15 @@
 pub mod block;
 pub mod chain;
 pub mod mmio;
+pub mod net;
+#[cfg(test)]
+pub(crate) mod test_rings;
 pub mod vsock;
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
@@ -152,6 +156,51 @@ impl VirtioInterrupt {
     /// The eventfd the interrupt is raised on.
     pub fn irq_evt(&self) -> &EventFd {
         &self.irq
+    }
+}
+
+/// Logs warnings about guest (or host client) misbehaviour at most `BURST` times per second,
+/// so a hostile peer cannot flood the log.
+#[derive(Debug)]
+pub(crate) struct LogLimiter {
+    device: &'static str,
+    window: Instant,
+    count: u32,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    const BURST: u32 = 20;
+
+    /// Warnings of `device` (the log prefix, e.g. "virtio-net").
+    pub(crate) fn new(device: &'static str) -> Self {
+        LogLimiter {
+            device,
+            window: Instant::now(),
+            count: 0,
+            suppressed: 0,
+        }
+    }
+
+    pub(crate) fn warn(&mut self, args: std::fmt::Arguments) {
+        if self.window.elapsed() >= Duration::from_secs(1) {
+            if self.suppressed > 0 {
+                log::warn!(
+                    "{}: {} similar warnings suppressed",
+                    self.device,
+                    self.suppressed
+                );
+            }
+            self.window = Instant::now();
+            self.count = 0;
+            self.suppressed = 0;
+        }
+        if self.count < Self::BURST {
+            self.count += 1;
+            log::warn!("{}: {args}", self.device);
+        } else {
+            self.suppressed += 1;
+        }
     }
 }
 

@@ -21,7 +21,8 @@ use super::muxer::Muxer;
 use super::packet::{
     Direction, Op, PacketChain, Segments, EVENT_SIZE, EVENT_TRANSPORT_RESET, HDR_SIZE, MAX_PKT_LEN,
 };
-use super::{LogLimiter, VsockError, MIN_GUEST_CID};
+use super::{VsockError, MIN_GUEST_CID};
+use crate::virtio::LogLimiter;
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt, FEATURE_VERSION_1};
 use crate::GuestMemoryMmap;
 
@@ -105,7 +106,7 @@ impl Vsock {
             pending_reset_event: false,
             reset_unhandled: false,
             scratch: vec![0; MAX_PKT_LEN as usize],
-            log: LogLimiter::new(),
+            log: LogLimiter::new("virtio-vsock"),
         })
     }
 

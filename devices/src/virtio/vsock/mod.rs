@@ -27,7 +27,7 @@ pub mod packet;
 
 use std::io;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub use device::{Vsock, VSOCK_CONFIG_SIZE, VSOCK_QUEUE_SIZE};
 
@@ -98,45 +98,4 @@ pub enum VsockError {
         #[source]
         source: io::Error,
     },
-}
-
-/// Logs warnings about guest (or host client) misbehaviour at most `BURST` times per second,
-/// so a hostile peer cannot flood the log.
-#[derive(Debug)]
-pub(crate) struct LogLimiter {
-    window: Instant,
-    count: u32,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    const BURST: u32 = 20;
-
-    pub(crate) fn new() -> Self {
-        LogLimiter {
-            window: Instant::now(),
-            count: 0,
-            suppressed: 0,
-        }
-    }
-
-    pub(crate) fn warn(&mut self, args: std::fmt::Arguments) {
-        if self.window.elapsed() >= Duration::from_secs(1) {
-            if self.suppressed > 0 {
-                log::warn!(
-                    "virtio-vsock: {} similar warnings suppressed",
-                    self.suppressed
-                );
-            }
-            self.window = Instant::now();
-            self.count = 0;
-            self.suppressed = 0;
-        }
-        if self.count < Self::BURST {
-            self.count += 1;
-            log::warn!("virtio-vsock: {args}");
-        } else {
-            self.suppressed += 1;
-        }
-    }
 }

@@ -22,9 +22,10 @@ use event_manager::{EventOps, EventSet, Events};
 use super::connection::{ConnKey, Connection, Outgoing, State};
 use super::packet::{Header, Op, PacketError};
 use super::{
-    LogLimiter, VsockError, HANDSHAKE_TIMEOUT, HOST_CID, MAX_CONNECTIONS, MAX_CONNECT_LINE,
+    VsockError, HANDSHAKE_TIMEOUT, HOST_CID, MAX_CONNECTIONS, MAX_CONNECT_LINE,
     MAX_PENDING_CLIENTS, MAX_UDS_PATH_LEN,
 };
+use crate::virtio::LogLimiter;
 
 /// First port handed out for host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1024;
@@ -223,7 +224,7 @@ impl Muxer {
             retired: Vec::new(),
             next_local_port: FIRST_LOCAL_PORT,
             last_sweep: Instant::now(),
-            log: LogLimiter::new(),
+            log: LogLimiter::new("virtio-vsock"),
         })
     }
 

@@ -1,0 +1,564 @@
+//! The virtio-net device: features, config space, the two queues and event-loop integration.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{NetError, Tap, ETH_HLEN, MAX_FRAME_LEN, VNET_HDR_LEN};
+use crate::virtio::chain::{Direction, Segments};
+use crate::virtio::LogLimiter;
+use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt, FEATURE_VERSION_1};
+use crate::GuestMemoryMmap;
+
+/// Maximum (and default) size of each queue.
+pub const NET_QUEUE_SIZE: u16 = 256;
+/// Bytes of `struct virtio_net_config` the device exposes: the MAC address.
+pub const NET_CONFIG_SIZE: usize = 6;
+
+const RX: usize = 0;
+const TX: usize = 1;
+const QUEUE_NAMES: [&str; 2] = ["receive", "transmit"];
+/// Longest transmit chain taken: a header and the largest frame.
+const MAX_TX_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
+/// Room for one read from the TAP: more than any frame it sends without offloads, so a larger
+/// one is seen (and dropped) rather than cut.
+const RX_BUF_LEN: usize = 64 * 1024;
+/// Frames moved per event before the event loop gets to others.
+const FRAMES_PER_EVENT: usize = 256;
+
+/// What the device did with frames, for diagnostics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetStats {
+    /// Frames the guest sent that reached the TAP.
+    pub tx_frames: u64,
+    /// Their bytes (headers excluded).
+    pub tx_bytes: u64,
+    /// Guest frames dropped: malformed chains, short or oversized frames, TAP write errors.
+    pub tx_dropped: u64,
+    /// Frames delivered to the guest.
+    pub rx_frames: u64,
+    /// Their bytes (headers excluded).
+    pub rx_bytes: u64,
+    /// Host frames dropped: larger than the guest's receive buffer.
+    pub rx_dropped: u64,
+    /// Receive chains the guest made unusable (completed empty).
+    pub rx_bad_chains: u64,
+}
+
+/// Everything that only exists between activation and reset.
+struct Active {
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    queue_evts: Vec<EventFd>,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+/// A virtio-net device backed by a [`Tap`].
+///
+/// Processing happens on the event-manager thread: add the device (as `Arc<Mutex<Net>>`, the
+/// same object given to the transport) with `EventManager::add_subscriber`.
+pub struct Net {
+    tap: Tap,
+    mac: [u8; 6],
+    acked_features: u64,
+    queue_max_sizes: [u16; 2],
+    /// Written by `activate` / `reset` (vCPU thread) so the event loop updates what it watches.
+    activate_evt: EventFd,
+    active: Option<Active>,
+    /// Our clones of the queue eventfds the event loop watches (see the block device).
+    registered: Vec<EventFd>,
+    /// Whether the event loop watches the TAP for frames.
+    tap_watched: bool,
+    /// A frame read from the TAP that waits for a receive buffer: its length in `rx_buf`.
+    rx_pending: Option<usize>,
+    rx_buf: Vec<u8>,
+    tx_buf: Vec<u8>,
+    stats: NetStats,
+    log: LogLimiter,
+}
+
+impl std::fmt::Debug for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Net")
+            .field("tap", &self.tap.name())
+            .field("mac", &self.mac)
+            .field("acked_features", &self.acked_features)
+            .field("active", &self.active.is_some())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Net {
+    /// A device on `tap` whose guest has MAC address `mac`.
+    pub fn new(tap: Tap, mac: [u8; 6]) -> Result<Net, NetError> {
+        Ok(Net {
+            tap,
+            mac,
+            acked_features: 0,
+            queue_max_sizes: [NET_QUEUE_SIZE; 2],
+            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?,
+            active: None,
+            registered: Vec::new(),
+            tap_watched: false,
+            rx_pending: None,
+            rx_buf: vec![0; RX_BUF_LEN],
+            tx_buf: vec![0; MAX_TX_LEN],
+            stats: NetStats::default(),
+            log: LogLimiter::new("virtio-net"),
+        })
+    }
+
+    /// The guest's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// The TAP's interface name.
+    pub fn tap_name(&self) -> &str {
+        self.tap.name()
+    }
+
+    /// Frame counters.
+    pub fn stats(&self) -> NetStats {
+        self.stats
+    }
+
+    /// Features acked by the driver.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// Whether the device is activated.
+    pub fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// The eventfd the event loop watches for (de)activation.
+    pub fn activate_evt(&self) -> &EventFd {
+        &self.activate_evt
+    }
+
+    fn signal(active: &mut Active, queue: usize, name: &str) {
+        let Some(q) = active.queues.get_mut(queue) else {
+            return;
+        };
+        match q.needs_notification(&active.mem) {
+            Ok(true) => {
+                if let Err(e) = active.interrupt.signal_used_queue() {
+                    log::error!("virtio-net: failed to raise the used-ring interrupt: {e}");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                log::warn!("virtio-net: cannot check whether to notify the {name} queue: {e}")
+            }
+        }
+    }
+
+    /// Sends what the guest queued for transmission to the TAP. Returns whether any chain was
+    /// completed (the driver was notified if it wants to be).
+    pub fn process_tx(&mut self) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let mut used_any = false;
+        let mut empty_rounds = 0u8;
+        loop {
+            let Some(queue) = active.queues.get_mut(TX) else {
+                return false;
+            };
+            if let Err(e) = queue.disable_notification(&active.mem) {
+                self.log
+                    .warn(format_args!("cannot disable transmit notifications: {e}"));
+                break;
+            }
+            let mut progressed = false;
+            loop {
+                let chain = match queue.iter(&active.mem) {
+                    Ok(mut it) => it.next(),
+                    Err(e) => {
+                        self.log
+                            .warn(format_args!("cannot read the transmit ring: {e}"));
+                        break;
+                    }
+                };
+                let Some(chain) = chain else { break };
+                progressed = true;
+                let head = chain.head_index();
+                transmit(
+                    chain,
+                    &active.mem,
+                    &self.tap,
+                    &mut self.tx_buf,
+                    &mut self.stats,
+                    &mut self.log,
+                );
+                // The device writes nothing into a transmit chain.
+                match queue.add_used(&active.mem, head, 0) {
+                    Ok(()) => used_any = true,
+                    Err(e) => self
+                        .log
+                        .warn(format_args!("cannot complete transmit chain {head}: {e}")),
+                }
+            }
+            match queue.enable_notification(&active.mem) {
+                Ok(true) if progressed => empty_rounds = 0,
+                Ok(true) if empty_rounds == 0 => empty_rounds = 1,
+                Ok(true) => {
+                    self.log
+                        .warn(format_args!("transmit ring is not readable; stopping"));
+                    break;
+                }
+                Ok(false) => break,
+                Err(e) => {
+                    self.log
+                        .warn(format_args!("cannot re-enable transmit notifications: {e}"));
+                    break;
+                }
+            }
+        }
+        if used_any {
+            Self::signal(active, TX, QUEUE_NAMES[TX]);
+        }
+        used_any
+    }
+
+    /// Moves frames from the TAP into the guest's receive buffers, up to
+    /// [`FRAMES_PER_EVENT`]. Returns whether a frame still waits for a buffer (then the TAP
+    /// is not read until the driver adds buffers).
+    pub fn process_rx(&mut self) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let mut used_any = false;
+        let mut waiting = false;
+        for _ in 0..FRAMES_PER_EVENT {
+            let len = match self.rx_pending {
+                Some(len) => len,
+                None => match self.tap.read_frame(&mut self.rx_buf) {
+                    Ok(len) => len,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        self.log
+                            .warn(format_args!("reading TAP {} failed: {e}", self.tap.name()));
+                        break;
+                    }
+                },
+            };
+            if !(VNET_HDR_LEN + ETH_HLEN..RX_BUF_LEN).contains(&len) {
+                // Not a frame the guest could take (a larger one was cut by the buffer).
+                self.stats.rx_dropped += 1;
+                self.rx_pending = None;
+                continue;
+            }
+            self.rx_pending = Some(len);
+            let Some(queue) = active.queues.get_mut(RX) else {
+                return false;
+            };
+            let chain = match queue.iter(&active.mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    self.log
+                        .warn(format_args!("cannot read the receive ring: {e}"));
+                    None
+                }
+            };
+            let Some(chain) = chain else {
+                waiting = true;
+                break;
+            };
+            let head = chain.head_index();
+            let written = match Segments::from_chain(chain, &active.mem, Direction::Write) {
+                Err(e) => {
+                    self.log.warn(format_args!(
+                        "bad receive chain {head}: {e}; completing it empty"
+                    ));
+                    self.stats.rx_bad_chains += 1;
+                    Some(0)
+                }
+                Ok(segs) if segs.len() < len as u64 => {
+                    // Too small for this frame: the frame goes, the buffer stays for the next.
+                    queue.go_to_previous_position();
+                    self.stats.rx_dropped += 1;
+                    self.rx_pending = None;
+                    None
+                }
+                Ok(segs) => {
+                    let frame = &mut self.rx_buf[..len];
+                    // num_buffers: one chain per frame (VIRTIO_NET_F_MRG_RXBUF is not offered).
+                    frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+                    match segs.write_at(&active.mem, 0, frame) {
+                        Ok(()) => {
+                            self.stats.rx_frames += 1;
+                            self.stats.rx_bytes += (len - VNET_HDR_LEN) as u64;
+                            self.rx_pending = None;
+                            // len < RX_BUF_LEN: fits.
+                            Some(len as u32)
+                        }
+                        Err(e) => {
+                            self.log.warn(format_args!(
+                                "cannot write receive chain {head}: {e}; completing it empty"
+                            ));
+                            self.stats.rx_bad_chains += 1;
+                            Some(0)
+                        }
+                    }
+                }
+            };
+            if let Some(written) = written {
+                match queue.add_used(&active.mem, head, written) {
+                    Ok(()) => used_any = true,
+                    Err(e) => self
+                        .log
+                        .warn(format_args!("cannot complete receive chain {head}: {e}")),
+                }
+            }
+        }
+        if used_any {
+            Self::signal(active, RX, QUEUE_NAMES[RX]);
+        }
+        waiting
+    }
+
+    /// Runs both queues and makes the event loop watch the TAP exactly while frames can go to
+    /// the guest.
+    fn run(&mut self, ops: &mut EventOps) {
+        self.process_tx();
+        let waiting = self.process_rx();
+        let want = self.active.is_some() && !waiting;
+        if want != self.tap_watched {
+            let events = Events::new(&self.tap, EventSet::IN);
+            let result = if want {
+                ops.add(events)
+            } else {
+                ops.remove(events)
+            };
+            match result {
+                Ok(()) => self.tap_watched = want,
+                Err(e) => log::error!("virtio-net: cannot change the watch on the TAP: {e:?}"),
+            }
+        }
+    }
+
+    /// Makes the event loop watch exactly the current queue eventfds (none if inactive).
+    fn sync_registrations(&mut self, ops: &mut EventOps) {
+        for evt in self.registered.drain(..) {
+            if let Err(e) = ops.remove(Events::new(&evt, EventSet::IN)) {
+                log::warn!("virtio-net: failed to unregister a queue eventfd: {e:?}");
+            }
+        }
+        let Some(active) = &self.active else {
+            return;
+        };
+        for evt in &active.queue_evts {
+            match evt.try_clone() {
+                Ok(evt) => match ops.add(Events::new(&evt, EventSet::IN)) {
+                    Ok(()) => self.registered.push(evt),
+                    Err(e) => log::error!("virtio-net: failed to register a queue eventfd: {e:?}"),
+                },
+                Err(e) => log::error!("virtio-net: failed to clone a queue eventfd: {e}"),
+            }
+        }
+    }
+}
+
+/// Sends one transmit chain's frame to the TAP, or drops and counts it.
+fn transmit(
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    tap: &Tap,
+    buf: &mut [u8],
+    stats: &mut NetStats,
+    log: &mut LogLimiter,
+) {
+    let head = chain.head_index();
+    let segs = match Segments::from_chain(chain, mem, Direction::Read) {
+        Ok(segs) => segs,
+        Err(e) => {
+            log.warn(format_args!("dropping transmit chain {head}: {e}"));
+            stats.tx_dropped += 1;
+            return;
+        }
+    };
+    let len = segs.len();
+    if len < (VNET_HDR_LEN + ETH_HLEN) as u64 || len > buf.len() as u64 {
+        log.warn(format_args!(
+            "dropping a {len}-byte transmit chain {head}: a frame with its header is {} to {} \
+             bytes",
+            VNET_HDR_LEN + ETH_HLEN,
+            buf.len()
+        ));
+        stats.tx_dropped += 1;
+        return;
+    }
+    // len <= buf.len(): fits usize.
+    let frame = &mut buf[..len as usize];
+    if let Err(e) = segs.read_at(mem, 0, frame) {
+        log.warn(format_args!("dropping transmit chain {head}: {e}"));
+        stats.tx_dropped += 1;
+        return;
+    }
+    // No offload was negotiated: the header asks nothing of the host.
+    frame[..VNET_HDR_LEN].fill(0);
+    match tap.write_frame(frame) {
+        Ok(_) => {
+            stats.tx_frames += 1;
+            stats.tx_bytes += (frame.len() - VNET_HDR_LEN) as u64;
+        }
+        Err(e) => {
+            // E.g. the interface is down, or its queue is full: the frame is lost, as on a
+            // wire.
+            log.warn(format_args!(
+                "writing a frame to TAP {} failed: {e}",
+                tap.name()
+            ));
+            stats.tx_dropped += 1;
+        }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_max_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        FEATURE_VERSION_1 | 1 << VIRTIO_NET_F_MAC
+    }
+
+    fn set_acked_features(&mut self, acked: u64) {
+        let unknown = acked & !self.avail_features();
+        if unknown != 0 {
+            log::warn!("virtio-net: ignoring acked features {unknown:#x} that were not offered");
+        }
+        self.acked_features = acked & self.avail_features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let mut outside = false;
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = match start.checked_add(i).and_then(|o| self.mac.get(o)) {
+                Some(b) => *b,
+                None => {
+                    outside = true;
+                    0
+                }
+            };
+        }
+        if outside {
+            log::warn!(
+                "virtio-net: config read at {offset:#x} of {} bytes goes past the \
+                 {NET_CONFIG_SIZE} byte config space; reading zeros",
+                data.len()
+            );
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // The MAC is writable only with VIRTIO_NET_F_CTRL_MAC_ADDR, which is not offered.
+        log::warn!(
+            "virtio-net: ignoring {}-byte write to read-only config space at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        queue_evts: Vec<EventFd>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() != 2 {
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                got: queues.len(),
+            });
+        }
+        if queue_evts.len() != 2 {
+            return Err(ActivateError::EventCount {
+                expected: 2,
+                got: queue_evts.len(),
+            });
+        }
+        let mut queues = queues;
+        for (index, q) in queues.iter_mut().enumerate() {
+            if !q.ready() {
+                return Err(ActivateError::QueueNotReady(index));
+            }
+            // EVENT_IDX is never offered, so queues use plain notification suppression.
+            q.set_event_idx(false);
+        }
+        self.active = Some(Active {
+            mem,
+            queues,
+            queue_evts,
+            interrupt,
+        });
+        if let Err(e) = self.activate_evt.write(1) {
+            self.active = None;
+            return Err(ActivateError::Signal(e));
+        }
+        Ok(())
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .iter()
+            .flat_map(|a| a.queues.iter().map(|q| q.state()))
+            .collect()
+    }
+
+    fn reset(&mut self) -> bool {
+        self.active = None;
+        self.acked_features = 0;
+        self.rx_pending = None;
+        if let Err(e) = self.activate_evt.write(1) {
+            log::warn!("virtio-net: failed to signal the reset to the event loop: {e}");
+        }
+        true
+    }
+}
+
+impl MutEventSubscriber for Net {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
+            log::error!("virtio-net: failed to register the activation eventfd: {e:?}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.activate_evt.as_raw_fd() {
+            // Non-blocking: a spurious wake-up just reads EAGAIN.
+            let _ = self.activate_evt.read();
+            self.sync_registrations(ops);
+            // A restored queue may hold chains already: take them without waiting for a kick.
+        } else if let Some(evt) = self.registered.iter().find(|e| e.as_raw_fd() == fd) {
+            let _ = evt.read();
+        } else if fd != self.tap.as_raw_fd() {
+            log::warn!("virtio-net: event on unexpected fd {fd}");
+            return;
+        }
+        self.run(ops);
+    }
+}
+
+#[cfg(test)]
+mod tests;

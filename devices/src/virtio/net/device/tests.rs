@@ -1,0 +1,370 @@
+//! The device without a guest kernel: in-memory guest memory, a hand-written driver on the two
+//! queues, the real event loop, and a `SOCK_SEQPACKET` socket pair in place of the TAP (one
+//! message per frame, like a TAP queue).
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixDatagram;
+use std::sync::Mutex;
+
+use event_manager::{EventManager, SubscriberOps};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::*;
+use crate::virtio::test_rings::Rings;
+
+const MAC: [u8; 6] = [0x06, 0xe0, 0x00, 0x00, 0x00, 0x01];
+const MEM_SIZE: usize = 16 << 20;
+const QSIZE: u16 = 64;
+const RX_BUF: u64 = 0x10_0000;
+const RX_LEN: u32 = 2048;
+const TX_BUF: u64 = 0x40_0000;
+const TX_SLOT: u64 = 0x1_0000;
+const W: u16 = VRING_DESC_F_WRITE as u16;
+const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+
+/// A `SOCK_SEQPACKET` pair: (device end, host end).
+fn frame_pair() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair fills the two-element array it is given; the result is checked.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    unsafe {
+        use std::os::fd::FromRawFd;
+        (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+    }
+}
+
+/// A frame as the TAP carries it: an empty virtio header, then Ethernet bytes.
+fn frame(len: usize, seed: u8) -> Vec<u8> {
+    let mut f = vec![0u8; VNET_HDR_LEN];
+    f.extend((0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)));
+    f
+}
+
+struct Harness {
+    mem: GuestMemoryMmap,
+    dev: Arc<Mutex<Net>>,
+    em: EventManager<Arc<Mutex<Net>>>,
+    rings: [Rings; 2],
+    kicks: Vec<EventFd>,
+    /// The host side of the "TAP" (message boundaries kept, like the real one).
+    host: UnixDatagram,
+    next_rx: u16,
+    next_tx: u16,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let (dev_end, host_end) = frame_pair();
+        let tap = Tap::from_fd(dev_end, "test0").unwrap();
+        let dev = Arc::new(Mutex::new(Net::new(tap, MAC).unwrap()));
+        let mut em = EventManager::new().unwrap();
+        em.add_subscriber(dev.clone());
+        let rings = [
+            Rings::new(&mem, 0x1000, QSIZE),
+            Rings::new(&mem, 0x4000, QSIZE),
+        ];
+        let evts: Vec<EventFd> = (0..2)
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect();
+        let kicks = evts.iter().map(|e| e.try_clone().unwrap()).collect();
+        let queues = rings.iter().map(|r| r.queue(&mem)).collect();
+        let intr = Arc::new(VirtioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        dev.lock()
+            .unwrap()
+            .activate(mem.clone(), queues, evts, intr)
+            .unwrap();
+        // A SOCK_SEQPACKET socket reads and writes like a datagram socket here.
+        let host = UnixDatagram::from(host_end);
+        host.set_nonblocking(true).unwrap();
+        let mut h = Harness {
+            mem,
+            dev,
+            em,
+            rings,
+            kicks,
+            host,
+            next_rx: 0,
+            next_tx: 0,
+        };
+        h.pump();
+        h
+    }
+
+    fn pump(&mut self) {
+        for _ in 0..1000 {
+            if self.em.run_with_timeout(5).unwrap() == 0 {
+                return;
+            }
+        }
+    }
+
+    fn kick(&mut self, q: usize) {
+        self.kicks[q].write(1).unwrap();
+        self.pump();
+    }
+
+    fn stats(&self) -> NetStats {
+        self.dev.lock().unwrap().stats()
+    }
+
+    /// Publishes a receive chain of one descriptor of `len` bytes with `flags`; returns its
+    /// head index.
+    fn post_rx_with(&mut self, len: u32, flags: u16) -> u16 {
+        let index = self.next_rx % QSIZE;
+        self.next_rx += 1;
+        let addr = RX_BUF + u64::from(index) * 0x1000;
+        self.rings[RX].desc(&self.mem, index, addr, len, flags, 0);
+        self.rings[RX].make_avail(&self.mem, index);
+        index
+    }
+
+    fn post_rx(&mut self) -> u16 {
+        self.post_rx_with(RX_LEN, W)
+    }
+
+    /// The frames the guest received since the last call: (head, used length, bytes).
+    fn received(&mut self) -> Vec<(u16, u32, Vec<u8>)> {
+        self.rings[RX]
+            .take_used(&self.mem)
+            .into_iter()
+            .map(|(id, len)| {
+                let mut data = vec![0u8; len as usize];
+                let addr = RX_BUF + u64::from(id) * 0x1000;
+                self.mem.read_slice(&mut data, GuestAddress(addr)).unwrap();
+                (id as u16, len, data)
+            })
+            .collect()
+    }
+
+    /// Queues `bytes` as a transmit chain of descriptors split at `split` (if given), with
+    /// `flags` on every descriptor.
+    fn queue_tx_with(&mut self, bytes: &[u8], split: Option<usize>, flags: u16) -> u16 {
+        let head = (self.next_tx * 2) % QSIZE;
+        let addr = TX_BUF + u64::from(self.next_tx) * TX_SLOT;
+        self.next_tx += 1;
+        self.mem.write_slice(bytes, GuestAddress(addr)).unwrap();
+        match split {
+            Some(at) => {
+                self.rings[TX].desc(&self.mem, head, addr, at as u32, flags | NEXT, head + 1);
+                self.rings[TX].desc(
+                    &self.mem,
+                    head + 1,
+                    addr + at as u64,
+                    (bytes.len() - at) as u32,
+                    flags,
+                    0,
+                );
+            }
+            None => self.rings[TX].desc(&self.mem, head, addr, bytes.len() as u32, flags, 0),
+        }
+        self.rings[TX].make_avail(&self.mem, head);
+        head
+    }
+
+    /// Sends a frame the way Linux does (header descriptor, frame descriptor) and kicks.
+    fn transmit(&mut self, bytes: &[u8]) -> u16 {
+        let head = self.queue_tx_with(bytes, Some(VNET_HDR_LEN), 0);
+        self.kick(TX);
+        head
+    }
+
+    /// Frames the host side received.
+    fn host_frames(&self) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 70_000];
+        while let Ok(n) = self.host.recv(&mut buf) {
+            out.push(buf[..n].to_vec());
+        }
+        out
+    }
+}
+
+#[test]
+fn features_and_config_space_carry_the_mac() {
+    let h = Harness::new();
+    let mut dev = h.dev.lock().unwrap();
+    assert_eq!(dev.device_type(), VIRTIO_ID_NET);
+    assert_eq!(dev.queue_max_sizes(), &[NET_QUEUE_SIZE, NET_QUEUE_SIZE]);
+    let features = dev.avail_features();
+    assert_eq!(features, FEATURE_VERSION_1 | 1 << VIRTIO_NET_F_MAC);
+    dev.set_acked_features(features | 1 << 0);
+    assert_eq!(
+        dev.acked_features(),
+        features,
+        "an unoffered feature was kept"
+    );
+    let mut mac = [0u8; 6];
+    dev.read_config(0, &mut mac);
+    assert_eq!(mac, MAC);
+    let mut past = [0xffu8; 4];
+    dev.read_config(4, &mut past);
+    assert_eq!(past, [MAC[4], MAC[5], 0, 0]);
+    dev.read_config(u64::MAX, &mut past);
+    assert_eq!(past, [0; 4]);
+    dev.write_config(0, &[1, 2, 3, 4, 5, 6]);
+    dev.read_config(0, &mut mac);
+    assert_eq!(mac, MAC, "the guest changed its MAC");
+}
+
+#[test]
+fn frames_flow_both_ways() {
+    let mut h = Harness::new();
+    // Guest → host.
+    let sent = frame(60, 1);
+    let head = h.transmit(&sent);
+    assert_eq!(h.host_frames(), vec![sent.clone()]);
+    assert_eq!(h.rings[TX].take_used(&h.mem), vec![(u32::from(head), 0)]);
+    // Host → guest, into a buffer posted before the frame came.
+    let rx_head = h.post_rx();
+    h.kick(RX);
+    let incoming = frame(1514, 7);
+    h.host.send(&incoming).unwrap();
+    h.pump();
+    let got = h.received();
+    assert_eq!(got.len(), 1);
+    let (id, len, data) = &got[0];
+    assert_eq!((*id, *len as usize), (rx_head, incoming.len()));
+    // num_buffers is 1; everything else as the host sent it.
+    let mut expected = incoming.clone();
+    expected[10] = 1;
+    assert_eq!(data, &expected);
+    let stats = h.stats();
+    assert_eq!(
+        (
+            stats.tx_frames,
+            stats.tx_bytes,
+            stats.rx_frames,
+            stats.rx_bytes
+        ),
+        (1, 60, 1, 1514)
+    );
+    assert_eq!(
+        (stats.tx_dropped, stats.rx_dropped, stats.rx_bad_chains),
+        (0, 0, 0)
+    );
+}
+
+#[test]
+fn hostile_transmit_chains_are_dropped_counted_and_completed() {
+    let mut h = Harness::new();
+    let mut heads = Vec::new();
+    // Shorter than a header and an Ethernet header.
+    heads.push(h.queue_tx_with(&frame(ETH_HLEN - 1, 0), None, 0));
+    // Larger than the largest frame.
+    heads.push(h.queue_tx_with(&frame(MAX_FRAME_LEN + 1, 0), Some(VNET_HDR_LEN), 0));
+    // Device-writable buffers on the transmit queue.
+    heads.push(h.queue_tx_with(&frame(60, 0), Some(VNET_HDR_LEN), W));
+    // A descriptor outside guest memory.
+    let head = (h.next_tx * 2) % QSIZE;
+    h.next_tx += 1;
+    h.rings[TX].desc(&h.mem, head, MEM_SIZE as u64 - 16, 100, 0, 0);
+    h.rings[TX].make_avail(&h.mem, head);
+    heads.push(head);
+    // A chain that loops.
+    let head = (h.next_tx * 2) % QSIZE;
+    h.next_tx += 1;
+    h.rings[TX].desc(&h.mem, head, TX_BUF, 100, NEXT, head);
+    h.rings[TX].make_avail(&h.mem, head);
+    heads.push(head);
+    // A header asking for offloads that were never negotiated: sent, with the header cleared.
+    let mut gso = frame(60, 3);
+    gso[..VNET_HDR_LEN].copy_from_slice(&[1, 4, 0x40, 0, 0xdc, 5, 0, 0, 0, 0, 0, 0]);
+    heads.push(h.queue_tx_with(&gso, Some(VNET_HDR_LEN), 0));
+    h.kick(TX);
+    let used = h.rings[TX].take_used(&h.mem);
+    let expected: Vec<(u32, u32)> = heads.iter().map(|&h| (u32::from(h), 0)).collect();
+    assert_eq!(used, expected, "every chain is completed, with length 0");
+    let cleared = frame(60, 3);
+    assert_eq!(h.host_frames(), vec![cleared]);
+    let stats = h.stats();
+    assert_eq!((stats.tx_dropped, stats.tx_frames), (5, 1));
+    // The device still works.
+    let good = frame(100, 9);
+    h.transmit(&good);
+    assert_eq!(h.host_frames(), vec![good]);
+}
+
+#[test]
+fn received_frames_wait_for_buffers_in_order() {
+    let mut h = Harness::new();
+    let (a, b) = (frame(100, 1), frame(200, 2));
+    h.host.send(&a).unwrap();
+    h.host.send(&b).unwrap();
+    h.pump();
+    assert!(h.received().is_empty());
+    // One buffer: the first frame. Another: the second.
+    h.post_rx();
+    h.kick(RX);
+    let got = h.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].2[VNET_HDR_LEN..], a[VNET_HDR_LEN..]);
+    h.post_rx();
+    h.kick(RX);
+    let got = h.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].2[VNET_HDR_LEN..], b[VNET_HDR_LEN..]);
+    assert_eq!(h.stats().rx_dropped, 0);
+}
+
+#[test]
+fn unusable_receive_buffers_cost_the_guest_not_the_device() {
+    let mut h = Harness::new();
+    // A device-readable receive buffer is completed empty; the frame goes to the next buffer.
+    let bad = h.post_rx_with(RX_LEN, 0);
+    let good = h.post_rx();
+    h.kick(RX);
+    let f = frame(300, 5);
+    h.host.send(&f).unwrap();
+    h.pump();
+    let got = h.received();
+    assert_eq!(got.len(), 2);
+    assert_eq!((got[0].0, got[0].1), (bad, 0));
+    assert_eq!((got[1].0, got[1].1 as usize), (good, f.len()));
+    assert_eq!(h.stats().rx_bad_chains, 1);
+    // A buffer too small for a frame: the frame is dropped, the buffer kept for a smaller one.
+    let small = h.post_rx_with(200, W);
+    h.kick(RX);
+    h.host.send(&frame(500, 6)).unwrap();
+    h.pump();
+    assert!(h.received().is_empty());
+    assert_eq!(h.stats().rx_dropped, 1);
+    let fits = frame(150, 7);
+    h.host.send(&fits).unwrap();
+    h.pump();
+    let got = h.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].0, got[0].1 as usize), (small, fits.len()));
+    // Runt frames from the host never reach the guest.
+    h.post_rx();
+    h.kick(RX);
+    h.host.send(&[0u8; VNET_HDR_LEN + 3]).unwrap();
+    h.pump();
+    assert!(h.received().is_empty());
+    assert_eq!(h.stats().rx_dropped, 2);
+}
+
+#[test]
+fn a_reset_device_leaves_the_tap_alone_until_activated_again() {
+    let mut h = Harness::new();
+    assert!(h.dev.lock().unwrap().reset());
+    h.pump();
+    assert!(!h.dev.lock().unwrap().is_activated());
+    h.host.send(&frame(100, 1)).unwrap();
+    h.pump();
+    assert_eq!(
+        h.stats().rx_dropped + h.stats().rx_frames,
+        0,
+        "a reset device read the TAP"
+    );
+}

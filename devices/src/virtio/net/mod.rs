@@ -1,0 +1,54 @@
+//! virtio-net (device type 1) over a TAP interface.
+//!
+//! Two queues, receive and transmit; the guest's MAC address in config space; no control
+//! queue, no multiqueue and (for now) no offloads, so frames are at most an Ethernet frame with
+//! a VLAN tag and the 12-byte `virtio_net_hdr_v1` in front carries nothing. The TAP takes the
+//! same header (`IFF_VNET_HDR`), so frames are copied as they are, except that the header of a
+//! transmitted frame is cleared: a guest cannot ask the host kernel for checksum or
+//! segmentation work it never negotiated.
+//!
+//! The guest is not trusted: a transmit chain that is malformed (wrong direction, outside guest
+//! memory, looping), shorter than a header and an Ethernet header, or longer than the largest
+//! frame is dropped, counted in [`NetStats`] and completed with length 0; a receive chain that
+//! is malformed is completed with length 0 and the frame goes to the next one. A frame larger
+//! than the receive chain it would go to is dropped. Nothing the guest does panics the device.
+//!
+//! Layout: `tap.rs` (opening the TAP), `device.rs` (the [`VirtioDevice`](crate::virtio::VirtioDevice),
+//! its queues and event-loop integration).
+
+mod device;
+mod tap;
+
+use std::io;
+
+pub use device::{Net, NetStats, NET_CONFIG_SIZE, NET_QUEUE_SIZE};
+pub use tap::{Tap, IFNAMSIZ};
+
+/// Size of `struct virtio_net_hdr_v1` (`num_buffers` included: virtio 1.x always has it).
+pub const VNET_HDR_LEN: usize = 12;
+/// An Ethernet header.
+pub const ETH_HLEN: usize = 14;
+/// The largest frame without offloads: a 1500-byte MTU, the Ethernet header and a VLAN tag.
+pub const MAX_FRAME_LEN: usize = 1500 + ETH_HLEN + 4;
+
+/// Errors from creating a [`Net`] device.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The TAP name cannot be an interface name.
+    #[error("TAP name {0:?} is not a valid interface name (1 to 15 bytes, no '/', space or NUL)")]
+    TapName(String),
+    /// Opening or configuring the TAP failed.
+    #[error("cannot {what} TAP {tap}: {source}")]
+    Tun {
+        /// The step that failed.
+        what: &'static str,
+        /// The TAP's name.
+        tap: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// An eventfd could not be created.
+    #[error("failed to create an eventfd: {0}")]
+    EventFd(#[source] io::Error),
+}
