@@ -42,6 +42,9 @@ pub struct RunArgs {
     /// Write the run's figures (start-up times, VMM memory) as JSON to this file.
     #[arg(long)]
     pub report_json: Option<PathBuf>,
+    /// The guest's network interface (none without --tap).
+    #[command(flatten)]
+    pub net: NetArgs,
     /// How the command after `--` runs, and what happens around it.
     #[command(flatten)]
     pub cmd: crate::command::CommandArgs,
@@ -101,6 +104,13 @@ pub fn run(args: RunArgs) -> i32 {
         );
         return 2;
     }
+    let net = match args.net.config() {
+        Ok(net) => net,
+        Err(e) => {
+            eprintln!("ember: {e}");
+            return 2;
+        }
+    };
     let Some(kernel) = args
         .kernel
         .or_else(|| default_artifact("EMBER_KERNEL", "kernel", "vmlinux"))
@@ -159,6 +169,7 @@ pub fn run(args: RunArgs) -> i32 {
         mem_mib: args.mem_mib,
         cmdline_extra: (!extra.is_empty()).then(|| extra.join(" ")),
         vsock: None,
+        net,
     };
     if !args.command.is_empty() {
         if args.init_cmd.is_some() {
@@ -228,6 +239,10 @@ pub struct RestoreArgs {
     /// Same as `--mode eager`.
     #[arg(long, conflicts_with = "mode")]
     pub eager: bool,
+    /// The TAP interface for a snapshot whose guest had a network interface (it keeps its
+    /// MAC and address).
+    #[arg(long)]
+    pub tap: Option<String>,
     /// How the command runs, and what happens around it.
     #[command(flatten)]
     pub cmd: crate::command::CommandArgs,
@@ -265,6 +280,12 @@ pub fn restore(args: RestoreArgs) -> i32 {
         mem_mib: 256,
         cmdline_extra: None,
         vsock: None,
+        // The MAC and address are the snapshot's.
+        net: args.tap.map(|tap| ember_vmm::NetConfig {
+            tap,
+            mac: [0x06, 0, 0, 0, 0, 1],
+            ipv4: None,
+        }),
     };
     let mode = if args.eager {
         ember_vmm::RestoreMode::Eager
@@ -277,4 +298,74 @@ pub fn restore(args: RestoreArgs) -> i32 {
         mode,
     };
     crate::command::run_command(config, origin, plan, start)
+}
+
+/// The guest's network interface on `ember run`.
+#[derive(clap::Args, Debug, Default)]
+pub struct NetArgs {
+    /// Give the guest a network interface (`eth0`) on this TAP interface, created if missing
+    /// (which needs CAP_NET_ADMIN). Without it the guest has no network at all.
+    #[arg(long)]
+    pub tap: Option<String>,
+    /// The guest's MAC address (default: a random locally administered one).
+    #[arg(long, requires = "tap")]
+    pub mac: Option<String>,
+    /// The guest's IPv4 address and prefix, e.g. 10.0.2.2/24, set by its kernel at boot.
+    #[arg(long, requires = "tap")]
+    pub guest_ip: Option<String>,
+    /// The guest's default gateway.
+    #[arg(long, requires = "guest_ip")]
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// The guest's name server (in its /proc/net/pnp).
+    #[arg(long, requires = "guest_ip")]
+    pub dns: Option<std::net::Ipv4Addr>,
+}
+
+impl NetArgs {
+    /// The network device these options ask for, checked.
+    pub fn config(&self) -> Result<Option<ember_vmm::NetConfig>, String> {
+        let Some(tap) = &self.tap else {
+            return Ok(None);
+        };
+        let mac = match &self.mac {
+            Some(text) => ember_vmm::parse_mac(text).ok_or_else(|| {
+                format!("--mac {text:?} is not a MAC address (aa:bb:cc:dd:ee:ff)")
+            })?,
+            None => random_mac(),
+        };
+        let ipv4 = match &self.guest_ip {
+            None => None,
+            Some(text) => {
+                let bad = || {
+                    format!(
+                        "--guest-ip {text:?} is not an IPv4 address with a prefix (10.0.2.2/24)"
+                    )
+                };
+                let (address, prefix) = text.split_once('/').ok_or_else(bad)?;
+                Some(ember_vmm::GuestIpv4 {
+                    address: address.parse().map_err(|_| bad())?,
+                    prefix_len: prefix.parse().map_err(|_| bad())?,
+                    gateway: self.gateway,
+                    dns: self.dns,
+                })
+            }
+        };
+        let config = ember_vmm::NetConfig {
+            tap: tap.clone(),
+            mac,
+            ipv4,
+        };
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(Some(config))
+    }
+}
+
+/// A random unicast, locally administered MAC (`06:` and five random bytes).
+pub fn random_mac() -> [u8; 6] {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        .to_le_bytes();
+    [0x06, random[0], random[1], random[2], random[3], random[4]]
 }

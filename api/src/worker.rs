@@ -115,6 +115,7 @@ pub fn run(args: VmmArgs) -> i32 {
             guest_cid: GUEST_CID,
             uds_path: spec.vsock_socket.clone(),
         }),
+        net: None,
     };
     let console = ConsoleTail::default();
     let options = VmmOptions {

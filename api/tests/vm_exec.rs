@@ -205,6 +205,7 @@ impl Sandbox {
                 guest_cid: 3,
                 uds_path: socket.clone(),
             }),
+            net: None,
         };
         let options = VmmOptions {
             serial_out: Box::new(std::io::sink()),

@@ -19,6 +19,6 @@ pub mod vmm;
 pub use crate::metrics::RunReport;
 pub use crate::snapshot::{RestoreMode, SnapshotKind};
 pub use crate::vmm::{
-    run, run_reported, run_with, ExitReason, RateLimit, VmConfig, Vmm, VmmError, VmmOptions,
-    VsockConfig, MAX_VCPUS,
+    format_mac, parse_mac, run, run_reported, run_with, ExitReason, GuestIpv4, NetConfig,
+    RateLimit, VmConfig, Vmm, VmmError, VmmOptions, VsockConfig, MAX_VCPUS,
 };

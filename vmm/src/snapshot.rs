@@ -28,10 +28,12 @@ pub struct VmSnapshot {
     pub rootfs_base: Option<BaseImage>,
     /// The guest CID of the vsock device, if there was one.
     pub vsock_cid: Option<u32>,
+    /// The guest's MAC address, if it had a network device.
+    pub net_mac: Option<[u8; 6]>,
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub serial: SerialSnapshot,
-    /// The virtio-mmio transports in slot order (block first, then vsock).
+    /// The virtio-mmio transports in slot order (block first, then vsock, then net).
     pub virtio: Vec<MmioTransportState>,
 }
 

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 pub use ember_devices::rate_limiter::RateLimit;
 use ember_devices::virtio::block::{Block, CowDisk, Disk, COW_CHUNK_SIZE};
 use ember_devices::virtio::mmio::{regs::QUEUE_NOTIFY, MmioTransport, MMIO_WINDOW_SIZE};
+use ember_devices::virtio::net::{Net, Tap};
 use ember_devices::virtio::vsock::{Vsock, MAX_UDS_PATH_LEN, MIN_GUEST_CID};
 use ember_devices::virtio::VirtioDevice;
 use ember_devices::{BootTimer, Bus, Serial, BOOT_TIMER_PORT, I8042};
@@ -81,6 +82,97 @@ pub struct VmConfig {
     pub cmdline_extra: Option<String>,
     /// A virtio-vsock device with a Unix-socket back-end.
     pub vsock: Option<VsockConfig>,
+    /// A virtio-net device on a TAP interface (`eth0` in the guest); none: no network at all.
+    pub net: Option<NetConfig>,
+}
+
+/// A virtio-net device on the TAP interface `tap` (in the VMM's network namespace).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The TAP interface; attached with virtio headers (`IFF_VNET_HDR`), created if missing.
+    pub tap: String,
+    /// The guest's MAC address (unicast).
+    pub mac: [u8; 6],
+    /// The guest's IPv4 set-up, given to its kernel on the command line (`ip=`) so the
+    /// interface is up before init; `None` leaves `eth0` to the guest.
+    pub ipv4: Option<GuestIpv4>,
+}
+
+/// A static IPv4 set-up for the guest's `eth0`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestIpv4 {
+    pub address: std::net::Ipv4Addr,
+    /// Network prefix length, 1 to 32.
+    pub prefix_len: u8,
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// Name server, written by the kernel to `/proc/net/pnp`.
+    pub dns: Option<std::net::Ipv4Addr>,
+}
+
+impl GuestIpv4 {
+    /// The kernel's `ip=` parameter: `client::gateway:netmask::eth0:off[:dns]`.
+    pub fn kernel_parameter(&self) -> String {
+        let netmask = std::net::Ipv4Addr::from(u32::MAX << (32 - u32::from(self.prefix_len)));
+        let gateway = self.gateway.map(|g| g.to_string()).unwrap_or_default();
+        let mut param = format!("ip={}::{gateway}:{netmask}::eth0:off", self.address);
+        if let Some(dns) = self.dns {
+            param.push_str(&format!(":{dns}"));
+        }
+        param
+    }
+}
+
+impl NetConfig {
+    /// Checks the TAP name, the MAC and the address.
+    pub fn validate(&self) -> Result<(), VmmError> {
+        let invalid = |why: String| VmmError::NetConfig(why);
+        let name_ok = !self.tap.is_empty()
+            && self.tap.len() < ember_devices::virtio::net::IFNAMSIZ
+            && !self.tap.contains(['/', ' ', '\0', ':']);
+        if !name_ok {
+            return Err(invalid(format!(
+                "TAP name {:?} is not an interface name (1 to 15 bytes, no '/', ':', space or NUL)",
+                self.tap
+            )));
+        }
+        if self.mac[0] & 1 != 0 || self.mac == [0; 6] {
+            return Err(invalid(format!(
+                "MAC {} is not a unicast address",
+                format_mac(&self.mac)
+            )));
+        }
+        if let Some(ip) = &self.ipv4 {
+            if !(1..=32).contains(&ip.prefix_len) {
+                return Err(invalid(format!(
+                    "prefix length /{} is not 1 to 32",
+                    ip.prefix_len
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
 }
 
 /// A virtio-vsock device whose host side is the Unix socket `uds_path`.
@@ -122,6 +214,9 @@ impl VmConfig {
         debug_assert!(MAX_VCPUS <= mptable::max_cpus());
         if let Some(vsock) = &self.vsock {
             vsock.validate()?;
+        }
+        if let Some(net) = &self.net {
+            net.validate()?;
         }
         if self.rootfs_overlay.is_some() && (self.rootfs.is_none() || self.read_only_rootfs) {
             return Err(VmmError::Overlay(
@@ -226,6 +321,10 @@ pub enum VmmError {
         path: String,
         source: ember_devices::virtio::vsock::VsockError,
     },
+    #[error("network: {0}")]
+    NetConfig(String),
+    #[error("cannot create the network device: {0}")]
+    Net(#[source] ember_devices::virtio::net::NetError),
     #[error("cannot create the virtio-mmio transport at {base:#x}: {source}")]
     Mmio {
         base: u64,
@@ -492,6 +591,21 @@ fn attach_devices(
         )?);
         subscribers.push(device);
     }
+    if let Some(net) = &config.net {
+        // A restored guest keeps the MAC it was snapshotted with.
+        let mac = restore.and_then(|snap| snap.net_mac).unwrap_or(net.mac);
+        let tap = Tap::open(&net.tap).map_err(VmmError::Net)?;
+        let device = Arc::new(Mutex::new(Net::new(tap, mac).map_err(VmmError::Net)?));
+        transports.push(attach_virtio(
+            vm,
+            mem,
+            &mut io,
+            device.clone(),
+            "the virtio-net device",
+            &mut virtio,
+        )?);
+        subscribers.push(device);
+    }
     if let Some(snap) = restore {
         if snap.virtio.len() != transports.len() {
             return Err(VmmError::Restore {
@@ -659,7 +773,18 @@ fn load_guest(
         .rootfs
         .as_ref()
         .map(|_| (ROOT_DEVICE, config.read_only_rootfs));
-    let cmdline = build_cmdline(virtio, root, config.cmdline_extra.as_deref())?;
+    // The guest's address goes before the caller's extra (whose `--` part is init's).
+    let ip = config
+        .net
+        .as_ref()
+        .and_then(|n| n.ipv4)
+        .map(|ip| ip.kernel_parameter());
+    let extra = match (ip, config.cmdline_extra.as_deref()) {
+        (Some(ip), Some(extra)) => Some(format!("{ip} {extra}")),
+        (Some(ip), None) => Some(ip),
+        (None, extra) => extra.map(str::to_string),
+    };
+    let cmdline = build_cmdline(virtio, root, extra.as_deref())?;
     let cmdline_len = write_cmdline(mem, &cmdline)?;
     log::debug!("kernel command line: {cmdline:?}");
     let params = build_boot_params(
@@ -834,6 +959,7 @@ impl Vmm {
                 _ => None,
             },
             vsock_cid: self.config.vsock.as_ref().map(|v| v.guest_cid),
+            net_mac: self.config.net.as_ref().map(|n| n.mac),
             vm: crate::persist::vm::save_vm(self.vm.fd()).map_err(|e| fail(e.to_string()))?,
             vcpus,
             serial: lock_or_recover(&self.serial).save_state(),
@@ -1072,6 +1198,11 @@ impl Vmm {
         if snap.vsock_cid.is_some() != config.vsock.is_some() {
             return Err(fail(
                 "the snapshot's vsock device needs a vsock socket (and only then)".into(),
+            ));
+        }
+        if snap.net_mac.is_some() != config.net.is_some() {
+            return Err(fail(
+                "the snapshot's network device needs a TAP (and only then)".into(),
             ));
         }
         config.validate()?;
@@ -1468,6 +1599,69 @@ mod tests {
             mem_mib: 128,
             cmdline_extra: None,
             vsock: None,
+            net: None,
+        }
+    }
+
+    #[test]
+    fn network_settings_are_checked_and_reach_the_kernel_command_line() {
+        let ip = GuestIpv4 {
+            address: "10.0.2.2".parse().unwrap(),
+            prefix_len: 24,
+            gateway: Some("10.0.2.1".parse().unwrap()),
+            dns: None,
+        };
+        assert_eq!(
+            ip.kernel_parameter(),
+            "ip=10.0.2.2::10.0.2.1:255.255.255.0::eth0:off"
+        );
+        let ip32 = GuestIpv4 {
+            prefix_len: 32,
+            gateway: None,
+            dns: Some("10.0.2.3".parse().unwrap()),
+            ..ip
+        };
+        assert_eq!(
+            ip32.kernel_parameter(),
+            "ip=10.0.2.2:::255.255.255.255::eth0:off:10.0.2.3"
+        );
+        let net = |tap: &str, mac: [u8; 6], prefix_len: u8| VmConfig {
+            net: Some(NetConfig {
+                tap: tap.into(),
+                mac,
+                ipv4: Some(GuestIpv4 { prefix_len, ..ip }),
+            }),
+            ..config()
+        };
+        let mac = [0x06, 1, 2, 3, 4, 5];
+        assert!(net("tap0", mac, 24).validate().is_ok());
+        for bad in [
+            net("", mac, 24),
+            net("a-name-of-16-chr", mac, 24),
+            net("../tap", mac, 24),
+            net("tap0", [0x07, 1, 2, 3, 4, 5], 24),
+            net("tap0", [0; 6], 24),
+            net("tap0", mac, 0),
+            net("tap0", mac, 33),
+        ] {
+            assert!(
+                matches!(bad.validate(), Err(VmmError::NetConfig(_))),
+                "{:?}",
+                bad.net
+            );
+        }
+        assert_eq!(
+            parse_mac("06:e0:0a:ff:00:01"),
+            Some([6, 0xe0, 10, 0xff, 0, 1])
+        );
+        assert_eq!(format_mac(&[6, 0xe0, 10, 0xff, 0, 1]), "06:e0:0a:ff:00:01");
+        for bad in [
+            "06:e0:0a:ff:00",
+            "06:e0:0a:ff:00:01:02",
+            "6:e0:0a:ff:00:01",
+            "zz:e0:0a:ff:00:01",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
         }
     }
 

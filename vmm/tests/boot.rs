@@ -74,6 +74,7 @@ fn initramfs_config(vcpus: u8) -> VmConfig {
         // Without a command the agent keeps serving; with one it runs it and resets.
         cmdline_extra: Some(run_param("echo booted")),
         vsock: None,
+        net: None,
     }
 }
 

@@ -190,6 +190,7 @@ fn vmtest_vsock_echo_and_guest_initiated_connection() {
             guest_cid: GUEST_CID,
             uds_path: uds.clone(),
         }),
+        net: None,
     };
     let console = Console::default();
     let options = VmmOptions {

@@ -32,6 +32,8 @@ pub const PACKAGES: &[&str] = &[
     "procps",
     // the service tests talk to its Unix socket with curl
     "curl",
+    // network tests make TAP interfaces and namespaces
+    "iproute2",
 ];
 
 /// The packages from [`PACKAGES`] that are not installed.

@@ -12,7 +12,7 @@ use serde::Serialize;
 /// Identifies an ember VM-state blob.
 pub const STATE_MAGIC: [u8; 8] = *b"EMBRVMST";
 /// Bumped whenever a `State` type changes shape; older blobs are rejected, not misread.
-pub const STATE_FORMAT_VERSION: u32 = 2;
+pub const STATE_FORMAT_VERSION: u32 = 3;
 /// No sane VM state is larger (vCPU state is a few KiB per vCPU; memory is stored elsewhere).
 pub const MAX_STATE_BYTES: u64 = 64 << 20;
 const HEADER_LEN: usize = 8 + 4 + 8;

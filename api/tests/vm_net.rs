@@ -1,0 +1,199 @@
+//! Guest networking end to end: `ember run --tap` gives the guest an `eth0` on a TAP interface
+//! the test creates (as root, in the lab), with the address given on the command line. Tests
+//! named `vmtest_*` boot Linux: `cargo xtask test` runs them in the lab, with the guest images
+//! in `EMBER_KERNEL` and `EMBER_ROOTFS`. The lab has no network to the outside: the servers
+//! are the test's own.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+const GUEST_MAC: &str = "06:e0:00:5e:00:02";
+
+fn artifact(var: &str) -> PathBuf {
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("{var} is not set; run VM tests through `cargo xtask test`"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs `ember ARGS…` to its end (killed after [`RUN_TIMEOUT`]).
+fn ember(args: &[String]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ember");
+    let start = Instant::now();
+    while child.try_wait().expect("wait for ember").is_none() {
+        if start.elapsed() > RUN_TIMEOUT {
+            child.kill().ok();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("reap ember")
+}
+
+/// A TAP interface with the host's address on it, deleted on drop.
+struct HostTap {
+    name: String,
+}
+
+impl HostTap {
+    fn new(name: &str, host_cidr: &str) -> HostTap {
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("run ip");
+            assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
+        };
+        let _ = Command::new("ip").args(["link", "del", name]).output();
+        ip(&["tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr"]);
+        let tap = HostTap {
+            name: name.to_string(),
+        };
+        ip(&["addr", "add", host_cidr, "dev", name]);
+        ip(&["link", "set", name, "up"]);
+        tap
+    }
+}
+
+impl Drop for HostTap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .output();
+    }
+}
+
+/// A one-file HTTP server (python3's) on `addr`, killed on drop.
+struct HostServer {
+    child: Child,
+    _dir: PathBuf,
+}
+
+impl HostServer {
+    fn start(addr: SocketAddr, file: &str, content: &str) -> HostServer {
+        let dir = std::env::temp_dir().join(format!("ember-net-www-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(file), content).unwrap();
+        let child = Command::new("python3")
+            .args(["-m", "http.server", "--bind"])
+            .arg(addr.ip().to_string())
+            .arg(addr.port().to_string())
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start python3 -m http.server");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "the host server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        HostServer { child, _dir: dir }
+    }
+}
+
+impl Drop for HostServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self._dir);
+    }
+}
+
+/// GET `path` from `addr`; the whole response.
+fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: guest\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
+fn run_args(init_cmd: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "run",
+        "--kernel",
+        artifact("EMBER_KERNEL").to_str().unwrap(),
+        "--rootfs",
+        artifact("EMBER_ROOTFS").to_str().unwrap(),
+        "--read-only-rootfs",
+        "--init-cmd",
+        init_cmd,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+#[test]
+fn vmtest_a_guest_on_a_tap_reaches_a_host_server_and_serves_the_host() {
+    let tap_name = format!("embt{}", std::process::id() % 100_000);
+    let _tap = HostTap::new(&tap_name, "10.77.0.1/24");
+    let token = format!("hello from the host {}", std::process::id());
+    let _server = HostServer::start("10.77.0.1:8080".parse().unwrap(), "hello.txt", &token);
+    // The guest fetches the host's page, then serves one request of its own and ends.
+    let script = "echo mac=$(cat /sys/class/net/eth0/address); \
+        python3 -c \"import urllib.request as u; print('fetched:', u.urlopen('http://10.77.0.1:8080/hello.txt', timeout=60).read().decode())\"; \
+        cd /etc && python3 -c \"import http.server as h; s = h.HTTPServer(('0.0.0.0', 8000), h.SimpleHTTPRequestHandler); print('guest serving', flush=True); s.handle_request()\"; \
+        echo guest done";
+    let args = run_args(
+        script,
+        &[
+            "--tap",
+            &tap_name,
+            "--mac",
+            GUEST_MAC,
+            "--guest-ip",
+            "10.77.0.2/24",
+            "--gateway",
+            "10.77.0.1",
+        ],
+    );
+    let vm = std::thread::spawn(move || ember(&args));
+    // The host reaches the guest's server once it is up.
+    let guest: SocketAddr = "10.77.0.2:8000".parse().unwrap();
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    let response = loop {
+        match http_get(guest, "/") {
+            Ok(response) => break Some(response),
+            Err(_) if Instant::now() < deadline && !vm.is_finished() => {
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            Err(_) => break None,
+        }
+    };
+    let out = vm.join().unwrap();
+    let (console, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "ember failed:\n{console}\n{stderr}");
+    assert!(console.contains(&format!("mac={GUEST_MAC}")), "{console}");
+    assert!(
+        console.contains(&format!("fetched: {token}")),
+        "the guest did not fetch the host's page:\n{console}"
+    );
+    let response =
+        response.unwrap_or_else(|| panic!("the host never reached the guest:\n{console}"));
+    assert!(response.starts_with("HTTP/1.0 200"), "{response}");
+    assert!(console.contains("guest done"), "{console}");
+
+    // Without --tap the guest has no network interface but loopback.
+    let out = ember(&run_args("echo ifaces: $(ls /sys/class/net)", &[]));
+    let console = text(&out.stdout);
+    assert!(out.status.success(), "{console}\n{}", text(&out.stderr));
+    assert!(
+        console.contains("ifaces: lo\n") || console.contains("ifaces: lo\r\n"),
+        "{console}"
+    );
+}
