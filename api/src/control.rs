@@ -35,6 +35,23 @@ pub struct WorkerSpec {
     /// root).
     #[serde(default)]
     pub jail: Option<ember_jail::JailSpec>,
+    /// The guest's network interface (none: the guest has no network device).
+    #[serde(default)]
+    pub net: Option<WorkerNet>,
+}
+
+/// The guest's `eth0`: a TAP interface in the sandbox's network namespace, which the VMM's
+/// jail joins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerNet {
+    /// The TAP, in the jail's network namespace.
+    pub tap: String,
+    pub mac: [u8; 6],
+    /// The guest's address, set by its kernel at boot; a restored guest keeps its own.
+    pub guest: std::net::Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: std::net::Ipv4Addr,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,6 +207,14 @@ mod tests {
                     path: "/s".into(),
                     writable: true,
                 }],
+                netns: Some("/run/netns/n".into()),
+            }),
+            net: Some(WorkerNet {
+                tap: "tap0".into(),
+                mac: [6, 0, 0, 0, 0, 2],
+                guest: "172.16.0.2".parse().unwrap(),
+                prefix_len: 30,
+                gateway: "172.16.0.1".parse().unwrap(),
             }),
         };
         let text = serde_json::to_string(&spec).unwrap();

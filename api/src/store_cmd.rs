@@ -171,6 +171,8 @@ struct Row {
     vcpus: Option<String>,
     parent: Option<String>,
     disks: usize,
+    /// Whether the guest had a network device.
+    network: bool,
 }
 
 impl Row {
@@ -183,6 +185,7 @@ impl Row {
             vcpus: m.metadata.get("vcpus").cloned(),
             parent: m.parent.clone(),
             disks: m.disks.len(),
+            network: m.metadata.contains_key("net_mac"),
         }
     }
 
@@ -204,6 +207,7 @@ impl Row {
             "vcpus": vcpus,
             "parent": self.parent,
             "disks": self.disks,
+            "network": self.network,
         })
     }
 
@@ -603,6 +607,7 @@ mod tests {
                 vcpus: Some("2".into()),
                 parent: None,
                 disks: 0,
+                network: false,
             },
             Row {
                 id: "a-longer-id".into(),
@@ -612,6 +617,7 @@ mod tests {
                 vcpus: None,
                 parent: Some("base".into()),
                 disks: 12,
+                network: true,
             },
         ];
         let t = table(&rows);

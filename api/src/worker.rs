@@ -115,7 +115,16 @@ pub fn run(args: VmmArgs) -> i32 {
             guest_cid: GUEST_CID,
             uds_path: spec.vsock_socket.clone(),
         }),
-        net: None,
+        net: spec.net.as_ref().map(|net| ember_vmm::NetConfig {
+            tap: net.tap.clone(),
+            mac: net.mac,
+            ipv4: Some(ember_vmm::GuestIpv4 {
+                address: net.guest,
+                prefix_len: net.prefix_len,
+                gateway: Some(net.gateway),
+                dns: None,
+            }),
+        }),
     };
     let console = ConsoleTail::default();
     let options = VmmOptions {

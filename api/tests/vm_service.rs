@@ -1005,3 +1005,211 @@ fn vmtest_a_guest_exhausting_its_memory_and_forking_without_end_harms_no_one_els
     assert!(started.elapsed() < Duration::from_secs(60));
     assert_eq!(service.sh(&bystander, "echo still")["stdout"], "still\n");
 }
+
+/// Addresses on the lab host's loopback device with a one-file HTTP server each (python3's),
+/// removed on drop: servers "outside" every sandbox's namespace, reachable through its link.
+struct HostServers {
+    addresses: Vec<String>,
+    children: Vec<Child>,
+    dir: PathBuf,
+}
+
+impl HostServers {
+    fn start(addresses: &[&str]) -> HostServers {
+        let dir = std::env::temp_dir().join(format!("ember-www-{}", std::process::id()));
+        let mut servers = HostServers {
+            addresses: Vec::new(),
+            children: Vec::new(),
+            dir: dir.clone(),
+        };
+        for address in addresses {
+            let out = Command::new("ip")
+                .args(["addr", "add", &format!("{address}/32"), "dev", "lo"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            servers.addresses.push(address.to_string());
+            let root = dir.join(address);
+            std::fs::create_dir_all(&root).unwrap();
+            std::fs::write(root.join("token"), format!("served by {address}")).unwrap();
+            let child = Command::new("python3")
+                .args(["-m", "http.server", "--bind", address, "8080"])
+                .current_dir(&root)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            servers.children.push(child);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while std::net::TcpStream::connect((*address, 8080)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the server on {address} did not start"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        servers
+    }
+}
+
+impl Drop for HostServers {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for address in &self.addresses {
+            let _ = Command::new("ip")
+                .args(["addr", "del", &format!("{address}/32"), "dev", "lo"])
+                .output();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What the guest got fetching `http://ADDRESS:8080/token` within `timeout_s`: the body, or
+/// `error <kind>`.
+fn guest_fetch(service: &Service, id: &str, address: &str, timeout_s: u32) -> String {
+    let script = format!(
+        "python3 -c \"import urllib.request as u, sys\ntry: print(u.urlopen('http://{address}:8080/token', timeout={timeout_s}).read().decode())\nexcept Exception as e: print('error', type(e).__name__, e)\""
+    );
+    let out = service.sh(id, &script);
+    out["stdout"]
+        .as_str()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// What of sandbox networking is left on the host: namespaces, host-side veths, the table.
+fn ember_network_leftovers() -> Vec<String> {
+    let mut left: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("ember-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+    left.extend(
+        text(&links.stdout)
+            .lines()
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
+            .filter(|n| n.starts_with("em") && n.len() == 14),
+    );
+    let table = Command::new("nft")
+        .args(["list", "table", "ip", "ember"])
+        .output()
+        .unwrap();
+    if table.status.success() {
+        left.push("nft table ip ember".into());
+    }
+    left
+}
+
+#[test]
+fn vmtest_sandbox_networks_egress_allow_lists_none_and_four_clones_leave_nothing_behind() {
+    let servers = HostServers::start(&["10.99.0.1", "10.99.0.2"]);
+    let service = Service::start("net");
+    // Egress: both servers; the sandbox shows its mode and address.
+    let open = service.create(json!({"network": {"mode": "egress"}}));
+    let shown = service.sandbox(&open)["network"].clone();
+    assert_eq!(shown["mode"], "egress", "{shown}");
+    assert_eq!(shown["guest_address"], "172.16.0.2", "{shown}");
+    for address in ["10.99.0.1", "10.99.0.2"] {
+        assert_eq!(
+            guest_fetch(&service, &open, address, 60),
+            format!("served by {address}")
+        );
+    }
+    // An allow-list admits one server and refuses the other.
+    let listed = service.create(json!({"network": {"mode": "egress", "allow": ["10.99.0.1/32"]}}));
+    assert_eq!(
+        guest_fetch(&service, &listed, "10.99.0.1", 60),
+        "served by 10.99.0.1"
+    );
+    let refused = guest_fetch(&service, &listed, "10.99.0.2", 10);
+    assert!(refused.starts_with("error"), "{refused}");
+    // None (the default): no interface but lo, and the fetch fails at once.
+    let none = service.create(json!({}));
+    assert_eq!(service.sandbox(&none)["network"]["mode"], "none");
+    let out = service.sh(&none, "ls /sys/class/net");
+    assert_eq!(out["stdout"], "lo\n", "{out}");
+    let started = Instant::now();
+    let failed = guest_fetch(&service, &none, "10.99.0.1", 60);
+    assert!(failed.starts_with("error"), "{failed}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "a sandbox without network waited for it ({:?})",
+        started.elapsed()
+    );
+    // Bad network requests are refused.
+    for body in [
+        r#"{"network": {"mode": "bridge"}}"#,
+        r#"{"network": {"mode": "egress", "allow": ["10.0.0.0/33"]}}"#,
+        r#"{"network": {"mode": "none", "allow": []}}"#,
+    ] {
+        service.refuse("POST", "/sandboxes", Some(body), 400, "bad_request");
+    }
+    // Four clones of a snapshot of the egress sandbox, each in a namespace of its own with the
+    // same guest address, reach the server at the same time.
+    service.call(
+        "POST",
+        &format!("/sandboxes/{open}/snapshots"),
+        Some(json!({"name": "net-base"})),
+        201,
+    );
+    let forked = service.call(
+        "POST",
+        "/snapshots/net-base/fork",
+        Some(json!({"count": 4, "network": {"mode": "egress"}})),
+        201,
+    );
+    let clones: Vec<String> = forked["sandboxes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{forked}"))
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(clones.len(), 4, "{forked}");
+    let fetched: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = clones
+            .iter()
+            .map(|id| {
+                let service = &service;
+                scope.spawn(move || guest_fetch(service, id, "10.99.0.1", 120))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (id, got) in clones.iter().zip(&fetched) {
+        assert_eq!(got, "served by 10.99.0.1", "clone {id}");
+        assert_eq!(
+            service.sandbox(id)["network"]["guest_address"],
+            "172.16.0.2"
+        );
+    }
+    // A snapshot of a sandbox without network cannot come back with one.
+    service.call(
+        "POST",
+        &format!("/sandboxes/{none}/snapshots"),
+        Some(json!({"name": "no-net"})),
+        201,
+    );
+    service.refuse(
+        "POST",
+        "/sandboxes",
+        Some(r#"{"snapshot": "no-net", "network": {"mode": "egress"}}"#),
+        400,
+        "bad_request",
+    );
+    // Deleting every sandbox removes every namespace, veth and rule ember made.
+    for id in clones.iter().chain([&open, &listed, &none]) {
+        service.call("DELETE", &format!("/sandboxes/{id}"), None, 204);
+    }
+    assert_eq!(ember_network_leftovers(), Vec::<String>::new());
+    drop(servers);
+}

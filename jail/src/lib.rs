@@ -18,6 +18,7 @@
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
@@ -36,6 +37,11 @@ pub struct JailSpec {
     pub gid: u32,
     /// The host paths (files or directories) the VMM may see.
     pub mounts: Vec<JailMount>,
+    /// A network namespace to join (a bind-mounted namespace file such as
+    /// `/run/netns/NAME`), with `/dev/net/tun` in the jail to attach to a TAP there; none: a
+    /// new namespace with nothing but a loopback device that is down.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
 }
 
 /// One host path made visible inside the jail, at the same path.
@@ -107,6 +113,8 @@ const DEVICES: [(&str, u32, bool); 4] = [
     ("null", 0o666, false),
     ("urandom", 0o666, false),
 ];
+/// The TAP clone device, in a jail that joins a network namespace.
+const TUN_DEVICE: (&str, u32, bool) = ("net/tun", 0o666, false);
 
 impl JailSpec {
     fn validate(&self) -> Result<()> {
@@ -172,6 +180,20 @@ const FORWARDED: [libc::c_int; 7] = [
     libc::SIGCHLD,
 ];
 
+/// Moves this process into the network namespace bound at `path`.
+fn join_network_namespace(path: &Path) -> Result<()> {
+    let file = std::fs::File::open(path).map_err(|source| JailError::Sys {
+        what: format!("open the network namespace {}", path.display()),
+        source,
+    })?;
+    // SAFETY: setns(2) on a namespace file this function opened; CLONE_NEWNET makes the
+    // kernel check it is a network namespace.
+    let joined = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    check(joined, || {
+        format!("join the network namespace {}", path.display())
+    })
+}
+
 /// Enters the jail (see the crate's documentation).
 pub fn enter(spec: &JailSpec) -> Result<Entered> {
     spec.validate()?;
@@ -181,8 +203,10 @@ pub fn enter(spec: &JailSpec) -> Result<Entered> {
     }
     close_inherited_fds()?;
     // The host's device numbers, read before the host's /dev goes out of sight.
+    let tun = spec.netns.as_ref().map(|_| TUN_DEVICE);
     let devices: Vec<(&str, u32, bool, libc::dev_t)> = DEVICES
         .iter()
+        .chain(tun.iter())
         .filter_map(|&(name, mode, owned)| {
             let meta = std::fs::metadata(Path::new("/dev").join(name)).ok()?;
             meta.file_type()
@@ -190,11 +214,12 @@ pub fn enter(spec: &JailSpec) -> Result<Entered> {
                 .then_some((name, mode, owned, meta.rdev()))
         })
         .collect();
-    let namespaces = libc::CLONE_NEWNS
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWNET;
+    let mut namespaces =
+        libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    match &spec.netns {
+        Some(netns) => join_network_namespace(netns)?,
+        None => namespaces |= libc::CLONE_NEWNET,
+    }
     // SAFETY: unshare(2) takes flags only; it changes this process's namespaces.
     let unshared = unsafe { libc::unshare(namespaces) };
     check(unshared, || "create the jail's namespaces (unshare)".into())?;
@@ -416,6 +441,9 @@ fn build_root(spec: &JailSpec, devices: &[(&str, u32, bool, libc::dev_t)]) -> Re
     create_dirs(&root.join("dev"))?;
     for &(name, mode, owned, rdev) in devices {
         let node = root.join("dev").join(name);
+        if let Some(parent) = node.parent() {
+            create_dirs(parent)?;
+        }
         let node_c = cstring(&node)?;
         // SAFETY: mknod/chmod/chown read the NUL-terminated path of a node in the jail's own
         // tmpfs.
@@ -541,6 +569,7 @@ mod tests {
             uid: 1000,
             gid: 1000,
             mounts,
+            netns: None,
         }
     }
 

@@ -1111,6 +1111,11 @@ impl Vmm {
         manifest
             .metadata
             .insert("kernel".into(), self.config.kernel.display().to_string());
+        if let Some(net) = &self.config.net {
+            manifest
+                .metadata
+                .insert("net_mac".into(), format_mac(&net.mac));
+        }
         let stats = writer.commit(&manifest).map_err(|e| fail(e.to_string()))?;
         *base = Some(SnapshotBase {
             id: id.to_string(),

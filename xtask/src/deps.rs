@@ -32,8 +32,9 @@ pub const PACKAGES: &[&str] = &[
     "procps",
     // the service tests talk to its Unix socket with curl
     "curl",
-    // network tests make TAP interfaces and namespaces
+    // sandbox networks: namespaces, TAPs and veths (iproute2), NAT and filters (nftables)
     "iproute2",
+    "nftables",
 ];
 
 /// The packages from [`PACKAGES`] that are not installed.

@@ -29,9 +29,14 @@ pub const MODULES: &[&str] = &[
     "9p",
     // KVM with AMD SVM (nested paging comes from the emulated CPU)
     "kvm_amd",
-    // for sandbox networking in later tests
+    // sandbox networking: TAPs, veth pairs, and nftables with NAT and connection tracking
+    // (the L1 cannot load modules on demand: its userspace is the host's)
     "tun",
     "veth",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_masq",
+    "nft_ct",
 ];
 
 const RECIPE: &str = "lab-v2";

@@ -110,6 +110,10 @@ impl JailIds {
                 mount(sockets_dir, true),
                 mount(&spec.store_dir, true),
             ],
+            netns: spec
+                .net
+                .as_ref()
+                .map(|_| super::network::netns_path(&spec.sandbox_id)),
         })
     }
 }

@@ -8,6 +8,7 @@ pub mod exec;
 pub mod files;
 mod jail;
 pub mod metrics;
+pub mod network;
 pub mod sandbox;
 pub mod snapshots;
 
@@ -225,6 +226,17 @@ pub fn serve(args: ServeArgs) -> i32 {
 
 async fn run_service(state: Arc<AppState>, socket: PathBuf) -> Result<(), String> {
     sandbox::recover(&state).await;
+    if state.config.jail.is_some() {
+        let live: std::collections::HashSet<String> = state
+            .sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|s| s.record().net.is_some() && s.state().is_live())
+            .map(|s| s.id.clone())
+            .collect();
+        let _ = tokio::task::spawn_blocking(move || network::remove_stale(&live)).await;
+    }
     match std::fs::remove_file(&socket) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             return Err(format!("cannot replace {}: {e}", socket.display()))
@@ -400,6 +412,10 @@ pub struct CreateBody {
     pub restore_mode: Option<String>,
     /// Limits on the sandbox's root disk: `{bytes_per_sec, ops_per_sec}` (none by default).
     pub disk_limits: Option<ember_vmm::RateLimit>,
+    /// `{"mode": "none"}` (default: no network device) or `{"mode": "egress", "allow":
+    /// ["10.0.0.0/8", ...]}` (outgoing connections through NAT, to the allow-list only if
+    /// one is given).
+    pub network: Option<network::NetworkMode>,
 }
 
 pub const IMAGES: &[&str] = &["default", "python", "node"];
@@ -412,6 +428,7 @@ async fn create_sandbox(
     let body: CreateBody = parse_body(body)?;
     check_env_map(&body.env)?;
     let timeout = check_timeout(body.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S))?;
+    let mut restored_nic = false;
     let new = match (&body.image, &body.snapshot) {
         (Some(_), Some(_)) => {
             return Err(ApiError::bad_request(
@@ -425,7 +442,11 @@ async fn create_sandbox(
                      `vcpus` and `memory_mib`",
                 ));
             }
-            snapshots::restore_spec(&state, snapshot, body.restore_mode.as_deref()).await?
+            let (origin, vcpus, mem_mib, had_network) =
+                snapshots::restore_spec(&state, snapshot, body.restore_mode.as_deref()).await?;
+            snapshots::check_network(snapshot, had_network, body.network.as_ref())?;
+            restored_nic = had_network;
+            (origin, vcpus, mem_mib)
         }
         (image, None) => {
             let image = image.as_deref().unwrap_or("default");
@@ -470,6 +491,8 @@ async fn create_sandbox(
             timeout,
             env: body.env,
             disk_rate_limit: body.disk_limits.unwrap_or_default(),
+            network: body.network.unwrap_or(network::NetworkMode::None {}),
+            restored_nic,
         },
     )
     .await?;

@@ -17,6 +17,7 @@ use tokio::net::UnixStream;
 
 use super::error::ApiError;
 use super::exec::CommandRecord;
+use super::network::{self, NetworkMode, SandboxNet};
 use super::AppState;
 use crate::control::{
     ControlReply, ControlRequest, WorkerEvent, WorkerOrigin, WorkerSpec, MAX_CONTROL_LINE,
@@ -61,7 +62,7 @@ impl SandboxState {
         SandboxState::Failed,
     ];
 
-    fn is_live(self) -> bool {
+    pub fn is_live(self) -> bool {
         matches!(
             self,
             SandboxState::Starting | SandboxState::Running | SandboxState::Paused
@@ -86,6 +87,9 @@ pub struct SandboxRecord {
     /// The last snapshot taken of this sandbox (the parent of a diff).
     #[serde(default)]
     pub last_snapshot: Option<String>,
+    /// Its network namespace's mode and link (none: no namespace).
+    #[serde(default)]
+    pub net: Option<SandboxNet>,
 }
 
 pub struct Sandbox {
@@ -154,6 +158,9 @@ impl Sandbox {
     pub fn remove_from_disk(&self) {
         let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
         *removed = true;
+        if self.record().net.is_some() {
+            network::remove(&self.id);
+        }
         let spec = self.record().spec;
         // Sockets live in a folder of their own (`run/ID/`); records from before that had
         // them straight in `run/`.
@@ -251,6 +258,7 @@ impl Sandbox {
             "pid": r.pid,
             "env": r.env,
             "disk_limits": r.spec.disk_rate_limit,
+            "network": r.net.as_ref().map_or_else(|| json!({"mode": "none"}), SandboxNet::to_json),
         })
     }
 
@@ -408,6 +416,10 @@ pub struct NewSandbox {
     pub timeout: Duration,
     pub env: BTreeMap<String, String>,
     pub disk_rate_limit: ember_vmm::RateLimit,
+    pub network: NetworkMode,
+    /// Restored from a snapshot whose guest has a network device (which then needs a TAP
+    /// whatever the mode).
+    pub restored_nic: bool,
 }
 
 /// The environment variables a VMM process gets from the service (logging, and seccomp's
@@ -424,6 +436,13 @@ pub const VMM_DIR: &str = "vmm";
 
 /// Starts a VMM process for a new sandbox and waits until its agent answers.
 pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbox>, ApiError> {
+    let wants_namespace = new.restored_nic || matches!(new.network, NetworkMode::Egress { .. });
+    if wants_namespace && state.config.jail.is_none() {
+        return Err(ApiError::bad_request(
+            "sandbox networks need the service to run as root (it makes network namespaces, \
+             TAPs and nftables rules); this one is not",
+        ));
+    }
     {
         let sandboxes = state.sandboxes.lock().unwrap_or_else(|p| p.into_inner());
         let live = sandboxes.values().filter(|s| s.state().is_live()).count();
@@ -467,6 +486,8 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         overlay: dir.join(VMM_DIR).join("rootfs.overlay"),
         disk_rate_limit: new.disk_rate_limit,
         jail: None,
+        // A restored guest keeps the MAC it was saved with; this one is for booted guests.
+        net: wants_namespace.then(|| network::worker_net(crate::run::random_mac())),
     };
     if let Some(ids) = state.config.jail {
         spec.jail = Some(
@@ -485,14 +506,60 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         deadline_unix_ms: unix_ms() + new.timeout.as_millis() as u64,
         ready_ms: None,
         last_snapshot: None,
+        net: None,
     };
-    let sandbox = Arc::new(Sandbox::new(dir.clone(), record));
+    let sandbox = {
+        let mut sandboxes = state.sandboxes.lock().unwrap_or_else(|p| p.into_inner());
+        // Chosen and taken under one lock. Slots of sandboxes not deleted yet stay taken:
+        // their namespaces exist.
+        let used: std::collections::HashSet<u32> = sandboxes
+            .values()
+            .filter_map(|s| s.record().net.and_then(|n| n.slot))
+            .collect();
+        let slot = match new.network {
+            NetworkMode::Egress { .. } => network::free_slot(&used),
+            NetworkMode::None {} => None,
+        };
+        if matches!(new.network, NetworkMode::Egress { .. }) && slot.is_none() {
+            drop(sandboxes);
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_dir_all(&run);
+            return Err(ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "too_many_sandboxes",
+                format!(
+                    "all {} sandbox network links are in use",
+                    network::MAX_SLOTS
+                ),
+            ));
+        }
+        let mut record = record;
+        record.net = wants_namespace.then(|| SandboxNet {
+            mode: new.network.clone(),
+            slot,
+        });
+        let sandbox = Arc::new(Sandbox::new(dir.clone(), record));
+        sandboxes.insert(id.clone(), sandbox.clone());
+        sandbox
+    };
     sandbox.update(|_| {});
-    state
-        .sandboxes
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(id.clone(), sandbox.clone());
+    if let (Some(net), Some(ids)) = (sandbox.record().net, state.config.jail) {
+        let sandbox_id = id.clone();
+        let made = tokio::task::spawn_blocking(move || {
+            network::create(&sandbox_id, &net.mode, net.slot, (ids.uid, ids.gid))
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        if let Err(why) = made {
+            let why = format!("cannot make its network: {why}");
+            sandbox.fail(why.clone());
+            return Err(ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "start_failed",
+                format!("sandbox {id} did not start: {why}"),
+            ));
+        }
+    }
 
     match start_vmm(state, &sandbox, &spec).await {
         Ok(ready_ms) => {
@@ -799,6 +866,7 @@ mod tests {
             deadline_unix_ms: 0,
             ready_ms: None,
             last_snapshot: None,
+            net: None,
         };
         let sandbox = Sandbox::new(dir.clone(), record);
         sandbox.update(|_| {});

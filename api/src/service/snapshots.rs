@@ -39,6 +39,23 @@ pub struct ForkBody {
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     pub restore_mode: Option<String>,
+    /// Each clone's network (see `POST /sandboxes`); every clone has a namespace of its own.
+    pub network: Option<super::network::NetworkMode>,
+}
+
+/// Refuses an egress network for a snapshot whose guest has no network device.
+pub fn check_network(
+    snapshot: &str,
+    had_network: bool,
+    network: Option<&super::network::NetworkMode>,
+) -> Result<(), ApiError> {
+    if !had_network && matches!(network, Some(super::network::NetworkMode::Egress { .. })) {
+        return Err(ApiError::bad_request(format!(
+            "snapshot {snapshot} is of a sandbox without a network device; restore it with \
+             network mode `none`"
+        )));
+    }
+    Ok(())
 }
 
 fn store_error(id: &str, e: StoreError) -> ApiError {
@@ -62,18 +79,20 @@ async fn describe(state: &Arc<AppState>, id: &str) -> Result<serde_json::Value, 
     Ok(crate::store_cmd::snapshot_json(&manifest))
 }
 
-/// The origin, vCPUs and memory of a sandbox restored from `id`.
+/// The origin, vCPUs and memory of a sandbox restored from `id`, and whether its guest has a
+/// network device.
 pub async fn restore_spec(
     state: &Arc<AppState>,
     id: &str,
     mode: Option<&str>,
-) -> Result<(WorkerOrigin, u8, u32), ApiError> {
+) -> Result<(WorkerOrigin, u8, u32, bool), ApiError> {
     let mode = mode.unwrap_or("prefetch");
     mode.parse::<ember_vmm::RestoreMode>()
         .map_err(ApiError::bad_request)?;
     let snapshot = describe(state, id).await?;
     let vcpus = snapshot["vcpus"].as_u64().unwrap_or(1) as u8;
     let mem_mib = (snapshot["memory_bytes"].as_u64().unwrap_or(0) >> 20) as u32;
+    let had_network = snapshot["network"].as_bool().unwrap_or(false);
     Ok((
         WorkerOrigin::Restore {
             snapshot: id.to_string(),
@@ -81,6 +100,7 @@ pub async fn restore_spec(
         },
         vcpus,
         mem_mib,
+        had_network,
     ))
 }
 
@@ -209,7 +229,13 @@ pub async fn fork(
     }
     check_env_map(&body.env)?;
     let timeout = check_timeout(body.timeout_s.unwrap_or(super::DEFAULT_TIMEOUT_S))?;
-    let (origin, vcpus, mem_mib) = restore_spec(&state, &id, body.restore_mode.as_deref()).await?;
+    let (origin, vcpus, mem_mib, had_network) =
+        restore_spec(&state, &id, body.restore_mode.as_deref()).await?;
+    check_network(&id, had_network, body.network.as_ref())?;
+    let network = body
+        .network
+        .clone()
+        .unwrap_or(super::network::NetworkMode::None {});
     let starts = (0..body.count).map(|_| {
         let state = state.clone();
         let new = NewSandbox {
@@ -219,6 +245,8 @@ pub async fn fork(
             timeout,
             env: body.env.clone(),
             disk_rate_limit: ember_vmm::RateLimit::default(),
+            network: network.clone(),
+            restored_nic: had_network,
         };
         tokio::spawn(async move { sandbox::create(&state, new).await })
     });

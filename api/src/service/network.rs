@@ -1,0 +1,456 @@
+//! Sandbox networks. A sandbox in network mode `none` (the default) has no network device at
+//! all. One in mode `egress` gets:
+//!
+//! - a network namespace `ember-<id>` that its VMM's jail joins, holding the guest's TAP
+//!   (`tap0`, host side 172.16.0.1/30, guest 172.16.0.2): the same addresses in every
+//!   namespace, so clones restored from one snapshot keep the address they were saved with and
+//!   never collide;
+//! - a veth pair: `em<12 hex of the id>` in the host's namespace and `uplink` in the sandbox's,
+//!   on a /30 of 10.200.0.0/16 (a slot per live sandbox);
+//! - nftables in the sandbox's namespace: the guest is masqueraded behind the uplink address,
+//!   may start connections only to its allow-list (every address but other sandboxes' links
+//!   when it has none), and receives only replies;
+//! - in the host's namespace, table `ip ember`: the links' traffic is masqueraded to whatever
+//!   uplink the host routes it to, and IPv4 forwarding is on.
+//!
+//! A sandbox restored in mode `none` from a snapshot whose guest had a network device gets the
+//! namespace and TAP without the veth: the device exists, nothing is reachable.
+//!
+//! Everything is made with `ip` and `nft` (iproute2, nftables) and removed with the sandbox's
+//! namespace (its veth and TAP go with it); namespaces of sandboxes that are no longer live are
+//! removed when the service starts, so a crash leaves nothing behind for long.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+
+use crate::control::WorkerNet;
+
+/// Where `ip netns` keeps named namespaces.
+const NETNS_DIR: &str = "/run/netns";
+const NETNS_PREFIX: &str = "ember-";
+/// The guest's link, the same in every sandbox namespace.
+pub const GUEST_ADDRESS: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 2);
+const TAP_ADDRESS: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 1);
+const TAP_PREFIX: u8 = 30;
+const TAP_NAME: &str = "tap0";
+/// The host side's MAC, the same in every namespace.
+const TAP_MAC: &str = "06:e0:00:00:00:01";
+const UPLINK_NAME: &str = "uplink";
+/// The sandboxes' links: a /30 each.
+const LINKS: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 200, 0, 0), 16);
+/// Slots in [`LINKS`].
+pub const MAX_SLOTS: u32 = 1 << (32 - 16 - 2);
+
+/// An IPv4 network, `a.b.c.d/n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Cidr {
+    pub address: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl TryFrom<String> for Cidr {
+    type Error = String;
+    fn try_from(text: String) -> Result<Cidr, String> {
+        text.parse()
+    }
+}
+
+impl From<Cidr> for String {
+    fn from(c: Cidr) -> String {
+        c.to_string()
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Cidr, String> {
+        let bad = || format!("{text:?} is not an IPv4 network (a.b.c.d/n)");
+        let (address, prefix) = text.split_once('/').unwrap_or((text, "32"));
+        let address: Ipv4Addr = address.parse().map_err(|_| bad())?;
+        let prefix_len: u8 = prefix.parse().map_err(|_| bad())?;
+        if prefix_len > 32 || prefix.starts_with('+') {
+            return Err(bad());
+        }
+        Ok(Cidr {
+            address,
+            prefix_len,
+        })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix_len)
+    }
+}
+
+/// A sandbox's network mode, as asked for at creation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+pub enum NetworkMode {
+    /// No network device (or, restored from a snapshot that had one, a device on a TAP that
+    /// leads nowhere). A struct variant so that unknown fields are refused.
+    None {},
+    /// Outgoing connections through NAT, to the allow-list only if one is given.
+    Egress {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        allow: Option<Vec<Cidr>>,
+    },
+}
+
+/// What the service keeps about a sandbox's network (in its record).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxNet {
+    pub mode: NetworkMode,
+    /// Its slot in the links' range (egress only).
+    pub slot: Option<u32>,
+}
+
+impl SandboxNet {
+    /// How the API shows it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(&self.mode).unwrap_or_default();
+        value["guest_address"] = GUEST_ADDRESS.to_string().into();
+        if let Some(slot) = self.slot {
+            value["link"] = link_addresses(slot).0.to_string().into();
+        }
+        value
+    }
+}
+
+/// The namespace file of sandbox `id`.
+pub fn netns_path(id: &str) -> PathBuf {
+    Path::new(NETNS_DIR).join(format!("{NETNS_PREFIX}{id}"))
+}
+
+fn netns_name(id: &str) -> String {
+    format!("{NETNS_PREFIX}{id}")
+}
+
+/// The host-side veth of sandbox `id` (15 bytes at most: `em` and the id's last 12).
+fn host_veth(id: &str) -> String {
+    let tail: String = id.chars().filter(char::is_ascii_alphanumeric).collect();
+    let start = tail.len().saturating_sub(12);
+    format!("em{}", &tail[start..])
+}
+
+/// (host side, sandbox side) of slot `slot`'s /30.
+fn link_addresses(slot: u32) -> (Ipv4Addr, Ipv4Addr) {
+    let base = u32::from(LINKS.0) + slot * 4;
+    (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2))
+}
+
+/// What the VMM is told about the guest's interface.
+pub fn worker_net(mac: [u8; 6]) -> WorkerNet {
+    WorkerNet {
+        tap: TAP_NAME.into(),
+        mac,
+        guest: GUEST_ADDRESS,
+        prefix_len: TAP_PREFIX,
+        gateway: TAP_ADDRESS,
+    }
+}
+
+fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), String> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {program}: {e} (is it installed?)"))?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes())
+            .map_err(|e| format!("cannot feed {program}: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{program} failed: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{program} {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    run("ip", args, None)
+}
+
+/// The host's part, shared by all sandboxes: forwarding on, the links masqueraded.
+fn ensure_host_nat() -> Result<(), String> {
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+        .map_err(|e| format!("cannot turn on IPv4 forwarding: {e}"))?;
+    let (net, len) = LINKS;
+    let rules = format!(
+        "add table ip ember\n\
+         flush table ip ember\n\
+         add chain ip ember postrouting {{ type nat hook postrouting priority srcnat; }}\n\
+         add rule ip ember postrouting ip saddr {net}/{len} oifname != \"em*\" masquerade\n"
+    );
+    run("nft", &["-f", "-"], Some(&rules))
+}
+
+/// Removes the host's table once no sandbox namespace is left.
+fn drop_host_nat_if_unused() {
+    let any_left = std::fs::read_dir(NETNS_DIR).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(NETNS_PREFIX))
+    });
+    if !any_left {
+        let _ = run("nft", &["delete", "table", "ip", "ember"], None);
+    }
+}
+
+/// Creates sandbox `id`'s namespace for `mode` (slot `slot` for egress), with the TAP owned by
+/// the jail's user. On failure nothing is left behind.
+pub fn create(
+    id: &str,
+    mode: &NetworkMode,
+    slot: Option<u32>,
+    owner: (u32, u32),
+) -> Result<(), String> {
+    let result = create_inner(id, mode, slot, owner);
+    if result.is_err() {
+        remove(id);
+    }
+    result
+}
+
+fn create_inner(
+    id: &str,
+    mode: &NetworkMode,
+    slot: Option<u32>,
+    (uid, gid): (u32, u32),
+) -> Result<(), String> {
+    let ns = netns_name(id);
+    ip(&["netns", "add", &ns])?;
+    let (uid, gid) = (uid.to_string(), gid.to_string());
+    ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+    ip(&[
+        "-n", &ns, "tuntap", "add", "dev", TAP_NAME, "mode", "tap", "vnet_hdr", "user", &uid,
+        "group", &gid,
+    ])?;
+    // The same MAC in every namespace too: a restored guest's ARP cache stays right.
+    ip(&["-n", &ns, "link", "set", TAP_NAME, "address", TAP_MAC])?;
+    let tap_cidr = format!("{TAP_ADDRESS}/{TAP_PREFIX}");
+    ip(&["-n", &ns, "addr", "add", &tap_cidr, "dev", TAP_NAME])?;
+    ip(&["-n", &ns, "link", "set", TAP_NAME, "up"])?;
+    let NetworkMode::Egress { allow } = mode else {
+        return Ok(());
+    };
+    let slot = slot.ok_or("an egress network needs a link slot")?;
+    ensure_host_nat()?;
+    let veth = host_veth(id);
+    let (host_addr, ns_addr) = link_addresses(slot);
+    ip(&[
+        "link",
+        "add",
+        &veth,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        UPLINK_NAME,
+        "netns",
+        &ns,
+    ])?;
+    ip(&["addr", "add", &format!("{host_addr}/30"), "dev", &veth])?;
+    ip(&["link", "set", &veth, "up"])?;
+    ip(&[
+        "-n",
+        &ns,
+        "addr",
+        "add",
+        &format!("{ns_addr}/30"),
+        "dev",
+        UPLINK_NAME,
+    ])?;
+    ip(&["-n", &ns, "link", "set", UPLINK_NAME, "up"])?;
+    ip(&[
+        "-n",
+        &ns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &host_addr.to_string(),
+    ])?;
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &ns,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_forward=1",
+        ],
+        None,
+    )?;
+    run(
+        "ip",
+        &["netns", "exec", &ns, "nft", "-f", "-"],
+        Some(&sandbox_rules(allow.as_deref())),
+    )
+}
+
+/// The sandbox namespace's nftables: masquerade, and what the guest may reach.
+fn sandbox_rules(allow: Option<&[Cidr]>) -> String {
+    let (links, links_len) = LINKS;
+    let reach = match allow {
+        Some([]) => String::new(),
+        Some(allow) => {
+            let set: Vec<String> = allow.iter().map(Cidr::to_string).collect();
+            format!(
+                "iifname \"{TAP_NAME}\" oifname \"{UPLINK_NAME}\" ip daddr {{ {} }} accept\n",
+                set.join(", ")
+            )
+        }
+        None => format!(
+            "iifname \"{TAP_NAME}\" oifname \"{UPLINK_NAME}\" ip daddr {links}/{links_len} drop\n\
+             iifname \"{TAP_NAME}\" oifname \"{UPLINK_NAME}\" accept\n"
+        ),
+    };
+    format!(
+        "table ip sandbox {{\n\
+         chain postrouting {{ type nat hook postrouting priority srcnat; oifname \"{UPLINK_NAME}\" masquerade\n}}\n\
+         chain forward {{ type filter hook forward priority filter; policy drop;\n\
+         ct state established,related accept\n\
+         {reach}}}\n\
+         chain input {{ type filter hook input priority filter; policy accept;\n\
+         iifname \"{TAP_NAME}\" ct state established,related accept\n\
+         iifname \"{TAP_NAME}\" drop\n}}\n\
+         }}\n"
+    )
+}
+
+/// Removes sandbox `id`'s namespace (its veth and TAP go with it); nothing if there is none.
+pub fn remove(id: &str) {
+    if netns_path(id).exists() {
+        if let Err(e) = ip(&["netns", "del", &netns_name(id)]) {
+            log::warn!("sandbox {id}: cannot remove its network namespace: {e}");
+        }
+    }
+    // A veth whose namespace never got its peer.
+    let veth = host_veth(id);
+    if Path::new("/sys/class/net").join(&veth).exists() {
+        let _ = ip(&["link", "del", &veth]);
+    }
+    drop_host_nat_if_unused();
+}
+
+/// Removes the namespaces of sandboxes not in `live` (left by a crash or a killed service).
+pub fn remove_stale(live: &HashSet<String>) {
+    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_prefix(NETNS_PREFIX) else {
+            continue;
+        };
+        if !live.contains(id) {
+            log::info!("removing the network of sandbox {id}, which is gone");
+            remove(id);
+        }
+    }
+}
+
+/// The lowest slot not in `used`.
+pub fn free_slot(used: &HashSet<u32>) -> Option<u32> {
+    (0..MAX_SLOTS).find(|slot| !used.contains(slot))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn networks_parse_and_print() {
+        let c: Cidr = "10.1.2.0/24".parse().unwrap();
+        assert_eq!((c.address, c.prefix_len), (Ipv4Addr::new(10, 1, 2, 0), 24));
+        assert_eq!(c.to_string(), "10.1.2.0/24");
+        assert_eq!("10.1.2.3".parse::<Cidr>().unwrap().prefix_len, 32);
+        for bad in [
+            "10.1.2.0/33",
+            "10.1.2/24",
+            "x/8",
+            "10.0.0.0/+8",
+            "10.0.0.0/",
+            "",
+        ] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+        let mode: NetworkMode =
+            serde_json::from_str(r#"{"mode":"egress","allow":["10.0.0.0/8","1.2.3.4"]}"#).unwrap();
+        assert_eq!(
+            mode,
+            NetworkMode::Egress {
+                allow: Some(vec![
+                    "10.0.0.0/8".parse().unwrap(),
+                    "1.2.3.4/32".parse().unwrap()
+                ])
+            }
+        );
+        assert!(serde_json::from_str::<NetworkMode>(r#"{"mode":"none","allow":[]}"#).is_err());
+        assert!(serde_json::from_str::<NetworkMode>(r#"{"mode":"bridge"}"#).is_err());
+        assert!(
+            serde_json::from_str::<NetworkMode>(r#"{"mode":"egress","allow":["300.0.0.1"]}"#)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn names_and_addresses_fit() {
+        assert_eq!(host_veth("sb-5f1e3a9c05f0"), "em5f1e3a9c05f0");
+        assert!(host_veth("sb-5f1e3a9c05f0").len() <= 15);
+        assert_eq!(
+            link_addresses(0),
+            (Ipv4Addr::new(10, 200, 0, 1), Ipv4Addr::new(10, 200, 0, 2))
+        );
+        assert_eq!(
+            link_addresses(MAX_SLOTS - 1),
+            (
+                Ipv4Addr::new(10, 200, 255, 253),
+                Ipv4Addr::new(10, 200, 255, 254)
+            )
+        );
+        let used: HashSet<u32> = [0, 1, 3].into();
+        assert_eq!(free_slot(&used), Some(2));
+    }
+
+    #[test]
+    fn rules_follow_the_allow_list() {
+        let open = sandbox_rules(None);
+        assert!(open.contains("ip daddr 10.200.0.0/16 drop"), "{open}");
+        assert!(open.contains("oifname \"uplink\" accept"), "{open}");
+        let listed = sandbox_rules(Some(&["10.99.0.1/32".parse().unwrap()]));
+        assert!(
+            listed.contains("ip daddr { 10.99.0.1/32 } accept"),
+            "{listed}"
+        );
+        assert!(!listed.contains("oifname \"uplink\" accept"), "{listed}");
+        let closed = sandbox_rules(Some(&[]));
+        assert!(
+            !closed.contains("oifname \"uplink\" accept") && !closed.contains("ip daddr {"),
+            "{closed}"
+        );
+    }
+}
