@@ -65,6 +65,42 @@ fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong) -> std:
 }
 
 /// Writes the magic byte to ember's boot-timer port so the VMM logs "userspace reached".
+/// Brings the loopback interface up, as an init does: servers in the guest listen on
+/// 127.0.0.1 (and exposed ports reach them there) whether or not the guest has a network.
+pub fn bring_up_loopback() {
+    if let Err(err) = set_interface_up(b"lo") {
+        eprintln!("ember-agent: cannot bring up lo: {err}");
+    }
+}
+
+fn set_interface_up(name: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh socket owned by nothing else.
+    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ifreq is plain data; all-zero is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the name and writes the flags of `req`, which outlives the
+    // call.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the flags member of the union was just written by the kernel.
+    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: SIOCSIFFLAGS reads `req`, which outlives the call.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 pub fn mark_boot_complete() {
     // SAFETY: ioperm only changes this process's I/O permission bitmap.
     if unsafe { libc::ioperm(crate::BOOT_TIMER_PORT.into(), 1, 1) } != 0 {

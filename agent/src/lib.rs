@@ -7,6 +7,7 @@
 //! host's side of that protocol is [`client`].
 
 pub mod client;
+pub mod forward;
 pub mod init;
 pub mod protocol;
 pub mod resync;

@@ -3,14 +3,16 @@
 use std::process::Command;
 use std::sync::Arc;
 
+use ember_agent::forward::FORWARD_VSOCK_PORT;
 use ember_agent::init;
 use ember_agent::protocol::AGENT_VSOCK_PORT;
-use ember_agent::server::{serve_forever, ServerConfig, VsockListener};
+use ember_agent::server::{serve_forever, serve_forwards_forever, ServerConfig, VsockListener};
 
 fn main() {
     let is_init = std::process::id() == 1;
     if is_init {
         init::mount_pseudo_filesystems();
+        init::bring_up_loopback();
     }
     init::mark_boot_complete();
     println!("ember-agent {}: ready", env!("CARGO_PKG_VERSION"));
@@ -39,6 +41,18 @@ fn main() {
             None
         }
     };
+    // Exposed ports: TCP servers on the guest's loopback, reached over vsock.
+    match VsockListener::bind(FORWARD_VSOCK_PORT) {
+        Ok(forwards) => {
+            let spawned = std::thread::Builder::new()
+                .name("vsock-forwards".to_string())
+                .spawn(move || serve_forwards_forever(forwards));
+            if let Err(err) = spawned {
+                eprintln!("ember-agent: cannot serve exposed ports: {err}");
+            }
+        }
+        Err(err) => eprintln!("ember-agent: not serving exposed ports: {err}"),
+    }
     if is_init {
         if let Some(listener) = listener {
             let config = Arc::new(ServerConfig::new(|| init::sync_and_reset()));

@@ -985,6 +985,17 @@ impl Transport for VsockStream {
     }
 }
 
+impl crate::forward::HalfClose for VsockStream {
+    fn shutdown_write(&self) -> io::Result<()> {
+        // SAFETY: shutdown on a socket fd this value owns.
+        if unsafe { libc::shutdown(self.0.as_raw_fd(), libc::SHUT_WR) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
 /// A listening AF_VSOCK socket.
 pub struct VsockListener {
     fd: OwnedFd,
@@ -1048,6 +1059,31 @@ impl VsockListener {
             let err = io::Error::last_os_error();
             if err.raw_os_error() != Some(libc::EINTR) {
                 return Err(err);
+            }
+        }
+    }
+}
+
+/// Accepts forwarded connections ([`crate::forward`]) on `listener` forever, one thread
+/// each.
+pub fn serve_forwards_forever(listener: VsockListener) -> ! {
+    let mut connections = 0u64;
+    loop {
+        match listener.accept() {
+            Ok(stream) => {
+                connections += 1;
+                let spawned = spawn_thread(format!("fwd-{connections}"), move || {
+                    if let Err(err) = crate::forward::forward_connection(stream) {
+                        eprintln!("ember-agent: forwarded connection {connections}: {err}");
+                    }
+                });
+                if let Err(err) = spawned {
+                    eprintln!("ember-agent: forwarded connection {connections}: {err}");
+                }
+            }
+            Err(err) => {
+                eprintln!("ember-agent: accept on the forwarding port: {err}");
+                std::thread::sleep(Duration::from_millis(100));
             }
         }
     }

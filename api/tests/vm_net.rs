@@ -197,3 +197,94 @@ fn vmtest_a_guest_on_a_tap_reaches_a_host_server_and_serves_the_host() {
         "{console}"
     );
 }
+
+/// `end.sum_received.bits_per_second` of an `iperf3 -J` report, in Mbit/s.
+fn iperf_mbits(report: &str) -> Option<f64> {
+    let value: serde_json::Value = serde_json::from_str(report).ok()?;
+    Some(value["end"]["sum_received"]["bits_per_second"].as_f64()? / 1e6)
+}
+
+/// Network figures, in the environment the suite runs in (the lab: ~30× slower than native),
+/// each against a baseline measured in the same guest in the same run: TCP throughput over
+/// the TAP each way against the guest's own loopback, and the time to open a TCP connection
+/// to the host against one to the guest's loopback.
+#[test]
+fn vmtest_network_throughput_and_connection_latency_over_a_tap() {
+    let tap_name = format!("embb{}", std::process::id() % 100_000);
+    let _tap = HostTap::new(&tap_name, "10.77.1.1/24");
+    let mut iperf = Command::new("iperf3")
+        .args(["-s", "-B", "10.77.1.1", "-p", "5201"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start iperf3 -s");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect("10.77.1.1:5201").is_err() {
+        assert!(Instant::now() < deadline, "iperf3 -s did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Markers around each JSON report; the connect loop times 50 connections each way.
+    let connect_ms = |addr: &str| {
+        format!(
+            "python3 -c \"import socket, time\nt = time.perf_counter()\nfor _ in range(50): socket.create_connection(('{addr}', 5201), timeout=30).close()\nprint('CONNECT_MS', (time.perf_counter() - t) / 50 * 1000)\""
+        )
+    };
+    let script = format!(
+        "iperf3 -s -B 127.0.0.1 -p 5201 -D; sleep 1; \
+         echo BEGIN-lo; iperf3 -c 127.0.0.1 -p 5201 -t 3 -J; echo END-lo; \
+         echo BEGIN-tx; iperf3 -c 10.77.1.1 -t 3 -J; echo END-tx; \
+         echo BEGIN-rx; iperf3 -c 10.77.1.1 -t 3 -R -J; echo END-rx; \
+         {}; {}",
+        connect_ms("127.0.0.1").replace("CONNECT_MS", "CONNECT_MS_LO"),
+        connect_ms("10.77.1.1").replace("CONNECT_MS", "CONNECT_MS_TAP"),
+    );
+    let args = run_args(
+        &script,
+        &[
+            "--tap",
+            &tap_name,
+            "--guest-ip",
+            "10.77.1.2/24",
+            "--gateway",
+            "10.77.1.1",
+            "--mem-mib",
+            "512",
+        ],
+    );
+    let out = ember(&args);
+    let _ = iperf.kill();
+    let _ = iperf.wait();
+    let console = text(&out.stdout).replace('\r', "");
+    assert!(out.status.success(), "{console}\n{}", text(&out.stderr));
+    let report = |name: &str| {
+        let start = console
+            .find(&format!("BEGIN-{name}\n"))
+            .unwrap_or_else(|| panic!("no {name} report:\n{console}"));
+        let end = console[start..]
+            .find(&format!("END-{name}"))
+            .map(|e| start + e)
+            .unwrap_or_else(|| panic!("no end of the {name} report:\n{console}"));
+        iperf_mbits(&console[start + name.len() + 7..end])
+            .unwrap_or_else(|| panic!("unreadable {name} report:\n{console}"))
+    };
+    let (lo, tx, rx) = (report("lo"), report("tx"), report("rx"));
+    let value = |key: &str| -> f64 {
+        console
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key}:\n{console}"))
+    };
+    let (connect_lo, connect_tap) = (value("CONNECT_MS_LO"), value("CONNECT_MS_TAP"));
+    for mbits in [lo, tx, rx] {
+        assert!(mbits > 0.0, "{console}");
+    }
+    eprintln!(
+        "network (this environment): guest→host {tx:.0} Mbit/s ({:.2}× the guest's loopback, \
+         {lo:.0} Mbit/s), host→guest {rx:.0} Mbit/s ({:.2}×); TCP connect to the host \
+         {connect_tap:.2} ms ({:.1}× one to the guest's loopback, {connect_lo:.2} ms)",
+        tx / lo,
+        rx / lo,
+        connect_tap / connect_lo
+    );
+}

@@ -1068,6 +1068,17 @@ impl Drop for HostServers {
     }
 }
 
+/// GET `path` from `addr` over HTTP/1.0: the whole response.
+fn http_get_text(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
 /// What the guest got fetching `http://ADDRESS:8080/token` within `timeout_s`: the body, or
 /// `error <kind>`.
 fn guest_fetch(service: &Service, id: &str, address: &str, timeout_s: u32) -> String {
@@ -1111,9 +1122,45 @@ fn ember_network_leftovers() -> Vec<String> {
 }
 
 #[test]
-fn vmtest_sandbox_networks_egress_allow_lists_none_and_four_clones_leave_nothing_behind() {
+fn vmtest_sandbox_networks_egress_allow_lists_none_exposed_ports_and_four_clones_leave_nothing_behind(
+) {
     let servers = HostServers::start(&["10.99.0.1", "10.99.0.2"]);
     let service = Service::start("net");
+    // None (the default): no interface but lo, and the fetch fails at once; an exposed port
+    // still reaches a server in the guest (through vsock).
+    let none = service.create(json!({"ports": [8000]}));
+    let shown = service.sandbox(&none);
+    assert_eq!(shown["network"]["mode"], "none", "{shown}");
+    assert_eq!(shown["ports"][0]["guest_port"], 8000, "{shown}");
+    let host: std::net::SocketAddr = shown["ports"][0]["host"].as_str().unwrap().parse().unwrap();
+    assert!(host.ip().is_loopback(), "{shown}");
+    let out = service.sh(
+        &none,
+        "mkdir -p /srv && echo served-from-the-guest > /srv/token && cd /srv && \
+         setsid python3 -m http.server 8000 > /dev/null 2>&1 < /dev/null & \
+         ok=down; for i in $(seq 100); do python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", 8000))' 2>/dev/null && { ok=up; break; }; sleep 0.2; done; echo $ok",
+    );
+    assert_eq!(out["stdout"], "up\n", "{out}");
+    let page = http_get_text(host, "/token").unwrap_or_else(|e| {
+        panic!(
+            "GET through the exposed port: {e}; the service's log:\n{}",
+            service.log()
+        )
+    });
+    assert!(
+        page.starts_with("HTTP/1.0 200") && page.ends_with("served-from-the-guest\n"),
+        "{page}"
+    );
+    let out = service.sh(&none, "ls /sys/class/net");
+    assert_eq!(out["stdout"], "lo\n", "{out}");
+    let started = Instant::now();
+    let failed = guest_fetch(&service, &none, "10.99.0.1", 60);
+    assert!(failed.starts_with("error"), "{failed}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "a sandbox without network waited for it ({:?})",
+        started.elapsed()
+    );
     // Egress: both servers; the sandbox shows its mode and address.
     let open = service.create(json!({"network": {"mode": "egress"}}));
     let shown = service.sandbox(&open)["network"].clone();
@@ -1133,19 +1180,6 @@ fn vmtest_sandbox_networks_egress_allow_lists_none_and_four_clones_leave_nothing
     );
     let refused = guest_fetch(&service, &listed, "10.99.0.2", 10);
     assert!(refused.starts_with("error"), "{refused}");
-    // None (the default): no interface but lo, and the fetch fails at once.
-    let none = service.create(json!({}));
-    assert_eq!(service.sandbox(&none)["network"]["mode"], "none");
-    let out = service.sh(&none, "ls /sys/class/net");
-    assert_eq!(out["stdout"], "lo\n", "{out}");
-    let started = Instant::now();
-    let failed = guest_fetch(&service, &none, "10.99.0.1", 60);
-    assert!(failed.starts_with("error"), "{failed}");
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "a sandbox without network waited for it ({:?})",
-        started.elapsed()
-    );
     // Bad network requests are refused.
     for body in [
         r#"{"network": {"mode": "bridge"}}"#,

@@ -35,6 +35,8 @@ pub const PACKAGES: &[&str] = &[
     // sandbox networks: namespaces, TAPs and veths (iproute2), NAT and filters (nftables)
     "iproute2",
     "nftables",
+    // the network benchmark's host side
+    "iperf3",
 ];
 
 /// The packages from [`PACKAGES`] that are not installed.

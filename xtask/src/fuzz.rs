@@ -14,6 +14,7 @@ use crate::util::{run, target_dir, workspace_root};
 pub const TARGETS: &[&str] = &[
     "virtio_block",
     "vsock_packets",
+    "net_frames",
     "agent_frames",
     "snapshot_state",
     "store_files",

@@ -1,5 +1,5 @@
 //! Guest images: the static agent, a small initramfs (busybox + agent) and an ext4 rootfs
-//! from Debian bookworm (python3, nodejs) with the agent as init. All cached by input hash.
+//! from Debian bookworm (python3, nodejs, iperf3) with the agent as init. All cached by input hash.
 
 use std::fs;
 use std::os::unix::fs::symlink;
@@ -14,7 +14,7 @@ use crate::util::{
 
 pub use ember_agent::AGENT_GUEST_PATH;
 const SUITE: &str = "bookworm";
-const INCLUDE: &str = "python3,nodejs,ca-certificates";
+const INCLUDE: &str = "python3,nodejs,ca-certificates,iperf3";
 const BASE_RECIPE: &str =
     "rootfs-base-v1: debootstrap --variant=minbase, apt lists and caches removed";
 const IMAGE_RECIPE: &str = "rootfs-image-v1: mkfs.ext4 -d, 1536 MiB";
@@ -124,7 +124,7 @@ fn debian_mirror() -> String {
         .to_string()
 }
 
-/// The debootstrap tree (python3, nodejs), cached by suite and package list.
+/// The debootstrap tree (python3, nodejs, iperf3), cached by suite and package list.
 fn base_tree() -> Result<PathBuf> {
     let mirror = debian_mirror();
     let mut hash = InputHash::new(BASE_RECIPE);

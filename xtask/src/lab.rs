@@ -33,6 +33,9 @@ pub const MODULES: &[&str] = &[
     // (the L1 cannot load modules on demand: its userspace is the host's)
     "tun",
     "veth",
+    // libcrc32c (nf_tables, nf_conntrack) needs a crc32c implementation at load: a soft
+    // dependency, so not found by the dependency walk
+    "crc32c_generic",
     "nf_tables",
     "nft_chain_nat",
     "nft_masq",

@@ -9,6 +9,7 @@ pub mod files;
 mod jail;
 pub mod metrics;
 pub mod network;
+pub mod ports;
 pub mod sandbox;
 pub mod snapshots;
 
@@ -416,6 +417,10 @@ pub struct CreateBody {
     /// ["10.0.0.0/8", ...]}` (outgoing connections through NAT, to the allow-list only if
     /// one is given).
     pub network: Option<network::NetworkMode>,
+    /// Guest TCP ports to expose on the host's loopback (through vsock, any network mode);
+    /// `GET /sandboxes/{id}` shows where each is.
+    #[serde(default)]
+    pub ports: Vec<u16>,
 }
 
 pub const IMAGES: &[&str] = &["default", "python", "node"];
@@ -428,6 +433,7 @@ async fn create_sandbox(
     let body: CreateBody = parse_body(body)?;
     check_env_map(&body.env)?;
     let timeout = check_timeout(body.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S))?;
+    ports::check(&body.ports).map_err(ApiError::bad_request)?;
     let mut restored_nic = false;
     let new = match (&body.image, &body.snapshot) {
         (Some(_), Some(_)) => {
@@ -493,6 +499,7 @@ async fn create_sandbox(
             disk_rate_limit: body.disk_limits.unwrap_or_default(),
             network: body.network.unwrap_or(network::NetworkMode::None {}),
             restored_nic,
+            ports: body.ports,
         },
     )
     .await?;

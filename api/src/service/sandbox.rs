@@ -18,6 +18,7 @@ use tokio::net::UnixStream;
 use super::error::ApiError;
 use super::exec::CommandRecord;
 use super::network::{self, NetworkMode, SandboxNet};
+use super::ports::{self, ExposedPort};
 use super::AppState;
 use crate::control::{
     ControlReply, ControlRequest, WorkerEvent, WorkerOrigin, WorkerSpec, MAX_CONTROL_LINE,
@@ -90,6 +91,9 @@ pub struct SandboxRecord {
     /// Its network namespace's mode and link (none: no namespace).
     #[serde(default)]
     pub net: Option<SandboxNet>,
+    /// Guest ports exposed on the host's loopback.
+    #[serde(default)]
+    pub ports: Vec<ExposedPort>,
 }
 
 pub struct Sandbox {
@@ -109,6 +113,8 @@ pub struct Sandbox {
     /// written, so a late update (its VMM's end, noticed after the delete) cannot put the
     /// folder back.
     removed: Mutex<bool>,
+    /// The listeners of its exposed ports.
+    forwards: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 pub fn unix_ms() -> u64 {
@@ -151,11 +157,13 @@ impl Sandbox {
             next_command: AtomicU64::new(1),
             first_exec_done: std::sync::atomic::AtomicBool::new(false),
             removed: Mutex::new(false),
+            forwards: Mutex::new(Vec::new()),
         }
     }
 
     /// Removes the sandbox's folder (record, log, overlay) and its sockets for good.
     pub fn remove_from_disk(&self) {
+        self.close_ports();
         let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
         *removed = true;
         if self.record().net.is_some() {
@@ -214,7 +222,50 @@ impl Sandbox {
     }
 
     /// Marks the sandbox failed unless it was already stopped or failed.
+    /// Stops listening on its exposed ports (connections already made end with the VMM).
+    pub fn close_ports(&self) {
+        for task in self
+            .forwards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
+    }
+
+    /// Listens on its exposed ports: `wanted` guest ports on any free host ports, and those
+    /// of its record (after a service restart) on the same host ports where still free.
+    pub async fn open_ports(&self, wanted: &[u16]) -> Result<(), String> {
+        let record = self.record();
+        let mut plan: Vec<(u16, u16)> = record
+            .ports
+            .iter()
+            .map(|p| (p.guest_port, p.host.port()))
+            .collect();
+        plan.extend(wanted.iter().map(|&g| (g, 0)));
+        let mut exposed = Vec::new();
+        for (guest_port, host_port) in plan {
+            let socket = record.spec.vsock_socket.clone();
+            let made = match ports::expose(socket.clone(), guest_port, host_port).await {
+                Err(_) if host_port != 0 => ports::expose(socket, guest_port, 0).await,
+                other => other,
+            };
+            let (port, task) = made.map_err(|e| {
+                format!("cannot listen on the host for guest port {guest_port}: {e}")
+            })?;
+            self.forwards
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(task);
+            exposed.push(port);
+        }
+        self.update(|r| r.ports = exposed);
+        Ok(())
+    }
+
     pub fn fail(&self, reason: String) {
+        self.close_ports();
         self.update(|r| {
             if r.state.is_live() {
                 log::warn!("sandbox {} failed: {reason}", r.id);
@@ -259,6 +310,7 @@ impl Sandbox {
             "env": r.env,
             "disk_limits": r.spec.disk_rate_limit,
             "network": r.net.as_ref().map_or_else(|| json!({"mode": "none"}), SandboxNet::to_json),
+            "ports": r.ports,
         })
     }
 
@@ -333,6 +385,7 @@ impl Sandbox {
             return;
         }
         log::info!("stopping sandbox {} ({why})", self.id);
+        self.close_ports();
         self.update(|r| {
             r.state = SandboxState::Stopped;
             r.failure = None;
@@ -420,6 +473,8 @@ pub struct NewSandbox {
     /// Restored from a snapshot whose guest has a network device (which then needs a TAP
     /// whatever the mode).
     pub restored_nic: bool,
+    /// Guest ports to expose on the host.
+    pub ports: Vec<u16>,
 }
 
 /// The environment variables a VMM process gets from the service (logging, and seccomp's
@@ -507,6 +562,7 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         ready_ms: None,
         last_snapshot: None,
         net: None,
+        ports: Vec::new(),
     };
     let sandbox = {
         let mut sandboxes = state.sandboxes.lock().unwrap_or_else(|p| p.into_inner());
@@ -561,7 +617,11 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         }
     }
 
-    match start_vmm(state, &sandbox, &spec).await {
+    let started = match start_vmm(state, &sandbox, &spec).await {
+        Ok(ready_ms) => sandbox.open_ports(&new.ports).await.map(|()| ready_ms),
+        Err(why) => Err(why),
+    };
+    match started {
         Ok(ready_ms) => {
             let restored = matches!(new.origin, WorkerOrigin::Restore { .. });
             state.metrics.record_start(restored, ready_ms);
@@ -751,6 +811,9 @@ pub async fn recover(state: &Arc<AppState>) {
                         }
                     });
                     log::info!("adopted sandbox {} (pid {:?})", record.id, record.pid);
+                    if let Err(e) = sandbox.open_ports(&[]).await {
+                        log::warn!("sandbox {}: {e}", record.id);
+                    }
                     watch_adopted(
                         sandbox.clone(),
                         record.pid.unwrap_or(0),
@@ -867,6 +930,7 @@ mod tests {
             ready_ms: None,
             last_snapshot: None,
             net: None,
+            ports: Vec::new(),
         };
         let sandbox = Sandbox::new(dir.clone(), record);
         sandbox.update(|_| {});

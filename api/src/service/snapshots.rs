@@ -41,6 +41,9 @@ pub struct ForkBody {
     pub restore_mode: Option<String>,
     /// Each clone's network (see `POST /sandboxes`); every clone has a namespace of its own.
     pub network: Option<super::network::NetworkMode>,
+    /// Guest ports each clone exposes (on host ports of its own).
+    #[serde(default)]
+    pub ports: Vec<u16>,
 }
 
 /// Refuses an egress network for a snapshot whose guest has no network device.
@@ -232,6 +235,7 @@ pub async fn fork(
     let (origin, vcpus, mem_mib, had_network) =
         restore_spec(&state, &id, body.restore_mode.as_deref()).await?;
     check_network(&id, had_network, body.network.as_ref())?;
+    super::ports::check(&body.ports).map_err(ApiError::bad_request)?;
     let network = body
         .network
         .clone()
@@ -247,6 +251,7 @@ pub async fn fork(
             disk_rate_limit: ember_vmm::RateLimit::default(),
             network: network.clone(),
             restored_nic: had_network,
+            ports: body.ports.clone(),
         };
         tokio::spawn(async move { sandbox::create(&state, new).await })
     });
