@@ -1186,7 +1186,7 @@ fn vmtest_sandbox_networks_egress_allow_lists_none_exposed_ports_and_four_clones
         r#"{"network": {"mode": "egress", "allow": ["10.0.0.0/33"]}}"#,
         r#"{"network": {"mode": "none", "allow": []}}"#,
     ] {
-        service.refuse("POST", "/sandboxes", Some(body), 400, "bad_request");
+        service.refuse("POST", "/sandboxes", Some(body), 400, "invalid_json");
     }
     // Four clones of a snapshot of the egress sandbox, each in a namespace of its own with the
     // same guest address, reach the server at the same time.
