@@ -52,6 +52,9 @@ pub struct WorkerNet {
     pub guest: std::net::Ipv4Addr,
     pub prefix_len: u8,
     pub gateway: std::net::Ipv4Addr,
+    /// The guest's name server (in its `/proc/net/pnp`, which its `/etc/resolv.conf` is).
+    #[serde(default)]
+    pub dns: Option<std::net::Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,6 +218,7 @@ mod tests {
                 guest: "172.16.0.2".parse().unwrap(),
                 prefix_len: 30,
                 gateway: "172.16.0.1".parse().unwrap(),
+                dns: Some("192.0.2.53".parse().unwrap()),
             }),
         };
         let text = serde_json::to_string(&spec).unwrap();

@@ -122,7 +122,7 @@ pub fn run(args: VmmArgs) -> i32 {
                 address: net.guest,
                 prefix_len: net.prefix_len,
                 gateway: Some(net.gateway),
-                dns: None,
+                dns: net.dns,
             }),
         }),
     };

@@ -223,20 +223,27 @@ fn vmtest_network_throughput_and_connection_latency_over_a_tap() {
         assert!(Instant::now() < deadline, "iperf3 -s did not start");
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Markers around each JSON report; the connect loop times 50 connections each way.
-    let connect_ms = |addr: &str| {
-        format!(
-            "python3 -c \"import socket, time\nt = time.perf_counter()\nfor _ in range(50): socket.create_connection(('{addr}', 5201), timeout=30).close()\nprint('CONNECT_MS', (time.perf_counter() - t) / 50 * 1000)\""
-        )
-    };
+    // Connections to time: a host listener that accepts and closes, forever.
+    let listener = std::net::TcpListener::bind("10.77.1.1:7001").expect("bind 10.77.1.1:7001");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            drop(conn);
+        }
+    });
+    // Markers around each JSON report; then 50 connections timed to a listener on the
+    // guest's loopback (the baseline) and 50 to the host's.
+    let connect = "import socket, threading, time\n\
+        l = socket.socket(); l.bind(('127.0.0.1', 7000)); l.listen(64)\n\
+        threading.Thread(target=lambda: [l.accept()[0].close() for _ in iter(int, 1)], daemon=True).start()\n\
+        def t(a):\n  s = time.perf_counter()\n  for _ in range(50): socket.create_connection(a, timeout=30).close()\n  return (time.perf_counter() - s) / 50 * 1000\n\
+        print('CONNECT_MS_LO', t(('127.0.0.1', 7000)))\n\
+        print('CONNECT_MS_TAP', t(('10.77.1.1', 7001)))";
     let script = format!(
         "iperf3 -s -B 127.0.0.1 -p 5201 -D; sleep 1; \
          echo BEGIN-lo; iperf3 -c 127.0.0.1 -p 5201 -t 3 -J; echo END-lo; \
          echo BEGIN-tx; iperf3 -c 10.77.1.1 -t 3 -J; echo END-tx; \
          echo BEGIN-rx; iperf3 -c 10.77.1.1 -t 3 -R -J; echo END-rx; \
-         {}; {}",
-        connect_ms("127.0.0.1").replace("CONNECT_MS", "CONNECT_MS_LO"),
-        connect_ms("10.77.1.1").replace("CONNECT_MS", "CONNECT_MS_TAP"),
+         python3 -c \"{connect}\""
     );
     let args = run_args(
         &script,

@@ -1166,6 +1166,23 @@ fn vmtest_sandbox_networks_egress_allow_lists_none_exposed_ports_and_four_clones
     let shown = service.sandbox(&open)["network"].clone();
     assert_eq!(shown["mode"], "egress", "{shown}");
     assert_eq!(shown["guest_address"], "172.16.0.2", "{shown}");
+    // Its resolver is the host's first reachable (IPv4, not loopback) name server, if any.
+    let host_dns = std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<std::net::Ipv4Addr>().ok())
+        .find(|a| !a.is_loopback() && !a.is_unspecified());
+    let resolv = service.sh(&open, "cat /etc/resolv.conf");
+    if let Some(dns) = host_dns {
+        assert!(
+            resolv["stdout"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(&format!("nameserver {dns}")),
+            "{resolv}"
+        );
+    }
     for address in ["10.99.0.1", "10.99.0.2"] {
         assert_eq!(
             guest_fetch(&service, &open, address, 60),

@@ -17,7 +17,8 @@ const SUITE: &str = "bookworm";
 const INCLUDE: &str = "python3,nodejs,ca-certificates,iperf3";
 const BASE_RECIPE: &str =
     "rootfs-base-v1: debootstrap --variant=minbase, apt lists and caches removed";
-const IMAGE_RECIPE: &str = "rootfs-image-v1: mkfs.ext4 -d, 1536 MiB";
+const IMAGE_RECIPE: &str =
+    "rootfs-image-v2: mkfs.ext4 -d, 1536 MiB, /etc/resolv.conf -> /proc/net/pnp";
 const INITRAMFS_RECIPE: &str = "initramfs-v1: busybox applets + agent as /init";
 const ROOTFS_SIZE_MIB: u64 = 1536;
 
@@ -193,6 +194,10 @@ pub fn rootfs() -> Result<PathBuf> {
         staging.join("etc/hosts"),
         "127.0.0.1 localhost\n127.0.1.1 ember\n::1 localhost\n",
     )?;
+    // The name server the kernel was given at boot (`ip=…:dns`), as every resolver reads it.
+    let resolv = staging.join("etc/resolv.conf");
+    fs::remove_file(&resolv).ok();
+    symlink("/proc/net/pnp", &resolv)?;
     let tmp = dir.join("rootfs.ext4.tmp");
     fs::remove_file(&tmp).ok();
     eprintln!("  mkfs.ext4 -d ({ROOTFS_SIZE_MIB} MiB, sparse)");

@@ -146,15 +146,28 @@ fn link_addresses(slot: u32) -> (Ipv4Addr, Ipv4Addr) {
     (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2))
 }
 
-/// What the VMM is told about the guest's interface.
+/// What the VMM is told about the guest's interface: its name server is the host's (the
+/// first IPv4 one in `/etc/resolv.conf` that is not a loopback address, which a sandbox could
+/// not reach), if there is one.
 pub fn worker_net(mac: [u8; 6]) -> WorkerNet {
+    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     WorkerNet {
         tap: TAP_NAME.into(),
         mac,
         guest: GUEST_ADDRESS,
         prefix_len: TAP_PREFIX,
         gateway: TAP_ADDRESS,
+        dns: host_name_server(&resolv),
     }
+}
+
+/// The first IPv4, non-loopback `nameserver` of a resolv.conf.
+fn host_name_server(resolv: &str) -> Option<Ipv4Addr> {
+    resolv
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+        .find(|a| !a.is_loopback() && !a.is_unspecified())
 }
 
 fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), String> {
@@ -415,6 +428,14 @@ mod tests {
             serde_json::from_str::<NetworkMode>(r#"{"mode":"egress","allow":["300.0.0.1"]}"#)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn the_guest_gets_the_hosts_reachable_name_server() {
+        let conf = "# generated\nnameserver 127.0.0.53\nnameserver ::1\nnameserver 10.0.0.2\nnameserver 10.0.0.3\n";
+        assert_eq!(host_name_server(conf), Some(Ipv4Addr::new(10, 0, 0, 2)));
+        assert_eq!(host_name_server("nameserver 127.0.0.1\n"), None);
+        assert_eq!(host_name_server(""), None);
     }
 
     #[test]
