@@ -1086,11 +1086,16 @@ fn guest_fetch(service: &Service, id: &str, address: &str, timeout_s: u32) -> St
         "python3 -c \"import urllib.request as u, sys\ntry: print(u.urlopen('http://{address}:8080/token', timeout={timeout_s}).read().decode())\nexcept Exception as e: print('error', type(e).__name__, e)\""
     );
     let out = service.sh(id, &script);
-    out["stdout"]
+    let stdout = out["stdout"]
         .as_str()
         .unwrap_or_default()
         .trim()
-        .to_string()
+        .to_string();
+    if stdout.is_empty() {
+        // Nothing printed: say what the command did instead.
+        return format!("no output: {out}");
+    }
+    stdout
 }
 
 /// What of sandbox networking is left on the host: namespaces, host-side veths, the table.
