@@ -1260,7 +1260,7 @@ fn vmtest_sandbox_networks_egress_allow_lists_none_exposed_ports_and_four_clones
         "/sandboxes",
         Some(r#"{"snapshot": "no-net", "network": {"mode": "egress"}}"#),
         400,
-        "bad_request",
+        "invalid_request",
     );
     // Deleting every sandbox removes every namespace, veth and rule ember made.
     for id in clones.iter().chain([&open, &listed, &none]) {
