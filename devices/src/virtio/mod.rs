@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::GuestMemoryMmap;
@@ -70,6 +70,60 @@ pub enum ActivateError {
     /// Signalling the device's event loop failed.
     #[error("failed to signal the device activation: {0}")]
     Signal(#[source] io::Error),
+}
+
+/// Copies config-space bytes at `offset` into `data`; bytes past the end of `config` read as
+/// zero, with a warning naming `device`.
+pub(crate) fn read_config_space(device: &str, config: &[u8], offset: u64, data: &mut [u8]) {
+    let start = usize::try_from(offset).unwrap_or(usize::MAX);
+    let mut outside = false;
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = match start.checked_add(i).and_then(|o| config.get(o)) {
+            Some(b) => *b,
+            None => {
+                outside = true;
+                0
+            }
+        };
+    }
+    if outside {
+        log::warn!(
+            "{device}: config read at {offset:#x} of {} bytes goes past the {} byte config \
+             space; reading zeros",
+            data.len(),
+            config.len()
+        );
+    }
+}
+
+/// Checks what a transport hands to `activate`: `expected` queues, each made ready by the
+/// driver, and as many eventfds. Queues are switched to plain notification suppression
+/// (`VIRTIO_RING_F_EVENT_IDX` is never offered).
+pub(crate) fn checked_queues(
+    queues: Vec<Queue>,
+    queue_evts: &[EventFd],
+    expected: usize,
+) -> Result<Vec<Queue>, ActivateError> {
+    if queues.len() != expected {
+        return Err(ActivateError::QueueCount {
+            expected,
+            got: queues.len(),
+        });
+    }
+    if queue_evts.len() != expected {
+        return Err(ActivateError::EventCount {
+            expected,
+            got: queue_evts.len(),
+        });
+    }
+    let mut queues = queues;
+    for (index, q) in queues.iter_mut().enumerate() {
+        if !q.ready() {
+            return Err(ActivateError::QueueNotReady(index));
+        }
+        q.set_event_idx(false);
+    }
+    Ok(queues)
 }
 
 /// A virtio device back-end, driven by a transport (here: [`mmio::MmioTransport`]).

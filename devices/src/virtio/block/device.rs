@@ -18,7 +18,10 @@ use super::disk::Disk;
 use super::request::{process_queue_limited, SECTOR_SIZE};
 use super::BlockError;
 use crate::rate_limiter::{RateLimit, RateLimiter};
-use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt, FEATURE_VERSION_1};
+use crate::virtio::{
+    checked_queues, read_config_space, ActivateError, VirtioDevice, VirtioInterrupt,
+    FEATURE_VERSION_1,
+};
 use crate::GuestMemoryMmap;
 
 /// Maximum (and default) size of the request queue.
@@ -235,26 +238,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_bytes();
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        let mut outside = false;
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = match start.checked_add(i).and_then(|o| config.get(o)) {
-                Some(b) => *b,
-                None => {
-                    outside = true;
-                    0
-                }
-            };
-        }
-        if outside {
-            log::warn!(
-                "virtio-block: config read at {offset:#x} of {} bytes goes past the {} byte \
-                 config space; reading zeros",
-                data.len(),
-                BLOCK_CONFIG_SIZE
-            );
-        }
+        read_config_space("virtio-block", &self.config_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -274,19 +258,8 @@ impl VirtioDevice for Block {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
-        if queue_evts.len() != 1 {
-            return Err(ActivateError::EventCount {
-                expected: 1,
-                got: queue_evts.len(),
-            });
-        }
-        let (Some(mut queue), Some(queue_evt)) =
+        let queues = checked_queues(queues, &queue_evts, 1)?;
+        let (Some(queue), Some(queue_evt)) =
             (queues.into_iter().next(), queue_evts.into_iter().next())
         else {
             return Err(ActivateError::QueueCount {
@@ -294,11 +267,6 @@ impl VirtioDevice for Block {
                 got: 0,
             });
         };
-        if !queue.ready() {
-            return Err(ActivateError::QueueNotReady(0));
-        }
-        // EVENT_IDX is never offered, so the queue uses plain notification suppression.
-        queue.set_event_idx(false);
         self.active = Some(Active {
             mem,
             queue,

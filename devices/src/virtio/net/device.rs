@@ -13,7 +13,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{NetError, Tap, ETH_HLEN, MAX_FRAME_LEN, VNET_HDR_LEN};
 use crate::virtio::chain::{Direction, Segments};
 use crate::virtio::LogLimiter;
-use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt, FEATURE_VERSION_1};
+use crate::virtio::{
+    checked_queues, read_config_space, ActivateError, VirtioDevice, VirtioInterrupt,
+    FEATURE_VERSION_1,
+};
 use crate::GuestMemoryMmap;
 
 /// Maximum (and default) size of each queue.
@@ -447,24 +450,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        let mut outside = false;
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = match start.checked_add(i).and_then(|o| self.mac.get(o)) {
-                Some(b) => *b,
-                None => {
-                    outside = true;
-                    0
-                }
-            };
-        }
-        if outside {
-            log::warn!(
-                "virtio-net: config read at {offset:#x} of {} bytes goes past the \
-                 {NET_CONFIG_SIZE} byte config space; reading zeros",
-                data.len()
-            );
-        }
+        read_config_space("virtio-net", &self.mac, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -485,26 +471,7 @@ impl VirtioDevice for Net {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        if queues.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: queues.len(),
-            });
-        }
-        if queue_evts.len() != 2 {
-            return Err(ActivateError::EventCount {
-                expected: 2,
-                got: queue_evts.len(),
-            });
-        }
-        let mut queues = queues;
-        for (index, q) in queues.iter_mut().enumerate() {
-            if !q.ready() {
-                return Err(ActivateError::QueueNotReady(index));
-            }
-            // EVENT_IDX is never offered, so queues use plain notification suppression.
-            q.set_event_idx(false);
-        }
+        let queues = checked_queues(queues, &queue_evts, 2)?;
         self.active = Some(Active {
             mem,
             queues,

@@ -23,7 +23,10 @@ use super::packet::{
 };
 use super::{VsockError, MIN_GUEST_CID};
 use crate::virtio::LogLimiter;
-use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt, FEATURE_VERSION_1};
+use crate::virtio::{
+    checked_queues, read_config_space, ActivateError, VirtioDevice, VirtioInterrupt,
+    FEATURE_VERSION_1,
+};
 use crate::GuestMemoryMmap;
 
 /// Maximum (and default) size of each queue.
@@ -510,25 +513,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.guest_cid.to_le_bytes();
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        let mut outside = false;
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = match start.checked_add(i).and_then(|o| config.get(o)) {
-                Some(b) => *b,
-                None => {
-                    outside = true;
-                    0
-                }
-            };
-        }
-        if outside {
-            log::warn!(
-                "virtio-vsock: config read at {offset:#x} of {} bytes goes past the \
-                 {VSOCK_CONFIG_SIZE} byte config space; reading zeros",
-                data.len()
-            );
-        }
+        read_config_space("virtio-vsock", &self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -548,26 +533,7 @@ impl VirtioDevice for Vsock {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        if queues.len() != QUEUE_COUNT {
-            return Err(ActivateError::QueueCount {
-                expected: QUEUE_COUNT,
-                got: queues.len(),
-            });
-        }
-        if queue_evts.len() != QUEUE_COUNT {
-            return Err(ActivateError::EventCount {
-                expected: QUEUE_COUNT,
-                got: queue_evts.len(),
-            });
-        }
-        let mut queues = queues;
-        for (index, q) in queues.iter_mut().enumerate() {
-            if !q.ready() {
-                return Err(ActivateError::QueueNotReady(index));
-            }
-            // EVENT_IDX is never offered, so queues use plain notification suppression.
-            q.set_event_idx(false);
-        }
+        let queues = checked_queues(queues, &queue_evts, QUEUE_COUNT)?;
         self.active = Some(Active {
             mem,
             queues,

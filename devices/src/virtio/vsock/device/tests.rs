@@ -67,23 +67,10 @@ fn layout(q: usize) -> Layout {
 }
 
 fn make_queue(mem: &GuestMemoryMmap, q: usize) -> Queue {
-    let l = layout(q);
-    // Zeroed rings: flags, idx and every entry.
-    mem.write_slice(&[0u8; 0x1000], GuestAddress(l.desc))
-        .unwrap();
-    let mut queue = Queue::new(QSIZE).unwrap();
-    queue
-        .try_set_desc_table_address(GuestAddress(l.desc))
-        .unwrap();
-    queue
-        .try_set_avail_ring_address(GuestAddress(l.avail))
-        .unwrap();
-    queue
-        .try_set_used_ring_address(GuestAddress(l.used))
-        .unwrap();
-    queue.set_ready(true);
-    assert!(queue.is_valid(mem));
-    queue
+    // Zeroed rings (flags, idx and every entry) at the same places `layout` gives.
+    let rings = crate::virtio::test_rings::Rings::new(mem, QUEUE_BASE[q], QSIZE);
+    debug_assert_eq!(rings.used, layout(q).used);
+    rings.queue(mem)
 }
 
 /// Pseudo-random bytes (xorshift), reproducible.
