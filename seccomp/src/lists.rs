@@ -51,6 +51,8 @@ const UFFDIO: u64 = 0xAA;
 const FIONBIO: u64 = 0x5421;
 /// `FIOCLEX`: sets close-on-exec (std's sockets and files).
 const FIOCLEX: u64 = 0x5451;
+/// `TUNSETOFFLOAD`: the net device sets the TAP's offloads to what the guest negotiated.
+const TUNSETOFFLOAD: u64 = 0x4004_54d0;
 /// `TCGETS`: is this a terminal (the logger's colour check).
 const TCGETS: u64 = 0x5401;
 
@@ -246,6 +248,7 @@ fn restricted_for(kind: ThreadKind) -> Vec<(i64, Vec<Arg>)> {
                     ioctl_type(KVMIO),
                     ioctl_request(FIONBIO),
                     ioctl_request(FIOCLEX),
+                    ioctl_request(TUNSETOFFLOAD),
                 ],
             ),
             (libc::SYS_socket, vec![unix_socket()]),

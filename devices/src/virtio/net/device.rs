@@ -6,11 +6,15 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
-use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC,
+};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{NetError, Tap, ETH_HLEN, MAX_FRAME_LEN, VNET_HDR_LEN};
+use super::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
+use super::{NetError, Tap, ETH_HLEN, MAX_FRAME_LEN, MAX_GSO_FRAME_LEN, VNET_HDR_LEN};
 use crate::virtio::chain::{Direction, Segments};
 use crate::virtio::LogLimiter;
 use crate::virtio::{
@@ -27,11 +31,22 @@ pub const NET_CONFIG_SIZE: usize = 6;
 const RX: usize = 0;
 const TX: usize = 1;
 const QUEUE_NAMES: [&str; 2] = ["receive", "transmit"];
-/// Longest transmit chain taken: a header and the largest frame.
-const MAX_TX_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
-/// Room for one read from the TAP: more than any frame it sends without offloads, so a larger
-/// one is seen (and dropped) rather than cut.
-const RX_BUF_LEN: usize = 64 * 1024;
+/// Longest transmit chain taken (with segmentation offload): a header and the largest frame.
+const MAX_TX_LEN: usize = VNET_HDR_LEN + MAX_GSO_FRAME_LEN;
+/// Room for one read from the TAP: one byte more than the largest frame it may send, so a
+/// larger one is seen (and dropped) rather than cut.
+const RX_BUF_LEN: usize = VNET_HDR_LEN + MAX_GSO_FRAME_LEN + 1;
+/// Offloads offered on a TAP that takes them: checksums and TCP segmentation, both ways.
+const OFFLOAD_FEATURES: u64 = 1 << VIRTIO_NET_F_CSUM
+    | 1 << VIRTIO_NET_F_GUEST_CSUM
+    | 1 << VIRTIO_NET_F_HOST_TSO4
+    | 1 << VIRTIO_NET_F_HOST_TSO6
+    | 1 << VIRTIO_NET_F_GUEST_TSO4
+    | 1 << VIRTIO_NET_F_GUEST_TSO6;
+/// The guest sends frames with partial checksums.
+const HOST_CSUM: u64 = 1 << VIRTIO_NET_F_CSUM;
+/// The guest sends TCP segmentation offload frames.
+const HOST_TSO: u64 = 1 << VIRTIO_NET_F_HOST_TSO4 | 1 << VIRTIO_NET_F_HOST_TSO6;
 /// Frames moved per event before the event loop gets to others.
 const FRAMES_PER_EVENT: usize = 256;
 
@@ -69,7 +84,10 @@ struct Active {
 pub struct Net {
     tap: Tap,
     mac: [u8; 6],
+    avail_features: u64,
     acked_features: u64,
+    /// The TAP's offloads are set for the acked features (done on the event loop).
+    offloads_applied: bool,
     queue_max_sizes: [u16; 2],
     /// Written by `activate` / `reset` (vCPU thread) so the event loop updates what it watches.
     activate_evt: EventFd,
@@ -101,10 +119,23 @@ impl std::fmt::Debug for Net {
 impl Net {
     /// A device on `tap` whose guest has MAC address `mac`.
     pub fn new(tap: Tap, mac: [u8; 6]) -> Result<Net, NetError> {
+        let offloads = tap.supports_offloads();
+        Net::with_offloads(tap, mac, offloads)
+    }
+
+    /// [`Net::new`], offering the offloads only if `offloads` (tests: a socket stands in for
+    /// the TAP).
+    pub(crate) fn with_offloads(tap: Tap, mac: [u8; 6], offloads: bool) -> Result<Net, NetError> {
+        let mut avail_features = FEATURE_VERSION_1 | 1 << VIRTIO_NET_F_MAC;
+        if offloads {
+            avail_features |= OFFLOAD_FEATURES;
+        }
         Ok(Net {
             tap,
             mac,
+            avail_features,
             acked_features: 0,
+            offloads_applied: false,
             queue_max_sizes: [NET_QUEUE_SIZE; 2],
             activate_evt: EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?,
             active: None,
@@ -198,6 +229,7 @@ impl Net {
                 transmit(
                     chain,
                     &active.mem,
+                    self.acked_features,
                     &self.tap,
                     &mut self.tx_buf,
                     &mut self.stats,
@@ -334,6 +366,20 @@ impl Net {
     /// Runs both queues and makes the event loop watch the TAP exactly while frames can go to
     /// the guest.
     fn run(&mut self, ops: &mut EventOps) {
+        if self.active.is_some() && !self.offloads_applied {
+            // Here, not when the features are acked: that runs on a vCPU thread, whose
+            // seccomp filter allows KVM's ioctls only.
+            self.offloads_applied = true;
+            if self.avail_features & OFFLOAD_FEATURES != 0 {
+                let flags = tun_offloads(self.acked_features);
+                if let Err(e) = self.tap.set_offload(flags) {
+                    log::error!(
+                        "virtio-net: cannot set the offloads {flags:#x} of TAP {}: {e}",
+                        self.tap.name()
+                    );
+                }
+            }
+        }
         self.process_tx();
         let waiting = self.process_rx();
         let want = self.active.is_some() && !waiting;
@@ -377,6 +423,7 @@ impl Net {
 fn transmit(
     chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
     mem: &GuestMemoryMmap,
+    acked: u64,
     tap: &Tap,
     buf: &mut [u8],
     stats: &mut NetStats,
@@ -392,12 +439,17 @@ fn transmit(
         }
     };
     let len = segs.len();
-    if len < (VNET_HDR_LEN + ETH_HLEN) as u64 || len > buf.len() as u64 {
+    let max = VNET_HDR_LEN
+        + if acked & HOST_TSO != 0 {
+            MAX_GSO_FRAME_LEN
+        } else {
+            MAX_FRAME_LEN
+        };
+    if len < (VNET_HDR_LEN + ETH_HLEN) as u64 || len > max.min(buf.len()) as u64 {
         log.warn(format_args!(
-            "dropping a {len}-byte transmit chain {head}: a frame with its header is {} to {} \
+            "dropping a {len}-byte transmit chain {head}: a frame with its header is {} to {max} \
              bytes",
             VNET_HDR_LEN + ETH_HLEN,
-            buf.len()
         ));
         stats.tx_dropped += 1;
         return;
@@ -409,8 +461,7 @@ fn transmit(
         stats.tx_dropped += 1;
         return;
     }
-    // No offload was negotiated: the header asks nothing of the host.
-    frame[..VNET_HDR_LEN].fill(0);
+    clear_unnegotiated(&mut frame[..VNET_HDR_LEN], acked);
     match tap.write_frame(frame) {
         Ok(_) => {
             stats.tx_frames += 1;
@@ -428,6 +479,36 @@ fn transmit(
     }
 }
 
+/// Clears from a transmitted `virtio_net_hdr_v1` what the guest did not negotiate: the
+/// checksum request without `VIRTIO_NET_F_CSUM`, segmentation without `HOST_TSO4/6`, and always
+/// `num_buffers` (a receive-side field).
+fn clear_unnegotiated(header: &mut [u8], acked: u64) {
+    if acked & HOST_CSUM == 0 {
+        header.fill(0);
+        return;
+    }
+    if acked & HOST_TSO == 0 {
+        // gso_type, hdr_len, gso_size.
+        header[1..6].fill(0);
+    }
+    header[10..12].fill(0);
+}
+
+/// The TAP offloads (`TUN_F_*`) for the guest's acked receive features.
+fn tun_offloads(acked: u64) -> u32 {
+    let mut flags = 0;
+    if acked & 1 << VIRTIO_NET_F_GUEST_CSUM != 0 {
+        flags |= TUN_F_CSUM;
+        if acked & 1 << VIRTIO_NET_F_GUEST_TSO4 != 0 {
+            flags |= TUN_F_TSO4;
+        }
+        if acked & 1 << VIRTIO_NET_F_GUEST_TSO6 != 0 {
+            flags |= TUN_F_TSO6;
+        }
+    }
+    flags
+}
+
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
@@ -438,7 +519,7 @@ impl VirtioDevice for Net {
     }
 
     fn avail_features(&self) -> u64 {
-        FEATURE_VERSION_1 | 1 << VIRTIO_NET_F_MAC
+        self.avail_features
     }
 
     fn set_acked_features(&mut self, acked: u64) {
@@ -447,6 +528,7 @@ impl VirtioDevice for Net {
             log::warn!("virtio-net: ignoring acked features {unknown:#x} that were not offered");
         }
         self.acked_features = acked & self.avail_features();
+        self.offloads_applied = false;
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -495,6 +577,7 @@ impl VirtioDevice for Net {
     fn reset(&mut self) -> bool {
         self.active = None;
         self.acked_features = 0;
+        self.offloads_applied = false;
         self.rx_pending = None;
         if let Err(e) = self.activate_evt.write(1) {
             log::warn!("virtio-net: failed to signal the reset to the event loop: {e}");

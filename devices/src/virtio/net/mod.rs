@@ -1,11 +1,12 @@
 //! virtio-net (device type 1) over a TAP interface.
 //!
 //! Two queues, receive and transmit; the guest's MAC address in config space; no control
-//! queue, no multiqueue and (for now) no offloads, so frames are at most an Ethernet frame with
-//! a VLAN tag and the 12-byte `virtio_net_hdr_v1` in front carries nothing. The TAP takes the
-//! same header (`IFF_VNET_HDR`), so frames are copied as they are, except that the header of a
-//! transmitted frame is cleared: a guest cannot ask the host kernel for checksum or
-//! segmentation work it never negotiated.
+//! queue, no multiqueue. The TAP takes the guest's own `virtio_net_hdr_v1` (`IFF_VNET_HDR`), so
+//! frames are copied as they are. Checksum and TCP segmentation offloads (both ways) are offered
+//! only on a TAP that takes them, and the TAP is told which the guest negotiated; what a guest
+//! did not negotiate is cleared from the header of each frame it sends, so it cannot ask the host
+//! kernel for checksum or segmentation work it never agreed to. Without segmentation offload a
+//! frame is at most an Ethernet frame with a VLAN tag; with it, 64 KiB.
 //!
 //! The guest is not trusted: a transmit chain that is malformed (wrong direction, outside guest
 //! memory, looping), shorter than a header and an Ethernet header, or longer than the largest
@@ -22,7 +23,7 @@ mod tap;
 use std::io;
 
 pub use device::{Net, NetStats, NET_CONFIG_SIZE, NET_QUEUE_SIZE};
-pub use tap::{Tap, IFNAMSIZ};
+pub use tap::{Tap, IFNAMSIZ, TUNSETOFFLOAD};
 
 /// Size of `struct virtio_net_hdr_v1` (`num_buffers` included: virtio 1.x always has it).
 pub const VNET_HDR_LEN: usize = 12;
@@ -30,6 +31,9 @@ pub const VNET_HDR_LEN: usize = 12;
 pub const ETH_HLEN: usize = 14;
 /// The largest frame without offloads: a 1500-byte MTU, the Ethernet header and a VLAN tag.
 pub const MAX_FRAME_LEN: usize = 1500 + ETH_HLEN + 4;
+/// The largest frame with segmentation offload: a 64 KiB IP packet, Ethernet header and VLAN
+/// tag.
+pub const MAX_GSO_FRAME_LEN: usize = 65535 + ETH_HLEN + 4;
 
 /// Errors from creating a [`Net`] device.
 #[derive(Debug, thiserror::Error)]

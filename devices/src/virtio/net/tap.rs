@@ -17,7 +17,14 @@ pub const IFNAMSIZ: usize = 16;
 // From <linux/if_tun.h>: _IOW('T', 202, int), _IOW('T', 216, int), _IOW('T', 208, unsigned int).
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+/// Sets which offloads frames read from the TAP may use (`TUN_F_*`).
+pub const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+/// The reader accepts frames with a partial checksum (`VIRTIO_NET_HDR_F_NEEDS_CSUM`).
+pub const TUN_F_CSUM: u32 = 0x01;
+/// The reader accepts TCP segmentation offload frames over IPv4.
+pub const TUN_F_TSO4: u32 = 0x02;
+/// The reader accepts TCP segmentation offload frames over IPv6.
+pub const TUN_F_TSO6: u32 = 0x04;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
@@ -120,6 +127,31 @@ impl Tap {
             file,
             name: name.to_string(),
         })
+    }
+
+    /// Lets frames read from the TAP carry the offloads in `flags` (`TUN_F_*`): the guest
+    /// negotiated them.
+    pub fn set_offload(&self, flags: u32) -> io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes its flags by value. The result is checked.
+        if unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                TUNSETOFFLOAD,
+                libc::c_ulong::from(flags),
+            )
+        } < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Whether this is a TAP that takes checksum and segmentation offloads both ways (a
+    /// stand-in such as a socket does not). Leaves them off.
+    pub fn supports_offloads(&self) -> bool {
+        self.set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+            .is_ok()
+            && self.set_offload(0).is_ok()
     }
 
     /// The interface's name.

@@ -64,10 +64,19 @@ struct Harness {
 
 impl Harness {
     fn new() -> Harness {
+        Harness::with(false, None)
+    }
+
+    /// A device offering offloads (`offloads`) with `acked` features acked before activation.
+    fn with(offloads: bool, acked: Option<u64>) -> Harness {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let (dev_end, host_end) = frame_pair();
         let tap = Tap::from_fd(dev_end, "test0").unwrap();
-        let dev = Arc::new(Mutex::new(Net::new(tap, MAC).unwrap()));
+        let mut net = Net::with_offloads(tap, MAC, offloads).unwrap();
+        if let Some(acked) = acked {
+            net.set_acked_features(acked);
+        }
+        let dev = Arc::new(Mutex::new(net));
         let mut em = EventManager::new().unwrap();
         em.add_subscriber(dev.clone());
         let rings = [
@@ -366,5 +375,51 @@ fn a_reset_device_leaves_the_tap_alone_until_activated_again() {
         h.stats().rx_dropped + h.stats().rx_frames,
         0,
         "a reset device read the TAP"
+    );
+}
+
+#[test]
+fn offloads_are_offered_only_on_a_tap_that_takes_them_and_kept_only_when_negotiated() {
+    let offered = Harness::with(true, None)
+        .dev
+        .lock()
+        .unwrap()
+        .avail_features();
+    for bit in [
+        VIRTIO_NET_F_CSUM,
+        VIRTIO_NET_F_GUEST_CSUM,
+        VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_HOST_TSO6,
+        VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_GUEST_TSO6,
+    ] {
+        assert_ne!(offered & 1 << bit, 0, "feature {bit} not offered");
+    }
+    // A segmented frame with a partial checksum: 30,000 bytes, gso TCPv4, mss 1448.
+    let mut gso = frame(30_000, 4);
+    gso[..VNET_HDR_LEN].copy_from_slice(&[1, 1, 54, 0, 0xa8, 5, 34, 0, 16, 0, 9, 9]);
+    // All negotiated: sent whole, the header as the guest wrote it but num_buffers.
+    let mut h = Harness::with(true, Some(offered));
+    h.transmit(&gso);
+    let mut expected = gso.clone();
+    expected[10..12].fill(0);
+    assert_eq!(h.host_frames(), vec![expected.clone()]);
+    // Checksums only: a frame that large is refused; a small one keeps its checksum request
+    // and loses the segmentation fields.
+    let mut h = Harness::with(true, Some(FEATURE_VERSION_1 | 1 << VIRTIO_NET_F_CSUM));
+    h.transmit(&gso);
+    assert!(h.host_frames().is_empty());
+    assert_eq!(h.stats().tx_dropped, 1);
+    let mut small = frame(100, 5);
+    small[..VNET_HDR_LEN].copy_from_slice(&[1, 1, 54, 0, 0xa8, 5, 34, 0, 16, 0, 0, 0]);
+    h.transmit(&small);
+    let mut expected = small.clone();
+    expected[1..6].fill(0);
+    assert_eq!(h.host_frames(), vec![expected]);
+    assert_eq!(tun_offloads(offered), TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6);
+    assert_eq!(
+        tun_offloads(1 << VIRTIO_NET_F_GUEST_TSO4),
+        0,
+        "TSO without checksums"
     );
 }
