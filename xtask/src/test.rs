@@ -378,7 +378,9 @@ ember_bin={ember_bin}
 # live, which wedges the L1 under multi-threaded TCG), so in the lab a failed test whose guest
 # triple faulted also runs once more, said as a suspicion; a failure that repeats counts. At
 # most 3 reruns a suite. The range of the L1's KVM module symbols, zero-padded hex "lowest highest":
-kvm_text=$(awk '$4 ~ /^\[kvm/ {{ a = sprintf("%16s", $1); gsub(/ /, "0", a); if (lo == "" || a < lo) lo = a; if (a > hi) hi = a }} END {{ if (lo != "") print lo, hi }}' "${{EMBER_L1_KALLSYMS:-/proc/kallsyms}}" 2>/dev/null)
+# Only symbols in the module area count (0xffffffffa0000000 up): the L1's core kernel text is
+# where the guest's is (0xffffffff81…), so an address there proves nothing.
+kvm_text=$(awk '$4 ~ /^\[kvm/ {{ a = sprintf("%16s", $1); gsub(/ /, "0", a); if (a < "ffffffffa0000000") next; if (lo == "" || a < lo) lo = a; if (a > hi) hi = a }} END {{ if (lo != "") print lo, hi }}' "${{EMBER_L1_KALLSYMS:-/proc/kallsyms}}" 2>/dev/null)
 # Prints the first rip in files $@ that lies in the L1's KVM module text; fails if none does.
 l1_rip() {{
     [ -n "$kvm_text" ] || return 1
@@ -625,6 +627,7 @@ mod tests {
         std::fs::write(
             &kallsyms,
             "ffffffff81000000 T _text\n\
+             ffffffff81400000 t __pfx_kvm_in_the_core\t[kvm]\n\
              ffffffffc041b170 t __svm_vcpu_run\t[kvm_amd]\n\
              ffffffffc0600000 t kvm_vcpu_ioctl\t[kvm]\n",
         )
@@ -637,7 +640,7 @@ mod tests {
             &["vmtest_l", "vmtest_g", "vmtest_h"],
             "case \"$2\" in\n\
              vmtest_l) [ $(grep -c vmtest_l {ran}) = 2 ] && exit 0; echo 'vCPU 0: runnable rip 0xffffffffc041b20c rsp 0xffa0000000a13b60'; exit 101 ;;\n\
-             vmtest_g) echo 'vCPU 0: runnable rip 0xffffffff8100abcd'; exit 101 ;;\n\
+             vmtest_g) echo 'vCPU 0: runnable rip 0xffffffff81404657'; exit 101 ;;\n\
              vmtest_h) echo 'vCPU 1: halted rip 0xffffffffc0600010'; exit 101 ;;\n\
              esac\n",
         );
@@ -673,7 +676,7 @@ mod tests {
             .unwrap_or_else(|| panic!("no digest:\n{stdout}"));
         assert!(
             brief.contains(
-                "--- vmtest_g (exit status 101)\nvCPU 0: runnable rip 0xffffffff8100abcd"
+                "--- vmtest_g (exit status 101)\nvCPU 0: runnable rip 0xffffffff81404657"
             ) && brief.contains("--- vmtest_h (exit status 101)")
                 && !brief.contains("vmtest_l"),
             "{brief}"
