@@ -1242,7 +1242,15 @@ fn vmtest_sandbox_networks_egress_allow_lists_none_exposed_ports_and_four_clones
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for (id, got) in clones.iter().zip(&fetched) {
-        assert_eq!(got, "served by 10.99.0.1", "clone {id}");
+        // On failure, the clone's record (a VMM that died says why, e.g. a guest triple
+        // fault) and the service's log.
+        assert_eq!(
+            got,
+            "served by 10.99.0.1",
+            "clone {id}: {}\nthe service's log:\n{}",
+            service.sandbox(id),
+            service.log()
+        );
         assert_eq!(
             service.sandbox(id)["network"]["guest_address"],
             "172.16.0.2"
