@@ -1130,10 +1130,13 @@ fn ember_network_leftovers() -> Vec<String> {
 fn vmtest_sandbox_networks_egress_allow_lists_none_exposed_ports_and_four_clones_leave_nothing_behind(
 ) {
     let servers = HostServers::start(&["10.99.0.1", "10.99.0.2"]);
+    // Sandboxes here live 30 minutes: four restores at once in the lab can take longer than
+    // the default 300 s to come up and fetch, and a sandbox stopped at its timeout would look
+    // like a network failure.
     let service = Service::start("net");
     // None (the default): no interface but lo, and the fetch fails at once; an exposed port
     // still reaches a server in the guest (through vsock).
-    let none = service.create(json!({"ports": [8000]}));
+    let none = service.create(json!({"ports": [8000], "timeout_s": 1800}));
     let shown = service.sandbox(&none);
     assert_eq!(shown["network"]["mode"], "none", "{shown}");
     assert_eq!(shown["ports"][0]["guest_port"], 8000, "{shown}");
@@ -1167,7 +1170,7 @@ fn vmtest_sandbox_networks_egress_allow_lists_none_exposed_ports_and_four_clones
         started.elapsed()
     );
     // Egress: both servers; the sandbox shows its mode and address.
-    let open = service.create(json!({"network": {"mode": "egress"}}));
+    let open = service.create(json!({"network": {"mode": "egress"}, "timeout_s": 1800}));
     let shown = service.sandbox(&open)["network"].clone();
     assert_eq!(shown["mode"], "egress", "{shown}");
     assert_eq!(shown["guest_address"], "172.16.0.2", "{shown}");
@@ -1195,7 +1198,9 @@ fn vmtest_sandbox_networks_egress_allow_lists_none_exposed_ports_and_four_clones
         );
     }
     // An allow-list admits one server and refuses the other.
-    let listed = service.create(json!({"network": {"mode": "egress", "allow": ["10.99.0.1/32"]}}));
+    let listed = service.create(
+        json!({"network": {"mode": "egress", "allow": ["10.99.0.1/32"]}, "timeout_s": 1800}),
+    );
     assert_eq!(
         guest_fetch(&service, &listed, "10.99.0.1", 60),
         "served by 10.99.0.1"
@@ -1221,7 +1226,7 @@ fn vmtest_sandbox_networks_egress_allow_lists_none_exposed_ports_and_four_clones
     let forked = service.call(
         "POST",
         "/snapshots/net-base/fork",
-        Some(json!({"count": 4, "network": {"mode": "egress"}})),
+        Some(json!({"count": 4, "network": {"mode": "egress"}, "timeout_s": 1800})),
         201,
     );
     let clones: Vec<String> = forked["sandboxes"]
