@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use ember_agent::client::{AgentClient, OutputStream};
 use ember_agent::protocol::{ExecRequest, ExitStatus, AGENT_VSOCK_PORT};
 use ember_vmm::{
-    ExitReason, RateLimit, RestoreMode, SnapshotKind, VmConfig, Vmm, VmmError, VmmOptions,
-    VsockConfig,
+    ExitReason, NetRateLimits, RateLimit, RestoreMode, SnapshotKind, VmConfig, Vmm, VmmError,
+    VmmOptions, VsockConfig,
 };
 
 /// The guest's CID for a single foreground VM.
@@ -51,6 +51,8 @@ pub struct CommandPlan {
     pub store_dir: PathBuf,
     /// Limits on the root disk's traffic.
     pub disk_rate_limit: RateLimit,
+    /// Limits on the network device's traffic.
+    pub net_rate_limits: NetRateLimits,
 }
 
 /// Where the VM comes from.
@@ -124,27 +126,16 @@ pub struct CommandArgs {
     /// agent clients can reach the sandbox while the command runs.
     #[arg(long)]
     pub vsock_socket: Option<PathBuf>,
-    /// Limit the guest's root disk to this many bytes per second (a token bucket holding
-    /// one second's worth).
-    #[arg(long, value_name = "BYTES")]
-    pub disk_bytes_per_sec: Option<u64>,
-    /// Limit the guest's root disk to this many requests per second.
-    #[arg(long, value_name = "N")]
-    pub disk_ops_per_sec: Option<u64>,
+    /// Limits on the guest's disk and network traffic.
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 impl CommandArgs {
-    /// The disk limits these options ask for.
-    pub fn disk_rate_limit(&self) -> RateLimit {
-        RateLimit {
-            bytes_per_sec: self.disk_bytes_per_sec,
-            ops_per_sec: self.disk_ops_per_sec,
-        }
-    }
-
     /// The plan for running `argv` with these options.
     pub fn into_plan(self, argv: Vec<String>) -> CommandPlan {
-        let disk_rate_limit = self.disk_rate_limit();
+        let disk_rate_limit = self.limits.disk_rate_limit();
+        let net_rate_limits = self.limits.net_rate_limits();
         CommandPlan {
             argv,
             env: self.env,
@@ -166,6 +157,67 @@ impl CommandArgs {
             diff: self.diff,
             store_dir: self.store.unwrap_or_else(default_store_dir),
             disk_rate_limit,
+            net_rate_limits,
+        }
+    }
+}
+
+/// Token-bucket limits on a guest's disk and network (each bucket holds one second's worth).
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct LimitArgs {
+    /// Limit the guest's root disk to this many bytes per second.
+    #[arg(long, value_name = "BYTES")]
+    pub disk_bytes_per_sec: Option<u64>,
+    /// Limit the guest's root disk to this many requests per second.
+    #[arg(long, value_name = "N")]
+    pub disk_ops_per_sec: Option<u64>,
+    /// Limit what the guest receives over its network device to this many bytes per second
+    /// (needs a network device: --tap, or a sandbox in egress mode).
+    #[arg(long, value_name = "BYTES")]
+    pub net_rx_bytes_per_sec: Option<u64>,
+    /// Limit what the guest receives to this many frames per second.
+    #[arg(long, value_name = "N")]
+    pub net_rx_ops_per_sec: Option<u64>,
+    /// Limit what the guest sends over its network device to this many bytes per second.
+    #[arg(long, value_name = "BYTES")]
+    pub net_tx_bytes_per_sec: Option<u64>,
+    /// Limit what the guest sends to this many frames per second.
+    #[arg(long, value_name = "N")]
+    pub net_tx_ops_per_sec: Option<u64>,
+}
+
+impl LimitArgs {
+    /// Adds the limits asked for to a `POST /sandboxes` or fork body.
+    pub fn add_to_body(&self, body: &mut serde_json::Value) {
+        let disk = self.disk_rate_limit();
+        if disk.is_limited() {
+            body["disk_limits"] = serde_json::json!(disk);
+        }
+        let net = self.net_rate_limits();
+        if net.is_limited() {
+            body["net_limits"] = serde_json::json!(net);
+        }
+    }
+
+    /// The disk limits these options ask for.
+    pub fn disk_rate_limit(&self) -> RateLimit {
+        RateLimit {
+            bytes_per_sec: self.disk_bytes_per_sec,
+            ops_per_sec: self.disk_ops_per_sec,
+        }
+    }
+
+    /// The network limits these options ask for.
+    pub fn net_rate_limits(&self) -> NetRateLimits {
+        NetRateLimits {
+            rx: RateLimit {
+                bytes_per_sec: self.net_rx_bytes_per_sec,
+                ops_per_sec: self.net_rx_ops_per_sec,
+            },
+            tx: RateLimit {
+                bytes_per_sec: self.net_tx_bytes_per_sec,
+                ops_per_sec: self.net_tx_ops_per_sec,
+            },
         }
     }
 }
@@ -254,6 +306,7 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
         serial_out: Box::new(console.clone()),
         start,
         disk_rate_limit: plan.disk_rate_limit,
+        net_rate_limits: plan.net_rate_limits,
     };
     block_stall_signal();
     let built = match &origin {

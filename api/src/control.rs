@@ -31,6 +31,9 @@ pub struct WorkerSpec {
     /// Limits on the root disk's traffic.
     #[serde(default)]
     pub disk_rate_limit: ember_vmm::RateLimit,
+    /// Limits on the network device's traffic.
+    #[serde(default)]
+    pub net_rate_limits: ember_vmm::NetRateLimits,
     /// The jail the VMM enters first (none: it runs as started, e.g. a service not run as
     /// root).
     #[serde(default)]
@@ -201,6 +204,13 @@ mod tests {
             disk_rate_limit: ember_vmm::RateLimit {
                 bytes_per_sec: Some(1 << 20),
                 ops_per_sec: None,
+            },
+            net_rate_limits: ember_vmm::NetRateLimits {
+                rx: ember_vmm::RateLimit {
+                    bytes_per_sec: Some(1 << 16),
+                    ops_per_sec: Some(100),
+                },
+                tx: ember_vmm::RateLimit::default(),
             },
             jail: Some(ember_jail::JailSpec {
                 root: "/j".into(),

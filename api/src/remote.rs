@@ -49,9 +49,45 @@ pub struct CreateArgs {
     /// KEY=VALUE for every command in the sandbox (repeatable).
     #[arg(long, value_parser = crate::command::parse_env)]
     pub env: Vec<(String, String)>,
+    /// Network, exposed ports and limits.
+    #[command(flatten)]
+    pub setup: SetupArgs,
     /// Print the sandbox as JSON instead of its id.
     #[arg(long)]
     pub json: bool,
+}
+
+/// What a new sandbox (or each clone of a fork) is connected to and limited by.
+#[derive(clap::Args, Debug)]
+pub struct SetupArgs {
+    /// `none` (default: no network device) or `egress` (outgoing connections through NAT).
+    #[arg(long, value_parser = ["none", "egress"])]
+    pub network: Option<String>,
+    /// With `--network egress`: reach only this CIDR (repeatable; default: anywhere).
+    #[arg(long = "allow", value_name = "CIDR", requires = "network")]
+    pub allow: Vec<String>,
+    /// Expose this guest TCP port on the host's loopback (repeatable).
+    #[arg(long = "port", value_name = "PORT")]
+    pub ports: Vec<u16>,
+    /// Limits on the sandbox's disk and network traffic.
+    #[command(flatten)]
+    pub limits: crate::command::LimitArgs,
+}
+
+impl SetupArgs {
+    /// Adds what was asked for to a `POST /sandboxes` or fork body.
+    fn add_to_body(&self, body: &mut serde_json::Value) {
+        if let Some(mode) = &self.network {
+            body["network"] = json!({ "mode": mode });
+            if !self.allow.is_empty() {
+                body["network"]["allow"] = json!(self.allow);
+            }
+        }
+        if !self.ports.is_empty() {
+            body["ports"] = json!(self.ports);
+        }
+        self.limits.add_to_body(body);
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -143,6 +179,9 @@ pub struct ForkArgs {
     pub count: u32,
     #[arg(long)]
     pub timeout_s: Option<u64>,
+    /// Each clone's network, exposed ports and limits.
+    #[command(flatten)]
+    pub setup: SetupArgs,
     #[arg(long)]
     pub json: bool,
 }
@@ -215,6 +254,7 @@ pub fn create(args: CreateArgs) -> i32 {
             .cloned()
             .collect::<std::collections::BTreeMap<_, _>>());
     }
+    args.setup.add_to_body(&mut body);
     let what = if args.snapshot.is_some() {
         "restoring a sandbox"
     } else {
@@ -489,6 +529,7 @@ pub fn fork(args: ForkArgs) -> i32 {
     if let Some(t) = args.timeout_s {
         body["timeout_s"] = json!(t);
     }
+    args.setup.add_to_body(&mut body);
     let uri = format!("/snapshots/{}/fork", args.snapshot);
     finish(runtime().block_on(async {
         let answer = with_progress(
@@ -553,5 +594,58 @@ mod tests {
             Some(124)
         );
         assert_eq!(handle_record(br#"{"type":"started","cmd_id":"c"}"#), None);
+    }
+
+    #[derive(clap::Parser)]
+    struct Setup {
+        #[command(flatten)]
+        setup: SetupArgs,
+    }
+
+    fn body_for(args: &[&str]) -> serde_json::Value {
+        use clap::Parser;
+        let parsed =
+            Setup::try_parse_from(std::iter::once("ember").chain(args.iter().copied())).unwrap();
+        let mut body = json!({});
+        parsed.setup.add_to_body(&mut body);
+        body
+    }
+
+    #[test]
+    fn setup_flags_make_the_body_the_service_takes() {
+        let body = body_for(&[
+            "--network",
+            "egress",
+            "--allow",
+            "10.1.0.0/16",
+            "--allow",
+            "192.168.1.7/32",
+            "--port",
+            "8080",
+            "--disk-bytes-per-sec",
+            "1000000",
+            "--net-tx-bytes-per-sec",
+            "125000",
+            "--net-rx-ops-per-sec",
+            "500",
+        ]);
+        assert_eq!(
+            body,
+            json!({
+                "network": {"mode": "egress", "allow": ["10.1.0.0/16", "192.168.1.7/32"]},
+                "ports": [8080],
+                "disk_limits": {"bytes_per_sec": 1000000, "ops_per_sec": null},
+                "net_limits": {
+                    "rx": {"bytes_per_sec": null, "ops_per_sec": 500},
+                    "tx": {"bytes_per_sec": 125000, "ops_per_sec": null}
+                }
+            })
+        );
+        // The service's own body type takes it, unknown fields refused and all.
+        let parsed: crate::service::CreateBody = serde_json::from_value(body).unwrap();
+        assert_eq!(parsed.net_limits.unwrap().tx.bytes_per_sec, Some(125_000));
+        // Nothing asked: nothing sent (the service's defaults apply).
+        assert_eq!(body_for(&[]), json!({}));
+        assert!(<Setup as clap::Parser>::try_parse_from(["ember", "--network", "bridge"]).is_err());
     }
 }

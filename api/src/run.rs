@@ -111,6 +111,10 @@ pub fn run(args: RunArgs) -> i32 {
             return 2;
         }
     };
+    if net.is_none() && args.cmd.limits.net_rate_limits().is_limited() {
+        eprintln!("ember: --net-* limits apply to a network device: give --tap too");
+        return 2;
+    }
     let Some(kernel) = args
         .kernel
         .or_else(|| default_artifact("EMBER_KERNEL", "kernel", "vmlinux"))
@@ -182,7 +186,8 @@ pub fn run(args: RunArgs) -> i32 {
     let options = VmmOptions {
         serial_out: Box::new(std::io::stdout()),
         start,
-        disk_rate_limit: args.cmd.disk_rate_limit(),
+        disk_rate_limit: args.cmd.limits.disk_rate_limit(),
+        net_rate_limits: args.cmd.limits.net_rate_limits(),
     };
     match run_reported(&config, options) {
         Ok((reason, report)) => {
@@ -259,6 +264,10 @@ pub fn restore(args: RestoreArgs) -> i32 {
             "ember: this host's KVM is {} and cannot run a Linux guest; see `ember doctor`",
             facts.kind().label()
         );
+        return 2;
+    }
+    if args.tap.is_none() && args.cmd.limits.net_rate_limits().is_limited() {
+        eprintln!("ember: --net-* limits apply to a network device: give --tap too");
         return 2;
     }
     let plan = args.cmd.into_plan(args.command);

@@ -131,6 +131,7 @@ pub fn run(args: VmmArgs) -> i32 {
         serial_out: Box::new(console.clone()),
         start,
         disk_rate_limit: spec.disk_rate_limit,
+        net_rate_limits: spec.net_rate_limits,
     };
     block_stall_signal();
     let built = match &spec.origin {

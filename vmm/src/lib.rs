@@ -20,5 +20,5 @@ pub use crate::metrics::RunReport;
 pub use crate::snapshot::{RestoreMode, SnapshotKind};
 pub use crate::vmm::{
     format_mac, parse_mac, run, run_reported, run_with, ExitReason, GuestIpv4, NetConfig,
-    RateLimit, VmConfig, Vmm, VmmError, VmmOptions, VsockConfig, MAX_VCPUS,
+    NetRateLimits, RateLimit, VmConfig, Vmm, VmmError, VmmOptions, VsockConfig, MAX_VCPUS,
 };

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 pub use ember_devices::rate_limiter::RateLimit;
 use ember_devices::virtio::block::{Block, CowDisk, Disk, COW_CHUNK_SIZE};
 use ember_devices::virtio::mmio::{regs::QUEUE_NOTIFY, MmioTransport, MMIO_WINDOW_SIZE};
+pub use ember_devices::virtio::net::NetRateLimits;
 use ember_devices::virtio::net::{Net, Tap};
 use ember_devices::virtio::vsock::{Vsock, MAX_UDS_PATH_LEN, MIN_GUEST_CID};
 use ember_devices::virtio::VirtioDevice;
@@ -240,6 +241,9 @@ pub struct VmmOptions {
     /// Limits on the root disk's bytes and requests per second (none by default): one guest
     /// must not starve the host's disk.
     pub disk_rate_limit: RateLimit,
+    /// Limits on the network device's traffic each way (none by default): one guest must not
+    /// starve the host's network.
+    pub net_rate_limits: NetRateLimits,
 }
 
 impl Default for VmmOptions {
@@ -248,6 +252,7 @@ impl Default for VmmOptions {
             serial_out: Box::new(std::io::stdout()),
             start: Instant::now(),
             disk_rate_limit: RateLimit::default(),
+            net_rate_limits: NetRateLimits::default(),
         }
     }
 }
@@ -595,7 +600,11 @@ fn attach_devices(
         // A restored guest keeps the MAC it was snapshotted with.
         let mac = restore.and_then(|snap| snap.net_mac).unwrap_or(net.mac);
         let tap = Tap::open(&net.tap).map_err(VmmError::Net)?;
-        let device = Arc::new(Mutex::new(Net::new(tap, mac).map_err(VmmError::Net)?));
+        let mut device = Net::new(tap, mac).map_err(VmmError::Net)?;
+        device
+            .set_rate_limits(options.net_rate_limits)
+            .map_err(VmmError::Net)?;
+        let device = Arc::new(Mutex::new(device));
         transports.push(attach_virtio(
             vm,
             mem,

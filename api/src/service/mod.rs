@@ -413,6 +413,9 @@ pub struct CreateBody {
     pub restore_mode: Option<String>,
     /// Limits on the sandbox's root disk: `{bytes_per_sec, ops_per_sec}` (none by default).
     pub disk_limits: Option<ember_vmm::RateLimit>,
+    /// Limits on the sandbox's network device, each way as the guest sees it: `{rx: {..},
+    /// tx: {..}}` of `{bytes_per_sec, ops_per_sec}` (ops are frames); egress mode only.
+    pub net_limits: Option<ember_vmm::NetRateLimits>,
     /// `{"mode": "none"}` (default: no network device) or `{"mode": "egress", "allow":
     /// ["10.0.0.0/8", ...]}` (outgoing connections through NAT, to the allow-list only if
     /// one is given).
@@ -424,6 +427,35 @@ pub struct CreateBody {
 }
 
 pub const IMAGES: &[&str] = &["default", "python", "node"];
+
+/// Refuses rates of zero (a field left out is no limit) and network limits without a network.
+pub fn check_limits(
+    disk: Option<&ember_vmm::RateLimit>,
+    net: Option<&ember_vmm::NetRateLimits>,
+    network: &network::NetworkMode,
+) -> Result<(), ApiError> {
+    let zero = |limit: &ember_vmm::RateLimit| {
+        limit.bytes_per_sec == Some(0) || limit.ops_per_sec == Some(0)
+    };
+    let checks = [
+        ("disk_limits", disk.copied()),
+        ("net_limits.rx", net.map(|n| n.rx)),
+        ("net_limits.tx", net.map(|n| n.tx)),
+    ];
+    for (name, limit) in checks {
+        if limit.as_ref().is_some_and(zero) {
+            return Err(ApiError::bad_request(format!(
+                "`{name}` rates must be at least 1 (leave a field out for no limit)"
+            )));
+        }
+    }
+    if net.is_some() && matches!(network, network::NetworkMode::None {}) {
+        return Err(ApiError::bad_request(
+            "`net_limits` limit a network device: give `network: {\"mode\": \"egress\"}` too",
+        ));
+    }
+    Ok(())
+}
 
 /// `POST /sandboxes`
 async fn create_sandbox(
@@ -481,13 +513,12 @@ async fn create_sandbox(
         }
     };
     let (origin, vcpus, mem_mib) = new;
-    if let Some(limits) = &body.disk_limits {
-        if limits.bytes_per_sec == Some(0) || limits.ops_per_sec == Some(0) {
-            return Err(ApiError::bad_request(
-                "`disk_limits` rates must be at least 1 (leave a field out for no limit)",
-            ));
-        }
-    }
+    let network = body.network.unwrap_or(network::NetworkMode::None {});
+    check_limits(
+        body.disk_limits.as_ref(),
+        body.net_limits.as_ref(),
+        &network,
+    )?;
     let sandbox = sandbox::create(
         &state,
         NewSandbox {
@@ -497,7 +528,8 @@ async fn create_sandbox(
             timeout,
             env: body.env,
             disk_rate_limit: body.disk_limits.unwrap_or_default(),
-            network: body.network.unwrap_or(network::NetworkMode::None {}),
+            net_rate_limits: body.net_limits.unwrap_or_default(),
+            network,
             restored_nic,
             ports: body.ports,
         },
@@ -748,6 +780,27 @@ mod tests {
                 r#"{"disk_limits":{"bytes_per_sec":0}}"#.into(),
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
+            ),
+            (
+                "POST",
+                "/sandboxes",
+                r#"{"net_limits":{"tx":{"bytes_per_sec":0}},"network":{"mode":"egress"}}"#.into(),
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+            ),
+            (
+                "POST",
+                "/sandboxes",
+                r#"{"net_limits":{"rx":{"bytes_per_sec":1000}}}"#.into(),
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+            ),
+            (
+                "POST",
+                "/sandboxes",
+                r#"{"net_limits":{"up":{"bytes_per_sec":1000}}}"#.into(),
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
             ),
             (
                 "POST",

@@ -309,6 +309,7 @@ impl Sandbox {
             "pid": r.pid,
             "env": r.env,
             "disk_limits": r.spec.disk_rate_limit,
+            "net_limits": r.spec.net_rate_limits,
             "network": r.net.as_ref().map_or_else(|| json!({"mode": "none"}), SandboxNet::to_json),
             "ports": r.ports,
         })
@@ -469,6 +470,7 @@ pub struct NewSandbox {
     pub timeout: Duration,
     pub env: BTreeMap<String, String>,
     pub disk_rate_limit: ember_vmm::RateLimit,
+    pub net_rate_limits: ember_vmm::NetRateLimits,
     pub network: NetworkMode,
     /// Restored from a snapshot whose guest has a network device (which then needs a TAP
     /// whatever the mode).
@@ -540,6 +542,7 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         // record and spec stay the service's.
         overlay: dir.join(VMM_DIR).join("rootfs.overlay"),
         disk_rate_limit: new.disk_rate_limit,
+        net_rate_limits: new.net_rate_limits,
         jail: None,
         // A restored guest keeps the MAC it was saved with; this one is for booted guests.
         net: wants_namespace.then(|| network::worker_net(crate::run::random_mac())),

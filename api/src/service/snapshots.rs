@@ -44,6 +44,10 @@ pub struct ForkBody {
     /// Guest ports each clone exposes (on host ports of its own).
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// Each clone's root-disk limits (see `POST /sandboxes`).
+    pub disk_limits: Option<ember_vmm::RateLimit>,
+    /// Each clone's network limits (see `POST /sandboxes`).
+    pub net_limits: Option<ember_vmm::NetRateLimits>,
 }
 
 /// Refuses an egress network for a snapshot whose guest has no network device.
@@ -240,6 +244,11 @@ pub async fn fork(
         .network
         .clone()
         .unwrap_or(super::network::NetworkMode::None {});
+    super::check_limits(
+        body.disk_limits.as_ref(),
+        body.net_limits.as_ref(),
+        &network,
+    )?;
     let starts = (0..body.count).map(|_| {
         let state = state.clone();
         let new = NewSandbox {
@@ -248,7 +257,8 @@ pub async fn fork(
             mem_mib,
             timeout,
             env: body.env.clone(),
-            disk_rate_limit: ember_vmm::RateLimit::default(),
+            disk_rate_limit: body.disk_limits.unwrap_or_default(),
+            net_rate_limits: body.net_limits.unwrap_or_default(),
             network: network.clone(),
             restored_nic: had_network,
             ports: body.ports.clone(),

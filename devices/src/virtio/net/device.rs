@@ -3,6 +3,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -12,10 +13,14 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
-use super::{NetError, Tap, ETH_HLEN, MAX_FRAME_LEN, MAX_GSO_FRAME_LEN, VNET_HDR_LEN};
-use crate::virtio::chain::{Direction, Segments};
+use super::{
+    NetError, NetRateLimits, Tap, ETH_HLEN, MAX_FRAME_LEN, MAX_GSO_FRAME_LEN, VNET_HDR_LEN,
+};
+use crate::rate_limiter::{RateLimit, RateLimiter};
+use crate::virtio::chain::{ChainError, Direction, Segments};
 use crate::virtio::LogLimiter;
 use crate::virtio::{
     checked_queues, read_config_space, ActivateError, VirtioDevice, VirtioInterrupt,
@@ -67,6 +72,65 @@ pub struct NetStats {
     pub rx_dropped: u64,
     /// Receive chains the guest made unusable (completed empty).
     pub rx_bad_chains: u64,
+    /// Times the receive rate limit held a frame back.
+    pub rx_throttled: u64,
+    /// Times the transmit rate limit held a frame back.
+    pub tx_throttled: u64,
+}
+
+/// The rate limit of one direction: the buckets, the timer that resumes the direction when
+/// they allow, and whether the direction waits for that timer.
+struct Throttle {
+    limiter: RateLimiter,
+    /// Exists when limited.
+    timer: Option<TimerFd>,
+    /// Held back: the direction waits for `timer`; kicks and TAP readiness change nothing.
+    waiting: bool,
+}
+
+impl Throttle {
+    fn new(limit: RateLimit, direction: &'static str) -> Result<Throttle, NetError> {
+        let timer = if limit.is_limited() {
+            Some(TimerFd::new().map_err(|source| NetError::Timer {
+                direction,
+                source: source.into(),
+            })?)
+        } else {
+            None
+        };
+        Ok(Throttle {
+            limiter: RateLimiter::new(limit),
+            timer,
+            waiting: false,
+        })
+    }
+
+    /// Lets a frame of `bytes` through, or holds the direction back until the timer fires.
+    fn admit(&mut self, bytes: u64, direction: &str) -> bool {
+        if self.limiter.try_consume(bytes) {
+            return true;
+        }
+        // At least a millisecond: a timer of zero would disarm it.
+        let wait = self.limiter.wait_time().max(Duration::from_millis(1));
+        match self.timer.as_mut().map(|t| t.reset(wait, None)) {
+            Some(Ok(())) => self.waiting = true,
+            // Without the timer the direction would wait for an event that may not come:
+            // let the frame through instead.
+            Some(Err(e)) => {
+                log::error!("virtio-net: cannot arm the {direction} rate limiter's timer: {e}");
+                return true;
+            }
+            None => {
+                log::error!("virtio-net: {direction} throttled without a timer");
+                return true;
+            }
+        }
+        false
+    }
+
+    fn owns(&self, fd: i32) -> bool {
+        self.timer.as_ref().is_some_and(|t| t.as_raw_fd() == fd)
+    }
 }
 
 /// Everything that only exists between activation and reset.
@@ -101,6 +165,8 @@ pub struct Net {
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
     stats: NetStats,
+    rx_throttle: Throttle,
+    tx_throttle: Throttle,
     log: LogLimiter,
 }
 
@@ -145,8 +211,17 @@ impl Net {
             rx_buf: vec![0; RX_BUF_LEN],
             tx_buf: vec![0; MAX_TX_LEN],
             stats: NetStats::default(),
+            rx_throttle: Throttle::new(RateLimit::default(), "receive")?,
+            tx_throttle: Throttle::new(RateLimit::default(), "transmit")?,
             log: LogLimiter::new("virtio-net"),
         })
+    }
+
+    /// Limits the guest's traffic (before the device is added to the event loop).
+    pub fn set_rate_limits(&mut self, limits: NetRateLimits) -> Result<(), NetError> {
+        self.rx_throttle = Throttle::new(limits.rx, "receive")?;
+        self.tx_throttle = Throttle::new(limits.tx, "transmit")?;
+        Ok(())
     }
 
     /// The guest's MAC address.
@@ -161,7 +236,11 @@ impl Net {
 
     /// Frame counters.
     pub fn stats(&self) -> NetStats {
-        self.stats
+        NetStats {
+            rx_throttled: self.rx_throttle.limiter.throttled(),
+            tx_throttled: self.tx_throttle.limiter.throttled(),
+            ..self.stats
+        }
     }
 
     /// Features acked by the driver.
@@ -196,15 +275,19 @@ impl Net {
         }
     }
 
-    /// Sends what the guest queued for transmission to the TAP. Returns whether any chain was
-    /// completed (the driver was notified if it wants to be).
+    /// Sends what the guest queued for transmission to the TAP, as far as the transmit rate
+    /// limit allows. Returns whether any chain was completed (the driver was notified if it
+    /// wants to be).
     pub fn process_tx(&mut self) -> bool {
         let Some(active) = self.active.as_mut() else {
             return false;
         };
+        if self.tx_throttle.waiting {
+            return false;
+        }
         let mut used_any = false;
         let mut empty_rounds = 0u8;
-        loop {
+        'rounds: loop {
             let Some(queue) = active.queues.get_mut(TX) else {
                 return false;
             };
@@ -224,10 +307,22 @@ impl Net {
                     }
                 };
                 let Some(chain) = chain else { break };
-                progressed = true;
                 let head = chain.head_index();
+                let segs = Segments::from_chain(chain, &active.mem, Direction::Read);
+                // A malformed chain costs an operation too: the guest pays for the work.
+                let bytes = segs
+                    .as_ref()
+                    .map_or(0, |s| s.len().saturating_sub(VNET_HDR_LEN as u64));
+                if !self.tx_throttle.admit(bytes, QUEUE_NAMES[TX]) {
+                    // Taken again when the timer fires; the guest need not kick meanwhile
+                    // (notifications stay off).
+                    queue.go_to_previous_position();
+                    break 'rounds;
+                }
+                progressed = true;
                 transmit(
-                    chain,
+                    head,
+                    segs,
                     &active.mem,
                     self.acked_features,
                     &self.tap,
@@ -266,12 +361,16 @@ impl Net {
     }
 
     /// Moves frames from the TAP into the guest's receive buffers, up to
-    /// [`FRAMES_PER_EVENT`]. Returns whether a frame still waits for a buffer (then the TAP
-    /// is not read until the driver adds buffers).
+    /// [`FRAMES_PER_EVENT`] and as far as the receive rate limit allows. Returns whether a
+    /// frame waits for a buffer or for the limit (then the TAP is not read until the driver
+    /// adds buffers or the limiter's timer fires).
     pub fn process_rx(&mut self) -> bool {
         let Some(active) = self.active.as_mut() else {
             return false;
         };
+        if self.rx_throttle.waiting {
+            return true;
+        }
         let mut used_any = false;
         let mut waiting = false;
         for _ in 0..FRAMES_PER_EVENT {
@@ -325,6 +424,16 @@ impl Net {
                     self.stats.rx_dropped += 1;
                     self.rx_pending = None;
                     None
+                }
+                Ok(_)
+                    if !self
+                        .rx_throttle
+                        .admit((len - VNET_HDR_LEN) as u64, QUEUE_NAMES[RX]) =>
+                {
+                    // The frame stays pending and the buffer in the ring until the timer fires.
+                    queue.go_to_previous_position();
+                    waiting = true;
+                    break;
                 }
                 Ok(segs) => {
                     let frame = &mut self.rx_buf[..len];
@@ -381,6 +490,7 @@ impl Net {
             }
         }
         self.process_tx();
+        // Waiting for buffers or for the receive limit: either way the TAP keeps its frames.
         let waiting = self.process_rx();
         let want = self.active.is_some() && !waiting;
         if want != self.tap_watched {
@@ -419,9 +529,12 @@ impl Net {
     }
 }
 
-/// Sends one transmit chain's frame to the TAP, or drops and counts it.
+/// Sends the frame of transmit chain `head` (its segments, or why it has none) to the TAP, or
+/// drops and counts it.
+#[allow(clippy::too_many_arguments)]
 fn transmit(
-    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    head: u16,
+    segs: Result<Segments, ChainError>,
     mem: &GuestMemoryMmap,
     acked: u64,
     tap: &Tap,
@@ -429,8 +542,7 @@ fn transmit(
     stats: &mut NetStats,
     log: &mut LogLimiter,
 ) {
-    let head = chain.head_index();
-    let segs = match Segments::from_chain(chain, mem, Direction::Read) {
+    let segs = match segs {
         Ok(segs) => segs,
         Err(e) => {
             log.warn(format_args!("dropping transmit chain {head}: {e}"));
@@ -579,6 +691,9 @@ impl VirtioDevice for Net {
         self.acked_features = 0;
         self.offloads_applied = false;
         self.rx_pending = None;
+        // A timer still armed fires into an inactive device, which does nothing.
+        self.rx_throttle.waiting = false;
+        self.tx_throttle.waiting = false;
         if let Err(e) = self.activate_evt.write(1) {
             log::warn!("virtio-net: failed to signal the reset to the event loop: {e}");
         }
@@ -591,6 +706,13 @@ impl MutEventSubscriber for Net {
         if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
             log::error!("virtio-net: failed to register the activation eventfd: {e:?}");
         }
+        for throttle in [&self.rx_throttle, &self.tx_throttle] {
+            if let Some(timer) = &throttle.timer {
+                if let Err(e) = ops.add(Events::new(timer, EventSet::IN)) {
+                    log::error!("virtio-net: failed to register a rate limiter's timer: {e:?}");
+                }
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -602,6 +724,15 @@ impl MutEventSubscriber for Net {
             // A restored queue may hold chains already: take them without waiting for a kick.
         } else if let Some(evt) = self.registered.iter().find(|e| e.as_raw_fd() == fd) {
             let _ = evt.read();
+        } else if let Some(throttle) = [&mut self.rx_throttle, &mut self.tx_throttle]
+            .into_iter()
+            .find(|t| t.owns(fd))
+        {
+            if let Some(timer) = throttle.timer.as_mut() {
+                // Reading the expiry count only clears the readiness.
+                let _ = timer.wait();
+            }
+            throttle.waiting = false;
         } else if fd != self.tap.as_raw_fd() {
             log::warn!("virtio-net: event on unexpected fd {fd}");
             return;

@@ -14,6 +14,12 @@
 //! is malformed is completed with length 0 and the frame goes to the next one. A frame larger
 //! than the receive chain it would go to is dropped. Nothing the guest does panics the device.
 //!
+//! Rate limits ([`NetRateLimits`]): a token bucket of bytes and one of frames per second in
+//! each direction. A frame the guest sends over its limit stays in the transmit ring; one for
+//! the guest stays in the device (and the rest in the TAP's queue, where the host kernel drops
+//! beyond the queue's length, as a congested link would); a timer resumes each direction when
+//! its buckets allow, so nothing the guest does can keep the device busy past its rate.
+//!
 //! Layout: `tap.rs` (opening the TAP), `device.rs` (the [`VirtioDevice`](crate::virtio::VirtioDevice),
 //! its queues and event-loop integration).
 
@@ -21,6 +27,10 @@ mod device;
 mod tap;
 
 use std::io;
+
+use serde::{Deserialize, Serialize};
+
+use crate::rate_limiter::RateLimit;
 
 pub use device::{Net, NetStats, NET_CONFIG_SIZE, NET_QUEUE_SIZE};
 pub use tap::{Tap, IFNAMSIZ, TUNSETOFFLOAD};
@@ -55,4 +65,33 @@ pub enum NetError {
     /// An eventfd could not be created.
     #[error("failed to create an eventfd: {0}")]
     EventFd(#[source] io::Error),
+    /// A rate limiter's timer could not be created.
+    #[error("failed to create the {direction} rate limiter's timer: {source}")]
+    Timer {
+        /// `receive` or `transmit`.
+        direction: &'static str,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Limits on one guest's network traffic, each direction as the guest sees it (unlimited by
+/// default). Operations are frames.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetRateLimits {
+    /// Frames the guest receives (host → guest).
+    #[serde(default)]
+    pub rx: RateLimit,
+    /// Frames the guest sends (guest → host).
+    #[serde(default)]
+    pub tx: RateLimit,
+}
+
+impl NetRateLimits {
+    /// Whether anything is limited.
+    pub fn is_limited(&self) -> bool {
+        self.rx.is_limited() || self.tx.is_limited()
+    }
 }
