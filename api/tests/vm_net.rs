@@ -357,8 +357,9 @@ fn vmtest_network_rate_limits_hold_each_direction() {
         let mbits = guest_iperf_mbits(&console, name);
         let limit_mbits = limit * 8.0 / 1e6;
         // The bucket holds one second's worth: over the run at most (SECONDS + 1) seconds'
-        // worth passes (TCP payload is less than the frames' bytes the limit counts).
-        let most = limit_mbits * (SECONDS + 1.0) / SECONDS * 1.05;
+        // worth passes (TCP payload is less than the frames' bytes the limit counts); a
+        // quarter more for iperf3's timing in a nested guest. Unlimited is ~10× more.
+        let most = limit_mbits * (SECONDS + 1.0) / SECONDS * 1.25;
         assert!(
             mbits <= most,
             "{name}: {mbits:.2} Mbit/s through a {limit_mbits:.1} Mbit/s limit"
