@@ -91,6 +91,8 @@ pub fn run(args: VmmArgs) -> i32 {
     if args.jail_probe {
         return crate::jail_probe::run(&args.probe_path, args.probe_connect.as_deref());
     }
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+    log::debug!("spec read and jail entered at {:.1} ms", ms(start));
     if let Err(e) = limit_resources(&spec) {
         eprintln!("ember vmm: {e}");
         return EXIT_FAILED;
@@ -102,6 +104,11 @@ pub fn run(args: VmmArgs) -> i32 {
             return EXIT_FAILED;
         }
     };
+    log::debug!(
+        "store opened at {:.1} ms ({} objects indexed)",
+        ms(start),
+        store.object_count()
+    );
     let config = VmConfig {
         kernel: spec.kernel.clone(),
         initrd: None,

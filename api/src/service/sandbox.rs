@@ -493,6 +493,8 @@ pub const VMM_DIR: &str = "vmm";
 
 /// Starts a VMM process for a new sandbox and waits until its agent answers.
 pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbox>, ApiError> {
+    let begun = std::time::Instant::now();
+    let ms = move || begun.elapsed().as_secs_f64() * 1e3;
     let wants_namespace = new.restored_nic || matches!(new.network, NetworkMode::Egress { .. });
     if wants_namespace && state.config.jail.is_none() {
         return Err(ApiError::bad_request(
@@ -620,6 +622,10 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         }
     }
 
+    log::debug!(
+        "sandbox {id}: folders, jail and network prepared in {:.1} ms",
+        ms()
+    );
     let started = match start_vmm(state, &sandbox, &spec).await {
         Ok(ready_ms) => sandbox.open_ports(&new.ports).await.map(|()| ready_ms),
         Err(why) => Err(why),
@@ -629,8 +635,9 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
             let restored = matches!(new.origin, WorkerOrigin::Restore { .. });
             state.metrics.record_start(restored, ready_ms);
             log::info!(
-                "sandbox {id} ready in {ready_ms:.1} ms ({})",
-                if restored { "restored" } else { "booted" }
+                "sandbox {id} ready in {ready_ms:.1} ms ({}; {:.1} ms since the request)",
+                if restored { "restored" } else { "booted" },
+                ms()
             );
             Ok(sandbox)
         }
