@@ -156,6 +156,10 @@ fn vmtest_a_short_soak_leaves_nothing_behind_and_draws_its_curve() {
         .all(|s| s["open_fds"].as_u64().unwrap() > 0 && s["threads"].as_u64().unwrap() > 0));
     assert_eq!(report["leftovers"], serde_json::json!([]), "{report}");
     assert!(stdout.contains("Left behind: nothing"), "{stdout}");
+    // As root (the lab) every sandbox had an egress network, and none of it is left.
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert_eq!(report["networked"], Value::Bool(root), "{report}");
     let svg = std::fs::read_to_string(out.join("soak.svg")).unwrap();
     assert!(
         svg.len() > 2000 && svg.contains("<polyline"),

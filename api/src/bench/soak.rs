@@ -1,8 +1,10 @@
 //! `ember bench --soak N`: N cycles of create → exec → snapshot → restore → exec → delete
 //! through the API of a service this run starts, sampling the service's open file
 //! descriptors, threads and resident memory after each cycle, then looking for anything left
-//! behind (VMM processes, cgroups, sockets, overlays, records, mounts). A leak shows as a
-//! curve that climbs: the report compares the first cycles' figures with the last ones'.
+//! behind (VMM processes, cgroups, sockets, overlays, records, mounts, the store's temporary
+//! files and, when run as root, where every sandbox has an egress network: namespaces, veths,
+//! the NAT table). A leak shows as a curve that climbs: the report compares the first cycles'
+//! figures with the last ones'.
 
 use std::path::Path;
 use std::time::Instant;
@@ -34,6 +36,9 @@ pub struct SoakReport {
     pub leftovers: Vec<String>,
     /// Growth beyond noise between the first and the last cycles (empty when flat).
     pub growth: Vec<String>,
+    /// Whether every sandbox had an egress network (namespace, TAP, veth, nftables).
+    #[serde(default)]
+    pub networked: bool,
 }
 
 /// File descriptors and threads may differ by this much between the start and the end
@@ -78,10 +83,13 @@ pub(super) async fn soak(
     environment: String,
 ) -> Result<SoakReport, BenchError> {
     let mounts_before = mount_count();
+    // Sandbox networks need a service run as root (as the one this run starts is then).
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let networked = unsafe { libc::geteuid() } == 0;
     let mut samples = Vec::with_capacity(cycles as usize);
     for cycle in 0..cycles {
         let start = Instant::now();
-        one_cycle(api, cycle).await?;
+        one_cycle(api, cycle, networked).await?;
         let s = sample(pid, cycle, start.elapsed().as_secs_f64());
         eprintln!(
             "ember bench: soak cycle {}/{cycles}: {} fds, {} threads, {} KiB resident, {:.1} s",
@@ -109,6 +117,9 @@ pub(super) async fn soak(
             mounts_after - mounts_before
         ));
     }
+    if networked {
+        leftovers.extend(crate::service::network::leftovers());
+    }
     let growth = growth(&samples);
     Ok(SoakReport {
         environment,
@@ -116,12 +127,21 @@ pub(super) async fn soak(
         samples,
         leftovers,
         growth,
+        networked,
     })
 }
 
-async fn one_cycle(api: &Api, cycle: u32) -> Result<(), BenchError> {
+async fn one_cycle(api: &Api, cycle: u32, networked: bool) -> Result<(), BenchError> {
     let what = |s: &str| format!("soak cycle {cycle}: {s}");
-    let sandbox = api.create(json!({})).await.map_err(step(what("create")))?;
+    let network = if networked {
+        json!({"mode": "egress"})
+    } else {
+        json!({"mode": "none"})
+    };
+    let sandbox = api
+        .create(json!({ "network": network }))
+        .await
+        .map_err(step(what("create")))?;
     let id = id_of(&sandbox).map_err(step(what("create")))?;
     api.exec(&id, "sh", &["-c", &format!("echo {cycle} > /root/cycle")])
         .await
@@ -132,7 +152,7 @@ async fn one_cycle(api: &Api, cycle: u32) -> Result<(), BenchError> {
         .map_err(step(what("snapshot")))?;
     api.delete(&id).await.map_err(step(what("delete")))?;
     let restored = api
-        .create(json!({ "snapshot": name }))
+        .create(json!({ "snapshot": name, "network": network }))
         .await
         .map_err(step(what("restore")))?;
     let restored_id = id_of(&restored).map_err(step(what("restore")))?;
@@ -205,6 +225,25 @@ fn leftovers(state_dir: &Path) -> Vec<String> {
     if let Ok(entries) = std::fs::read_dir(cgroups) {
         for entry in entries.flatten().filter(|e| e.path().is_dir()) {
             found.push(format!("cgroup {} remains", entry.path().display()));
+        }
+    }
+    found.extend(temporary_files(&state_dir.join("store")));
+    found
+}
+
+/// The store's temporary files (`.NAME….tmp…`, written before a rename) under `dir`.
+fn temporary_files(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if path.is_dir() {
+            found.extend(temporary_files(&path));
+        } else if name.starts_with('.') && name.contains(".tmp") {
+            found.push(format!("temporary file {} remains", path.display()));
         }
     }
     found
@@ -296,9 +335,15 @@ impl SoakReport {
             } else {
                 self.growth.join("; ")
             },
-            if self.leftovers.is_empty() {
-                "nothing (no VMM processes, sandbox folders, sockets, cgroups or mounts; ember \
-                 makes no TAPs or network namespaces yet)"
+            if self.leftovers.is_empty() && self.networked {
+                "nothing (no VMM processes, sandbox folders, sockets, cgroups, mounts, \
+                 temporary files in the store, network namespaces, veths or NAT table; every \
+                 sandbox had an egress network)"
+                    .to_string()
+            } else if self.leftovers.is_empty() {
+                "nothing (no VMM processes, sandbox folders, sockets, cgroups, mounts or \
+                 temporary files in the store; sandboxes had no network: the service did not \
+                 run as root)"
                     .to_string()
             } else {
                 self.leftovers.join("; ")
@@ -409,6 +454,7 @@ mod tests {
             samples: samples(&[20, 21, 20], &[30000, 30100, 30050]),
             leftovers: Vec::new(),
             growth: Vec::new(),
+            networked: false,
         };
         assert!(report.passed());
         let dir = std::env::temp_dir().join(format!("ember-soak-test-{}", std::process::id()));
@@ -424,6 +470,22 @@ mod tests {
         let back: SoakReport =
             serde_json::from_slice(&std::fs::read(dir.join("soak.json")).unwrap()).unwrap();
         assert_eq!(back.samples.len(), 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_stores_temporary_files_are_found_at_any_depth_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("ember-soak-tmp-{}", std::process::id()));
+        let packs = dir.join("packs");
+        std::fs::create_dir_all(&packs).unwrap();
+        std::fs::write(packs.join("0001.pack"), b"x").unwrap();
+        std::fs::write(packs.join(".0002.pack.77.1.tmp"), b"x").unwrap();
+        std::fs::write(dir.join(".base.tmp-4242"), b"x").unwrap();
+        std::fs::write(dir.join("notes.tmp"), b"x").unwrap();
+        let found = temporary_files(&dir);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found.iter().any(|f| f.contains(".0002.pack.77.1.tmp")));
+        assert!(found.iter().any(|f| f.contains(".base.tmp-4242")));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

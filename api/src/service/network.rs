@@ -218,6 +218,36 @@ fn ensure_host_nat() -> Result<(), String> {
     run("nft", &["-f", "-"], Some(&rules))
 }
 
+/// What sandbox networks left on this host: namespaces, host-side veths and the host's NAT
+/// table (for a soak's check once every sandbox is gone; empty when clean).
+pub fn leftovers() -> Vec<String> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(NETNS_DIR) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(NETNS_PREFIX) {
+                found.push(format!("network namespace {name} remains"));
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/sys/class/net") {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Host veths are `em` and 12 alphanumerics (see `host_veth`).
+            if name.len() == 14
+                && name.starts_with("em")
+                && name[2..].chars().all(|c| c.is_ascii_alphanumeric())
+            {
+                found.push(format!("host link {name} remains"));
+            }
+        }
+    }
+    if run("nft", &["list", "table", "ip", "ember"], None).is_ok() {
+        found.push("the host's nftables table `ip ember` remains".to_string());
+    }
+    found
+}
+
 /// Removes the host's table once no sandbox namespace is left.
 fn drop_host_nat_if_unused() {
     let any_left = std::fs::read_dir(NETNS_DIR).is_ok_and(|entries| {
