@@ -340,6 +340,15 @@ impl Vcpu {
         })
     }
 
+    /// Tells the guest (through kvmclock's `PVCLOCK_GUEST_STOPPED`) that it was stopped, so
+    /// its soft-lockup watchdog does not count a pause or the time a snapshot lay in the store
+    /// as a hung CPU. Fails harmlessly (`EINVAL`) before the guest set up kvmclock.
+    fn mark_clock_stopped(&self) {
+        if let Err(e) = self.fd.kvmclock_ctrl() {
+            log::debug!("vCPU {}: KVM_KVMCLOCK_CTRL: {e}", self.index);
+        }
+    }
+
     fn run_thread(
         mut self,
         mailbox: Receiver<VcpuCommand>,
@@ -361,6 +370,10 @@ impl Vcpu {
                 match mailbox.recv() {
                     Ok(VcpuCommand::Save) => {
                         let _ = acks.send(self.save_response());
+                    }
+                    Ok(VcpuCommand::Resume) => {
+                        self.mark_clock_stopped();
+                        apply(&mut state, VcpuCommand::Resume);
                     }
                     Ok(command) => apply(&mut state, command),
                     Err(_) => state = VcpuState::Exited,

@@ -1,7 +1,8 @@
 //! Per-vCPU CPUID: KVM's supported CPUID with the topology of this VM written in.
 //!
 //! The topology is simple: one package, one thread per core, one core per vCPU, APIC id =
-//! vCPU index. The KVM leaves (0x4000_0000..) are kept as KVM reports them.
+//! vCPU index. The KVM leaves (0x4000_0000..) are kept as KVM reports them, but for
+//! asynchronous page faults, which are hidden (see [`KVM_ASYNC_PF_FEATURES`]).
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
@@ -13,6 +14,16 @@ const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 const LEAF_EXT_FEATURES: u32 = 0x8000_0001;
 const LEAF_EXT_SIZES: u32 = 0x8000_0008;
 const LEAF_EXT_APIC_ID: u32 = 0x8000_001e;
+/// KVM's paravirtual feature leaf (`KVM_CPUID_FEATURES`).
+const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
+
+/// `KVM_FEATURE_ASYNC_PF` (4), `KVM_FEATURE_ASYNC_PF_VMEXIT` (10), `KVM_FEATURE_ASYNC_PF_INT`
+/// (14). With them, a guest whose page is not in host memory yet (every page of a lazy
+/// restore) is told to schedule something else and woken by a "page ready" interrupt later.
+/// A snapshot can then hold guest tasks waiting for wake-ups the restored VM will never send
+/// (they hang), and on AMD hosts the "page ready" interrupt has been seen to make vCPUs exit
+/// in a storm. Without them a vCPU just waits the few microseconds until its page is served.
+pub const KVM_ASYNC_PF_FEATURES: u32 = 1 << 4 | 1 << 10 | 1 << 14;
 
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
@@ -142,6 +153,10 @@ pub fn normalize_cpuid(cpuid: &mut CpuId, index: u8, count: u8) -> Result<(), Cp
         }
     }
 
+    for e in entries_mut(cpuid, LEAF_KVM_FEATURES) {
+        e.eax &= !KVM_ASYNC_PF_FEATURES;
+    }
+
     write_topology_leaf(cpuid, LEAF_TOPOLOGY, apic_id, n)?;
     write_topology_leaf(cpuid, LEAF_TOPOLOGY_V2, apic_id, n)?;
 
@@ -215,6 +230,9 @@ mod tests {
             entry(0xb, 0, 1, 2, 0x100, 7),
             entry(0xb, 1, 4, 16, 0x201, 7),
             entry(0x4000_0000, 0, 0x4000_0001, 0x4b4d_564b, 0x564b_4d56, 0x4d),
+            // KVM's features as a recent host reports them: kvmclock (0, 3), async PF (4),
+            // PV EOI (6), async PF VM exit (10), async PF interrupt (14) and more.
+            entry(0x4000_0001, 0, 0x0100_7ef9, 0, 0, 0),
         ])
         .unwrap()
     }
@@ -300,11 +318,21 @@ mod tests {
     }
 
     #[test]
-    fn kvm_leaves_are_untouched() {
+    fn kvm_leaves_keep_all_but_asynchronous_page_faults() {
         let before = find(&intel(), 0x4000_0000, 0);
+        let features = find(&intel(), 0x4000_0001, 0).eax;
         let mut cpuid = intel();
         normalize_cpuid(&mut cpuid, 1, 2).unwrap();
         assert_eq!(find(&cpuid, 0x4000_0000, 0), before);
+        let now = find(&cpuid, 0x4000_0001, 0).eax;
+        assert_eq!(
+            now & KVM_ASYNC_PF_FEATURES,
+            0,
+            "async PF still offered: {now:#x}"
+        );
+        assert_eq!(now, features & !(1 << 4 | 1 << 10 | 1 << 14));
+        // kvmclock and the rest are kept.
+        assert_ne!(now & (1 << 3), 0);
     }
 
     #[test]
