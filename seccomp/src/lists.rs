@@ -145,7 +145,7 @@ pub(crate) fn allowed(kind: ThreadKind) -> Vec<i64> {
             FILE_READ,
             FILE_WRITE,
             SOCKET_IO,
-            // The block rate limiter's retry timer.
+            // The block and net rate limiters' retry timers.
             &[libc::SYS_timerfd_settime, libc::SYS_timerfd_gettime],
         ],
         ThreadKind::MemoryFaults => &[EVENTS, FILE_READ],
