@@ -187,6 +187,14 @@ pub struct LimitArgs {
 }
 
 impl LimitArgs {
+    /// Refuses network limits for a guest without a network device (`has_nic`).
+    pub fn check_net(&self, has_nic: bool) -> Result<(), String> {
+        if !has_nic && self.net_rate_limits().is_limited() {
+            return Err("--net-* limits apply to a network device: give --tap too".into());
+        }
+        Ok(())
+    }
+
     /// Adds the limits asked for to a `POST /sandboxes` or fork body.
     pub fn add_to_body(&self, body: &mut serde_json::Value) {
         let disk = self.disk_rate_limit();

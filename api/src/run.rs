@@ -111,8 +111,8 @@ pub fn run(args: RunArgs) -> i32 {
             return 2;
         }
     };
-    if net.is_none() && args.cmd.limits.net_rate_limits().is_limited() {
-        eprintln!("ember: --net-* limits apply to a network device: give --tap too");
+    if let Err(e) = args.cmd.limits.check_net(net.is_some()) {
+        eprintln!("ember: {e}");
         return 2;
     }
     let Some(kernel) = args
@@ -266,8 +266,8 @@ pub fn restore(args: RestoreArgs) -> i32 {
         );
         return 2;
     }
-    if args.tap.is_none() && args.cmd.limits.net_rate_limits().is_limited() {
-        eprintln!("ember: --net-* limits apply to a network device: give --tap too");
+    if let Err(e) = args.cmd.limits.check_net(args.tap.is_some()) {
+        eprintln!("ember: {e}");
         return 2;
     }
     let plan = args.cmd.into_plan(args.command);
