@@ -7,6 +7,7 @@
 //! holds. A device that is refused retries when [`RateLimiter::wait_time`] says the buckets
 //! are out of debt.
 
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -154,6 +155,111 @@ impl RateLimiter {
     /// Whether any bucket is configured.
     pub fn is_limited(&self) -> bool {
         self.bytes.is_some() || self.ops.is_some()
+    }
+}
+
+/// A rate-limited queue of a device: its [`RateLimiter`], the timer that resumes the queue once
+/// the buckets allow, and whether the queue waits for that timer (kicks and other readiness
+/// then change nothing). The device registers [`Throttle::timer`] with its event loop and calls
+/// [`Throttle::expired`] when it fires.
+#[derive(Debug)]
+pub struct Throttle {
+    limiter: RateLimiter,
+    /// Exists when limited.
+    timer: Option<vmm_sys_util::timerfd::TimerFd>,
+    waiting: bool,
+    /// Device and queue, for log lines.
+    name: &'static str,
+}
+
+impl Throttle {
+    /// A throttle for `limit`; `name` says whose (e.g. "virtio-net transmit").
+    pub fn new(limit: RateLimit, name: &'static str) -> std::io::Result<Throttle> {
+        let timer = if limit.is_limited() {
+            Some(vmm_sys_util::timerfd::TimerFd::new().map_err(std::io::Error::from)?)
+        } else {
+            None
+        };
+        Ok(Throttle {
+            limiter: RateLimiter::new(limit),
+            timer,
+            waiting: false,
+            name,
+        })
+    }
+
+    /// An unlimited throttle (no timer; never waits).
+    pub fn unlimited(name: &'static str) -> Throttle {
+        Throttle {
+            limiter: RateLimiter::unlimited(),
+            timer: None,
+            waiting: false,
+            name,
+        }
+    }
+
+    /// The buckets, for code that charges them itself (then [`Throttle::hold`] on a refusal).
+    pub fn limiter_mut(&mut self) -> &mut RateLimiter {
+        &mut self.limiter
+    }
+
+    /// Lets a request of `bytes` through, or holds the queue until the timer fires.
+    pub fn admit(&mut self, bytes: u64) -> bool {
+        self.limiter.try_consume(bytes) || !self.hold()
+    }
+
+    /// After the buckets refused a request: arms the timer for when they allow again and
+    /// marks the queue waiting. Returns whether it waits: without a working timer the queue
+    /// would wait for an event that may not come, so it does not (and the request goes on).
+    pub fn hold(&mut self) -> bool {
+        // At least a millisecond: a timer of zero would disarm it.
+        let wait = self.limiter.wait_time().max(Duration::from_millis(1));
+        match self.timer.as_mut().map(|t| t.reset(wait, None)) {
+            Some(Ok(())) => self.waiting = true,
+            Some(Err(e)) => {
+                log::error!("{}: cannot arm the rate limiter's timer: {e}", self.name);
+                self.waiting = false;
+            }
+            None => {
+                log::error!("{}: throttled without a timer", self.name);
+                self.waiting = false;
+            }
+        }
+        self.waiting
+    }
+
+    /// Whether the queue waits for the timer.
+    pub fn waiting(&self) -> bool {
+        self.waiting
+    }
+
+    /// Stops waiting (the queue was reset or restored and is processed now anyway).
+    pub fn release(&mut self) {
+        self.waiting = false;
+    }
+
+    /// The timer to register with the event loop (none when unlimited).
+    pub fn timer(&self) -> Option<&vmm_sys_util::timerfd::TimerFd> {
+        self.timer.as_ref()
+    }
+
+    /// If `fd` is this throttle's timer: clears its expiry and stops waiting; returns whether
+    /// it was.
+    pub fn expired(&mut self, fd: i32) -> bool {
+        match self.timer.as_mut().filter(|t| t.as_raw_fd() == fd) {
+            Some(timer) => {
+                // Readable: it expired, and the read does not block.
+                let _ = timer.wait();
+                self.waiting = false;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Requests held back so far.
+    pub fn throttled(&self) -> u64 {
+        self.limiter.throttled()
     }
 }
 

@@ -3,7 +3,6 @@
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_blk::{
@@ -12,12 +11,11 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmm_sys_util::timerfd::TimerFd;
 
 use super::disk::Disk;
 use super::request::{process_queue_limited, SECTOR_SIZE};
 use super::BlockError;
-use crate::rate_limiter::{RateLimit, RateLimiter};
+use crate::rate_limiter::{RateLimit, Throttle};
 use crate::virtio::{
     checked_queues, read_config_space, ActivateError, VirtioDevice, VirtioInterrupt,
     FEATURE_VERSION_1,
@@ -29,6 +27,8 @@ pub const BLOCK_QUEUE_SIZE: u16 = 256;
 /// Bytes of `struct virtio_blk_config` the device exposes: capacity, size_max, seg_max,
 /// geometry and blk_size.
 pub const BLOCK_CONFIG_SIZE: usize = 24;
+/// Whose rate limit a log line is about.
+const THROTTLE_NAME: &str = "virtio-block";
 
 /// Everything that only exists between activation and reset.
 struct Active {
@@ -57,11 +57,9 @@ pub struct Block {
     /// from `active` so a reset cannot close an fd that epoll still watches.
     registered: Vec<EventFd>,
     /// Limits on the guest's disk bytes and requests per second (unlimited by default).
-    limiter: RateLimiter,
-    /// Fires when a throttled queue may be processed again (exists when limited).
-    retry_timer: Option<TimerFd>,
-    /// A throttled queue waits for `retry_timer`; kicks meanwhile change nothing.
-    throttled: bool,
+    /// The rate limit: a queue it held back waits for its timer; kicks meanwhile change
+    /// nothing.
+    throttle: Throttle,
 }
 
 impl std::fmt::Debug for Block {
@@ -100,20 +98,13 @@ impl Block {
             activate_evt: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
             active: None,
             registered: Vec::new(),
-            limiter: RateLimiter::unlimited(),
-            retry_timer: None,
-            throttled: false,
+            throttle: Throttle::unlimited(THROTTLE_NAME),
         })
     }
 
     /// Limits the guest's disk traffic (before the device is added to the event loop).
     pub fn set_rate_limit(&mut self, limit: RateLimit) -> Result<(), BlockError> {
-        self.retry_timer = if limit.is_limited() {
-            Some(TimerFd::new().map_err(|e| BlockError::Timer(e.into()))?)
-        } else {
-            None
-        };
-        self.limiter = RateLimiter::new(limit);
+        self.throttle = Throttle::new(limit, THROTTLE_NAME).map_err(BlockError::Timer)?;
         Ok(())
     }
 
@@ -161,21 +152,12 @@ impl Block {
             &mut active.queue,
             &active.mem,
             &self.disk,
-            &mut self.limiter,
+            self.throttle.limiter_mut(),
         );
-        self.throttled = outcome.throttled;
         if outcome.throttled {
-            // At least a millisecond: a timer of zero would disarm it.
-            let wait = self.limiter.wait_time().max(Duration::from_millis(1));
-            match self.retry_timer.as_mut().map(|t| t.reset(wait, None)) {
-                Some(Ok(())) => {}
-                Some(Err(e)) => {
-                    // Without the timer the queue would wait for a kick that may not come.
-                    log::error!("virtio-block: cannot arm the rate limiter's timer: {e}");
-                    self.throttled = false;
-                }
-                None => log::error!("virtio-block: throttled without a retry timer"),
-            }
+            self.throttle.hold();
+        } else {
+            self.throttle.release();
         }
         if !outcome.used_any {
             return;
@@ -211,7 +193,7 @@ impl Block {
         // A restored queue may hold requests the device had not taken yet (e.g. held back by
         // the rate limiter, with notifications off): take them now rather than wait for a kick
         // that will not come. A fresh queue is empty and this does nothing.
-        self.throttled = false;
+        self.throttle.release();
         self.process_queue();
     }
 }
@@ -287,7 +269,7 @@ impl VirtioDevice for Block {
     fn reset(&mut self) -> bool {
         self.active = None;
         self.acked_features = 0;
-        self.throttled = false;
+        self.throttle.release();
         // Let the event loop drop the queue eventfd registration.
         if let Err(e) = self.activate_evt.write(1) {
             log::warn!("virtio-block: failed to signal the reset to the event loop: {e}");
@@ -301,7 +283,7 @@ impl MutEventSubscriber for Block {
         if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
             log::error!("virtio-block: failed to register the activation eventfd: {e:?}");
         }
-        if let Some(timer) = &self.retry_timer {
+        if let Some(timer) = self.throttle.timer() {
             if let Err(e) = ops.add(Events::new(timer, EventSet::IN)) {
                 log::error!("virtio-block: failed to register the rate limiter's timer: {e:?}");
             }
@@ -316,16 +298,14 @@ impl MutEventSubscriber for Block {
             self.sync_registrations(ops);
             return;
         }
-        if let Some(timer) = self.retry_timer.as_mut().filter(|t| t.as_raw_fd() == fd) {
-            // Readable: it expired, and the read does not block.
-            let _ = timer.wait();
+        if self.throttle.expired(fd) {
             self.process_queue();
             return;
         }
         if let Some(evt) = self.registered.iter().find(|e| e.as_raw_fd() == fd) {
             let _ = evt.read();
             // Throttled: the timer resumes processing; a kick changes nothing before then.
-            if !self.throttled {
+            if !self.throttle.waiting() {
                 self.process_queue();
             }
             return;

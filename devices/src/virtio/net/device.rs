@@ -3,7 +3,6 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -13,13 +12,12 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmm_sys_util::timerfd::TimerFd;
 
 use super::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 use super::{
     NetError, NetRateLimits, Tap, ETH_HLEN, MAX_FRAME_LEN, MAX_GSO_FRAME_LEN, VNET_HDR_LEN,
 };
-use crate::rate_limiter::{RateLimit, RateLimiter};
+use crate::rate_limiter::Throttle;
 use crate::virtio::chain::{ChainError, Direction, Segments};
 use crate::virtio::LogLimiter;
 use crate::virtio::{
@@ -36,6 +34,8 @@ pub const NET_CONFIG_SIZE: usize = 6;
 const RX: usize = 0;
 const TX: usize = 1;
 const QUEUE_NAMES: [&str; 2] = ["receive", "transmit"];
+const RX_THROTTLE: &str = "virtio-net receive";
+const TX_THROTTLE: &str = "virtio-net transmit";
 /// Longest transmit chain taken (with segmentation offload): a header and the largest frame.
 const MAX_TX_LEN: usize = VNET_HDR_LEN + MAX_GSO_FRAME_LEN;
 /// Room for one read from the TAP: one byte more than the largest frame it may send, so a
@@ -76,61 +76,6 @@ pub struct NetStats {
     pub rx_throttled: u64,
     /// Times the transmit rate limit held a frame back.
     pub tx_throttled: u64,
-}
-
-/// The rate limit of one direction: the buckets, the timer that resumes the direction when
-/// they allow, and whether the direction waits for that timer.
-struct Throttle {
-    limiter: RateLimiter,
-    /// Exists when limited.
-    timer: Option<TimerFd>,
-    /// Held back: the direction waits for `timer`; kicks and TAP readiness change nothing.
-    waiting: bool,
-}
-
-impl Throttle {
-    fn new(limit: RateLimit, direction: &'static str) -> Result<Throttle, NetError> {
-        let timer = if limit.is_limited() {
-            Some(TimerFd::new().map_err(|source| NetError::Timer {
-                direction,
-                source: source.into(),
-            })?)
-        } else {
-            None
-        };
-        Ok(Throttle {
-            limiter: RateLimiter::new(limit),
-            timer,
-            waiting: false,
-        })
-    }
-
-    /// Lets a frame of `bytes` through, or holds the direction back until the timer fires.
-    fn admit(&mut self, bytes: u64, direction: &str) -> bool {
-        if self.limiter.try_consume(bytes) {
-            return true;
-        }
-        // At least a millisecond: a timer of zero would disarm it.
-        let wait = self.limiter.wait_time().max(Duration::from_millis(1));
-        match self.timer.as_mut().map(|t| t.reset(wait, None)) {
-            Some(Ok(())) => self.waiting = true,
-            // Without the timer the direction would wait for an event that may not come:
-            // let the frame through instead.
-            Some(Err(e)) => {
-                log::error!("virtio-net: cannot arm the {direction} rate limiter's timer: {e}");
-                return true;
-            }
-            None => {
-                log::error!("virtio-net: {direction} throttled without a timer");
-                return true;
-            }
-        }
-        false
-    }
-
-    fn owns(&self, fd: i32) -> bool {
-        self.timer.as_ref().is_some_and(|t| t.as_raw_fd() == fd)
-    }
 }
 
 /// Everything that only exists between activation and reset.
@@ -211,16 +156,18 @@ impl Net {
             rx_buf: vec![0; RX_BUF_LEN],
             tx_buf: vec![0; MAX_TX_LEN],
             stats: NetStats::default(),
-            rx_throttle: Throttle::new(RateLimit::default(), "receive")?,
-            tx_throttle: Throttle::new(RateLimit::default(), "transmit")?,
+            rx_throttle: Throttle::unlimited(RX_THROTTLE),
+            tx_throttle: Throttle::unlimited(TX_THROTTLE),
             log: LogLimiter::new("virtio-net"),
         })
     }
 
     /// Limits the guest's traffic (before the device is added to the event loop).
     pub fn set_rate_limits(&mut self, limits: NetRateLimits) -> Result<(), NetError> {
-        self.rx_throttle = Throttle::new(limits.rx, "receive")?;
-        self.tx_throttle = Throttle::new(limits.tx, "transmit")?;
+        let timer_error = |direction| move |source| NetError::Timer { direction, source };
+        self.rx_throttle = Throttle::new(limits.rx, RX_THROTTLE).map_err(timer_error("receive"))?;
+        self.tx_throttle =
+            Throttle::new(limits.tx, TX_THROTTLE).map_err(timer_error("transmit"))?;
         Ok(())
     }
 
@@ -237,8 +184,8 @@ impl Net {
     /// Frame counters.
     pub fn stats(&self) -> NetStats {
         NetStats {
-            rx_throttled: self.rx_throttle.limiter.throttled(),
-            tx_throttled: self.tx_throttle.limiter.throttled(),
+            rx_throttled: self.rx_throttle.throttled(),
+            tx_throttled: self.tx_throttle.throttled(),
             ..self.stats
         }
     }
@@ -282,7 +229,7 @@ impl Net {
         let Some(active) = self.active.as_mut() else {
             return false;
         };
-        if self.tx_throttle.waiting {
+        if self.tx_throttle.waiting() {
             return false;
         }
         let mut used_any = false;
@@ -313,7 +260,7 @@ impl Net {
                 let bytes = segs
                     .as_ref()
                     .map_or(0, |s| s.len().saturating_sub(VNET_HDR_LEN as u64));
-                if !self.tx_throttle.admit(bytes, QUEUE_NAMES[TX]) {
+                if !self.tx_throttle.admit(bytes) {
                     // Taken again when the timer fires; the guest need not kick meanwhile
                     // (notifications stay off).
                     queue.go_to_previous_position();
@@ -368,7 +315,7 @@ impl Net {
         let Some(active) = self.active.as_mut() else {
             return false;
         };
-        if self.rx_throttle.waiting {
+        if self.rx_throttle.waiting() {
             return true;
         }
         let mut used_any = false;
@@ -425,11 +372,7 @@ impl Net {
                     self.rx_pending = None;
                     None
                 }
-                Ok(_)
-                    if !self
-                        .rx_throttle
-                        .admit((len - VNET_HDR_LEN) as u64, QUEUE_NAMES[RX]) =>
-                {
+                Ok(_) if !self.rx_throttle.admit((len - VNET_HDR_LEN) as u64) => {
                     // The frame stays pending and the buffer in the ring until the timer fires.
                     queue.go_to_previous_position();
                     waiting = true;
@@ -692,8 +635,8 @@ impl VirtioDevice for Net {
         self.offloads_applied = false;
         self.rx_pending = None;
         // A timer still armed fires into an inactive device, which does nothing.
-        self.rx_throttle.waiting = false;
-        self.tx_throttle.waiting = false;
+        self.rx_throttle.release();
+        self.tx_throttle.release();
         if let Err(e) = self.activate_evt.write(1) {
             log::warn!("virtio-net: failed to signal the reset to the event loop: {e}");
         }
@@ -707,7 +650,7 @@ impl MutEventSubscriber for Net {
             log::error!("virtio-net: failed to register the activation eventfd: {e:?}");
         }
         for throttle in [&self.rx_throttle, &self.tx_throttle] {
-            if let Some(timer) = &throttle.timer {
+            if let Some(timer) = throttle.timer() {
                 if let Err(e) = ops.add(Events::new(timer, EventSet::IN)) {
                     log::error!("virtio-net: failed to register a rate limiter's timer: {e:?}");
                 }
@@ -724,15 +667,8 @@ impl MutEventSubscriber for Net {
             // A restored queue may hold chains already: take them without waiting for a kick.
         } else if let Some(evt) = self.registered.iter().find(|e| e.as_raw_fd() == fd) {
             let _ = evt.read();
-        } else if let Some(throttle) = [&mut self.rx_throttle, &mut self.tx_throttle]
-            .into_iter()
-            .find(|t| t.owns(fd))
-        {
-            if let Some(timer) = throttle.timer.as_mut() {
-                // Reading the expiry count only clears the readiness.
-                let _ = timer.wait();
-            }
-            throttle.waiting = false;
+        } else if self.rx_throttle.expired(fd) || self.tx_throttle.expired(fd) {
+            // The held-back direction goes on below.
         } else if fd != self.tap.as_raw_fd() {
             log::warn!("virtio-net: event on unexpected fd {fd}");
             return;

@@ -5,12 +5,14 @@
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use event_manager::{EventManager, SubscriberOps};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
+use crate::rate_limiter::RateLimit;
 use crate::virtio::test_rings::Rings;
 
 const MAC: [u8; 6] = [0x06, 0xe0, 0x00, 0x00, 0x00, 0x01];
@@ -559,6 +561,6 @@ fn an_unlimited_device_has_no_timers_and_never_throttles() {
     h.kick(TX);
     assert_eq!(h.host_frames(), sent);
     let dev = h.dev.lock().unwrap();
-    assert!(dev.rx_throttle.timer.is_none() && dev.tx_throttle.timer.is_none());
+    assert!(dev.rx_throttle.timer().is_none() && dev.tx_throttle.timer().is_none());
     assert_eq!((dev.stats().rx_throttled, dev.stats().tx_throttled), (0, 0));
 }
