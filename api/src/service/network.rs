@@ -222,13 +222,8 @@ fn ensure_host_nat() -> Result<(), String> {
 /// table (for a soak's check once every sandbox is gone; empty when clean).
 pub fn leftovers() -> Vec<String> {
     let mut found = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(NETNS_DIR) {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(NETNS_PREFIX) {
-                found.push(format!("network namespace {name} remains"));
-            }
-        }
+    for id in sandbox_namespaces() {
+        found.push(format!("network namespace {} remains", netns_name(&id)));
     }
     if let Ok(entries) = std::fs::read_dir("/sys/class/net") {
         for entry in entries.flatten() {
@@ -250,12 +245,7 @@ pub fn leftovers() -> Vec<String> {
 
 /// Removes the host's table once no sandbox namespace is left.
 fn drop_host_nat_if_unused() {
-    let any_left = std::fs::read_dir(NETNS_DIR).is_ok_and(|entries| {
-        entries
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with(NETNS_PREFIX))
-    });
-    if !any_left {
+    if sandbox_namespaces().is_empty() {
         let _ = run("nft", &["delete", "table", "ip", "ember"], None);
     }
 }
@@ -401,19 +391,26 @@ pub fn remove(id: &str) {
 
 /// Removes the namespaces of sandboxes not in `live` (left by a crash or a killed service).
 pub fn remove_stale(live: &HashSet<String>) {
-    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(id) = name.strip_prefix(NETNS_PREFIX) else {
-            continue;
-        };
-        if !live.contains(id) {
+    for id in sandbox_namespaces() {
+        if !live.contains(&id) {
             log::info!("removing the network of sandbox {id}, which is gone");
-            remove(id);
+            remove(&id);
         }
     }
+}
+
+/// The sandbox ids that have a namespace on this host (`/run/netns/ember-ID`).
+fn sandbox_namespaces() -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            name.strip_prefix(NETNS_PREFIX).map(str::to_string)
+        })
+        .collect()
 }
 
 /// The lowest slot not in `used`.
