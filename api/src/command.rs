@@ -89,6 +89,15 @@ pub fn open_store(dir: &Path) -> Result<Arc<ember_snapshot_store::Store>, String
         .map_err(|e| format!("cannot open the snapshot store {}: {e}", dir.display()))
 }
 
+/// Opens the store at `dir` without indexing it: what a VMM does, since a restore indexes
+/// only the packs its snapshot lists and a snapshot's writer indexes the rest, so a VMM's
+/// start does not grow with the store.
+pub fn open_store_unindexed(dir: &Path) -> Result<Arc<ember_snapshot_store::Store>, String> {
+    ember_snapshot_store::Store::open_unindexed(dir, Default::default())
+        .map(Arc::new)
+        .map_err(|e| format!("cannot open the snapshot store {}: {e}", dir.display()))
+}
+
 /// The options `ember run` and `ember restore` share for the command they run.
 #[derive(clap::Args, Debug)]
 pub struct CommandArgs {

@@ -17,7 +17,7 @@ use std::time::Instant;
 use ember_vmm::{RestoreMode, SnapshotKind, VmConfig, Vmm, VmmOptions, VsockConfig};
 
 use crate::command::{
-    block_stall_signal, log_stall_reports_on_sigusr1, open_store, record_working_set,
+    block_stall_signal, log_stall_reports_on_sigusr1, open_store_unindexed, record_working_set,
     wait_for_agent, ConsoleTail, GUEST_CID,
 };
 use crate::control::{
@@ -97,18 +97,14 @@ pub fn run(args: VmmArgs) -> i32 {
         eprintln!("ember vmm: {e}");
         return EXIT_FAILED;
     }
-    let store = match open_store(&spec.store_dir) {
+    let store = match open_store_unindexed(&spec.store_dir) {
         Ok(store) => store,
         Err(e) => {
             eprintln!("ember vmm: {e}");
             return EXIT_FAILED;
         }
     };
-    log::debug!(
-        "store opened at {:.1} ms ({} objects indexed)",
-        ms(start),
-        store.object_count()
-    );
+    log::debug!("store opened at {:.1} ms", ms(start));
     let config = VmConfig {
         kernel: spec.kernel.clone(),
         initrd: None,

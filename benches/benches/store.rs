@@ -1,15 +1,23 @@
 //! The snapshot store's hot paths, each beside the bound that limits it on this machine:
 //! hashing pages (BLAKE3) and writing them into a store against a plain memory copy of the
 //! same bytes; reading a page back with its hash checked (the restore fault path) against a
-//! 4 KiB copy; saving and loading a 256 MiB guest's memory map.
+//! 4 KiB copy; saving and loading a 256 MiB guest's memory map; opening a store for a
+//! restore in a store of one snapshot against one of 25 (it should not grow with the store).
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use ember_snapshot_store::{hash_pages, MemoryMap, PageRef, Store, PAGE_SIZE};
+use ember_snapshot_store::{
+    hash_pages, Manifest, MemoryMap, MemoryRef, ObjectKind, PageRef, Store, StoreOptions, PAGE_SIZE,
+};
 
 /// `count` distinct pages (no two equal, none zero).
 fn distinct_pages(count: usize) -> Vec<u8> {
+    distinct_pages_seeded(count, 0x9e37_79b9_7f4a_7c15)
+}
+
+/// `count` distinct pages from `seed` (different seeds: different pages).
+fn distinct_pages_seeded(count: usize, seed: u64) -> Vec<u8> {
     let mut data = vec![0u8; count * PAGE_SIZE];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut x: u64 = seed | 1;
     for word in data.chunks_exact_mut(8) {
         // xorshift: cheap, and every page differs.
         x ^= x << 13;
@@ -147,5 +155,59 @@ fn memory_maps(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, hashing, reading, memory_maps);
+/// Saves a snapshot of `pages` distinct pages from `seed` as `id` (one writer: its own pack).
+fn save_snapshot(store: &Store, id: &str, pages: usize, seed: u64) {
+    let mut writer = store.writer().unwrap();
+    let refs = writer
+        .put_pages(&distinct_pages_seeded(pages, seed), 2)
+        .unwrap();
+    let map = MemoryMap::new(refs);
+    let map_chunks = map.store(&mut writer).unwrap();
+    let state = writer.put(ObjectKind::VmState, id.as_bytes()).unwrap();
+    let memory = MemoryRef {
+        size_bytes: map.size_bytes(),
+        page_size: PAGE_SIZE as u32,
+        map_chunks,
+    };
+    writer.commit(&Manifest::new(id, state, memory)).unwrap();
+}
+
+fn opening_for_restore(c: &mut Criterion) {
+    const PAGES: usize = 512;
+    let mut group = c.benchmark_group("open_store_for_restore");
+    group.sample_size(20);
+    for snapshots in [1u64, 25] {
+        let dir = TempDir::new(&format!("open-{snapshots}"));
+        {
+            let store = Store::open(&dir.0).unwrap();
+            for i in 0..snapshots {
+                save_snapshot(&store, &format!("snap-{i}"), PAGES, 0x1000 + i);
+            }
+        }
+        group.bench_function(
+            format!("index the whole store ({snapshots} snapshots)"),
+            |b| {
+                b.iter(|| {
+                    let store = Store::open(&dir.0).unwrap();
+                    let m = store.load_manifest("snap-0").unwrap();
+                    std::hint::black_box((store, m))
+                })
+            },
+        );
+        group.bench_function(
+            format!("index the snapshot's packs ({snapshots} snapshots)"),
+            |b| {
+                b.iter(|| {
+                    let store = Store::open_unindexed(&dir.0, StoreOptions::default()).unwrap();
+                    let m = store.load_manifest("snap-0").unwrap();
+                    store.index_snapshot(&m).unwrap();
+                    std::hint::black_box((store, m))
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, hashing, reading, memory_maps, opening_for_restore);
 criterion_main!(benches);

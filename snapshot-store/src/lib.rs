@@ -67,6 +67,8 @@ pub use manifest::{
 };
 pub use map::{DiskMap, MapError, MemoryMap, PageRef, MAP_CHUNK_ENTRIES, PAGE_SIZE};
 pub use pack::{ObjectKind, PackError, MAX_OBJECT_SIZE};
-pub use store::{ObjectLocation, RefreshReport, Result, Store, StoreError, StoreOptions};
+pub use store::{
+    ObjectLocation, RefreshReport, Result, SnapshotIndexing, Store, StoreError, StoreOptions,
+};
 pub use working_set::MAX_WORKING_SET_PAGES;
 pub use writer::{hash_pages, PackWriter, WriteStats};

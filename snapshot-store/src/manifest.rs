@@ -111,6 +111,15 @@ pub enum ManifestError {
         /// The id inside.
         id: String,
     },
+    /// A pack named by the manifest has an id no pack can have (it would name a path
+    /// outside the store's `packs/`).
+    #[error("{path}: manifest names an invalid pack id {id:?}")]
+    BadPackId {
+        /// The file.
+        path: PathBuf,
+        /// The id (cut to 100 characters).
+        id: String,
+    },
     /// Serializing produced more than the size bound.
     #[error(
         "manifest {id:?} serializes to {len} bytes, more than the {MAX_MANIFEST_SIZE}-byte bound"
@@ -179,6 +188,13 @@ pub struct Manifest {
     pub disks: Vec<DiskRef>,
     /// Free-form key/values.
     pub metadata: BTreeMap<String, String>,
+    /// The packs that held every object this snapshot references when it was saved
+    /// (sorted; filled in by [`crate::Store::save_manifest`]). A restore indexes only these
+    /// instead of the whole store ([`crate::Store::index_snapshot`]): packs never change and
+    /// their ids are never reused, so while all of them exist they hold everything the
+    /// snapshot needs; if one is gone (a GC rewrote it) the restore indexes the whole store.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packs: Vec<String>,
 }
 
 impl Manifest {
@@ -199,6 +215,7 @@ impl Manifest {
             memory,
             disks: Vec::new(),
             metadata: BTreeMap::new(),
+            packs: Vec::new(),
         }
     }
 
@@ -308,6 +325,12 @@ pub(crate) fn decode(path: &Path, id: &str, bytes: &[u8]) -> Result<Manifest, Ma
             id: m.id,
         });
     }
+    if let Some(bad) = m.packs.iter().find(|p| !crate::store::valid_pack_id(p)) {
+        return Err(ManifestError::BadPackId {
+            path: path.to_owned(),
+            id: bad.chars().take(100).collect(),
+        });
+    }
     Ok(m)
 }
 
@@ -384,6 +407,27 @@ mod tests {
         b.extend_from_slice(json);
         let e = decode(Path::new("/m/snap-1"), "snap-1", &b).unwrap_err();
         assert!(matches!(e, ManifestError::Json { .. }), "{e}");
+    }
+
+    #[test]
+    fn pack_list_round_trips_is_optional_and_never_names_a_path() {
+        let mut m = sample();
+        m.packs = vec!["0193a1b2c3d4e5f60718293a4b5c6d7e8f9a".into()];
+        let p = Path::new("/s/manifests/snap-1");
+        assert_eq!(decode(p, "snap-1", &encode(&m).unwrap()).unwrap(), m);
+        // Manifests written before the list existed still read, with an empty list.
+        let bytes = encode(&sample()).unwrap();
+        assert!(!String::from_utf8_lossy(&bytes).contains("\"packs\""));
+        assert!(decode(p, "snap-1", &bytes).unwrap().packs.is_empty());
+        for bad in ["../../etc/passwd", "", "A", "a/b", &"a".repeat(65)] {
+            m.packs = vec![bad.to_string()];
+            let e = decode(p, "snap-1", &encode(&m).unwrap()).unwrap_err();
+            assert!(
+                matches!(e, ManifestError::BadPackId { .. })
+                    && e.to_string().contains("invalid pack id"),
+                "{bad:?}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! pack, and the read paths.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -146,6 +146,22 @@ pub struct RefreshReport {
     /// Packs whose index or pack file is unusable: left out of the index (their objects
     /// read as `NotFound`); `verify` reports them too.
     pub rejected: Vec<PackError>,
+}
+
+/// How [`Store::index_snapshot`] made a snapshot's objects findable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotIndexing {
+    /// Only the packs its manifest lists are indexed; this many were not indexed before.
+    Listed {
+        /// Packs loaded by this call.
+        loaded: usize,
+    },
+    /// The whole store was indexed, for this reason (an older manifest without a pack list,
+    /// or a listed pack is gone).
+    WholeStore {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Where an object lives.
@@ -360,6 +376,17 @@ impl Store {
     /// Opens (creating if needed) the store at `root` and loads every sealed pack's index.
     /// Unusable packs are logged and left out (see [`RefreshReport::rejected`]).
     pub fn open_with(root: impl AsRef<Path>, options: StoreOptions) -> Result<Store> {
+        let store = Store::open_unindexed(root, options)?;
+        store.refresh()?;
+        Ok(store)
+    }
+
+    /// Opens (creating if needed) the store at `root` without indexing any pack: opening
+    /// costs the same whatever the store holds. Nothing is found in it until
+    /// [`Store::index_snapshot`] (what a restore needs) or [`Store::refresh`] (everything);
+    /// a writer refreshes when it starts, so snapshots still deduplicate against the whole
+    /// store.
+    pub fn open_unindexed(root: impl AsRef<Path>, options: StoreOptions) -> Result<Store> {
         let root = root.as_ref().to_owned();
         let packs_dir = root.join("packs");
         let manifests_dir = root.join("manifests");
@@ -377,7 +404,6 @@ impl Store {
             index: RwLock::new(Index::default()),
             refresh_mutex: Mutex::new(HashSet::new()),
         };
-        store.refresh()?;
         Ok(store)
     }
 
@@ -501,6 +527,57 @@ impl Store {
         })
     }
 
+    /// Makes everything snapshot `m` references findable, indexing only the packs its
+    /// manifest lists when they are all still there (O(snapshot), not O(store)), and the
+    /// whole store otherwise. Packs already indexed are kept.
+    pub fn index_snapshot(&self, m: &Manifest) -> Result<SnapshotIndexing> {
+        let _lock = self.lock(LockMode::Shared)?;
+        let whole_store = |reason: String| -> Result<SnapshotIndexing> {
+            self.refresh_locked()?;
+            Ok(SnapshotIndexing::WholeStore { reason })
+        };
+        if m.packs.is_empty() {
+            return whole_store(format!("snapshot {:?} lists no packs", m.id));
+        }
+        let loaded = {
+            // Holding the refresh mutex keeps a concurrent refresh from swapping the index
+            // between the check below and the additions.
+            let _guard = self.refresh_guard();
+            let wanted: Vec<&String> = {
+                let idx = self.read_index();
+                m.packs
+                    .iter()
+                    .filter(|id| !idx.ids.contains_key(id.as_str()))
+                    .collect()
+            };
+            let mut loaded = Vec::with_capacity(wanted.len());
+            let mut unusable = None;
+            for id in wanted {
+                match load_pack(&self.packs_dir, id) {
+                    Ok(pack) => loaded.push(pack),
+                    Err(e) => {
+                        unusable = Some(e);
+                        break;
+                    }
+                }
+            }
+            if let Some(e) = unusable {
+                Err(e)
+            } else {
+                let mut idx = self.write_index();
+                let count = loaded.len();
+                for (pack, entries) in loaded {
+                    idx.add(pack, &entries);
+                }
+                Ok(count)
+            }
+        };
+        match loaded {
+            Ok(loaded) => Ok(SnapshotIndexing::Listed { loaded }),
+            Err(e) => whole_store(format!("a pack snapshot {:?} lists is unusable: {e}", m.id)),
+        }
+    }
+
     /// Whether a sealed pack holds `hash`.
     pub fn contains(&self, hash: &Hash) -> bool {
         self.read_index().objects.contains_key(hash)
@@ -596,11 +673,17 @@ impl Store {
     /// Saves a snapshot's manifest after checking that every object it references (state,
     /// map chunks, and every page and disk chunk behind the maps) is in a sealed pack.
     /// Snapshot ids are write-once: saving over an existing id fails.
+    /// The manifest written lists the packs holding those objects (see [`Manifest::packs`]).
     pub fn save_manifest(&self, m: &Manifest) -> Result<()> {
         let path = self.manifest_path(&m.id)?;
-        let bytes = manifest::encode(m)?;
+        manifest::encode(m)?;
         let _lock = self.lock(LockMode::Shared)?;
-        self.check_references(m)?;
+        let packs = self.check_references(m)?;
+        let m = &Manifest {
+            packs: packs.into_iter().collect(),
+            ..m.clone()
+        };
+        let bytes = manifest::encode(m)?;
         let tmp = self.manifests_dir.join(tmp_name(&m.id));
         let io = |path: &Path| {
             let path = path.to_owned();
@@ -627,27 +710,28 @@ impl Store {
         fsutil::sync_dir(&self.manifests_dir).map_err(io(&self.manifests_dir))
     }
 
-    /// Checks that everything `m` references is in a sealed pack.
-    pub(crate) fn check_references(&self, m: &Manifest) -> Result<()> {
+    /// Checks that everything `m` references is in a sealed pack; returns those packs' ids.
+    pub(crate) fn check_references(&self, m: &Manifest) -> Result<BTreeSet<String>> {
         let missing = |hash: &Hash, what| StoreError::MissingReference {
             manifest: m.id.clone(),
             hash: *hash,
             what,
         };
+        // Packs by their position in the index; the ids are looked up once at the end.
+        let mut used: HashSet<u32> = HashSet::new();
         {
             let idx = self.read_index();
-            if !idx.objects.contains_key(&m.vm_state) {
-                return Err(missing(&m.vm_state, "vm state"));
-            }
-            for h in &m.memory.map_chunks {
-                if !idx.objects.contains_key(h) {
-                    return Err(missing(h, "memory map chunk"));
-                }
-            }
-            for h in m.disks.iter().flat_map(|d| &d.map_chunks) {
-                if !idx.objects.contains_key(h) {
-                    return Err(missing(h, "disk map chunk"));
-                }
+            let direct = std::iter::once((&m.vm_state, "vm state"))
+                .chain(m.memory.map_chunks.iter().map(|h| (h, "memory map chunk")))
+                .chain(
+                    m.disks
+                        .iter()
+                        .flat_map(|d| &d.map_chunks)
+                        .map(|h| (h, "disk map chunk")),
+                );
+            for (h, what) in direct {
+                let loc = idx.objects.get(h).ok_or_else(|| missing(h, what))?;
+                used.insert(loc.pack);
             }
         }
         let mem = self.load_memory_map(m)?;
@@ -659,17 +743,21 @@ impl Store {
         let idx = self.read_index();
         for p in &mem.pages {
             if let PageRef::Object(h) = p {
-                if !idx.objects.contains_key(h) {
-                    return Err(missing(h, "memory page"));
-                }
+                let loc = idx
+                    .objects
+                    .get(h)
+                    .ok_or_else(|| missing(h, "memory page"))?;
+                used.insert(loc.pack);
             }
         }
         for h in disks.iter().flat_map(|d| d.chunks.iter().flatten()) {
-            if !idx.objects.contains_key(h) {
-                return Err(missing(h, "disk chunk"));
-            }
+            let loc = idx.objects.get(h).ok_or_else(|| missing(h, "disk chunk"))?;
+            used.insert(loc.pack);
         }
-        Ok(())
+        Ok(used
+            .into_iter()
+            .filter_map(|n| idx.packs.get(n as usize).map(|p| p.id.clone()))
+            .collect())
     }
 
     /// Loads snapshot `id`'s manifest.

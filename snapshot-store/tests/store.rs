@@ -8,7 +8,8 @@ use std::fs;
 use common::{flip_byte, manifest_for, memory, restore, snapshot, some_page, Rng};
 use ember_snapshot_store::{
     validate_id, DiskMap, DiskRef, Hash, Manifest, ManifestError, MemoryMap, MemoryRef, ObjectKind,
-    PageRef, ProblemKind, Store, StoreError, StoreOptions, MAX_OBJECT_SIZE, PAGE_SIZE,
+    PageRef, ProblemKind, SnapshotIndexing, Store, StoreError, StoreOptions, MAX_OBJECT_SIZE,
+    PAGE_SIZE,
 };
 
 fn tmp() -> tempfile::TempDir {
@@ -276,7 +277,18 @@ fn manifest_round_trip_list_delete() {
     });
     w.commit(&m).unwrap();
 
-    assert_eq!(store.load_manifest("snap-a").unwrap(), m);
+    let saved = store.load_manifest("snap-a").unwrap();
+    assert!(
+        !saved.packs.is_empty(),
+        "the saved manifest lists its packs"
+    );
+    assert_eq!(
+        Manifest {
+            packs: Vec::new(),
+            ..saved
+        },
+        m
+    );
     assert_eq!(store.list_manifests().unwrap(), vec!["snap-a".to_string()]);
     let e = store.save_manifest(&m).unwrap_err();
     assert!(
@@ -830,4 +842,84 @@ fn gc_keeps_a_pack_whose_live_object_is_corrupt() {
     let mut buf = [0u8; PAGE_SIZE];
     store.read_page_into(&other, &mut buf).unwrap();
     assert_eq!(&buf[..], &small[PAGE_SIZE..]);
+}
+
+#[test]
+fn a_restore_indexes_only_the_packs_its_snapshot_lists_and_falls_back_to_the_whole_store() {
+    let dir = tmp();
+    let store = Store::open(dir.path()).unwrap();
+    let base = memory(64, 4, 1);
+    snapshot(&store, "a", &base);
+    // b shares a's pages (stored once, in a's pack) and adds its own.
+    let mut b_mem = base.clone();
+    b_mem.extend(memory(32, 0, 2));
+    snapshot(&store, "b", &b_mem);
+    for i in 0..5 {
+        snapshot(&store, &format!("other-{i}"), &memory(64, 0, 10 + i));
+    }
+    let everything = store.object_count();
+    let a = store.load_manifest("a").unwrap();
+    let b = store.load_manifest("b").unwrap();
+    assert!(
+        b.packs.len() >= 2 && a.packs.iter().all(|p| b.packs.contains(p)),
+        "b lists its own pack and a's: {:?} / {:?}",
+        b.packs,
+        a.packs
+    );
+
+    let fresh = Store::open_unindexed(dir.path(), StoreOptions::default()).unwrap();
+    assert_eq!(fresh.object_count(), 0, "opening indexes nothing");
+    assert_eq!(
+        fresh.index_snapshot(&b).unwrap(),
+        SnapshotIndexing::Listed {
+            loaded: b.packs.len()
+        }
+    );
+    assert!(
+        fresh.object_count() < everything / 2,
+        "only b's packs are indexed"
+    );
+    assert_eq!(restore(&fresh, "b"), b_mem, "and they hold all of b");
+    let other = store.load_manifest("other-0").unwrap();
+    assert!(!fresh.contains(&other.vm_state));
+    assert_eq!(
+        fresh.index_snapshot(&b).unwrap(),
+        SnapshotIndexing::Listed { loaded: 0 }
+    );
+    // A writer still deduplicates against the whole store.
+    drop(fresh.writer().unwrap());
+    assert_eq!(fresh.object_count(), everything);
+
+    // A manifest from before pack lists: the whole store.
+    let unlisted = Manifest {
+        packs: Vec::new(),
+        ..b.clone()
+    };
+    let fresh = Store::open_unindexed(dir.path(), StoreOptions::default()).unwrap();
+    match fresh.index_snapshot(&unlisted).unwrap() {
+        SnapshotIndexing::WholeStore { reason } => assert!(reason.contains("lists no packs")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(fresh.object_count(), everything);
+
+    // Deleting a and collecting rewrites a's pack (b's shared pages move to a new pack):
+    // b's list now names a pack that is gone, and the restore indexes the whole store.
+    store.delete_manifest("a").unwrap();
+    store
+        .gc_with(&ember_snapshot_store::GcOptions {
+            rewrite_below_live_fraction: 1.0,
+        })
+        .unwrap();
+    assert!(a
+        .packs
+        .iter()
+        .all(|p| !dir.path().join("packs").join(format!("{p}.idx")).exists()));
+    let fresh = Store::open_unindexed(dir.path(), StoreOptions::default()).unwrap();
+    match fresh.index_snapshot(&b).unwrap() {
+        SnapshotIndexing::WholeStore { reason } => {
+            assert!(reason.contains("unusable"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(restore(&fresh, "b"), b_mem);
 }

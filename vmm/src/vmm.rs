@@ -51,7 +51,9 @@ use crate::snapshot::{
 };
 use crate::vcpu::{command_all, ExitAction, IoHandler, Vcpu, VcpuCommand, VcpuError, VcpuHandle};
 use crate::vm::{open_kvm, Vm, VmError};
-use ember_snapshot_store::{DiskMap, DiskRef, Manifest, MemoryMap, MemoryRef, ObjectKind, Store};
+use ember_snapshot_store::{
+    DiskMap, DiskRef, Manifest, MemoryMap, MemoryRef, ObjectKind, SnapshotIndexing, Store,
+};
 
 /// Most vCPUs a guest may have (the MP table must fit the EBDA).
 pub const MAX_VCPUS: u8 = 32;
@@ -1162,6 +1164,17 @@ impl Vmm {
         };
         phase("begin");
         let manifest = store.load_manifest(id).map_err(|e| fail(e.to_string()))?;
+        match store
+            .index_snapshot(&manifest)
+            .map_err(|e| fail(e.to_string()))?
+        {
+            SnapshotIndexing::Listed { loaded } => {
+                log::debug!("restore {id}: indexed the {loaded} packs its manifest lists")
+            }
+            SnapshotIndexing::WholeStore { reason } => {
+                log::info!("restore {id}: indexed the whole store ({reason})")
+            }
+        }
         let blob = store
             .read(&manifest.vm_state)
             .map_err(|e| fail(e.to_string()))?;
