@@ -21,7 +21,10 @@ fn store() -> &'static (Store, std::path::PathBuf) {
 fuzz_target!(|data: &[u8]| {
     let (store, root) = store();
     std::fs::write(root.join("manifests").join("fuzzed"), data).unwrap();
-    let _ = store.load_manifest("fuzzed");
+    if let Ok(manifest) = store.load_manifest("fuzzed") {
+        // The packs it lists are names under `packs/` (absent here: the whole-store fallback).
+        let _ = store.index_snapshot(&manifest);
+    }
     let working_sets = root.join("workingsets");
     std::fs::create_dir_all(&working_sets).unwrap();
     std::fs::write(working_sets.join("fuzzed"), data).unwrap();
