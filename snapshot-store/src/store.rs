@@ -676,7 +676,6 @@ impl Store {
     /// The manifest written lists the packs holding those objects (see [`Manifest::packs`]).
     pub fn save_manifest(&self, m: &Manifest) -> Result<()> {
         let path = self.manifest_path(&m.id)?;
-        manifest::encode(m)?;
         let _lock = self.lock(LockMode::Shared)?;
         let packs = self.check_references(m)?;
         let m = &Manifest {
