@@ -550,27 +550,18 @@ impl Store {
                     .filter(|id| !idx.ids.contains_key(id.as_str()))
                     .collect()
             };
-            let mut loaded = Vec::with_capacity(wanted.len());
-            let mut unusable = None;
-            for id in wanted {
-                match load_pack(&self.packs_dir, id) {
-                    Ok(pack) => loaded.push(pack),
-                    Err(e) => {
-                        unusable = Some(e);
-                        break;
+            wanted
+                .into_iter()
+                .map(|id| load_pack(&self.packs_dir, id))
+                .collect::<std::result::Result<Vec<_>, PackError>>()
+                .map(|loaded| {
+                    let mut idx = self.write_index();
+                    let count = loaded.len();
+                    for (pack, entries) in loaded {
+                        idx.add(pack, &entries);
                     }
-                }
-            }
-            if let Some(e) = unusable {
-                Err(e)
-            } else {
-                let mut idx = self.write_index();
-                let count = loaded.len();
-                for (pack, entries) in loaded {
-                    idx.add(pack, &entries);
-                }
-                Ok(count)
-            }
+                    count
+                })
         };
         match loaded {
             Ok(loaded) => Ok(SnapshotIndexing::Listed { loaded }),
