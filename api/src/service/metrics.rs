@@ -133,6 +133,25 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         "Sandboxes stopped at their timeout.",
         load(&m.timeouts),
     );
+    let gc = &state.gc;
+    counter(
+        &mut out,
+        "ember_store_gc_runs_total",
+        "Store garbage collections run (one follows each snapshot deletion).",
+        load(&gc.runs),
+    );
+    counter(
+        &mut out,
+        "ember_store_gc_failures_total",
+        "Store garbage collections that failed.",
+        load(&gc.failures),
+    );
+    counter(
+        &mut out,
+        "ember_store_gc_reclaimed_bytes_total",
+        "Pack bytes the store's garbage collections freed.",
+        load(&gc.bytes_reclaimed),
+    );
     m.boot_ready.write(
         &mut out,
         "ember_boot_ready_seconds",

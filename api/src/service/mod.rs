@@ -6,6 +6,7 @@ pub mod cgroup;
 pub mod error;
 pub mod exec;
 pub mod files;
+pub mod gc;
 mod jail;
 pub mod metrics;
 pub mod network;
@@ -92,6 +93,8 @@ pub struct AppState {
     pub sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     pub store: Arc<ember_snapshot_store::Store>,
     pub metrics: metrics::Metrics,
+    /// Reclaims the store's space after snapshots are deleted.
+    pub gc: Arc<gc::StoreGc>,
     /// Where sandboxes' cgroups go (none: the host has no usable cgroup v2 hierarchy).
     pub cgroups: Option<cgroup::Cgroups>,
 }
@@ -191,6 +194,7 @@ pub fn serve(args: ServeArgs) -> i32 {
         sandboxes: Mutex::new(HashMap::new()),
         store,
         metrics: metrics::Metrics::default(),
+        gc: Arc::default(),
         cgroups: match cgroup::Cgroups::detect(std::path::Path::new("/sys/fs/cgroup")) {
             Ok(cgroups) => {
                 log::info!(
@@ -227,6 +231,7 @@ pub fn serve(args: ServeArgs) -> i32 {
 
 async fn run_service(state: Arc<AppState>, socket: PathBuf) -> Result<(), String> {
     sandbox::recover(&state).await;
+    tokio::spawn(state.gc.clone().run(state.store.clone()));
     if state.config.jail.is_some() {
         let live: std::collections::HashSet<String> = state
             .sandboxes
@@ -692,6 +697,7 @@ mod tests {
             sandboxes: Mutex::new(HashMap::new()),
             store: crate::command::open_store(&dir.join("store")).unwrap(),
             metrics: metrics::Metrics::default(),
+            gc: Arc::default(),
             cgroups: None,
         })
     }
@@ -907,6 +913,127 @@ mod tests {
         let (status, doc) = call(&app, "GET", "/openapi.json", "").await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(doc["openapi"], "3.0.3");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Stores a snapshot `id` of `pages` pages of noise seeded by `seed`.
+    fn store_snapshot(store: &ember_snapshot_store::Store, id: &str, pages: usize, seed: u64) {
+        use ember_snapshot_store::{Manifest, MemoryRef, ObjectKind, PAGE_SIZE};
+        let mut x = seed | 1;
+        let mem: Vec<u8> = (0..pages * PAGE_SIZE)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut w = store.writer().unwrap();
+        let map = w.put_memory(&mem, 1).unwrap();
+        let chunks = map.store(&mut w).unwrap();
+        let state = w.put(ObjectKind::VmState, id.as_bytes()).unwrap();
+        let m = Manifest::new(
+            id,
+            state,
+            MemoryRef {
+                size_bytes: map.size_bytes(),
+                page_size: PAGE_SIZE as u32,
+                map_chunks: chunks,
+            },
+        );
+        w.commit(&m).unwrap();
+    }
+
+    fn pack_bytes(store_dir: &std::path::Path) -> u64 {
+        std::fs::read_dir(store_dir.join("packs"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.metadata().unwrap().len())
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_in_use_is_kept_and_a_deleted_one_is_reclaimed_in_the_background() {
+        let dir = std::env::temp_dir().join(format!("ember-api-gc-{}", std::process::id()));
+        let state = state(&dir);
+        let store_dir = state.config.store_dir.clone();
+        store_snapshot(&state.store, "keep", 64, 1);
+        store_snapshot(&state.store, "drop", 64, 2);
+        let before = pack_bytes(&store_dir);
+        let restored = |id: &str, s: SandboxState| {
+            Arc::new(Sandbox::for_test(
+                dir.join(id),
+                id,
+                crate::control::WorkerOrigin::Restore {
+                    snapshot: "drop".into(),
+                    mode: "lazy".into(),
+                },
+                s,
+            ))
+        };
+        for (id, s) in [
+            ("sb-live", SandboxState::Running),
+            ("sb-old", SandboxState::Stopped),
+        ] {
+            state
+                .sandboxes
+                .lock()
+                .unwrap()
+                .insert(id.into(), restored(id, s));
+        }
+        let app = router(state.clone());
+        tokio::spawn(state.gc.clone().run(state.store.clone()));
+
+        // A live sandbox restored from it may still load its memory from it: refused.
+        let (status, doc) = call(&app, "DELETE", "/snapshots/drop", "").await;
+        assert_eq!(status, StatusCode::CONFLICT, "{doc}");
+        let message = doc["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("sb-live") && !message.contains("sb-old"),
+            "{message}"
+        );
+        assert!(state.store.load_manifest("drop").is_ok());
+        assert_eq!(state.gc.runs.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+        // Once that sandbox has stopped, the delete goes through and GC frees its pages.
+        state
+            .sandbox("sb-live")
+            .unwrap()
+            .update(|r| r.state = SandboxState::Stopped);
+        let (status, _) = call(&app, "DELETE", "/snapshots/drop", "").await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while state.gc.runs.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "no GC ran");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let after = pack_bytes(&store_dir);
+        assert!(
+            after < before - 60 * 4096,
+            "{before} bytes of packs before, {after} after"
+        );
+        assert!(
+            state
+                .gc
+                .bytes_reclaimed
+                .load(std::sync::atomic::Ordering::SeqCst)
+                > 60 * 4096
+        );
+        // The other snapshot is whole.
+        let fresh = crate::command::open_store(&store_dir).unwrap();
+        assert!(fresh.verify().unwrap().is_clean());
+        let m = fresh.load_manifest("keep").unwrap();
+        let map = fresh.load_memory_map(&m).unwrap();
+        let mut mem = vec![0u8; map.size_bytes() as usize];
+        map.restore_into(&fresh, &mut mem).unwrap();
+        let request = Request::builder()
+            .uri("/metrics")
+            .body(Body::empty())
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        let text = response.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&text);
+        assert!(text.contains("ember_store_gc_runs_total 1\n"), "{text}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

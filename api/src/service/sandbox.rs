@@ -161,6 +161,47 @@ impl Sandbox {
         }
     }
 
+    /// A sandbox with only a record (no VMM), for tests of the service's bookkeeping.
+    #[cfg(test)]
+    pub(crate) fn for_test(
+        dir: PathBuf,
+        id: &str,
+        origin: WorkerOrigin,
+        state: SandboxState,
+    ) -> Sandbox {
+        let spec = WorkerSpec {
+            sandbox_id: id.into(),
+            kernel: "/k".into(),
+            rootfs: "/r".into(),
+            vcpus: 1,
+            mem_mib: 256,
+            origin,
+            store_dir: "/s".into(),
+            vsock_socket: "/v".into(),
+            control_socket: "/c".into(),
+            overlay: "/o".into(),
+            disk_rate_limit: Default::default(),
+            net_rate_limits: Default::default(),
+            jail: None,
+            net: None,
+        };
+        let record = SandboxRecord {
+            id: id.into(),
+            created_unix_ms: 0,
+            spec,
+            env: BTreeMap::new(),
+            state,
+            failure: None,
+            pid: None,
+            deadline_unix_ms: 0,
+            ready_ms: None,
+            last_snapshot: None,
+            net: None,
+            ports: Vec::new(),
+        };
+        Sandbox::new(dir, record)
+    }
+
     /// Removes the sandbox's folder (record, log, overlay) and its sockets for good.
     pub fn remove_from_disk(&self) {
         self.close_ports();

@@ -204,7 +204,9 @@ pub async fn get(
     Ok(axum::Json(describe(&state, &id).await?).into_response())
 }
 
-/// `DELETE /snapshots/{id}`: its objects are reclaimed by `ember store gc`.
+/// `DELETE /snapshots/{id}`: refused (409) while live sandboxes restored from it run, since
+/// their memory may still be loading from its objects; afterwards a background GC reclaims
+/// the space only it used.
 pub async fn delete(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -212,13 +214,36 @@ pub async fn delete(
     if !sandbox::valid_id(&id) {
         return Err(ApiError::not_found("snapshot", &id));
     }
+    let users = live_sandboxes_restored_from(&state, &id);
+    if !users.is_empty() {
+        return Err(ApiError::conflict(format!(
+            "snapshot {id:?} is in use by the live sandboxes {}, restored from it: delete \
+             them first",
+            users.join(", ")
+        )));
+    }
     let store = state.store.clone();
     let owned = id.clone();
     tokio::task::spawn_blocking(move || store.delete_manifest(&owned))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(|e| store_error(&id, e))?;
+    state.gc.request();
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Ids of the sandboxes restored from `snapshot` whose VMM may still run, sorted.
+fn live_sandboxes_restored_from(state: &AppState, snapshot: &str) -> Vec<String> {
+    let mut ids: Vec<String> = state
+        .sandboxes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .filter(|s| s.state().is_live() && s.restored_from().as_deref() == Some(snapshot))
+        .map(|s| s.id.clone())
+        .collect();
+    ids.sort();
+    ids
 }
 
 /// `POST /snapshots/{id}/fork` `{count}`: `count` sandboxes restored from one snapshot, at
