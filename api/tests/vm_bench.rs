@@ -146,11 +146,14 @@ fn vmtest_bench_quick_writes_a_report_with_ratios_and_charts() {
 
 #[test]
 fn vmtest_a_short_soak_leaves_nothing_behind_and_draws_its_curve() {
-    let (out, stdout, _) = bench("soak-test", &["--soak", "4"]);
+    // Two at a time: the service under concurrent creates, snapshots, deletes and GCs.
+    let (out, stdout, _) = bench("soak-test", &["--soak", "4", "--soak-streams", "2"]);
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("soak.json")).unwrap()).unwrap();
     let samples = report["samples"].as_array().unwrap();
     assert_eq!(samples.len(), 4, "{report}");
+    assert_eq!(report["streams"], 2, "{report}");
+    assert_eq!(report["failure"], Value::Null, "{report}");
     assert!(samples
         .iter()
         .all(|s| s["open_fds"].as_u64().unwrap() > 0 && s["threads"].as_u64().unwrap() > 0));

@@ -53,6 +53,9 @@ pub struct BenchArgs {
     /// growth beyond noise or anything left behind.
     #[arg(long, value_name = "CYCLES", conflicts_with_all = ["compare", "socket", "render"])]
     pub soak: Option<u32>,
+    /// Soak cycles run at once (each its own sequence of sandboxes and snapshot).
+    #[arg(long, value_name = "K", default_value_t = 1, requires = "soak")]
+    pub soak_streams: u32,
     /// Kernel and rootfs for the service this starts (default: as `ember serve`).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -479,8 +482,12 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
             &api,
             service.child.id(),
             &service.state_dir,
-            cycles.max(1),
-            environment(),
+            soak::SoakPlan {
+                cycles: cycles.max(1),
+                streams: args.soak_streams,
+                environment: environment(),
+                out: &args.out,
+            },
         )
         .await?;
         drop(service);

@@ -4,8 +4,10 @@
 //! behind (VMM processes, cgroups, sockets, overlays, records, mounts, the store's temporary
 //! files and, when run as root, where every sandbox has an egress network: namespaces, veths,
 //! the NAT table). A leak shows as a curve that climbs: the report compares the first cycles'
-//! figures with the last ones'.
+//! figures with the last ones'. With `--soak-streams K` K cycles run at once (a service under
+//! concurrent load; also K times fewer hours for the same number of cycles in the lab).
 
+use std::cell::{Cell, RefCell};
 use std::path::Path;
 use std::time::Instant;
 
@@ -22,6 +24,9 @@ pub struct SoakSample {
     pub open_fds: u64,
     pub threads: u64,
     pub rss_kib: u64,
+    /// Bytes of the store's pack files (deleted snapshots are reclaimed by the service's GC).
+    #[serde(default)]
+    pub store_kib: u64,
     /// How long the cycle took.
     pub seconds: f64,
 }
@@ -39,7 +44,21 @@ pub struct SoakReport {
     /// Whether every sandbox had an egress network (namespace, TAP, veth, nftables).
     #[serde(default)]
     pub networked: bool,
+    /// Cycles run at once.
+    #[serde(default = "one")]
+    pub streams: u32,
+    /// The error that stopped the soak early (none: every cycle ran).
+    #[serde(default)]
+    pub failure: Option<String>,
 }
+
+fn one() -> u32 {
+    1
+}
+
+/// The partial report is rewritten every this many cycles, so a soak that dies still leaves
+/// its curve.
+const WRITE_EVERY: usize = 25;
 
 /// File descriptors and threads may differ by this much between the start and the end
 /// (a connection in flight, a runtime thread parked).
@@ -48,6 +67,10 @@ const THREAD_NOISE: f64 = 2.0;
 /// Resident memory may grow by this fraction plus this much (allocator caches settling).
 const RSS_NOISE_FRACTION: f64 = 0.2;
 const RSS_NOISE_KIB: f64 = 16.0 * 1024.0;
+/// The store holds the snapshots of the cycles in flight; GC runs after each deletion, a
+/// moment later, so a sample may still count a deleted snapshot's packs.
+const STORE_NOISE_FRACTION: f64 = 0.5;
+const STORE_NOISE_KIB: f64 = 64.0 * 1024.0;
 
 /// Reads one figure of a sample.
 type Metric = fn(&SoakSample) -> f64;
@@ -64,43 +87,109 @@ fn status_field(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn sample(pid: u32, cycle: u32, seconds: f64) -> SoakSample {
+fn sample(pid: u32, state_dir: &Path, cycle: u32, seconds: f64) -> SoakSample {
     SoakSample {
         cycle,
         open_fds: std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64),
         threads: status_field(pid, "Threads:"),
         rss_kib: status_field(pid, "VmRSS:"),
+        store_kib: file_bytes(&state_dir.join("store/packs")) / 1024,
         seconds,
     }
 }
 
-/// Runs the cycles against the service at `api` (process `pid`, state in `state_dir`).
+/// Bytes of the files directly in `dir`.
+fn file_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum()
+    })
+}
+
+/// What the soak is told to do.
+pub(super) struct SoakPlan<'a> {
+    pub cycles: u32,
+    pub streams: u32,
+    pub environment: String,
+    /// Where the (partial, then final) report goes.
+    pub out: &'a Path,
+}
+
+/// Runs the cycles against the service at `api` (process `pid`, state in `state_dir`),
+/// `plan.streams` at a time. A failed cycle stops the soak: the report then names the error
+/// (and whatever that cycle left behind).
 pub(super) async fn soak(
     api: &Api,
     pid: u32,
     state_dir: &Path,
-    cycles: u32,
-    environment: String,
+    plan: SoakPlan<'_>,
 ) -> Result<SoakReport, BenchError> {
+    let SoakPlan {
+        cycles,
+        streams,
+        environment,
+        out,
+    } = plan;
+    let streams = streams.clamp(1, cycles.max(1));
     let mounts_before = mount_count();
     // Sandbox networks need a service run as root (as the one this run starts is then).
     // SAFETY: geteuid has no preconditions and cannot fail.
     let networked = unsafe { libc::geteuid() } == 0;
-    let mut samples = Vec::with_capacity(cycles as usize);
-    for cycle in 0..cycles {
-        let start = Instant::now();
-        one_cycle(api, cycle, networked).await?;
-        let s = sample(pid, cycle, start.elapsed().as_secs_f64());
-        eprintln!(
-            "ember bench: soak cycle {}/{cycles}: {} fds, {} threads, {} KiB resident, {:.1} s",
-            cycle + 1,
-            s.open_fds,
-            s.threads,
-            s.rss_kib,
-            s.seconds
-        );
-        samples.push(s);
-    }
+    let partial = |samples: Vec<SoakSample>, failure: Option<String>| SoakReport {
+        environment: environment.clone(),
+        cycles,
+        samples,
+        leftovers: Vec::new(),
+        growth: Vec::new(),
+        networked,
+        streams,
+        failure,
+    };
+    let next = Cell::new(0u32);
+    let failure: RefCell<Option<String>> = RefCell::new(None);
+    let samples: RefCell<Vec<SoakSample>> = RefCell::new(Vec::with_capacity(cycles as usize));
+    let stream = || async {
+        loop {
+            let cycle = next.get();
+            if cycle >= cycles || failure.borrow().is_some() {
+                return;
+            }
+            next.set(cycle + 1);
+            let start = Instant::now();
+            if let Err(e) = one_cycle(api, cycle, networked).await {
+                failure.borrow_mut().get_or_insert(e.to_string());
+                return;
+            }
+            let s = sample(pid, state_dir, cycle, start.elapsed().as_secs_f64());
+            let done = {
+                let mut all = samples.borrow_mut();
+                all.push(s.clone());
+                all.len()
+            };
+            eprintln!(
+                "ember bench: soak cycle {} ({done}/{cycles} done): {} fds, {} threads, \
+                 {} KiB resident, store {} KiB, {:.1} s",
+                cycle + 1,
+                s.open_fds,
+                s.threads,
+                s.rss_kib,
+                s.store_kib,
+                s.seconds
+            );
+            if done % WRITE_EVERY == 0 {
+                if let Err(e) = partial(samples.borrow().clone(), None).write(out) {
+                    eprintln!("ember bench: writing the partial soak report: {e}");
+                }
+            }
+        }
+    };
+    futures_util::future::join_all((0..streams).map(|_| stream())).await;
+    let samples = samples.into_inner();
+    let failure = failure.into_inner();
     // A VMM's cgroup goes a moment after the VMM: give the last cycle's a few seconds.
     let mut leftovers = leftovers(state_dir);
     for _ in 0..10 {
@@ -122,12 +211,9 @@ pub(super) async fn soak(
     }
     let growth = growth(&samples);
     Ok(SoakReport {
-        environment,
-        cycles,
-        samples,
         leftovers,
         growth,
-        networked,
+        ..partial(samples, failure)
     })
 }
 
@@ -283,7 +369,7 @@ pub fn growth(samples: &[SoakSample]) -> Vec<String> {
     let first = &samples[..window];
     let last = &samples[samples.len() - window..];
     let mut growth = Vec::new();
-    let checks: [(&str, Metric, f64, f64); 3] = [
+    let checks: [(&str, Metric, f64, f64); 4] = [
         (
             "open file descriptors",
             |s| s.open_fds as f64,
@@ -297,6 +383,12 @@ pub fn growth(samples: &[SoakSample]) -> Vec<String> {
             RSS_NOISE_FRACTION,
             RSS_NOISE_KIB,
         ),
+        (
+            "store pack KiB",
+            |s| s.store_kib as f64,
+            STORE_NOISE_FRACTION,
+            STORE_NOISE_KIB,
+        ),
     ];
     for (name, pick, fraction, absolute) in checks {
         let (a, b) = (mean(first.iter().map(pick)), mean(last.iter().map(pick)));
@@ -308,36 +400,49 @@ pub fn growth(samples: &[SoakSample]) -> Vec<String> {
 }
 
 impl SoakReport {
-    /// Whether the soak passed: nothing left behind, nothing growing.
+    /// Whether the soak passed: every cycle ran, nothing left behind, nothing growing.
     pub fn passed(&self) -> bool {
-        self.leftovers.is_empty() && self.growth.is_empty()
+        self.failure.is_none() && self.leftovers.is_empty() && self.growth.is_empty()
     }
 
     pub fn markdown(&self) -> String {
         let first = self.samples.first();
         let last = self.samples.last();
         let row = |s: Option<&SoakSample>| {
-            s.map_or("- | - | - | -".to_string(), |s| {
+            s.map_or("- | - | - | - | -".to_string(), |s| {
                 format!(
-                    "{} | {} | {} | {:.1}",
+                    "{} | {} | {} | {} | {:.1}",
                     s.open_fds,
                     s.threads,
                     s.rss_kib / 1024,
+                    s.store_kib / 1024,
                     s.seconds
                 )
             })
         };
+        let at_once = if self.streams > 1 {
+            format!(", {} at a time", self.streams)
+        } else {
+            String::new()
+        };
         let mut md = format!(
-            "# ember soak: {} cycles of create, exec, snapshot, restore, exec, delete\n\n\
+            "# ember soak: {} cycles of create, exec, snapshot, restore, exec, delete{at_once}\n\n\
              Environment: {}. The service process after each cycle:\n\n\
-             | after | open fds | threads | RSS MiB | cycle s |\n| --- | --- | --- | --- | --- |\n\
+             | after | open fds | threads | RSS MiB | store MiB | cycle s |\n\
+             | --- | --- | --- | --- | --- | --- |\n\
              | cycle 1 | {} |\n| cycle {} | {} |\n\n",
             self.cycles,
             self.environment,
             row(first),
-            self.cycles,
+            self.samples.len(),
             row(last),
         );
+        if let Some(failure) = &self.failure {
+            md.push_str(&format!(
+                "**Stopped after {} cycles**: {failure}\n\n",
+                self.samples.len()
+            ));
+        }
         md.push_str(&format!(
             "Growth beyond noise: {}.\n\nLeft behind: {}.\n",
             if self.growth.is_empty() {
@@ -373,11 +478,11 @@ impl SoakReport {
 
     fn chart(&self, path: &Path) -> Result<(), String> {
         use plotters::prelude::*;
-        let root = SVGBackend::new(path, (720, 600)).into_drawing_area();
+        let root = SVGBackend::new(path, (720, 800)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
-        let areas = root.split_evenly((3, 1));
+        let areas = root.split_evenly((4, 1));
         let cycles = self.samples.len().max(2) as u32;
-        let series: [(&str, Metric, RGBColor); 3] = [
+        let series: [(&str, Metric, RGBColor); 4] = [
             (
                 "open file descriptors",
                 |s| s.open_fds as f64,
@@ -388,6 +493,11 @@ impl SoakReport {
                 "resident MiB",
                 |s| s.rss_kib as f64 / 1024.0,
                 RGBColor(0x54, 0xa2, 0x4b),
+            ),
+            (
+                "store MiB",
+                |s| s.store_kib as f64 / 1024.0,
+                RGBColor(0xb2, 0x79, 0xa2),
             ),
         ];
         for (area, (name, pick, color)) in areas.iter().zip(series) {
@@ -409,7 +519,8 @@ impl SoakReport {
                 .map_err(|e| e.to_string())?;
             chart
                 .draw_series(LineSeries::new(
-                    self.samples.iter().map(|s| (s.cycle + 1, pick(s))),
+                    // In the order cycles finished (with several streams, not their numbers').
+                    (1u32..).zip(self.samples.iter().map(pick)),
                     color.stroke_width(2),
                 ))
                 .map_err(|e| e.to_string())?;
@@ -431,6 +542,7 @@ mod tests {
                 open_fds: f,
                 threads: 8,
                 rss_kib: r,
+                store_kib: 1000,
                 seconds: 1.0,
             })
             .collect()
@@ -454,6 +566,14 @@ mod tests {
         let bloating: Vec<u64> = (0..30).map(|i| 30000 + i * 4000).collect();
         let found = growth(&samples(&[20; 30], &bloating));
         assert!(found[0].starts_with("resident KiB grew"), "{found:?}");
+        // A store that keeps every deleted snapshot's pages.
+        let mut hoarding = samples(&[20; 30], &[30000; 30]);
+        for (i, s) in hoarding.iter_mut().enumerate() {
+            s.store_kib = 40_000 * (i as u64 + 1);
+        }
+        let found = growth(&hoarding);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].starts_with("store pack KiB grew"), "{found:?}");
     }
 
     #[test]
@@ -465,6 +585,8 @@ mod tests {
             leftovers: Vec::new(),
             growth: Vec::new(),
             networked: false,
+            streams: 1,
+            failure: None,
         };
         assert!(report.passed());
         let dir = std::env::temp_dir().join(format!("ember-soak-test-{}", std::process::id()));
@@ -476,10 +598,23 @@ mod tests {
             svg.len()
         );
         let md = std::fs::read_to_string(dir.join("soak.md")).unwrap();
-        assert!(md.contains("| cycle 3 | 20 | 8 | 29 | 1.0 |"), "{md}");
+        assert!(md.contains("| cycle 3 | 20 | 8 | 29 | 0 | 1.0 |"), "{md}");
         let back: SoakReport =
             serde_json::from_slice(&std::fs::read(dir.join("soak.json")).unwrap()).unwrap();
         assert_eq!(back.samples.len(), 3);
+        // A soak a failed cycle stopped fails, and says where and why.
+        let stopped = SoakReport {
+            failure: Some("soak cycle 2: restore: the VMM ended".into()),
+            streams: 2,
+            ..report
+        };
+        assert!(!stopped.passed());
+        let md = stopped.markdown();
+        assert!(md.contains("2 at a time"), "{md}");
+        assert!(
+            md.contains("**Stopped after 3 cycles**: soak cycle 2: restore"),
+            "{md}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
