@@ -212,7 +212,7 @@ pub struct LazyMemory {
     stop: EventFd,
     stopping: Arc<AtomicBool>,
     handler: Option<JoinHandle<()>>,
-    prefetcher: Option<JoinHandle<()>>,
+    prefetchers: Vec<JoinHandle<()>>,
     stats: Arc<LazyStats>,
     recorded: Arc<Mutex<Option<Vec<u64>>>>,
     /// Written (with the reason stored in `failure`) when serving a page failed.
@@ -275,30 +275,43 @@ impl LazyMemory {
                 source,
             })?
         };
-        let prefetcher = if prefetch.is_empty() {
-            None
-        } else {
-            let (uffd, layout, stats, stopping) =
-                (uffd.clone(), layout, stats.clone(), stopping.clone());
-            Some(
-                ember_seccomp::spawn_filtered(
-                    "ember-prefetch".into(),
-                    ember_seccomp::ThreadKind::MemoryFaults,
-                    move || {
-                        prefetch_runs(&uffd, &layout, source.as_ref(), &stats, &stopping, prefetch)
-                    },
-                )
-                .map_err(|source| LazyError::Spawn {
-                    what: "prefetch",
-                    source,
-                })?,
-            )
-        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut prefetchers = Vec::new();
+        for (i, share) in prefetch_shares(prefetch, threads).into_iter().enumerate() {
+            let (uffd, layout, source, stats, stopped) = (
+                uffd.clone(),
+                layout.clone(),
+                source.clone(),
+                stats.clone(),
+                stopping.clone(),
+            );
+            let thread = ember_seccomp::spawn_filtered(
+                format!("ember-prefetch{i}"),
+                ember_seccomp::ThreadKind::MemoryFaults,
+                move || prefetch_runs(&uffd, &layout, source.as_ref(), &stats, &stopped, share),
+            );
+            match thread {
+                Ok(thread) => prefetchers.push(thread),
+                Err(source) => {
+                    // Stop the threads already started before reporting.
+                    stopping.store(true, Ordering::Relaxed);
+                    let _ = stop.write(1);
+                    for t in prefetchers {
+                        let _ = t.join();
+                    }
+                    let _ = handler.join();
+                    return Err(LazyError::Spawn {
+                        what: "prefetch",
+                        source,
+                    });
+                }
+            }
+        }
         Ok(LazyMemory {
             stop,
             stopping,
             handler: Some(handler),
-            prefetcher,
+            prefetchers,
             stats,
             recorded,
             error_evt,
@@ -306,9 +319,9 @@ impl LazyMemory {
         })
     }
 
-    /// Waits until the prefetch thread (if any) has loaded its pages.
+    /// Waits until the prefetch threads (if any) have loaded their pages.
     pub fn finish_prefetch(&mut self) {
-        if let Some(h) = self.prefetcher.take() {
+        for h in self.prefetchers.drain(..) {
             let _ = h.join();
         }
     }
@@ -349,7 +362,7 @@ impl Drop for LazyMemory {
         if let Some(h) = self.handler.take() {
             let _ = h.join();
         }
-        if let Some(h) = self.prefetcher.take() {
+        for h in self.prefetchers.drain(..) {
             let _ = h.join();
         }
     }
@@ -358,6 +371,24 @@ impl Drop for LazyMemory {
 /// Pages per `UFFDIO_COPY` when prefetching (one call per run of neighbouring pages: the
 /// per-call cost, not the copy, dominates a 4 KiB page).
 const PREFETCH_RUN_PAGES: usize = 64;
+
+/// At most this many prefetch threads: reading, verifying and placing pages is CPU work, and
+/// the restore's own thread keeps working meanwhile.
+const MAX_PREFETCH_THREADS: usize = 2;
+
+/// Splits a working set into one share per prefetch thread (`threads` cores, at most
+/// [`MAX_PREFETCH_THREADS`]): sorted, without duplicates, in contiguous slices of nearly equal
+/// size, so runs of neighbouring pages stay whole except at the cuts. No share is empty.
+fn prefetch_shares(mut pages: Vec<u64>, threads: usize) -> Vec<Vec<u64>> {
+    pages.sort_unstable();
+    pages.dedup();
+    if pages.is_empty() {
+        return Vec::new();
+    }
+    let n = threads.clamp(1, MAX_PREFETCH_THREADS).min(pages.len());
+    let each = pages.len().div_ceil(n);
+    pages.chunks(each).map(<[u64]>::to_vec).collect()
+}
 
 /// Loads `pages` in bulk: sorted into runs of neighbouring pages, each read from `source` and
 /// placed with one `UFFDIO_COPY`. Pages the guest touched first are skipped (EEXIST); read
@@ -592,6 +623,19 @@ mod tests {
         assert_eq!(counts.iter().sum::<u32>(), 3);
         assert!(counts.len() >= 3, "{counts:?}");
         assert_ne!(counts.last(), Some(&0));
+    }
+
+    #[test]
+    fn the_working_set_is_split_into_sorted_contiguous_shares() {
+        let pages = vec![9, 1, 5, 5, 3, 7];
+        assert_eq!(
+            prefetch_shares(pages.clone(), 2),
+            vec![vec![1, 3, 5], vec![7, 9]]
+        );
+        assert_eq!(prefetch_shares(pages.clone(), 1), vec![vec![1, 3, 5, 7, 9]]);
+        assert_eq!(prefetch_shares(pages, 64).len(), MAX_PREFETCH_THREADS);
+        assert_eq!(prefetch_shares(vec![4], 2), vec![vec![4]]);
+        assert!(prefetch_shares(Vec::new(), 2).is_empty());
     }
 
     #[test]
