@@ -56,6 +56,10 @@ pub struct BenchArgs {
     /// Soak cycles run at once (each its own sequence of sandboxes and snapshot).
     #[arg(long, value_name = "K", default_value_t = 1, requires = "soak")]
     pub soak_streams: u32,
+    /// Continue the unfinished soak whose `soak.json` this is (say, after the machine running
+    /// it died), in a new service, up to --soak cycles in all.
+    #[arg(long, value_name = "SOAK_JSON", requires = "soak")]
+    pub soak_resume: Option<PathBuf>,
     /// Kernel and rootfs for the service this starts (default: as `ember serve`).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -476,6 +480,20 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
         return Ok(0);
     }
     if let Some(cycles) = args.soak {
+        let resume = match &args.soak_resume {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| {
+                        serde_json::from_slice::<soak::SoakReport>(&b).map_err(|e| e.to_string())
+                    })
+                    .map_err(step(format!(
+                        "reading the soak to resume, {}",
+                        path.display()
+                    )))?,
+            ),
+            None => None,
+        };
         let (service, socket) = OwnService::start(args)?;
         let api = Api(ApiClient::new(&socket));
         let report = soak::soak(
@@ -487,6 +505,7 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
                 streams: args.soak_streams,
                 environment: environment(),
                 out: &args.out,
+                resume,
             },
         )
         .await?;

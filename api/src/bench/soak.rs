@@ -50,6 +50,15 @@ pub struct SoakReport {
     /// The error that stopped the soak early (none: every cycle ran).
     #[serde(default)]
     pub failure: Option<String>,
+    /// Indices into `samples` where a new service began: `[0]` for one run; more when the soak
+    /// was continued (`--soak-resume`) after the machine running it died. Growth is judged
+    /// within each service's run.
+    #[serde(default = "first_service")]
+    pub service_starts: Vec<usize>,
+}
+
+fn first_service() -> Vec<usize> {
+    vec![0]
 }
 
 fn one() -> u32 {
@@ -117,6 +126,8 @@ pub(super) struct SoakPlan<'a> {
     pub environment: String,
     /// Where the (partial, then final) report goes.
     pub out: &'a Path,
+    /// An earlier, unfinished run of this soak to continue (its samples are kept).
+    pub resume: Option<SoakReport>,
 }
 
 /// Runs the cycles against the service at `api` (process `pid`, state in `state_dir`),
@@ -133,7 +144,23 @@ pub(super) async fn soak(
         streams,
         environment,
         out,
+        resume,
     } = plan;
+    let (earlier, mut service_starts) = match resume {
+        Some(r) => {
+            let mut starts = r.service_starts;
+            starts.push(r.samples.len());
+            (r.samples, starts)
+        }
+        None => (Vec::new(), Vec::new()),
+    };
+    if service_starts.is_empty() {
+        service_starts.push(0);
+    }
+    let service_starts = service_starts;
+    // Cycles keep counting where the earlier run stopped.
+    let first_cycle = earlier.iter().map(|s| s.cycle + 1).max().unwrap_or(0);
+    let last_cycle = first_cycle + cycles.saturating_sub(earlier.len() as u32);
     let streams = streams.clamp(1, cycles.max(1));
     let mounts_before = mount_count();
     // Sandbox networks need a service run as root (as the one this run starts is then).
@@ -148,14 +175,15 @@ pub(super) async fn soak(
         networked,
         streams,
         failure,
+        service_starts: service_starts.clone(),
     };
-    let next = Cell::new(0u32);
+    let next = Cell::new(first_cycle);
     let failure: RefCell<Option<String>> = RefCell::new(None);
-    let samples: RefCell<Vec<SoakSample>> = RefCell::new(Vec::with_capacity(cycles as usize));
+    let samples: RefCell<Vec<SoakSample>> = RefCell::new(earlier);
     let stream = || async {
         loop {
             let cycle = next.get();
-            if cycle >= cycles || failure.borrow().is_some() {
+            if cycle >= last_cycle || failure.borrow().is_some() {
                 return;
             }
             next.set(cycle + 1);
@@ -209,7 +237,7 @@ pub(super) async fn soak(
     if networked {
         leftovers.extend(crate::service::network::leftovers());
     }
-    let growth = growth(&samples);
+    let growth = growth_by_service(&samples, &service_starts);
     Ok(SoakReport {
         leftovers,
         growth,
@@ -354,6 +382,38 @@ fn mean(values: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
+/// [`growth`] within each service's run (a resumed soak's new service starts afresh); runs of
+/// fewer than 4 cycles are too short to judge.
+pub fn growth_by_service(samples: &[SoakSample], starts: &[usize]) -> Vec<String> {
+    let mut bounds: Vec<usize> = starts
+        .iter()
+        .copied()
+        .filter(|&i| i < samples.len())
+        .collect();
+    bounds.sort_unstable();
+    bounds.dedup();
+    if bounds.first() != Some(&0) {
+        bounds.insert(0, 0);
+    }
+    let runs = bounds.len();
+    bounds.push(samples.len());
+    let mut found = Vec::new();
+    for (k, w) in bounds.windows(2).enumerate() {
+        let run = &samples[w[0]..w[1]];
+        if runs > 1 && run.len() < 4 {
+            continue;
+        }
+        for g in growth(run) {
+            found.push(if runs > 1 {
+                format!("service run {} of {runs}: {g}", k + 1)
+            } else {
+                g
+            });
+        }
+    }
+    found
+}
+
 /// Compares the first and the last tenth of the cycles (at least one cycle each; the very
 /// first cycle is left out when there are more: it warms up the service's pools).
 pub fn growth(samples: &[SoakSample]) -> Vec<String> {
@@ -437,6 +497,17 @@ impl SoakReport {
             self.samples.len(),
             row(last),
         );
+        if self.service_starts.len() > 1 {
+            md.push_str(&format!(
+                "Run by {} services in turn: the soak was continued (`--soak-resume`) in a new \
+                 service {} times, after the machine running it died; the table's first row is \
+                 the first service's, its last row the last one's, and growth is judged within \
+                 each service's run (service starts at samples {:?}).\n\n",
+                self.service_starts.len(),
+                self.service_starts.len() - 1,
+                self.service_starts
+            ));
+        }
         if let Some(failure) = &self.failure {
             md.push_str(&format!(
                 "**Stopped after {} cycles**: {failure}\n\n",
@@ -577,6 +648,36 @@ mod tests {
     }
 
     #[test]
+    fn a_resumed_soak_is_judged_within_each_services_run() {
+        // A second service that starts with fewer descriptors and stays flat: no growth,
+        // though its figures differ from the first service's.
+        let mut fds: Vec<u64> = vec![30; 20];
+        fds.extend([20; 20]);
+        let flat = samples(&fds, &[30000; 40]);
+        assert!(growth_by_service(&flat, &[0, 20]).is_empty());
+        // The same figures read as one run would look like a shrink, never a leak; a leak in
+        // the second run is named with its run.
+        let mut leaking: Vec<u64> = vec![20; 20];
+        leaking.extend((0..20).map(|i| 20 + i));
+        let found = growth_by_service(&samples(&leaking, &[30000; 40]), &[0, 20]);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("service run 2 of 2: open file descriptors grew"),
+            "{found:?}"
+        );
+        // A run too short to judge is skipped; one run is judged as a whole.
+        let mut short_tail: Vec<u64> = vec![20; 38];
+        short_tail.extend([90, 90]);
+        let short = samples(&short_tail, &[30000; 40]);
+        assert!(growth_by_service(&short, &[0, 38]).is_empty());
+        assert_eq!(growth_by_service(&short, &[0]).len(), 1);
+        assert_eq!(
+            growth_by_service(&samples(&leaking, &[30000; 40]), &[0]).len(),
+            1
+        );
+    }
+
+    #[test]
     fn the_report_renders_with_its_curve() {
         let report = SoakReport {
             environment: "test".into(),
@@ -587,6 +688,7 @@ mod tests {
             networked: false,
             streams: 1,
             failure: None,
+            service_starts: vec![0],
         };
         assert!(report.passed());
         let dir = std::env::temp_dir().join(format!("ember-soak-test-{}", std::process::id()));
