@@ -1199,7 +1199,8 @@ impl Vmm {
             u32::try_from(snap.mem_bytes >> 20).map_err(|_| fail("memory size".into()))?;
         config.rootfs = snap.rootfs.clone();
         config.read_only_rootfs = snap.read_only_rootfs;
-        let overlay = match (&snap.rootfs_base, &snap.rootfs) {
+        // Where the rootfs overlay goes (restored below, once the working set is loading).
+        let overlay_plan = match (&snap.rootfs_base, &snap.rootfs) {
             (Some(base), Some(path)) => {
                 let overlay = config.rootfs_overlay.clone().ok_or_else(|| {
                     fail(
@@ -1212,10 +1213,7 @@ impl Vmm {
                     .iter()
                     .find(|d| d.name == ROOTFS_DISK)
                     .ok_or_else(|| fail("the manifest has no rootfs disk map".into()))?;
-                Some(
-                    restore_overlay(&store, disk, base, path, &overlay)
-                        .map_err(|reason| fail(format!("the rootfs overlay: {reason}")))?,
-                )
+                Some((disk, base, path, overlay))
             }
             _ => {
                 config.rootfs_overlay = None;
@@ -1233,13 +1231,17 @@ impl Vmm {
             ));
         }
         config.validate()?;
-        phase("disk overlay restored");
 
+        // Memory first: the working set starts loading now, while the disk overlay, the VM
+        // and its devices are put together.
         let kvm = open_kvm()?;
         let mem = create_guest_memory(config.mem_bytes()).map_err(VmmError::Memory)?;
         crate::memory::disable_huge_pages(&mem).map_err(VmmError::Memory)?;
         let base_map = map.clone();
-        let source = StorePages { store, map };
+        let source = StorePages {
+            store: store.clone(),
+            map,
+        };
         let prefetch = match mode {
             RestoreMode::Prefetch => match source.store.load_working_set(id) {
                 Ok(pages) => pages,
@@ -1265,6 +1267,14 @@ impl Vmm {
             log::debug!("restore {id}: prefetching a working set of {prefetching} pages");
         }
         phase("memory ready");
+        let overlay = match overlay_plan {
+            Some((disk, base, path, overlay)) => Some(
+                restore_overlay(&store, disk, base, path, &overlay)
+                    .map_err(|reason| fail(format!("the rootfs overlay: {reason}")))?,
+            ),
+            None => None,
+        };
+        phase("disk overlay restored");
         let vm = Vm::new(&kvm)?;
         // Logging dirty pages from the start makes the next snapshot of this VM a possible
         // diff against this one.
