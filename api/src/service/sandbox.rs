@@ -963,27 +963,12 @@ mod tests {
     fn an_update_after_the_delete_does_not_bring_the_folder_back() {
         let dir = std::env::temp_dir().join(format!("ember-sb-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let spec: WorkerSpec = serde_json::from_value(serde_json::json!({
-            "sandbox_id": "sb-t", "kernel": "/k", "rootfs": "/r", "vcpus": 1, "mem_mib": 256,
-            "origin": "boot", "store_dir": "/s", "vsock_socket": "/v", "control_socket": "/c",
-            "overlay": "/o"
-        }))
-        .unwrap();
-        let record = SandboxRecord {
-            id: "sb-t".into(),
-            created_unix_ms: 0,
-            spec,
-            env: BTreeMap::new(),
-            state: SandboxState::Running,
-            failure: None,
-            pid: None,
-            deadline_unix_ms: 0,
-            ready_ms: None,
-            last_snapshot: None,
-            net: None,
-            ports: Vec::new(),
-        };
-        let sandbox = Sandbox::new(dir.clone(), record);
+        let sandbox = Sandbox::for_test(
+            dir.clone(),
+            "sb-t",
+            WorkerOrigin::Boot,
+            SandboxState::Running,
+        );
         sandbox.update(|_| {});
         assert!(dir.join("sandbox.json").exists());
         sandbox.remove_from_disk();
