@@ -50,12 +50,29 @@ pub struct SoakReport {
     /// The error that stopped the soak early (none: every cycle ran).
     #[serde(default)]
     pub failure: Option<String>,
+    /// Cycles that failed; the soak cleans up after each and goes on (up to
+    /// [`MAX_FAILED_CYCLES`]), so a rare failure is counted, not the end of the run.
+    #[serde(default)]
+    pub failed_cycles: Vec<FailedCycle>,
     /// Indices into `samples` where a new service began: `[0]` for one run; more when the soak
     /// was continued (`--soak-resume`) after the machine running it died. Growth is judged
     /// within each service's run.
     #[serde(default = "first_service")]
     pub service_starts: Vec<usize>,
 }
+
+/// A cycle that failed, and where what was found about it went.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailedCycle {
+    pub cycle: u32,
+    pub error: String,
+    /// The file (in the report's folder) with the sandboxes' records, their VMM logs and the
+    /// guest's kernel log, gathered right after the failure.
+    pub evidence: String,
+}
+
+/// A soak with this many failed cycles stops: something is broken, not rare.
+pub const MAX_FAILED_CYCLES: usize = 5;
 
 fn first_service() -> Vec<usize> {
     vec![0]
@@ -146,26 +163,33 @@ pub(super) async fn soak(
         out,
         resume,
     } = plan;
-    let (earlier, mut service_starts) = match resume {
+    let (earlier, mut service_starts, earlier_failed) = match resume {
         Some(r) => {
             let mut starts = r.service_starts;
             starts.push(r.samples.len());
-            (r.samples, starts)
+            (r.samples, starts, r.failed_cycles)
         }
-        None => (Vec::new(), Vec::new()),
+        None => (Vec::new(), Vec::new(), Vec::new()),
     };
     if service_starts.is_empty() {
         service_starts.push(0);
     }
     let service_starts = service_starts;
     // Cycles keep counting where the earlier run stopped.
-    let first_cycle = earlier.iter().map(|s| s.cycle + 1).max().unwrap_or(0);
-    let last_cycle = first_cycle + cycles.saturating_sub(earlier.len() as u32);
+    let first_cycle = earlier
+        .iter()
+        .map(|s| s.cycle + 1)
+        .chain(earlier_failed.iter().map(|f| f.cycle + 1))
+        .max()
+        .unwrap_or(0);
+    let attempted = (earlier.len() + earlier_failed.len()) as u32;
+    let last_cycle = first_cycle + cycles.saturating_sub(attempted);
     let streams = streams.clamp(1, cycles.max(1));
     let mounts_before = mount_count();
     // Sandbox networks need a service run as root (as the one this run starts is then).
     // SAFETY: geteuid has no preconditions and cannot fail.
     let networked = unsafe { libc::geteuid() } == 0;
+    let failed_cycles: RefCell<Vec<FailedCycle>> = RefCell::new(earlier_failed);
     let partial = |samples: Vec<SoakSample>, failure: Option<String>| SoakReport {
         environment: environment.clone(),
         cycles,
@@ -176,6 +200,7 @@ pub(super) async fn soak(
         streams,
         failure,
         service_starts: service_starts.clone(),
+        failed_cycles: failed_cycles.borrow().clone(),
     };
     let next = Cell::new(first_cycle);
     let failure: RefCell<Option<String>> = RefCell::new(None);
@@ -188,9 +213,29 @@ pub(super) async fn soak(
             }
             next.set(cycle + 1);
             let start = Instant::now();
-            if let Err(e) = one_cycle(api, cycle, networked).await {
-                failure.borrow_mut().get_or_insert(e.to_string());
-                return;
+            let made = RefCell::new(Made::default());
+            if let Err(e) = one_cycle(api, cycle, networked, &made).await {
+                let error = e.to_string();
+                eprintln!("ember bench: soak cycle {} failed: {error}", cycle + 1);
+                let made = made.into_inner();
+                let evidence = gather_evidence(api, state_dir, out, cycle, &error, &made).await;
+                clean_up(api, &made).await;
+                let failed = {
+                    let mut failed = failed_cycles.borrow_mut();
+                    failed.push(FailedCycle {
+                        cycle,
+                        error: error.clone(),
+                        evidence,
+                    });
+                    failed.len()
+                };
+                if failed >= MAX_FAILED_CYCLES {
+                    failure
+                        .borrow_mut()
+                        .get_or_insert(format!("{failed} cycles failed, the last one: {error}"));
+                    return;
+                }
+                continue;
             }
             let s = sample(pid, state_dir, cycle, start.elapsed().as_secs_f64());
             let done = {
@@ -245,7 +290,93 @@ pub(super) async fn soak(
     })
 }
 
-async fn one_cycle(api: &Api, cycle: u32, networked: bool) -> Result<(), BenchError> {
+/// What a cycle has made so far (what to look at, and clean up, when it fails).
+#[derive(Default)]
+struct Made {
+    sandboxes: Vec<String>,
+    snapshot: Option<String>,
+}
+
+/// Writes `failed-cycle-N.txt` into `out`: the error, then for each sandbox of the cycle its
+/// record as the service shows it, the tail of its VMM's log and, if its agent still answers,
+/// the guest kernel's log. Returns the file's name.
+async fn gather_evidence(
+    api: &Api,
+    state_dir: &Path,
+    out: &Path,
+    cycle: u32,
+    error: &str,
+    made: &Made,
+) -> String {
+    let mut text = format!("soak cycle {} failed: {error}\n", cycle + 1);
+    for id in &made.sandboxes {
+        let record = api
+            .0
+            .json(
+                Method::GET,
+                &format!("/sandboxes/{id}"),
+                crate::client::empty_body(),
+            )
+            .await
+            .map_or_else(|e| format!("(no record: {e})"), |v| v.to_string());
+        text.push_str(&format!("\n=== sandbox {id}\n{record}\n"));
+        let log =
+            std::fs::read(state_dir.join("sandboxes").join(id).join("vmm.log")).unwrap_or_default();
+        let tail = &log[log.len().saturating_sub(EVIDENCE_LOG_BYTES)..];
+        text.push_str(&format!(
+            "--- its VMM's log (last {} bytes)\n{}\n",
+            tail.len(),
+            String::from_utf8_lossy(tail)
+        ));
+        let kernel_log = api
+            .exec(id, "sh", &["-c", "dmesg | tail -n 80"])
+            .await
+            .map_or_else(
+                |e| format!("(no answer: {e})"),
+                |v| v["stdout"].as_str().unwrap_or_default().to_string(),
+            );
+        text.push_str(&format!("--- the guest kernel's log\n{kernel_log}\n"));
+    }
+    let name = format!("failed-cycle-{}.txt", cycle + 1);
+    if let Err(e) =
+        std::fs::create_dir_all(out).and_then(|()| std::fs::write(out.join(&name), text))
+    {
+        eprintln!("ember bench: writing {name}: {e}");
+    }
+    name
+}
+
+/// How much of a failed sandbox's VMM log the evidence keeps.
+const EVIDENCE_LOG_BYTES: usize = 64 * 1024;
+
+/// Deletes what a failed cycle made, so the next cycles (and the leftover check) start clean.
+async fn clean_up(api: &Api, made: &Made) {
+    for id in &made.sandboxes {
+        if let Err(e) = api.delete(id).await {
+            eprintln!("ember bench: deleting sandbox {id} after a failed cycle: {e}");
+        }
+    }
+    if let Some(name) = &made.snapshot {
+        let deleted = api
+            .0
+            .json(
+                Method::DELETE,
+                &format!("/snapshots/{name}"),
+                crate::client::empty_body(),
+            )
+            .await;
+        if let Err(e) = deleted {
+            eprintln!("ember bench: deleting snapshot {name} after a failed cycle: {e}");
+        }
+    }
+}
+
+async fn one_cycle(
+    api: &Api,
+    cycle: u32,
+    networked: bool,
+    made: &RefCell<Made>,
+) -> Result<(), BenchError> {
     let what = |s: &str| format!("soak cycle {cycle}: {s}");
     let network = if networked {
         json!({"mode": "egress"})
@@ -257,19 +388,23 @@ async fn one_cycle(api: &Api, cycle: u32, networked: bool) -> Result<(), BenchEr
         .await
         .map_err(step(what("create")))?;
     let id = id_of(&sandbox).map_err(step(what("create")))?;
+    made.borrow_mut().sandboxes.push(id.clone());
     api.exec(&id, "sh", &["-c", &format!("echo {cycle} > /root/cycle")])
         .await
         .map_err(step(what("exec")))?;
     let name = format!("soak-{cycle}");
+    made.borrow_mut().snapshot = Some(name.clone());
     api.snapshot(&id, json!({"name": name, "stop": true}))
         .await
         .map_err(step(what("snapshot")))?;
     api.delete(&id).await.map_err(step(what("delete")))?;
+    made.borrow_mut().sandboxes.retain(|s| s != &id);
     let restored = api
         .create(json!({ "snapshot": name, "network": network }))
         .await
         .map_err(step(what("restore")))?;
     let restored_id = id_of(&restored).map_err(step(what("restore")))?;
+    made.borrow_mut().sandboxes.push(restored_id.clone());
     let out = api
         .exec(&restored_id, "cat", &["/root/cycle"])
         .await
@@ -283,6 +418,7 @@ async fn one_cycle(api: &Api, cycle: u32, networked: bool) -> Result<(), BenchEr
     api.delete(&restored_id)
         .await
         .map_err(step(what("delete the restored sandbox")))?;
+    made.borrow_mut().sandboxes.clear();
     api.0
         .json(
             Method::DELETE,
@@ -460,9 +596,13 @@ pub fn growth(samples: &[SoakSample]) -> Vec<String> {
 }
 
 impl SoakReport {
-    /// Whether the soak passed: every cycle ran, nothing left behind, nothing growing.
+    /// Whether the soak passed: every cycle ran and succeeded, nothing left behind, nothing
+    /// growing.
     pub fn passed(&self) -> bool {
-        self.failure.is_none() && self.leftovers.is_empty() && self.growth.is_empty()
+        self.failure.is_none()
+            && self.failed_cycles.is_empty()
+            && self.leftovers.is_empty()
+            && self.growth.is_empty()
     }
 
     pub fn markdown(&self) -> String {
@@ -507,6 +647,22 @@ impl SoakReport {
                 self.service_starts.len() - 1,
                 self.service_starts
             ));
+        }
+        if !self.failed_cycles.is_empty() {
+            md.push_str(&format!(
+                "**{} of {} cycles failed** (each cleaned up, the soak went on):\n\n",
+                self.failed_cycles.len(),
+                self.samples.len() + self.failed_cycles.len()
+            ));
+            for f in &self.failed_cycles {
+                md.push_str(&format!(
+                    "- cycle {}: {} (evidence: `{}`)\n",
+                    f.cycle + 1,
+                    f.error,
+                    f.evidence
+                ));
+            }
+            md.push('\n');
         }
         if let Some(failure) = &self.failure {
             md.push_str(&format!(
@@ -689,8 +845,22 @@ mod tests {
             streams: 1,
             failure: None,
             service_starts: vec![0],
+            failed_cycles: Vec::new(),
         };
         assert!(report.passed());
+        // A failed cycle, cleaned up and passed over, still fails the soak, and is listed.
+        let with_failed = SoakReport {
+            failed_cycles: vec![FailedCycle {
+                cycle: 1,
+                error: "soak cycle 1: exec: the agent closed the connection".into(),
+                evidence: "failed-cycle-2.txt".into(),
+            }],
+            ..report.clone()
+        };
+        assert!(!with_failed.passed());
+        let md = with_failed.markdown();
+        assert!(md.contains("**1 of 4 cycles failed**"), "{md}");
+        assert!(md.contains("- cycle 2: soak cycle 1: exec: the agent closed the connection (evidence: `failed-cycle-2.txt`)"), "{md}");
         let dir = std::env::temp_dir().join(format!("ember-soak-test-{}", std::process::id()));
         report.write(&dir).unwrap();
         let svg = std::fs::read_to_string(dir.join("soak.svg")).unwrap();
