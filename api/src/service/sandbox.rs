@@ -775,6 +775,13 @@ async fn start_vmm(
             );
             sandbox.fail(why.clone());
             sandbox.forget_agent().await;
+            // A sandbox whose VMM has ended never runs again: its record stays (to say why)
+            // until it is deleted, but its network and exposed ports go now.
+            sandbox.close_ports();
+            if sandbox.record().net.is_some() {
+                let id = sandbox.id.clone();
+                let _ = tokio::task::spawn_blocking(move || network::remove(&id)).await;
+            }
             let _ = exited_tx.send(why);
         });
     }
