@@ -547,8 +547,17 @@ fn vmtest_service_exec_streams_files_and_refuses_bad_requests() {
         "conflict",
     );
 
-    // kill -9 of one sandbox's VMM: reported as failed, the other keeps working.
-    let victim = service.create(json!({}));
+    // kill -9 of one sandbox's VMM: reported as failed, the other keeps working. As root (the
+    // lab) it has a network, which goes with its VMM while its record stays.
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let victim = service.create(if root {
+        json!({"network": {"mode": "egress"}})
+    } else {
+        json!({})
+    });
+    let netns = std::path::PathBuf::from(format!("/run/netns/ember-{victim}"));
+    assert_eq!(netns.exists(), root, "{}", netns.display());
     let pid = service.sandbox(&victim)["pid"].as_i64().unwrap();
     // SAFETY: the victim's VMM process, started by the service for this test.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -565,6 +574,15 @@ fn vmtest_service_exec_streams_files_and_refuses_bad_requests() {
         Some(r#"{"cmd":"true"}"#),
         409,
         "conflict",
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while netns.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !netns.exists(),
+        "the dead VMM's network namespace {} is still there",
+        netns.display()
     );
     assert_eq!(service.sh(&id, "echo still here")["stdout"], "still here\n");
 
