@@ -168,8 +168,9 @@ pub(super) struct SoakPlan<'a> {
 }
 
 /// Runs the cycles against the service at `api` (process `pid`, state in `state_dir`),
-/// `plan.streams` at a time. A failed cycle stops the soak: the report then names the error
-/// (and whatever that cycle left behind).
+/// `plan.streams` at a time. A failed cycle is recorded with its evidence and cleaned up;
+/// [`MAX_FAILED_CYCLES`] failures (or [`MAX_LAB_FAULTS`] of the lab's) stop the soak, and
+/// the report then names the last error.
 pub(super) async fn soak(
     api: &Api,
     pid: u32,
@@ -183,18 +184,14 @@ pub(super) async fn soak(
         out,
         resume,
     } = plan;
-    let (earlier, mut service_starts, earlier_failed) = match resume {
+    let (earlier, service_starts, earlier_failed) = match resume {
         Some(r) => {
             let mut starts = r.service_starts;
             starts.push(r.samples.len());
             (r.samples, starts, r.failed_cycles)
         }
-        None => (Vec::new(), Vec::new(), Vec::new()),
+        None => (Vec::new(), first_service(), Vec::new()),
     };
-    if service_starts.is_empty() {
-        service_starts.push(0);
-    }
-    let service_starts = service_starts;
     // Cycles keep counting where the earlier run stopped.
     let first_cycle = earlier
         .iter()
