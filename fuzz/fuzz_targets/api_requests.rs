@@ -55,6 +55,7 @@ fn service() -> &'static Service {
             sandboxes: Mutex::new(HashMap::new()),
             store,
             metrics: Default::default(),
+            gc: Default::default(),
             cgroups: None,
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
