@@ -275,48 +275,38 @@ impl LazyMemory {
                 source,
             })?
         };
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut prefetchers = Vec::new();
-        for (i, share) in prefetch_shares(prefetch, threads).into_iter().enumerate() {
-            let (uffd, layout, source, stats, stopped) = (
-                uffd.clone(),
-                layout.clone(),
-                source.clone(),
-                stats.clone(),
-                stopping.clone(),
-            );
-            let thread = ember_seccomp::spawn_filtered(
-                format!("ember-prefetch{i}"),
-                ember_seccomp::ThreadKind::MemoryFaults,
-                move || prefetch_runs(&uffd, &layout, source.as_ref(), &stats, &stopped, share),
-            );
-            match thread {
-                Ok(thread) => prefetchers.push(thread),
-                Err(source) => {
-                    // Stop the threads already started before reporting.
-                    stopping.store(true, Ordering::Relaxed);
-                    let _ = stop.write(1);
-                    for t in prefetchers {
-                        let _ = t.join();
-                    }
-                    let _ = handler.join();
-                    return Err(LazyError::Spawn {
-                        what: "prefetch",
-                        source,
-                    });
-                }
-            }
-        }
-        Ok(LazyMemory {
+        let mut lazy = LazyMemory {
             stop,
             stopping,
             handler: Some(handler),
-            prefetchers,
+            prefetchers: Vec::new(),
             stats,
             recorded,
             error_evt,
             failure,
-        })
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for (i, share) in prefetch_shares(prefetch, threads).into_iter().enumerate() {
+            let (uffd, layout, source, stats, stopping) = (
+                uffd.clone(),
+                layout.clone(),
+                source.clone(),
+                lazy.stats.clone(),
+                lazy.stopping.clone(),
+            );
+            // On failure `lazy` is dropped, which stops the threads already started.
+            let thread = ember_seccomp::spawn_filtered(
+                format!("ember-prefetch{i}"),
+                ember_seccomp::ThreadKind::MemoryFaults,
+                move || prefetch_runs(&uffd, &layout, source.as_ref(), &stats, &stopping, share),
+            )
+            .map_err(|source| LazyError::Spawn {
+                what: "prefetch",
+                source,
+            })?;
+            lazy.prefetchers.push(thread);
+        }
+        Ok(lazy)
     }
 
     /// Waits until the prefetch threads (if any) have loaded their pages.
@@ -390,19 +380,18 @@ fn prefetch_shares(mut pages: Vec<u64>, threads: usize) -> Vec<Vec<u64>> {
     pages.chunks(each).map(<[u64]>::to_vec).collect()
 }
 
-/// Loads `pages` in bulk: sorted into runs of neighbouring pages, each read from `source` and
-/// placed with one `UFFDIO_COPY`. Pages the guest touched first are skipped (EEXIST); read
-/// errors are left to the fault handler, which reports them if the page is really needed.
+/// Loads `pages` (sorted, without duplicates: a [`prefetch_shares`] share) in bulk, in runs of
+/// neighbouring pages, each read from `source` and placed with one `UFFDIO_COPY`. Pages the
+/// guest touched first are skipped (EEXIST); read errors are left to the fault handler, which
+/// reports them if the page is really needed.
 fn prefetch_runs(
     uffd: &Uffd,
     layout: &Layout,
     source: &dyn PageSource,
     stats: &LazyStats,
     stopping: &AtomicBool,
-    mut pages: Vec<u64>,
+    pages: Vec<u64>,
 ) {
-    pages.sort_unstable();
-    pages.dedup();
     let mut buf = vec![0u8; PREFETCH_RUN_PAGES * PAGE_SIZE];
     let mut i = 0;
     while i < pages.len() && !stopping.load(Ordering::Relaxed) {
