@@ -1041,8 +1041,16 @@ impl HostServers {
             dir: dir.clone(),
         };
         for address in addresses {
+            // An earlier attempt of this test in the same lab, killed at its timeout, ran no
+            // Drop: its server may still hold the address and the address is still on lo.
+            let stale = Command::new("pkill")
+                .args(["-f", &format!("http.server --bind {address} 8080")])
+                .status();
+            if stale.is_ok_and(|s| s.success()) {
+                std::thread::sleep(Duration::from_secs(1));
+            }
             let out = Command::new("ip")
-                .args(["addr", "add", &format!("{address}/32"), "dev", "lo"])
+                .args(["addr", "replace", &format!("{address}/32"), "dev", "lo"])
                 .output()
                 .unwrap();
             assert!(out.status.success(), "{}", text(&out.stderr));

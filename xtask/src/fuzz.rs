@@ -71,6 +71,14 @@ fn ensure_cargo_fuzz() -> Result<()> {
     )
 }
 
+/// Builds every target (as `cargo fuzz run` will: the runs reuse this build). The fuzz crate is
+/// outside the workspace, so neither clippy nor the host tests compile it: this is what catches
+/// a changed type there early.
+pub fn build_targets() -> Result<()> {
+    ensure_cargo_fuzz()?;
+    run(nightly_cargo().args(["fuzz", "build"])).context("building the fuzz targets")
+}
+
 /// Runs each target (or `only`) for `seconds`; fails if any finds a crash.
 pub fn run_targets(seconds: u64, only: Option<&str>) -> Result<i32> {
     let targets: Vec<&str> = match only {

@@ -124,6 +124,7 @@ pub fn run_all(skip_deps: bool) -> Result<i32> {
             "warnings",
         ]))
     })?;
+    phases.run("fuzz targets build", crate::fuzz::build_targets)?;
     phases.run("host tests (unit, no guest)", || {
         run(cargo().args(["test", "--workspace", "--", "--skip", VM_TEST_PREFIX]))
     })?;
