@@ -482,15 +482,15 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
     if let Some(cycles) = args.soak {
         let resume = match &args.soak_resume {
             Some(path) => Some(
-                std::fs::read(path)
-                    .map_err(|e| e.to_string())
-                    .and_then(|b| {
-                        serde_json::from_slice::<soak::SoakReport>(&b).map_err(|e| e.to_string())
-                    })
-                    .map_err(step(format!(
-                        "reading the soak to resume, {}",
-                        path.display()
-                    )))?,
+                soak::SoakReport::load_to_resume(
+                    path,
+                    &args.out,
+                    std::env::var_os("EMBER_IN_LAB").is_some(),
+                )
+                .map_err(step(format!(
+                    "reading the soak to resume, {}",
+                    path.display()
+                )))?,
             ),
             None => None,
         };

@@ -728,6 +728,32 @@ impl SoakReport {
     }
 
     /// Writes `soak.json`, `soak.md` and the curve, `soak.svg`, into `dir`.
+    /// Reads the report at `path` to continue it, writing into `out`: the evidence files its
+    /// failed cycles name are copied there (the new report refers to them), and failed cycles
+    /// recorded before lab faults were told apart are judged again from their error and
+    /// evidence (`in_lab`: this run is in the lab, as the earlier one was).
+    pub fn load_to_resume(path: &Path, out: &Path, in_lab: bool) -> Result<SoakReport, String> {
+        let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+        let mut report: SoakReport = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+        let from = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+        for failed in &mut report.failed_cycles {
+            // Only a plain file name: the report is input, and must not name other files.
+            let name = Path::new(&failed.evidence);
+            let evidence = if name.file_name() == Some(name.as_os_str()) {
+                std::fs::read_to_string(from.join(name)).unwrap_or_default()
+            } else {
+                String::new()
+            };
+            if !evidence.is_empty() && from.join(name) != out.join(name) {
+                std::fs::write(out.join(name), &evidence)
+                    .map_err(|e| format!("copying {}: {e}", failed.evidence))?;
+            }
+            failed.lab_fault |= is_lab_fault(in_lab, &failed.error, &evidence);
+        }
+        Ok(report)
+    }
+
     pub fn write(&self, dir: &Path) -> Result<(), String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let json = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
@@ -922,6 +948,59 @@ mod tests {
             "{md}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_resumed_report_brings_its_evidence_and_judges_old_failures_again() {
+        let base = std::env::temp_dir().join(format!("ember-soak-resume-{}", std::process::id()));
+        let (earlier, out) = (base.join("earlier"), base.join("out"));
+        std::fs::create_dir_all(&earlier).unwrap();
+        // Recorded before lab faults were told apart: the triple fault is in the evidence
+        // (cycle 4) or in neither (cycle 6, ember's failure as far as anyone can tell).
+        let failed = |cycle: u32| FailedCycle {
+            cycle,
+            error: "exec: the agent closed the connection".into(),
+            evidence: format!("failed-cycle-{}.txt", cycle + 1),
+            lab_fault: false,
+        };
+        let report = SoakReport {
+            environment: "the lab".into(),
+            cycles: 10,
+            samples: samples(&[20; 6], &[30000; 6]),
+            leftovers: Vec::new(),
+            growth: Vec::new(),
+            networked: true,
+            streams: 2,
+            failure: None,
+            service_starts: vec![0],
+            failed_cycles: vec![failed(3), failed(5)],
+        };
+        report.write(&earlier).unwrap();
+        std::fs::write(
+            earlier.join("failed-cycle-4.txt"),
+            "vCPU 0 triple fault (shutdown) at rip 0xfff0",
+        )
+        .unwrap();
+        std::fs::write(earlier.join("failed-cycle-6.txt"), "vmm.log: all well").unwrap();
+        let back = SoakReport::load_to_resume(&earlier.join("soak.json"), &out, true).unwrap();
+        let judged: Vec<bool> = back.failed_cycles.iter().map(|f| f.lab_fault).collect();
+        assert_eq!(judged, [true, false]);
+        for name in ["failed-cycle-4.txt", "failed-cycle-6.txt"] {
+            assert_eq!(
+                std::fs::read(out.join(name)).unwrap(),
+                std::fs::read(earlier.join(name)).unwrap()
+            );
+        }
+        // Outside the lab nothing is the lab's fault.
+        let outside = SoakReport::load_to_resume(&earlier.join("soak.json"), &out, false).unwrap();
+        assert!(outside.failed_cycles.iter().all(|f| !f.lab_fault));
+        // A report that names a file elsewhere gets no evidence read for it.
+        let mut hostile = report.clone();
+        hostile.failed_cycles[0].evidence = "../earlier/failed-cycle-4.txt".into();
+        hostile.write(&base.join("hostile")).unwrap();
+        let back = SoakReport::load_to_resume(&base.join("hostile/soak.json"), &out, true).unwrap();
+        assert!(!back.failed_cycles[0].lab_fault);
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
