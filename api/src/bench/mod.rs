@@ -60,6 +60,10 @@ pub struct BenchArgs {
     /// it died), in a new service, up to --soak cycles in all.
     #[arg(long, value_name = "SOAK_JSON", requires = "soak")]
     pub soak_resume: Option<PathBuf>,
+    /// Run nothing: judge the soak whose `soak.json` this is again, by this version's rules for
+    /// growth (failed cycles and leftovers stay as recorded), and write its report to --out.
+    #[arg(long, value_name = "SOAK_JSON", conflicts_with_all = ["compare", "socket", "render", "soak"])]
+    pub soak_judge: Option<PathBuf>,
     /// Kernel and rootfs for the service this starts (default: as `ember serve`).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -479,15 +483,21 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
         print!("{}", report.markdown());
         return Ok(0);
     }
+    let in_lab = std::env::var_os("EMBER_IN_LAB").is_some();
+    if let Some(path) = &args.soak_judge {
+        let mut report = soak::SoakReport::load_into(path, &args.out, in_lab)
+            .map_err(step(format!("reading the soak {}", path.display())))?;
+        report.growth = soak::growth_by_service(&report.samples, &report.service_starts);
+        report
+            .write(&args.out)
+            .map_err(step("writing the soak report"))?;
+        print!("{}", report.markdown());
+        return Ok(if report.passed() { 0 } else { 1 });
+    }
     if let Some(cycles) = args.soak {
         let resume = match &args.soak_resume {
             Some(path) => Some(
-                soak::SoakReport::load_to_resume(
-                    path,
-                    &args.out,
-                    std::env::var_os("EMBER_IN_LAB").is_some(),
-                )
-                .map_err(step(format!(
+                soak::SoakReport::load_into(path, &args.out, in_lab).map_err(step(format!(
                     "reading the soak to resume, {}",
                     path.display()
                 )))?,

@@ -546,30 +546,40 @@ fn mean(values: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
-/// [`growth`] within each service's run (a resumed soak's new service starts afresh); runs of
-/// fewer than 4 cycles are too short to judge.
-pub fn growth_by_service(samples: &[SoakSample], starts: &[usize]) -> Vec<String> {
-    let mut bounds: Vec<usize> = starts
-        .iter()
-        .copied()
-        .filter(|&i| i < samples.len())
-        .collect();
+/// A resumed soak judges only service runs this long. A tenth of a shorter run is a few
+/// samples, and one sample swings more than the allowances (two cycles in flight move the
+/// descriptors by up to 11 from one sample to the next; a fresh service's pools fill over its
+/// first few cycles), so a short run would flag or clear a leak by chance.
+pub const MIN_JUDGED_RUN: usize = 40;
+
+/// The sample ranges of a soak's service runs (`starts`: where each began).
+pub fn service_runs(samples: usize, starts: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut bounds: Vec<usize> = starts.iter().copied().filter(|&i| i < samples).collect();
+    bounds.push(0);
     bounds.sort_unstable();
     bounds.dedup();
-    if bounds.first() != Some(&0) {
-        bounds.insert(0, 0);
-    }
-    let runs = bounds.len();
-    bounds.push(samples.len());
+    bounds.push(samples);
+    bounds.windows(2).map(|w| w[0]..w[1]).collect()
+}
+
+/// Whether [`growth_by_service`] judges a run of `len` cycles out of `runs`: every run of a
+/// soak never resumed, runs of at least [`MIN_JUDGED_RUN`] cycles otherwise.
+pub fn is_judged(len: usize, runs: usize) -> bool {
+    runs == 1 || len >= MIN_JUDGED_RUN
+}
+
+/// [`growth`] within each service's run (a resumed soak's new service starts afresh), for the
+/// runs long enough to judge ([`is_judged`]).
+pub fn growth_by_service(samples: &[SoakSample], starts: &[usize]) -> Vec<String> {
+    let runs = service_runs(samples.len(), starts);
     let mut found = Vec::new();
-    for (k, w) in bounds.windows(2).enumerate() {
-        let run = &samples[w[0]..w[1]];
-        if runs > 1 && run.len() < 4 {
+    for (k, range) in runs.iter().enumerate() {
+        if !is_judged(range.len(), runs.len()) {
             continue;
         }
-        for g in growth(run) {
-            found.push(if runs > 1 {
-                format!("service run {} of {runs}: {g}", k + 1)
+        for g in growth(&samples[range.clone()]) {
+            found.push(if runs.len() > 1 {
+                format!("service run {} of {}: {g}", k + 1, runs.len())
             } else {
                 g
             });
@@ -666,14 +676,31 @@ impl SoakReport {
             row(last),
         );
         if self.service_starts.len() > 1 {
+            let runs = service_runs(self.samples.len(), &self.service_starts);
+            let judged: Vec<_> = runs
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| is_judged(r.len(), runs.len()))
+                .collect();
             md.push_str(&format!(
                 "Run by {} services in turn: the soak was continued (`--soak-resume`) in a new \
                  service {} times, after the machine running it died; the table's first row is \
                  the first service's, its last row the last one's, and growth is judged within \
-                 each service's run (service starts at samples {:?}).\n\n",
-                self.service_starts.len(),
-                self.service_starts.len() - 1,
-                self.service_starts
+                 each service's run of at least {MIN_JUDGED_RUN} cycles: runs {} ({} of {} \
+                 cycles). Cycles per run: {}.\n\n",
+                runs.len(),
+                runs.len() - 1,
+                judged
+                    .iter()
+                    .map(|(k, _)| (k + 1).to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                judged.iter().map(|(_, r)| r.len()).sum::<usize>(),
+                self.samples.len(),
+                runs.iter()
+                    .map(|r| r.len().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             ));
         }
         if !self.failed_cycles.is_empty() {
@@ -728,11 +755,11 @@ impl SoakReport {
     }
 
     /// Writes `soak.json`, `soak.md` and the curve, `soak.svg`, into `dir`.
-    /// Reads the report at `path` to continue it, writing into `out`: the evidence files its
+    /// Reads the report at `path` to continue or judge it, writing into `out`: the evidence files its
     /// failed cycles name are copied there (the new report refers to them), and failed cycles
     /// recorded before lab faults were told apart are judged again from their error and
     /// evidence (`in_lab`: this run is in the lab, as the earlier one was).
-    pub fn load_to_resume(path: &Path, out: &Path, in_lab: bool) -> Result<SoakReport, String> {
+    pub fn load_into(path: &Path, out: &Path, in_lab: bool) -> Result<SoakReport, String> {
         let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
         let mut report: SoakReport = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
         let from = path.parent().unwrap_or(Path::new("."));
@@ -866,30 +893,48 @@ mod tests {
     fn a_resumed_soak_is_judged_within_each_services_run() {
         // A second service that starts with fewer descriptors and stays flat: no growth,
         // though its figures differ from the first service's.
-        let mut fds: Vec<u64> = vec![30; 20];
-        fds.extend([20; 20]);
-        let flat = samples(&fds, &[30000; 40]);
-        assert!(growth_by_service(&flat, &[0, 20]).is_empty());
+        let mut fds: Vec<u64> = vec![30; 40];
+        fds.extend([20; 40]);
+        let flat = samples(&fds, &[30000; 80]);
+        assert!(growth_by_service(&flat, &[0, 40]).is_empty());
         // The same figures read as one run would look like a shrink, never a leak; a leak in
         // the second run is named with its run.
-        let mut leaking: Vec<u64> = vec![20; 20];
-        leaking.extend((0..20).map(|i| 20 + i));
-        let found = growth_by_service(&samples(&leaking, &[30000; 40]), &[0, 20]);
+        let mut leaking: Vec<u64> = vec![20; 40];
+        leaking.extend((0..40).map(|i| 20 + i));
+        let found = growth_by_service(&samples(&leaking, &[30000; 80]), &[0, 40]);
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(
             found[0].starts_with("service run 2 of 2: open file descriptors grew"),
             "{found:?}"
         );
         // A run too short to judge is skipped; one run is judged as a whole.
-        let mut short_tail: Vec<u64> = vec![20; 38];
+        let mut short_tail: Vec<u64> = vec![20; 78];
         short_tail.extend([90, 90]);
-        let short = samples(&short_tail, &[30000; 40]);
-        assert!(growth_by_service(&short, &[0, 38]).is_empty());
+        let short = samples(&short_tail, &[30000; 80]);
+        assert!(growth_by_service(&short, &[0, 78]).is_empty());
         assert_eq!(growth_by_service(&short, &[0]).len(), 1);
         assert_eq!(
-            growth_by_service(&samples(&leaking, &[30000; 40]), &[0]).len(),
+            growth_by_service(&samples(&leaking, &[30000; 80]), &[0]).len(),
             1
         );
+        // A fresh service's thread pool fills over its first cycles (a 23-cycle run of the
+        // 1,000-cycle lab soak: 5 threads for three cycles, then 7-8 like every other run's):
+        // too short a run to tell that from a leak, so it is not judged.
+        let threads = [
+            5, 5, 5, 7, 7, 7, 7, 7, 8, 7, 7, 7, 7, 7, 7, 7, 8, 8, 8, 8, 8, 8, 8,
+        ];
+        let mut warming = samples(&[18; 63], &[30000; 63]);
+        for (s, t) in warming[40..].iter_mut().zip(threads) {
+            s.threads = t;
+        }
+        assert_eq!(
+            growth(&warming[40..]).len(),
+            1,
+            "judged alone, it looks like growth"
+        );
+        assert!(growth_by_service(&warming, &[0, 40]).is_empty());
+        assert_eq!(service_runs(63, &[0, 40]), [0..40, 40..63]);
+        assert_eq!(service_runs(63, &[40, 0, 63]), [0..40, 40..63]);
     }
 
     #[test]
@@ -982,7 +1027,7 @@ mod tests {
         )
         .unwrap();
         std::fs::write(earlier.join("failed-cycle-6.txt"), "vmm.log: all well").unwrap();
-        let back = SoakReport::load_to_resume(&earlier.join("soak.json"), &out, true).unwrap();
+        let back = SoakReport::load_into(&earlier.join("soak.json"), &out, true).unwrap();
         let judged: Vec<bool> = back.failed_cycles.iter().map(|f| f.lab_fault).collect();
         assert_eq!(judged, [true, false]);
         for name in ["failed-cycle-4.txt", "failed-cycle-6.txt"] {
@@ -992,13 +1037,13 @@ mod tests {
             );
         }
         // Outside the lab nothing is the lab's fault.
-        let outside = SoakReport::load_to_resume(&earlier.join("soak.json"), &out, false).unwrap();
+        let outside = SoakReport::load_into(&earlier.join("soak.json"), &out, false).unwrap();
         assert!(outside.failed_cycles.iter().all(|f| !f.lab_fault));
         // A report that names a file elsewhere gets no evidence read for it.
         let mut hostile = report.clone();
         hostile.failed_cycles[0].evidence = "../earlier/failed-cycle-4.txt".into();
         hostile.write(&base.join("hostile")).unwrap();
-        let back = SoakReport::load_to_resume(&base.join("hostile/soak.json"), &out, true).unwrap();
+        let back = SoakReport::load_into(&base.join("hostile/soak.json"), &out, true).unwrap();
         assert!(!back.failed_cycles[0].lab_fault);
         std::fs::remove_dir_all(&base).unwrap();
     }
