@@ -846,6 +846,22 @@ impl SoakReport {
 mod tests {
     use super::*;
 
+    /// A 10-cycle soak in the lab, two at a time, networked, flat, with `done` cycles done.
+    fn lab_report(done: usize, failed_cycles: Vec<FailedCycle>) -> SoakReport {
+        SoakReport {
+            environment: "the lab".into(),
+            cycles: 10,
+            samples: samples(&vec![20; done], &vec![30000; done]),
+            leftovers: Vec::new(),
+            growth: Vec::new(),
+            networked: true,
+            streams: 2,
+            failure: None,
+            service_starts: vec![0],
+            failed_cycles,
+        }
+    }
+
     fn samples(fds: &[u64], rss: &[u64]) -> Vec<SoakSample> {
         fds.iter()
             .zip(rss)
@@ -1008,18 +1024,7 @@ mod tests {
             evidence: format!("failed-cycle-{}.txt", cycle + 1),
             lab_fault: false,
         };
-        let report = SoakReport {
-            environment: "the lab".into(),
-            cycles: 10,
-            samples: samples(&[20; 6], &[30000; 6]),
-            leftovers: Vec::new(),
-            growth: Vec::new(),
-            networked: true,
-            streams: 2,
-            failure: None,
-            service_starts: vec![0],
-            failed_cycles: vec![failed(3), failed(5)],
-        };
+        let report = lab_report(6, vec![failed(3), failed(5)]);
         report.write(&earlier).unwrap();
         std::fs::write(
             earlier.join("failed-cycle-4.txt"),
@@ -1074,18 +1079,7 @@ mod tests {
             evidence: "failed-cycle-4.txt".into(),
             lab_fault,
         };
-        let report = |failed_cycles| SoakReport {
-            environment: "the lab".into(),
-            cycles: 10,
-            samples: samples(&[20; 9], &[30000; 9]),
-            leftovers: Vec::new(),
-            growth: Vec::new(),
-            networked: true,
-            streams: 2,
-            failure: None,
-            service_starts: vec![0],
-            failed_cycles,
-        };
+        let report = |failed_cycles| lab_report(9, failed_cycles);
         let lab = report(vec![failed(true)]);
         assert!(lab.passed());
         assert!(lab
