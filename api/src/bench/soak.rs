@@ -675,8 +675,8 @@ impl SoakReport {
             self.samples.len(),
             row(last),
         );
-        if self.service_starts.len() > 1 {
-            let runs = service_runs(self.samples.len(), &self.service_starts);
+        let runs = service_runs(self.samples.len(), &self.service_starts);
+        if runs.len() > 1 {
             let judged: Vec<_> = runs
                 .iter()
                 .enumerate()
@@ -754,11 +754,10 @@ impl SoakReport {
         md
     }
 
-    /// Writes `soak.json`, `soak.md` and the curve, `soak.svg`, into `dir`.
-    /// Reads the report at `path` to continue or judge it, writing into `out`: the evidence files its
-    /// failed cycles name are copied there (the new report refers to them), and failed cycles
-    /// recorded before lab faults were told apart are judged again from their error and
-    /// evidence (`in_lab`: this run is in the lab, as the earlier one was).
+    /// Reads the report at `path` to continue or judge it, writing into `out`: the evidence
+    /// files its failed cycles name are copied there (the new report refers to them), and
+    /// failed cycles recorded before lab faults were told apart are judged again from their
+    /// error and evidence (`in_lab`: this run is in the lab, as the earlier one was).
     pub fn load_into(path: &Path, out: &Path, in_lab: bool) -> Result<SoakReport, String> {
         let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
         let mut report: SoakReport = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
@@ -781,6 +780,7 @@ impl SoakReport {
         Ok(report)
     }
 
+    /// Writes `soak.json`, `soak.md` and the curve, `soak.svg`, into `dir`.
     pub fn write(&self, dir: &Path) -> Result<(), String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let json = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
