@@ -521,6 +521,13 @@ fn vmtest_sigkill_in_the_middle_of_a_snapshot_leaves_the_store_usable() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start ember");
+    // Drained as it comes (a full pipe would stall ember), and shown if the kill missed.
+    let mut stderr = child.stderr.take().expect("ember's stderr");
+    let said = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
     let killed_mid_write = loop {
         let unsealed = packs(&store.0)
@@ -535,10 +542,23 @@ fn vmtest_sigkill_in_the_middle_of_a_snapshot_leaves_the_store_usable() {
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     };
-    let _ = child.wait();
+    if !killed_mid_write {
+        // Still running at the deadline: end it, so its status and words can be shown.
+        let _ = child.kill();
+    }
+    let status = child.wait();
+    let said = said.join().unwrap_or_default();
     assert!(
         killed_mid_write,
-        "never saw the snapshot's pack being written"
+        "never saw the snapshot's pack being written; ember ended ({status:?}) saying:\n{}",
+        said.lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 
     // The torn snapshot does not exist, the store verifies, the earlier snapshot restores.
