@@ -548,17 +548,11 @@ fn vmtest_sigkill_in_the_middle_of_a_snapshot_leaves_the_store_usable() {
     }
     let status = child.wait();
     let said = said.join().unwrap_or_default();
+    let lines: Vec<&str> = said.lines().collect();
     assert!(
         killed_mid_write,
         "never saw the snapshot's pack being written; ember ended ({status:?}) saying:\n{}",
-        said.lines()
-            .rev()
-            .take(40)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect::<Vec<_>>()
-            .join("\n")
+        lines[lines.len().saturating_sub(40)..].join("\n")
     );
 
     // The torn snapshot does not exist, the store verifies, the earlier snapshot restores.

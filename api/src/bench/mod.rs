@@ -467,8 +467,13 @@ fn dd_seconds(output: &str) -> Option<f64> {
     (secs > 0.0).then_some(secs)
 }
 
+/// Whether this runs inside the lab (its init sets `EMBER_IN_LAB`).
+fn in_lab() -> bool {
+    std::env::var_os("EMBER_IN_LAB").is_some()
+}
+
 fn environment() -> String {
-    if std::env::var_os("EMBER_IN_LAB").is_some() {
+    if in_lab() {
         "the lab (nested KVM under QEMU TCG)".into()
     } else {
         let facts = ember_vmm::probe::HostFacts::read();
@@ -483,9 +488,8 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
         print!("{}", report.markdown());
         return Ok(0);
     }
-    let in_lab = std::env::var_os("EMBER_IN_LAB").is_some();
     if let Some(path) = &args.soak_judge {
-        let mut report = soak::SoakReport::load_into(path, &args.out, in_lab)
+        let mut report = soak::SoakReport::load_into(path, &args.out, in_lab())
             .map_err(step(format!("reading the soak {}", path.display())))?;
         report.growth = soak::growth_by_service(&report.samples, &report.service_starts);
         report
@@ -497,7 +501,7 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
     if let Some(cycles) = args.soak {
         let resume = match &args.soak_resume {
             Some(path) => Some(
-                soak::SoakReport::load_into(path, &args.out, in_lab).map_err(step(format!(
+                soak::SoakReport::load_into(path, &args.out, in_lab()).map_err(step(format!(
                     "reading the soak to resume, {}",
                     path.display()
                 )))?,

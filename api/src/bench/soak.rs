@@ -206,7 +206,7 @@ pub(super) async fn soak(
     // Sandbox networks need a service run as root (as the one this run starts is then).
     // SAFETY: geteuid has no preconditions and cannot fail.
     let networked = unsafe { libc::geteuid() } == 0;
-    let in_lab = std::env::var_os("EMBER_IN_LAB").is_some();
+    let in_lab = super::in_lab();
     let failed_cycles: RefCell<Vec<FailedCycle>> = RefCell::new(earlier_failed);
     let partial = |samples: Vec<SoakSample>, failure: Option<String>| SoakReport {
         environment: environment.clone(),
