@@ -49,6 +49,8 @@ pub struct CommandPlan {
     pub diff: bool,
     /// The snapshot store (for `snapshot_on_exit` after a boot).
     pub store_dir: PathBuf,
+    /// Where snapshots' memory is materialised for `file` restores.
+    pub mem_cache: PathBuf,
     /// Limits on the root disk's traffic.
     pub disk_rate_limit: RateLimit,
     /// Limits on the network device's traffic.
@@ -73,6 +75,15 @@ pub fn default_store_dir() -> PathBuf {
     }
     let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
     PathBuf::from(home).join(".local/share/ember/store")
+}
+
+/// The memory cache of the store at `store_dir` when `--mem-cache` is not given: `mem-cache`
+/// beside it (as in a service's state directory).
+pub fn default_mem_cache(store_dir: &Path) -> PathBuf {
+    store_dir
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join("mem-cache")
 }
 
 /// A fresh path for a VM's rootfs overlay (the overlay is removed with the VM).
@@ -131,6 +142,10 @@ pub struct CommandArgs {
     /// The snapshot store (default: $EMBER_STORE, else ~/.local/share/ember/store).
     #[arg(long)]
     pub store: Option<PathBuf>,
+    /// Where snapshots' memory is materialised as files that restores map (default:
+    /// `mem-cache` beside the store). A snapshot saved here is materialised at once.
+    #[arg(long)]
+    pub mem_cache: Option<PathBuf>,
     /// Put the VM's vsock socket here (default: a private temporary folder), so that other
     /// agent clients can reach the sandbox while the command runs.
     #[arg(long)]
@@ -164,6 +179,9 @@ impl CommandArgs {
             socket: self.vsock_socket,
             snapshot_on_exit: self.snapshot_on_exit,
             diff: self.diff,
+            mem_cache: self.mem_cache.unwrap_or_else(|| {
+                default_mem_cache(&self.store.clone().unwrap_or_else(default_store_dir))
+            }),
             store_dir: self.store.unwrap_or_else(default_store_dir),
             disk_rate_limit,
             net_rate_limits,
@@ -324,6 +342,7 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
         start,
         disk_rate_limit: plan.disk_rate_limit,
         net_rate_limits: plan.net_rate_limits,
+        mem_cache: Some(ember_snapshot_store::MemCache::new(plan.mem_cache.clone())),
     };
     block_stall_signal();
     let built = match &origin {
@@ -376,13 +395,14 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
             1
         }
     };
-    if let Origin::Restore {
-        store,
-        id,
-        mode: RestoreMode::Prefetch,
-    } = &origin
-    {
+    if let Origin::Restore { store, id, mode } = &origin {
         record_working_set(&vmm, store, id);
+        if *mode == RestoreMode::Auto && vmm.restore_mode() != Some(RestoreMode::File) {
+            // Saved before the cache (or evicted): the next restore maps it.
+            if let Ok(manifest) = store.load_manifest(id) {
+                materialise(store, &manifest, &plan.mem_cache);
+            }
+        }
     }
     if let (Some(id), Origin::Boot | Origin::Restore { .. }) = (&plan.snapshot_on_exit, &origin) {
         let store = match &origin {
@@ -397,19 +417,20 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
                 SnapshotKind::Full
             };
             vmm.snapshot_as(&store, id, kind)
-                .map(|m| (m, t.elapsed()))
+                .map(|m| (m, t.elapsed(), store))
                 .map_err(|e| e.to_string())
         });
         vmm.stop();
         let _ = vm_done.recv_timeout(Duration::from_secs(60));
         return match result {
-            Ok((manifest, took)) => {
+            Ok((manifest, took, store)) => {
                 eprintln!(
                     "ember: saved snapshot {} ({} MiB of memory) in {:.1} ms",
                     manifest.id,
                     manifest.memory.size_bytes >> 20,
                     took.as_secs_f64() * 1e3
                 );
+                materialise(&store, &manifest, &plan.mem_cache);
                 code
             }
             Err(e) => {
@@ -457,11 +478,38 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
     result
 }
 
-/// After a prefetch-mode restore has run its command: the first restore of a snapshot saves
-/// the pages it needed, so later restores load them up front; a later restore that still
-/// needed more than 2 % extra pages on demand (the guest does not touch exactly the same
+/// Materialises a snapshot's memory in the cache at `dir` for `file` restores (a failure
+/// only means restores read the store).
+fn materialise(
+    store: &ember_snapshot_store::Store,
+    manifest: &ember_snapshot_store::Manifest,
+    dir: &Path,
+) {
+    match ember_snapshot_store::MemCache::new(dir).materialise(store, manifest) {
+        Ok(done) if done.already => {}
+        Ok(done) => eprintln!(
+            "ember: materialised its memory for restores in {:.1} ms ({})",
+            done.took.as_secs_f64() * 1e3,
+            done.path.display()
+        ),
+        Err(e) => eprintln!(
+            "ember: restores of {} will read the store: {e}",
+            manifest.id
+        ),
+    }
+}
+
+/// After a `prefetch` or `file` restore has run its command: the first restore of a snapshot
+/// saves the pages it needed, so later prefetch restores load them up front; a later restore
+/// that needed more than 2 % pages beyond it (the guest does not touch exactly the same
 /// pages every time) adds them, so the working set converges.
 pub(crate) fn record_working_set(vmm: &Vmm, store: &ember_snapshot_store::Store, id: &str) {
+    if !matches!(
+        vmm.restore_mode(),
+        Some(RestoreMode::Prefetch | RestoreMode::File)
+    ) {
+        return;
+    }
     let known = match store.load_working_set(id) {
         Ok(known) => known,
         // A damaged one is replaced.
@@ -475,10 +523,13 @@ pub(crate) fn record_working_set(vmm: &Vmm, store: &ember_snapshot_store::Store,
     };
     let pages = match known {
         None => faulted,
-        Some(known) if faulted.len() * 50 <= known.len() => return,
         Some(mut known) => {
             let seen: std::collections::HashSet<u64> = known.iter().copied().collect();
-            known.extend(faulted.into_iter().filter(|p| !seen.contains(p)));
+            let extra: Vec<u64> = faulted.into_iter().filter(|p| !seen.contains(p)).collect();
+            if extra.len() * 50 <= known.len() {
+                return;
+            }
+            known.extend(extra);
             known
         }
     };

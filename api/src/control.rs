@@ -41,6 +41,10 @@ pub struct WorkerSpec {
     /// The guest's network interface (none: the guest has no network device).
     #[serde(default)]
     pub net: Option<WorkerNet>,
+    /// The service's memory cache, where restores find snapshots' materialised memory
+    /// (read-only to the VMM).
+    #[serde(default)]
+    pub mem_cache: Option<PathBuf>,
 }
 
 /// The guest's `eth0`: a TAP interface in the sandbox's network namespace, which the VMM's
@@ -64,7 +68,10 @@ pub struct WorkerNet {
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum WorkerOrigin {
     Boot,
-    Restore { snapshot: String, mode: String },
+    Restore {
+        snapshot: String,
+        mode: ember_vmm::RestoreMode,
+    },
 }
 
 /// A line on the VMM process's stdout.
@@ -195,7 +202,7 @@ mod tests {
             mem_mib: 256,
             origin: WorkerOrigin::Restore {
                 snapshot: "s".into(),
-                mode: "prefetch".into(),
+                mode: ember_vmm::RestoreMode::Prefetch,
             },
             store_dir: "/s".into(),
             vsock_socket: "/v".into(),
@@ -230,6 +237,7 @@ mod tests {
                 gateway: "172.16.0.1".parse().unwrap(),
                 dns: Some("192.0.2.53".parse().unwrap()),
             }),
+            mem_cache: Some("/m".into()),
         };
         let text = serde_json::to_string(&spec).unwrap();
         assert_eq!(serde_json::from_str::<WorkerSpec>(&text).unwrap(), spec);

@@ -188,6 +188,7 @@ pub fn run(args: RunArgs) -> i32 {
         start,
         disk_rate_limit: args.cmd.limits.disk_rate_limit(),
         net_rate_limits: args.cmd.limits.net_rate_limits(),
+        mem_cache: None,
     };
     match run_reported(&config, options) {
         Ok((reason, report)) => {
@@ -236,10 +237,12 @@ fn write_report(path: &Path, report: &RunReport) -> std::io::Result<()> {
 pub struct RestoreArgs {
     /// The snapshot to continue.
     pub id: String,
-    /// How memory arrives: `prefetch` (default: on first touch, plus the working set
-    /// recorded by the snapshot's first restore loaded in bulk in the background), `lazy`
-    /// (on first touch only) or `eager` (all of it before the vCPUs start).
-    #[arg(long, default_value = "prefetch", value_parser = clap::value_parser!(ember_vmm::RestoreMode))]
+    /// How memory arrives: `auto` (default: `file` when the snapshot's memory is
+    /// materialised, else `prefetch`), `file` (its materialised memory file mapped as guest
+    /// RAM; nothing copied up front), `prefetch` (from the store on first touch, plus the
+    /// working set recorded by the snapshot's first restore loaded in bulk), `lazy` (on first
+    /// touch only) or `eager` (all of it before the vCPUs start).
+    #[arg(long, default_value = "auto", value_parser = clap::value_parser!(ember_vmm::RestoreMode))]
     pub mode: ember_vmm::RestoreMode,
     /// Same as `--mode eager`.
     #[arg(long, conflicts_with = "mode")]

@@ -14,7 +14,7 @@ use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use ember_vmm::{RestoreMode, SnapshotKind, VmConfig, Vmm, VmmOptions, VsockConfig};
+use ember_vmm::{SnapshotKind, VmConfig, Vmm, VmmOptions, VsockConfig};
 
 use crate::command::{
     block_stall_signal, log_stall_reports_on_sigusr1, open_store_unindexed, record_working_set,
@@ -135,17 +135,17 @@ pub fn run(args: VmmArgs) -> i32 {
         start,
         disk_rate_limit: spec.disk_rate_limit,
         net_rate_limits: spec.net_rate_limits,
+        mem_cache: spec
+            .mem_cache
+            .clone()
+            .map(ember_snapshot_store::MemCache::new),
     };
     block_stall_signal();
     let built = match &spec.origin {
         WorkerOrigin::Boot => Vmm::build(&config, options),
-        WorkerOrigin::Restore { snapshot, mode } => match mode.parse::<RestoreMode>() {
-            Ok(mode) => Vmm::restore(&config, store.clone(), snapshot, options, mode),
-            Err(e) => {
-                eprintln!("ember vmm: {e}");
-                return EXIT_FAILED;
-            }
-        },
+        WorkerOrigin::Restore { snapshot, mode } => {
+            Vmm::restore(&config, store.clone(), snapshot, options, *mode)
+        }
     };
     let vmm = match built.and_then(|vmm| vmm.resume().map(|()| vmm)) {
         Ok(vmm) => Arc::new(vmm),
@@ -452,10 +452,8 @@ fn handle(worker: &Worker, request: ControlRequest) -> ControlReply {
             if let Some(faults) = worker.vmm.faults_served() {
                 log::info!("first command done: {faults} pages faulted in since the restore");
             }
-            if let WorkerOrigin::Restore { snapshot, mode } = &worker.spec.origin {
-                if mode == "prefetch" {
-                    record_working_set(&worker.vmm, &worker.store, snapshot);
-                }
+            if let WorkerOrigin::Restore { snapshot, .. } = &worker.spec.origin {
+                record_working_set(&worker.vmm, &worker.store, snapshot);
             }
             ControlReply::ok()
         }

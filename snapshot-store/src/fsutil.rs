@@ -48,6 +48,15 @@ pub(crate) fn try_lock_exclusive(file: &File) -> io::Result<bool> {
     }
 }
 
+/// Tries a shared lock without waiting: `Ok(false)` when someone holds it exclusively.
+pub(crate) fn try_lock_shared(file: &File) -> io::Result<bool> {
+    match flock(file, libc::LOCK_SH | libc::LOCK_NB) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// A held lock on the store's lock file: dropping it releases the lock.
 #[derive(Debug)]
 pub(crate) struct LockGuard {

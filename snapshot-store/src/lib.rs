@@ -54,6 +54,7 @@ mod hash;
 mod maintenance;
 mod manifest;
 mod map;
+mod mem_cache;
 mod pack;
 mod store;
 mod working_set;
@@ -66,6 +67,9 @@ pub use manifest::{
     MAX_MANIFEST_SIZE,
 };
 pub use map::{DiskMap, MapError, MemoryMap, PageRef, MAP_CHUNK_ENTRIES, PAGE_SIZE};
+pub use mem_cache::{
+    CacheEntry, CacheMiss, CachedMemory, EvictReport, Materialised, MemCache, MemCacheError,
+};
 pub use pack::{ObjectKind, PackError, MAX_OBJECT_SIZE};
 pub use store::{
     ObjectLocation, RefreshReport, Result, SnapshotIndexing, Store, StoreError, StoreOptions,

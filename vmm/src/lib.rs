@@ -10,6 +10,7 @@ pub mod memory;
 pub mod metrics;
 pub mod persist;
 pub mod probe;
+pub mod restore_memory;
 pub mod snapshot;
 pub mod stall;
 pub mod vcpu;
@@ -17,7 +18,7 @@ pub mod vm;
 pub mod vmm;
 
 pub use crate::metrics::RunReport;
-pub use crate::snapshot::{RestoreMode, SnapshotKind};
+pub use crate::snapshot::{RestoreMode, SnapshotKind, UnknownRestoreMode};
 pub use crate::vmm::{
     format_mac, parse_mac, run, run_reported, run_with, ExitReason, GuestIpv4, NetConfig,
     NetRateLimits, RateLimit, VmConfig, Vmm, VmmError, VmmOptions, VsockConfig, MAX_VCPUS,

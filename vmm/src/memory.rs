@@ -9,7 +9,9 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
+};
 
 use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
@@ -37,6 +39,8 @@ pub enum MemoryError {
         size: u64,
         source: vm_memory::mmap::MmapRegionError,
     },
+    #[error("cannot duplicate the descriptor of the guest memory file: {0}")]
+    FileClone(#[source] std::io::Error),
     #[error("guest memory region at {0:#x} overflows the address space")]
     Region(u64),
     #[error(
@@ -111,6 +115,70 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap, MemoryErro
         regions.push(region);
     }
     GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Collection)
+}
+
+/// Maps `file` (a snapshot's materialised memory, exactly `mem_bytes` long) as guest RAM,
+/// `MAP_PRIVATE`: the host kernel serves each first touch from the page cache, processes
+/// mapping the same file share its clean pages, and guest writes stay private to this VM.
+pub fn map_guest_memory_from_file(
+    mem_bytes: u64,
+    file: &std::fs::File,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    check_mem_size(mem_bytes)?;
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (addr, size) in ram_ranges(mem_bytes) {
+        let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge(mem_bytes))?;
+        let file = file.try_clone().map_err(MemoryError::FileClone)?;
+        let mapping: MmapRegion<AtomicBitmap> =
+            MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
+                .with_file_offset(FileOffset::new(file, offset))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|source| MemoryError::Mmap {
+                    addr: addr.0,
+                    size,
+                    source,
+                })?;
+        let region = GuestRegionMmap::new(mapping, addr).ok_or(MemoryError::Region(addr.0))?;
+        regions.push(region);
+        offset += size;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Collection)
+}
+
+/// The guest pages this process has touched since `mem` was mapped (present in, or swapped
+/// out of, its page tables), as page indices over all regions in address order: for memory
+/// mapped from a file, what the guest and the devices needed. Read from `/proc/self/pagemap`.
+pub fn touched_pages(mem: &GuestMemoryMmap) -> std::io::Result<Vec<u64>> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+    let mut touched = Vec::new();
+    let mut first_page = 0u64;
+    let mut entries = vec![0u8; 8 * 4096];
+    for region in mem.iter() {
+        let pages = region.len() / PAGE_SIZE;
+        let host_first = region.as_ptr() as u64 / PAGE_SIZE;
+        let mut done = 0u64;
+        while done < pages {
+            let batch = (pages - done).min(4096);
+            let bytes = &mut entries[..batch as usize * 8];
+            pagemap.read_exact_at(bytes, (host_first + done) * 8)?;
+            for (i, entry) in bytes.chunks_exact(8).enumerate() {
+                let mut word = [0u8; 8];
+                word.copy_from_slice(entry);
+                if u64::from_le_bytes(word) & (PRESENT | SWAPPED) != 0 {
+                    touched.push(first_page + done + i as u64);
+                }
+            }
+            done += batch;
+        }
+        first_page += pages;
+    }
+    Ok(touched)
 }
 
 /// Asks the kernel to back `mem` with 4 KiB pages only. A restore writes scattered pages into

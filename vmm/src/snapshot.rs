@@ -76,8 +76,17 @@ pub struct SnapshotBase {
 }
 
 /// How a restored VM gets its memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RestoreMode {
+    /// `File` when the snapshot's memory is materialised in the memory cache, else
+    /// `Prefetch`.
+    #[default]
+    Auto,
+    /// The snapshot's materialised memory file is mapped `MAP_PRIVATE` as guest RAM: the
+    /// host kernel serves first touches from the page cache and nothing is copied up front.
+    /// Falls back to `Prefetch` (and logs why) when the file is missing or damaged.
+    File,
     /// Pages are copied in on first touch (userfaultfd); the VM runs at once.
     Lazy,
     /// Every page is copied before the vCPUs start.
@@ -88,17 +97,44 @@ pub enum RestoreMode {
     Prefetch,
 }
 
+impl RestoreMode {
+    /// Every mode, as written.
+    pub const NAMES: &'static str = "auto, file, prefetch, lazy or eager";
+
+    /// The mode's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            RestoreMode::Auto => "auto",
+            RestoreMode::File => "file",
+            RestoreMode::Lazy => "lazy",
+            RestoreMode::Eager => "eager",
+            RestoreMode::Prefetch => "prefetch",
+        }
+    }
+}
+
+impl std::fmt::Display for RestoreMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A restore mode name that is not one of [`RestoreMode::NAMES`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown restore mode {0:?} ({names})", names = RestoreMode::NAMES)]
+pub struct UnknownRestoreMode(pub String);
+
 impl std::str::FromStr for RestoreMode {
-    type Err = String;
+    type Err = UnknownRestoreMode;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
+            "auto" => Ok(RestoreMode::Auto),
+            "file" => Ok(RestoreMode::File),
             "lazy" => Ok(RestoreMode::Lazy),
             "eager" => Ok(RestoreMode::Eager),
             "prefetch" => Ok(RestoreMode::Prefetch),
-            other => Err(format!(
-                "unknown restore mode {other:?} (lazy, eager or prefetch)"
-            )),
+            other => Err(UnknownRestoreMode(other.to_string())),
         }
     }
 }

@@ -40,14 +40,14 @@ use crate::arch::x86_64::layout::{
 use crate::arch::x86_64::mptable::{self, setup_mptable, MpTableError};
 use crate::arch::x86_64::regs::{write_boot_tables, RegsError};
 use crate::kernel::{load_kernel, KernelError, LoadedKernel};
-use crate::lazy::{load_eagerly, LazyMemory};
+use crate::lazy::LazyMemory;
 use crate::memory::{
     check_mem_size, create_guest_memory, low_ram_end, GuestMemoryMmap, MemoryError,
 };
 use crate::metrics::{micros, resident_split, RunReport};
 use crate::persist::{decode_state, encode_state};
 use crate::snapshot::{
-    BaseImage, RestoreMode, SnapshotBase, SnapshotKind, StoreChunks, StorePages, VmSnapshot,
+    BaseImage, RestoreMode, SnapshotBase, SnapshotKind, StoreChunks, VmSnapshot,
 };
 use crate::vcpu::{command_all, ExitAction, IoHandler, Vcpu, VcpuCommand, VcpuError, VcpuHandle};
 use crate::vm::{open_kvm, Vm, VmError};
@@ -246,6 +246,8 @@ pub struct VmmOptions {
     /// Limits on the network device's traffic each way (none by default): one guest must not
     /// starve the host's network.
     pub net_rate_limits: NetRateLimits,
+    /// Where restores look for a snapshot's materialised memory (`file` and `auto` modes).
+    pub mem_cache: Option<ember_snapshot_store::MemCache>,
 }
 
 impl Default for VmmOptions {
@@ -255,6 +257,7 @@ impl Default for VmmOptions {
             start: Instant::now(),
             disk_rate_limit: RateLimit::default(),
             net_rate_limits: NetRateLimits::default(),
+            mem_cache: None,
         }
     }
 }
@@ -829,6 +832,10 @@ pub struct Vmm {
     vm: Vm,
     /// Serves a restored VM's memory; dropped after the vCPUs (Drop) and before the memory.
     lazy: Option<LazyMemory>,
+    /// How a restored VM's memory arrived (never `Auto`).
+    restore_mode: Option<RestoreMode>,
+    /// A restored VM's memory file (mode `file`), locked against eviction while mapped.
+    mapped_memory: Option<ember_snapshot_store::CachedMemory>,
     /// The snapshot memory equals but for the dirty pages (set by restores and snapshots);
     /// dirty page logging is on exactly when this is set.
     base: Mutex<Option<SnapshotBase>>,
@@ -910,6 +917,8 @@ impl Vmm {
             config,
             vm,
             lazy,
+            restore_mode: None,
+            mapped_memory: None,
             base: Mutex::new(base),
             running: Mutex::new(false),
             mem,
@@ -1232,40 +1241,19 @@ impl Vmm {
         }
         config.validate()?;
 
-        // Memory first: the working set starts loading now, while the disk overlay, the VM
+        // Memory first: a working set starts loading now, while the disk overlay, the VM
         // and its devices are put together.
         let kvm = open_kvm()?;
-        let mem = create_guest_memory(config.mem_bytes()).map_err(VmmError::Memory)?;
-        crate::memory::disable_huge_pages(&mem).map_err(VmmError::Memory)?;
-        let base_map = map.clone();
-        let source = StorePages {
-            store: store.clone(),
-            map,
-        };
-        let prefetch = match mode {
-            RestoreMode::Prefetch => match source.store.load_working_set(id) {
-                Ok(pages) => pages,
-                Err(e) => {
-                    log::warn!("restore {id}: not prefetching: {e}");
-                    None
-                }
-            },
-            RestoreMode::Lazy | RestoreMode::Eager => None,
-        };
-        let prefetching = prefetch.as_ref().map_or(0, Vec::len);
-        let lazy = match mode {
-            RestoreMode::Lazy | RestoreMode::Prefetch => Some(
-                LazyMemory::start(&mem, Arc::new(source), prefetch.unwrap_or_default())
-                    .map_err(|e| fail(e.to_string()))?,
-            ),
-            RestoreMode::Eager => {
-                load_eagerly(&mem, &source).map_err(|e| fail(e.to_string()))?;
-                None
-            }
-        };
-        if prefetching > 0 {
-            log::debug!("restore {id}: prefetching a working set of {prefetching} pages");
-        }
+        let restored = crate::restore_memory::restore_memory(
+            &manifest,
+            map.clone(),
+            &store,
+            options.mem_cache.as_ref(),
+            mode,
+        )
+        .map_err(|e| fail(e.to_string()))?;
+        let (mem, lazy) = (restored.mem, restored.lazy);
+        log::debug!("restore {id}: memory in mode {}", restored.mode);
         phase("memory ready");
         let overlay = match overlay_plan {
             Some((disk, base, path, overlay)) => Some(
@@ -1321,10 +1309,12 @@ impl Vmm {
         phase("vCPUs restored");
         let base = SnapshotBase {
             id: id.to_string(),
-            map: base_map,
+            map,
         };
         let mut vmm = Vmm::assemble(config, vm, mem, lazy, Some(base), devices, fds)?;
         vmm.rootfs_chunks = rootfs_chunks;
+        vmm.restore_mode = Some(restored.mode);
+        vmm.mapped_memory = restored.mapped;
         Ok(vmm)
     }
 
@@ -1354,10 +1344,26 @@ impl Vmm {
         self.lazy.as_ref().map(|l| l.stats().timeline.counts())
     }
 
-    /// Stops recording faults and returns the pages served on demand so far, in first-touch
-    /// order: the working set to prefetch next time (lazy restores only).
+    /// The working set to prefetch next time: after a lazy restore, the pages served on
+    /// demand so far in first-touch order (recording stops); after a `file` restore, the
+    /// pages touched so far, in address order. `None` for other VMs.
     pub fn take_working_set(&self) -> Option<Vec<u64>> {
-        self.lazy.as_ref().map(LazyMemory::take_recorded)
+        if let Some(lazy) = &self.lazy {
+            return Some(lazy.take_recorded());
+        }
+        self.mapped_memory.as_ref()?;
+        match crate::memory::touched_pages(&self.mem) {
+            Ok(pages) => Some(pages),
+            Err(e) => {
+                log::warn!("cannot read which guest pages were touched: {e}");
+                None
+            }
+        }
+    }
+
+    /// How a restored VM's memory arrives (`None` for a booted VM).
+    pub fn restore_mode(&self) -> Option<RestoreMode> {
+        self.restore_mode
     }
 
     /// Runs all vCPUs.

@@ -109,7 +109,10 @@ impl JailIds {
                 mount(vmm_dir, true),
                 mount(sockets_dir, true),
                 mount(&spec.store_dir, true),
-            ],
+            ]
+            .into_iter()
+            .chain(spec.mem_cache.as_deref().map(|dir| mount(dir, false)))
+            .collect(),
             netns: spec
                 .net
                 .as_ref()

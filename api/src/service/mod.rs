@@ -8,7 +8,8 @@ pub mod exec;
 pub mod files;
 pub mod gc;
 mod jail;
-pub mod metrics;
+pub mod mem_cache;
+mod metrics;
 pub mod network;
 pub mod ports;
 pub mod sandbox;
@@ -74,6 +75,11 @@ pub struct ServeArgs {
     /// service not run as root cannot build jails, and says so.
     #[arg(long)]
     pub no_jail: bool,
+    /// Keep at most this many bytes of snapshots' materialised memory (STATE_DIR/mem-cache),
+    /// least recently used evicted first; restores of a materialised snapshot map it
+    /// instead of copying its pages from the store.
+    #[arg(long, default_value_t = mem_cache::DEFAULT_MEM_CACHE_BYTES)]
+    pub mem_cache_bytes: u64,
 }
 
 pub struct ServiceConfig {
@@ -97,6 +103,8 @@ pub struct AppState {
     pub gc: Arc<gc::StoreGc>,
     /// Where sandboxes' cgroups go (none: the host has no usable cgroup v2 hierarchy).
     pub cgroups: Option<cgroup::Cgroups>,
+    /// Snapshots' memory materialised for restores to map.
+    pub mem_cache: Arc<mem_cache::MemoryCache>,
 }
 
 impl AppState {
@@ -160,7 +168,12 @@ pub fn serve(args: ServeArgs) -> i32 {
             return 1;
         }
     };
-    for dir in [state_dir.join("sandboxes"), state_dir.join("run")] {
+    let mem_cache_dir = state_dir.join("mem-cache");
+    for dir in [
+        state_dir.join("sandboxes"),
+        state_dir.join("run"),
+        mem_cache_dir.clone(),
+    ] {
         if let Err(e) = std::fs::create_dir_all(&dir) {
             eprintln!("ember serve: cannot create {}: {e}", dir.display());
             return 1;
@@ -195,6 +208,10 @@ pub fn serve(args: ServeArgs) -> i32 {
         store,
         metrics: metrics::Metrics::default(),
         gc: Arc::default(),
+        mem_cache: Arc::new(mem_cache::MemoryCache::new(
+            mem_cache_dir,
+            args.mem_cache_bytes,
+        )),
         cgroups: match cgroup::Cgroups::detect(std::path::Path::new("/sys/fs/cgroup")) {
             Ok(cgroups) => {
                 log::info!(
@@ -415,7 +432,7 @@ pub struct CreateBody {
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// `prefetch` (default), `lazy` or `eager`; restores only.
-    pub restore_mode: Option<String>,
+    pub restore_mode: Option<ember_vmm::RestoreMode>,
     /// Limits on the sandbox's root disk: `{bytes_per_sec, ops_per_sec}` (none by default).
     pub disk_limits: Option<ember_vmm::RateLimit>,
     /// Limits on the sandbox's network device, each way as the guest sees it: `{rx: {..},
@@ -485,8 +502,12 @@ async fn create_sandbox(
                      `vcpus` and `memory_mib`",
                 ));
             }
-            let (origin, vcpus, mem_mib, had_network) =
-                snapshots::restore_spec(&state, snapshot, body.restore_mode.as_deref()).await?;
+            let snapshots::RestoreSpec {
+                origin,
+                vcpus,
+                mem_mib,
+                had_network,
+            } = snapshots::restore_spec(&state, snapshot, body.restore_mode).await?;
             snapshots::check_network(snapshot, had_network, body.network.as_ref())?;
             restored_nic = had_network;
             (origin, vcpus, mem_mib)
@@ -699,6 +720,7 @@ mod tests {
             metrics: metrics::Metrics::default(),
             gc: Arc::default(),
             cgroups: None,
+            mem_cache: Arc::new(mem_cache::MemoryCache::new(dir.join("mem-cache"), 1 << 30)),
         })
     }
 
@@ -966,7 +988,7 @@ mod tests {
                 id,
                 crate::control::WorkerOrigin::Restore {
                     snapshot: "drop".into(),
-                    mode: "lazy".into(),
+                    mode: ember_vmm::RestoreMode::Lazy,
                 },
                 s,
             ))

@@ -184,6 +184,7 @@ impl Sandbox {
             net_rate_limits: Default::default(),
             jail: None,
             net: None,
+            mem_cache: None,
         };
         let record = SandboxRecord {
             id: id.into(),
@@ -342,7 +343,7 @@ impl Sandbox {
                 WorkerOrigin::Boot => None,
             },
             "restore_mode": match &r.spec.origin {
-                WorkerOrigin::Restore { mode, .. } => Some(mode.clone()),
+                WorkerOrigin::Restore { mode, .. } => Some(*mode),
                 WorkerOrigin::Boot => None,
             },
             "timeout_at_unix_ms": r.deadline_unix_ms,
@@ -589,6 +590,7 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         jail: None,
         // A restored guest keeps the MAC it was saved with; this one is for booted guests.
         net: wants_namespace.then(|| network::worker_net(crate::run::random_mac())),
+        mem_cache: Some(state.mem_cache.cache.dir().to_path_buf()),
     };
     if let Some(ids) = state.config.jail {
         spec.jail = Some(
@@ -674,6 +676,13 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
     match started {
         Ok(ready_ms) => {
             let restored = matches!(new.origin, WorkerOrigin::Restore { .. });
+            if let WorkerOrigin::Restore { snapshot, .. } = &new.origin {
+                // A snapshot not materialised yet (saved before the cache, or evicted) is,
+                // after this restore, for the next ones.
+                state
+                    .mem_cache
+                    .materialise_later(state.store.clone(), snapshot.clone());
+            }
             state.metrics.record_start(restored, ready_ms);
             log::info!(
                 "sandbox {id} ready in {ready_ms:.1} ms ({}; {:.1} ms since the request)",

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use ember_snapshot_store::{ManifestError, StoreError};
+use ember_snapshot_store::{Manifest, ManifestError, StoreError};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -38,7 +38,7 @@ pub struct ForkBody {
     pub timeout_s: Option<u64>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    pub restore_mode: Option<String>,
+    pub restore_mode: Option<ember_vmm::RestoreMode>,
     /// Each clone's network (see `POST /sandboxes`); every clone has a namespace of its own.
     pub network: Option<super::network::NetworkMode>,
     /// Guest ports each clone exposes (on host ports of its own).
@@ -72,43 +72,62 @@ fn store_error(id: &str, e: StoreError) -> ApiError {
     }
 }
 
-/// The snapshot as the API shows it.
-async fn describe(state: &Arc<AppState>, id: &str) -> Result<serde_json::Value, ApiError> {
+async fn load_manifest(state: &Arc<AppState>, id: &str) -> Result<Manifest, ApiError> {
     if !sandbox::valid_id(id) {
         return Err(ApiError::not_found("snapshot", id));
     }
     let store = state.store.clone();
     let owned = id.to_string();
-    let manifest = tokio::task::spawn_blocking(move || store.load_manifest(&owned))
+    tokio::task::spawn_blocking(move || store.load_manifest(&owned))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| store_error(id, e))?;
-    Ok(crate::store_cmd::snapshot_json(&manifest))
+        .map_err(|e| store_error(id, e))
 }
 
-/// The origin, vCPUs and memory of a sandbox restored from `id`, and whether its guest has a
-/// network device.
+/// The snapshot as the API shows it, with whether its memory is materialised for `file`
+/// restores.
+async fn describe(state: &Arc<AppState>, id: &str) -> Result<serde_json::Value, ApiError> {
+    let manifest = load_manifest(state, id).await?;
+    let mut json = crate::store_cmd::snapshot_json(&manifest);
+    json["memory_materialised"] = json!(state.mem_cache.cache.contains(&manifest.memory));
+    Ok(json)
+}
+
+/// What a sandbox restored from a snapshot is: its origin, vCPUs and memory (the
+/// snapshot's), and whether its guest has a network device.
+pub struct RestoreSpec {
+    pub origin: WorkerOrigin,
+    pub vcpus: u8,
+    pub mem_mib: u32,
+    pub had_network: bool,
+}
+
+/// The restore of snapshot `id` in `mode` (default `auto`).
 pub async fn restore_spec(
     state: &Arc<AppState>,
     id: &str,
-    mode: Option<&str>,
-) -> Result<(WorkerOrigin, u8, u32, bool), ApiError> {
-    let mode = mode.unwrap_or("prefetch");
-    mode.parse::<ember_vmm::RestoreMode>()
-        .map_err(ApiError::bad_request)?;
-    let snapshot = describe(state, id).await?;
-    let vcpus = snapshot["vcpus"].as_u64().unwrap_or(1) as u8;
-    let mem_mib = (snapshot["memory_bytes"].as_u64().unwrap_or(0) >> 20) as u32;
-    let had_network = snapshot["network"].as_bool().unwrap_or(false);
-    Ok((
-        WorkerOrigin::Restore {
+    mode: Option<ember_vmm::RestoreMode>,
+) -> Result<RestoreSpec, ApiError> {
+    let manifest = load_manifest(state, id).await?;
+    let inconsistent = |what: &str| {
+        ApiError::internal(format!("snapshot {id}: its manifest has no usable {what}"))
+    };
+    let vcpus = manifest
+        .metadata
+        .get("vcpus")
+        .and_then(|v| v.parse::<u8>().ok())
+        .ok_or_else(|| inconsistent("vCPU count"))?;
+    let mem_mib =
+        u32::try_from(manifest.memory.size_bytes >> 20).map_err(|_| inconsistent("memory size"))?;
+    Ok(RestoreSpec {
+        origin: WorkerOrigin::Restore {
             snapshot: id.to_string(),
-            mode: mode.to_string(),
+            mode: mode.unwrap_or_default(),
         },
         vcpus,
         mem_mib,
-        had_network,
-    ))
+        had_network: manifest.metadata.contains_key("net_mac"),
+    })
 }
 
 /// `POST /sandboxes/{id}/snapshots` `{name?, diff?, stop?}`
@@ -165,6 +184,9 @@ pub async fn create(
         }
     };
     sandbox.update(|r| r.last_snapshot = Some(name.clone()));
+    state
+        .mem_cache
+        .materialise_later(state.store.clone(), name.clone());
     state
         .metrics
         .record_snapshot(reply.snapshot.as_ref().map(|s| s.took_ms));
@@ -261,8 +283,12 @@ pub async fn fork(
     }
     check_env_map(&body.env)?;
     let timeout = check_timeout(body.timeout_s.unwrap_or(super::DEFAULT_TIMEOUT_S))?;
-    let (origin, vcpus, mem_mib, had_network) =
-        restore_spec(&state, &id, body.restore_mode.as_deref()).await?;
+    let RestoreSpec {
+        origin,
+        vcpus,
+        mem_mib,
+        had_network,
+    } = restore_spec(&state, &id, body.restore_mode).await?;
     check_network(&id, had_network, body.network.as_ref())?;
     super::ports::check(&body.ports).map_err(ApiError::bad_request)?;
     let network = body

@@ -1,0 +1,118 @@
+//! Where a restored VM's guest memory comes from: the snapshot's materialised file mapped
+//! `MAP_PRIVATE` (`file`), or fresh memory filled from the store through userfaultfd
+//! (`lazy`, `prefetch`) or before the vCPUs run (`eager`). `auto` is `file` when the
+//! snapshot is materialised, else `prefetch`.
+
+use std::sync::Arc;
+
+use ember_snapshot_store::{CachedMemory, Manifest, MemCache, MemoryMap, Store};
+
+use crate::lazy::{load_eagerly, LazyError, LazyMemory};
+use crate::memory::{
+    create_guest_memory, disable_huge_pages, map_guest_memory_from_file, GuestMemoryMmap,
+    MemoryError,
+};
+use crate::snapshot::{RestoreMode, StorePages};
+
+/// Errors of setting up a restored VM's memory.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreMemoryError {
+    #[error("guest memory: {0}")]
+    Memory(#[source] MemoryError),
+    #[error("serving memory from the store: {0}")]
+    Lazy(#[source] LazyError),
+    #[error("loading memory from the store: {0}")]
+    Eager(#[source] LazyError),
+}
+
+/// A restored VM's memory and what serves it.
+pub struct RestoredMemory {
+    pub mem: GuestMemoryMmap,
+    /// The userfaultfd handler (`lazy` and `prefetch`).
+    pub lazy: Option<LazyMemory>,
+    /// The mapped file (`file`), locked against eviction while it lives.
+    pub mapped: Option<CachedMemory>,
+    /// The mode the restore ended up in (never `Auto`).
+    pub mode: RestoreMode,
+}
+
+/// Sets up the memory of a restore of `manifest` asked to run in `mode`.
+pub fn restore_memory(
+    manifest: &Manifest,
+    map: MemoryMap,
+    store: &Arc<Store>,
+    cache: Option<&MemCache>,
+    mode: RestoreMode,
+) -> Result<RestoredMemory, RestoreMemoryError> {
+    let id = &manifest.id;
+    let size = manifest.memory.size_bytes;
+    if matches!(mode, RestoreMode::Auto | RestoreMode::File) {
+        match cache.map(|c| c.open(&manifest.memory)) {
+            Some(Ok(mapped)) => {
+                let mem = map_guest_memory_from_file(size, &mapped.file)
+                    .map_err(RestoreMemoryError::Memory)?;
+                log::debug!("restore {id}: memory mapped from {}", mapped.path.display());
+                return Ok(RestoredMemory {
+                    mem,
+                    lazy: None,
+                    mapped: Some(mapped),
+                    mode: RestoreMode::File,
+                });
+            }
+            // For `auto` a snapshot not yet materialised is the normal case.
+            Some(Err(ember_snapshot_store::CacheMiss::Absent(_))) if mode == RestoreMode::Auto => {}
+            Some(Err(miss)) => {
+                log::warn!("restore {id}: not mapping its memory file, using the store: {miss}")
+            }
+            None if mode == RestoreMode::File => {
+                log::warn!("restore {id}: no memory cache is configured; using the store")
+            }
+            None => {}
+        }
+    }
+    let mode = match mode {
+        RestoreMode::Auto | RestoreMode::File => RestoreMode::Prefetch,
+        other => other,
+    };
+    let mem = create_guest_memory(size).map_err(RestoreMemoryError::Memory)?;
+    disable_huge_pages(&mem).map_err(RestoreMemoryError::Memory)?;
+    let source = StorePages {
+        store: store.clone(),
+        map,
+    };
+    let lazy = match mode {
+        RestoreMode::Eager => {
+            load_eagerly(&mem, &source).map_err(RestoreMemoryError::Eager)?;
+            None
+        }
+        _ => {
+            let prefetch = if mode == RestoreMode::Prefetch {
+                match store.load_working_set(id) {
+                    Ok(pages) => pages.unwrap_or_default(),
+                    Err(e) => {
+                        log::warn!("restore {id}: not prefetching: {e}");
+                        Vec::new()
+                    }
+                }
+            } else {
+                Vec::new()
+            };
+            if !prefetch.is_empty() {
+                log::debug!(
+                    "restore {id}: prefetching a working set of {} pages",
+                    prefetch.len()
+                );
+            }
+            Some(
+                LazyMemory::start(&mem, Arc::new(source), prefetch)
+                    .map_err(RestoreMemoryError::Lazy)?,
+            )
+        }
+    };
+    Ok(RestoredMemory {
+        mem,
+        lazy,
+        mapped: None,
+        mode,
+    })
+}
