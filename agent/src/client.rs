@@ -462,7 +462,44 @@ impl AgentClient {
     /// [`resync`](Self::resync) with the host's current time and
     /// [`RESYNC_ENTROPY_BYTES`] bytes from the host's `/dev/urandom`.
     pub fn resync_now(&self) -> Result<()> {
+        let (unix_time_ns, entropy) = Self::host_time_and_entropy()?;
+        self.resync(unix_time_ns, &entropy)
+    }
+
+    /// As [`resync_now`](Self::resync_now), without waiting for the answer: the agent
+    /// handles a resync before the next request on the same connection, so the requests
+    /// sent after this one already see the new clock and entropy, and no round trip is
+    /// spent on it. A failure in the guest is logged when its answer comes.
+    pub fn resync_now_pipelined(&self) -> Result<()> {
         self.require(CAP_RESYNC, "resync the clock and RNG")?;
+        let (unix_time_ns, entropy) = Self::host_time_and_entropy()?;
+        let (id, rx, _) = self.inner.register()?;
+        let body = RequestBody::Resync {
+            unix_time_ns,
+            entropy: entropy.to_vec(),
+        };
+        if let Err(err) = self.inner.send(id, body) {
+            self.inner.unregister(id);
+            return Err(err);
+        }
+        let timeout = self.request_timeout;
+        let inner = self.inner.clone();
+        std::thread::Builder::new()
+            .name("ember-resync".into())
+            .spawn(move || match rx.recv_timeout(timeout) {
+                Ok(ResponseBody::Done { .. }) => {}
+                Ok(ResponseBody::Error(err)) => log::warn!("the guest's resync failed: {err}"),
+                Ok(other) => log::warn!("resync: {}", unexpected("resync", &other)),
+                Err(_) => inner.unregister(id),
+            })
+            .map_err(|source| ClientError::Local {
+                what: "starting the resync answer's thread".into(),
+                source,
+            })?;
+        Ok(())
+    }
+
+    fn host_time_and_entropy() -> Result<(u64, [u8; RESYNC_ENTROPY_BYTES])> {
         let mut entropy = [0u8; RESYNC_ENTROPY_BYTES];
         std::fs::File::open("/dev/urandom")
             .and_then(|mut f| f.read_exact(&mut entropy))
@@ -476,7 +513,7 @@ impl AgentClient {
         let unix_time_ns = u64::try_from(now.as_nanos()).map_err(|_| {
             ClientError::InvalidRequest("the host's clock is past the year 2554".into())
         })?;
-        self.resync(unix_time_ns, &entropy)
+        Ok((unix_time_ns, entropy))
     }
 
     /// Starts a command and returns once it runs (or with the reason it could not start,

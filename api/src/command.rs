@@ -380,10 +380,17 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
         }
     };
     let ready = start.elapsed();
-    log::info!("agent ready after {:.1} ms", ready.as_secs_f64() * 1e3);
+    log::info!(
+        "agent ready after {:.1} ms{}",
+        ready.as_secs_f64() * 1e3,
+        vmm.restore_mode()
+            .map(|mode| format!(" (restored; memory: {mode})"))
+            .unwrap_or_default()
+    );
     if matches!(origin, Origin::Restore { .. }) {
-        // The restored guest's clock and RNG are the snapshot's (the same in every clone).
-        if let Err(e) = client.resync_now() {
+        // The restored guest's clock and RNG are the snapshot's (the same in every clone):
+        // the host's go ahead of the command, on the same connection, without a round trip.
+        if let Err(e) = client.resync_now_pipelined() {
             log::warn!("cannot resync the restored guest's clock and entropy: {e}");
         }
     }
@@ -405,6 +412,10 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
         }
     }
     if let (Some(id), Origin::Boot | Origin::Restore { .. }) = (&plan.snapshot_on_exit, &origin) {
+        // Without the agent connection the snapshot holds only listeners: its restores
+        // connect at once, with no transport reset.
+        drop(client);
+        vmm.wait_for_vsock_idle(Duration::from_millis(250));
         let store = match &origin {
             Origin::Restore { store, .. } => Ok(store.clone()),
             Origin::Boot => open_store(&plan.store_dir),

@@ -42,6 +42,9 @@ pub struct VmmArgs {
     pub probe_connect: Option<String>,
 }
 
+/// How long a snapshot waits for closed vsock connections to be torn down.
+const VSOCK_SETTLE: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Exit codes the service reads.
 pub const EXIT_STOPPED: i32 = 0;
 pub const EXIT_FAILED: i32 = 1;
@@ -173,18 +176,9 @@ pub fn run(args: VmmArgs) -> i32 {
     match wait_for_agent(&spec.vsock_socket, &vm_done, &vmm) {
         Ok(client) => {
             let ready_ms = start.elapsed().as_secs_f64() * 1e3;
-            if restored {
-                let resync = Instant::now();
-                match client.resync_now() {
-                    Ok(_) => log::debug!(
-                        "guest clock and entropy resynced in {:.1} ms",
-                        resync.elapsed().as_secs_f64() * 1e3
-                    ),
-                    Err(e) => {
-                        log::warn!("cannot resync the restored guest's clock and entropy: {e}")
-                    }
-                }
-            }
+            // The service resyncs a restored guest's clock and entropy on its own first
+            // connection, ahead of the first request; readiness costs no round trip more.
+            drop(client);
             if let Some(faults) = vmm.faults_served() {
                 log::info!("agent ready after {ready_ms:.1} ms: {faults} pages faulted in so far");
             }
@@ -419,6 +413,14 @@ fn handle(worker: &Worker, request: ControlRequest) -> ControlReply {
                 SnapshotKind::Full
             };
             let t = Instant::now();
+            // The service closed its agent connection first: once the guest has torn it
+            // down the snapshot holds only listeners, and its restores need no reset.
+            let left = worker.vmm.wait_for_vsock_idle(VSOCK_SETTLE);
+            if left.is_some_and(|n| n > 0) {
+                log::info!(
+                    "snapshot {id}: {left:?} vsock connections open; restores will reset them"
+                );
+            }
             let result = worker.vmm.snapshot_as(&worker.store, &id, kind);
             let took_ms = t.elapsed().as_secs_f64() * 1e3;
             // The snapshot left the vCPUs paused.

@@ -582,3 +582,160 @@ fn vmtest_sigkill_in_the_middle_of_a_snapshot_leaves_the_store_usable() {
     assert!(gc.status.success(), "{}", text(&gc.stderr));
     assert!(packs(&store.0).len() >= sealed_before);
 }
+
+/// The snapshot's manifest as JSON (after its checksum line).
+fn manifest_json(store: &TempStore, id: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(store.0.join("manifests").join(id)).unwrap();
+    let (_, json) = text.split_once('\n').unwrap();
+    serde_json::from_str(json).unwrap()
+}
+
+/// The materialised memory files beside the store (`mem-cache`, the default).
+fn memory_files(store: &TempStore) -> Vec<PathBuf> {
+    let dir = store.0.parent().unwrap().join("mem-cache");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.retain(|p| p.extension().is_some_and(|e| e == "mem"));
+    files
+}
+
+#[test]
+fn vmtest_file_restores_map_the_materialised_memory_and_fall_back_from_a_damaged_file() {
+    // Its own folder: the memory cache goes beside the store.
+    let root = TempStore::new("file-mode");
+    std::fs::create_dir_all(&root.0).unwrap();
+    let store = TempStore(root.0.join("store"));
+    let (kernel, rootfs) = (artifact("EMBER_KERNEL"), artifact("EMBER_ROOTFS"));
+    let out = ember(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--rootfs",
+        &rootfs,
+        "--read-only-rootfs",
+        "--store",
+        store.path(),
+        "--snapshot-on-exit",
+        "mapped",
+        "--",
+        "sh",
+        "-c",
+        "echo kept > /tmp/marker",
+    ]);
+    assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("materialised its memory"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The agent connection was closed before the snapshot: it held only listeners.
+    assert_eq!(
+        manifest_json(&store, "mapped")["metadata"]["vsock_connections"],
+        "0"
+    );
+    let files = memory_files(&store);
+    assert_eq!(files.len(), 1, "{files:?}");
+
+    // The default restore maps the file, and records a working set from it.
+    let first = restore_ok(&store, "mapped", &[], "cat /tmp/marker");
+    assert_eq!(text(&first.stdout), "kept\n");
+    let stderr = text(&first.stderr);
+    assert!(stderr.contains("memory: file"), "{stderr}");
+    assert!(stderr.contains("recorded a working set"), "{stderr}");
+
+    // A truncated file is never mapped: the restore reads the store, says why, and
+    // materialises the memory again for the next one.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&files[0])
+        .unwrap();
+    file.set_len(4096).unwrap();
+    drop(file);
+    let fallback = restore_ok(&store, "mapped", &[], "cat /tmp/marker");
+    assert_eq!(text(&fallback.stdout), "kept\n");
+    let stderr = text(&fallback.stderr);
+    assert!(stderr.contains("not mapping its memory file"), "{stderr}");
+    assert!(stderr.contains("memory: prefetch"), "{stderr}");
+    assert!(stderr.contains("materialised its memory"), "{stderr}");
+    let again = restore_ok(&store, "mapped", &["--mode", "file"], "cat /tmp/marker");
+    assert_eq!(text(&again.stdout), "kept\n");
+    assert!(text(&again.stderr).contains("memory: file"));
+
+    // A snapshot of a file-restored VM (a diff against the mapped one) restores exactly.
+    restore_ok(
+        &store,
+        "mapped",
+        &["--snapshot-on-exit", "child", "--diff"],
+        "echo more >> /tmp/marker",
+    );
+    let child = restore_ok(&store, "child", &[], "cat /tmp/marker");
+    assert_eq!(text(&child.stdout), "kept\nmore\n");
+    assert!(text(&child.stderr).contains("memory: file"));
+}
+
+#[test]
+fn vmtest_a_snapshot_holding_a_connection_restores_through_a_transport_reset() {
+    let store = TempStore::new("held");
+    let socket = std::env::temp_dir().join(format!("ember-held-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let (kernel, rootfs) = (artifact("EMBER_KERNEL"), artifact("EMBER_ROOTFS"));
+    let child = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args([
+            "run",
+            "--kernel",
+            &kernel,
+            "--rootfs",
+            &rootfs,
+            "--read-only-rootfs",
+            "--store",
+            store.path(),
+            "--vsock-socket",
+            socket.to_str().unwrap(),
+            "--snapshot-on-exit",
+            "held",
+            "--",
+            "sh",
+            "-c",
+            // Long enough for the test to open its own connection to the agent.
+            "for i in $(seq 1 100); do [ -e /tmp/go ] && break; sleep 0.2; done; echo held",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A second agent client that stays connected through the snapshot.
+    let deadline = std::time::Instant::now() + COMMAND_LIMIT;
+    let held = loop {
+        if let Ok(client) = ember_agent::client::AgentClient::connect_uds(&socket, 52) {
+            if client.hello().is_ok() {
+                break client;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no agent on {socket:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let touch = held
+        .exec_collect(ember_agent::protocol::ExecRequest::new([
+            "/bin/touch",
+            "/tmp/go",
+        ]))
+        .expect("touch /tmp/go through the held connection");
+    assert!(
+        matches!(touch.status, ember_agent::protocol::ExitStatus::Code(0)),
+        "{:?}",
+        touch.status
+    );
+    let out = output_within(child, COMMAND_LIMIT);
+    drop(held);
+    assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+    let recorded = manifest_json(&store, "held")["metadata"]["vsock_connections"].clone();
+    assert_ne!(recorded, "0", "the held connection was not counted");
+    // Its restore resets the guest's connections and reaches the agent again.
+    let restored = restore_ok(&store, "held", &[], "echo after");
+    assert_eq!(text(&restored.stdout), "after\n");
+}

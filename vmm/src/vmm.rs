@@ -811,6 +811,18 @@ fn load_guest(
     Ok(kernel)
 }
 
+/// The manifest metadata key recording how many vsock connections a snapshot held.
+pub const VSOCK_CONNECTIONS_KEY: &str = "vsock_connections";
+
+/// Whether a snapshot's guest held no vsock connections (snapshots that did not record it
+/// are taken to have held some).
+fn held_no_vsock_connections(manifest: &Manifest) -> bool {
+    manifest
+        .metadata
+        .get(VSOCK_CONNECTIONS_KEY)
+        .is_some_and(|count| count == "0")
+}
+
 /// A built VM. Field order is drop order: vCPU threads and the VM go before guest memory.
 pub struct Vmm {
     vcpus: Vec<VcpuHandle>,
@@ -954,6 +966,8 @@ impl Vmm {
             ));
         }
         self.pause()?;
+        // Whether the restored guest needs a transport reset: only if it held connections.
+        let vsock_connections = self.vsock_connections();
         // Devices must not write guest memory while it is hashed: hold every virtio device
         // (the event loop waits on these locks meanwhile).
         let transports: Vec<_> = self.transports.iter().map(|t| lock_or_recover(t)).collect();
@@ -1128,6 +1142,11 @@ impl Vmm {
         manifest
             .metadata
             .insert("vcpus".into(), self.config.vcpus.to_string());
+        if let Some(count) = vsock_connections {
+            manifest
+                .metadata
+                .insert(VSOCK_CONNECTIONS_KEY.into(), count.to_string());
+        }
         manifest
             .metadata
             .insert("kernel".into(), self.config.kernel.display().to_string());
@@ -1298,13 +1317,19 @@ impl Vmm {
             crate::persist::vcpu::restore_vcpu(&fd, state).map_err(|e| fail(e.to_string()))?;
             fds.push((index, fd));
         }
-        // Connections do not survive a snapshot: the guest is told so, its listening sockets
-        // stay, and host clients connect again. Only now, with the interrupt controllers and
-        // LAPICs restored, can the event's interrupt reach the guest (restoring the irqchip
-        // would clear a line raised earlier, and the driver would not see the event until some
-        // other vsock interrupt).
+        // Connections do not survive a snapshot: a guest that held some is told so (its
+        // listening sockets stay, and host clients connect again). Only now, with the
+        // interrupt controllers and LAPICs restored, can the event's interrupt reach the
+        // guest (restoring the irqchip would clear a line raised earlier, and the driver
+        // would not see the event until some other vsock interrupt). A snapshot that held
+        // only listeners needs no reset: host clients connect at once.
         if let Some(vsock) = &devices.vsock {
-            lock_or_recover(vsock).send_transport_reset();
+            let mut vsock = lock_or_recover(vsock);
+            if held_no_vsock_connections(&manifest) {
+                vsock.resume_without_reset();
+            } else {
+                vsock.send_transport_reset();
+            }
         }
         phase("vCPUs restored");
         let base = SnapshotBase {
@@ -1316,6 +1341,28 @@ impl Vmm {
         vmm.restore_mode = Some(restored.mode);
         vmm.mapped_memory = restored.mapped;
         Ok(vmm)
+    }
+
+    /// Live and pending vsock connections (`None` without a vsock device).
+    pub fn vsock_connections(&self) -> Option<usize> {
+        self.vsock.as_ref().map(|v| {
+            let v = lock_or_recover(v);
+            v.connection_count() + v.pending_client_count()
+        })
+    }
+
+    /// Waits up to `limit` for the vsock device to hold no connections (host clients that
+    /// just closed theirs take a moment to be torn down with the guest); returns how many
+    /// remain.
+    pub fn wait_for_vsock_idle(&self, limit: Duration) -> Option<usize> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let count = self.vsock_connections()?;
+            if count == 0 || Instant::now() >= deadline {
+                return Some(count);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     /// Ends a `wait` in progress as if the guest had reset (e.g. after a snapshot, to stop

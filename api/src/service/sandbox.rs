@@ -109,6 +109,9 @@ pub struct Sandbox {
     /// Whether the first command after a restore has finished (its pages are the working
     /// set recorded for the snapshot).
     pub first_exec_done: std::sync::atomic::AtomicBool,
+    /// Whether a restored guest's clock and entropy were resynced (sent ahead of the first
+    /// request on the first agent connection).
+    resynced: std::sync::atomic::AtomicBool,
     /// Whether the sandbox's folder was removed (it was deleted); held while the record is
     /// written, so a late update (its VMM's end, noticed after the delete) cannot put the
     /// folder back.
@@ -156,6 +159,7 @@ impl Sandbox {
             commands: Mutex::new(HashMap::new()),
             next_command: AtomicU64::new(1),
             first_exec_done: std::sync::atomic::AtomicBool::new(false),
+            resynced: std::sync::atomic::AtomicBool::new(false),
             removed: Mutex::new(false),
             forwards: Mutex::new(Vec::new()),
         }
@@ -383,6 +387,9 @@ impl Sandbox {
         }
         let socket = self.record().spec.vsock_socket;
         let id = self.id.clone();
+        // A restored guest has the snapshot's clock and entropy (the same in every clone):
+        // the first connection sends the host's ahead of whatever request comes next.
+        let resync = self.restored_from().is_some() && !self.resynced.load(Ordering::SeqCst);
         let client = tokio::task::spawn_blocking(move || {
             let start = Instant::now();
             let client = AgentClient::connect_uds(&socket, AGENT_VSOCK_PORT)?;
@@ -393,12 +400,18 @@ impl Sandbox {
                 connected.as_secs_f64() * 1e3,
                 (start.elapsed() - connected).as_secs_f64() * 1e3
             );
+            if resync {
+                if let Err(e) = client.resync_now_pipelined() {
+                    log::warn!("{id}: cannot resync the restored guest's clock and entropy: {e}");
+                }
+            }
             Ok::<_, ember_agent::client::ClientError>(client)
         })
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(|e| super::error::from_agent("connecting to the guest agent", e))?;
         let client = Arc::new(client);
+        self.resynced.store(true, Ordering::SeqCst);
         *slot = Some(client.clone());
         Ok(client)
     }
@@ -677,6 +690,12 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         Ok(ready_ms) => {
             let restored = matches!(new.origin, WorkerOrigin::Restore { .. });
             if let WorkerOrigin::Restore { snapshot, .. } = &new.origin {
+                // The agent connection (with the clock and entropy resync ahead of the first
+                // request) is made now, off the path of the request that comes next.
+                let early = sandbox.clone();
+                tokio::spawn(async move {
+                    let _ = early.agent().await;
+                });
                 // A snapshot not materialised yet (saved before the cache, or evicted) is,
                 // after this restore, for the next ones.
                 state

@@ -165,6 +165,8 @@ pub async fn create(
         // Its VMM exits once the snapshot is saved: that is not a failure.
         sandbox.update(|r| r.state = SandboxState::Stopped);
     }
+    // A snapshot holding no agent connection restores without a vsock transport reset.
+    sandbox.forget_agent().await;
     let reply = control(
         &sandbox,
         ControlRequest::Snapshot {

@@ -1,8 +1,8 @@
 //! VM-wide KVM state: the interrupt controllers, the PIT and the KVM clock.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE,
+    kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
@@ -53,13 +53,28 @@ pub fn save_vm(fd: &VmFd) -> Result<VmState, VmStateError> {
 /// vCPUs are restored.
 pub fn restore_vm(fd: &VmFd, state: &VmState) -> Result<(), VmStateError> {
     fd.set_pit2(&state.pit).map_err(kvm("KVM_SET_PIT2"))?;
-    // Only the clock value is restored; the flags returned by KVM_GET_CLOCK describe the
-    // source host and are not accepted back.
+    // The clock value, advanced by the wall-clock time since the snapshot where the saving
+    // host's KVM recorded its wall clock (KVM_CLOCK_REALTIME): the guest's kvmclock is then
+    // current from its first instruction. KVM_SET_CLOCK accepts no other flag back.
+    let realtime = state.clock.flags & KVM_CLOCK_REALTIME != 0;
     let clock = kvm_clock_data {
         clock: state.clock.clock,
+        flags: if realtime { KVM_CLOCK_REALTIME } else { 0 },
+        realtime: if realtime { state.clock.realtime } else { 0 },
         ..Default::default()
     };
-    fd.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))?;
+    match fd.set_clock(&clock) {
+        Ok(()) => {}
+        // A host kernel older than the flag refuses it: restore the plain value there.
+        Err(_) if realtime => {
+            let plain = kvm_clock_data {
+                clock: state.clock.clock,
+                ..Default::default()
+            };
+            fd.set_clock(&plain).map_err(kvm("KVM_SET_CLOCK"))?;
+        }
+        Err(e) => return Err(kvm("KVM_SET_CLOCK")(e)),
+    }
     fd.set_irqchip(&state.pic_master)
         .map_err(kvm("KVM_SET_IRQCHIP (PIC master)"))?;
     fd.set_irqchip(&state.pic_slave)

@@ -187,6 +187,13 @@ impl Vsock {
         self.wake_loop();
     }
 
+    /// For a guest restored from a snapshot that held no connections: no reset is needed,
+    /// and new host connections take ports past any the guest used before the snapshot, so
+    /// a socket the guest still tears down can never be taken for a new one.
+    pub fn resume_without_reset(&mut self) {
+        self.muxer.move_ports_past_old_connections();
+    }
+
     /// Whether a transport reset event is still waiting for an event-queue buffer.
     pub fn transport_reset_pending(&self) -> bool {
         self.pending_reset_event
