@@ -84,6 +84,16 @@ pub enum WorkerEvent {
         restored: bool,
         /// Pages served on demand until then (restores only).
         faults: Option<u64>,
+        /// When the VMM process started (milliseconds since the Unix epoch): the base of
+        /// `timeline`.
+        #[serde(default)]
+        started_unix_ms: f64,
+        /// Where the start spent its time, up to the agent answering.
+        #[serde(default)]
+        timeline: Vec<ember_vmm::Milestone>,
+        /// How a restored VM's memory arrived (`file`, `prefetch`, `lazy`, `eager`).
+        #[serde(default)]
+        memory: Option<ember_vmm::RestoreMode>,
     },
 }
 

@@ -60,6 +60,7 @@ struct Worker {
 
 pub fn run(args: VmmArgs) -> i32 {
     let start = Instant::now();
+    let started_unix_ms = ember_vmm::timeline::unix_ms_now();
     let spec: WorkerSpec = match std::fs::read(&args.spec)
         .map_err(|e| e.to_string())
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
@@ -176,6 +177,7 @@ pub fn run(args: VmmArgs) -> i32 {
     match wait_for_agent(&spec.vsock_socket, &vm_done, &vmm) {
         Ok(client) => {
             let ready_ms = start.elapsed().as_secs_f64() * 1e3;
+            vmm.timeline().mark("agent_answered");
             // The service resyncs a restored guest's clock and entropy on its own first
             // connection, ahead of the first request; readiness costs no round trip more.
             drop(client);
@@ -186,6 +188,9 @@ pub fn run(args: VmmArgs) -> i32 {
                 ready_ms,
                 restored,
                 faults: vmm.faults_served(),
+                started_unix_ms,
+                timeline: vmm.timeline().steps(),
+                memory: vmm.restore_mode(),
             };
             let line = serde_json::to_string(&event).unwrap_or_default();
             let mut stdout = std::io::stdout().lock();

@@ -112,6 +112,8 @@ fn vmtest_a_process_keeps_running_across_snapshot_and_restore() {
         "counter",
         "--store",
         store.path(),
+        "--mode",
+        "lazy",
         "--",
         "sh",
         "-c",

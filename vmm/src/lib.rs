@@ -13,12 +13,14 @@ pub mod probe;
 pub mod restore_memory;
 pub mod snapshot;
 pub mod stall;
+pub mod timeline;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;
 
 pub use crate::metrics::RunReport;
 pub use crate::snapshot::{RestoreMode, SnapshotKind, UnknownRestoreMode};
+pub use crate::timeline::Milestone;
 pub use crate::vmm::{
     format_mac, parse_mac, run, run_reported, run_with, ExitReason, GuestIpv4, NetConfig,
     NetRateLimits, RateLimit, VmConfig, Vmm, VmmError, VmmOptions, VsockConfig, MAX_VCPUS,

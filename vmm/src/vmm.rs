@@ -848,6 +848,8 @@ pub struct Vmm {
     restore_mode: Option<RestoreMode>,
     /// A restored VM's memory file (mode `file`), locked against eviction while mapped.
     mapped_memory: Option<ember_snapshot_store::CachedMemory>,
+    /// Where its start spent its time.
+    timeline: Arc<crate::timeline::Timeline>,
     /// The snapshot memory equals but for the dirty pages (set by restores and snapshots);
     /// dirty page logging is on exactly when this is set.
     base: Mutex<Option<SnapshotBase>>,
@@ -869,8 +871,10 @@ impl Vmm {
     /// Builds the VM for `config` with its vCPUs paused at the kernel entry.
     pub fn build(config: &VmConfig, options: VmmOptions) -> Result<Vmm, VmmError> {
         config.validate()?;
+        let timeline = Arc::new(crate::timeline::Timeline::new(options.start));
         let kvm = open_kvm()?;
         let mem = create_guest_memory(config.mem_bytes()).map_err(VmmError::Memory)?;
+        timeline.mark("memory_mapped");
         let vm = Vm::new(&kvm)?;
         // SAFETY: `mem` is stored in the Vmm after `vm` and the vCPUs, so it is dropped after
         // them; every other holder is a clone sharing the same mappings.
@@ -888,7 +892,10 @@ impl Vmm {
                 ))
             })
             .collect::<Result<Vec<_>, VmmError>>()?;
-        Vmm::assemble(config.clone(), vm, mem, None, None, devices, fds)
+        timeline.mark("devices_built");
+        let mut vmm = Vmm::assemble(config.clone(), vm, mem, None, None, devices, fds)?;
+        vmm.timeline = timeline;
+        Ok(vmm)
     }
 
     /// Starts a thread for each vCPU (paused) and the event loop, and puts the VM together.
@@ -931,6 +938,7 @@ impl Vmm {
             lazy,
             restore_mode: None,
             mapped_memory: None,
+            timeline: Arc::new(crate::timeline::Timeline::new(Instant::now())),
             base: Mutex::new(base),
             running: Mutex::new(false),
             mem,
@@ -1183,14 +1191,8 @@ impl Vmm {
             id: id.to_string(),
             reason,
         };
-        let start = options.start;
-        let phase = |what: &str| {
-            log::debug!(
-                "restore {id}: {what} at {:.1} ms",
-                start.elapsed().as_secs_f64() * 1e3
-            )
-        };
-        phase("begin");
+        let timeline = Arc::new(crate::timeline::Timeline::new(options.start));
+        let phase = |what: &str| timeline.mark(what);
         let manifest = store.load_manifest(id).map_err(|e| fail(e.to_string()))?;
         match store
             .index_snapshot(&manifest)
@@ -1207,11 +1209,11 @@ impl Vmm {
             .read(&manifest.vm_state)
             .map_err(|e| fail(e.to_string()))?;
         let snap: VmSnapshot = decode_state(&blob).map_err(|e| fail(e.to_string()))?;
-        phase("manifest and state read");
+        phase("manifest_read");
         let map = store
             .load_memory_map(&manifest)
             .map_err(|e| fail(e.to_string()))?;
-        phase("memory map read");
+        phase("memory_map_read");
         if map.size_bytes() != snap.mem_bytes || snap.vcpus.len() != usize::from(snap.vcpu_count) {
             return Err(fail(format!(
                 "the snapshot is inconsistent: {} bytes of memory map for {} bytes of RAM, {} vCPU states for {} vCPUs",
@@ -1273,7 +1275,7 @@ impl Vmm {
         .map_err(|e| fail(e.to_string()))?;
         let (mem, lazy) = (restored.mem, restored.lazy);
         log::debug!("restore {id}: memory in mode {}", restored.mode);
-        phase("memory ready");
+        phase("memory_mapped");
         let overlay = match overlay_plan {
             Some((disk, base, path, overlay)) => Some(
                 restore_overlay(&store, disk, base, path, &overlay)
@@ -1281,17 +1283,17 @@ impl Vmm {
             ),
             None => None,
         };
-        phase("disk overlay restored");
+        phase("disk_overlay_restored");
         let vm = Vm::new(&kvm)?;
         // Logging dirty pages from the start makes the next snapshot of this VM a possible
         // diff against this one.
         // SAFETY: as in `build`: `mem` outlives the VM and its vCPUs inside the Vmm.
         unsafe { vm.register_memory_logging_dirty(&mem) }?;
-        phase("VM created");
+        phase("vm_created");
         let (overlay, rootfs_chunks) = overlay.unzip();
         let devices = attach_devices(&vm, &mem, &config, options, Some(&snap), overlay)
             .map_err(|e| fail(e.to_string()))?;
-        phase("devices attached");
+        phase("devices_attached");
         // The working set was loading while the VM was put together; let it finish before
         // the guest's clocks are set (REAP's finding: loading it in one go beats racing the
         // guest for it, which on few cores mostly steals the vCPU's time). The VM clock and
@@ -1303,9 +1305,9 @@ impl Vmm {
         if let Some(lazy) = lazy.as_mut() {
             lazy.finish_prefetch();
         }
-        phase("working set loaded");
+        phase("working_set_loaded");
         crate::persist::vm::restore_vm(vm.fd(), &snap.vm).map_err(|e| fail(e.to_string()))?;
-        phase("VM state restored");
+        phase("vm_state_restored");
 
         let mut fds = Vec::with_capacity(snap.vcpus.len());
         for state in &snap.vcpus {
@@ -1331,13 +1333,14 @@ impl Vmm {
                 vsock.send_transport_reset();
             }
         }
-        phase("vCPUs restored");
+        phase("devices_built");
         let base = SnapshotBase {
             id: id.to_string(),
             map,
         };
         let mut vmm = Vmm::assemble(config, vm, mem, lazy, Some(base), devices, fds)?;
         vmm.rootfs_chunks = rootfs_chunks;
+        vmm.timeline = timeline;
         vmm.restore_mode = Some(restored.mode);
         vmm.mapped_memory = restored.mapped;
         Ok(vmm)
@@ -1408,6 +1411,12 @@ impl Vmm {
         }
     }
 
+    /// Where the VM's start spent its time (milestones since the VMM's start); callers
+    /// `mark` the later ones (the agent answering).
+    pub fn timeline(&self) -> &crate::timeline::Timeline {
+        &self.timeline
+    }
+
     /// How a restored VM's memory arrives (`None` for a booted VM).
     pub fn restore_mode(&self) -> Option<RestoreMode> {
         self.restore_mode
@@ -1418,6 +1427,7 @@ impl Vmm {
         let mut running = lock_or_recover(&self.running);
         command_all(&self.vcpus, VcpuCommand::Resume).map_err(VmmError::Vcpu)?;
         *running = true;
+        self.timeline.mark("vcpus_running");
         Ok(())
     }
 

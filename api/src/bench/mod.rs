@@ -19,7 +19,9 @@ use hyper::Method;
 use serde_json::{json, Value};
 
 use crate::client::{empty_body, encode_query, json_body, ApiClient};
-use report::{regressions, Better, DensityPoint, FaultSeries, Figure, Report, SCHEMA};
+use report::{
+    median, regressions, Better, DensityPoint, FaultSeries, Figure, Report, StartTimeline, SCHEMA,
+};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -217,6 +219,34 @@ impl Api {
         Ok(answer)
     }
 
+    async fn sandbox(&self, id: &str) -> Result<Value, String> {
+        self.0
+            .json(Method::GET, &format!("/sandboxes/{id}"), empty_body())
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Waits (up to a minute) until the service has materialised snapshot `id`'s memory.
+    async fn wait_materialised(&self, id: &str) -> Result<(), String> {
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let snapshot = self
+                .0
+                .json(Method::GET, &format!("/snapshots/{id}"), empty_body())
+                .await
+                .map_err(|e| e.to_string())?;
+            if snapshot["memory_materialised"] == json!(true) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "snapshot {id} was not materialised within a minute"
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     async fn delete(&self, id: &str) -> Result<(), String> {
         self.0
             .json(Method::DELETE, &format!("/sandboxes/{id}"), empty_body())
@@ -294,11 +324,13 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
-/// One start (cold boot or restore) measured: request → agent ready → first exec done.
+/// One start (cold boot or restore) measured: request → agent ready → first exec done,
+/// and the service's timeline of it.
 struct StartSample {
     ready_ms: f64,
     first_exec_ms: f64,
     vmm_ready_ms: Option<f64>,
+    timeline: Vec<ember_vmm::Milestone>,
 }
 
 async fn start_once(api: &Api, body: Value, keep: bool) -> Result<(StartSample, String), String> {
@@ -308,6 +340,8 @@ async fn start_once(api: &Api, body: Value, keep: bool) -> Result<(StartSample, 
     let id = id_of(&sandbox)?;
     api.exec(&id, "true", &[]).await?;
     let first_exec_ms = ms(t0);
+    let described = api.sandbox(&id).await?;
+    let timeline = serde_json::from_value(described["timeline"].clone()).unwrap_or_default();
     if !keep {
         api.delete(&id).await?;
     }
@@ -316,9 +350,37 @@ async fn start_once(api: &Api, body: Value, keep: bool) -> Result<(StartSample, 
             ready_ms,
             first_exec_ms,
             vmm_ready_ms: sandbox["ready_ms"].as_f64(),
+            timeline,
         },
         id,
     ))
+}
+
+/// The median time of each step over `samples`, in the order the steps were reached.
+fn timeline_medians(start: &str, samples: &[StartSample]) -> StartTimeline {
+    let mut steps: Vec<String> = Vec::new();
+    for sample in samples {
+        for m in &sample.timeline {
+            if !steps.contains(&m.step) {
+                steps.push(m.step.clone());
+            }
+        }
+    }
+    let mut medians: Vec<(String, f64)> = steps
+        .into_iter()
+        .filter_map(|step| {
+            let times: Vec<f64> = samples
+                .iter()
+                .filter_map(|s| s.timeline.iter().find(|m| m.step == step).map(|m| m.ms))
+                .collect();
+            median(&times).map(|m| (step, m))
+        })
+        .collect();
+    medians.sort_by(|a, b| a.1.total_cmp(&b.1));
+    StartTimeline {
+        start: start.to_string(),
+        steps: medians,
+    }
 }
 
 /// The full and diff snapshot times of a `mem_mib` guest, from the snapshots' answers.
@@ -568,6 +630,7 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
         cold.push(sample);
     }
     push_start(&mut figures, "cold", "cold boot", &cold, None);
+    let mut timelines = vec![timeline_medians("cold", &cold)];
     let cold_first = figures
         .iter()
         .find(|f| f.name == "cold.first_exec_ms")
@@ -604,9 +667,13 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
         }
     }
 
-    // Restores in each mode.
+    // Restores in each mode; `file` maps the memory the service materialised after the
+    // snapshot.
+    api.wait_materialised("bench-base")
+        .await
+        .map_err(step("materialising the snapshot's memory"))?;
     let mut fault_series = Vec::new();
-    for mode in ["eager", "lazy", "prefetch"] {
+    for mode in ["file", "prefetch", "lazy", "eager"] {
         let body = json!({"snapshot": "bench-base", "restore_mode": mode});
         if mode == "prefetch" {
             // The first prefetch restore records the working set the next ones load.
@@ -618,7 +685,7 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
         let mut samples = Vec::new();
         for run in 0..runs {
             // The first lazy and prefetch restores also show when their faults came.
-            let keep = run == 0 && mode != "eager";
+            let keep = run == 0 && matches!(mode, "lazy" | "prefetch");
             let (s, id) = start_once(&api, body.clone(), keep)
                 .await
                 .map_err(step(format!("{mode} restore")))?;
@@ -644,18 +711,27 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
             &samples,
             Some((cold_ready, cold_first)),
         );
+        timelines.push(timeline_medians(&format!("restore.{mode}"), &samples));
     }
 
-    // Density: K clones of the snapshot at once, each having run a command.
-    let ks: &[u32] = if args.quick { &[1, 2] } else { &[1, 2, 4, 8] };
+    // Density: K clones of the snapshot at once, each having run a command; `file` clones
+    // share the page cache of one memory file, `prefetch` ones each hold a copy.
+    let ks: &[u32] = if args.quick {
+        &[1, 2, 4]
+    } else {
+        &[1, 2, 4, 8]
+    };
     let mut density = Vec::new();
-    for &k in ks {
-        say(&format!("{k} clones at once"));
+    for (mode, &k) in ["file", "prefetch"]
+        .into_iter()
+        .flat_map(|m| ks.iter().map(move |k| (m, k)))
+    {
+        say(&format!("{k} {mode} clones at once"));
         let mut ids = Vec::new();
         let mut pids = Vec::new();
         for _ in 0..k {
             let sb = api
-                .create(json!({"snapshot": "bench-base"}))
+                .create(json!({"snapshot": "bench-base", "restore_mode": mode}))
                 .await
                 .map_err(step("clone"))?;
             ids.push(id_of(&sb).map_err(step("clone"))?);
@@ -671,6 +747,7 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
             (r + r2, p + p2)
         });
         density.push(DensityPoint {
+            mode: mode.to_string(),
             clones: k,
             rss_mib_per_clone: rss as f64 / f64::from(k) / 1048576.0,
             pss_mib_per_clone: pss as f64 / f64::from(k) / 1048576.0,
@@ -750,6 +827,7 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
         figures,
         density,
         fault_series,
+        timelines,
         notes,
     };
     drop(own);

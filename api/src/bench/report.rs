@@ -56,15 +56,22 @@ pub struct Figure {
     pub bound: Option<String>,
 }
 
+/// The median of `samples` (the mean of the middle two for an even count); `None` if empty.
+pub fn median(samples: &[f64]) -> Option<f64> {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(sorted[n / 2]),
+        n => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+    }
+}
+
 impl Figure {
     pub fn new(name: &str, label: &str, unit: &str, better: Better, samples: Vec<f64>) -> Figure {
         let mut sorted = samples.clone();
         sorted.sort_by(f64::total_cmp);
-        let median = match sorted.len() {
-            0 => f64::NAN,
-            n if n % 2 == 1 => sorted[n / 2],
-            n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-        };
+        let median = median(&samples).unwrap_or(f64::NAN);
         Figure {
             name: name.to_string(),
             label: label.to_string(),
@@ -83,6 +90,9 @@ impl Figure {
 /// Host memory of K clones of one snapshot running at once.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DensityPoint {
+    /// How the clones' memory arrived (`file`, `prefetch`; empty in older reports).
+    #[serde(default)]
+    pub mode: String,
     pub clones: u32,
     /// Resident memory of all their VMM processes (guest RAM they touched included) / K.
     pub rss_mib_per_clone: f64,
@@ -103,6 +113,16 @@ pub struct FaultSeries {
     pub prefetched: u64,
 }
 
+/// Where one kind of start spends its time: each step's median time since the request
+/// (`GET /sandboxes/{id}` timelines), in the order reached.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StartTimeline {
+    /// `cold` or `restore.MODE`.
+    pub start: String,
+    /// (step, median milliseconds since the request).
+    pub steps: Vec<(String, f64)>,
+}
+
 /// A whole run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
@@ -119,6 +139,9 @@ pub struct Report {
     /// Reports written before fault series existed have none.
     #[serde(default)]
     pub fault_series: Vec<FaultSeries>,
+    /// Reports written before timelines existed have none.
+    #[serde(default)]
+    pub timelines: Vec<StartTimeline>,
     pub notes: Vec<String>,
 }
 
@@ -146,6 +169,47 @@ impl Report {
     }
 
     /// The Markdown table of every figure, headed by the environment.
+    /// Each start's steps (rows) by kind of start (columns), in median ms since the request.
+    fn timeline_table(&self, out: &mut String) {
+        if self.timelines.is_empty() {
+            return;
+        }
+        let mut steps: Vec<&str> = Vec::new();
+        for t in &self.timelines {
+            for (step, _) in &t.steps {
+                if !steps.contains(&step.as_str()) {
+                    steps.push(step);
+                }
+            }
+        }
+        let _ = write!(
+            out,
+            "\nWhere each start spends its time (median ms since the request)\n\n| step |"
+        );
+        for t in &self.timelines {
+            let _ = write!(out, " {} |", t.start);
+        }
+        let _ = write!(out, "\n|---|");
+        for _ in &self.timelines {
+            let _ = write!(out, "---:|");
+        }
+        let _ = writeln!(out);
+        for step in steps {
+            let _ = write!(out, "| {step} |");
+            for t in &self.timelines {
+                match t.steps.iter().find(|(s, _)| s == step) {
+                    Some((_, ms)) => {
+                        let _ = write!(out, " {} |", num(*ms));
+                    }
+                    None => {
+                        let _ = write!(out, " – |");
+                    }
+                }
+            }
+            let _ = writeln!(out);
+        }
+    }
+
     pub fn markdown(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "# ember bench\n");
@@ -180,16 +244,20 @@ impl Report {
                 num(f.max)
             );
         }
+        self.timeline_table(&mut out);
         if !self.density.is_empty() {
             let _ = writeln!(
                 out,
-                "\n| clones running | host RSS per clone | PSS per clone |\n|---:|---:|---:|"
+                "\n| restore | clones running | host RSS per clone | PSS per clone |\n|---|---:|---:|---:|"
             );
             for d in &self.density {
                 let _ = writeln!(
                     out,
-                    "| {} | {:.1} MiB | {:.1} MiB |",
-                    d.clones, d.rss_mib_per_clone, d.pss_mib_per_clone
+                    "| {} | {} | {:.1} MiB | {:.1} MiB |",
+                    if d.mode.is_empty() { "-" } else { &d.mode },
+                    d.clones,
+                    d.rss_mib_per_clone,
+                    d.pss_mib_per_clone
                 );
             }
         }
@@ -448,20 +516,41 @@ impl Report {
             .y_desc("MiB per clone")
             .draw()
             .map_err(|e| chart_err(e.to_string()))?;
-        for (label, pick, color) in [
-            (
-                "RSS",
-                (|d: &DensityPoint| d.rss_mib_per_clone) as fn(&DensityPoint) -> f64,
-                RGBColor(0x4c, 0x78, 0xa8),
-            ),
-            (
-                "PSS",
-                |d: &DensityPoint| d.pss_mib_per_clone,
-                RGBColor(0xf5, 0x85, 0x18),
-            ),
-        ] {
-            let points: Vec<(u32, f64)> =
-                self.density.iter().map(|d| (d.clones, pick(d))).collect();
+        let mut modes: Vec<&str> = Vec::new();
+        for d in &self.density {
+            if !modes.contains(&d.mode.as_str()) {
+                modes.push(&d.mode);
+            }
+        }
+        let palette = [
+            RGBColor(0x4c, 0x78, 0xa8),
+            RGBColor(0xf5, 0x85, 0x18),
+            RGBColor(0x54, 0xa2, 0x4b),
+            RGBColor(0xe4, 0x57, 0x56),
+        ];
+        let series = modes.iter().flat_map(|mode| {
+            [
+                (
+                    *mode,
+                    "RSS",
+                    (|d: &DensityPoint| d.rss_mib_per_clone) as fn(&DensityPoint) -> f64,
+                ),
+                (*mode, "PSS", |d: &DensityPoint| d.pss_mib_per_clone),
+            ]
+        });
+        for (i, (mode, what, pick)) in series.enumerate() {
+            let color = palette[i % palette.len()];
+            let label = if mode.is_empty() {
+                what.to_string()
+            } else {
+                format!("{what} ({mode})")
+            };
+            let points: Vec<(u32, f64)> = self
+                .density
+                .iter()
+                .filter(|d| d.mode == mode)
+                .map(|d| (d.clones, pick(d)))
+                .collect();
             chart
                 .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
                 .map_err(|e| chart_err(e.to_string()))?
@@ -595,11 +684,13 @@ mod tests {
             ],
             density: vec![
                 DensityPoint {
+                    mode: "file".into(),
                     clones: 1,
                     rss_mib_per_clone: 40.0,
                     pss_mib_per_clone: 38.0,
                 },
                 DensityPoint {
+                    mode: "file".into(),
                     clones: 4,
                     rss_mib_per_clone: 30.0,
                     pss_mib_per_clone: 20.0,
@@ -617,6 +708,22 @@ mod tests {
                     bucket_ms: 20,
                     counts: vec![0, 0, 0, 0, 0, 0, 0, 0, 3, 2],
                     prefetched: 1200,
+                },
+            ],
+            timelines: vec![
+                StartTimeline {
+                    start: "cold".into(),
+                    steps: vec![
+                        ("request_accepted".into(), 0.0),
+                        ("agent_answered".into(), 3000.0),
+                    ],
+                },
+                StartTimeline {
+                    start: "restore.file".into(),
+                    steps: vec![
+                        ("request_accepted".into(), 0.0),
+                        ("memory_mapped".into(), 120.0),
+                    ],
                 },
             ],
             notes: vec!["a note".into()],
@@ -652,6 +759,12 @@ mod tests {
         );
         assert!(md.contains("| lazy | 0 | 465 | 100 ms |"), "{md}");
         assert!(md.contains("| prefetch | 1200 | 5 | 200 ms |"), "{md}");
+        // The timelines: a row per step, a column per kind of start, – where a start has no
+        // such step.
+        assert!(md.contains("| step | cold | restore.file |"), "{md}");
+        assert!(md.contains("| agent_answered | 3000 | – |"), "{md}");
+        assert!(md.contains("| memory_mapped | – | 120 |"), "{md}");
+        assert!(md.contains("| file | 4 | 30.0 MiB | 20.0 MiB |"), "{md}");
         for (chart, words) in [
             (
                 "restore-latency.svg",
@@ -659,7 +772,7 @@ mod tests {
             ),
             (
                 "memory-per-clone.svg",
-                ["RSS", "PSS", "clones of one snapshot"],
+                ["RSS (file)", "PSS (file)", "clones of one snapshot"],
             ),
             (
                 "faults-after-restore.svg",

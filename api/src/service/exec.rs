@@ -398,16 +398,21 @@ pub async fn exec(
             Err(_) => return Err(ApiError::internal("the command thread ended")),
         }
     };
-    if sandbox.restored_from().is_some() && !sandbox.first_exec_done.load(Ordering::SeqCst) {
-        // After a restore, the first command's end marks the working set to record.
+    if !sandbox.first_exec_done.load(Ordering::SeqCst) {
+        sandbox.note(|r| r.timeline.mark("first_exec_started"));
+        // The first command's end completes the start's timeline and, after a restore,
+        // marks the working set to record.
         let sandbox = sandbox.clone();
         let record = record.clone();
         tokio::spawn(async move {
             record.finished_signal().await;
             if !sandbox.first_exec_done.swap(true, Ordering::SeqCst) {
-                let _ = sandbox
-                    .control(ControlRequest::RecordWorkingSet, Duration::from_secs(60))
-                    .await;
+                sandbox.note(|r| r.timeline.mark("first_exec_ended"));
+                if sandbox.restored_from().is_some() {
+                    let _ = sandbox
+                        .control(ControlRequest::RecordWorkingSet, Duration::from_secs(60))
+                        .await;
+                }
             }
         });
     }

@@ -14,6 +14,7 @@ pub mod network;
 pub mod ports;
 pub mod sandbox;
 pub mod snapshots;
+pub mod timeline;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;

@@ -94,6 +94,12 @@ pub struct SandboxRecord {
     /// Guest ports exposed on the host's loopback.
     #[serde(default)]
     pub ports: Vec<ExposedPort>,
+    /// Where its start spent its time, up to its first command's end.
+    #[serde(default)]
+    pub timeline: super::timeline::StartTimeline,
+    /// How a restored sandbox's memory arrived.
+    #[serde(default)]
+    pub memory: Option<ember_vmm::RestoreMode>,
 }
 
 pub struct Sandbox {
@@ -203,6 +209,8 @@ impl Sandbox {
             last_snapshot: None,
             net: None,
             ports: Vec::new(),
+            timeline: Default::default(),
+            memory: None,
         };
         Sandbox::new(dir, record)
     }
@@ -251,6 +259,12 @@ impl Sandbox {
     }
 
     /// Changes the record and writes it to disk.
+    /// Changes the record in memory only (it is written with the next `update`): for what
+    /// is not worth a write on a request's path, such as timeline steps.
+    pub fn note(&self, change: impl FnOnce(&mut SandboxRecord)) {
+        change(&mut self.record.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
     pub fn update(&self, change: impl FnOnce(&mut SandboxRecord)) {
         let snapshot = {
             let mut record = self.record.lock().unwrap_or_else(|p| p.into_inner());
@@ -352,6 +366,8 @@ impl Sandbox {
             },
             "timeout_at_unix_ms": r.deadline_unix_ms,
             "ready_ms": r.ready_ms,
+            "memory": r.memory,
+            "timeline": r.timeline.steps,
             "pid": r.pid,
             "env": r.env,
             "disk_limits": r.spec.disk_rate_limit,
@@ -624,6 +640,8 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         last_snapshot: None,
         net: None,
         ports: Vec::new(),
+        timeline: super::timeline::StartTimeline::accepted(ms()),
+        memory: None,
     };
     let sandbox = {
         let mut sandboxes = state.sandboxes.lock().unwrap_or_else(|p| p.into_inner());
@@ -779,7 +797,10 @@ async fn start_vmm(
         .map_err(|e| format!("cannot start {}: {e}", state.config.exe.display()))?;
     drop(cgroup);
     let pid = child.id().unwrap_or(0);
-    sandbox.update(|r| r.pid = Some(pid));
+    sandbox.update(|r| {
+        r.pid = Some(pid);
+        r.timeline.mark("vmm_spawned");
+    });
     let stdout = child.stdout.take().ok_or("the VMM has no stdout")?;
 
     // Whatever happens next, the watcher reports the VMM's end.
@@ -820,7 +841,13 @@ async fn start_vmm(
             tokio::select! {
                 line = lines.next_line() => match line {
                     Ok(Some(line)) => {
-                        if let Ok(WorkerEvent::Ready { ready_ms, .. }) = serde_json::from_str(&line) {
+                        if let Ok(WorkerEvent::Ready { ready_ms, started_unix_ms, timeline, memory, .. }) =
+                            serde_json::from_str(&line)
+                        {
+                            sandbox.update(|r| {
+                                r.timeline.add_vmm(started_unix_ms, &timeline);
+                                r.memory = memory;
+                            });
                             return Ok(ready_ms);
                         }
                         log::debug!("sandbox {}: VMM says {line}", sandbox.id);
