@@ -435,14 +435,34 @@ impl Vcpu {
     }
 }
 
-/// The host's MSR list (`KVM_GET_MSR_INDEX_LIST`), read once, by `Vcpu::start`: opening
-/// `/dev/kvm` is not among what a vCPU thread may do.
+/// MSRs a snapshot saves beyond KVM's list (which leaves them out): PAT and the MTRRs,
+/// which the guest's memory types depend on (ember enables MTRRs at boot).
+const EXTRA_SAVED_MSRS: &[u32] = &[
+    0x277, // IA32_PAT
+    0x2ff, // IA32_MTRR_DEF_TYPE
+    0x250, 0x258, 0x259, // fixed-range MTRRs: 64K, 16K ×2
+    0x268, 0x269, 0x26a, 0x26b, 0x26c, 0x26d, 0x26e, 0x26f, // fixed-range MTRRs: 4K ×8
+    0x200, 0x201, 0x202, 0x203, 0x204, 0x205, 0x206, 0x207, // variable MTRRs 0-3
+    0x208, 0x209, 0x20a, 0x20b, 0x20c, 0x20d, 0x20e, 0x20f, // variable MTRRs 4-7
+];
+
+/// The MSRs a snapshot saves: the host's list (`KVM_GET_MSR_INDEX_LIST`) and
+/// [`EXTRA_SAVED_MSRS`], read once, by `Vcpu::start`: opening `/dev/kvm` is not among what a
+/// vCPU thread may do.
 fn host_msr_indices() -> Result<&'static [u32], &'static str> {
     static LIST: OnceLock<Result<Vec<u32>, String>> = OnceLock::new();
     LIST.get_or_init(|| {
         kvm_ioctls::Kvm::new()
             .and_then(|kvm| kvm.get_msr_index_list())
-            .map(|list| list.as_slice().to_vec())
+            .map(|list| {
+                let mut indices = list.as_slice().to_vec();
+                for extra in EXTRA_SAVED_MSRS {
+                    if !indices.contains(extra) {
+                        indices.push(*extra);
+                    }
+                }
+                indices
+            })
             .map_err(|e| e.to_string())
     })
     .as_ref()

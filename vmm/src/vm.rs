@@ -89,9 +89,12 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(VmError::Pit)?;
-        let supported_cpuid = kvm
+        let mut supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(VmError::SupportedCpuid)?;
+        if kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+            crate::arch::x86_64::cpuid::offer_tsc_deadline(&mut supported_cpuid);
+        }
         Ok(Vm {
             fd,
             supported_cpuid,
@@ -140,6 +143,19 @@ impl Vm {
             .map_err(|source| VmError::SetCpuid { index, source })?;
         setup_boot_vcpu(&vcpu, entry).map_err(|source| VmError::BootState { index, source })?;
         Ok(vcpu)
+    }
+
+    /// The CPU model vCPU 0 of `count` gets here (what this host's KVM can offer).
+    pub fn cpu_model(
+        &self,
+        count: u8,
+    ) -> Result<crate::arch::x86_64::cpu_model::CpuModel, VmError> {
+        let mut cpuid = self.supported_cpuid.clone();
+        normalize_cpuid(&mut cpuid, 0, count)
+            .map_err(|source| VmError::Cpuid { index: 0, source })?;
+        Ok(crate::arch::x86_64::cpu_model::CpuModel::of(
+            cpuid.as_slice(),
+        ))
     }
 
     /// Makes writes to `evt` raise `gsi`.

@@ -34,6 +34,7 @@ use crate::arch::x86_64::boot::{
     build_boot_params, build_cmdline, e820_map, load_initrd, ram_of, write_boot_params,
     write_cmdline, BootError, InitrdInfo,
 };
+use crate::arch::x86_64::cpu_model::CpuModel;
 use crate::arch::x86_64::layout::{
     IRQ_MAX, SERIAL_IRQ, SERIAL_PORT, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
@@ -811,6 +812,9 @@ fn load_guest(
     Ok(kernel)
 }
 
+/// The manifest metadata key recording the guest's CPU model (its CPUID feature words).
+pub const CPU_MODEL_KEY: &str = "cpu_model";
+
 /// The manifest metadata key recording how many vsock connections a snapshot held.
 pub const VSOCK_CONNECTIONS_KEY: &str = "vsock_connections";
 
@@ -1150,6 +1154,11 @@ impl Vmm {
         manifest
             .metadata
             .insert("vcpus".into(), self.config.vcpus.to_string());
+        if let Some(first) = snap.vcpus.first() {
+            manifest
+                .metadata
+                .insert(CPU_MODEL_KEY.into(), CpuModel::of(&first.cpuid).encode());
+        }
         if let Some(count) = vsock_connections {
             manifest
                 .metadata
@@ -1285,6 +1294,14 @@ impl Vmm {
         };
         phase("disk_overlay_restored");
         let vm = Vm::new(&kvm)?;
+        // Refused before any vCPU exists: a guest cannot be told that a feature it was
+        // given is gone.
+        if let Some(recorded) = manifest.metadata.get(CPU_MODEL_KEY) {
+            let host = vm.cpu_model(snap.vcpu_count)?;
+            CpuModel::decode(recorded)
+                .and_then(|model| model.check_against(&host))
+                .map_err(|e| fail(e.to_string()))?;
+        }
         // Logging dirty pages from the start makes the next snapshot of this VM a possible
         // diff against this one.
         // SAFETY: as in `build`: `mem` outlives the VM and its vCPUs inside the Vmm.

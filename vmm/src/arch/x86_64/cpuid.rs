@@ -1,8 +1,23 @@
-//! Per-vCPU CPUID: KVM's supported CPUID with the topology of this VM written in.
+//! Per-vCPU CPUID: KVM's supported CPUID with the topology of this VM written in, and the
+//! guest CPU model chosen on purpose:
+//!
+//! - **TSC-deadline timer offered** ([`offer_tsc_deadline`]) where KVM emulates it (it is
+//!   not in KVM's supported CPUID: a VMM must ask). Without it the guest calibrates its LAPIC
+//!   timer against the PIT and programs it in periodic-count mode; with it, each timer is one
+//!   MSR write and the PIT is never touched: far fewer exits, which under nested
+//!   virtualisation are the most expensive thing a guest does.
+//! - **MTRR and PAT kept** (KVM reports them) and MTRRs enabled at boot with write-back as
+//!   the default type (`regs::boot_msr_entries`); PAT keeps KVM's reset value. A guest that
+//!   finds MTRRs disabled skips PAT set-up and maps everything uncached-minus.
+//! - **Asynchronous page faults hidden** ([`KVM_ASYNC_PF_FEATURES`]).
+//! - **kvmclock kept**: the guest's clocksource, stopped and restarted cleanly around
+//!   pauses and snapshots (`KVM_KVMCLOCK_CTRL`), and moved on by the time a snapshot lay in
+//!   the store (`KVM_CLOCK_REALTIME`). The command line's `tsc=reliable` spares the guest's
+//!   clocksource watchdog, which would otherwise keep reading a second clock.
 //!
 //! The topology is simple: one package, one thread per core, one core per vCPU, APIC id =
 //! vCPU index. The KVM leaves (0x4000_0000..) are kept as KVM reports them, but for
-//! asynchronous page faults, which are hidden (see [`KVM_ASYNC_PF_FEATURES`]).
+//! asynchronous page faults.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
@@ -26,6 +41,8 @@ const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
 pub const KVM_ASYNC_PF_FEATURES: u32 = 1 << 4 | 1 << 10 | 1 << 14;
 
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// CPUID.1:ECX[24], the TSC-deadline mode of the LAPIC timer.
+pub const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 const EXT1_ECX_CMP_LEGACY: u32 = 1 << 1;
 /// CLFLUSH line size in 8-byte units (64 bytes).
@@ -119,6 +136,14 @@ fn write_topology_leaf(
             .map_err(|_| CpuidError::TableFull { leaf, subleaf })?;
     }
     Ok(())
+}
+
+/// Offers the TSC-deadline timer in leaf 1 (call only where KVM has
+/// `KVM_CAP_TSC_DEADLINE_TIMER`: it emulates the mode but does not list it as supported).
+pub fn offer_tsc_deadline(cpuid: &mut CpuId) {
+    for e in entries_mut(cpuid, LEAF_FEATURES) {
+        e.ecx |= LEAF1_ECX_TSC_DEADLINE;
+    }
 }
 
 /// Writes vCPU `index` of `count` into `cpuid` (a copy of KVM's supported CPUID).

@@ -29,6 +29,10 @@ const MSR_LSTAR: u32 = 0xc000_0082;
 const MSR_CSTAR: u32 = 0xc000_0083;
 const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+/// MTRRs enabled (bit 11), default memory type write-back (6): what firmware leaves a
+/// guest, which otherwise disables MTRRs and, with them, PAT.
+const MTRR_DEF_TYPE_ENABLED_WB: u64 = 1 << 11 | 6;
 
 /// Page table entry bits: present, writable, and (in a PDE) a 2 MiB page.
 const PTE_PRESENT_RW: u64 = 0x3;
@@ -104,6 +108,7 @@ pub fn boot_msr_entries() -> Vec<kvm_msr_entry> {
         (MSR_LSTAR, 0),
         (MSR_IA32_TSC, 0),
         (MSR_IA32_MISC_ENABLE, MSR_IA32_MISC_ENABLE_FAST_STRING),
+        (MSR_MTRR_DEF_TYPE, MTRR_DEF_TYPE_ENABLED_WB),
     ]
     .into_iter()
     .map(|(index, data)| kvm_msr_entry {
@@ -275,15 +280,17 @@ mod tests {
         let fpu = boot_fpu();
         assert_eq!((fpu.fcw, fpu.mxcsr), (0x37f, 0x1f80));
         let msrs = boot_msr_entries();
-        assert_eq!(msrs.len(), 10);
+        assert_eq!(msrs.len(), 11);
         let misc = msrs
             .iter()
             .find(|m| m.index == MSR_IA32_MISC_ENABLE)
             .unwrap();
         assert_eq!(misc.data, 1);
+        let mtrr = msrs.iter().find(|m| m.index == MSR_MTRR_DEF_TYPE).unwrap();
+        assert_eq!(mtrr.data, 0x806, "MTRRs enabled, default write-back");
         assert!(msrs
             .iter()
-            .filter(|m| m.index != MSR_IA32_MISC_ENABLE)
+            .filter(|m| m.index != MSR_IA32_MISC_ENABLE && m.index != MSR_MTRR_DEF_TYPE)
             .all(|m| m.data == 0));
     }
 
