@@ -135,6 +135,35 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, K
     }
 }
 
+/// A minimal 64-bit ELF kernel: `code` loaded at guest physical `paddr`, which is also the
+/// entry. For benchmarks and tests that need a VM but not Linux.
+pub fn minimal_elf(paddr: u64, code: &[u8]) -> Vec<u8> {
+    let mut elf = vec![0u8; 0x1000];
+    elf[0..4].copy_from_slice(ELF_MAGIC);
+    elf[4] = 2; // 64-bit
+    elf[5] = 1; // little endian
+    elf[6] = 1; // version
+    elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // executable
+    elf[18..20].copy_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    elf[20..24].copy_from_slice(&1u32.to_le_bytes());
+    elf[24..32].copy_from_slice(&paddr.to_le_bytes()); // entry
+    elf[32..40].copy_from_slice(&64u64.to_le_bytes()); // program headers
+    elf[52..54].copy_from_slice(&64u16.to_le_bytes());
+    elf[54..56].copy_from_slice(&56u16.to_le_bytes());
+    elf[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = 64;
+    elf[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes()); // R X
+    elf[ph + 8..ph + 16].copy_from_slice(&0x1000u64.to_le_bytes()); // file offset
+    elf[ph + 16..ph + 24].copy_from_slice(&(0xffff_ffff_8000_0000 | paddr).to_le_bytes());
+    elf[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes());
+    elf[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    elf[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64 + 0x1000).to_le_bytes());
+    elf[ph + 48..ph + 56].copy_from_slice(&0x20_0000u64.to_le_bytes());
+    elf.extend_from_slice(code);
+    elf
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -143,33 +172,6 @@ pub(crate) mod tests {
     use vmm_sys_util::tempfile::TempFile;
 
     /// A minimal x86-64 ELF with one PT_LOAD segment of `code` at physical `paddr`.
-    pub(crate) fn tiny_elf(paddr: u64, code: &[u8]) -> Vec<u8> {
-        let mut elf = vec![0u8; 0x1000];
-        elf[0..4].copy_from_slice(ELF_MAGIC);
-        elf[4] = 2; // 64-bit
-        elf[5] = 1; // little endian
-        elf[6] = 1; // version
-        elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // executable
-        elf[18..20].copy_from_slice(&0x3eu16.to_le_bytes()); // x86-64
-        elf[20..24].copy_from_slice(&1u32.to_le_bytes());
-        elf[24..32].copy_from_slice(&paddr.to_le_bytes()); // entry
-        elf[32..40].copy_from_slice(&64u64.to_le_bytes()); // program headers
-        elf[52..54].copy_from_slice(&64u16.to_le_bytes());
-        elf[54..56].copy_from_slice(&56u16.to_le_bytes());
-        elf[56..58].copy_from_slice(&1u16.to_le_bytes());
-        let ph = 64;
-        elf[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-        elf[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes()); // R X
-        elf[ph + 8..ph + 16].copy_from_slice(&0x1000u64.to_le_bytes()); // file offset
-        elf[ph + 16..ph + 24].copy_from_slice(&(0xffff_ffff_8000_0000 | paddr).to_le_bytes());
-        elf[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes());
-        elf[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-        elf[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64 + 0x1000).to_le_bytes());
-        elf[ph + 48..ph + 56].copy_from_slice(&0x20_0000u64.to_le_bytes());
-        elf.extend_from_slice(code);
-        elf
-    }
-
     fn tiny_bzimage(xloadflags: u16, payload: &[u8]) -> Vec<u8> {
         let mut image = vec![0u8; 1024]; // boot sector + 1 setup sector
         image[0x1f1] = 1; // setup_sects
@@ -193,7 +195,7 @@ pub(crate) mod tests {
     #[test]
     fn formats_are_detected() {
         assert_eq!(
-            detect_format(&tiny_elf(0x100_0000, b"x")),
+            detect_format(&super::minimal_elf(0x100_0000, b"x")),
             Some(KernelFormat::Elf)
         );
         assert_eq!(
@@ -207,7 +209,7 @@ pub(crate) mod tests {
     #[test]
     fn elf_is_loaded_at_its_physical_address() {
         let mem = create_guest_memory(32 << 20).unwrap();
-        let file = file_with(&tiny_elf(0x100_0000, b"\xf4kernel"));
+        let file = file_with(&super::minimal_elf(0x100_0000, b"\xf4kernel"));
         let kernel = load_kernel(&mem, file.as_path()).unwrap();
         assert_eq!(kernel.format, KernelFormat::Elf);
         assert_eq!(kernel.entry, GuestAddress(0x100_0000));
@@ -245,7 +247,7 @@ pub(crate) mod tests {
             Err(KernelError::UnknownFormat { .. })
         ));
         // An ELF that does not fit in guest memory.
-        let file = file_with(&tiny_elf(0x200_0000, b"x"));
+        let file = file_with(&super::minimal_elf(0x200_0000, b"x"));
         assert!(matches!(
             load_kernel(&mem, file.as_path()),
             Err(KernelError::Load { .. })

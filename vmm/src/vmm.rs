@@ -854,6 +854,8 @@ pub struct Vmm {
     mapped_memory: Option<ember_snapshot_store::CachedMemory>,
     /// Where its start spent its time.
     timeline: Arc<crate::timeline::Timeline>,
+    /// The CPU features the guest was offered when it booted (recorded in its snapshots).
+    cpu_model: CpuModel,
     /// The snapshot memory equals but for the dirty pages (set by restores and snapshots);
     /// dirty page logging is on exactly when this is set.
     base: Mutex<Option<SnapshotBase>>,
@@ -897,8 +899,10 @@ impl Vmm {
             })
             .collect::<Result<Vec<_>, VmmError>>()?;
         timeline.mark("devices_built");
+        let cpu_model = vm.cpu_model(config.vcpus)?;
         let mut vmm = Vmm::assemble(config.clone(), vm, mem, None, None, devices, fds)?;
         vmm.timeline = timeline;
+        vmm.cpu_model = cpu_model;
         Ok(vmm)
     }
 
@@ -943,6 +947,7 @@ impl Vmm {
             restore_mode: None,
             mapped_memory: None,
             timeline: Arc::new(crate::timeline::Timeline::new(Instant::now())),
+            cpu_model: CpuModel::default(),
             base: Mutex::new(base),
             running: Mutex::new(false),
             mem,
@@ -1154,11 +1159,9 @@ impl Vmm {
         manifest
             .metadata
             .insert("vcpus".into(), self.config.vcpus.to_string());
-        if let Some(first) = snap.vcpus.first() {
-            manifest
-                .metadata
-                .insert(CPU_MODEL_KEY.into(), CpuModel::of(&first.cpuid).encode());
-        }
+        manifest
+            .metadata
+            .insert(CPU_MODEL_KEY.into(), self.cpu_model.encode());
         if let Some(count) = vsock_connections {
             manifest
                 .metadata
@@ -1296,12 +1299,18 @@ impl Vmm {
         let vm = Vm::new(&kvm)?;
         // Refused before any vCPU exists: a guest cannot be told that a feature it was
         // given is gone.
-        if let Some(recorded) = manifest.metadata.get(CPU_MODEL_KEY) {
-            let host = vm.cpu_model(snap.vcpu_count)?;
-            CpuModel::decode(recorded)
-                .and_then(|model| model.check_against(&host))
-                .map_err(|e| fail(e.to_string()))?;
-        }
+        let host_model = vm.cpu_model(snap.vcpu_count)?;
+        let cpu_model = match manifest.metadata.get(CPU_MODEL_KEY) {
+            Some(recorded) => {
+                let model = CpuModel::decode(recorded).map_err(|e| fail(e.to_string()))?;
+                model
+                    .check_against(&host_model)
+                    .map_err(|e| fail(e.to_string()))?;
+                model
+            }
+            // Saved before models were recorded: assume what this host offers.
+            None => host_model,
+        };
         // Logging dirty pages from the start makes the next snapshot of this VM a possible
         // diff against this one.
         // SAFETY: as in `build`: `mem` outlives the VM and its vCPUs inside the Vmm.
@@ -1358,6 +1367,7 @@ impl Vmm {
         let mut vmm = Vmm::assemble(config, vm, mem, lazy, Some(base), devices, fds)?;
         vmm.rootfs_chunks = rootfs_chunks;
         vmm.timeline = timeline;
+        vmm.cpu_model = cpu_model;
         vmm.restore_mode = Some(restored.mode);
         vmm.mapped_memory = restored.mapped;
         Ok(vmm)
@@ -1923,7 +1933,7 @@ mod tests {
         let kernel = vmm_sys_util::tempfile::TempFile::new().unwrap();
         std::fs::write(
             kernel.as_path(),
-            crate::kernel::tests::tiny_elf(0x100_0000, code),
+            crate::kernel::minimal_elf(0x100_0000, code),
         )
         .unwrap();
         kernel

@@ -1,7 +1,9 @@
-//! The guest CPU model a snapshot was taken with: the CPUID feature words its vCPUs saw.
-//! Recorded in the snapshot's manifest; a restore on a host whose KVM cannot offer one of
-//! those features is refused before anything runs, naming the feature (a guest that has
-//! started using an instruction cannot be told it is gone).
+//! The guest CPU model a snapshot was taken with: the CPUID feature words ember offered its
+//! vCPUs when the guest booted (carried through restores). Recorded in the snapshot's
+//! manifest; a restore on a host whose KVM cannot offer one of those features is refused
+//! before anything runs, naming the feature (a guest that has started using an instruction
+//! cannot be told it is gone). The model is what ember set, not what `KVM_GET_CPUID2`
+//! returns: some KVMs (PVM) report the host's own bits there.
 
 use kvm_bindings::kvm_cpuid_entry2;
 
