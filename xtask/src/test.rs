@@ -141,6 +141,8 @@ pub fn run_all(skip_deps: bool) -> Result<i32> {
             "restore",
             "--bench",
             "devices",
+            "--bench",
+            "vm_restore",
             "--",
             "--quick",
         ]))
