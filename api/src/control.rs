@@ -74,6 +74,41 @@ pub enum WorkerOrigin {
     },
 }
 
+/// What a warm-pool VMM (`ember vmm --pooled`) is told on stdin when it is given a sandbox:
+/// everything of its spec that the pool could not know. The rest (its id, folders, jail,
+/// store) was the sandbox's from the VMM's start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolAssignment {
+    pub vcpus: u8,
+    pub mem_mib: u32,
+    pub origin: WorkerOrigin,
+    pub disk_rate_limit: ember_vmm::RateLimit,
+    pub net_rate_limits: ember_vmm::NetRateLimits,
+}
+
+impl PoolAssignment {
+    /// The assignment of a sandbox whose spec is `spec`.
+    pub fn of(spec: &WorkerSpec) -> PoolAssignment {
+        PoolAssignment {
+            vcpus: spec.vcpus,
+            mem_mib: spec.mem_mib,
+            origin: spec.origin.clone(),
+            disk_rate_limit: spec.disk_rate_limit,
+            net_rate_limits: spec.net_rate_limits,
+        }
+    }
+
+    /// Completes a pooled VMM's spec.
+    pub fn apply_to(self, spec: &mut WorkerSpec) {
+        spec.vcpus = self.vcpus;
+        spec.mem_mib = self.mem_mib;
+        spec.origin = self.origin;
+        spec.disk_rate_limit = self.disk_rate_limit;
+        spec.net_rate_limits = self.net_rate_limits;
+    }
+}
+
 /// A line on the VMM process's stdout.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]

@@ -21,8 +21,8 @@ use crate::command::{
     wait_for_agent, ConsoleTail, GUEST_CID,
 };
 use crate::control::{
-    ControlReply, ControlRequest, FaultReport, SnapshotDone, WorkerEvent, WorkerOrigin, WorkerSpec,
-    MAX_CONTROL_LINE,
+    ControlReply, ControlRequest, FaultReport, PoolAssignment, SnapshotDone, WorkerEvent,
+    WorkerOrigin, WorkerSpec, MAX_CONTROL_LINE,
 };
 
 #[derive(clap::Args, Debug)]
@@ -40,6 +40,10 @@ pub struct VmmArgs {
     /// With --jail-probe: a TCP address (host:port) to try to connect to.
     #[arg(long, hide = true)]
     pub probe_connect: Option<String>,
+    /// A warm-pool VMM: get everything that does not depend on the sandbox ready (jail,
+    /// store), then wait for the sandbox's [`PoolAssignment`] as one JSON line on stdin.
+    #[arg(long, hide = true)]
+    pub pooled: bool,
 }
 
 /// How long a snapshot waits for closed vsock connections to be torn down.
@@ -59,9 +63,9 @@ struct Worker {
 }
 
 pub fn run(args: VmmArgs) -> i32 {
-    let start = Instant::now();
-    let started_unix_ms = ember_vmm::timeline::unix_ms_now();
-    let spec: WorkerSpec = match std::fs::read(&args.spec)
+    let mut start = Instant::now();
+    let mut started_unix_ms = ember_vmm::timeline::unix_ms_now();
+    let mut spec: WorkerSpec = match std::fs::read(&args.spec)
         .map_err(|e| e.to_string())
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
     {
@@ -97,10 +101,6 @@ pub fn run(args: VmmArgs) -> i32 {
     }
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
     log::debug!("spec read and jail entered at {:.1} ms", ms(start));
-    if let Err(e) = limit_resources(&spec) {
-        eprintln!("ember vmm: {e}");
-        return EXIT_FAILED;
-    }
     let store = match open_store_unindexed(&spec.store_dir) {
         Ok(store) => store,
         Err(e) => {
@@ -109,6 +109,24 @@ pub fn run(args: VmmArgs) -> i32 {
         }
     };
     log::debug!("store opened at {:.1} ms", ms(start));
+    if args.pooled {
+        match read_assignment() {
+            Ok(Some(assignment)) => assignment.apply_to(&mut spec),
+            // The service let the pool go (or went away) before using this VMM.
+            Ok(None) => return EXIT_STOPPED,
+            Err(e) => {
+                eprintln!("ember vmm: {e}");
+                return EXIT_FAILED;
+            }
+        }
+        // The sandbox's start is from here: the rest was done ahead of time.
+        start = Instant::now();
+        started_unix_ms = ember_vmm::timeline::unix_ms_now();
+    }
+    if let Err(e) = limit_resources(&spec) {
+        eprintln!("ember vmm: {e}");
+        return EXIT_FAILED;
+    }
     let config = VmConfig {
         kernel: spec.kernel.clone(),
         initrd: None,
@@ -258,6 +276,22 @@ pub fn run(args: VmmArgs) -> i32 {
             EXIT_FAILED
         }
     }
+}
+
+/// A pooled VMM's assignment from stdin: `None` at its end (no sandbox for this VMM).
+fn read_assignment() -> Result<Option<PoolAssignment>, String> {
+    let mut line = String::new();
+    let read = std::io::stdin()
+        .lock()
+        .take(MAX_CONTROL_LINE as u64 + 1)
+        .read_line(&mut line)
+        .map_err(|e| format!("reading the pool assignment: {e}"))?;
+    if read == 0 {
+        return Ok(None);
+    }
+    serde_json::from_str(line.trim_end())
+        .map(Some)
+        .map_err(|e| format!("malformed pool assignment: {e}"))
 }
 
 /// Points stdout at /dev/null so a write after the service went away cannot kill the VMM

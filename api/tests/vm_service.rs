@@ -24,10 +24,16 @@ struct Service {
     child: Option<Child>,
     state: PathBuf,
     socket: PathBuf,
+    /// More `ember serve` options.
+    options: Vec<String>,
 }
 
 impl Service {
     fn start(name: &str) -> Service {
+        Service::start_with(name, &[])
+    }
+
+    fn start_with(name: &str, options: &[&str]) -> Service {
         // Unix socket paths are short: keep the state directory near the root.
         let state = PathBuf::from(format!("/tmp/es-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&state);
@@ -37,6 +43,7 @@ impl Service {
             child: None,
             state,
             socket,
+            options: options.iter().map(|o| o.to_string()).collect(),
         };
         service.launch();
         service
@@ -55,6 +62,7 @@ impl Service {
             .arg(&self.state)
             .args(["--kernel", &artifact("EMBER_KERNEL")])
             .args(["--rootfs", &artifact("EMBER_ROOTFS")])
+            .args(&self.options)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -1307,4 +1315,121 @@ fn vmtest_sandbox_networks_egress_allow_lists_none_exposed_ports_and_four_clones
     }
     assert_eq!(ember_network_leftovers(), Vec::<String>::new());
     drop(servers);
+}
+
+/// The value of an unlabelled metric in the service's `/metrics`.
+fn metric(service: &Service, name: &str) -> u64 {
+    let (status, text) = service.curl("GET", "/metrics", None);
+    assert_eq!(status, 200);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
+
+/// Waits until the pool holds `n` idle VMMs.
+fn wait_idle(service: &Service, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while metric(service, "ember_warm_pool_idle") < n {
+        assert!(
+            Instant::now() < deadline,
+            "the pool never had {n} idle VMMs"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn steps(sandbox: &Value) -> Vec<String> {
+    sandbox["timeline"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["step"].as_str().map(String::from))
+        .collect()
+}
+
+/// Pids of the service's idle pooled VMMs (their command lines say `--pooled`).
+fn pooled_pids(service: &Service) -> Vec<i32> {
+    let spec_prefix = service.state.join("sandboxes").display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = text(&cmdline);
+            cmdline.contains("--pooled") && cmdline.contains(&spec_prefix)
+        })
+        .collect()
+}
+
+#[test]
+fn vmtest_a_warm_pool_serves_boots_and_restores_replaces_dead_vmms_and_absorbs_bursts() {
+    let service = Service::start_with("pool", &["--warm-pool", "2"]);
+    wait_idle(&service, 2);
+    assert!(metric(&service, "ember_warm_pool_idle_rss_bytes") > 0);
+
+    // A boot takes a pooled VMM: assigned, not spawned.
+    let a = service.create(json!({}));
+    let described = service.sandbox(&a);
+    assert!(
+        steps(&described).contains(&"vmm_assigned".to_string()),
+        "{described}"
+    );
+    assert_eq!(service.sh(&a, "echo pooled")["stdout"], "pooled\n");
+    assert_eq!(metric(&service, "ember_warm_pool_hits_total"), 1);
+
+    // A restore takes one too, and maps its snapshot's memory.
+    service.call(
+        "POST",
+        &format!("/sandboxes/{a}/snapshots"),
+        Some(json!({"name": "pooled-snap"})),
+        201,
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while service.call("GET", "/snapshots/pooled-snap", None, 200)["memory_materialised"] != true {
+        assert!(
+            Instant::now() < deadline,
+            "the snapshot was never materialised"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_idle(&service, 2);
+    let b = service.create(json!({"snapshot": "pooled-snap"}));
+    let described = service.sandbox(&b);
+    assert!(
+        steps(&described).contains(&"vmm_assigned".to_string()),
+        "{described}"
+    );
+    assert_eq!(described["memory"], "file", "{described}");
+    assert_eq!(service.sh(&b, "echo restored")["stdout"], "restored\n");
+
+    // Pooled VMMs that died while idle are never assigned: the next sandbox starts anyway.
+    wait_idle(&service, 2);
+    let idle = pooled_pids(&service);
+    assert_eq!(idle.len(), 2, "{idle:?}");
+    for pid in &idle {
+        // SAFETY: a pooled VMM this test's service started.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let c = service.create(json!({}));
+    assert_eq!(service.sh(&c, "echo after")["stdout"], "after\n");
+    assert!(metric(&service, "ember_warm_pool_died_idle_total") >= 1);
+    assert!(metric(&service, "ember_warm_pool_misses_total") >= 1);
+
+    // A burst larger than the pool: every request is served (by the pool as it refills, or
+    // by VMMs started for it).
+    wait_idle(&service, 2);
+    let burst: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| scope.spawn(|| service.create(json!({}))))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for id in &burst {
+        assert_eq!(service.sh(id, "echo burst")["stdout"], "burst\n");
+    }
+    for id in [a, b, c].iter().chain(&burst) {
+        service.call("DELETE", &format!("/sandboxes/{id}"), None, 204);
+    }
 }

@@ -66,6 +66,10 @@ pub struct BenchArgs {
     /// growth (failed cycles and leftovers stay as recorded), and write its report to --out.
     #[arg(long, value_name = "SOAK_JSON", conflicts_with_all = ["compare", "socket", "render", "soak"])]
     pub soak_judge: Option<PathBuf>,
+    /// The warm pool of the service this starts for the figures (`ember serve --warm-pool`;
+    /// a soak's service has none, so every cycle starts its own processes).
+    #[arg(long, default_value_t = 2)]
+    pub warm_pool: usize,
     /// Kernel and rootfs for the service this starts (default: as `ember serve`).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -152,6 +156,9 @@ impl OwnService {
         }
         if let Some(r) = &args.rootfs {
             cmd.arg("--rootfs").arg(r);
+        }
+        if args.soak.is_none() {
+            cmd.arg("--warm-pool").arg(args.warm_pool.to_string());
         }
         let child = cmd
             .spawn()

@@ -89,28 +89,13 @@ impl Cgroups {
     pub fn create(&self, id: &str, mem_mib: u32, vcpus: u8) -> Result<SandboxCgroup, String> {
         let path = self.root.join(id);
         std::fs::create_dir(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
-        let memory = (u64::from(mem_mib) + MEMORY_OVERHEAD_MIB) << 20;
-        let result = (|| {
-            write(&path.join("memory.max"), &memory.to_string())?;
-            // No swap: the limit is the memory the sandbox holds (absent without swap support).
-            let swap = path.join("memory.swap.max");
-            if swap.exists() {
-                write(&swap, "0")?;
-            }
-            write(
-                &path.join("cpu.max"),
-                &format!(
-                    "{} {CPU_PERIOD_US}",
-                    u64::from(vcpus.max(1)) * CPU_PERIOD_US
-                ),
-            )?;
-            write(&path.join("pids.max"), &PIDS_MAX.to_string())?;
+        let result = self.set_limits(id, mem_mib, vcpus).and_then(|()| {
             let procs = std::fs::OpenOptions::new()
                 .write(true)
                 .open(path.join("cgroup.procs"))
                 .map_err(|e| format!("opening {}/cgroup.procs: {e}", path.display()))?;
             Ok(OwnedFd::from(procs))
-        })();
+        });
         match result {
             Ok(procs) => Ok(SandboxCgroup { procs }),
             Err(e) => {
@@ -118,6 +103,27 @@ impl Cgroups {
                 Err(e)
             }
         }
+    }
+
+    /// Writes the limits of a sandbox of `mem_mib` and `vcpus` into its cgroup (when it is
+    /// made, and when a warm-pool VMM made for no sandbox in particular is given one).
+    pub fn set_limits(&self, id: &str, mem_mib: u32, vcpus: u8) -> Result<(), String> {
+        let path = self.root.join(id);
+        let memory = (u64::from(mem_mib) + MEMORY_OVERHEAD_MIB) << 20;
+        write(&path.join("memory.max"), &memory.to_string())?;
+        // No swap: the limit is the memory the sandbox holds (absent without swap support).
+        let swap = path.join("memory.swap.max");
+        if swap.exists() {
+            write(&swap, "0")?;
+        }
+        write(
+            &path.join("cpu.max"),
+            &format!(
+                "{} {CPU_PERIOD_US}",
+                u64::from(vcpus.max(1)) * CPU_PERIOD_US
+            ),
+        )?;
+        write(&path.join("pids.max"), &PIDS_MAX.to_string())
     }
 
     /// Removes sandbox `id`'s cgroup once its processes are gone (waits up to a second for

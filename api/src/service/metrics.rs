@@ -80,6 +80,78 @@ fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
     let _ = writeln!(out, "{name} {value}");
 }
 
+/// The memory cache's and the warm pool's counters, and the idle pool VMMs' resident memory.
+fn mem_cache_and_pool(state: &AppState, out: &mut String) {
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let cache = &state.mem_cache;
+    counter(
+        out,
+        "ember_mem_cache_materialised_total",
+        "Snapshot memories written into the memory cache.",
+        load(&cache.materialised),
+    );
+    counter(
+        out,
+        "ember_mem_cache_failures_total",
+        "Snapshot memories that could not be materialised (restores read the store).",
+        load(&cache.failed),
+    );
+    counter(
+        out,
+        "ember_mem_cache_evicted_total",
+        "Memory cache entries evicted to stay within --mem-cache-bytes.",
+        load(&cache.evicted),
+    );
+    let Some(pool) = &state.pool else {
+        return;
+    };
+    counter(
+        out,
+        "ember_warm_pool_hits_total",
+        "Sandboxes given a VMM started ahead of time.",
+        load(&pool.hits),
+    );
+    counter(
+        out,
+        "ember_warm_pool_misses_total",
+        "Sandboxes without a network namespace that found the pool empty and started a VMM.",
+        load(&pool.misses),
+    );
+    counter(
+        out,
+        "ember_warm_pool_died_idle_total",
+        "Pooled VMMs found dead while idle (replaced, never assigned).",
+        load(&pool.died_idle),
+    );
+    let pids = pool.idle_pids();
+    gauge(
+        out,
+        "ember_warm_pool_idle",
+        "Pooled VMMs waiting for a sandbox.",
+        pids.len() as u64,
+    );
+    let rss: u64 = pids.iter().map(|pid| resident_bytes(*pid)).sum();
+    gauge(
+        out,
+        "ember_warm_pool_idle_rss_bytes",
+        "Resident memory of the idle pooled VMMs (each with its jail supervisor).",
+        rss,
+    );
+}
+
+/// Resident bytes of process `pid` and its children (a jailed VMM runs under a supervisor).
+fn resident_bytes(pid: u32) -> u64 {
+    let rss = |pid: &str| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/statm"))
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map_or(0, |pages| pages * 4096)
+    };
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    rss(&pid.to_string()) + children.split_whitespace().map(rss).sum::<u64>()
+}
+
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let m = &state.metrics;
     let mut out = String::new();
@@ -152,6 +224,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         "Pack bytes the store's garbage collections freed.",
         load(&gc.bytes_reclaimed),
     );
+    mem_cache_and_pool(&state, &mut out);
     m.boot_ready.write(
         &mut out,
         "ember_boot_ready_seconds",

@@ -8,9 +8,11 @@ pub mod exec;
 pub mod files;
 pub mod gc;
 mod jail;
+mod launch;
 pub mod mem_cache;
 mod metrics;
 pub mod network;
+pub mod pool;
 pub mod ports;
 pub mod sandbox;
 pub mod snapshots;
@@ -81,6 +83,11 @@ pub struct ServeArgs {
     /// instead of copying its pages from the store.
     #[arg(long, default_value_t = mem_cache::DEFAULT_MEM_CACHE_BYTES)]
     pub mem_cache_bytes: u64,
+    /// Keep this many VMM processes started ahead of time (jailed, in their cgroups, their
+    /// store open), waiting to be given a sandbox without a network namespace: a create or
+    /// a restore then starts no process while the request waits.
+    #[arg(long, default_value_t = 0)]
+    pub warm_pool: usize,
 }
 
 pub struct ServiceConfig {
@@ -106,6 +113,8 @@ pub struct AppState {
     pub cgroups: Option<cgroup::Cgroups>,
     /// Snapshots' memory materialised for restores to map.
     pub mem_cache: Arc<mem_cache::MemoryCache>,
+    /// VMMs started ahead of time (none: `--warm-pool 0`).
+    pub pool: Option<Arc<pool::WarmPool>>,
 }
 
 impl AppState {
@@ -213,6 +222,7 @@ pub fn serve(args: ServeArgs) -> i32 {
             mem_cache_dir,
             args.mem_cache_bytes,
         )),
+        pool: (args.warm_pool > 0).then(|| Arc::new(pool::WarmPool::new(args.warm_pool))),
         cgroups: match cgroup::Cgroups::detect(std::path::Path::new("/sys/fs/cgroup")) {
             Ok(cgroups) => {
                 log::info!(
@@ -270,6 +280,9 @@ async fn run_service(state: Arc<AppState>, socket: PathBuf) -> Result<(), String
     let listener = tokio::net::UnixListener::bind(&socket)
         .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
     tokio::spawn(sandbox::reap_expired(state.clone()));
+    if let Some(pool) = &state.pool {
+        tokio::spawn(pool.clone().run(state.clone()));
+    }
     log::info!(
         "ember serve: listening on {} (state in {})",
         socket.display(),
@@ -722,6 +735,7 @@ mod tests {
             gc: Arc::default(),
             cgroups: None,
             mem_cache: Arc::new(mem_cache::MemoryCache::new(dir.join("mem-cache"), 1 << 30)),
+            pool: None,
         })
     }
 

@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -550,15 +549,6 @@ pub struct NewSandbox {
     pub ports: Vec<u16>,
 }
 
-/// The environment variables a VMM process gets from the service (logging, and seccomp's
-/// modes for tests and diagnosis).
-const VMM_ENVIRONMENT: [&str; 4] = [
-    "RUST_LOG",
-    "RUST_BACKTRACE",
-    "EMBER_SECCOMP",
-    "EMBER_SECCOMP_DENY",
-];
-
 /// The subfolder of a sandbox's folder that belongs to its VMM (overlay, stall reports).
 pub const VMM_DIR: &str = "vmm";
 
@@ -587,7 +577,15 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
             ));
         }
     }
-    let id = random_id("sb");
+    // A sandbox without a network namespace takes a warm-pool VMM made for it ahead of time
+    // (its id, folders, jail and cgroup included).
+    let pooled = match (&state.pool, wants_namespace) {
+        (Some(pool), false) => pool.take(state),
+        _ => None,
+    };
+    let id = pooled
+        .as_ref()
+        .map_or_else(|| random_id("sb"), |vmm| vmm.id.clone());
     let dir = state.config.state_dir.join("sandboxes").join(&id);
     std::fs::create_dir_all(&dir)
         .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", dir.display())))?;
@@ -602,24 +600,14 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
     std::fs::create_dir_all(&run)
         .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", run.display())))?;
     let mut spec = WorkerSpec {
-        sandbox_id: id.clone(),
-        kernel: state.config.kernel.clone(),
-        rootfs: state.config.rootfs.clone(),
         vcpus: new.vcpus,
         mem_mib: new.mem_mib,
         origin: new.origin.clone(),
-        store_dir: state.config.store_dir.clone(),
-        vsock_socket: run.join("vsock"),
-        control_socket: run.join("ctl"),
-        // The only part of the sandbox's folder its VMM writes (and, jailed, sees): the
-        // record and spec stay the service's.
-        overlay: dir.join(VMM_DIR).join("rootfs.overlay"),
         disk_rate_limit: new.disk_rate_limit,
         net_rate_limits: new.net_rate_limits,
-        jail: None,
         // A restored guest keeps the MAC it was saved with; this one is for booted guests.
         net: wants_namespace.then(|| network::worker_net(crate::run::random_mac())),
-        mem_cache: Some(state.mem_cache.cache.dir().to_path_buf()),
+        ..base_spec(state, &id)
     };
     if let Some(ids) = state.config.jail {
         spec.jail = Some(
@@ -700,7 +688,7 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         "sandbox {id}: folders, jail and network prepared in {:.1} ms",
         ms()
     );
-    let started = match start_vmm(state, &sandbox, &spec).await {
+    let started = match start_vmm(state, &sandbox, &spec, pooled).await {
         Ok(ready_ms) => sandbox.open_ports(&new.ports).await.map(|()| ready_ms),
         Err(why) => Err(why),
     };
@@ -743,63 +731,57 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
     }
 }
 
+/// The spec of sandbox `id`'s VMM with what does not depend on the request: the service's
+/// kernel, rootfs, store and memory cache, the sandbox's own folders; one vCPU, 256 MiB,
+/// a boot, no limits and no network until the caller says otherwise.
+pub fn base_spec(state: &AppState, id: &str) -> WorkerSpec {
+    let dir = state.config.state_dir.join("sandboxes").join(id);
+    // Its sockets get a folder of their own: a jailed VMM sees that folder, not the others'.
+    let run = state.config.state_dir.join("run").join(id);
+    WorkerSpec {
+        sandbox_id: id.to_string(),
+        kernel: state.config.kernel.clone(),
+        rootfs: state.config.rootfs.clone(),
+        vcpus: 1,
+        mem_mib: 256,
+        origin: WorkerOrigin::Boot,
+        store_dir: state.config.store_dir.clone(),
+        vsock_socket: run.join("vsock"),
+        control_socket: run.join("ctl"),
+        // The only part of the sandbox's folder its VMM writes (and, jailed, sees): the
+        // record and spec stay the service's.
+        overlay: dir.join(VMM_DIR).join("rootfs.overlay"),
+        disk_rate_limit: Default::default(),
+        net_rate_limits: Default::default(),
+        jail: None,
+        net: None,
+        mem_cache: Some(state.mem_cache.cache.dir().to_path_buf()),
+    }
+}
+
+/// Starts the sandbox's VMM (or hands `pooled` its assignment) and waits until its agent
+/// answers.
 async fn start_vmm(
     state: &Arc<AppState>,
     sandbox: &Arc<Sandbox>,
     spec: &WorkerSpec,
+    pooled: Option<super::pool::IdleVmm>,
 ) -> Result<f64, String> {
-    let spec_path = sandbox.dir.join("spec.json");
-    let text = serde_json::to_vec_pretty(spec).map_err(|e| e.to_string())?;
-    std::fs::write(&spec_path, text).map_err(|e| format!("cannot write the spec: {e}"))?;
-    let log = std::fs::File::create(sandbox.dir.join("vmm.log"))
-        .map_err(|e| format!("cannot create the VMM log: {e}"))?;
-    let cgroup = match &state.cgroups {
-        Some(cgroups) => Some(cgroups.create(&sandbox.id, spec.mem_mib, spec.vcpus)?),
-        None => None,
-    };
-    let mut command = tokio::process::Command::new(&state.config.exe);
-    command
-        .arg("vmm")
-        .arg("--spec")
-        .arg(&spec_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log))
-        // Its own process group: a ^C meant for the service does not reach the sandboxes.
-        .process_group(0)
-        // Nothing of the service's environment but what a VMM reads; its temporary files
-        // (stall reports) go to its own folder.
-        .env_clear()
-        .env("TMPDIR", sandbox.dir.join(VMM_DIR))
-        .envs(std::env::vars_os().filter(|(name, _)| {
-            VMM_ENVIRONMENT
-                .iter()
-                .any(|kept| name.as_os_str() == std::ffi::OsStr::new(kept))
-        }));
-    if let Some(cgroup) = &cgroup {
-        let procs = cgroup.procs_fd();
-        // SAFETY: runs in the child between fork and exec, where only async-signal-safe calls
-        // are allowed: one write(2) of a static buffer to a descriptor opened before the fork
-        // (it stays open until the spawn returns). Writing "0" moves the child itself, so the
-        // VMM never runs outside its cgroup.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::write(procs, b"0".as_ptr().cast(), 1) == 1 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
+    let (mut child, step) = match pooled {
+        Some(vmm) => {
+            // The record keeps the spec the VMM now runs.
+            super::launch::write_spec(&sandbox.dir, spec)?;
+            (vmm.assign(state, spec).await?, "vmm_assigned")
         }
-    }
-    let mut child = command
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", state.config.exe.display()))?;
-    drop(cgroup);
+        None => (
+            super::launch::spawn_vmm(state, &sandbox.dir, spec, false)?,
+            "vmm_spawned",
+        ),
+    };
     let pid = child.id().unwrap_or(0);
     sandbox.update(|r| {
         r.pid = Some(pid);
-        r.timeline.mark("vmm_spawned");
+        r.timeline.mark(step);
     });
     let stdout = child.stdout.take().ok_or("the VMM has no stdout")?;
 
@@ -892,6 +874,13 @@ pub async fn recover(state: &Arc<AppState>) {
     };
     for entry in entries.flatten() {
         let dir = entry.path();
+        if dir.join(super::pool::POOLED_MARKER).exists() {
+            // A warm-pool VMM of an earlier run that never got a sandbox: it ended with that
+            // run's pipes.
+            let id = entry.file_name().to_string_lossy().into_owned();
+            super::pool::discard(state, &id);
+            continue;
+        }
         let record: SandboxRecord = match std::fs::read(dir.join("sandbox.json"))
             .map_err(|e| e.to_string())
             .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
