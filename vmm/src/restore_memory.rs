@@ -19,6 +19,8 @@ use crate::snapshot::{RestoreMode, StorePages};
 pub enum RestoreMemoryError {
     #[error("guest memory: {0}")]
     Memory(#[source] MemoryError),
+    #[error("the snapshot's memory map: {0}")]
+    Map(#[source] ember_snapshot_store::StoreError),
     #[error("serving memory from the store: {0}")]
     Lazy(#[source] LazyError),
     #[error("loading memory from the store: {0}")]
@@ -34,12 +36,13 @@ pub struct RestoredMemory {
     pub mapped: Option<CachedMemory>,
     /// The mode the restore ended up in (never `Auto`).
     pub mode: RestoreMode,
+    /// The snapshot's memory map, where it had to be read (every mode but `file`).
+    pub map: Option<MemoryMap>,
 }
 
 /// Sets up the memory of a restore of `manifest` asked to run in `mode`.
 pub fn restore_memory(
     manifest: &Manifest,
-    map: MemoryMap,
     store: &Arc<Store>,
     cache: Option<&MemCache>,
     mode: RestoreMode,
@@ -57,6 +60,7 @@ pub fn restore_memory(
                     lazy: None,
                     mapped: Some(mapped),
                     mode: RestoreMode::File,
+                    map: None,
                 });
             }
             // For `auto` a snapshot not yet materialised is the normal case.
@@ -74,11 +78,14 @@ pub fn restore_memory(
         RestoreMode::Auto | RestoreMode::File => RestoreMode::Prefetch,
         other => other,
     };
+    let map = store
+        .load_memory_map(manifest)
+        .map_err(RestoreMemoryError::Map)?;
     let mem = create_guest_memory(size).map_err(RestoreMemoryError::Memory)?;
     disable_huge_pages(&mem).map_err(RestoreMemoryError::Memory)?;
     let source = StorePages {
         store: store.clone(),
-        map,
+        map: map.clone(),
     };
     let lazy = match mode {
         RestoreMode::Eager => {
@@ -114,5 +121,6 @@ pub fn restore_memory(
         lazy,
         mapped: None,
         mode,
+        map: Some(map),
     })
 }

@@ -68,11 +68,45 @@ pub enum SnapshotKind {
     Diff,
 }
 
-/// The snapshot a running VM's memory equals, but for the pages dirtied since.
+/// The snapshot a running VM's memory equals, but for the pages dirtied since. Its memory
+/// map is at hand, or (after a `file` restore, which never needs it to run) read from the
+/// store when a diff snapshot first asks for it.
 #[derive(Debug)]
 pub struct SnapshotBase {
     pub id: String,
-    pub map: MemoryMap,
+    map: Option<MemoryMap>,
+    /// Where a deferred map is read from.
+    manifest: Option<Box<ember_snapshot_store::Manifest>>,
+}
+
+impl SnapshotBase {
+    /// A base whose map is at hand.
+    pub fn loaded(id: impl Into<String>, map: MemoryMap) -> SnapshotBase {
+        SnapshotBase {
+            id: id.into(),
+            map: Some(map),
+            manifest: None,
+        }
+    }
+
+    /// A base whose map is read from the store on first use.
+    pub fn deferred(manifest: ember_snapshot_store::Manifest) -> SnapshotBase {
+        SnapshotBase {
+            id: manifest.id.clone(),
+            map: None,
+            manifest: Some(Box::new(manifest)),
+        }
+    }
+
+    /// The base's memory map (read from `store` the first time if it was deferred).
+    pub fn map(&mut self, store: &Store) -> Result<&MemoryMap, ember_snapshot_store::StoreError> {
+        let map = match (self.map.take(), &self.manifest) {
+            (Some(map), _) => map,
+            (None, Some(manifest)) => store.load_memory_map(manifest)?,
+            (None, None) => MemoryMap::new(Vec::new()),
+        };
+        Ok(self.map.insert(map))
+    }
 }
 
 /// How a restored VM gets its memory.

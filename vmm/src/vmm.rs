@@ -1025,7 +1025,7 @@ impl Vmm {
 
         let mut base = lock_or_recover(&self.base);
         let mut writer = store.writer().map_err(|e| fail(e.to_string()))?;
-        let pages = match (kind, base.as_ref()) {
+        let pages = match (kind, base.as_mut()) {
             (SnapshotKind::Diff, None) => {
                 return Err(fail(
                     "a diff snapshot needs a parent: take a full snapshot of this VM first".into(),
@@ -1034,7 +1034,11 @@ impl Vmm {
             (SnapshotKind::Diff, Some(parent)) => {
                 let dirty = crate::memory::take_dirty_pages(self.vm.fd(), &self.mem)
                     .map_err(|e| fail(e.to_string()))?;
-                let mut pages = parent.map.pages.clone();
+                let mut pages = parent
+                    .map(store)
+                    .map_err(|e| fail(format!("the parent's memory map: {e}")))?
+                    .pages
+                    .clone();
                 for &index in &dirty {
                     let slot = usize::try_from(index)
                         .ok()
@@ -1176,10 +1180,7 @@ impl Vmm {
                 .insert("net_mac".into(), format_mac(&net.mac));
         }
         let stats = writer.commit(&manifest).map_err(|e| fail(e.to_string()))?;
-        *base = Some(SnapshotBase {
-            id: id.to_string(),
-            map: map.clone(),
-        });
+        *base = Some(SnapshotBase::loaded(id, map.clone()));
         log::info!(
             "snapshot {id}: {} pages ({} zero), {} new objects, {} bytes written",
             map.pages.len(),
@@ -1222,14 +1223,14 @@ impl Vmm {
             .map_err(|e| fail(e.to_string()))?;
         let snap: VmSnapshot = decode_state(&blob).map_err(|e| fail(e.to_string()))?;
         phase("manifest_read");
-        let map = store
-            .load_memory_map(&manifest)
-            .map_err(|e| fail(e.to_string()))?;
-        phase("memory_map_read");
-        if map.size_bytes() != snap.mem_bytes || snap.vcpus.len() != usize::from(snap.vcpu_count) {
+        // The memory map itself is read only where memory comes from the store (the map's
+        // length is checked against the manifest's size when it is read).
+        if manifest.memory.size_bytes != snap.mem_bytes
+            || snap.vcpus.len() != usize::from(snap.vcpu_count)
+        {
             return Err(fail(format!(
-                "the snapshot is inconsistent: {} bytes of memory map for {} bytes of RAM, {} vCPU states for {} vCPUs",
-                map.size_bytes(),
+                "the snapshot is inconsistent: {} bytes of memory for {} bytes of RAM, {} vCPU states for {} vCPUs",
+                manifest.memory.size_bytes,
                 snap.mem_bytes,
                 snap.vcpus.len(),
                 snap.vcpu_count
@@ -1279,7 +1280,6 @@ impl Vmm {
         let kvm = open_kvm()?;
         let restored = crate::restore_memory::restore_memory(
             &manifest,
-            map.clone(),
             &store,
             options.mem_cache.as_ref(),
             mode,
@@ -1360,9 +1360,9 @@ impl Vmm {
             }
         }
         phase("devices_built");
-        let base = SnapshotBase {
-            id: id.to_string(),
-            map,
+        let base = match restored.map {
+            Some(map) => SnapshotBase::loaded(id, map),
+            None => SnapshotBase::deferred(manifest),
         };
         let mut vmm = Vmm::assemble(config, vm, mem, lazy, Some(base), devices, fds)?;
         vmm.rootfs_chunks = rootfs_chunks;
