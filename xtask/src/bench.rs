@@ -26,6 +26,22 @@ struct Sample {
     to_first_run_us: Option<u64>,
     to_userspace_us: Option<u64>,
     vmm_rss_bytes: Option<u64>,
+    /// The guest's own clock (`/proc/uptime`, since its kernel started) when its init ran
+    /// its first command: the guest side of the boot, comparable across VMMs.
+    guest_uptime_us: Option<u64>,
+}
+
+/// The command every boot runs first: it prints the guest's own uptime.
+const FIRST_COMMAND: &str = "cat /proc/uptime";
+
+/// `/proc/uptime`'s first figure in µs, if `line` is such a line ("12.34 5.67").
+fn uptime_us(line: &str) -> Option<u64> {
+    let mut fields = line.split_whitespace();
+    let (up, idle) = (fields.next()?, fields.next()?);
+    if fields.next().is_some() || idle.parse::<f64>().is_err() {
+        return None;
+    }
+    up.parse::<f64>().ok().map(|s| (s * 1e6) as u64)
 }
 
 /// Builds the `ember` binary the benches measure (release profile) and returns its path.
@@ -59,8 +75,10 @@ fn run_harness(ember: &Path, argv: &[String]) -> Result<i32> {
     run_in_lab(argv, &LabOptions::default())
 }
 
-/// Entry point on the host: build, then run the harness where KVM can run Linux.
-pub fn boot(runs: u32) -> Result<i32> {
+/// Entry point on the host: build, then run the harness where KVM can run Linux. With
+/// `against`, another `ember` binary (say, an older commit's release build) boots the Debian
+/// rootfs in the same rounds.
+pub fn boot(runs: u32, against: Option<&Path>) -> Result<i32> {
     let artifacts = Artifacts::ensure()?;
     let ember = build_release_ember()?;
     let me = std::env::current_exe()?;
@@ -78,6 +96,13 @@ pub fn boot(runs: u32) -> Result<i32> {
         "--rootfs".into(),
         artifacts.rootfs.display().to_string(),
     ];
+    let mut argv = argv;
+    if let Some(other) = against {
+        argv.extend([
+            "--against".into(),
+            std::fs::canonicalize(other)?.display().to_string(),
+        ]);
+    }
     run_harness(&ember, &argv)
 }
 
@@ -88,13 +113,14 @@ pub fn harness(
     kernel: &Path,
     initramfs: &Path,
     rootfs: &Path,
+    against: Option<&Path>,
 ) -> Result<i32> {
     let env = if std::env::var_os("EMBER_IN_LAB").is_some() {
         "the lab (nested KVM under QEMU TCG)"
     } else {
         "hardware KVM"
     };
-    let command = ember_agent::encode_run_command("true");
+    let command = ember_agent::encode_run_command(FIRST_COMMAND);
     let run_param = format!("{}={command}", ember_agent::RUN_PARAM);
     let report = std::env::temp_dir().join(format!("ember-bench-{}.json", std::process::id()));
     let s = |p: &Path| p.display().to_string();
@@ -108,12 +134,12 @@ pub fn harness(
             "--initrd".into(),
             s(initramfs),
             "--init-cmd".into(),
-            "true".into(),
+            FIRST_COMMAND.into(),
             "--report-json".into(),
             s(report),
         ]
     };
-    let ember_rootfs = |report: &Path| -> Vec<String> {
+    let ember_rootfs = |ember: &Path, report: &Path| -> Vec<String> {
         vec![
             s(ember),
             "run".into(),
@@ -123,7 +149,7 @@ pub fn harness(
             s(rootfs),
             "--read-only-rootfs".into(),
             "--init-cmd".into(),
-            "true".into(),
+            FIRST_COMMAND.into(),
             "--report-json".into(),
             s(report),
         ]
@@ -162,31 +188,40 @@ pub fn harness(
         ("qemu microvm, initramfs (baseline)", Vec::new()),
         ("ember, Debian rootfs (virtio-block)", Vec::new()),
     ];
+    if against.is_some() {
+        results.push(("ember to compare (--against), Debian rootfs", Vec::new()));
+    }
     for i in 0..runs {
         eprintln!("bench: round {}/{runs}", i + 1);
         let mut sample = measure(&ember_initramfs(&report))?;
         add_report(&mut sample, &report)?;
         results[0].1.push(sample);
         results[1].1.push(measure(&qemu)?);
-        let mut sample = measure(&ember_rootfs(&report))?;
+        let mut sample = measure(&ember_rootfs(ember, &report))?;
         add_report(&mut sample, &report)?;
         results[2].1.push(sample);
+        if let Some(other) = against {
+            let mut sample = measure(&ember_rootfs(other, &report))?;
+            add_report(&mut sample, &report)?;
+            results[3].1.push(sample);
+        }
     }
     std::fs::remove_file(&report).ok();
 
     println!("\nboot figures in {env}: {runs} runs each, 1 vCPU, 256 MiB; median [min–max]\n");
-    println!("| scenario | to agent ready (ms) | to exit (ms) | RSS at ready (MiB) | first KVM_RUN (ms) | boot timer: userspace (ms) | VMM RSS outside guest RAM (MiB) |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| scenario | to agent ready (ms) | to exit (ms) | RSS at ready (MiB) | first KVM_RUN (ms) | boot timer: userspace (ms) | guest clock at its first command (ms) | VMM RSS outside guest RAM (MiB) |");
+    println!("|---|---|---|---|---|---|---|---|");
     for (name, samples) in &results {
         let ms = |f: &dyn Fn(&Sample) -> Option<u64>| stat(samples, f, 1e3);
         let mib = |f: &dyn Fn(&Sample) -> Option<u64>| stat(samples, f, 1048576.0);
         println!(
-            "| {name} | {} | {} | {} | {} | {} | {} |",
+            "| {name} | {} | {} | {} | {} | {} | {} | {} |",
             ms(&|s| Some(s.to_ready_us)),
             ms(&|s| Some(s.total_us)),
             mib(&|s| Some(s.rss_at_ready_bytes)),
             ms(&|s| s.to_first_run_us),
             ms(&|s| s.to_userspace_us),
+            ms(&|s| s.guest_uptime_us),
             mib(&|s| s.vmm_rss_bytes),
         );
     }
@@ -201,6 +236,24 @@ pub fn harness(
         ember_ready as f64 / qemu_ready.max(1) as f64,
         ember_exit as f64 / qemu_exit.max(1) as f64
     );
+    let guest =
+        |samples: &[Sample]| median(samples.iter().filter_map(|s| s.guest_uptime_us).collect());
+    println!(
+        "guest clock at its first command, ember / qemu microvm (initramfs): {:.2}",
+        guest(&results[0].1) as f64 / guest(&results[1].1).max(1) as f64
+    );
+    if let Some((_, old)) = results.get(3) {
+        let old_ready = median_ready(old);
+        let new_ready = median_ready(&results[2].1);
+        println!(
+            "Debian rootfs, this ember / --against: to agent ready {:.2} ({} ms vs {} ms, {:.0}% sooner), guest clock at its first command {:.2}",
+            new_ready as f64 / old_ready.max(1) as f64,
+            new_ready / 1000,
+            old_ready / 1000,
+            (1.0 - new_ready as f64 / old_ready.max(1) as f64) * 100.0,
+            guest(&results[2].1) as f64 / guest(old).max(1) as f64,
+        );
+    }
     let vmm_rss = median(
         results[0]
             .1
@@ -244,6 +297,9 @@ fn measure(argv: &[String]) -> Result<Sample> {
     let mut sample = Sample::default();
     for line in BufReader::new(stdout).lines() {
         let line = line.unwrap_or_default();
+        if sample.guest_uptime_us.is_none() {
+            sample.guest_uptime_us = uptime_us(line.trim());
+        }
         if sample.to_ready_us == 0 && line.contains("ember-agent") && line.contains("ready") {
             sample.to_ready_us = start.elapsed().as_micros() as u64;
             sample.rss_at_ready_bytes = rss_of(pid).unwrap_or(0);
@@ -465,4 +521,19 @@ pub fn exec_harness(runs: u32, ember: &Path, kernel: &Path, rootfs: &Path) -> Re
     sandbox.wait().ok();
     std::fs::remove_file(&socket).ok();
     result.map(|()| 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guests_uptime_line_is_recognised_and_nothing_else() {
+        assert_eq!(uptime_us("1.52 0.98"), Some(1_520_000));
+        assert_eq!(uptime_us("0.00 0.00"), Some(0));
+        assert_eq!(uptime_us("[    0.532] ember-agent: ready"), None);
+        assert_eq!(uptime_us("1.5 x"), None);
+        assert_eq!(uptime_us("1.5 2.5 3.5"), None);
+        assert_eq!(uptime_us(""), None);
+    }
 }

@@ -66,6 +66,8 @@ enum Cmd {
         initramfs: std::path::PathBuf,
         #[arg(long)]
         rootfs: std::path::PathBuf,
+        #[arg(long)]
+        against: Option<std::path::PathBuf>,
     },
     /// (internal) the exec benchmark's harness.
     #[command(hide = true)]
@@ -112,6 +114,10 @@ enum BenchCmd {
     Boot {
         #[arg(long, default_value_t = 5)]
         runs: u32,
+        /// Another `ember` binary (say, an older commit's release build) that boots the Debian
+        /// rootfs in the same rounds, for a before/after ratio from one run.
+        #[arg(long)]
+        against: Option<std::path::PathBuf>,
     },
     /// One sandbox: cold boot to agent ready and first exec, `true` round trips (median,
     /// p99) and stdout throughput, against a local process in the same environment.
@@ -159,8 +165,8 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
         Cmd::Demo => demo(),
         Cmd::Fuzz { seconds, target } => fuzz::run_targets(seconds, target.as_deref()),
         Cmd::Bench {
-            what: BenchCmd::Boot { runs },
-        } => bench::boot(runs),
+            what: BenchCmd::Boot { runs, against },
+        } => bench::boot(runs, against.as_deref()),
         Cmd::Bench {
             what: BenchCmd::Exec { runs },
         } => bench::exec(runs),
@@ -185,7 +191,15 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             kernel,
             initramfs,
             rootfs,
-        } => bench::harness(runs, &ember, &kernel, &initramfs, &rootfs),
+            against,
+        } => bench::harness(
+            runs,
+            &ember,
+            &kernel,
+            &initramfs,
+            &rootfs,
+            against.as_deref(),
+        ),
         Cmd::Initramfs => {
             println!("{}", images::initramfs()?.display());
             Ok(0)
