@@ -723,11 +723,7 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
 
     // Density: K clones of the snapshot at once, each having run a command; `file` clones
     // share the page cache of one memory file, `prefetch` ones each hold a copy.
-    let ks: &[u32] = if args.quick {
-        &[1, 2, 4]
-    } else {
-        &[1, 2, 4, 8]
-    };
+    let ks: &[u32] = &[1, 2, 4, 8];
     let mut density = Vec::new();
     for (mode, &k) in ["file", "prefetch"]
         .into_iter()
