@@ -34,6 +34,9 @@ use crate::map::{PageRef, PAGE_SIZE};
 use crate::store::{Store, StoreError};
 
 const RECORD_VERSION: u32 = 1;
+/// How old a temporary or record-less file must be before eviction takes it for abandoned
+/// (a materialisation in progress is younger).
+const ABANDONED_AFTER: Duration = Duration::from_secs(600);
 /// Pages gathered into one `pwrite` while materialising.
 const WRITE_RUN_PAGES: usize = 64;
 
@@ -444,16 +447,32 @@ impl MemCache {
         Ok(report)
     }
 
+    /// Removes what an interrupted materialisation left (temporary files, a memory file
+    /// whose record was never written) once it is older than [`ABANDONED_AFTER`] and no
+    /// writer holds it.
     fn remove_abandoned_temporaries(&self) {
         let Ok(listing) = fs::read_dir(&self.dir) else {
             return;
         };
         for item in listing.flatten() {
+            let path = item.path();
             let name = item.file_name();
-            if !name.to_str().is_some_and(|n| n.starts_with('.')) {
+            let Some(name) = name.to_str() else {
+                continue;
+            };
+            let orphan = name.strip_suffix(".mem").is_some_and(|key| {
+                !key.starts_with('.') && !self.dir.join(format!("{key}.json")).exists()
+            });
+            if !name.starts_with('.') && !orphan {
                 continue;
             }
-            let path = item.path();
+            let old = item
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().unwrap_or_default() > ABANDONED_AFTER);
+            if !old {
+                continue;
+            }
             // A writer holds its temporary file locked; one nobody holds was abandoned.
             if let Ok(file) = File::open(&path) {
                 if fsutil::try_lock_exclusive(&file).unwrap_or(false) {

@@ -184,3 +184,26 @@ fn keys_follow_content_not_snapshot_ids() {
     assert_eq!(MemCache::key_of(&a.memory), MemCache::key_of(&b.memory));
     assert_ne!(MemCache::key_of(&a.memory), MemCache::key_of(&c.memory));
 }
+
+#[test]
+fn what_an_interrupted_materialisation_left_goes_once_it_is_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = MemCache::new(dir.path());
+    let old = SystemTime::now() - Duration::from_secs(3600);
+    let make = |name: &str, age: SystemTime| {
+        let path = dir.path().join(name);
+        let file = File::create(&path).unwrap();
+        file.set_modified(age).unwrap();
+        path
+    };
+    let old_tmp = make(".abc.tmp-1-2", old);
+    let old_orphan = make("abc.mem", old);
+    let fresh_tmp = make(".def.tmp-1-2", SystemTime::now());
+    // A writer still holds this one.
+    let held = make(".ghi.tmp-1-2", old);
+    let writer = File::open(&held).unwrap();
+    fsutil::lock(&writer, fsutil::LockMode::Exclusive).unwrap();
+    cache.evict_to(u64::MAX).unwrap();
+    assert!(!old_tmp.exists() && !old_orphan.exists());
+    assert!(fresh_tmp.exists() && held.exists());
+}
