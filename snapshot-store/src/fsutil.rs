@@ -83,12 +83,74 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Writes `data` to `tmp`, fsyncs it, renames it to `dest` and fsyncs the directory that
 /// holds both (they must share one directory).
 pub(crate) fn write_atomic(tmp: &Path, dest: &Path, data: &[u8]) -> io::Result<()> {
+    write_atomic_with(tmp, dest, data, None)
+}
+
+/// Who may read a file ember writes: its owner only (mode 0600), or also one group (0640,
+/// the group set explicitly), whatever the umask.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Access {
+    pub group: Option<u32>,
+}
+
+impl Access {
+    fn file_mode(&self) -> u32 {
+        if self.group.is_some() {
+            0o640
+        } else {
+            0o600
+        }
+    }
+
+    /// Gives an open file its mode and group.
+    pub(crate) fn apply(&self, file: &File) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(gid) = self.group {
+            std::os::unix::fs::fchown(file, None, Some(gid))?;
+        }
+        file.set_permissions(std::fs::Permissions::from_mode(self.file_mode()))
+    }
+
+    /// Gives a directory its mode (0700, or 0750 with a group) and group.
+    pub(crate) fn apply_to_dir(&self, dir: &Path) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(gid) = self.group {
+            std::os::unix::fs::chown(dir, None, Some(gid))?;
+        }
+        let mode = if self.group.is_some() { 0o750 } else { 0o700 };
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+    }
+
+    /// Options creating a file with this access's mode.
+    pub(crate) fn create_new(&self) -> OpenOptions {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut options = OpenOptions::new();
+        options
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(self.file_mode());
+        options
+    }
+}
+
+/// As [`write_atomic`], the file given `access`'s mode and group (without one, the umask
+/// decides).
+pub(crate) fn write_atomic_with(
+    tmp: &Path,
+    dest: &Path,
+    data: &[u8],
+    access: Option<&Access>,
+) -> io::Result<()> {
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .open(tmp)?;
+        if let Some(access) = access {
+            access.apply(&f)?;
+        }
         f.write_all(data)?;
         f.sync_all()?;
         drop(f);

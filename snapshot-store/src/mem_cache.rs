@@ -176,16 +176,30 @@ pub struct CacheEntry {
     pub used: SystemTime,
 }
 
-/// A folder of materialised snapshot memories.
+/// A folder of materialised snapshot memories. Guest memory is private: the folder is
+/// its owner's only (0700, files 0600), or also one group's, that of the VMMs that map it
+/// ([`MemCache::readable_by_group`]: 0750, files 0640).
 #[derive(Debug, Clone)]
 pub struct MemCache {
     dir: PathBuf,
+    access: fsutil::Access,
 }
 
 impl MemCache {
     /// The cache in `dir` (created when the first file is materialised).
     pub fn new(dir: impl Into<PathBuf>) -> MemCache {
-        MemCache { dir: dir.into() }
+        MemCache {
+            dir: dir.into(),
+            access: fsutil::Access::default(),
+        }
+    }
+
+    /// As [`MemCache::new`], what it writes readable by group `gid` too.
+    pub fn readable_by_group(dir: impl Into<PathBuf>, gid: u32) -> MemCache {
+        MemCache {
+            dir: dir.into(),
+            access: fsutil::Access { group: Some(gid) },
+        }
     }
 
     /// Its folder.
@@ -318,6 +332,9 @@ impl MemCache {
             });
         }
         fs::create_dir_all(&self.dir).map_err(Self::io("create", &self.dir))?;
+        self.access
+            .apply_to_dir(&self.dir)
+            .map_err(Self::io("set the access of", &self.dir))?;
         let store_err = |source| MemCacheError::Store {
             id: manifest.id.clone(),
             source,
@@ -329,12 +346,14 @@ impl MemCache {
             start.elapsed().as_nanos()
         ));
         let written = (|| {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
+            let file = self
+                .access
+                .create_new()
                 .open(&tmp)
                 .map_err(Self::io("create", &tmp))?;
+            self.access
+                .apply(&file)
+                .map_err(Self::io("set the access of", &tmp))?;
             // Held while writing, so eviction never removes a file being written.
             fsutil::lock(&file, fsutil::LockMode::Exclusive).map_err(Self::io("lock", &tmp))?;
             file.set_len(map.size_bytes())
@@ -372,7 +391,7 @@ impl MemCache {
         let record_tmp = self
             .dir
             .join(format!(".{key}.json.tmp-{}", std::process::id()));
-        fsutil::write_atomic(&record_tmp, &record_path, &json)
+        fsutil::write_atomic_with(&record_tmp, &record_path, &json, Some(&self.access))
             .map_err(Self::io("write", &record_path))?;
         Ok(Materialised {
             path: mem_path,

@@ -27,9 +27,14 @@ pub struct MemoryCache {
 }
 
 impl MemoryCache {
-    pub fn new(dir: PathBuf, limit_bytes: u64) -> MemoryCache {
+    /// The cache in `dir`, readable by the jailed VMMs' group `jail_gid` (if they are
+    /// jailed) and nobody else.
+    pub fn new(dir: PathBuf, limit_bytes: u64, jail_gid: Option<u32>) -> MemoryCache {
         MemoryCache {
-            cache: MemCache::new(dir),
+            cache: match jail_gid {
+                Some(gid) => MemCache::readable_by_group(dir, gid),
+                None => MemCache::new(dir),
+            },
             limit_bytes,
             in_flight: Mutex::default(),
             materialised: AtomicU64::new(0),

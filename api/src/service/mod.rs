@@ -221,6 +221,7 @@ pub fn serve(args: ServeArgs) -> i32 {
         mem_cache: Arc::new(mem_cache::MemoryCache::new(
             mem_cache_dir,
             args.mem_cache_bytes,
+            jail.map(|ids| ids.gid),
         )),
         pool: (args.warm_pool > 0).then(|| Arc::new(pool::WarmPool::new(args.warm_pool))),
         cgroups: match cgroup::Cgroups::detect(std::path::Path::new("/sys/fs/cgroup")) {
@@ -734,7 +735,11 @@ mod tests {
             metrics: metrics::Metrics::default(),
             gc: Arc::default(),
             cgroups: None,
-            mem_cache: Arc::new(mem_cache::MemoryCache::new(dir.join("mem-cache"), 1 << 30)),
+            mem_cache: Arc::new(mem_cache::MemoryCache::new(
+                dir.join("mem-cache"),
+                1 << 30,
+                None,
+            )),
             pool: None,
         })
     }

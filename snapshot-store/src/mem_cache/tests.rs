@@ -207,3 +207,23 @@ fn what_an_interrupted_materialisation_left_goes_once_it_is_old() {
     assert!(!old_tmp.exists() && !old_orphan.exists());
     assert!(fresh_tmp.exists() && held.exists());
 }
+
+#[test]
+fn guest_memory_is_readable_by_its_owner_only_or_one_group() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, manifest, _) = snapshot(&dir.path().join("store"), "s1", 8);
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let private = MemCache::new(dir.path().join("private"));
+    let path = private.materialise(&store, &manifest).unwrap().path;
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(mode(&path.with_extension("json")), 0o600);
+    assert_eq!(mode(private.dir()), 0o700);
+    let gid = fs::metadata(dir.path()).unwrap().gid();
+    let shared = MemCache::readable_by_group(dir.path().join("shared"), gid);
+    let path = shared.materialise(&store, &manifest).unwrap().path;
+    assert_eq!(mode(&path), 0o640);
+    assert_eq!(fs::metadata(&path).unwrap().gid(), gid);
+    assert_eq!(mode(&path.with_extension("json")), 0o640);
+    assert_eq!(mode(shared.dir()), 0o750);
+}
