@@ -129,11 +129,6 @@ pub enum WorkerEvent {
         /// How a restored VM's memory arrived (`file`, `prefetch`, `lazy`, `eager`).
         #[serde(default)]
         memory: Option<ember_vmm::RestoreMode>,
-        /// Sent as soon as the vCPUs run, for a restore whose guest was never reset: its
-        /// agent listens as it did when saved, and the service's own first connection is
-        /// what shows it answering (`ready_ms` then counts to the vCPUs running).
-        #[serde(default)]
-        agent_pending: bool,
     },
 }
 

@@ -192,21 +192,10 @@ pub fn run(args: VmmArgs) -> i32 {
         });
     }
     let restored = matches!(spec.origin, WorkerOrigin::Restore { .. });
-    // A restored guest that was never reset has its agent listening as when it was saved:
-    // the service's own first connection shows it answering, so no connection is made here
-    // only to be closed again.
-    let agent_pending = vmm.resumed_without_reset();
-    let ready = if agent_pending {
-        Ok(None)
-    } else {
-        wait_for_agent(&spec.vsock_socket, &vm_done, &vmm).map(Some)
-    };
-    match ready {
+    match wait_for_agent(&spec.vsock_socket, &vm_done, &vmm) {
         Ok(client) => {
             let ready_ms = start.elapsed().as_secs_f64() * 1e3;
-            if client.is_some() {
-                vmm.timeline().mark("agent_answered");
-            }
+            vmm.timeline().mark("agent_answered");
             // The service resyncs a restored guest's clock and entropy on its own first
             // connection, ahead of the first request; readiness costs no round trip more.
             drop(client);
@@ -220,7 +209,6 @@ pub fn run(args: VmmArgs) -> i32 {
                 started_unix_ms,
                 timeline: vmm.timeline().steps(),
                 memory: vmm.restore_mode(),
-                agent_pending,
             };
             let line = serde_json::to_string(&event).unwrap_or_default();
             let mut stdout = std::io::stdout().lock();

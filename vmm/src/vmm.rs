@@ -856,9 +856,6 @@ pub struct Vmm {
     timeline: Arc<crate::timeline::Timeline>,
     /// The CPU features the guest was offered when it booted (recorded in its snapshots).
     cpu_model: CpuModel,
-    /// A restored guest whose snapshot held no vsock connections: it got no transport
-    /// reset, and its listeners (the agent's) answer as soon as its vCPUs run.
-    resumed_without_reset: bool,
     /// The snapshot memory equals but for the dirty pages (set by restores and snapshots);
     /// dirty page logging is on exactly when this is set.
     base: Mutex<Option<SnapshotBase>>,
@@ -951,7 +948,6 @@ impl Vmm {
             mapped_memory: None,
             timeline: Arc::new(crate::timeline::Timeline::new(Instant::now())),
             cpu_model: CpuModel::default(),
-            resumed_without_reset: false,
             base: Mutex::new(base),
             running: Mutex::new(false),
             mem,
@@ -1355,10 +1351,9 @@ impl Vmm {
         // guest (restoring the irqchip would clear a line raised earlier, and the driver
         // would not see the event until some other vsock interrupt). A snapshot that held
         // only listeners needs no reset: host clients connect at once.
-        let quiet = held_no_vsock_connections(&manifest);
         if let Some(vsock) = &devices.vsock {
             let mut vsock = lock_or_recover(vsock);
-            if quiet {
+            if held_no_vsock_connections(&manifest) {
                 vsock.resume_without_reset();
             } else {
                 vsock.send_transport_reset();
@@ -1375,7 +1370,6 @@ impl Vmm {
         vmm.cpu_model = cpu_model;
         vmm.restore_mode = Some(restored.mode);
         vmm.mapped_memory = restored.mapped;
-        vmm.resumed_without_reset = quiet && vmm.vsock.is_some();
         Ok(vmm)
     }
 
@@ -1448,12 +1442,6 @@ impl Vmm {
     /// `mark` the later ones (the agent answering).
     pub fn timeline(&self) -> &crate::timeline::Timeline {
         &self.timeline
-    }
-
-    /// Whether this VM was restored from a snapshot that held no vsock connections: its
-    /// guest's listeners were never reset, so its agent answers from the start.
-    pub fn resumed_without_reset(&self) -> bool {
-        self.resumed_without_reset
     }
 
     /// How a restored VM's memory arrives (`None` for a booted VM).

@@ -823,14 +823,14 @@ async fn start_vmm(
             tokio::select! {
                 line = lines.next_line() => match line {
                     Ok(Some(line)) => {
-                        if let Ok(WorkerEvent::Ready { ready_ms, started_unix_ms, timeline, memory, agent_pending, .. }) =
+                        if let Ok(WorkerEvent::Ready { ready_ms, started_unix_ms, timeline, memory, .. }) =
                             serde_json::from_str(&line)
                         {
                             sandbox.update(|r| {
                                 r.timeline.add_vmm(started_unix_ms, &timeline);
                                 r.memory = memory;
                             });
-                            return Ok((ready_ms, agent_pending));
+                            return Ok(ready_ms);
                         }
                         log::debug!("sandbox {}: VMM says {line}", sandbox.id);
                     }
@@ -845,19 +845,11 @@ async fn start_vmm(
             }
         }
     };
-    let (mut ready_ms, agent_pending) = tokio::time::timeout(READY_TIMEOUT, ready)
+    let ready_ms = tokio::time::timeout(READY_TIMEOUT, ready)
         .await
         .map_err(|_| format!("its agent did not answer within {READY_TIMEOUT:?}"))??;
     // Keep reading (and dropping) the VMM's stdout so it never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    if agent_pending {
-        // The VMM answered at its vCPUs running; the agent's answer on the service's own
-        // connection (the one requests use) is what makes the sandbox ready.
-        let t = std::time::Instant::now();
-        first_agent_answer(sandbox).await?;
-        ready_ms += t.elapsed().as_secs_f64() * 1e3;
-        sandbox.note(|r| r.timeline.mark("agent_answered"));
-    }
     sandbox.update(|r| {
         if r.state == SandboxState::Starting {
             r.state = SandboxState::Running;
@@ -871,22 +863,6 @@ async fn start_vmm(
             .unwrap_or_else(|| "the sandbox stopped while starting".into()));
     }
     Ok(ready_ms)
-}
-
-/// Connects to a freshly restored guest's agent (a few tries: its vCPUs have only just
-/// started).
-async fn first_agent_answer(sandbox: &Arc<Sandbox>) -> Result<(), String> {
-    let mut tries = 0;
-    loop {
-        match sandbox.agent().await {
-            Ok(_) => return Ok(()),
-            Err(e) if tries >= 4 => return Err(format!("its agent did not answer: {}", e.message)),
-            Err(_) => {
-                tries += 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
 }
 
 /// Loads the sandboxes a previous run of the service left: those whose VMM still answers
