@@ -96,6 +96,18 @@ impl ApiClient {
         Err(api_error(status, &bytes))
     }
 
+    /// Sends a body-less request and returns its answer as text (e.g. `/metrics`).
+    pub async fn text(&self, method: Method, uri: &str) -> Result<String, ApiClientError> {
+        let response = self.send(method, uri, empty_body()).await?;
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ApiClientError::Http(e.to_string()))?
+            .to_bytes();
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
     /// Sends a request and parses the JSON answer (`null` for an empty one).
     pub async fn json(
         &self,

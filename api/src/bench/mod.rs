@@ -233,6 +233,41 @@ impl Api {
             .map_err(|e| e.to_string())
     }
 
+    /// Waits (up to a minute) until a service with a warm pool has it full (at once for one
+    /// without).
+    async fn wait_pool_full(&self) -> Result<(), String> {
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let metrics = self
+                .0
+                .text(Method::GET, "/metrics")
+                .await
+                .map_err(|e| e.to_string())?;
+            let value = |name: &str| {
+                metrics.lines().find_map(|l| {
+                    l.strip_prefix(name)?
+                        .strip_prefix(' ')?
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+            };
+            let (Some(idle), Some(target)) = (
+                value("ember_warm_pool_idle"),
+                value("ember_warm_pool_target"),
+            ) else {
+                return Ok(());
+            };
+            if idle >= target {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("the warm pool stayed at {idle} of {target} VMMs"));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits (up to a minute) until the service has materialised snapshot `id`'s memory.
     async fn wait_materialised(&self, id: &str) -> Result<(), String> {
         let deadline = Instant::now() + std::time::Duration::from_secs(60);
@@ -341,6 +376,9 @@ struct StartSample {
 }
 
 async fn start_once(api: &Api, body: Value, keep: bool) -> Result<(StartSample, String), String> {
+    // Every start finds the warm pool full, as on a service with spare capacity: a pool
+    // still refilling from the last start would compete for the lab's two CPUs.
+    api.wait_pool_full().await?;
     let t0 = Instant::now();
     let sandbox = api.create(body).await?;
     let ready_ms = ms(t0);

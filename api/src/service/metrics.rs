@@ -123,6 +123,12 @@ fn mem_cache_and_pool(state: &AppState, out: &mut String) {
         "Pooled VMMs found dead while idle (replaced, never assigned).",
         load(&pool.died_idle),
     );
+    gauge(
+        out,
+        "ember_warm_pool_target",
+        "Pooled VMMs the service keeps waiting (--warm-pool).",
+        pool.target() as u64,
+    );
     let pids = pool.idle_pids();
     gauge(
         out,
