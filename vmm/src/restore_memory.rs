@@ -55,6 +55,15 @@ pub fn restore_memory(
                 let mem = map_guest_memory_from_file(size, &mapped.file)
                     .map_err(RestoreMemoryError::Memory)?;
                 log::debug!("restore {id}: memory mapped from {}", mapped.path.display());
+                // The pages an earlier restore needed are mapped up front: the guest's
+                // first touches then find them without a host page fault each.
+                if let Ok(Some(working_set)) = store.load_working_set(id) {
+                    let populated = crate::memory::populate(&mem, &working_set);
+                    log::debug!(
+                        "restore {id}: {populated} of {} working-set pages mapped ahead",
+                        working_set.len()
+                    );
+                }
                 return Ok(RestoredMemory {
                     mem,
                     lazy: None,
