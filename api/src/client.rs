@@ -98,13 +98,7 @@ impl ApiClient {
 
     /// Sends a body-less request and returns its answer as text (e.g. `/metrics`).
     pub async fn text(&self, method: Method, uri: &str) -> Result<String, ApiClientError> {
-        let response = self.send(method, uri, empty_body()).await?;
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ApiClientError::Http(e.to_string()))?
-            .to_bytes();
+        let bytes = body_bytes(self.send(method, uri, empty_body()).await?).await?;
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
@@ -115,19 +109,23 @@ impl ApiClient {
         uri: &str,
         body: RequestBody,
     ) -> Result<Value, ApiClientError> {
-        let response = self.send(method, uri, body).await?;
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ApiClientError::Http(e.to_string()))?
-            .to_bytes();
+        let bytes = body_bytes(self.send(method, uri, body).await?).await?;
         if bytes.is_empty() {
             return Ok(Value::Null);
         }
         serde_json::from_slice(&bytes)
             .map_err(|e| ApiClientError::Http(format!("the answer is not JSON: {e}")))
     }
+}
+
+/// A response's whole body.
+async fn body_bytes(response: Response<Incoming>) -> Result<Bytes, ApiClientError> {
+    Ok(response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ApiClientError::Http(e.to_string()))?
+        .to_bytes())
 }
 
 fn api_error(status: StatusCode, bytes: &[u8]) -> ApiClientError {

@@ -209,7 +209,7 @@ fn vmtest_a_corrupt_object_fails_the_restore_naming_it() {
 }
 
 /// Boots the bundled rootfs (read-only) and saves it as snapshot `id` after `script`.
-fn boot_and_save(store: &TempStore, id: &str, script: &str) {
+fn boot_and_save(store: &TempStore, id: &str, script: &str) -> Output {
     let (kernel, rootfs) = (artifact("EMBER_KERNEL"), artifact("EMBER_ROOTFS"));
     let out = ember(&[
         "run",
@@ -228,6 +228,7 @@ fn boot_and_save(store: &TempStore, id: &str, script: &str) {
         script,
     ]);
     assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+    out
 }
 
 /// `ember restore ID ARGS… -- sh -c SCRIPT`, which must succeed.
@@ -608,24 +609,7 @@ fn vmtest_file_restores_map_the_materialised_memory_and_fall_back_from_a_damaged
     let root = TempStore::new("file-mode");
     std::fs::create_dir_all(&root.0).unwrap();
     let store = TempStore(root.0.join("store"));
-    let (kernel, rootfs) = (artifact("EMBER_KERNEL"), artifact("EMBER_ROOTFS"));
-    let out = ember(&[
-        "run",
-        "--kernel",
-        &kernel,
-        "--rootfs",
-        &rootfs,
-        "--read-only-rootfs",
-        "--store",
-        store.path(),
-        "--snapshot-on-exit",
-        "mapped",
-        "--",
-        "sh",
-        "-c",
-        "echo kept > /tmp/marker",
-    ]);
-    assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+    let out = boot_and_save(&store, "mapped", "echo kept > /tmp/marker");
     assert!(
         text(&out.stderr).contains("materialised its memory"),
         "{}",

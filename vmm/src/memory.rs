@@ -97,24 +97,7 @@ pub fn check_mem_size(mem_bytes: u64) -> Result<(), MemoryError> {
 /// Allocates `mem_bytes` of guest RAM: anonymous, private, `MAP_NORESERVE`, with a dirty
 /// page bitmap per region.
 pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    check_mem_size(mem_bytes)?;
-    let mut regions = Vec::new();
-    for (addr, size) in ram_ranges(mem_bytes) {
-        let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge(mem_bytes))?;
-        let mapping: MmapRegion<AtomicBitmap> =
-            MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-                .build()
-                .map_err(|source| MemoryError::Mmap {
-                    addr: addr.0,
-                    size,
-                    source,
-                })?;
-        let region = GuestRegionMmap::new(mapping, addr).ok_or(MemoryError::Region(addr.0))?;
-        regions.push(region);
-    }
-    GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Collection)
+    guest_memory(mem_bytes, None)
 }
 
 /// Maps `file` (a snapshot's materialised memory, exactly `mem_bytes` long) as guest RAM,
@@ -124,23 +107,38 @@ pub fn map_guest_memory_from_file(
     mem_bytes: u64,
     file: &std::fs::File,
 ) -> Result<GuestMemoryMmap, MemoryError> {
+    guest_memory(mem_bytes, Some(file))
+}
+
+/// The regions of `mem_bytes` of guest RAM, each with a dirty page bitmap: anonymous, or
+/// the consecutive parts of `file` (page i of RAM at offset i * 4096).
+fn guest_memory(
+    mem_bytes: u64,
+    file: Option<&std::fs::File>,
+) -> Result<GuestMemoryMmap, MemoryError> {
     check_mem_size(mem_bytes)?;
     let mut regions = Vec::new();
     let mut offset = 0u64;
     for (addr, size) in ram_ranges(mem_bytes) {
         let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge(mem_bytes))?;
-        let file = file.try_clone().map_err(MemoryError::FileClone)?;
+        let mut builder = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
+        builder = match file {
+            Some(file) => {
+                let file = file.try_clone().map_err(MemoryError::FileClone)?;
+                builder
+                    .with_file_offset(FileOffset::new(file, offset))
+                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            }
+            None => builder
+                .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE),
+        };
         let mapping: MmapRegion<AtomicBitmap> =
-            MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
-                .with_file_offset(FileOffset::new(file, offset))
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-                .build()
-                .map_err(|source| MemoryError::Mmap {
-                    addr: addr.0,
-                    size,
-                    source,
-                })?;
+            builder.build().map_err(|source| MemoryError::Mmap {
+                addr: addr.0,
+                size,
+                source,
+            })?;
         let region = GuestRegionMmap::new(mapping, addr).ok_or(MemoryError::Region(addr.0))?;
         regions.push(region);
         offset += size;
