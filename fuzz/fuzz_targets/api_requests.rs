@@ -57,6 +57,12 @@ fn service() -> &'static Service {
             metrics: Default::default(),
             gc: Default::default(),
             cgroups: None,
+            mem_cache: Arc::new(ember_api::service::mem_cache::MemoryCache::new(
+                dir.join("mem-cache"),
+                1 << 30,
+                None,
+            )),
+            pool: None,
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

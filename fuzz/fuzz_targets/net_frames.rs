@@ -59,7 +59,9 @@ fuzz_target!(|data: &[u8]| {
     }
     let tap = Tap::from_fd(device_end, "fuzz0").unwrap();
     let mut net = Net::new(tap, [6, 0, 0, 0, 0, 1]).unwrap();
-    let evts = (0..2).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect();
+    let evts = (0..2)
+        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+        .collect();
     let interrupt = Arc::new(VirtioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
     net.activate(mem, queues, evts, interrupt).unwrap();
     net.process_tx();

@@ -34,6 +34,7 @@ pub fn from_input(data: &[u8], count: usize) -> (GuestMemoryMmap, Vec<Queue>, &[
     }
     let data_start = count * 0x1000;
     let (fill, rest) = rest.split_at(rest.len().min(MEM_SIZE - data_start));
-    mem.write_slice(fill, GuestAddress(data_start as u64)).unwrap();
+    mem.write_slice(fill, GuestAddress(data_start as u64))
+        .unwrap();
     (mem, queues, rest)
 }
