@@ -84,8 +84,16 @@ fn vmtest_bench_quick_writes_a_report_with_ratios_and_charts() {
     }
     // Two sandboxes after the same install share most of their bytes.
     assert!(figure("store.dedup_ratio")["median"].as_f64().unwrap() > 2.0);
+    // 1, 2, 4 and 8 clones, restored in `file` and in `prefetch` mode.
     let density = report["density"].as_array().unwrap();
-    assert_eq!(density.len(), 2, "{density:?}");
+    assert_eq!(density.len(), 8, "{density:?}");
+    for mode in ["file", "prefetch"] {
+        assert_eq!(
+            density.iter().filter(|d| d["mode"] == mode).count(),
+            4,
+            "{density:?}"
+        );
+    }
     assert!(density
         .iter()
         .all(|d| d["rss_mib_per_clone"].as_f64().unwrap() > 1.0));

@@ -138,7 +138,10 @@ fn sample(pid: u32, state_dir: &Path, cycle: u32, seconds: f64) -> SoakSample {
         cycle,
         open_fds: std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64),
         threads: status_field(pid, "Threads:"),
-        rss_kib: status_field(pid, "VmRSS:"),
+        // Anonymous memory only: what a leak grows. The service maps the store's packs to
+        // materialise snapshot memory, and those file pages (the kernel's to reclaim) would
+        // count in VmRSS as if they were held.
+        rss_kib: status_field(pid, "RssAnon:"),
         store_kib: file_bytes(&state_dir.join("store/packs")) / 1024,
         seconds,
     }
