@@ -3,12 +3,8 @@
 
 pub mod bench;
 pub mod client;
-pub mod command;
-pub mod control;
 pub mod doctor;
-pub mod jail_probe;
 pub mod remote;
 pub mod run;
 pub mod service;
 pub mod store_cmd;
-pub mod worker;

@@ -1,6 +1,6 @@
 //! `ember`: the command line of the ember microVM monitor.
 
-use ember_api::{bench, doctor, remote, run, service, store_cmd, worker};
+use ember_api::{bench, doctor, remote, run, service, store_cmd};
 
 use clap::{Parser, Subcommand};
 
@@ -56,9 +56,6 @@ enum Command {
     /// Measure cold boot vs restore (each mode), snapshots, exec, density and store sharing
     /// through the service; writes JSON, Markdown and SVG charts.
     Bench(bench::BenchArgs),
-    /// One sandbox's VMM process (started by `ember serve`).
-    #[command(hide = true)]
-    Vmm(worker::VmmArgs),
 }
 
 fn main() {
@@ -88,7 +85,6 @@ fn main() {
         Command::Fork(args) => remote::fork(args),
         Command::Rm(args) => remote::rm(args),
         Command::Bench(args) => bench::run(args),
-        Command::Vmm(args) => worker::run(args),
     };
     std::process::exit(code);
 }

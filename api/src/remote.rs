@@ -47,7 +47,7 @@ pub struct CreateArgs {
     #[arg(long)]
     pub timeout_s: Option<u64>,
     /// KEY=VALUE for every command in the sandbox (repeatable).
-    #[arg(long, value_parser = crate::command::parse_env)]
+    #[arg(long, value_parser = ember_sandbox::session::parse_env)]
     pub env: Vec<(String, String)>,
     /// Network, exposed ports and limits.
     #[command(flatten)]
@@ -71,7 +71,7 @@ pub struct SetupArgs {
     pub ports: Vec<u16>,
     /// Limits on the sandbox's disk and network traffic.
     #[command(flatten)]
-    pub limits: crate::command::LimitArgs,
+    pub limits: ember_sandbox::session::LimitArgs,
 }
 
 impl SetupArgs {
@@ -104,7 +104,7 @@ pub struct ExecArgs {
     pub service: ServiceArgs,
     /// The sandbox.
     pub id: String,
-    #[arg(long, value_parser = crate::command::parse_env)]
+    #[arg(long, value_parser = ember_sandbox::session::parse_env)]
     pub env: Vec<(String, String)>,
     #[arg(long)]
     pub cwd: Option<String>,

@@ -47,50 +47,11 @@ pub struct RunArgs {
     pub net: NetArgs,
     /// How the command after `--` runs, and what happens around it.
     #[command(flatten)]
-    pub cmd: crate::command::CommandArgs,
+    pub cmd: ember_sandbox::session::CommandArgs,
     /// A command to run in the guest through the agent (over vsock): its stdout and stderr
     /// stream to ember's, and ember exits with its exit code. The guest then shuts down.
     #[arg(last = true)]
     pub command: Vec<String>,
-}
-
-/// Where `cargo xtask` caches artifacts (kept in step with xtask's `cache_root`).
-fn cache_root() -> PathBuf {
-    if let Some(dir) = std::env::var_os("EMBER_CACHE_DIR") {
-        return PathBuf::from(dir);
-    }
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(dir).join("ember");
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-    PathBuf::from(home).join(".cache/ember")
-}
-
-/// The most recently built `<cache>/<kind>/<key>/<file>`.
-fn newest_artifact(kind: &str, file: &str) -> Option<PathBuf> {
-    std::fs::read_dir(cache_root().join(kind))
-        .ok()?
-        .flatten()
-        .map(|e| e.path().join(file))
-        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
-        .max()
-        .map(|(_, p)| p)
-}
-
-fn default_artifact(env: &str, kind: &str, file: &str) -> Option<PathBuf> {
-    std::env::var_os(env)
-        .map(PathBuf::from)
-        .or_else(|| newest_artifact(kind, file))
-}
-
-/// The kernel used when none is given: `$EMBER_KERNEL`, else the newest xtask build.
-pub fn default_kernel() -> Option<PathBuf> {
-    default_artifact("EMBER_KERNEL", "kernel", "vmlinux")
-}
-
-/// The rootfs used when none is given: `$EMBER_ROOTFS`, else the newest xtask build.
-pub fn default_rootfs() -> Option<PathBuf> {
-    default_artifact("EMBER_ROOTFS", "rootfs", "rootfs.ext4")
 }
 
 pub fn run(args: RunArgs) -> i32 {
@@ -115,10 +76,7 @@ pub fn run(args: RunArgs) -> i32 {
         eprintln!("ember: {e}");
         return 2;
     }
-    let Some(kernel) = args
-        .kernel
-        .or_else(|| default_artifact("EMBER_KERNEL", "kernel", "vmlinux"))
-    else {
+    let Some(kernel) = args.kernel.or_else(ember_sandbox::defaults::default_kernel) else {
         eprintln!("ember: no --kernel given and none built (run `cargo xtask kernel`)");
         return 2;
     };
@@ -127,7 +85,7 @@ pub fn run(args: RunArgs) -> i32 {
     let rootfs = match (&args.rootfs, &args.initrd) {
         (Some(path), _) => Some(path.clone()),
         (None, Some(_)) => None,
-        (None, None) => match default_artifact("EMBER_ROOTFS", "rootfs", "rootfs.ext4") {
+        (None, None) => match ember_sandbox::defaults::default_rootfs() {
             Some(path) => {
                 // The bundled image is shared by every run and keyed by its inputs: a guest
                 // writes to its own overlay, never to it.
@@ -166,7 +124,7 @@ pub fn run(args: RunArgs) -> i32 {
     let config = VmConfig {
         kernel,
         initrd: args.initrd,
-        rootfs_overlay: (cow && rootfs.is_some()).then(crate::command::overlay_path),
+        rootfs_overlay: (cow && rootfs.is_some()).then(ember_sandbox::defaults::overlay_path),
         rootfs,
         read_only_rootfs,
         vcpus: args.vcpus,
@@ -181,7 +139,12 @@ pub fn run(args: RunArgs) -> i32 {
             return 2;
         }
         let plan = args.cmd.into_plan(args.command);
-        return crate::command::run_command(config, crate::command::Origin::Boot, plan, start);
+        return ember_sandbox::session::run_command(
+            config,
+            ember_sandbox::session::Origin::Boot,
+            plan,
+            start,
+        );
     }
     let options = VmmOptions {
         serial_out: Box::new(std::io::stdout()),
@@ -253,7 +216,7 @@ pub struct RestoreArgs {
     pub tap: Option<String>,
     /// How the command runs, and what happens around it.
     #[command(flatten)]
-    pub cmd: crate::command::CommandArgs,
+    pub cmd: ember_sandbox::session::CommandArgs,
     /// The command to run in the restored sandbox.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -274,7 +237,7 @@ pub fn restore(args: RestoreArgs) -> i32 {
         return 2;
     }
     let plan = args.cmd.into_plan(args.command);
-    let store = match crate::command::open_store(&plan.store_dir) {
+    let store = match ember_sandbox::defaults::open_store(&plan.store_dir) {
         Ok(store) => store,
         Err(e) => {
             eprintln!("ember: {e}");
@@ -304,12 +267,12 @@ pub fn restore(args: RestoreArgs) -> i32 {
     } else {
         args.mode
     };
-    let origin = crate::command::Origin::Restore {
+    let origin = ember_sandbox::session::Origin::Restore {
         store,
         id: args.id,
         mode,
     };
-    crate::command::run_command(config, origin, plan, start)
+    ember_sandbox::session::run_command(config, origin, plan, start)
 }
 
 /// The guest's network interface on `ember run`.
@@ -343,7 +306,7 @@ impl NetArgs {
             Some(text) => ember_vmm::parse_mac(text).ok_or_else(|| {
                 format!("--mac {text:?} is not a MAC address (aa:bb:cc:dd:ee:ff)")
             })?,
-            None => random_mac(),
+            None => ember_sandbox::defaults::random_mac(),
         };
         let ipv4 = match &self.guest_ip {
             None => None,
@@ -370,14 +333,4 @@ impl NetArgs {
         config.validate().map_err(|e| e.to_string())?;
         Ok(Some(config))
     }
-}
-
-/// A random unicast, locally administered MAC (`06:` and five random bytes).
-pub fn random_mac() -> [u8; 6] {
-    use std::hash::{BuildHasher, Hasher};
-    let random = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish()
-        .to_le_bytes();
-    [0x06, random[0], random[1], random[2], random[3], random[4]]
 }

@@ -80,7 +80,9 @@ pub enum StoreAction {
 
 /// Runs `ember snapshots …`; returns the exit code.
 pub fn snapshots(args: SnapshotsArgs) -> i32 {
-    let dir = args.store.unwrap_or_else(crate::command::default_store_dir);
+    let dir = args
+        .store
+        .unwrap_or_else(ember_sandbox::defaults::default_store_dir);
     let result = match args.action {
         None => list(&dir, args.json),
         Some(SnapshotsAction::Delete { id }) => delete(&dir, &id),
@@ -90,7 +92,9 @@ pub fn snapshots(args: SnapshotsArgs) -> i32 {
 
 /// Runs `ember store …`; returns the exit code.
 pub fn store(args: StoreArgs) -> i32 {
-    let dir = args.store.unwrap_or_else(crate::command::default_store_dir);
+    let dir = args
+        .store
+        .unwrap_or_else(ember_sandbox::defaults::default_store_dir);
     let result = match args.action {
         StoreAction::Stats { json } => stats(&dir, json),
         StoreAction::Verify { json } => verify(&dir, json),
@@ -157,7 +161,7 @@ fn open_existing(dir: &Path, note: bool) -> Result<Option<Arc<Store>>, String> {
             dir.display()
         ));
     }
-    crate::command::open_store(dir).map(Some)
+    ember_sandbox::defaults::open_store(dir).map(Some)
 }
 
 // ---- ember snapshots ----

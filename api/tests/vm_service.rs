@@ -838,9 +838,10 @@ fn vmtest_a_jailed_vmm_sees_only_its_own_files_and_no_network() {
         PathBuf::from("/dev/kvm"),
     ];
     // The probe enters sandbox a's jail exactly as a's VMM did, then looks around.
-    let mut probe = Command::new(env!("CARGO_BIN_EXE_ember"));
+    let mut probe =
+        Command::new(PathBuf::from(env!("CARGO_BIN_EXE_ember")).with_file_name("ember-vmm"));
     probe
-        .args(["vmm", "--jail-probe", "--spec"])
+        .args(["--jail-probe", "--spec"])
         .arg(spec_of(&a))
         .args(["--probe-connect", &address])
         .env("SECRET_OF_THE_HOST", "x");

@@ -40,14 +40,14 @@ fn service() -> &'static Service {
         let dir = std::env::temp_dir().join(format!("ember-fuzz-api-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("sandboxes")).unwrap();
-        let store = ember_api::command::open_store(&dir.join("store")).unwrap();
+        let store = ember_sandbox::defaults::open_store(&dir.join("store")).unwrap();
         let state = Arc::new(AppState {
             config: ServiceConfig {
                 state_dir: dir.clone(),
                 store_dir: dir.join("store"),
                 kernel: "/nonexistent/vmlinux".into(),
                 rootfs: "/nonexistent/rootfs.ext4".into(),
-                exe: "/nonexistent/ember".into(),
+                vmm_program: "/nonexistent/ember-vmm".into(),
                 // Every valid create is refused (429) after its body was checked.
                 max_sandboxes: 0,
                 jail: None,

@@ -44,17 +44,12 @@ fn uptime_us(line: &str) -> Option<u64> {
     up.parse::<f64>().ok().map(|s| (s * 1e6) as u64)
 }
 
-/// Builds the `ember` binary the benches measure (release profile) and returns its path.
+/// Builds the programs the benches measure (release profile) and returns the `ember` one's
+/// path (`ember-vmm` is beside it).
 pub fn build_release_ember() -> Result<std::path::PathBuf> {
-    run(cargo().args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "ember-api",
-        "--bin",
-        "ember",
-    ]))?;
+    run(cargo()
+        .args(["build", "--quiet", "--release"])
+        .args(crate::util::PRODUCT_BINARIES))?;
     Ok(target_dir().join("release/ember"))
 }
 

@@ -216,14 +216,11 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             command,
         } => {
             if !no_build {
-                util::run(util::cargo().args([
-                    "build",
-                    "--quiet",
-                    "-p",
-                    "ember-api",
-                    "--bin",
-                    "ember",
-                ]))?;
+                util::run(
+                    util::cargo()
+                        .args(["build", "--quiet"])
+                        .args(util::PRODUCT_BINARIES),
+                )?;
             }
             let opts = lab::LabOptions {
                 mem_mib,

@@ -196,7 +196,9 @@ fn run_vm_phases(
     artifacts: &Artifacts,
     filter: Option<&str>,
 ) -> Result<()> {
-    run(cargo().args(["build", "--quiet", "-p", "ember-api", "--bin", "ember"]))?;
+    run(cargo()
+        .args(["build", "--quiet"])
+        .args(crate::util::PRODUCT_BINARIES))?;
     let ember = target_dir().join("debug/ember");
     let vm_bins = phases.run("build VM test binaries", vm_test_binaries)?;
     let mut artifacts = artifacts.clone();
@@ -411,7 +413,7 @@ run_once() {{
             [ "${{up%.*}}" -lt $deadline ] || break
         done
         echo "VM test $2 still running after $watchdog_s s; what its VMs are doing:"
-        pkill -USR1 -f '/ember (vmm|run) '
+        pkill -USR1 -f '/(ember-vmm|ember run|ember restore) '
         sleep 5
         find /tmp \( -name vmm.log -o -name 'ember-stall-*.txt' \) -newer "$marker" 2>/dev/null | while read -r log; do
             echo "--- $log (tail)"
@@ -425,10 +427,10 @@ run_once() {{
     wait $watchdog
     cat "$out.watchdog" >&2
     # VMMs a test left behind (a timed-out test's children, say) would slow every later test.
-    left=$(pgrep -f "^$ember_bin " | wc -l)
+    left=$(pgrep -f "^$ember_bin(-vmm)? " | wc -l)
     if [ "$left" != 0 ]; then
         echo "VM test $2 left $left ember processes running; killing them" >&2
-        pkill -KILL -f "^$ember_bin "
+        pkill -KILL -f "^$ember_bin(-vmm)? "
     fi
 }}
 one() {{

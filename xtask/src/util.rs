@@ -31,6 +31,19 @@ pub fn cache_root() -> PathBuf {
     PathBuf::from(home).join(".cache/ember")
 }
 
+/// Cargo's arguments that build the programs ember ships: the `ember` command line and
+/// service, and `ember-vmm`, the process that runs one sandbox.
+pub const PRODUCT_BINARIES: &[&str] = &[
+    "-p",
+    "ember-api",
+    "--bin",
+    "ember",
+    "-p",
+    "ember-sandbox",
+    "--bin",
+    "ember-vmm",
+];
+
 /// The cargo target directory of the workspace.
 pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")

@@ -34,7 +34,7 @@ pub struct SandboxCgroup {
 
 impl SandboxCgroup {
     /// The raw `cgroup.procs` descriptor: writing "0" to it moves the writing process in
-    /// (what the VMM's child does before it runs `ember vmm`).
+    /// (what the VMM's child does before it runs `ember-vmm`).
     pub fn procs_fd(&self) -> i32 {
         self.procs.as_raw_fd()
     }

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use super::error::{from_agent, ApiError};
 use super::sandbox::Sandbox;
 use super::{parse_body, AppState, JsonBody};
-use crate::control::ControlRequest;
+use ember_sandbox::control::ControlRequest;
 
 /// The environment every command starts from (the sandbox's and the request's `env` go
 /// over it).

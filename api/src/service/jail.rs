@@ -8,7 +8,7 @@ use std::path::Path;
 
 use ember_jail::{JailMount, JailSpec};
 
-use crate::control::WorkerSpec;
+use ember_sandbox::control::WorkerSpec;
 
 /// The uid and gid VMMs run as unless `--jail-uid`/`--jail-gid` say otherwise: a number no
 /// Debian-family system hands out to accounts of its own (above the dynamic ranges, below

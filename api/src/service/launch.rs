@@ -1,4 +1,4 @@
-//! Starting a sandbox's VMM process (`ember vmm`): its spec and log in the sandbox's folder,
+//! Starting a sandbox's VMM process (`ember-vmm`): its spec and log in the sandbox's folder,
 //! its own process group and cgroup, only the environment a VMM reads. Used for every
 //! sandbox the warm pool cannot serve, and by the pool itself to start VMMs ahead of time.
 
@@ -7,7 +7,7 @@ use std::process::Stdio;
 
 use super::sandbox::VMM_DIR;
 use super::AppState;
-use crate::control::WorkerSpec;
+use ember_sandbox::control::WorkerSpec;
 
 /// The environment variables a VMM process gets from the service (logging, and seccomp's
 /// modes for tests and diagnosis).
@@ -24,7 +24,7 @@ pub fn write_spec(dir: &Path, spec: &WorkerSpec) -> Result<(), String> {
     std::fs::write(dir.join("spec.json"), text).map_err(|e| format!("cannot write the spec: {e}"))
 }
 
-/// Starts `ember vmm --spec dir/spec.json` for `spec` (with `--pooled`: a warm-pool VMM that
+/// Starts `ember-vmm --spec dir/spec.json` for `spec` (with `--pooled`: a warm-pool VMM that
 /// waits for its assignment on stdin), logging to `dir/vmm.log`, in a cgroup of its own made
 /// for `spec`'s size. Its stdout (and, pooled, its stdin) are pipes.
 pub fn spawn_vmm(
@@ -40,9 +40,8 @@ pub fn spawn_vmm(
         Some(cgroups) => Some(cgroups.create(&spec.sandbox_id, spec.mem_mib, spec.vcpus)?),
         None => None,
     };
-    let mut command = tokio::process::Command::new(&state.config.exe);
+    let mut command = tokio::process::Command::new(&state.config.vmm_program);
     command
-        .arg("vmm")
         .arg("--spec")
         .arg(dir.join("spec.json"))
         .stdin(if pooled {
@@ -84,7 +83,7 @@ pub fn spawn_vmm(
     }
     let spawned = command
         .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", state.config.exe.display()));
+        .map_err(|e| format!("cannot start {}: {e}", state.config.vmm_program.display()));
     if spawned.is_err() {
         if let Some(cgroups) = &state.cgroups {
             cgroups.remove(&spec.sandbox_id);

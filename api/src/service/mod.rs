@@ -36,7 +36,7 @@ use serde_json::json;
 
 use self::error::ApiError;
 use self::sandbox::{NewSandbox, Sandbox, SandboxState};
-use crate::control::{ControlRequest, WorkerOrigin};
+use ember_sandbox::control::{ControlRequest, WorkerOrigin};
 
 /// The largest JSON request body.
 const MAX_JSON_BODY: usize = 1 << 20;
@@ -95,8 +95,8 @@ pub struct ServiceConfig {
     pub store_dir: PathBuf,
     pub kernel: PathBuf,
     pub rootfs: PathBuf,
-    /// This program (`ember vmm` runs each sandbox).
-    pub exe: PathBuf,
+    /// The VMM program each sandbox runs in (`ember-vmm`).
+    pub vmm_program: PathBuf,
     pub max_sandboxes: usize,
     /// Who VMMs run as in their jails (none: VMMs are not jailed).
     pub jail: Option<jail::JailIds>,
@@ -148,6 +148,25 @@ pub fn default_socket(state_dir: Option<&std::path::Path>) -> PathBuf {
         .join("ember.sock")
 }
 
+/// The VMM program: `$EMBER_VMM_PROGRAM`, else `ember-vmm` beside this program (cargo builds
+/// both into one folder; an install puts them side by side).
+fn vmm_program() -> Result<PathBuf, String> {
+    let program = match std::env::var_os("EMBER_VMM_PROGRAM") {
+        Some(path) => PathBuf::from(path),
+        None => std::env::current_exe()
+            .map_err(|e| format!("cannot find its own program: {e}"))?
+            .with_file_name("ember-vmm"),
+    };
+    if !program.is_file() {
+        return Err(format!(
+            "the VMM program {} is missing (build it with `cargo build -p ember-sandbox`, \
+             or set EMBER_VMM_PROGRAM)",
+            program.display()
+        ));
+    }
+    Ok(program)
+}
+
 pub fn serve(args: ServeArgs) -> i32 {
     let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
     let socket = args
@@ -163,18 +182,26 @@ pub fn serve(args: ServeArgs) -> i32 {
         );
         return 2;
     }
-    let Some(kernel) = args.kernel.clone().or_else(crate::run::default_kernel) else {
+    let Some(kernel) = args
+        .kernel
+        .clone()
+        .or_else(ember_sandbox::defaults::default_kernel)
+    else {
         eprintln!("ember serve: no --kernel given and none built (run `cargo xtask kernel`)");
         return 2;
     };
-    let Some(rootfs) = args.rootfs.clone().or_else(crate::run::default_rootfs) else {
+    let Some(rootfs) = args
+        .rootfs
+        .clone()
+        .or_else(ember_sandbox::defaults::default_rootfs)
+    else {
         eprintln!("ember serve: no --rootfs given and none built (run `cargo xtask rootfs`)");
         return 2;
     };
-    let exe = match std::env::current_exe() {
-        Ok(exe) => exe,
+    let vmm_program = match vmm_program() {
+        Ok(program) => program,
         Err(e) => {
-            eprintln!("ember serve: cannot find its own program: {e}");
+            eprintln!("ember serve: {e}");
             return 1;
         }
     };
@@ -190,7 +217,7 @@ pub fn serve(args: ServeArgs) -> i32 {
         }
     }
     let store_dir = state_dir.join("store");
-    let store = match crate::command::open_store(&store_dir) {
+    let store = match ember_sandbox::defaults::open_store(&store_dir) {
         Ok(store) => store,
         Err(e) => {
             eprintln!("ember serve: {e}");
@@ -210,7 +237,7 @@ pub fn serve(args: ServeArgs) -> i32 {
             store_dir,
             kernel,
             rootfs,
-            exe,
+            vmm_program,
             max_sandboxes: args.max_sandboxes.max(1),
             jail,
         },
@@ -692,7 +719,7 @@ async fn faults(
 pub async fn control(
     sandbox: &Sandbox,
     request: ControlRequest,
-) -> Result<crate::control::ControlReply, ApiError> {
+) -> Result<ember_sandbox::control::ControlReply, ApiError> {
     let timeout = match request {
         ControlRequest::Snapshot { .. } => Duration::from_secs(900),
         _ => Duration::from_secs(30),
@@ -726,12 +753,12 @@ mod tests {
                 store_dir: dir.join("store"),
                 kernel: "/nonexistent/vmlinux".into(),
                 rootfs: "/nonexistent/rootfs.ext4".into(),
-                exe: "/nonexistent/ember".into(),
+                vmm_program: "/nonexistent/ember-vmm".into(),
                 max_sandboxes: 4,
                 jail: None,
             },
             sandboxes: Mutex::new(HashMap::new()),
-            store: crate::command::open_store(&dir.join("store")).unwrap(),
+            store: ember_sandbox::defaults::open_store(&dir.join("store")).unwrap(),
             metrics: metrics::Metrics::default(),
             gc: Arc::default(),
             cgroups: None,
@@ -1006,7 +1033,7 @@ mod tests {
             Arc::new(Sandbox::for_test(
                 dir.join(id),
                 id,
-                crate::control::WorkerOrigin::Restore {
+                ember_sandbox::control::WorkerOrigin::Restore {
                     snapshot: "drop".into(),
                     mode: ember_vmm::RestoreMode::Lazy,
                 },
@@ -1062,7 +1089,7 @@ mod tests {
                 > 60 * 4096
         );
         // The other snapshot is whole.
-        let fresh = crate::command::open_store(&store_dir).unwrap();
+        let fresh = ember_sandbox::defaults::open_store(&store_dir).unwrap();
         assert!(fresh.verify().unwrap().is_clean());
         let m = fresh.load_manifest("keep").unwrap();
         let map = fresh.load_memory_map(&m).unwrap();

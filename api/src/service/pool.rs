@@ -1,4 +1,4 @@
-//! The warm pool (`ember serve --warm-pool N`): N `ember vmm --pooled` processes started
+//! The warm pool (`ember serve --warm-pool N`): N `ember-vmm --pooled` processes started
 //! ahead of time, each already jailed, in its cgroup and its store opened, waiting on stdin
 //! for the sandbox it will run. A sandbox without a network namespace takes one instead of
 //! starting a process while its request waits; the pool refills in the background.
@@ -18,7 +18,7 @@ use tokio::process::{Child, ChildStdin};
 
 use super::sandbox::{base_spec, random_id, VMM_DIR};
 use super::AppState;
-use crate::control::{PoolAssignment, WorkerSpec};
+use ember_sandbox::control::{PoolAssignment, WorkerSpec};
 
 /// The marker file in a pooled VMM's sandbox folder until it is given a sandbox: a service
 /// that restarts removes such folders (their VMMs end when its pipes close).

@@ -1,4 +1,4 @@
-//! Sandboxes: one VMM process each (`ember vmm`), its control socket, its agent connection,
+//! Sandboxes: one VMM process each (`ember-vmm`), its control socket, its agent connection,
 //! and the record on disk that lets a restarted service find it again.
 
 use std::collections::{BTreeMap, HashMap};
@@ -19,7 +19,7 @@ use super::exec::CommandRecord;
 use super::network::{self, NetworkMode, SandboxNet};
 use super::ports::{self, ExposedPort};
 use super::AppState;
-use crate::control::{
+use ember_sandbox::control::{
     ControlReply, ControlRequest, WorkerEvent, WorkerOrigin, WorkerSpec, MAX_CONTROL_LINE,
 };
 
@@ -606,7 +606,7 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         disk_rate_limit: new.disk_rate_limit,
         net_rate_limits: new.net_rate_limits,
         // A restored guest keeps the MAC it was saved with; this one is for booted guests.
-        net: wants_namespace.then(|| network::worker_net(crate::run::random_mac())),
+        net: wants_namespace.then(|| network::worker_net(ember_sandbox::defaults::random_mac())),
         ..base_spec(state, &id)
     };
     if let Some(ids) = state.config.jail {

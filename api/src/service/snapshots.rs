@@ -14,7 +14,7 @@ use serde_json::json;
 use super::error::ApiError;
 use super::sandbox::{self, NewSandbox, SandboxState};
 use super::{check_env_map, check_timeout, control, parse_body, AppState, JsonBody};
-use crate::control::{ControlRequest, WorkerOrigin};
+use ember_sandbox::control::{ControlRequest, WorkerOrigin};
 
 const MAX_FORK: u32 = 16;
 

@@ -1,4 +1,4 @@
-//! `ember vmm --spec FILE --jail-probe` (internal): what a VMM can see and do from inside its
+//! `ember-vmm --spec FILE --jail-probe` (internal): what a VMM can see and do from inside its
 //! jail. It enters the spec's jail exactly as the VMM does, then looks around and prints one
 //! JSON object; the jail's tests read it.
 
@@ -39,7 +39,7 @@ pub fn run(paths: &[PathBuf], connect: Option<&str>) -> i32 {
             0
         }
         Err(e) => {
-            eprintln!("ember vmm: jail probe: {e}");
+            eprintln!("ember-vmm: jail probe: {e}");
             1
         }
     }

@@ -1,4 +1,5 @@
-//! `ember run … -- CMD`: boot, wait for the agent, run CMD with streamed output, shut down.
+//! A foreground VM and one command through its agent (`ember run … -- CMD`, `ember restore`):
+//! boot or restore, wait for the agent, run CMD with streamed output, then shut down or save.
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -7,6 +8,7 @@ use std::sync::mpsc::{channel, Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::defaults::{default_mem_cache, default_store_dir, open_store, overlay_path};
 use ember_agent::client::{AgentClient, OutputStream};
 use ember_agent::protocol::{ExecRequest, ExitStatus, AGENT_VSOCK_PORT};
 use ember_vmm::{
@@ -65,48 +67,6 @@ pub enum Origin {
         id: String,
         mode: RestoreMode,
     },
-}
-
-/// The snapshot store used when `--store` is not given: `$EMBER_STORE`, else
-/// `$HOME/.local/share/ember/store`.
-pub fn default_store_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("EMBER_STORE") {
-        return PathBuf::from(dir);
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-    PathBuf::from(home).join(".local/share/ember/store")
-}
-
-/// The memory cache of the store at `store_dir` when `--mem-cache` is not given: `mem-cache`
-/// beside it (as in a service's state directory).
-pub fn default_mem_cache(store_dir: &Path) -> PathBuf {
-    store_dir
-        .parent()
-        .unwrap_or_else(|| Path::new("."))
-        .join("mem-cache")
-}
-
-/// A fresh path for a VM's rootfs overlay (the overlay is removed with the VM).
-pub fn overlay_path() -> PathBuf {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    std::env::temp_dir().join(format!("ember-rootfs-{}-{n}.overlay", std::process::id()))
-}
-
-/// Opens the snapshot store at `dir`.
-pub fn open_store(dir: &Path) -> Result<Arc<ember_snapshot_store::Store>, String> {
-    ember_snapshot_store::Store::open(dir)
-        .map(Arc::new)
-        .map_err(|e| format!("cannot open the snapshot store {}: {e}", dir.display()))
-}
-
-/// Opens the store at `dir` without indexing it: what a VMM does, since a restore indexes
-/// only the packs its snapshot lists and a snapshot's writer indexes the rest, so a VMM's
-/// start does not grow with the store.
-pub fn open_store_unindexed(dir: &Path) -> Result<Arc<ember_snapshot_store::Store>, String> {
-    ember_snapshot_store::Store::open_unindexed(dir, Default::default())
-        .map(Arc::new)
-        .map_err(|e| format!("cannot open the snapshot store {}: {e}", dir.display()))
 }
 
 /// The options `ember run` and `ember restore` share for the command they run.

@@ -1,4 +1,4 @@
-//! The control protocol between `ember serve` and a sandbox's VMM process (`ember vmm`):
+//! The control protocol between `ember serve` and a sandbox's VMM process (`ember-vmm`):
 //! one JSON object per line on the VMM's control socket, one reply line per request.
 //!
 //! The VMM process also writes one [`WorkerEvent`] line to its stdout when the guest's agent
@@ -74,7 +74,7 @@ pub enum WorkerOrigin {
     },
 }
 
-/// What a warm-pool VMM (`ember vmm --pooled`) is told on stdin when it is given a sandbox:
+/// What a warm-pool VMM (`ember-vmm --pooled`) is told on stdin when it is given a sandbox:
 /// everything of its spec that the pool could not know. The rest (its id, folders, jail,
 /// store) was the sandbox's from the VMM's start.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,4 +1,4 @@
-//! `ember vmm --spec FILE` (internal): one sandbox's VMM process, started by `ember serve`.
+//! `ember-vmm --spec FILE`: one sandbox's VMM process, started by `ember serve`.
 //!
 //! It boots or restores the VM, reports on stdout when the guest's agent answers, and serves
 //! the control socket (pause, resume, snapshot, stop) until the VM ends. The service talks
@@ -16,13 +16,14 @@ use std::time::Instant;
 
 use ember_vmm::{SnapshotKind, VmConfig, Vmm, VmmOptions, VsockConfig};
 
-use crate::command::{
-    block_stall_signal, log_stall_reports_on_sigusr1, open_store_unindexed, record_working_set,
-    wait_for_agent, ConsoleTail, GUEST_CID,
-};
 use crate::control::{
     ControlReply, ControlRequest, FaultReport, PoolAssignment, SnapshotDone, WorkerEvent,
     WorkerOrigin, WorkerSpec, MAX_CONTROL_LINE,
+};
+use crate::defaults::open_store_unindexed;
+use crate::session::{
+    block_stall_signal, log_stall_reports_on_sigusr1, record_working_set, wait_for_agent,
+    ConsoleTail, GUEST_CID,
 };
 
 #[derive(clap::Args, Debug)]
@@ -72,7 +73,7 @@ pub fn run(args: VmmArgs) -> i32 {
         Ok(spec) => spec,
         Err(e) => {
             eprintln!(
-                "ember vmm: cannot read the spec {}: {e}",
+                "ember-vmm: cannot read the spec {}: {e}",
                 args.spec.display()
             );
             return EXIT_FAILED;
@@ -83,7 +84,7 @@ pub fn run(args: VmmArgs) -> i32 {
             Ok(ember_jail::Entered::Jailed) => {}
             Ok(ember_jail::Entered::Supervisor(supervisor)) => {
                 if let Err(e) = ember_seccomp::install(ember_seccomp::ThreadKind::JailSupervisor) {
-                    eprintln!("ember vmm: the jail's supervisor: {e}");
+                    eprintln!("ember-vmm: the jail's supervisor: {e}");
                     // SAFETY: kill(2) on our own child, the jailed process.
                     unsafe { libc::kill(supervisor.child(), libc::SIGKILL) };
                     return EXIT_FAILED;
@@ -91,7 +92,7 @@ pub fn run(args: VmmArgs) -> i32 {
                 supervisor.run();
             }
             Err(e) => {
-                eprintln!("ember vmm: cannot enter the jail: {e}");
+                eprintln!("ember-vmm: cannot enter the jail: {e}");
                 return EXIT_FAILED;
             }
         }
@@ -104,7 +105,7 @@ pub fn run(args: VmmArgs) -> i32 {
     let store = match open_store_unindexed(&spec.store_dir) {
         Ok(store) => store,
         Err(e) => {
-            eprintln!("ember vmm: {e}");
+            eprintln!("ember-vmm: {e}");
             return EXIT_FAILED;
         }
     };
@@ -115,7 +116,7 @@ pub fn run(args: VmmArgs) -> i32 {
             // The service let the pool go (or went away) before using this VMM.
             Ok(None) => return EXIT_STOPPED,
             Err(e) => {
-                eprintln!("ember vmm: {e}");
+                eprintln!("ember-vmm: {e}");
                 return EXIT_FAILED;
             }
         }
@@ -124,7 +125,7 @@ pub fn run(args: VmmArgs) -> i32 {
         started_unix_ms = ember_vmm::timeline::unix_ms_now();
     }
     if let Err(e) = limit_resources(&spec) {
-        eprintln!("ember vmm: {e}");
+        eprintln!("ember-vmm: {e}");
         return EXIT_FAILED;
     }
     let config = VmConfig {
@@ -172,7 +173,7 @@ pub fn run(args: VmmArgs) -> i32 {
     let vmm = match built.and_then(|vmm| vmm.resume().map(|()| vmm)) {
         Ok(vmm) => Arc::new(vmm),
         Err(e) => {
-            eprintln!("ember vmm: {e}");
+            eprintln!("ember-vmm: {e}");
             return EXIT_FAILED;
         }
     };
@@ -180,7 +181,7 @@ pub fn run(args: VmmArgs) -> i32 {
     // From here on this thread (and those it starts) only serves the sandbox: the agent
     // connection, the control socket, snapshots into the store.
     if let Err(e) = ember_seccomp::install(ember_seccomp::ThreadKind::Control) {
-        eprintln!("ember vmm: {e}");
+        eprintln!("ember-vmm: {e}");
         vmm.stop();
         return EXIT_FAILED;
     }
@@ -218,7 +219,7 @@ pub fn run(args: VmmArgs) -> i32 {
         }
         Err(why) => {
             eprintln!(
-                "ember vmm: {why}\n--- guest console (tail) ---\n{}",
+                "ember-vmm: {why}\n--- guest console (tail) ---\n{}",
                 console.text()
             );
             return EXIT_FAILED;
@@ -229,7 +230,7 @@ pub fn run(args: VmmArgs) -> i32 {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!(
-                "ember vmm: cannot listen on the control socket {}: {e}",
+                "ember-vmm: cannot listen on the control socket {}: {e}",
                 spec.control_socket.display()
             );
             vmm.stop();
@@ -259,20 +260,20 @@ pub fn run(args: VmmArgs) -> i32 {
         _ if worker.stopping.load(Ordering::SeqCst) => EXIT_STOPPED,
         Ok(Ok(reason)) => {
             eprintln!(
-                "ember vmm: the guest ended by itself ({reason:?})\n--- guest console (tail) ---\n{}",
+                "ember-vmm: the guest ended by itself ({reason:?})\n--- guest console (tail) ---\n{}",
                 console.text()
             );
             EXIT_GUEST_ENDED
         }
         Ok(Err(e)) => {
             eprintln!(
-                "ember vmm: the VM failed: {e}\n--- guest console (tail) ---\n{}",
+                "ember-vmm: the VM failed: {e}\n--- guest console (tail) ---\n{}",
                 console.text()
             );
             EXIT_FAILED
         }
         Err(_) => {
-            eprintln!("ember vmm: the VM thread ended unexpectedly");
+            eprintln!("ember-vmm: the VM thread ended unexpectedly");
             EXIT_FAILED
         }
     }
