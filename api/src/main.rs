@@ -1,6 +1,6 @@
 //! `ember`: the command line of the ember microVM monitor.
 
-use ember_api::{bench, doctor, remote, run, service, store_cmd};
+use ember_api::{doctor, remote, run, service, store_cmd};
 
 use clap::{Parser, Subcommand};
 
@@ -53,9 +53,6 @@ enum Command {
     Fork(remote::ForkArgs),
     /// Stop and delete sandboxes.
     Rm(remote::RmArgs),
-    /// Measure cold boot vs restore (each mode), snapshots, exec, density and store sharing
-    /// through the service; writes JSON, Markdown and SVG charts.
-    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -84,7 +81,6 @@ fn main() {
         Command::Snapshot(args) => remote::snapshot(args),
         Command::Fork(args) => remote::fork(args),
         Command::Rm(args) => remote::rm(args),
-        Command::Bench(args) => bench::run(args),
     };
     std::process::exit(code);
 }

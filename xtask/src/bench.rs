@@ -367,16 +367,24 @@ pub fn exec(runs: u32) -> Result<i32> {
     run_harness(&ember, &argv)
 }
 
-/// `ember bench` where Linux guests run; `out` and `compare` are paths in the workspace,
+/// `ember-bench` where Linux guests run; `out` and `compare` are paths in the workspace,
 /// which the lab shares.
 pub fn service(quick: bool, runs: Option<u32>, out: &Path, compare: Option<&Path>) -> Result<i32> {
     let artifacts = Artifacts::ensure()?;
     let ember = build_release_ember()?;
     let absolute =
         |p: &Path| -> Result<String> { Ok(std::env::current_dir()?.join(p).display().to_string()) };
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "ember-bench",
+        "--bin",
+        "ember-bench",
+    ]))?;
     let mut argv: Vec<String> = vec![
-        ember.display().to_string(),
-        "bench".into(),
+        ember.with_file_name("ember-bench").display().to_string(),
         "--out".into(),
         absolute(out)?,
         "--kernel".into(),

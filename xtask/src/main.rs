@@ -125,12 +125,12 @@ enum BenchCmd {
         #[arg(long, default_value_t = 200)]
         runs: u32,
     },
-    /// `ember bench` (cold vs warm through the service, snapshots, density, store sharing),
+    /// `ember-bench` (cold vs warm through the service, snapshots, density, store sharing),
     /// in the lab where the host's KVM cannot run Linux; the report goes to --out.
     Service {
         #[arg(long)]
         quick: bool,
-        /// Default: `ember bench`'s (3 quick, 5 full).
+        /// Default: `ember-bench`'s (3 quick, 5 full).
         #[arg(long)]
         runs: Option<u32>,
         #[arg(long, default_value = "target/bench-results")]
@@ -219,7 +219,8 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
                 util::run(
                     util::cargo()
                         .args(["build", "--quiet"])
-                        .args(util::PRODUCT_BINARIES),
+                        .args(util::PRODUCT_BINARIES)
+                        .args(["-p", "ember-bench", "--bin", "ember-bench"]),
                 )?;
             }
             let opts = lab::LabOptions {

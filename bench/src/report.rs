@@ -23,7 +23,7 @@ pub enum ReportError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{path} is not an ember bench report ({reason})")]
+    #[error("{path} is not an ember-bench report ({reason})")]
     Parse { path: String, reason: String },
     #[error("drawing the chart {path}: {reason}")]
     Chart { path: String, reason: String },
@@ -212,7 +212,7 @@ impl Report {
 
     pub fn markdown(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "# ember bench\n");
+        let _ = writeln!(out, "# ember-bench\n");
         let _ = writeln!(
             out,
             "Environment: **{}**. {} runs per figure{}; guest memory {} MiB; ember {}.\n",
@@ -830,7 +830,7 @@ mod tests {
             std::env::temp_dir().join(format!("ember-bench-foreign-{}.json", std::process::id()));
         std::fs::write(&path, r#"{"schema":"other/1"}"#).unwrap();
         let err = Report::load(&path).unwrap_err().to_string();
-        assert!(err.contains("not an ember bench report"), "{err}");
+        assert!(err.contains("not an ember-bench report"), "{err}");
         let mut r = sample_report();
         r.schema = "ember-bench/0".into();
         std::fs::write(&path, serde_json::to_string(&r).unwrap()).unwrap();

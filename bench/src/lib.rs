@@ -1,10 +1,14 @@
-//! `ember bench`: cold vs warm start, end to end through the service, the way API users see
+//! `ember-bench`: cold vs warm start, end to end through the service, the way API users see
 //! it, with one persistent client (no process start-up per request in the figures).
 //!
 //! Every figure is the median and spread of N runs made in this one session, and names its
 //! environment: hardware KVM, or the lab (nested KVM under QEMU TCG), where absolute times are
 //! ~20-30x native and fixed per-event costs (exits, faults, context switches) weigh more.
 //! Start-up figures carry their ratio to the cold boot's same figure.
+
+//!
+//! A development tool: it lives outside the shipped programs and drives the `ember` beside it.
+//! It must not be a dependency of any product crate.
 
 pub mod report;
 pub mod soak;
@@ -18,7 +22,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::Method;
 use serde_json::{json, Value};
 
-use crate::client::{empty_body, encode_query, json_body, ApiClient};
+use ember_api::client::{empty_body, encode_query, json_body, ApiClient};
 use report::{
     median, regressions, Better, DensityPoint, FaultSeries, Figure, Report, StartTimeline, SCHEMA,
 };
@@ -104,14 +108,14 @@ pub fn run(args: BenchArgs) -> i32 {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("ember bench: {e}");
+            eprintln!("ember-bench: {e}");
             return 1;
         }
     };
     match runtime.block_on(bench(&args)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ember bench: {e}");
+            eprintln!("ember-bench: {e}");
             1
         }
     }
@@ -125,7 +129,10 @@ struct OwnService {
 
 impl OwnService {
     fn start(args: &BenchArgs) -> Result<(OwnService, PathBuf), BenchError> {
-        let exe = std::env::current_exe().map_err(|e| BenchError::Service(e.to_string()))?;
+        // The `ember` program beside this one (cargo builds both into one folder).
+        let exe = std::env::current_exe()
+            .map_err(|e| BenchError::Service(e.to_string()))?
+            .with_file_name("ember");
         let state_dir = std::env::temp_dir().join(format!(
             "ember-bench-{}-{}",
             std::process::id(),
@@ -647,10 +654,10 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
         }
     };
     let api = Api(ApiClient::new(&socket));
-    let started_unix_ms = crate::service::sandbox::unix_ms();
+    let started_unix_ms = ember_api::service::sandbox::unix_ms();
     let mut figures = Vec::new();
     let mut notes = Vec::new();
-    let say = |what: &str| eprintln!("ember bench: {what}");
+    let say = |what: &str| eprintln!("ember-bench: {what}");
 
     // Cold boots, and the exec round trip on a running sandbox.
     say(&format!("cold boot x{runs}"));

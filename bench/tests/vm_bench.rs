@@ -1,4 +1,4 @@
-//! `ember bench --quick` end to end (`vmtest_*`: hardware KVM or the lab): it starts its own
+//! `ember-bench --quick` end to end (`vmtest_*`: hardware KVM or the lab): it starts its own
 //! service, measures cold boots and restores, and writes a report whose charts render.
 
 use std::path::PathBuf;
@@ -11,13 +11,12 @@ fn artifact(var: &str) -> String {
         .unwrap_or_else(|_| panic!("{var} is not set; run VM tests through `cargo xtask test`"))
 }
 
-/// Runs `ember bench ARGS --out /tmp/ember-NAME-PID` on the suite's kernel and rootfs; it must
+/// Runs `ember-bench ARGS --out /tmp/ember-NAME-PID` on the suite's kernel and rootfs; it must
 /// succeed. Returns (the output folder, its stdout, its stderr).
 fn bench(name: &str, args: &[&str]) -> (PathBuf, String, String) {
     let out = PathBuf::from(format!("/tmp/ember-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    let run = Command::new(env!("CARGO_BIN_EXE_ember"))
-        .arg("bench")
+    let run = Command::new(env!("CARGO_BIN_EXE_ember-bench"))
         .args(args)
         .arg("--out")
         .arg(&out)

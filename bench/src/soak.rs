@@ -1,4 +1,4 @@
-//! `ember bench --soak N`: N cycles of create → exec → snapshot → restore → exec → delete
+//! `ember-bench --soak N`: N cycles of create → exec → snapshot → restore → exec → delete
 //! through the API of a service this run starts, sampling the service's open file
 //! descriptors, threads and resident memory after each cycle, then looking for anything left
 //! behind (VMM processes, cgroups, sockets, overlays, records, mounts, the store's temporary
@@ -95,7 +95,7 @@ fn sandbox_named_in(error: &str) -> Option<String> {
         .chars()
         .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
         .collect();
-    crate::service::sandbox::valid_id(&id).then_some(id)
+    ember_api::service::sandbox::valid_id(&id).then_some(id)
 }
 
 fn first_service() -> Vec<usize> {
@@ -237,7 +237,7 @@ pub(super) async fn soak(
             let made = RefCell::new(Made::default());
             if let Err(e) = one_cycle(api, cycle, networked, &made).await {
                 let error = e.to_string();
-                eprintln!("ember bench: soak cycle {} failed: {error}", cycle + 1);
+                eprintln!("ember-bench: soak cycle {} failed: {error}", cycle + 1);
                 let mut made = made.into_inner();
                 if let Some(id) = sandbox_named_in(&error) {
                     if !made.sandboxes.contains(&id) {
@@ -275,7 +275,7 @@ pub(super) async fn soak(
                 all.len()
             };
             eprintln!(
-                "ember bench: soak cycle {} ({done}/{cycles} done): {} fds, {} threads, \
+                "ember-bench: soak cycle {} ({done}/{cycles} done): {} fds, {} threads, \
                  {} KiB resident, store {} KiB, {:.1} s",
                 cycle + 1,
                 s.open_fds,
@@ -287,7 +287,7 @@ pub(super) async fn soak(
             // The partial report after every cycle: a soak that dies (in the lab, with the
             // machine under it) loses only the cycles in flight.
             if let Err(e) = partial(samples.borrow().clone(), None).write(out) {
-                eprintln!("ember bench: writing the partial soak report: {e}");
+                eprintln!("ember-bench: writing the partial soak report: {e}");
             }
         }
     };
@@ -311,7 +311,7 @@ pub(super) async fn soak(
         ));
     }
     if networked {
-        leftovers.extend(crate::service::network::leftovers());
+        leftovers.extend(ember_api::service::network::leftovers());
     }
     let growth = growth_by_service(&samples, &service_starts);
     Ok(SoakReport {
@@ -346,7 +346,7 @@ async fn gather_evidence(
             .json(
                 Method::GET,
                 &format!("/sandboxes/{id}"),
-                crate::client::empty_body(),
+                ember_api::client::empty_body(),
             )
             .await
             .map_or_else(|e| format!("(no record: {e})"), |v| v.to_string());
@@ -372,7 +372,7 @@ async fn gather_evidence(
     if let Err(e) =
         std::fs::create_dir_all(out).and_then(|()| std::fs::write(out.join(&name), &text))
     {
-        eprintln!("ember bench: writing {name}: {e}");
+        eprintln!("ember-bench: writing {name}: {e}");
     }
     (name, text)
 }
@@ -384,7 +384,7 @@ const EVIDENCE_LOG_BYTES: usize = 64 * 1024;
 async fn clean_up(api: &Api, made: &Made) {
     for id in &made.sandboxes {
         if let Err(e) = api.delete(id).await {
-            eprintln!("ember bench: deleting sandbox {id} after a failed cycle: {e}");
+            eprintln!("ember-bench: deleting sandbox {id} after a failed cycle: {e}");
         }
     }
     if let Some(name) = &made.snapshot {
@@ -393,11 +393,11 @@ async fn clean_up(api: &Api, made: &Made) {
             .json(
                 Method::DELETE,
                 &format!("/snapshots/{name}"),
-                crate::client::empty_body(),
+                ember_api::client::empty_body(),
             )
             .await;
         if let Err(e) = deleted {
-            eprintln!("ember bench: deleting snapshot {name} after a failed cycle: {e}");
+            eprintln!("ember-bench: deleting snapshot {name} after a failed cycle: {e}");
         }
     }
 }
@@ -454,7 +454,7 @@ async fn one_cycle(
         .json(
             Method::DELETE,
             &format!("/snapshots/{name}"),
-            crate::client::empty_body(),
+            ember_api::client::empty_body(),
         )
         .await
         .map_err(|e| BenchError::Step {
