@@ -1,7 +1,6 @@
 //! The parts of the `ember` binary (`src/main.rs` is its command line). A library so that the
 //! fuzz targets can reach the service's request handling.
 
-pub mod client;
 pub mod doctor;
 pub mod remote;
 pub mod run;

@@ -10,9 +10,12 @@ use futures_util::TryStreamExt;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper::Method;
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::client::{empty_body, encode_query, json_body, ApiClient, ApiClientError};
+use ember_client::types::{
+    Cidr, CreateBody, ExecBody, ForkBody, NetRateLimits, NetworkMode, RateLimit, SnapshotBody,
+};
+use ember_client::{empty_body, encode_query, typed_body, ApiClient, ApiClientError};
 
 /// Where the service listens.
 #[derive(clap::Args, Debug, Clone)]
@@ -65,7 +68,7 @@ pub struct SetupArgs {
     pub network: Option<String>,
     /// With `--network egress`: reach only this CIDR (repeatable; default: anywhere).
     #[arg(long = "allow", value_name = "CIDR", requires = "network")]
-    pub allow: Vec<String>,
+    pub allow: Vec<Cidr>,
     /// Expose this guest TCP port on the host's loopback (repeatable).
     #[arg(long = "port", value_name = "PORT")]
     pub ports: Vec<u16>,
@@ -74,19 +77,31 @@ pub struct SetupArgs {
     pub limits: ember_sandbox::session::LimitArgs,
 }
 
+/// What [`SetupArgs`] ask for, as the fields `POST /sandboxes` and forks share.
+#[derive(Debug, Default, PartialEq)]
+struct Setup {
+    network: Option<NetworkMode>,
+    ports: Vec<u16>,
+    disk_limits: Option<RateLimit>,
+    net_limits: Option<NetRateLimits>,
+}
+
 impl SetupArgs {
-    /// Adds what was asked for to a `POST /sandboxes` or fork body.
-    fn add_to_body(&self, body: &mut serde_json::Value) {
-        if let Some(mode) = &self.network {
-            body["network"] = json!({ "mode": mode });
-            if !self.allow.is_empty() {
-                body["network"]["allow"] = json!(self.allow);
-            }
+    fn setup(&self) -> Setup {
+        let network = self.network.as_deref().map(|mode| match mode {
+            "egress" => NetworkMode::Egress {
+                allow: (!self.allow.is_empty()).then(|| self.allow.clone()),
+            },
+            _ => NetworkMode::None {},
+        });
+        let disk = self.limits.disk_rate_limit();
+        let net = self.limits.net_rate_limits();
+        Setup {
+            network,
+            ports: self.ports.clone(),
+            disk_limits: disk.is_limited().then_some(disk),
+            net_limits: net.is_limited().then_some(net),
         }
-        if !self.ports.is_empty() {
-            body["ports"] = json!(self.ports);
-        }
-        self.limits.add_to_body(body);
     }
 }
 
@@ -234,27 +249,19 @@ fn print_json(value: &Value) {
 
 pub fn create(args: CreateArgs) -> i32 {
     let client = args.service.client();
-    let mut body = json!({});
-    if let Some(s) = &args.snapshot {
-        body["snapshot"] = json!(s);
-    }
-    if let Some(v) = args.vcpus {
-        body["vcpus"] = json!(v);
-    }
-    if let Some(m) = args.memory_mib {
-        body["memory_mib"] = json!(m);
-    }
-    if let Some(t) = args.timeout_s {
-        body["timeout_s"] = json!(t);
-    }
-    if !args.env.is_empty() {
-        body["env"] = json!(args
-            .env
-            .iter()
-            .cloned()
-            .collect::<std::collections::BTreeMap<_, _>>());
-    }
-    args.setup.add_to_body(&mut body);
+    let setup = args.setup.setup();
+    let body = CreateBody {
+        snapshot: args.snapshot.clone(),
+        vcpus: args.vcpus,
+        memory_mib: args.memory_mib,
+        timeout_s: args.timeout_s,
+        env: args.env.iter().cloned().collect(),
+        network: setup.network,
+        ports: setup.ports,
+        disk_limits: setup.disk_limits,
+        net_limits: setup.net_limits,
+        ..Default::default()
+    };
     let what = if args.snapshot.is_some() {
         "restoring a sandbox"
     } else {
@@ -263,7 +270,7 @@ pub fn create(args: CreateArgs) -> i32 {
     finish(runtime().block_on(async {
         let sandbox = with_progress(
             what,
-            client.json(Method::POST, "/sandboxes", json_body(&body)),
+            client.json(Method::POST, "/sandboxes", typed_body(&body)),
         )
         .await?;
         if args.json {
@@ -307,42 +314,31 @@ pub fn ls(args: LsArgs) -> i32 {
 
 pub fn exec(args: ExecArgs) -> i32 {
     let client = args.service.client();
-    let mut body = json!({
-        "cmd": args.command[0],
-        "args": args.command[1..],
-    });
-    if !args.env.is_empty() {
-        body["env"] = json!(args
-            .env
-            .iter()
-            .cloned()
-            .collect::<std::collections::BTreeMap<_, _>>());
-    }
-    if let Some(cwd) = &args.cwd {
-        body["cwd"] = json!(cwd);
-    }
-    if let Some(t) = args.timeout_s {
-        body["timeout_s"] = json!(t);
-    }
-    if args.detach {
-        body["detach"] = json!(true);
-    }
+    let mut body = ExecBody {
+        cmd: args.command[0].clone(),
+        args: args.command[1..].to_vec(),
+        env: args.env.iter().cloned().collect(),
+        cwd: args.cwd.clone(),
+        timeout_s: args.timeout_s,
+        detach: args.detach,
+        ..Default::default()
+    };
     if args.interactive {
         let mut input = Vec::new();
         if let Err(e) = std::io::stdin().read_to_end(&mut input) {
             eprintln!("ember: cannot read stdin: {e}");
             return 1;
         }
-        body["stdin_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(input));
+        body.stdin_base64 = Some(base64::engine::general_purpose::STANDARD.encode(input));
     }
     let uri = format!("/sandboxes/{}/exec", args.id);
     finish(runtime().block_on(async {
         if args.detach {
-            let record = client.json(Method::POST, &uri, json_body(&body)).await?;
+            let record = client.json(Method::POST, &uri, typed_body(&body)).await?;
             println!("{}", record["cmd_id"].as_str().unwrap_or(""));
             return Ok(0);
         }
-        let response = client.send(Method::POST, &uri, json_body(&body)).await?;
+        let response = client.send(Method::POST, &uri, typed_body(&body)).await?;
         let mut body = response.into_body();
         let mut pending: Vec<u8> = Vec::new();
         let mut code = None;
@@ -460,10 +456,11 @@ pub fn cp(args: CpArgs) -> i32 {
     }))
 }
 
-fn simple(args: &IdArgs, method: Method, uri: String, body: Value) -> i32 {
+/// A body-less POST that answers the sandbox (pause, resume): prints its new state.
+fn change_state(args: &IdArgs, uri: String) -> i32 {
     let client = args.service.client();
     finish(runtime().block_on(async {
-        let answer = client.json(method, &uri, json_body(&body)).await?;
+        let answer = client.json(Method::POST, &uri, empty_body()).await?;
         if let Some(state) = answer["state"].as_str() {
             println!("{} {state}", args.id);
         }
@@ -473,12 +470,12 @@ fn simple(args: &IdArgs, method: Method, uri: String, body: Value) -> i32 {
 
 pub fn pause(args: IdArgs) -> i32 {
     let uri = format!("/sandboxes/{}/pause", args.id);
-    simple(&args, Method::POST, uri, json!({}))
+    change_state(&args, uri)
 }
 
 pub fn resume(args: IdArgs) -> i32 {
     let uri = format!("/sandboxes/{}/resume", args.id);
-    simple(&args, Method::POST, uri, json!({}))
+    change_state(&args, uri)
 }
 
 pub fn rm(args: RmArgs) -> i32 {
@@ -503,15 +500,16 @@ pub fn rm(args: RmArgs) -> i32 {
 
 pub fn snapshot(args: SnapshotArgs) -> i32 {
     let client = args.service.client();
-    let mut body = json!({"diff": args.diff, "stop": args.stop});
-    if let Some(name) = &args.name {
-        body["name"] = json!(name);
-    }
+    let body = SnapshotBody {
+        name: args.name.clone(),
+        diff: args.diff,
+        stop: args.stop,
+    };
     let uri = format!("/sandboxes/{}/snapshots", args.id);
     finish(runtime().block_on(async {
         let snap = with_progress(
             "saving a snapshot",
-            client.json(Method::POST, &uri, json_body(&body)),
+            client.json(Method::POST, &uri, typed_body(&body)),
         )
         .await?;
         if args.json {
@@ -525,16 +523,21 @@ pub fn snapshot(args: SnapshotArgs) -> i32 {
 
 pub fn fork(args: ForkArgs) -> i32 {
     let client = args.service.client();
-    let mut body = json!({"count": args.count});
-    if let Some(t) = args.timeout_s {
-        body["timeout_s"] = json!(t);
-    }
-    args.setup.add_to_body(&mut body);
+    let setup = args.setup.setup();
+    let body = ForkBody {
+        count: args.count,
+        timeout_s: args.timeout_s,
+        network: setup.network,
+        ports: setup.ports,
+        disk_limits: setup.disk_limits,
+        net_limits: setup.net_limits,
+        ..Default::default()
+    };
     let uri = format!("/snapshots/{}/fork", args.snapshot);
     finish(runtime().block_on(async {
         let answer = with_progress(
             "restoring sandboxes",
-            client.json(Method::POST, &uri, json_body(&body)),
+            client.json(Method::POST, &uri, typed_body(&body)),
         )
         .await?;
         if args.json {
@@ -573,6 +576,7 @@ pub fn snapshots(service: &ServiceArgs, as_json: bool) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn remote_paths() {
@@ -597,7 +601,7 @@ mod tests {
     }
 
     #[derive(clap::Parser)]
-    struct Setup {
+    struct SetupCli {
         #[command(flatten)]
         setup: SetupArgs,
     }
@@ -605,10 +609,16 @@ mod tests {
     fn body_for(args: &[&str]) -> serde_json::Value {
         use clap::Parser;
         let parsed =
-            Setup::try_parse_from(std::iter::once("ember").chain(args.iter().copied())).unwrap();
-        let mut body = json!({});
-        parsed.setup.add_to_body(&mut body);
-        body
+            SetupCli::try_parse_from(std::iter::once("ember").chain(args.iter().copied())).unwrap();
+        let setup = parsed.setup.setup();
+        serde_json::to_value(CreateBody {
+            network: setup.network,
+            ports: setup.ports,
+            disk_limits: setup.disk_limits,
+            net_limits: setup.net_limits,
+            ..Default::default()
+        })
+        .unwrap()
     }
 
     #[test]
@@ -642,10 +652,15 @@ mod tests {
             })
         );
         // The service's own body type takes it, unknown fields refused and all.
-        let parsed: crate::service::CreateBody = serde_json::from_value(body).unwrap();
+        let parsed: ember_client::types::CreateBody = serde_json::from_value(body).unwrap();
         assert_eq!(parsed.net_limits.unwrap().tx.bytes_per_sec, Some(125_000));
         // Nothing asked: nothing sent (the service's defaults apply).
         assert_eq!(body_for(&[]), json!({}));
-        assert!(<Setup as clap::Parser>::try_parse_from(["ember", "--network", "bridge"]).is_err());
+        for bad in [
+            ["ember", "--network", "bridge"].as_slice(),
+            &["ember", "--network", "egress", "--allow", "10.0.0.0/33"],
+        ] {
+            assert!(<SetupCli as clap::Parser>::try_parse_from(bad).is_err());
+        }
     }
 }

@@ -9,11 +9,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ember_client::types::SnapshotInfo;
 use ember_snapshot_store::{
-    GcReport, Manifest, ManifestError, Problem, ProblemKind, Store, StoreError, StoreStats,
-    VerifyReport,
+    GcReport, ManifestError, Problem, ProblemKind, Store, StoreError, StoreStats, VerifyReport,
 };
 use serde_json::{json, Value};
+
+use crate::service::snapshots::snapshot_info;
 
 const MIB: u64 = 1 << 20;
 
@@ -167,69 +169,15 @@ fn open_existing(dir: &Path, note: bool) -> Result<Option<Arc<Store>>, String> {
 // ---- ember snapshots ----
 
 /// One line of `ember snapshots`.
-struct Row {
-    id: String,
-    name: Option<String>,
-    created_unix_ms: u64,
-    memory_bytes: u64,
-    vcpus: Option<String>,
-    parent: Option<String>,
-    disks: usize,
-    /// Whether the guest had a network device.
-    network: bool,
-}
-
-impl Row {
-    fn of(m: &Manifest) -> Row {
-        Row {
-            id: m.id.clone(),
-            name: m.name.clone(),
-            created_unix_ms: m.created_unix_ms,
-            memory_bytes: m.memory.size_bytes,
-            vcpus: m.metadata.get("vcpus").cloned(),
-            parent: m.parent.clone(),
-            disks: m.disks.len(),
-            network: m.metadata.contains_key("net_mac"),
-        }
-    }
-
-    fn to_json(&self) -> Value {
-        let vcpus = match &self.vcpus {
-            None => Value::Null,
-            Some(v) => v
-                .parse::<u64>()
-                .map(Value::from)
-                .unwrap_or_else(|_| Value::from(v.as_str())),
-        };
-        json!({
-            "id": self.id,
-            "name": self.name,
-            "created": format_utc(self.created_unix_ms),
-            "created_unix_ms": self.created_unix_ms,
-            "memory_bytes": self.memory_bytes,
-            "memory_mib": self.memory_bytes as f64 / MIB as f64,
-            "vcpus": vcpus,
-            "parent": self.parent,
-            "disks": self.disks,
-            "network": self.network,
-        })
-    }
-
-    fn cells(&self) -> [String; 6] {
-        [
-            self.id.clone(),
-            format_utc(self.created_unix_ms),
-            format_mib(self.memory_bytes),
-            self.vcpus.clone().unwrap_or_else(|| "-".into()),
-            self.parent.clone().unwrap_or_else(|| "-".into()),
-            self.disks.to_string(),
-        ]
-    }
-}
-
-/// A snapshot as `ember snapshots --json` and the API show it.
-pub(crate) fn snapshot_json(m: &Manifest) -> Value {
-    Row::of(m).to_json()
+fn cells(info: &SnapshotInfo) -> [String; 6] {
+    [
+        info.id.clone(),
+        info.created.clone(),
+        format_mib(info.memory_bytes),
+        info.vcpus.map_or_else(|| "-".into(), |v| v.to_string()),
+        info.parent.clone().unwrap_or_else(|| "-".into()),
+        info.disks.to_string(),
+    ]
 }
 
 fn list(dir: &Path, as_json: bool) -> Result<i32, String> {
@@ -241,7 +189,7 @@ fn list(dir: &Path, as_json: bool) -> Result<i32, String> {
             .map_err(|e| format!("cannot list the snapshots in {}: {e}", dir.display()))?;
         for id in ids {
             match store.load_manifest(&id) {
-                Ok(m) => rows.push(Row::of(&m)),
+                Ok(m) => rows.push(snapshot_info(&m)),
                 Err(e) => {
                     failed += 1;
                     eprintln!("ember: snapshot {id:?} cannot be read: {e}");
@@ -250,8 +198,7 @@ fn list(dir: &Path, as_json: bool) -> Result<i32, String> {
         }
     }
     if as_json {
-        let array = Value::Array(rows.iter().map(Row::to_json).collect());
-        let text = serde_json::to_string_pretty(&array).map_err(|e| e.to_string())?;
+        let text = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
         println!("{text}");
     } else if !rows.is_empty() {
         print!("{}", table(&rows));
@@ -260,10 +207,10 @@ fn list(dir: &Path, as_json: bool) -> Result<i32, String> {
 }
 
 /// The rows as a table with a header, columns aligned, numbers right-aligned.
-fn table(rows: &[Row]) -> String {
+fn table(rows: &[SnapshotInfo]) -> String {
     const HEADER: [&str; 6] = ["ID", "CREATED (UTC)", "MEMORY", "VCPUS", "PARENT", "DISKS"];
     const RIGHT: [bool; 6] = [false, false, true, true, false, true];
-    let cells: Vec<[String; 6]> = rows.iter().map(Row::cells).collect();
+    let cells: Vec<[String; 6]> = rows.iter().map(cells).collect();
     let mut widths = HEADER.map(str::len);
     for row in &cells {
         for (w, c) in widths.iter_mut().zip(row) {
@@ -544,53 +491,10 @@ fn bytes_and_mib(bytes: u64) -> String {
     format!("{bytes} ({})", format_mib_unit(bytes))
 }
 
-/// Milliseconds since the Unix epoch as RFC 3339 UTC, to the second.
-fn format_utc(unix_ms: u64) -> String {
-    let secs = unix_ms / 1000;
-    // Below 2^64 / 86_400_000, so it fits an i64.
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day); Howard Hinnant's
-/// `civil_from_days`.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn utc_times() {
-        assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(format_utc(999), "1970-01-01T00:00:00Z");
-        assert_eq!(format_utc(951_782_400_000), "2000-02-29T00:00:00Z");
-        assert_eq!(format_utc(951_868_799_000), "2000-02-29T23:59:59Z");
-        assert_eq!(format_utc(1_700_000_000_123), "2023-11-14T22:13:20Z");
-        assert_eq!(format_utc(4_107_542_400_000), "2100-03-01T00:00:00Z");
-        assert_eq!(format_utc(1_709_164_800_000), "2024-02-29T00:00:00Z");
-        assert_eq!(format_utc(1_735_689_599_000), "2024-12-31T23:59:59Z");
-        // Never panics, however far out.
-        let _ = format_utc(u64::MAX);
-    }
+    use crate::service::snapshots::format_utc;
 
     #[test]
     fn mib() {
@@ -603,25 +507,31 @@ mod tests {
     #[test]
     fn table_aligns_columns() {
         let rows = [
-            Row {
+            SnapshotInfo {
                 id: "base".into(),
                 name: None,
+                created: format_utc(0),
                 created_unix_ms: 0,
                 memory_bytes: 256 << 20,
-                vcpus: Some("2".into()),
+                memory_mib: 256.0,
+                vcpus: Some(2),
                 parent: None,
                 disks: 0,
                 network: false,
+                memory_materialised: None,
             },
-            Row {
+            SnapshotInfo {
                 id: "a-longer-id".into(),
                 name: None,
+                created: format_utc(1_700_000_000_000),
                 created_unix_ms: 1_700_000_000_000,
                 memory_bytes: 1024 << 20,
+                memory_mib: 1024.0,
                 vcpus: None,
                 parent: Some("base".into()),
                 disks: 12,
                 network: true,
+                memory_materialised: None,
             },
         ];
         let t = table(&rows);

@@ -22,7 +22,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::Method;
 use serde_json::{json, Value};
 
-use ember_api::client::{empty_body, encode_query, json_body, ApiClient};
+use ember_client::{empty_body, encode_query, json_body, ApiClient};
 use report::{
     median, regressions, Better, DensityPoint, FaultSeries, Figure, Report, StartTimeline, SCHEMA,
 };

@@ -346,7 +346,7 @@ async fn gather_evidence(
             .json(
                 Method::GET,
                 &format!("/sandboxes/{id}"),
-                ember_api::client::empty_body(),
+                ember_client::empty_body(),
             )
             .await
             .map_or_else(|e| format!("(no record: {e})"), |v| v.to_string());
@@ -393,7 +393,7 @@ async fn clean_up(api: &Api, made: &Made) {
             .json(
                 Method::DELETE,
                 &format!("/snapshots/{name}"),
-                ember_api::client::empty_body(),
+                ember_client::empty_body(),
             )
             .await;
         if let Err(e) = deleted {
@@ -454,7 +454,7 @@ async fn one_cycle(
         .json(
             Method::DELETE,
             &format!("/snapshots/{name}"),
-            ember_api::client::empty_body(),
+            ember_client::empty_body(),
         )
         .await
         .map_err(|e| BenchError::Step {

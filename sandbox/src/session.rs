@@ -182,18 +182,6 @@ impl LimitArgs {
         Ok(())
     }
 
-    /// Adds the limits asked for to a `POST /sandboxes` or fork body.
-    pub fn add_to_body(&self, body: &mut serde_json::Value) {
-        let disk = self.disk_rate_limit();
-        if disk.is_limited() {
-            body["disk_limits"] = serde_json::json!(disk);
-        }
-        let net = self.net_rate_limits();
-        if net.is_limited() {
-            body["net_limits"] = serde_json::json!(net);
-        }
-    }
-
     /// The disk limits these options ask for.
     pub fn disk_rate_limit(&self) -> RateLimit {
         RateLimit {

@@ -14,7 +14,7 @@ use base64::Engine;
 use bytes::Bytes;
 use ember_agent::client::{AgentClient, ClientError, OutputStream};
 use ember_agent::protocol::{ExecRequest, ExitStatus};
-use serde::Deserialize;
+use ember_client::types::{ExecBody, ExecQuery, KillBody};
 use serde_json::{json, Value};
 
 use super::error::{from_agent, ApiError};
@@ -43,38 +43,6 @@ const MAX_ARGS: usize = 4096;
 const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
 /// Finished commands kept per sandbox (the oldest go first).
 const KEEP_FINISHED: usize = 256;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExecBody {
-    pub cmd: String,
-    #[serde(default)]
-    pub args: Vec<String>,
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    pub cwd: Option<String>,
-    /// Text written to the command's stdin.
-    pub stdin: Option<String>,
-    /// Bytes (base64) written to the command's stdin.
-    pub stdin_base64: Option<String>,
-    pub timeout_s: Option<u64>,
-    /// Start the command and answer at once with its id.
-    #[serde(default)]
-    pub detach: bool,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExecQuery {
-    #[serde(default)]
-    pub wait: bool,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct KillBody {
-    pub signal: Option<i32>,
-}
 
 /// Adds `record` to the sandbox's commands, forgetting the oldest finished ones beyond
 /// [`KEEP_FINISHED`].

@@ -9,8 +9,8 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use ember_agent::protocol::FileType;
+use ember_client::types::{FileQuery, MkdirBody};
 use futures_util::TryStreamExt;
-use serde::Deserialize;
 use serde_json::json;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
@@ -19,21 +19,6 @@ use super::{parse_body, AppState, JsonBody};
 
 /// The longest guest path accepted.
 const MAX_PATH: usize = 4096;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileQuery {
-    pub path: String,
-    /// Permission bits (octal text, e.g. `755`) for an upload; 644 by default.
-    pub mode: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MkdirBody {
-    pub path: String,
-    pub mode: Option<u32>,
-}
 
 /// A guest path must be absolute, normalised (no `.` or `..` parts, which could climb out
 /// of where a caller meant), without NUL and not too long.

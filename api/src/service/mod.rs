@@ -30,8 +30,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use ember_client::types::{CreateBody, TimeoutBody};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::json;
 
 use self::error::ApiError;
@@ -460,36 +460,6 @@ async fn openapi() -> Response {
         .into_response()
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateBody {
-    /// `default` (the bundled Debian image with Python and Node); `python` and `node` are
-    /// the same image.
-    pub image: Option<String>,
-    /// Restore this snapshot instead of booting.
-    pub snapshot: Option<String>,
-    pub vcpus: Option<u8>,
-    pub memory_mib: Option<u32>,
-    pub timeout_s: Option<u64>,
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// `prefetch` (default), `lazy` or `eager`; restores only.
-    pub restore_mode: Option<ember_vmm::RestoreMode>,
-    /// Limits on the sandbox's root disk: `{bytes_per_sec, ops_per_sec}` (none by default).
-    pub disk_limits: Option<ember_vmm::RateLimit>,
-    /// Limits on the sandbox's network device, each way as the guest sees it: `{rx: {..},
-    /// tx: {..}}` of `{bytes_per_sec, ops_per_sec}` (ops are frames); egress mode only.
-    pub net_limits: Option<ember_vmm::NetRateLimits>,
-    /// `{"mode": "none"}` (default: no network device) or `{"mode": "egress", "allow":
-    /// ["10.0.0.0/8", ...]}` (outgoing connections through NAT, to the allow-list only if
-    /// one is given).
-    pub network: Option<network::NetworkMode>,
-    /// Guest TCP ports to expose on the host's loopback (through vsock, any network mode);
-    /// `GET /sandboxes/{id}` shows where each is.
-    #[serde(default)]
-    pub ports: Vec<u16>,
-}
-
 pub const IMAGES: &[&str] = &["default", "python", "node"];
 
 /// Refuses rates of zero (a field left out is no limit) and network limits without a network.
@@ -642,12 +612,6 @@ async fn delete_sandbox(
         .remove(&id);
     sandbox.remove_from_disk();
     Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TimeoutBody {
-    timeout_s: u64,
 }
 
 /// `POST /sandboxes/{id}/timeout` `{timeout_s}`: the sandbox now stops `timeout_s` from now.

@@ -26,6 +26,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+pub use ember_client::types::{Cidr, NetworkMode};
 use serde::{Deserialize, Serialize};
 
 use ember_sandbox::control::WorkerNet;
@@ -45,64 +46,6 @@ const UPLINK_NAME: &str = "uplink";
 const LINKS: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 200, 0, 0), 16);
 /// Slots in [`LINKS`].
 pub const MAX_SLOTS: u32 = 1 << (32 - 16 - 2);
-
-/// An IPv4 network, `a.b.c.d/n`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Cidr {
-    pub address: Ipv4Addr,
-    pub prefix_len: u8,
-}
-
-impl TryFrom<String> for Cidr {
-    type Error = String;
-    fn try_from(text: String) -> Result<Cidr, String> {
-        text.parse()
-    }
-}
-
-impl From<Cidr> for String {
-    fn from(c: Cidr) -> String {
-        c.to_string()
-    }
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Cidr, String> {
-        let bad = || format!("{text:?} is not an IPv4 network (a.b.c.d/n)");
-        let (address, prefix) = text.split_once('/').unwrap_or((text, "32"));
-        let address: Ipv4Addr = address.parse().map_err(|_| bad())?;
-        let prefix_len: u8 = prefix.parse().map_err(|_| bad())?;
-        if prefix_len > 32 || prefix.starts_with('+') {
-            return Err(bad());
-        }
-        Ok(Cidr {
-            address,
-            prefix_len,
-        })
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.address, self.prefix_len)
-    }
-}
-
-/// A sandbox's network mode, as asked for at creation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
-pub enum NetworkMode {
-    /// No network device (or, restored from a snapshot that had one, a device on a TAP that
-    /// leads nowhere). A struct variant so that unknown fields are refused.
-    None {},
-    /// Outgoing connections through NAT, to the allow-list only if one is given.
-    Egress {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        allow: Option<Vec<Cidr>>,
-    },
-}
 
 /// What the service keeps about a sandbox's network (in its record).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

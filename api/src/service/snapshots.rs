@@ -1,14 +1,13 @@
 //! Snapshots through the API: save a sandbox, list and delete snapshots, fork N sandboxes
 //! from one.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use ember_client::types::{ForkBody, SnapshotBody, SnapshotInfo};
 use ember_snapshot_store::{Manifest, ManifestError, StoreError};
-use serde::Deserialize;
 use serde_json::json;
 
 use super::error::ApiError;
@@ -17,38 +16,6 @@ use super::{check_env_map, check_timeout, control, parse_body, AppState, JsonBod
 use ember_sandbox::control::{ControlRequest, WorkerOrigin};
 
 const MAX_FORK: u32 = 16;
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct SnapshotBody {
-    /// The snapshot's id (default: a fresh `snap-…`).
-    pub name: Option<String>,
-    /// Store only the pages written since the snapshot this sandbox was restored from.
-    #[serde(default)]
-    pub diff: bool,
-    /// Stop the sandbox after saving it.
-    #[serde(default)]
-    pub stop: bool,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ForkBody {
-    pub count: u32,
-    pub timeout_s: Option<u64>,
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    pub restore_mode: Option<ember_vmm::RestoreMode>,
-    /// Each clone's network (see `POST /sandboxes`); every clone has a namespace of its own.
-    pub network: Option<super::network::NetworkMode>,
-    /// Guest ports each clone exposes (on host ports of its own).
-    #[serde(default)]
-    pub ports: Vec<u16>,
-    /// Each clone's root-disk limits (see `POST /sandboxes`).
-    pub disk_limits: Option<ember_vmm::RateLimit>,
-    /// Each clone's network limits (see `POST /sandboxes`).
-    pub net_limits: Option<ember_vmm::NetRateLimits>,
-}
 
 /// Refuses an egress network for a snapshot whose guest has no network device.
 pub fn check_network(
@@ -88,9 +55,38 @@ async fn load_manifest(state: &Arc<AppState>, id: &str) -> Result<Manifest, ApiE
 /// restores.
 async fn describe(state: &Arc<AppState>, id: &str) -> Result<serde_json::Value, ApiError> {
     let manifest = load_manifest(state, id).await?;
-    let mut json = crate::store_cmd::snapshot_json(&manifest);
-    json["memory_materialised"] = json!(state.mem_cache.cache.contains(&manifest.memory));
-    Ok(json)
+    let mut info = snapshot_info(&manifest);
+    info.memory_materialised = Some(state.mem_cache.cache.contains(&manifest.memory));
+    serde_json::to_value(info).map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// A snapshot as the API and `ember snapshots` show it.
+pub fn snapshot_info(m: &Manifest) -> SnapshotInfo {
+    SnapshotInfo {
+        id: m.id.clone(),
+        name: m.name.clone(),
+        created: format_utc(m.created_unix_ms),
+        created_unix_ms: m.created_unix_ms,
+        memory_bytes: m.memory.size_bytes,
+        memory_mib: m.memory.size_bytes as f64 / f64::from(1u32 << 20),
+        vcpus: m.metadata.get("vcpus").and_then(|v| v.parse().ok()),
+        parent: m.parent.clone(),
+        disks: m.disks.len(),
+        network: m.metadata.contains_key("net_mac"),
+        memory_materialised: None,
+    }
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 UTC, to the second (beyond the year 9999:
+/// the milliseconds themselves).
+pub fn format_utc(unix_ms: u64) -> String {
+    i64::try_from(unix_ms)
+        .ok()
+        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+        .map_or_else(
+            || format!("{unix_ms} ms after 1970"),
+            |t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        )
 }
 
 /// What a sandbox restored from a snapshot is: its origin, vCPUs and memory (the
@@ -210,7 +206,7 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Result<Response, ApiErr
         Ok::<_, StoreError>(
             ids.iter()
                 .filter_map(|id| store.load_manifest(id).ok())
-                .map(|m| crate::store_cmd::snapshot_json(&m))
+                .map(|m| snapshot_info(&m))
                 .collect::<Vec<_>>(),
         )
     })
@@ -340,4 +336,19 @@ pub async fn fork(
         axum::Json(json!({ "sandboxes": list })),
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_times() {
+        assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_utc(999), "1970-01-01T00:00:00Z");
+        assert_eq!(format_utc(951_868_799_000), "2000-02-29T23:59:59Z");
+        assert_eq!(format_utc(1_700_000_000_123), "2023-11-14T22:13:20Z");
+        assert_eq!(format_utc(4_107_542_400_000), "2100-03-01T00:00:00Z");
+        assert_eq!(format_utc(u64::MAX), "18446744073709551615 ms after 1970");
+    }
 }

@@ -1,4 +1,4 @@
-//! The CLI's HTTP client for `ember serve` (HTTP/1.1 over its Unix socket, with hyper).
+//! HTTP/1.1 to `ember serve` over its Unix socket, with hyper.
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +10,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::UnixStream;
+
+use crate::types::ErrorDocument;
 
 pub type RequestBody = BoxBody<Bytes, std::io::Error>;
 
@@ -39,6 +41,15 @@ pub fn json_body(value: &Value) -> RequestBody {
     Full::new(Bytes::from(value.to_string()))
         .map_err(|never| match never {})
         .boxed()
+}
+
+/// `value` as a JSON request body (one of [`crate::types`]).
+pub fn typed_body<T: serde::Serialize>(value: &T) -> RequestBody {
+    Full::new(Bytes::from(
+        serde_json::to_vec(value).expect("API types serialise to JSON"),
+    ))
+    .map_err(|never| match never {})
+    .boxed()
 }
 
 pub fn empty_body() -> RequestBody {
@@ -129,15 +140,17 @@ async fn body_bytes(response: Response<Incoming>) -> Result<Bytes, ApiClientErro
 }
 
 fn api_error(status: StatusCode, bytes: &[u8]) -> ApiClientError {
-    let doc: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
-    let error = &doc["error"];
+    let (code, message) = match serde_json::from_slice::<ErrorDocument>(bytes) {
+        Ok(doc) => (doc.error.code, doc.error.message),
+        Err(_) => (
+            "unknown".to_string(),
+            String::from_utf8_lossy(bytes).into_owned(),
+        ),
+    };
     ApiClientError::Api {
         status: status.as_u16(),
-        code: error["code"].as_str().unwrap_or("unknown").to_string(),
-        message: error["message"]
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| String::from_utf8_lossy(bytes).into_owned()),
+        code,
+        message,
     }
 }
 
