@@ -2,7 +2,7 @@
 # Cold vs warm through the service, the way API users see it: POST /sandboxes → agent ready
 # (create) and → first exec finished, for cold boots and for restores of one snapshot in each
 # restore mode. Run where KVM can run Linux, e.g.:
-#   cargo build --release -p ember-api && cargo xtask lab --no-build -- sh benches/service.sh
+#   cargo build --release -p ember-cli -p ember-sandbox && cargo xtask lab --no-build -- sh benches/service.sh
 # Lab figures are ~20-30x native: compare the ratios, measured in the same run.
 set -u
 E=${EMBER:-$(pwd)/target/release/ember}

@@ -2,7 +2,7 @@
 # Snapshot and restore figures in one run: cold boot vs restore (lazy, eager, prefetch) to the
 # first exec finished, faults served on demand, full vs diff snapshot time, and store bytes
 # for ten sandboxes that made the same install. Run where KVM can run Linux, e.g.:
-#   cargo build --release -p ember-api && cargo xtask lab --no-build -- sh benches/snapshots.sh
+#   cargo build --release -p ember-cli -p ember-sandbox && cargo xtask lab --no-build -- sh benches/snapshots.sh
 # Lab figures are ~20-30x native: compare the ratios, measured in the same run.
 set -u
 E=${EMBER:-$(pwd)/target/release/ember}

@@ -654,7 +654,7 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
         }
     };
     let api = Api(ApiClient::new(&socket));
-    let started_unix_ms = ember_api::service::sandbox::unix_ms();
+    let started_unix_ms = ember_service::sandbox::unix_ms();
     let mut figures = Vec::new();
     let mut notes = Vec::new();
     let say = |what: &str| eprintln!("ember-bench: {what}");

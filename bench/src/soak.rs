@@ -95,7 +95,7 @@ fn sandbox_named_in(error: &str) -> Option<String> {
         .chars()
         .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
         .collect();
-    ember_api::service::sandbox::valid_id(&id).then_some(id)
+    ember_service::sandbox::valid_id(&id).then_some(id)
 }
 
 fn first_service() -> Vec<usize> {
@@ -311,7 +311,7 @@ pub(super) async fn soak(
         ));
     }
     if networked {
-        leftovers.extend(ember_api::service::network::leftovers());
+        leftovers.extend(ember_service::network::leftovers());
     }
     let growth = growth_by_service(&samples, &service_starts);
     Ok(SoakReport {

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use ember_api::service::{router, AppState, ServiceConfig};
+use ember_service::{router, AppState, ServiceConfig};
 use libfuzzer_sys::fuzz_target;
 use tower::ServiceExt;
 
@@ -57,7 +57,7 @@ fn service() -> &'static Service {
             metrics: Default::default(),
             gc: Default::default(),
             cgroups: None,
-            mem_cache: Arc::new(ember_api::service::mem_cache::MemoryCache::new(
+            mem_cache: Arc::new(ember_service::mem_cache::MemoryCache::new(
                 dir.join("mem-cache"),
                 1 << 30,
                 None,

@@ -106,6 +106,43 @@ fn vm_runner(ember: &std::path::Path) -> Result<VmRunner> {
     })
 }
 
+/// Crates a process's crate must not link, checked with `cargo tree`: the jailed VMM process
+/// carries no async runtime, HTTP stack or chart library; the service and the API client link
+/// neither the CLI nor the bench harness; the client does not link the service.
+const FORBIDDEN_EDGES: &[(&str, &[&str])] = &[
+    (
+        "ember-sandbox",
+        &[
+            "tokio",
+            "axum",
+            "hyper",
+            "plotters",
+            "ember-service",
+            "ember-client",
+        ],
+    ),
+    ("ember-service", &["ember-cli", "ember-bench", "plotters"]),
+    (
+        "ember-client",
+        &["ember-service", "ember-cli", "ember-sandbox", "axum"],
+    ),
+];
+
+fn check_crate_edges() -> Result<()> {
+    for (krate, forbidden) in FORBIDDEN_EDGES {
+        let tree = output(cargo().args([
+            "tree", "--quiet", "-p", krate, "-e", "normal", "--prefix", "none", "--format", "{p}",
+        ]))?;
+        for line in tree.lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if forbidden.contains(&name) {
+                bail!("{krate} links {name}, which it must not (see its lib.rs)");
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn run_all(skip_deps: bool) -> Result<i32> {
     let mut phases = Phases::new();
     let mut checks = Checks::default();
@@ -124,6 +161,7 @@ pub fn run_all(skip_deps: bool) -> Result<i32> {
             "warnings",
         ]))
     })?;
+    phases.run("crate edges", check_crate_edges)?;
     phases.run("fuzz targets build", crate::fuzz::build_targets)?;
     phases.run("host tests (unit, no guest)", || {
         run(cargo().args(["test", "--workspace", "--", "--skip", VM_TEST_PREFIX]))

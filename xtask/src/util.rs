@@ -35,7 +35,7 @@ pub fn cache_root() -> PathBuf {
 /// service, and `ember-vmm`, the process that runs one sandbox.
 pub const PRODUCT_BINARIES: &[&str] = &[
     "-p",
-    "ember-api",
+    "ember-cli",
     "--bin",
     "ember",
     "-p",

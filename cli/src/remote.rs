@@ -30,7 +30,7 @@ impl ServiceArgs {
         let socket = self
             .socket
             .clone()
-            .unwrap_or_else(|| crate::service::default_socket(None));
+            .unwrap_or_else(|| ember_service::default_socket(None));
         ApiClient::new(&socket)
     }
 }

@@ -1,6 +1,11 @@
 //! `ember`: the command line of the ember microVM monitor.
 
-use ember_api::{doctor, remote, run, service, store_cmd};
+mod doctor;
+mod remote;
+mod run;
+mod store_cmd;
+
+use ember_service as service;
 
 use clap::{Parser, Subcommand};
 

@@ -1,6 +1,11 @@
 //! `ember serve`: the control plane. HTTP/1.1 + JSON on a Unix socket (axum on tokio); one
-//! VMM process per sandbox; snapshots in the content-addressed store under the state
-//! directory.
+//! VMM process (`ember-vmm`) per sandbox; snapshots in the content-addressed store under the
+//! state directory.
+//!
+//! Owns the HTTP API and everything around a sandbox's VMM process: its folder, jail set-up,
+//! cgroup, network namespace, warm pool, and the snapshots' memory cache. Requests and
+//! answers are `ember_client::types`; the VMM process is driven through
+//! `ember_sandbox::control`. Must not depend on the CLI or the bench harness.
 
 pub mod cgroup;
 pub mod error;
@@ -47,7 +52,7 @@ const MIN_MEMORY_MIB: u32 = 128;
 const MAX_MEMORY_MIB: u32 = 16 * 1024;
 
 /// The OpenAPI description of this API (also served at `GET /openapi.json`).
-pub const OPENAPI: &str = include_str!("../../openapi.json");
+pub const OPENAPI: &str = include_str!("../openapi.json");
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {

@@ -15,7 +15,7 @@ use ember_snapshot_store::{
 };
 use serde_json::{json, Value};
 
-use crate::service::snapshots::snapshot_info;
+use ember_service::snapshots::snapshot_info;
 
 const MIB: u64 = 1 << 20;
 
@@ -494,7 +494,7 @@ fn bytes_and_mib(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::snapshots::format_utc;
+    use ember_service::snapshots::format_utc;
 
     #[test]
     fn mib() {
