@@ -4,6 +4,8 @@
 //! goes through [`Vmm`].
 
 pub mod arch;
+pub mod config;
+pub mod device_manager;
 pub mod kernel;
 pub mod lazy;
 pub mod memory;
@@ -18,10 +20,11 @@ pub mod vcpu;
 pub mod vm;
 pub mod vmm;
 
+pub use crate::config::{
+    format_mac, parse_mac, GuestIpv4, NetConfig, NetRateLimits, RateLimit, VmConfig, VmmOptions,
+    VsockConfig,
+};
 pub use crate::metrics::RunReport;
 pub use crate::snapshot::{RestoreMode, SnapshotKind, UnknownRestoreMode};
 pub use crate::timeline::Milestone;
-pub use crate::vmm::{
-    format_mac, parse_mac, run, run_reported, run_with, ExitReason, GuestIpv4, NetConfig,
-    NetRateLimits, RateLimit, VmConfig, Vmm, VmmError, VmmOptions, VsockConfig, MAX_VCPUS,
-};
+pub use crate::vmm::{run, run_reported, run_with, ExitReason, Vmm, VmmError, MAX_VCPUS};

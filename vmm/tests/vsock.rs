@@ -13,7 +13,7 @@ use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ember_vmm::vmm::VsockConfig;
+use ember_vmm::VsockConfig;
 use ember_vmm::{run_with, ExitReason, VmConfig, VmmOptions};
 
 const TIMEOUT: Duration = Duration::from_secs(300);

@@ -3,6 +3,8 @@
 //! Each stateful component has a `State` type (plain data, serde) and save/restore functions;
 //! the VM's whole state is one value encoded in the versioned state format below.
 
+pub mod restore;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
