@@ -152,6 +152,7 @@ pub fn run(args: RunArgs) -> i32 {
         disk_rate_limit: args.cmd.limits.disk_rate_limit(),
         net_rate_limits: args.cmd.limits.net_rate_limits(),
         mem_cache: None,
+        tap_fd: None,
     };
     match run_reported(&config, options) {
         Ok((reason, report)) => {

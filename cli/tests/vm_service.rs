@@ -1167,8 +1167,9 @@ fn vmtest_sandbox_networks_egress_allow_lists_none_exposed_ports_and_four_clones
     let servers = HostServers::start(&["10.99.0.1", "10.99.0.2"]);
     // Sandboxes here live 30 minutes: four restores at once in the lab can take longer than
     // the default 300 s to come up and fetch, and a sandbox stopped at its timeout would look
-    // like a network failure.
-    let service = Service::start("net");
+    // like a network failure. A warm pool of one: the egress sandbox below gets its TAP
+    // handed to a pooled VMM, the four clones mostly get VMMs started for them.
+    let service = Service::start_with("net", &["--warm-pool", "1"]);
     // None (the default): no interface but lo, and the fetch fails at once; an exposed port
     // still reaches a server in the guest (through vsock).
     let none = service.create(json!({"ports": [8000], "timeout_s": 1800}));
@@ -1205,8 +1206,14 @@ fn vmtest_sandbox_networks_egress_allow_lists_none_exposed_ports_and_four_clones
         started.elapsed()
     );
     // Egress: both servers; the sandbox shows its mode and address.
+    wait_idle(&service, 1);
     let open = service.create(json!({"network": {"mode": "egress"}, "timeout_s": 1800}));
-    let shown = service.sandbox(&open)["network"].clone();
+    let described = service.sandbox(&open);
+    assert!(
+        steps(&described).contains(&"vmm_assigned".to_string()),
+        "a pooled VMM runs the egress sandbox: {described}"
+    );
+    let shown = described["network"].clone();
     assert_eq!(shown["mode"], "egress", "{shown}");
     assert_eq!(shown["guest_address"], "172.16.0.2", "{shown}");
     // Its resolver is the host's first reachable (IPv4, not loopback) name server, if any.

@@ -74,7 +74,8 @@ pub enum WorkerOrigin {
     },
 }
 
-/// What a warm-pool VMM (`ember-vmm --pooled`) is told on stdin when it is given a sandbox:
+/// What a warm-pool VMM (`ember-vmm --pooled`) is told on stdin (a Unix socket) when it is
+/// given a sandbox:
 /// everything of its spec that the pool could not know. The rest (its id, folders, jail,
 /// store) was the sandbox's from the VMM's start.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +86,11 @@ pub struct PoolAssignment {
     pub origin: WorkerOrigin,
     pub disk_rate_limit: ember_vmm::RateLimit,
     pub net_rate_limits: ember_vmm::NetRateLimits,
+    /// The guest's network interface. Its TAP queue, opened by the service in the sandbox's
+    /// network namespace, comes attached to the assignment's line (`SCM_RIGHTS`): a pooled
+    /// VMM's jail has a network namespace of its own, made before the sandbox existed.
+    #[serde(default)]
+    pub net: Option<WorkerNet>,
 }
 
 impl PoolAssignment {
@@ -96,6 +102,7 @@ impl PoolAssignment {
             origin: spec.origin.clone(),
             disk_rate_limit: spec.disk_rate_limit,
             net_rate_limits: spec.net_rate_limits,
+            net: spec.net.clone(),
         }
     }
 
@@ -106,6 +113,7 @@ impl PoolAssignment {
         spec.origin = self.origin;
         spec.disk_rate_limit = self.disk_rate_limit;
         spec.net_rate_limits = self.net_rate_limits;
+        spec.net = self.net;
     }
 }
 

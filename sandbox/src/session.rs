@@ -291,6 +291,7 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
         disk_rate_limit: plan.disk_rate_limit,
         net_rate_limits: plan.net_rate_limits,
         mem_cache: Some(ember_snapshot_store::MemCache::new(plan.mem_cache.clone())),
+        tap_fd: None,
     };
     block_stall_signal();
     let built = match &origin {

@@ -7,6 +7,7 @@
 //! sandbox.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -110,9 +111,13 @@ pub fn run(args: VmmArgs) -> i32 {
         }
     };
     log::debug!("store opened at {:.1} ms", ms(start));
+    let mut tap_fd = None;
     if args.pooled {
         match read_assignment() {
-            Ok(Some(assignment)) => assignment.apply_to(&mut spec),
+            Ok(Some((assignment, fd))) => {
+                assignment.apply_to(&mut spec);
+                tap_fd = fd;
+            }
             // The service let the pool go (or went away) before using this VMM.
             Ok(None) => return EXIT_STOPPED,
             Err(e) => {
@@ -162,6 +167,7 @@ pub fn run(args: VmmArgs) -> i32 {
             .mem_cache
             .clone()
             .map(ember_snapshot_store::MemCache::new),
+        tap_fd,
     };
     block_stall_signal();
     let built = match &spec.origin {
@@ -279,20 +285,58 @@ pub fn run(args: VmmArgs) -> i32 {
     }
 }
 
-/// A pooled VMM's assignment from stdin: `None` at its end (no sandbox for this VMM).
-fn read_assignment() -> Result<Option<PoolAssignment>, String> {
-    let mut line = String::new();
-    let read = std::io::stdin()
-        .lock()
-        .take(MAX_CONTROL_LINE as u64 + 1)
-        .read_line(&mut line)
-        .map_err(|e| format!("reading the pool assignment: {e}"))?;
-    if read == 0 {
-        return Ok(None);
+/// A pooled VMM's assignment: one JSON line on stdin, which the service made a Unix socket,
+/// with the sandbox's TAP queue attached when it has a network. `None` at the stream's end
+/// (no sandbox for this VMM).
+fn read_assignment() -> Result<Option<(PoolAssignment, Option<OwnedFd>)>, String> {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    // SAFETY: descriptor 0 is this process's stdin, used nowhere else; the socket owns it
+    // from here and closes it once the assignment is read.
+    let socket = unsafe { UnixStream::from_raw_fd(0) };
+    let mut line = vec![0u8; MAX_CONTROL_LINE + 1];
+    let mut len = 0;
+    let mut tap: Option<OwnedFd> = None;
+    while !line[..len].contains(&b'\n') {
+        if len == line.len() {
+            return Err(format!(
+                "the pool assignment is longer than {MAX_CONTROL_LINE} bytes"
+            ));
+        }
+        let (read, fd) = socket
+            .recv_with_fd(&mut line[len..])
+            .map_err(|e| format!("reading the pool assignment from stdin: {e}"))?;
+        if let Some(fd) = fd {
+            if tap.replace(OwnedFd::from(fd)).is_some() {
+                return Err("the pool assignment carried more than one descriptor".into());
+            }
+        }
+        if read == 0 {
+            return match len {
+                0 => Ok(None),
+                _ => Err("the pool assignment ended before its line did".into()),
+            };
+        }
+        len += read;
     }
-    serde_json::from_str(line.trim_end())
-        .map(Some)
-        .map_err(|e| format!("malformed pool assignment: {e}"))
+    let end = line[..len].iter().position(|b| *b == b'\n').unwrap_or(len);
+    let assignment: PoolAssignment = serde_json::from_slice(&line[..end])
+        .map_err(|e| format!("malformed pool assignment: {e}"))?;
+    if assignment.net.is_some() != tap.is_some() {
+        return Err(format!(
+            "the pool assignment {} a network but {} a TAP queue",
+            if assignment.net.is_some() {
+                "has"
+            } else {
+                "has no"
+            },
+            if tap.is_some() {
+                "carries"
+            } else {
+                "carries no"
+            },
+        ));
+    }
+    Ok(Some((assignment, tap)))
 }
 
 /// Points stdout at /dev/null so a write after the service went away cannot kill the VMM

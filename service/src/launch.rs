@@ -2,6 +2,8 @@
 //! its own process group and cgroup, only the environment a VMM reads. Used for every
 //! sandbox the warm pool cannot serve, and by the pool itself to start VMMs ahead of time.
 
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Stdio;
 
@@ -24,15 +26,16 @@ pub fn write_spec(dir: &Path, spec: &WorkerSpec) -> Result<(), String> {
     std::fs::write(dir.join("spec.json"), text).map_err(|e| format!("cannot write the spec: {e}"))
 }
 
-/// Starts `ember-vmm --spec dir/spec.json` for `spec` (with `--pooled`: a warm-pool VMM that
-/// waits for its assignment on stdin), logging to `dir/vmm.log`, in a cgroup of its own made
-/// for `spec`'s size. Its stdout (and, pooled, its stdin) are pipes.
+/// Starts `ember-vmm --spec dir/spec.json` for `spec` (given an `assignment` socket: a
+/// warm-pool VMM that waits on it, as its stdin, for its sandbox), logging to `dir/vmm.log`,
+/// in a cgroup of its own made for `spec`'s size. Its stdout is a pipe.
 pub fn spawn_vmm(
     state: &AppState,
     dir: &Path,
     spec: &WorkerSpec,
-    pooled: bool,
+    assignment: Option<UnixStream>,
 ) -> Result<tokio::process::Child, String> {
+    let pooled = assignment.is_some();
     write_spec(dir, spec)?;
     let log = std::fs::File::create(dir.join("vmm.log"))
         .map_err(|e| format!("cannot create the VMM log: {e}"))?;
@@ -44,10 +47,9 @@ pub fn spawn_vmm(
     command
         .arg("--spec")
         .arg(dir.join("spec.json"))
-        .stdin(if pooled {
-            Stdio::piped()
-        } else {
-            Stdio::null()
+        .stdin(match assignment {
+            Some(socket) => Stdio::from(OwnedFd::from(socket)),
+            None => Stdio::null(),
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))

@@ -23,6 +23,7 @@
 use std::collections::HashSet;
 use std::io::Write;
 use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -70,6 +71,40 @@ impl SandboxNet {
 /// The namespace file of sandbox `id`.
 pub fn netns_path(id: &str) -> PathBuf {
     Path::new(NETNS_DIR).join(format!("{NETNS_PREFIX}{id}"))
+}
+
+/// Opens a queue of the TAP `tap` in sandbox `id`'s network namespace, for a VMM whose jail
+/// is in another namespace (a warm-pool VMM). A thread of its own enters the namespace (a
+/// network namespace is per thread) and ends with it.
+pub async fn open_tap_queue(id: &str, tap: &str) -> Result<OwnedFd, String> {
+    let (path, tap) = (netns_path(id), tap.to_string());
+    let (opened_tx, opened) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("ember-tap-open".into())
+        .spawn(move || {
+            let _ = opened_tx.send(open_tap_in(&path, &tap));
+        })
+        .map_err(|e| format!("cannot start a thread to open the TAP: {e}"))?;
+    opened
+        .await
+        .map_err(|_| "the thread opening the TAP ended without an answer".to_string())?
+}
+
+fn open_tap_in(netns: &Path, tap: &str) -> Result<OwnedFd, String> {
+    let ns = std::fs::File::open(netns)
+        .map_err(|e| format!("cannot open the network namespace {}: {e}", netns.display()))?;
+    // SAFETY: setns(2) on a namespace file opened above; CLONE_NEWNET moves only this thread,
+    // which does nothing else and ends after opening the TAP.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(format!(
+            "cannot enter the network namespace {}: {}",
+            netns.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    ember_devices::virtio::net::Tap::open(tap)
+        .map(ember_devices::virtio::net::Tap::into_fd)
+        .map_err(|e| format!("in {}: {e}", netns.display()))
 }
 
 fn netns_name(id: &str) -> String {

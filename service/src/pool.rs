@@ -1,20 +1,26 @@
 //! The warm pool (`ember serve --warm-pool N`): N `ember-vmm --pooled` processes started
 //! ahead of time, each already jailed, in its cgroup and its store opened, waiting on stdin
-//! for the sandbox it will run. A sandbox without a network namespace takes one instead of
-//! starting a process while its request waits; the pool refills in the background.
+//! for the sandbox it will run. A sandbox takes one instead of starting a process while its
+//! request waits; the pool refills in the background.
 //!
 //! Each pooled VMM is made for a sandbox id chosen when it starts, so its folders, jail
 //! mounts and cgroup are that sandbox's from the beginning; what only the request knows
-//! (size, origin, limits) reaches it as a [`PoolAssignment`] line, and the cgroup's limits
-//! are rewritten to the sandbox's size. One that died while idle is replaced, never
+//! (size, origin, limits, network) reaches it as a [`PoolAssignment`] line on a Unix socket,
+//! with the TAP queue of a sandbox that has a network attached (opened by the service in the
+//! sandbox's namespace; the VMM's jail keeps an empty one of its own), and the cgroup's
+//! limits are rewritten to the sandbox's size. One that died while idle is replaced, never
 //! assigned; a burst larger than the pool starts processes as before.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::io::AsyncWriteExt;
-use tokio::process::{Child, ChildStdin};
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+
+use tokio::process::Child;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::sandbox::{base_spec, random_id, VMM_DIR};
 use super::AppState;
@@ -28,28 +34,49 @@ pub const POOLED_MARKER: &str = "pooled";
 pub struct IdleVmm {
     pub id: String,
     pub child: Child,
-    stdin: ChildStdin,
+    /// The service's end of the VMM's stdin, a Unix socket (so a TAP queue can go with the
+    /// assignment).
+    assignment: UnixStream,
 }
 
 impl IdleVmm {
     /// Gives the VMM its sandbox: the cgroup's limits for `spec`'s size, then the
-    /// assignment on its stdin.
-    pub async fn assign(mut self, state: &AppState, spec: &WorkerSpec) -> Result<Child, String> {
+    /// assignment on its stdin, with the sandbox's TAP queue (opened here, in the sandbox's
+    /// network namespace) when it has a network.
+    pub async fn assign(self, state: &AppState, spec: &WorkerSpec) -> Result<Child, String> {
         if let Some(cgroups) = &state.cgroups {
             cgroups.set_limits(&self.id, spec.mem_mib, spec.vcpus)?;
         }
+        let tap = match &spec.net {
+            Some(net) => Some(super::network::open_tap_queue(&self.id, &net.tap).await?),
+            None => None,
+        };
         let mut line =
             serde_json::to_string(&PoolAssignment::of(spec)).map_err(|e| e.to_string())?;
         line.push('\n');
-        self.stdin
-            .write_all(line.as_bytes())
+        let socket = self.assignment;
+        tokio::task::spawn_blocking(move || send_assignment(&socket, line.as_bytes(), tap))
             .await
+            .map_err(|e| e.to_string())?
             .map_err(|e| format!("cannot hand the pooled VMM its sandbox: {e}"))?;
-        drop(self.stdin);
         let dir = state.config.state_dir.join("sandboxes").join(&self.id);
         let _ = std::fs::remove_file(dir.join(POOLED_MARKER));
         Ok(self.child)
     }
+}
+
+/// Writes `line` to a pooled VMM's stdin socket, `tap` attached to its first bytes.
+fn send_assignment(socket: &UnixStream, line: &[u8], tap: Option<OwnedFd>) -> std::io::Result<()> {
+    let sent = match &tap {
+        Some(fd) => socket
+            .send_with_fd(line, fd.as_raw_fd())
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?,
+        None => 0,
+    };
+    // The descriptor is the VMM's now (or lost with it); the service's copy closes here.
+    drop(tap);
+    let mut socket = socket;
+    socket.write_all(&line[sent..])
 }
 
 /// The pool and its counters (`/metrics`).
@@ -152,12 +179,13 @@ fn start_pooled(state: &AppState) -> Result<IdleVmm, String> {
                     .map_err(|e| format!("cannot prepare the jail: {e}"))?,
             );
         }
-        let mut child = super::launch::spawn_vmm(state, &dir, &spec, true)?;
-        let stdin = child.stdin.take().ok_or("the pooled VMM has no stdin")?;
+        let (assignment, vmm_end) = UnixStream::pair()
+            .map_err(|e| format!("cannot make the pooled VMM's stdin socket: {e}"))?;
+        let child = super::launch::spawn_vmm(state, &dir, &spec, Some(vmm_end))?;
         Ok(IdleVmm {
             id: id.clone(),
             child,
-            stdin,
+            assignment,
         })
     })();
     if made.is_err() {

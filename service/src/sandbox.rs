@@ -577,12 +577,9 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
             ));
         }
     }
-    // A sandbox without a network namespace takes a warm-pool VMM made for it ahead of time
-    // (its id, folders, jail and cgroup included).
-    let pooled = match (&state.pool, wants_namespace) {
-        (Some(pool), false) => pool.take(state),
-        _ => None,
-    };
+    // A warm-pool VMM made ahead of time becomes this sandbox (its id, folders, jail and
+    // cgroup included; a network's TAP queue goes to it with the assignment).
+    let pooled = state.pool.as_ref().and_then(|pool| pool.take(state));
     let id = pooled
         .as_ref()
         .map_or_else(|| random_id("sb"), |vmm| vmm.id.clone());
@@ -610,10 +607,15 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         ..base_spec(state, &id)
     };
     if let Some(ids) = state.config.jail {
-        spec.jail = Some(
-            ids.prepare(&spec, &dir, &dir.join(VMM_DIR), &run)
-                .map_err(|e| ApiError::internal(format!("cannot prepare the jail: {e}")))?,
-        );
+        let mut jail = ids
+            .prepare(&spec, &dir, &dir.join(VMM_DIR), &run)
+            .map_err(|e| ApiError::internal(format!("cannot prepare the jail: {e}")))?;
+        if pooled.is_some() {
+            // The pooled VMM's jail, made before this sandbox: a network namespace of its
+            // own, the sandbox's TAP queue handed over instead.
+            jail.netns = None;
+        }
+        spec.jail = Some(jail);
     }
     let record = SandboxRecord {
         id: id.clone(),
@@ -774,7 +776,7 @@ async fn start_vmm(
             (vmm.assign(state, spec).await?, "vmm_assigned")
         }
         None => (
-            super::launch::spawn_vmm(state, &sandbox.dir, spec, false)?,
+            super::launch::spawn_vmm(state, &sandbox.dir, spec, None)?,
             "vmm_spawned",
         ),
     };

@@ -195,6 +195,9 @@ pub struct VmmOptions {
     pub net_rate_limits: NetRateLimits,
     /// Where restores look for a snapshot's materialised memory (`file` and `auto` modes).
     pub mem_cache: Option<ember_snapshot_store::MemCache>,
+    /// A queue of `net.tap` already opened elsewhere (a service opens it in the sandbox's
+    /// network namespace and hands it over); without it the VMM opens `net.tap` itself.
+    pub tap_fd: Option<std::os::fd::OwnedFd>,
 }
 
 impl Default for VmmOptions {
@@ -205,6 +208,7 @@ impl Default for VmmOptions {
             disk_rate_limit: RateLimit::default(),
             net_rate_limits: NetRateLimits::default(),
             mem_cache: None,
+            tap_fd: None,
         }
     }
 }

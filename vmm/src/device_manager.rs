@@ -8,12 +8,15 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use ember_devices::virtio::block::{Block, CowDisk, Disk, COW_CHUNK_SIZE};
-use ember_devices::virtio::mmio::{regs::QUEUE_NOTIFY, MmioTransport, MMIO_WINDOW_SIZE};
+use ember_devices::virtio::mmio::{
+    regs::QUEUE_NOTIFY, MmioTransport, MmioTransportState, MMIO_WINDOW_SIZE,
+};
 use ember_devices::virtio::net::{Net, Tap};
 use ember_devices::virtio::vsock::Vsock;
 use ember_devices::virtio::VirtioDevice;
 use ember_devices::{BootTimer, Bus, Serial, BOOT_TIMER_PORT, I8042};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use std::collections::BTreeMap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::layout::{
@@ -166,8 +169,8 @@ pub(crate) struct Devices {
     pub(crate) io: Arc<DeviceIo>,
     pub(crate) subscribers: Vec<Subscriber>,
     pub(crate) serial: Arc<Mutex<Serial>>,
-    /// The virtio-mmio transports in slot order.
-    pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The virtio devices in slot order.
+    pub(crate) transports: Vec<AttachedVirtio>,
     /// (base, GSI) of each virtio-mmio device, for the command line.
     pub(crate) virtio: Vec<(u64, u32)>,
     pub(crate) reset_evt: EventFd,
@@ -180,7 +183,7 @@ pub(crate) fn attach_devices(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     config: &VmConfig,
-    options: VmmOptions,
+    mut options: VmmOptions,
     restore: Option<&VmSnapshot>,
     restored_overlay: Option<Arc<CowDisk>>,
 ) -> Result<Devices, VmmError> {
@@ -242,14 +245,17 @@ pub(crate) fn attach_devices(
             .map_err(block_error)?;
         rootfs_cow = cow;
         let block = Arc::new(Mutex::new(block));
-        transports.push(attach_virtio(
-            vm,
-            mem,
-            &mut io,
-            block.clone(),
-            "the root virtio-block device",
-            &mut virtio,
-        )?);
+        transports.push(AttachedVirtio {
+            id: ROOTFS_DEVICE,
+            transport: attach_virtio(
+                vm,
+                mem,
+                &mut io,
+                block.clone(),
+                "the root virtio-block device",
+                &mut virtio,
+            )?,
+        });
         subscribers.push(block);
     }
     if let Some(vsock) = &config.vsock {
@@ -262,54 +268,47 @@ pub(crate) fn attach_devices(
             })?;
         let device = Arc::new(Mutex::new(device));
         vsock_device = Some(device.clone());
-        transports.push(attach_virtio(
-            vm,
-            mem,
-            &mut io,
-            device.clone(),
-            "the virtio-vsock device",
-            &mut virtio,
-        )?);
+        transports.push(AttachedVirtio {
+            id: VSOCK_DEVICE,
+            transport: attach_virtio(
+                vm,
+                mem,
+                &mut io,
+                device.clone(),
+                "the virtio-vsock device",
+                &mut virtio,
+            )?,
+        });
         subscribers.push(device);
     }
     if let Some(net) = &config.net {
         // A restored guest keeps the MAC it was snapshotted with.
         let mac = restore.and_then(|snap| snap.net_mac).unwrap_or(net.mac);
-        let tap = Tap::open(&net.tap).map_err(VmmError::Net)?;
+        let tap = match options.tap_fd.take() {
+            Some(fd) => Tap::from_fd(fd, &net.tap),
+            None => Tap::open(&net.tap),
+        }
+        .map_err(VmmError::Net)?;
         let mut device = Net::new(tap, mac).map_err(VmmError::Net)?;
         device
             .set_rate_limits(options.net_rate_limits)
             .map_err(VmmError::Net)?;
         let device = Arc::new(Mutex::new(device));
-        transports.push(attach_virtio(
-            vm,
-            mem,
-            &mut io,
-            device.clone(),
-            "the virtio-net device",
-            &mut virtio,
-        )?);
+        transports.push(AttachedVirtio {
+            id: NET_DEVICE,
+            transport: attach_virtio(
+                vm,
+                mem,
+                &mut io,
+                device.clone(),
+                "the virtio-net device",
+                &mut virtio,
+            )?,
+        });
         subscribers.push(device);
     }
     if let Some(snap) = restore {
-        if snap.virtio.len() != transports.len() {
-            return Err(VmmError::Restore {
-                id: String::new(),
-                reason: format!(
-                    "the snapshot has {} virtio devices, this VM {}",
-                    snap.virtio.len(),
-                    transports.len()
-                ),
-            });
-        }
-        for (transport, state) in transports.iter().zip(&snap.virtio) {
-            lock_or_recover(transport)
-                .restore_state(state)
-                .map_err(|e| VmmError::Restore {
-                    id: String::new(),
-                    reason: e.to_string(),
-                })?;
-        }
+        restore_virtio_states(&transports, &snap.virtio)?;
     }
     Ok(Devices {
         vsock: vsock_device,
@@ -322,6 +321,49 @@ pub(crate) fn attach_devices(
         reset_evt,
         boot_time,
     })
+}
+
+/// The device ids virtio states are saved under.
+pub const ROOTFS_DEVICE: &str = "rootfs";
+pub const VSOCK_DEVICE: &str = "vsock";
+pub const NET_DEVICE: &str = "net";
+
+/// A virtio device on its MMIO slot, and the id its state is saved under.
+pub(crate) struct AttachedVirtio {
+    pub(crate) id: &'static str,
+    pub(crate) transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// Puts each saved transport state back on the device of the same id. The snapshot and the
+/// VM built for it must have the same devices: one missing on either side is named.
+fn restore_virtio_states(
+    transports: &[AttachedVirtio],
+    saved: &BTreeMap<String, MmioTransportState>,
+) -> Result<(), VmmError> {
+    let mismatch = |reason: String| VmmError::Restore {
+        id: String::new(),
+        reason,
+    };
+    if let Some(extra) = saved
+        .keys()
+        .find(|id| !transports.iter().any(|t| t.id == id.as_str()))
+    {
+        return Err(mismatch(format!(
+            "the snapshot has a virtio device {extra:?} this VM does not"
+        )));
+    }
+    for attached in transports {
+        let state = saved.get(attached.id).ok_or_else(|| {
+            mismatch(format!(
+                "the snapshot has no state for the virtio device {:?}",
+                attached.id
+            ))
+        })?;
+        lock_or_recover(&attached.transport)
+            .restore_state(state)
+            .map_err(|e| mismatch(format!("virtio device {:?}: {e}", attached.id)))?;
+    }
+    Ok(())
 }
 
 /// Puts `device` on the next virtio-mmio slot: irqfd, queue ioeventfds, MMIO window. Appends

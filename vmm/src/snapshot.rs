@@ -33,8 +33,8 @@ pub struct VmSnapshot {
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub serial: SerialSnapshot,
-    /// The virtio-mmio transports in slot order (block first, then vsock, then net).
-    pub virtio: Vec<MmioTransportState>,
+    /// The virtio-mmio transports' states by device id (`rootfs`, `vsock`, `net`).
+    pub virtio: std::collections::BTreeMap<String, MmioTransportState>,
 }
 
 /// What identifies a base image cheaply (hashing gigabytes per snapshot would not be): a

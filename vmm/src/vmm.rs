@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ember_devices::virtio::block::CowDisk;
-use ember_devices::virtio::mmio::MmioTransport;
 use ember_devices::virtio::vsock::{Vsock, MAX_UDS_PATH_LEN, MIN_GUEST_CID};
 use ember_devices::Serial;
 
@@ -225,7 +224,7 @@ pub struct Vmm {
     pub(crate) boot_time: Arc<OnceLock<Duration>>,
     pub(crate) io: Arc<DeviceIo>,
     pub(crate) serial: Arc<Mutex<Serial>>,
-    pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub(crate) transports: Vec<AttachedVirtio>,
     /// The rootfs's copy-on-write overlay, if it has one (read for snapshots).
     pub(crate) rootfs_cow: Option<Arc<CowDisk>>,
     /// A restored rootfs's snapshot chunks, for those the guest has not touched yet.
@@ -491,8 +490,8 @@ impl Vmm {
             }
         }
         drop(running);
-        for (slot, transport) in self.transports.iter().enumerate() {
-            let Some(transport) = try_lock_for(transport, Duration::from_secs(1)) else {
+        for (slot, attached) in self.transports.iter().enumerate() {
+            let Some(transport) = try_lock_for(&attached.transport, Duration::from_secs(1)) else {
                 let _ = writeln!(out, "virtio slot {slot}: transport lock held for 1 s");
                 continue;
             };

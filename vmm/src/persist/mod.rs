@@ -1,8 +1,10 @@
 //! Saving and restoring VM state.
 //!
 //! Each stateful component has a `State` type (plain data, serde) and save/restore functions;
-//! the VM's whole state is one value encoded in the versioned state format below.
+//! the VM's whole state is one value encoded in the versioned state format below, its virtio
+//! devices keyed by device id. [`migrate`] reads the previous format.
 
+pub mod migrate;
 pub mod restore;
 pub mod snapshot;
 pub mod vcpu;
@@ -13,12 +15,48 @@ use serde::Serialize;
 
 /// Identifies an ember VM-state blob.
 pub const STATE_MAGIC: [u8; 8] = *b"EMBRVMST";
-/// Bumped whenever a `State` type changes shape; older blobs are rejected, not misread.
-pub const STATE_FORMAT_VERSION: u32 = 3;
+/// The state format this ember writes. A new major version changes the payload's shape
+/// (older blobs are migrated where [`migrate`] knows how, otherwise refused, never misread); a
+/// new minor version only adds what older readers of the same major may ignore.
+pub const STATE_FORMAT: StateVersion = StateVersion { major: 4, minor: 0 };
 /// No sane VM state is larger (vCPU state is a few KiB per vCPU; memory is stored elsewhere).
 pub const MAX_STATE_BYTES: u64 = 64 << 20;
 const HEADER_LEN: usize = 8 + 4 + 8;
 const CHECKSUM_LEN: usize = 32;
+
+/// A state format's version, `major.minor`, stored as two little-endian `u16`s (so formats up
+/// to 3, which stored one `u32`, read as `3.0`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StateVersion {
+    pub major: u16,
+    pub minor: u16,
+}
+
+impl StateVersion {
+    fn to_bytes(self) -> [u8; 4] {
+        let [a, b] = self.major.to_le_bytes();
+        let [c, d] = self.minor.to_le_bytes();
+        [a, b, c, d]
+    }
+
+    fn from_bytes(bytes: [u8; 4]) -> StateVersion {
+        StateVersion {
+            major: u16::from_le_bytes([bytes[0], bytes[1]]),
+            minor: u16::from_le_bytes([bytes[2], bytes[3]]),
+        }
+    }
+
+    /// Whether this ember reads blobs of version `self` without migrating them.
+    pub fn is_readable(self) -> bool {
+        self.major == STATE_FORMAT.major
+    }
+}
+
+impl std::fmt::Display for StateVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
 
 /// Errors reading or writing a VM-state blob.
 #[derive(Debug, thiserror::Error)]
@@ -27,8 +65,8 @@ pub enum StateFormatError {
     TooShort { len: usize, needed: usize },
     #[error("not an ember VM state (magic {found:02x?}, expected {STATE_MAGIC:02x?})")]
     BadMagic { found: [u8; 8] },
-    #[error("VM state format version {found} is not supported (this ember reads version {STATE_FORMAT_VERSION})")]
-    UnsupportedVersion { found: u32 },
+    #[error("VM state format {found} is not supported: this ember writes {STATE_FORMAT} and reads {STATE_FORMAT} and {}", migrate::MIGRATES_FROM)]
+    UnsupportedVersion { found: StateVersion },
     #[error(
         "VM state declares a {declared}-byte payload, larger than the {MAX_STATE_BYTES}-byte bound"
     )]
@@ -62,7 +100,7 @@ pub fn encode_state<T: Serialize>(state: &T) -> Result<Vec<u8>, StateFormatError
 pub fn seal_state(payload: &[u8]) -> Vec<u8> {
     let mut blob = Vec::with_capacity(HEADER_LEN + payload.len() + CHECKSUM_LEN);
     blob.extend_from_slice(&STATE_MAGIC);
-    blob.extend_from_slice(&STATE_FORMAT_VERSION.to_le_bytes());
+    blob.extend_from_slice(&STATE_FORMAT.to_bytes());
     blob.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     blob.extend_from_slice(payload);
     let checksum = blake3::hash(&blob);
@@ -70,8 +108,19 @@ pub fn seal_state(payload: &[u8]) -> Vec<u8> {
     blob
 }
 
-/// Checks and decodes a blob written by [`encode_state`].
+/// Checks and decodes a blob written by [`encode_state`] in this ember's state format (of
+/// any minor version).
 pub fn decode_state<T: DeserializeOwned>(blob: &[u8]) -> Result<T, StateFormatError> {
+    let (version, payload) = open_state(blob)?;
+    if !version.is_readable() {
+        return Err(StateFormatError::UnsupportedVersion { found: version });
+    }
+    postcard::from_bytes(payload).map_err(StateFormatError::Decode)
+}
+
+/// Checks a state blob's envelope (magic, length, checksum) and returns its format version
+/// and payload.
+pub fn open_state(blob: &[u8]) -> Result<(StateVersion, &[u8]), StateFormatError> {
     if blob.len() < HEADER_LEN + CHECKSUM_LEN {
         return Err(StateFormatError::TooShort {
             len: blob.len(),
@@ -83,10 +132,7 @@ pub fn decode_state<T: DeserializeOwned>(blob: &[u8]) -> Result<T, StateFormatEr
     if magic != STATE_MAGIC {
         return Err(StateFormatError::BadMagic { found: magic });
     }
-    let version = u32::from_le_bytes([blob[8], blob[9], blob[10], blob[11]]);
-    if version != STATE_FORMAT_VERSION {
-        return Err(StateFormatError::UnsupportedVersion { found: version });
-    }
+    let version = StateVersion::from_bytes([blob[8], blob[9], blob[10], blob[11]]);
     let mut len_bytes = [0u8; 8];
     len_bytes.copy_from_slice(&blob[12..20]);
     let declared = u64::from_le_bytes(len_bytes);
@@ -105,7 +151,18 @@ pub fn decode_state<T: DeserializeOwned>(blob: &[u8]) -> Result<T, StateFormatEr
             computed: computed.to_hex().to_string(),
         });
     }
-    postcard::from_bytes(&body[HEADER_LEN..]).map_err(StateFormatError::Decode)
+    Ok((version, &body[HEADER_LEN..]))
+}
+
+/// Seals `payload` as format `version`: how tests and fuzzing reach the migration of older
+/// formats and their refusal.
+pub fn seal_state_as(version: StateVersion, payload: &[u8]) -> Vec<u8> {
+    let mut blob = seal_state(payload);
+    blob[8..12].copy_from_slice(&version.to_bytes());
+    let end = blob.len() - CHECKSUM_LEN;
+    let checksum = blake3::hash(&blob[..end]);
+    blob[end..].copy_from_slice(checksum.as_bytes());
+    blob
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -155,12 +212,27 @@ mod tests {
             Err(StateFormatError::BadMagic { .. })
         ));
 
-        let mut bad = blob.clone();
-        bad[8] = 99;
-        assert!(matches!(
-            decode_state::<Sample>(&bad),
-            Err(StateFormatError::UnsupportedVersion { found: 99 })
-        ));
+        let payload = &blob[HEADER_LEN..blob.len() - CHECKSUM_LEN];
+        let bad = seal_state_as(
+            StateVersion {
+                major: 99,
+                minor: 0,
+            },
+            payload,
+        );
+        let err = decode_state::<Sample>(&bad).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StateFormatError::UnsupportedVersion {
+                    found: StateVersion {
+                        major: 99,
+                        minor: 0
+                    }
+                }
+            ),
+            "{err}"
+        );
 
         for cut in [0, 10, HEADER_LEN + CHECKSUM_LEN - 1, blob.len() - 1] {
             let err = decode_state::<Sample>(&blob[..cut]).unwrap_err();
@@ -182,6 +254,13 @@ mod tests {
 
         let mut flipped = blob.clone();
         flipped[HEADER_LEN + 3] ^= 1;
+        // A damaged header is caught by the checksum too, before its version is believed.
+        let mut damaged_version = blob.clone();
+        damaged_version[8] = 99;
+        assert!(matches!(
+            decode_state::<Sample>(&damaged_version),
+            Err(StateFormatError::Checksum { .. })
+        ));
         let err = decode_state::<Sample>(&flipped).unwrap_err();
         assert!(matches!(err, StateFormatError::Checksum { .. }), "{err}");
         assert!(err.to_string().contains("corrupt"));

@@ -8,7 +8,6 @@ use ember_devices::virtio::block::CowDisk;
 use crate::arch::x86_64::cpu_model::CpuModel;
 use crate::config::*;
 use crate::device_manager::*;
-use crate::persist::decode_state;
 use crate::persist::snapshot::*;
 use crate::snapshot::{BaseImage, RestoreMode, SnapshotBase, StoreChunks, VmSnapshot};
 use crate::vm::{open_kvm, Vm};
@@ -90,7 +89,8 @@ impl Vmm {
         let blob = store
             .read(&manifest.vm_state)
             .map_err(|e| fail(e.to_string()))?;
-        let snap: VmSnapshot = decode_state(&blob).map_err(|e| fail(e.to_string()))?;
+        let snap: VmSnapshot =
+            crate::persist::migrate::load_vm_snapshot(&blob).map_err(|e| fail(e.to_string()))?;
         phase("manifest_read");
         // The memory map itself is read only where memory comes from the store (the map's
         // length is checked against the manifest's size when it is read).

@@ -73,7 +73,11 @@ impl Vmm {
         let vsock_connections = self.vsock_connections();
         // Devices must not write guest memory while it is hashed: hold every virtio device
         // (the event loop waits on these locks meanwhile).
-        let transports: Vec<_> = self.transports.iter().map(|t| lock_or_recover(t)).collect();
+        let transports: Vec<_> = self
+            .transports
+            .iter()
+            .map(|t| lock_or_recover(&t.transport))
+            .collect();
         let devices: Vec<_> = transports.iter().map(|t| t.device()).collect();
         let device_guards: Vec<_> = devices.iter().map(|d| lock_or_recover(d)).collect();
 
@@ -101,10 +105,13 @@ impl Vmm {
             vcpus,
             serial: lock_or_recover(&self.serial).save_state(),
             // The queues' live positions are the devices' (locked above), not the transports'.
-            virtio: transports
+            virtio: self
+                .transports
                 .iter()
-                .zip(&device_guards)
-                .map(|(t, d)| t.save_state_with(d.queue_states()))
+                .zip(transports.iter().zip(&device_guards))
+                .map(|(attached, (t, d))| {
+                    (attached.id.to_string(), t.save_state_with(d.queue_states()))
+                })
                 .collect(),
         };
         let blob = encode_state(&snap).map_err(|e| fail(e.to_string()))?;

@@ -129,6 +129,12 @@ impl Tap {
         })
     }
 
+    /// The open queue's descriptor, to hand to another process (which takes it back with
+    /// [`Tap::from_fd`]).
+    pub fn into_fd(self) -> OwnedFd {
+        OwnedFd::from(self.file)
+    }
+
     /// Lets frames read from the TAP carry the offloads in `flags` (`TUN_F_*`): the guest
     /// negotiated them.
     pub fn set_offload(&self, flags: u32) -> io::Result<()> {
