@@ -461,7 +461,7 @@ fn handle(worker: &Worker, request: ControlRequest) -> ControlReply {
             faults: Some(match worker.vmm.fault_timeline() {
                 Some(counts) => FaultReport {
                     lazy: true,
-                    bucket_ms: ember_vmm::lazy::FAULT_BUCKET_MS,
+                    bucket_ms: ember_vmm::FAULT_BUCKET_MS,
                     counts,
                     served: worker.vmm.faults_served().unwrap_or(0),
                     prefetched: worker.vmm.pages_prefetched().unwrap_or(0),

@@ -106,6 +106,15 @@ fn vm_runner(ember: &std::path::Path) -> Result<VmRunner> {
     })
 }
 
+/// The crates embedders use as libraries; their docs must build without warnings.
+const LIBRARY_CRATES: &[&str] = &[
+    "ember-vmm",
+    "ember-agent",
+    "ember-snapshot-store",
+    "ember-devices",
+    "ember-client",
+];
+
 /// Crates a process's crate must not link, checked with `cargo tree`: the jailed VMM process
 /// carries no async runtime, HTTP stack or chart library; the service and the API client link
 /// neither the CLI nor the bench harness; the client does not link the service.
@@ -162,6 +171,13 @@ pub fn run_all(skip_deps: bool) -> Result<i32> {
         ]))
     })?;
     phases.run("crate edges", check_crate_edges)?;
+    // The library crates' documentation, links and all: what embedders read.
+    phases.run("library docs", || {
+        run(cargo()
+            .env("RUSTDOCFLAGS", "-D warnings")
+            .args(["doc", "--quiet", "--no-deps"])
+            .args(LIBRARY_CRATES.iter().flat_map(|c| ["-p", c])))
+    })?;
     phases.run("fuzz targets build", crate::fuzz::build_targets)?;
     phases.run("host tests (unit, no guest)", || {
         run(cargo().args(["test", "--workspace", "--", "--skip", VM_TEST_PREFIX]))

@@ -308,7 +308,7 @@ impl Net {
     }
 
     /// Moves frames from the TAP into the guest's receive buffers, up to
-    /// [`FRAMES_PER_EVENT`] and as far as the receive rate limit allows. Returns whether a
+    /// `FRAMES_PER_EVENT` and as far as the receive rate limit allows. Returns whether a
     /// frame waits for a buffer or for the limit (then the TAP is not read until the driver
     /// adds buffers or the limiter's timer fires).
     pub fn process_rx(&mut self) -> bool {

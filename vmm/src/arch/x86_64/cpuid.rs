@@ -41,7 +41,7 @@ const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
 pub const KVM_ASYNC_PF_FEATURES: u32 = 1 << 4 | 1 << 10 | 1 << 14;
 
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
-/// CPUID.1:ECX[24], the TSC-deadline mode of the LAPIC timer.
+/// CPUID.1:ECX bit 24, the TSC-deadline mode of the LAPIC timer.
 pub const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 const EXT1_ECX_CMP_LEGACY: u32 = 1 << 1;
