@@ -340,10 +340,7 @@ fn restore_virtio_states(
     transports: &[AttachedVirtio],
     saved: &BTreeMap<String, MmioTransportState>,
 ) -> Result<(), VmmError> {
-    let mismatch = |reason: String| VmmError::Restore {
-        id: String::new(),
-        reason,
-    };
+    let mismatch = VmmError::VirtioState;
     if let Some(extra) = saved
         .keys()
         .find(|id| !transports.iter().any(|t| t.id == id.as_str()))

@@ -35,6 +35,7 @@ use crate::kernel::{load_kernel, KernelError, LoadedKernel};
 use crate::lazy::LazyMemory;
 use crate::memory::{create_guest_memory, low_ram_end, GuestMemoryMmap, MemoryError};
 use crate::metrics::{micros, resident_split, RunReport};
+use crate::persist::PersistError;
 use crate::snapshot::{RestoreMode, SnapshotBase, StoreChunks};
 use crate::vcpu::{command_all, ExitAction, Vcpu, VcpuCommand, VcpuError, VcpuHandle};
 use crate::vm::{open_kvm, Vm, VmError};
@@ -71,10 +72,18 @@ impl ExitReason {
 pub enum VmmError {
     #[error("{0} vCPUs requested; ember supports 1 to {MAX_VCPUS}")]
     VcpuCount(u8),
-    #[error("snapshot {id}: {reason}")]
-    Snapshot { id: String, reason: String },
-    #[error("restore of snapshot {id}: {reason}")]
-    Restore { id: String, reason: String },
+    #[error("snapshot {id}: {source}")]
+    Snapshot {
+        id: String,
+        #[source]
+        source: Box<PersistError>,
+    },
+    #[error("restore of snapshot {id}: {source}")]
+    Restore {
+        id: String,
+        #[source]
+        source: Box<PersistError>,
+    },
     #[error("guest memory could not be served: {0}")]
     LazyMemory(String),
     #[error(transparent)]
@@ -130,6 +139,8 @@ pub enum VmmError {
         bus: &'static str,
         source: ember_devices::BusError,
     },
+    #[error("the virtio devices' saved state: {0}")]
+    VirtioState(String),
     #[error("no GSI is left for virtio device {0} (GSIs {VIRTIO_IRQ_BASE}..={IRQ_MAX})")]
     OutOfIrqs(usize),
     #[error("cannot create the device event loop: {0:?}")]

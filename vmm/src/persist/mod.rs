@@ -83,6 +83,49 @@ pub enum StateFormatError {
     Decode(postcard::Error),
 }
 
+/// Why a VM could not be saved into the store or built from a snapshot in it.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    /// The VM or the snapshot cannot be saved or restored as asked; the text says why.
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Store(#[from] ember_snapshot_store::StoreError),
+    #[error(transparent)]
+    StateFormat(#[from] StateFormatError),
+    #[error(transparent)]
+    Migrate(#[from] migrate::MigrateError),
+    #[error(transparent)]
+    VmState(#[from] vm::VmStateError),
+    #[error(transparent)]
+    VcpuState(#[from] vcpu::VcpuStateError),
+    #[error(transparent)]
+    Vcpu(#[from] crate::vcpu::VcpuError),
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    #[error(transparent)]
+    Vm(#[from] crate::vm::VmError),
+    #[error(transparent)]
+    CpuModel(#[from] crate::arch::x86_64::cpu_model::CpuModelError),
+    #[error(transparent)]
+    RestoreMemory(#[from] crate::restore_memory::RestoreMemoryError),
+    /// Building the restored VM's devices failed.
+    #[error(transparent)]
+    Devices(Box<crate::VmmError>),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<crate::VmmError> for PersistError {
+    fn from(e: crate::VmmError) -> PersistError {
+        PersistError::Devices(Box::new(e))
+    }
+}
+
 /// Encodes `state` as: magic, format version (u32 LE), payload length (u64 LE), payload
 /// (postcard), BLAKE3 of everything before the checksum.
 pub fn encode_state<T: Serialize>(state: &T) -> Result<Vec<u8>, StateFormatError> {

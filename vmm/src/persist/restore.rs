@@ -9,6 +9,7 @@ use crate::arch::x86_64::cpu_model::CpuModel;
 use crate::config::*;
 use crate::device_manager::*;
 use crate::persist::snapshot::*;
+use crate::persist::PersistError;
 use crate::snapshot::{BaseImage, RestoreMode, SnapshotBase, StoreChunks, VmSnapshot};
 use crate::vm::{open_kvm, Vm};
 use crate::vmm::*;
@@ -68,16 +69,17 @@ impl Vmm {
         options: VmmOptions,
         mode: RestoreMode,
     ) -> Result<Vmm, VmmError> {
-        let fail = |reason: String| VmmError::Restore {
+        let fail = |source: PersistError| VmmError::Restore {
             id: id.to_string(),
-            reason,
+            source: Box::new(source),
         };
+        let refuse = |reason: String| fail(PersistError::Refused(reason));
         let timeline = Arc::new(crate::timeline::Timeline::new(options.start));
         let phase = |what: &str| timeline.mark(what);
-        let manifest = store.load_manifest(id).map_err(|e| fail(e.to_string()))?;
+        let manifest = store.load_manifest(id).map_err(|e| fail(e.into()))?;
         match store
             .index_snapshot(&manifest)
-            .map_err(|e| fail(e.to_string()))?
+            .map_err(|e| fail(e.into()))?
         {
             SnapshotIndexing::Listed { loaded } => {
                 log::debug!("restore {id}: indexed the {loaded} packs its manifest lists")
@@ -86,18 +88,16 @@ impl Vmm {
                 log::info!("restore {id}: indexed the whole store ({reason})")
             }
         }
-        let blob = store
-            .read(&manifest.vm_state)
-            .map_err(|e| fail(e.to_string()))?;
+        let blob = store.read(&manifest.vm_state).map_err(|e| fail(e.into()))?;
         let snap: VmSnapshot =
-            crate::persist::migrate::load_vm_snapshot(&blob).map_err(|e| fail(e.to_string()))?;
+            crate::persist::migrate::load_vm_snapshot(&blob).map_err(|e| fail(e.into()))?;
         phase("manifest_read");
         // The memory map itself is read only where memory comes from the store (the map's
         // length is checked against the manifest's size when it is read).
         if manifest.memory.size_bytes != snap.mem_bytes
             || snap.vcpus.len() != usize::from(snap.vcpu_count)
         {
-            return Err(fail(format!(
+            return Err(refuse(format!(
                 "the snapshot is inconsistent: {} bytes of memory for {} bytes of RAM, {} vCPU states for {} vCPUs",
                 manifest.memory.size_bytes,
                 snap.mem_bytes,
@@ -108,14 +108,14 @@ impl Vmm {
         let mut config = config.clone();
         config.vcpus = snap.vcpu_count;
         config.mem_mib =
-            u32::try_from(snap.mem_bytes >> 20).map_err(|_| fail("memory size".into()))?;
+            u32::try_from(snap.mem_bytes >> 20).map_err(|_| refuse("memory size".into()))?;
         config.rootfs = snap.rootfs.clone();
         config.read_only_rootfs = snap.read_only_rootfs;
         // Where the rootfs overlay goes (restored below, once the working set is loading).
         let overlay_plan = match (&snap.rootfs_base, &snap.rootfs) {
             (Some(base), Some(path)) => {
                 let overlay = config.rootfs_overlay.clone().ok_or_else(|| {
-                    fail(
+                    refuse(
                         "the snapshot's rootfs has an overlay: give the restore a path for it"
                             .into(),
                     )
@@ -124,7 +124,7 @@ impl Vmm {
                     .disks
                     .iter()
                     .find(|d| d.name == ROOTFS_DISK)
-                    .ok_or_else(|| fail("the manifest has no rootfs disk map".into()))?;
+                    .ok_or_else(|| refuse("the manifest has no rootfs disk map".into()))?;
                 Some((disk, base, path, overlay))
             }
             _ => {
@@ -133,12 +133,12 @@ impl Vmm {
             }
         };
         if snap.vsock_cid.is_some() != config.vsock.is_some() {
-            return Err(fail(
+            return Err(refuse(
                 "the snapshot's vsock device needs a vsock socket (and only then)".into(),
             ));
         }
         if snap.net_mac.is_some() != config.net.is_some() {
-            return Err(fail(
+            return Err(refuse(
                 "the snapshot's network device needs a TAP (and only then)".into(),
             ));
         }
@@ -153,14 +153,14 @@ impl Vmm {
             options.mem_cache.as_ref(),
             mode,
         )
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| fail(e.into()))?;
         let (mem, lazy) = (restored.mem, restored.lazy);
         log::debug!("restore {id}: memory in mode {}", restored.mode);
         phase("memory_mapped");
         let overlay = match overlay_plan {
             Some((disk, base, path, overlay)) => Some(
                 restore_overlay(&store, disk, base, path, &overlay)
-                    .map_err(|reason| fail(format!("the rootfs overlay: {reason}")))?,
+                    .map_err(|reason| refuse(format!("the rootfs overlay: {reason}")))?,
             ),
             None => None,
         };
@@ -171,10 +171,10 @@ impl Vmm {
         let host_model = vm.cpu_model(snap.vcpu_count)?;
         let cpu_model = match manifest.metadata.get(CPU_MODEL_KEY) {
             Some(recorded) => {
-                let model = CpuModel::decode(recorded).map_err(|e| fail(e.to_string()))?;
+                let model = CpuModel::decode(recorded).map_err(|e| fail(e.into()))?;
                 model
                     .check_against(&host_model)
-                    .map_err(|e| fail(e.to_string()))?;
+                    .map_err(|e| fail(e.into()))?;
                 model
             }
             // Saved before models were recorded: assume what this host offers.
@@ -187,7 +187,7 @@ impl Vmm {
         phase("vm_created");
         let (overlay, rootfs_chunks) = overlay.unzip();
         let devices = attach_devices(&vm, &mem, &config, options, Some(&snap), overlay)
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(e.into()))?;
         phase("devices_attached");
         // The working set was loading while the VM was put together; let it finish before
         // the guest's clocks are set (REAP's finding: loading it in one go beats racing the
@@ -201,7 +201,7 @@ impl Vmm {
             lazy.finish_prefetch();
         }
         phase("working_set_loaded");
-        crate::persist::vm::restore_vm(vm.fd(), &snap.vm).map_err(|e| fail(e.to_string()))?;
+        crate::persist::vm::restore_vm(vm.fd(), &snap.vm).map_err(|e| fail(e.into()))?;
         phase("vm_state_restored");
 
         let mut fds = Vec::with_capacity(snap.vcpus.len());
@@ -210,8 +210,8 @@ impl Vmm {
             let fd = vm
                 .fd()
                 .create_vcpu(u64::from(index))
-                .map_err(|e| fail(format!("creating vCPU {index}: {e}")))?;
-            crate::persist::vcpu::restore_vcpu(&fd, state).map_err(|e| fail(e.to_string()))?;
+                .map_err(|e| refuse(format!("creating vCPU {index}: {e}")))?;
+            crate::persist::vcpu::restore_vcpu(&fd, state).map_err(|e| fail(e.into()))?;
             fds.push((index, fd));
         }
         // Connections do not survive a snapshot: a guest that held some is told so (its

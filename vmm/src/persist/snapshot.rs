@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::config::*;
 use crate::memory::GuestMemoryMmap;
-use crate::persist::encode_state;
+use crate::persist::{encode_state, PersistError};
 use crate::snapshot::{BaseImage, SnapshotBase, SnapshotKind, VmSnapshot};
 use crate::vmm::*;
 use ember_snapshot_store::{DiskMap, DiskRef, Manifest, MemoryMap, MemoryRef, ObjectKind, Store};
@@ -54,15 +54,16 @@ impl Vmm {
         id: &str,
         kind: SnapshotKind,
     ) -> Result<Manifest, VmmError> {
-        let fail = |reason: String| VmmError::Snapshot {
+        let fail = |source: PersistError| VmmError::Snapshot {
             id: id.to_string(),
-            reason,
+            source: Box::new(source),
         };
+        let refuse = |reason: String| fail(PersistError::Refused(reason));
         if self.config.rootfs.is_some()
             && !self.config.read_only_rootfs
             && self.rootfs_cow.is_none()
         {
-            return Err(fail(
+            return Err(refuse(
                 "a rootfs written in place cannot be captured; give the VM a copy-on-write \
                  overlay (the default for `ember run`) or a read-only rootfs"
                     .into(),
@@ -82,10 +83,10 @@ impl Vmm {
         let device_guards: Vec<_> = devices.iter().map(|d| lock_or_recover(d)).collect();
 
         let vcpus = crate::vcpu::save_all(&self.vcpus)
-            .map_err(|e| fail(e.to_string()))?
+            .map_err(|e| fail(e.into()))?
             .into_iter()
             .map(|state| {
-                Arc::try_unwrap(state).map_err(|_| fail("a vCPU state is still shared".into()))
+                Arc::try_unwrap(state).map_err(|_| refuse("a vCPU state is still shared".into()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let snap = VmSnapshot {
@@ -95,13 +96,13 @@ impl Vmm {
             read_only_rootfs: self.config.read_only_rootfs,
             rootfs_base: match (&self.rootfs_cow, &self.config.rootfs) {
                 (Some(_), Some(path)) => {
-                    Some(BaseImage::of(path).map_err(|e| fail(format!("the rootfs: {e}")))?)
+                    Some(BaseImage::of(path).map_err(|e| refuse(format!("the rootfs: {e}")))?)
                 }
                 _ => None,
             },
             vsock_cid: self.config.vsock.as_ref().map(|v| v.guest_cid),
             net_mac: self.config.net.as_ref().map(|n| n.mac),
-            vm: crate::persist::vm::save_vm(self.vm.fd()).map_err(|e| fail(e.to_string()))?,
+            vm: crate::persist::vm::save_vm(self.vm.fd()).map_err(|e| fail(e.into()))?,
             vcpus,
             serial: lock_or_recover(&self.serial).save_state(),
             // The queues' live positions are the devices' (locked above), not the transports'.
@@ -114,32 +115,32 @@ impl Vmm {
                 })
                 .collect(),
         };
-        let blob = encode_state(&snap).map_err(|e| fail(e.to_string()))?;
+        let blob = encode_state(&snap).map_err(|e| fail(e.into()))?;
 
         let mut base = lock_or_recover(&self.base);
-        let mut writer = store.writer().map_err(|e| fail(e.to_string()))?;
+        let mut writer = store.writer().map_err(|e| fail(e.into()))?;
         let pages = match (kind, base.as_mut()) {
             (SnapshotKind::Diff, None) => {
-                return Err(fail(
+                return Err(refuse(
                     "a diff snapshot needs a parent: take a full snapshot of this VM first".into(),
                 ))
             }
             (SnapshotKind::Diff, Some(parent)) => {
                 let dirty = crate::memory::take_dirty_pages(self.vm.fd(), &self.mem)
-                    .map_err(|e| fail(e.to_string()))?;
+                    .map_err(|e| fail(e.into()))?;
                 let mut pages = parent
                     .map(store)
-                    .map_err(|e| fail(format!("the parent's memory map: {e}")))?
+                    .map_err(|e| refuse(format!("the parent's memory map: {e}")))?
                     .pages
                     .clone();
                 for &index in &dirty {
                     let slot = usize::try_from(index)
                         .ok()
                         .filter(|&i| i < pages.len())
-                        .ok_or_else(|| fail(format!("dirty page {index} is beyond memory")))?;
+                        .ok_or_else(|| refuse(format!("dirty page {index} is beyond memory")))?;
                     let page = page_bytes(&self.mem, index)
-                        .ok_or_else(|| fail(format!("dirty page {index} is not mapped")))?;
-                    pages[slot] = writer.put_page(page).map_err(|e| fail(e.to_string()))?;
+                        .ok_or_else(|| refuse(format!("dirty page {index} is not mapped")))?;
+                    pages[slot] = writer.put_page(page).map_err(|e| fail(e.into()))?;
                 }
                 log::info!(
                     "snapshot {id}: {} pages written since {}",
@@ -167,20 +168,20 @@ impl Vmm {
                     pages.extend(
                         writer
                             .put_pages(bytes, threads)
-                            .map_err(|e| fail(e.to_string()))?,
+                            .map_err(|e| fail(e.into()))?,
                     );
                 }
                 // From here on, what is written is what the next diff snapshot stores.
                 if base.is_some() {
                     crate::memory::take_dirty_pages(self.vm.fd(), &self.mem)
-                        .map_err(|e| fail(e.to_string()))?;
+                        .map_err(|e| fail(e.into()))?;
                 } else {
                     // SAFETY: the same memory, registered again with logging on; it outlives
                     // the VM (field order of `Vmm`).
                     unsafe { self.vm.register_memory_logging_dirty(&self.mem) }
-                        .map_err(|e| fail(e.to_string()))?;
+                        .map_err(|e| fail(e.into()))?;
                     crate::memory::take_dirty_pages(self.vm.fd(), &self.mem)
-                        .map_err(|e| fail(e.to_string()))?;
+                        .map_err(|e| fail(e.into()))?;
                 }
                 pages
             }
@@ -188,8 +189,8 @@ impl Vmm {
         let map = MemoryMap::new(pages);
         let state = writer
             .put(ObjectKind::VmState, &blob)
-            .map_err(|e| fail(e.to_string()))?;
-        let map_chunks = map.store(&mut writer).map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(e.into()))?;
+        let map_chunks = map.store(&mut writer).map_err(|e| fail(e.into()))?;
         // The overlay's written chunks (the devices are locked: no request is in flight);
         // chunks it never wrote stay the base image's.
         let disks = match &self.rootfs_cow {
@@ -204,7 +205,7 @@ impl Vmm {
                         .rootfs_chunks
                         .as_ref()
                         .and_then(|c| c.hash_of(index))
-                        .ok_or_else(|| fail(format!("rootfs chunk {index} has no source")))?;
+                        .ok_or_else(|| refuse(format!("rootfs chunk {index} has no source")))?;
                     if let Some(slot) = chunks.get_mut(index as usize) {
                         *slot = Some(hash);
                     }
@@ -212,10 +213,10 @@ impl Vmm {
                 let mut buf = Vec::new();
                 for index in cow.written_chunks() {
                     cow.read_chunk(index, &mut buf)
-                        .map_err(|e| fail(format!("reading rootfs chunk {index}: {e}")))?;
+                        .map_err(|e| refuse(format!("reading rootfs chunk {index}: {e}")))?;
                     let hash = writer
                         .put(ObjectKind::DiskChunk, &buf)
-                        .map_err(|e| fail(e.to_string()))?;
+                        .map_err(|e| fail(e.into()))?;
                     if let Some(slot) = chunks.get_mut(index as usize) {
                         *slot = Some(hash);
                     }
@@ -229,7 +230,7 @@ impl Vmm {
                     name: ROOTFS_DISK.into(),
                     size: disk.size,
                     chunk_size: disk.chunk_size,
-                    map_chunks: disk.store(&mut writer).map_err(|e| fail(e.to_string()))?,
+                    map_chunks: disk.store(&mut writer).map_err(|e| fail(e.into()))?,
                 }]
             }
             None => Vec::new(),
@@ -272,7 +273,7 @@ impl Vmm {
                 .metadata
                 .insert("net_mac".into(), format_mac(&net.mac));
         }
-        let stats = writer.commit(&manifest).map_err(|e| fail(e.to_string()))?;
+        let stats = writer.commit(&manifest).map_err(|e| fail(e.into()))?;
         *base = Some(SnapshotBase::loaded(id, map.clone()));
         log::info!(
             "snapshot {id}: {} pages ({} zero), {} new objects, {} bytes written",
