@@ -189,7 +189,6 @@ pub(crate) fn allowed(kind: ThreadKind) -> Vec<i64> {
                 libc::SYS_rt_sigaction,
                 libc::SYS_rt_sigtimedwait,
                 libc::SYS_tgkill,
-                libc::SYS_prctl,
                 libc::SYS_wait4,
                 libc::SYS_dup,
                 libc::SYS_dup2,
@@ -267,6 +266,20 @@ fn restricted_for(kind: ThreadKind) -> Vec<(i64, Vec<Arg>)> {
             ),
             (libc::SYS_socket, vec![unix_socket()]),
             (libc::SYS_clone, vec![clone_thread()]),
+            (libc::SYS_prctl, thread_names()),
         ],
     }
+}
+
+/// `prctl` only to name a thread (new threads name themselves) or read its name: nothing
+/// that changes what the process may do or when it dies (`PR_SET_PDEATHSIG`, dumpability,
+/// capabilities, the seccomp mode).
+fn thread_names() -> Vec<Arg> {
+    [libc::PR_SET_NAME, libc::PR_GET_NAME]
+        .into_iter()
+        .map(|option| Arg::Eq {
+            index: 0,
+            value: option as u64,
+        })
+        .collect()
 }

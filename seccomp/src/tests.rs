@@ -128,6 +128,21 @@ fn probe_in_thread(probe: &str) -> String {
             let pid = unsafe { libc::fork() };
             format!("fork returned {pid}")
         }
+        "control-prctl" => {
+            install_with(ThreadKind::Control, Mode::Enforce).unwrap();
+            // Naming a thread is allowed (std does it in every named thread)...
+            let named = std::thread::Builder::new()
+                .name("probe-named".into())
+                .spawn(|| std::thread::current().name().map(str::to_string))
+                .unwrap()
+                .join()
+                .unwrap();
+            eprintln!("named thread {named:?}");
+            // ...clearing the signal that ties the VMM to its supervisor is not.
+            // SAFETY: prctl(2) with an integer argument; the filter is expected to stop it.
+            let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0 as libc::c_ulong) };
+            format!("PR_SET_PDEATHSIG returned {rc}")
+        }
         "deny-getpid" => {
             // write stays allowed whatever the list says: the trap needs it.
             std::env::set_var(
@@ -183,6 +198,20 @@ fn a_control_thread_starts_threads_but_no_processes() {
     assert_eq!(code, Some(EXIT_SECCOMP), "{stderr}");
     assert!(
         stderr.contains("the control thread made a forbidden system call: clone (56)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_control_thread_names_threads_but_cannot_clear_its_death_signal() {
+    let (code, stderr) = run_probe("control-prctl");
+    assert!(
+        stderr.contains("named thread Some(\"probe-named\")"),
+        "{stderr}"
+    );
+    assert_eq!(code, Some(EXIT_SECCOMP), "{stderr}");
+    assert!(
+        stderr.contains("the control thread made a forbidden system call: prctl (157)"),
         "{stderr}"
     );
 }

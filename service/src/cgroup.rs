@@ -126,9 +126,21 @@ impl Cgroups {
         write(&path.join("pids.max"), &PIDS_MAX.to_string())
     }
 
-    /// Removes sandbox `id`'s cgroup once its processes are gone (waits up to a second for
-    /// the kernel to notice the last one left).
+    /// Kills every process in sandbox `id`'s cgroup at once (`cgroup.kill`): no process can
+    /// escape by forking or by changing how it reacts to signals.
+    pub fn kill(&self, id: &str) {
+        let file = self.root.join(id).join("cgroup.kill");
+        if let Err(e) = std::fs::write(&file, "1") {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                log::warn!("cannot write {}: {e}", file.display());
+            }
+        }
+    }
+
+    /// Removes sandbox `id`'s cgroup, killing whatever is still in it first (waits up to a
+    /// second for the kernel to notice the last process left).
     pub fn remove(&self, id: &str) {
+        self.kill(id);
         let path = self.root.join(id);
         for _ in 0..20 {
             match std::fs::remove_dir(&path) {
@@ -151,7 +163,6 @@ impl Cgroups {
             if !entry.path().is_dir() || live.contains(&name) {
                 continue;
             }
-            let _ = std::fs::write(entry.path().join("cgroup.kill"), "1");
             self.remove(&name);
         }
     }

@@ -19,6 +19,7 @@ mod metrics;
 pub mod network;
 pub mod pool;
 pub mod ports;
+pub mod process;
 pub mod sandbox;
 pub mod snapshots;
 pub mod timeline;
@@ -609,7 +610,7 @@ async fn delete_sandbox(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let sandbox = state.sandbox(&id)?;
-    sandbox.stop("deleted").await;
+    sandbox.stop("deleted", state.cgroups.as_ref()).await;
     state
         .sandboxes
         .lock()

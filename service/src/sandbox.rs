@@ -18,6 +18,7 @@ use super::error::ApiError;
 use super::exec::CommandRecord;
 use super::network::{self, NetworkMode, SandboxNet};
 use super::ports::{self, ExposedPort};
+use super::process::Process;
 use super::AppState;
 use ember_sandbox::control::{
     ControlReply, ControlRequest, WorkerEvent, WorkerOrigin, WorkerSpec, MAX_CONTROL_LINE,
@@ -123,6 +124,8 @@ pub struct Sandbox {
     removed: Mutex<bool>,
     /// The listeners of its exposed ports.
     forwards: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Its VMM process (by pidfd) while the service knows it.
+    process: Mutex<Option<Arc<Process>>>,
 }
 
 pub fn unix_ms() -> u64 {
@@ -167,6 +170,7 @@ impl Sandbox {
             resynced: std::sync::atomic::AtomicBool::new(false),
             removed: Mutex::new(false),
             forwards: Mutex::new(Vec::new()),
+            process: Mutex::new(None),
         }
     }
 
@@ -449,8 +453,9 @@ impl Sandbox {
             .map_err(|_| format!("the VMM did not answer {request:?} within {timeout:?}"))?
     }
 
-    /// Stops the VMM process: asks it, then kills it after a grace period.
-    pub async fn stop(&self, why: &str) {
+    /// Stops the VMM process: asks it, then kills it after a grace period (its whole cgroup
+    /// when it has one: the jail's supervisor and anything it left).
+    pub async fn stop(&self, why: &str, cgroups: Option<&super::cgroup::Cgroups>) {
         let record = self.record();
         if !record.state.is_live() {
             return;
@@ -464,14 +469,21 @@ impl Sandbox {
         let _ = self
             .control(ControlRequest::Stop, Duration::from_secs(5))
             .await;
-        if let Some(pid) = record.pid {
+        if let Some(process) = self.process() {
             let deadline = tokio::time::Instant::now() + STOP_GRACE;
-            while process_alive(pid) && tokio::time::Instant::now() < deadline {
+            while process.is_alive() && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            if process_alive(pid) {
-                log::warn!("sandbox {}: killing its VMM (pid {pid})", self.id);
-                kill(pid, libc::SIGKILL);
+            if process.is_alive() {
+                log::warn!(
+                    "sandbox {}: killing its VMM (pid {})",
+                    self.id,
+                    process.pid()
+                );
+                if let Some(cgroups) = cgroups {
+                    cgroups.kill(&self.id);
+                }
+                let _ = process.signal(libc::SIGKILL);
             }
         }
         self.forget_agent().await;
@@ -501,20 +513,28 @@ async fn control_request(path: &Path, request: &ControlRequest) -> Result<Contro
     serde_json::from_str(&reply).map_err(|e| format!("malformed reply from the VMM: {e}"))
 }
 
-pub fn process_alive(pid: u32) -> bool {
-    // A zombie still answers signal 0; its /proc status says so.
-    if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        if let Some(after) = status.rsplit(')').next() {
-            return !after.trim_start().starts_with('Z');
-        }
+impl Sandbox {
+    /// Its VMM process, if the service holds it.
+    pub fn process(&self) -> Option<Arc<Process>> {
+        self.process
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
-    false
-}
 
-pub fn kill(pid: u32, signal: i32) {
-    // SAFETY: kill only sends a signal; a wrong pid at worst fails with ESRCH.
-    unsafe {
-        libc::kill(pid as libc::pid_t, signal);
+    /// Holds process `pid` as the sandbox's VMM (logged if it cannot be opened: it ended).
+    fn hold_process(&self, pid: u32) -> Option<Arc<Process>> {
+        match Process::open(pid) {
+            Ok(process) => {
+                let process = Arc::new(process);
+                *self.process.lock().unwrap_or_else(|p| p.into_inner()) = Some(process.clone());
+                Some(process)
+            }
+            Err(e) => {
+                log::warn!("sandbox {}: cannot hold its VMM (pid {pid}): {e}", self.id);
+                None
+            }
+        }
     }
 }
 
@@ -721,8 +741,8 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         Err(why) => {
             state.metrics.record_start_failure();
             sandbox.fail(why.clone());
-            if let Some(pid) = sandbox.record().pid {
-                kill(pid, libc::SIGKILL);
+            if let Some(process) = sandbox.process() {
+                let _ = process.signal(libc::SIGKILL);
             }
             Err(ApiError::new(
                 axum::http::StatusCode::INTERNAL_SERVER_ERROR,
@@ -781,6 +801,8 @@ async fn start_vmm(
         ),
     };
     let pid = child.id().unwrap_or(0);
+    // Not reaped before the watcher below waits for it: the pidfd names this process.
+    sandbox.hold_process(pid);
     sandbox.update(|r| {
         r.pid = Some(pid);
         r.timeline.mark(step);
@@ -895,7 +917,8 @@ pub async fn recover(state: &Arc<AppState>) {
         };
         let sandbox = Arc::new(Sandbox::new(dir, record.clone()));
         if record.state.is_live() {
-            let alive = record.pid.is_some_and(process_alive);
+            let process = record.pid.and_then(|pid| sandbox.hold_process(pid));
+            let alive = process.as_ref().is_some_and(|p| p.is_alive());
             let answer = if alive {
                 sandbox
                     .control(ControlRequest::Status, Duration::from_secs(5))
@@ -918,11 +941,9 @@ pub async fn recover(state: &Arc<AppState>) {
                     if let Err(e) = sandbox.open_ports(&[]).await {
                         log::warn!("sandbox {}: {e}", record.id);
                     }
-                    watch_adopted(
-                        sandbox.clone(),
-                        record.pid.unwrap_or(0),
-                        state.cgroups.clone(),
-                    );
+                    if let Some(process) = process {
+                        watch_adopted(sandbox.clone(), process, state.cgroups.clone());
+                    }
                 }
                 _ => sandbox.fail(format!(
                     "its VMM process (pid {}) was gone when the service started: {}",
@@ -953,9 +974,14 @@ pub async fn recover(state: &Arc<AppState>) {
 }
 
 /// An adopted VMM is not this process's child: poll whether it lives.
-fn watch_adopted(sandbox: Arc<Sandbox>, pid: u32, cgroups: Option<super::cgroup::Cgroups>) {
+fn watch_adopted(
+    sandbox: Arc<Sandbox>,
+    process: Arc<Process>,
+    cgroups: Option<super::cgroup::Cgroups>,
+) {
+    let pid = process.pid();
     tokio::spawn(async move {
-        while process_alive(pid) {
+        while process.is_alive() {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         if let Some(cgroups) = cgroups {
@@ -991,7 +1017,9 @@ pub async fn reap_expired(state: Arc<AppState>) {
             state.metrics.timeouts.fetch_add(1, Ordering::Relaxed);
             let state = state.clone();
             tokio::spawn(async move {
-                sandbox.stop("its timeout passed").await;
+                sandbox
+                    .stop("its timeout passed", state.cgroups.as_ref())
+                    .await;
                 sandbox.update(|r| r.failure = Some("stopped at its timeout".into()));
                 drop(state);
             });

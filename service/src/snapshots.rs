@@ -326,7 +326,9 @@ pub async fn fork(
     }
     if let Some(e) = failure {
         for sandbox in created {
-            sandbox.stop("its fork failed").await;
+            sandbox
+                .stop("its fork failed", state.cgroups.as_ref())
+                .await;
         }
         return Err(e);
     }
