@@ -4,7 +4,7 @@
 mod common;
 use common::memory_objects;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -233,6 +233,47 @@ fn vmtest_service_exec_streams_files_and_refuses_bad_requests() {
         sandbox["disk_limits"]["bytes_per_sec"],
         1u64 << 30,
         "{sandbox}"
+    );
+
+    // The service's state is private to it (its folder, the sandbox's folder, record, spec
+    // and log), and the API socket is its owner's and group's.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let sandbox_dir = service.state.join("sandboxes").join(&id);
+    assert_eq!(mode(&service.state), 0o700);
+    assert_eq!(mode(&sandbox_dir), 0o700);
+    for file in ["sandbox.json", "spec.json", "vmm.log"] {
+        assert_eq!(mode(&sandbox_dir.join(file)), 0o600, "{file}");
+    }
+    assert_eq!(mode(&service.socket), 0o660);
+    // A user the service was not told to answer gets nothing, even with every mode opened up
+    // around the socket: the peer check refuses the connection itself.
+    let set_mode = |p: &Path, m: u32| std::fs::set_permissions(p, PermissionsExt::from_mode(m));
+    set_mode(&service.state, 0o711).unwrap();
+    set_mode(&service.socket, 0o666).unwrap();
+    let stranger = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "curl",
+            "-sS",
+        ])
+        .args(["--max-time", "10", "--unix-socket"])
+        .arg(&service.socket)
+        .arg("http://ember/healthz")
+        .output()
+        .expect("run curl as nobody");
+    set_mode(&service.state, 0o700).unwrap();
+    set_mode(&service.socket, 0o660).unwrap();
+    assert!(
+        !stranger.status.success() && !String::from_utf8_lossy(&stranger.stdout).contains("ok"),
+        "nobody was answered: {stranger:?}"
+    );
+    assert!(
+        service.log().contains("API connection refused: uid 65534"),
+        "{}",
+        service.log()
     );
 
     // The service runs as root, so the VMM is jailed: the process it started is the jail's

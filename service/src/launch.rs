@@ -23,7 +23,8 @@ const VMM_ENVIRONMENT: [&str; 4] = [
 /// Writes `spec` as `dir/spec.json`.
 pub fn write_spec(dir: &Path, spec: &WorkerSpec) -> Result<(), String> {
     let text = serde_json::to_vec_pretty(spec).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join("spec.json"), text).map_err(|e| format!("cannot write the spec: {e}"))
+    super::access::write_private(&dir.join("spec.json"), &text)
+        .map_err(|e| format!("cannot write the spec: {e}"))
 }
 
 /// Starts `ember-vmm --spec dir/spec.json` for `spec` (given an `assignment` socket: a
@@ -37,7 +38,7 @@ pub fn spawn_vmm(
 ) -> Result<tokio::process::Child, String> {
     let pooled = assignment.is_some();
     write_spec(dir, spec)?;
-    let log = std::fs::File::create(dir.join("vmm.log"))
+    let log = super::access::private_file(&dir.join("vmm.log"))
         .map_err(|e| format!("cannot create the VMM log: {e}"))?;
     let cgroup = match &state.cgroups {
         Some(cgroups) => Some(cgroups.create(&spec.sandbox_id, spec.mem_mib, spec.vcpus)?),

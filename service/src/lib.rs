@@ -7,6 +7,7 @@
 //! answers are `ember_client::types`; the VMM process is driven through
 //! `ember_sandbox::control`. Must not depend on the CLI or the bench harness.
 
+pub mod access;
 pub mod cgroup;
 pub mod error;
 pub mod exec;
@@ -94,6 +95,13 @@ pub struct ServeArgs {
     /// a restore then starts no process while the request waits.
     #[arg(long, default_value_t = 0)]
     pub warm_pool: usize,
+    /// Also answer API connections from this user (repeatable; root and the service's own
+    /// user always may). Checked on every connection (`SO_PEERCRED`).
+    #[arg(long = "allow-uid", value_name = "UID")]
+    pub allow_uids: Vec<u32>,
+    /// Also answer API connections from processes of this group (repeatable).
+    #[arg(long = "allow-gid", value_name = "GID")]
+    pub allow_gids: Vec<u32>,
 }
 
 pub struct ServiceConfig {
@@ -212,6 +220,15 @@ pub fn serve(args: ServeArgs) -> i32 {
         }
     };
     let mem_cache_dir = state_dir.join("mem-cache");
+    // The state (records with their environments, logs, guests' disks and memory) is the
+    // service's alone; jailed VMMs reach their own parts through bind mounts.
+    if let Err(e) = access::private_dir(&state_dir) {
+        eprintln!(
+            "ember serve: cannot make {} private: {e}",
+            state_dir.display()
+        );
+        return 1;
+    }
     for dir in [
         state_dir.join("sandboxes"),
         state_dir.join("run"),
@@ -282,7 +299,10 @@ pub fn serve(args: ServeArgs) -> i32 {
             return 1;
         }
     };
-    match runtime.block_on(run_service(state, socket)) {
+    // SAFETY: geteuid takes no arguments and cannot fail.
+    let own_uid = unsafe { libc::geteuid() };
+    let peers = access::PeerPolicy::new(own_uid, &args.allow_uids, &args.allow_gids);
+    match runtime.block_on(run_service(state, socket, peers)) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("ember serve: {e}");
@@ -291,7 +311,11 @@ pub fn serve(args: ServeArgs) -> i32 {
     }
 }
 
-async fn run_service(state: Arc<AppState>, socket: PathBuf) -> Result<(), String> {
+async fn run_service(
+    state: Arc<AppState>,
+    socket: PathBuf,
+    peers: access::PeerPolicy,
+) -> Result<(), String> {
     sandbox::recover(&state).await;
     tokio::spawn(state.gc.clone().run(state.store.clone()));
     if state.config.jail.is_some() {
@@ -313,6 +337,12 @@ async fn run_service(state: Arc<AppState>, socket: PathBuf) -> Result<(), String
     }
     let listener = tokio::net::UnixListener::bind(&socket)
         .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+    std::fs::set_permissions(
+        &socket,
+        std::os::unix::fs::PermissionsExt::from_mode(access::SOCKET_MODE),
+    )
+    .map_err(|e| format!("cannot set the mode of {}: {e}", socket.display()))?;
+    let listener = access::CheckedListener::new(listener, peers);
     tokio::spawn(sandbox::reap_expired(state.clone()));
     if let Some(pool) = &state.pool {
         tokio::spawn(pool.clone().run(state.clone()));

@@ -165,6 +165,8 @@ fn start_pooled(state: &AppState) -> Result<IdleVmm, String> {
     let dir = state.config.state_dir.join("sandboxes").join(&id);
     let run = state.config.state_dir.join("run").join(&id);
     let made = (|| {
+        super::access::private_dir(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         for d in [dir.join(VMM_DIR), run.clone()] {
             std::fs::create_dir_all(&d)
                 .map_err(|e| format!("cannot create {}: {e}", d.display()))?;

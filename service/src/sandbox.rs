@@ -541,7 +541,7 @@ impl Sandbox {
 fn save_record(dir: &Path, record: &SandboxRecord) -> std::io::Result<()> {
     let text = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
     let tmp = dir.join("sandbox.json.tmp");
-    std::fs::write(&tmp, text)?;
+    super::access::write_private(&tmp, &text)?;
     std::fs::rename(&tmp, dir.join("sandbox.json"))
 }
 
@@ -604,7 +604,7 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         .as_ref()
         .map_or_else(|| random_id("sb"), |vmm| vmm.id.clone());
     let dir = state.config.state_dir.join("sandboxes").join(&id);
-    std::fs::create_dir_all(&dir)
+    super::access::private_dir(&dir)
         .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", dir.display())))?;
     std::fs::create_dir_all(dir.join(VMM_DIR)).map_err(|e| {
         ApiError::internal(format!(
