@@ -426,6 +426,7 @@ fn gc(dir: &Path, as_json: bool) -> Result<i32, String> {
             "temps_removed": report.temps_removed,
             "packs_unreadable": report.packs_unreadable,
             "packs_with_corrupt_objects": report.packs_with_corrupt_objects,
+            "manifests_quarantined": report.manifests_quarantined,
         });
         let text = serde_json::to_string_pretty(&value).map_err(|e| e.to_string())?;
         println!("{text}");
@@ -454,6 +455,12 @@ fn gc(dir: &Path, as_json: bool) -> Result<i32, String> {
             format_mib_unit(report.bytes_removed.saturating_sub(report.bytes_written)),
             format_mib_unit(report.bytes_removed),
             format_mib_unit(report.bytes_written)
+        );
+    }
+    for id in &report.manifests_quarantined {
+        eprintln!(
+            "ember: gc moved the corrupt snapshot {id} to the store's quarantine/ (it cannot \
+             be restored; its objects were collected)"
         );
     }
     let skipped = report.packs_unreadable.len() + report.packs_with_corrupt_objects.len();

@@ -51,6 +51,12 @@ impl StoreGc {
                         report.packs_deleted,
                         report.packs_rewritten
                     );
+                    for id in &report.manifests_quarantined {
+                        log::warn!(
+                            "store gc: snapshot {id} is corrupt and was moved to the store's \
+                             quarantine/"
+                        );
+                    }
                 }
                 Ok(Err(e)) => {
                     self.failures.fetch_add(1, Ordering::Relaxed);

@@ -152,6 +152,9 @@ pub struct GcReport {
     pub packs_unreadable: Vec<String>,
     /// Packs left untouched because a live object in them is corrupt.
     pub packs_with_corrupt_objects: Vec<String>,
+    /// Snapshots whose manifest is corrupt (it can never be restored), moved to
+    /// `quarantine/` so that GC goes on without them; their objects are collected.
+    pub manifests_quarantined: Vec<String>,
 }
 
 enum Fate {
@@ -302,7 +305,10 @@ impl Store {
     /// reachable from a manifest, deletes packs with nothing live, rewrites mostly-dead
     /// packs (live objects copied to a new sealed pack first, then the old pack removed),
     /// and removes packs without an index that no writer holds, and temporary files.
-    /// If any manifest cannot be fully traced GC removes nothing and fails.
+    /// A manifest that is corrupt (checksum, JSON, format: it can never be restored) is moved
+    /// to `quarantine/`, reported, and GC goes on without it. If any other manifest cannot be
+    /// fully traced (an I/O error, an object missing from the packs) GC removes nothing and
+    /// fails.
     pub fn gc_with(&self, opts: &GcOptions) -> Result<GcReport> {
         let _lock = self.lock(LockMode::Exclusive)?;
         self.refresh_locked()?;
@@ -312,7 +318,16 @@ impl Store {
         let mut live: HashSet<Hash, HashBuild> = HashSet::default();
         for id in self.list_manifests()? {
             let abort = |e: StoreError| StoreError::GcAborted(Box::new(e));
-            let m = self.load_manifest(&id).map_err(abort)?;
+            let m = match self.load_manifest(&id) {
+                Ok(m) => m,
+                Err(StoreError::Manifest(e)) if e.is_corrupt() => {
+                    log::warn!("snapshot store gc: quarantining snapshot {id:?}: {e}");
+                    self.quarantine_manifest(&id).map_err(abort)?;
+                    report.manifests_quarantined.push(id);
+                    continue;
+                }
+                Err(e) => return Err(abort(e)),
+            };
             self.mark(&m, &mut live).map_err(abort)?;
             report.manifests += 1;
         }
@@ -453,6 +468,21 @@ impl Store {
     }
 
     /// Adds everything `m` references to `live`.
+    /// Moves manifest `id` out of `manifests/` into `quarantine/` (kept for inspection,
+    /// never listed or restored again).
+    fn quarantine_manifest(&self, id: &str) -> Result<()> {
+        let from = self.manifest_path(id)?;
+        let dir = self.root.join("quarantine");
+        let io = |path: &std::path::Path, source| StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        let to = dir.join(id);
+        fs::rename(&from, &to).map_err(|e| io(&from, e))?;
+        crate::fsutil::sync_dir(&self.manifests_dir).map_err(|e| io(&self.manifests_dir, e))
+    }
+
     fn mark(&self, m: &Manifest, live: &mut HashSet<Hash, HashBuild>) -> Result<()> {
         live.extend(m.direct_objects().copied());
         let mem = self.load_memory_map(m)?;

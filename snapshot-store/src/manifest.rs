@@ -140,6 +140,21 @@ pub enum ManifestError {
     },
 }
 
+impl ManifestError {
+    /// Whether the manifest file is there but its contents are damaged (it can never be
+    /// read), as opposed to missing, unreachable or refused by name.
+    pub fn is_corrupt(&self) -> bool {
+        matches!(
+            self,
+            ManifestError::TooLarge { .. }
+                | ManifestError::NoChecksumLine { .. }
+                | ManifestError::BadChecksumLine { .. }
+                | ManifestError::Checksum { .. }
+                | ManifestError::Json { .. }
+        )
+    }
+}
+
 /// Guest memory of a snapshot: its size and the map chunks of its [`crate::MemoryMap`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

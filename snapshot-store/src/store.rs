@@ -656,7 +656,7 @@ impl Store {
 
     // ---- manifests ----
 
-    fn manifest_path(&self, id: &str) -> Result<PathBuf> {
+    pub(crate) fn manifest_path(&self, id: &str) -> Result<PathBuf> {
         manifest::validate_id(id)?;
         Ok(self.manifests_dir.join(id))
     }
