@@ -171,7 +171,7 @@ impl Bus {
 /// and a vCPU thread must not die because another thread did.
 pub(crate) fn lock_recover<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| {
-        log::warn!("device mutex was poisoned by a panicking thread; recovering it");
+        crate::guest_warn!("device mutex was poisoned by a panicking thread; recovering it");
         poisoned.into_inner()
     })
 }

@@ -8,6 +8,7 @@ pub mod boot_timer;
 pub mod bus;
 pub mod i8042;
 pub mod irq;
+pub mod log_limit;
 pub mod rate_limiter;
 pub mod serial;
 pub mod virtio;

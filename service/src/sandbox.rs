@@ -9,10 +9,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ember_agent::client::AgentClient;
 use ember_agent::protocol::AGENT_VSOCK_PORT;
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 use super::error::ApiError;
 use super::exec::CommandRecord;
@@ -446,9 +448,13 @@ impl Sandbox {
         request: ControlRequest,
         timeout: Duration,
     ) -> Result<ControlReply, String> {
-        let _turn = self.control.lock().await;
+        // The wait for an earlier request (a long snapshot, say) counts toward the timeout.
         let path = self.record().spec.control_socket;
-        tokio::time::timeout(timeout, control_request(&path, &request))
+        let turn_and_answer = async {
+            let _turn = self.control.lock().await;
+            control_request(&path, &request).await
+        };
+        tokio::time::timeout(timeout, turn_and_answer)
             .await
             .map_err(|_| format!("the VMM did not answer {request:?} within {timeout:?}"))?
     }
@@ -547,9 +553,15 @@ fn save_record(dir: &Path, record: &SandboxRecord) -> std::io::Result<()> {
 
 /// The last bytes of a VMM's log: why it failed.
 pub fn log_tail(dir: &Path) -> String {
-    let text = std::fs::read(dir.join("vmm.log")).unwrap_or_default();
-    let start = text.len().saturating_sub(FAILURE_TAIL);
-    String::from_utf8_lossy(&text[start..]).trim().to_string()
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut log) = std::fs::File::open(dir.join("vmm.log")) else {
+        return String::new();
+    };
+    // Only the tail is read, however long the log grew.
+    let _ = log.seek(SeekFrom::End(-(FAILURE_TAIL as i64)));
+    let mut tail = Vec::with_capacity(FAILURE_TAIL);
+    let _ = log.take(FAILURE_TAIL as u64).read_to_end(&mut tail);
+    String::from_utf8_lossy(&tail).trim().to_string()
 }
 
 /// What a new sandbox is made from.
@@ -841,12 +853,14 @@ async fn start_vmm(
         });
     }
 
-    let mut lines = BufReader::new(stdout).lines();
+    // A VMM's lines are bounded: a compromised VMM cannot grow the service's memory with
+    // one endless line (an over-long line is dropped up to its end).
+    let mut lines = FramedRead::new(stdout, LinesCodec::new_with_max_length(MAX_CONTROL_LINE));
     let ready = async {
         loop {
             tokio::select! {
-                line = lines.next_line() => match line {
-                    Ok(Some(line)) => {
+                line = lines.next() => match line {
+                    Some(Ok(line)) => {
                         if let Ok(WorkerEvent::Ready { ready_ms, started_unix_ms, timeline, memory, .. }) =
                             serde_json::from_str(&line)
                         {
@@ -858,7 +872,13 @@ async fn start_vmm(
                         }
                         log::debug!("sandbox {}: VMM says {line}", sandbox.id);
                     }
-                    Ok(None) | Err(_) => {
+                    Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                        log::warn!(
+                            "sandbox {}: dropped a VMM line over {MAX_CONTROL_LINE} bytes",
+                            sandbox.id
+                        );
+                    }
+                    None | Some(Err(LinesCodecError::Io(_))) => {
                         // The process is ending: the watcher has the reason.
                         return Err((&mut exited_rx).await.unwrap_or_else(|_| "the VMM ended".into()));
                     }
@@ -873,7 +893,13 @@ async fn start_vmm(
         .await
         .map_err(|_| format!("its agent did not answer within {READY_TIMEOUT:?}"))??;
     // Keep reading (and dropping) the VMM's stdout so it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    tokio::spawn(async move {
+        while let Some(line) = lines.next().await {
+            if let Err(LinesCodecError::Io(_)) = line {
+                break;
+            }
+        }
+    });
     sandbox.update(|r| {
         if r.state == SandboxState::Starting {
             r.state = SandboxState::Running;

@@ -41,7 +41,7 @@ impl BusDevice for I8042 {
         match (u8::try_from(offset), data.len()) {
             (Ok(off), 1) if offset < I8042_PORT_LEN => data[0] = self.inner.read(off),
             _ => {
-                log::warn!(
+                crate::guest_warn!(
                     "i8042: ignoring {}-byte read at offset {offset:#x}",
                     data.len()
                 );
@@ -60,7 +60,7 @@ impl BusDevice for I8042 {
                     log::error!("i8042: failed to signal the reset event: {e}");
                 }
             }
-            _ => log::warn!(
+            _ => crate::guest_warn!(
                 "i8042: ignoring {}-byte write at offset {offset:#x}",
                 data.len()
             ),

@@ -86,7 +86,7 @@ impl Serial {
             Ok(n) => n,
             Err(vm_superio::serial::Error::FullFifo) => 0,
             Err(e) => {
-                log::warn!("serial: failed to queue {} input bytes: {e}", input.len());
+                crate::guest_warn!("serial: failed to queue {} input bytes: {e}", input.len());
                 0
             }
         }
@@ -108,7 +108,7 @@ impl BusDevice for Serial {
         match (u8::try_from(offset), data.len()) {
             (Ok(reg), 1) if offset < SERIAL_PORT_LEN => data[0] = self.uart.read(reg),
             _ => {
-                log::warn!(
+                crate::guest_warn!(
                     "serial: ignoring {}-byte read at offset {offset:#x}",
                     data.len()
                 );
@@ -121,10 +121,10 @@ impl BusDevice for Serial {
         match (u8::try_from(offset), data) {
             (Ok(reg), &[value]) if offset < SERIAL_PORT_LEN => {
                 if let Err(e) = self.uart.write(reg, value) {
-                    log::warn!("serial: write of {value:#x} to register {reg} failed: {e}");
+                    crate::guest_warn!("serial: write of {value:#x} to register {reg} failed: {e}");
                 }
             }
-            _ => log::warn!(
+            _ => crate::guest_warn!(
                 "serial: ignoring {}-byte write at offset {offset:#x}",
                 data.len()
             ),

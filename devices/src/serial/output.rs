@@ -72,7 +72,7 @@ impl Write for SerialOutput {
                 .dropped
                 .fetch_add(lost as u64, Ordering::Relaxed);
             if !self.shared.warned.swap(true, Ordering::Relaxed) {
-                log::warn!(
+                crate::guest_warn!(
                     "serial: output queue full ({} bytes), dropping guest output \
                      (further drops are only counted)",
                     self.shared.capacity
@@ -122,7 +122,7 @@ fn writer_loop(shared: &Shared, sink: &mut dyn Write) {
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
             if !sink_failed {
                 sink_failed = true;
-                log::warn!("serial: writing guest output to the sink failed: {e}");
+                crate::guest_warn!("serial: writing guest output to the sink failed: {e}");
             }
         }
     }

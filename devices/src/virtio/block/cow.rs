@@ -143,7 +143,7 @@ impl CowDisk {
             // We created it, so it is ours to remove.
             drop(overlay_file);
             if let Err(e) = std::fs::remove_file(overlay) {
-                log::warn!(
+                crate::guest_warn!(
                     "cannot remove the overlay {} after failing to size it: {e}",
                     overlay.display()
                 );
@@ -490,7 +490,7 @@ impl Drop for CowDisk {
         match std::fs::remove_file(&self.overlay_path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => log::warn!(
+            Err(e) => crate::guest_warn!(
                 "cannot remove the copy-on-write overlay {}: {e}",
                 self.overlay_path.display()
             ),

@@ -169,7 +169,7 @@ impl Block {
                 }
             }
             Ok(false) => {}
-            Err(e) => log::warn!("virtio-block: cannot check whether to notify: {e}"),
+            Err(e) => crate::guest_warn!("virtio-block: cannot check whether to notify: {e}"),
         }
     }
 
@@ -177,7 +177,7 @@ impl Block {
     fn sync_registrations(&mut self, ops: &mut EventOps) {
         for evt in self.registered.drain(..) {
             if let Err(e) = ops.remove(Events::new(&evt, EventSet::IN)) {
-                log::warn!("virtio-block: failed to unregister a queue eventfd: {e:?}");
+                crate::guest_warn!("virtio-block: failed to unregister a queue eventfd: {e:?}");
             }
         }
         let Some(active) = &self.active else {
@@ -214,7 +214,9 @@ impl VirtioDevice for Block {
     fn set_acked_features(&mut self, acked: u64) {
         let unknown = acked & !self.avail_features;
         if unknown != 0 {
-            log::warn!("virtio-block: ignoring acked features {unknown:#x} that were not offered");
+            crate::guest_warn!(
+                "virtio-block: ignoring acked features {unknown:#x} that were not offered"
+            );
         }
         self.acked_features = acked & self.avail_features;
     }
@@ -224,7 +226,7 @@ impl VirtioDevice for Block {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::warn!(
+        crate::guest_warn!(
             "virtio-block: ignoring {}-byte write to read-only config space at {offset:#x}",
             data.len()
         );
@@ -272,7 +274,7 @@ impl VirtioDevice for Block {
         self.throttle.release();
         // Let the event loop drop the queue eventfd registration.
         if let Err(e) = self.activate_evt.write(1) {
-            log::warn!("virtio-block: failed to signal the reset to the event loop: {e}");
+            crate::guest_warn!("virtio-block: failed to signal the reset to the event loop: {e}");
         }
         true
     }
@@ -310,7 +312,7 @@ impl MutEventSubscriber for Block {
             }
             return;
         }
-        log::warn!("virtio-block: event on unexpected fd {fd}");
+        crate::guest_warn!("virtio-block: event on unexpected fd {fd}");
     }
 }
 

@@ -99,7 +99,7 @@ impl Disk {
         id: &str,
     ) -> Self {
         if size % SECTOR_SIZE != 0 {
-            log::warn!(
+            crate::guest_warn!(
                 "disk image {} is {size} bytes, not a multiple of {SECTOR_SIZE}; the last {} \
                  bytes are not visible to the guest",
                 path.display(),
@@ -108,7 +108,7 @@ impl Disk {
         }
         let id_bytes = id.as_bytes();
         if id_bytes.len() > DISK_ID_LEN {
-            log::warn!(
+            crate::guest_warn!(
                 "block device id {id:?} is {} bytes; truncating it to {DISK_ID_LEN}",
                 id_bytes.len()
             );

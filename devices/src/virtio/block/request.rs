@@ -489,14 +489,14 @@ pub fn handle_chain(
     let descs = match collect_chain(chain) {
         Ok(d) => d,
         Err(e) => {
-            log::warn!("virtio-block: {e}; completing it with length 0");
+            crate::guest_warn!("virtio-block: {e}; completing it with length 0");
             return 0;
         }
     };
     let status_addr = match status_descriptor(&descs, mem) {
         Ok(a) => a,
         Err(e) => {
-            log::warn!("virtio-block: chain {head}: {e}; completing it with length 0");
+            crate::guest_warn!("virtio-block: chain {head}: {e}; completing it with length 0");
             return 0;
         }
     };
@@ -505,14 +505,14 @@ pub fn handle_chain(
     {
         Ok(written) => (STATUS_OK, written),
         Err(e) => {
-            log::warn!("virtio-block: chain {head}: {e}");
+            crate::guest_warn!("virtio-block: chain {head}: {e}");
             (e.status(), 0)
         }
     };
     match mem.write_obj(status, status_addr) {
         Ok(()) => written.saturating_add(1),
         Err(e) => {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-block: chain {head}: failed to write the status byte at {:#x}: {e}",
                 status_addr.0
             );
@@ -554,7 +554,7 @@ pub fn process_queue_limited(
     let mut empty_rounds = 0u8;
     loop {
         if let Err(e) = queue.disable_notification(mem) {
-            log::warn!("virtio-block: cannot disable queue notifications: {e}");
+            crate::guest_warn!("virtio-block: cannot disable queue notifications: {e}");
             return outcome(used_any, false);
         }
         let mut progressed = false;
@@ -565,7 +565,7 @@ pub fn process_queue_limited(
                 Err(e) => {
                     // E.g. an avail index more than a queue size ahead: unrecoverable until the
                     // driver resets the device; stop instead of spinning.
-                    log::warn!("virtio-block: cannot read the available ring: {e}");
+                    crate::guest_warn!("virtio-block: cannot read the available ring: {e}");
                     return outcome(used_any, false);
                 }
             };
@@ -587,7 +587,7 @@ pub fn process_queue_limited(
             let len = handle_chain(chain, mem, disk);
             match queue.add_used(mem, head, len) {
                 Ok(()) => used_any = true,
-                Err(e) => log::warn!("virtio-block: cannot complete chain {head}: {e}"),
+                Err(e) => crate::guest_warn!("virtio-block: cannot complete chain {head}: {e}"),
             }
         }
         match queue.enable_notification(mem) {
@@ -598,12 +598,12 @@ pub fn process_queue_limited(
             Ok(true) if empty_rounds == 0 => empty_rounds = 1,
             Ok(true) => {
                 // The ring claims more chains but none could be read: do not spin.
-                log::warn!("virtio-block: available ring is not readable; stopping");
+                crate::guest_warn!("virtio-block: available ring is not readable; stopping");
                 return outcome(used_any, false);
             }
             Ok(false) => return outcome(used_any, false),
             Err(e) => {
-                log::warn!("virtio-block: cannot re-enable queue notifications: {e}");
+                crate::guest_warn!("virtio-block: cannot re-enable queue notifications: {e}");
                 return outcome(used_any, false);
             }
         }

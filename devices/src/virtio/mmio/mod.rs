@@ -268,7 +268,7 @@ impl MmioTransport {
     fn configurable_queue(&mut self, reg: &str) -> Option<&mut Queue> {
         const MASK: u32 = DRIVER | FEATURES_OK | DRIVER_OK | FAILED;
         if self.status & MASK != DRIVER | FEATURES_OK {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: ignoring {reg} write in device status {:#x}",
                 self.status
             );
@@ -277,11 +277,15 @@ impl MmioTransport {
         let sel = self.queue_sel;
         match self.queues.get_mut(sel as usize) {
             None => {
-                log::warn!("virtio-mmio: ignoring {reg} write: queue_sel {sel} is out of range");
+                crate::guest_warn!(
+                    "virtio-mmio: ignoring {reg} write: queue_sel {sel} is out of range"
+                );
                 None
             }
             Some(q) if q.ready() => {
-                log::warn!("virtio-mmio: ignoring {reg} write: queue {sel} is already ready");
+                crate::guest_warn!(
+                    "virtio-mmio: ignoring {reg} write: queue {sel} is already ready"
+                );
                 None
             }
             Some(q) => Some(q),
@@ -309,7 +313,9 @@ impl MmioTransport {
                 u32::MAX
             }
             _ => {
-                log::warn!("virtio-mmio: read of unknown or write-only register {offset:#x}");
+                crate::guest_warn!(
+                    "virtio-mmio: read of unknown or write-only register {offset:#x}"
+                );
                 0
             }
         }
@@ -324,12 +330,14 @@ impl MmioTransport {
             regs::QUEUE_NUM => {
                 let max = self.selected_queue().map_or(0, |q| q.max_size());
                 let Ok(size) = u16::try_from(value) else {
-                    log::warn!("virtio-mmio: ignoring queue size {value}: above the maximum {max}");
+                    crate::guest_warn!(
+                        "virtio-mmio: ignoring queue size {value}: above the maximum {max}"
+                    );
                     return;
                 };
                 if let Some(q) = self.configurable_queue("QueueNum") {
                     if q.try_set_size(size).is_err() {
-                        log::warn!(
+                        crate::guest_warn!(
                             "virtio-mmio: ignoring queue size {size}: must be a power of two \
                              in 1..={max}"
                         );
@@ -347,7 +355,7 @@ impl MmioTransport {
             | regs::QUEUE_USED_LOW
             | regs::QUEUE_USED_HIGH => self.write_queue_address(offset, value),
             regs::SHM_SEL => {} // no shared memory regions; reads report none
-            _ => log::warn!(
+            _ => crate::guest_warn!(
                 "virtio-mmio: ignoring write of {value:#x} to unknown or read-only register \
                  {offset:#x}"
             ),
@@ -356,7 +364,7 @@ impl MmioTransport {
 
     fn write_driver_features(&mut self, value: u32) {
         if self.status & (DRIVER | FEATURES_OK | FAILED) != DRIVER {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: ignoring DriverFeatures write of {value:#x} in device status {:#x}",
                 self.status
             );
@@ -367,7 +375,7 @@ impl MmioTransport {
             1 => 32,
             sel => {
                 if value != 0 {
-                    log::warn!(
+                    crate::guest_warn!(
                         "virtio-mmio: ignoring DriverFeatures {value:#x} for selector {sel}: \
                          no such features offered"
                     );
@@ -378,7 +386,7 @@ impl MmioTransport {
         let offered = (self.avail_features >> shift) as u32;
         let unknown = value & !offered;
         if unknown != 0 {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: driver acked feature bits {unknown:#x} (word {}) that were never \
                  offered; ignoring them",
                 shift / 32
@@ -393,7 +401,7 @@ impl MmioTransport {
             0 => {
                 // Un-readying is harmless until DRIVER_OK; drivers do it while tearing down.
                 if self.status & DRIVER_OK != 0 {
-                    log::warn!("virtio-mmio: ignoring QueueReady=0 after DRIVER_OK");
+                    crate::guest_warn!("virtio-mmio: ignoring QueueReady=0 after DRIVER_OK");
                 } else if let Some(q) = self.queues.get_mut(self.queue_sel as usize) {
                     q.set_ready(false);
                 }
@@ -403,7 +411,7 @@ impl MmioTransport {
                     q.set_ready(true);
                 }
             }
-            other => log::warn!("virtio-mmio: ignoring QueueReady write of {other}"),
+            other => crate::guest_warn!("virtio-mmio: ignoring QueueReady write of {other}"),
         }
     }
 
@@ -432,7 +440,7 @@ impl MmioTransport {
             _ => q.try_set_used_ring_address(addr),
         };
         if let Err(e) = res {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: ignoring queue address {:#x} (register {offset:#x}): {e}",
                 addr.0
             );
@@ -443,10 +451,12 @@ impl MmioTransport {
         match self.queue_evts.get(value as usize) {
             Some(evt) => {
                 if let Err(e) = evt.write(1) {
-                    log::warn!("virtio-mmio: failed to signal queue {value}: {e}");
+                    crate::guest_warn!("virtio-mmio: failed to signal queue {value}: {e}");
                 }
             }
-            None => log::warn!("virtio-mmio: ignoring notification of nonexistent queue {value}"),
+            None => crate::guest_warn!(
+                "virtio-mmio: ignoring notification of nonexistent queue {value}"
+            ),
         }
     }
 
@@ -459,7 +469,7 @@ impl MmioTransport {
         let value = value & !DEVICE_NEEDS_RESET;
         let current = self.status & !DEVICE_NEEDS_RESET;
         if value & FAILED != 0 {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: driver marked device type {} FAILED",
                 self.device_type
             );
@@ -468,7 +478,7 @@ impl MmioTransport {
         }
         const KNOWN: u32 = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK;
         if value & !KNOWN != 0 || value & current != current {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: ignoring status write {value:#x} (current {:#x}): unknown bits or \
                  bits cleared without a reset",
                 self.status
@@ -476,7 +486,7 @@ impl MmioTransport {
             return;
         }
         if self.status & (FAILED | DEVICE_NEEDS_RESET) != 0 && value != current {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: ignoring status write {value:#x}: device needs a reset (status {:#x})",
                 self.status
             );
@@ -487,7 +497,7 @@ impl MmioTransport {
         const STEPS: [u32; 4] = [ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK];
         let in_order = (1..=STEPS.len()).any(|n| STEPS[..n].iter().fold(0, |a, b| a | b) == value);
         if !in_order {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: ignoring status write {value:#x}: out of order (status {:#x})",
                 self.status
             );
@@ -513,7 +523,7 @@ impl MmioTransport {
     /// driver the subset is unacceptable.
     fn features_ok(&mut self) -> bool {
         if self.acked_features & FEATURE_VERSION_1 == 0 {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: driver did not accept VIRTIO_F_VERSION_1 (acked {:#x}); legacy \
                  drivers are not supported",
                 self.acked_features
@@ -530,7 +540,7 @@ impl MmioTransport {
         let mut queues = Vec::with_capacity(self.queues.len());
         for (index, q) in self.queues.iter().enumerate() {
             if q.ready() && !q.is_valid(&self.mem) {
-                log::warn!(
+                crate::guest_warn!(
                     "virtio-mmio: queue {index} is not valid (size {}, desc {:#x}, avail {:#x}, \
                      used {:#x}); device needs reset",
                     q.size(),
@@ -544,7 +554,7 @@ impl MmioTransport {
             match Queue::try_from(q.state()) {
                 Ok(copy) => queues.push(copy),
                 Err(e) => {
-                    log::warn!("virtio-mmio: queue {index} state is invalid: {e}");
+                    crate::guest_warn!("virtio-mmio: queue {index} state is invalid: {e}");
                     self.status |= DEVICE_NEEDS_RESET;
                     return false;
                 }
@@ -573,7 +583,7 @@ impl MmioTransport {
                 true
             }
             Err(e) => {
-                log::warn!(
+                crate::guest_warn!(
                     "virtio-mmio: activating device type {} failed: {e}",
                     self.device_type
                 );
@@ -614,7 +624,7 @@ impl BusDevice for MmioTransport {
             if (1..=8).contains(&data.len()) {
                 lock_recover(&self.device).read_config(offset - regs::CONFIG, data);
             } else {
-                log::warn!(
+                crate::guest_warn!(
                     "virtio-mmio: ignoring {}-byte config read at {offset:#x}",
                     data.len()
                 );
@@ -623,7 +633,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         if data.len() != 4 || offset % 4 != 0 {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: ignoring {}-byte register read at {offset:#x}",
                 data.len()
             );
@@ -638,7 +648,7 @@ impl BusDevice for MmioTransport {
             if (1..=8).contains(&data.len()) {
                 lock_recover(&self.device).write_config(offset - regs::CONFIG, data);
             } else {
-                log::warn!(
+                crate::guest_warn!(
                     "virtio-mmio: ignoring {}-byte config write at {offset:#x}",
                     data.len()
                 );
@@ -647,7 +657,7 @@ impl BusDevice for MmioTransport {
         }
         match <[u8; 4]>::try_from(data) {
             Ok(bytes) if offset % 4 == 0 => self.write_reg(offset, u32::from_le_bytes(bytes)),
-            _ => log::warn!(
+            _ => crate::guest_warn!(
                 "virtio-mmio: ignoring {}-byte register write at {offset:#x}",
                 data.len()
             ),

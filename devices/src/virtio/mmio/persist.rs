@@ -120,7 +120,7 @@ impl MmioTransport {
             if live.len() == self.queues.len() {
                 return live;
             }
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: device type {} reports {} live queues, the transport has {}",
                 self.device_type,
                 live.len(),

@@ -217,7 +217,9 @@ impl Net {
             }
             Ok(false) => {}
             Err(e) => {
-                log::warn!("virtio-net: cannot check whether to notify the {name} queue: {e}")
+                crate::guest_warn!(
+                    "virtio-net: cannot check whether to notify the {name} queue: {e}"
+                )
             }
         }
     }
@@ -454,7 +456,7 @@ impl Net {
     fn sync_registrations(&mut self, ops: &mut EventOps) {
         for evt in self.registered.drain(..) {
             if let Err(e) = ops.remove(Events::new(&evt, EventSet::IN)) {
-                log::warn!("virtio-net: failed to unregister a queue eventfd: {e:?}");
+                crate::guest_warn!("virtio-net: failed to unregister a queue eventfd: {e:?}");
             }
         }
         let Some(active) = &self.active else {
@@ -580,7 +582,9 @@ impl VirtioDevice for Net {
     fn set_acked_features(&mut self, acked: u64) {
         let unknown = acked & !self.avail_features();
         if unknown != 0 {
-            log::warn!("virtio-net: ignoring acked features {unknown:#x} that were not offered");
+            crate::guest_warn!(
+                "virtio-net: ignoring acked features {unknown:#x} that were not offered"
+            );
         }
         self.acked_features = acked & self.avail_features();
         self.offloads_applied = false;
@@ -592,7 +596,7 @@ impl VirtioDevice for Net {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // The MAC is writable only with VIRTIO_NET_F_CTRL_MAC_ADDR, which is not offered.
-        log::warn!(
+        crate::guest_warn!(
             "virtio-net: ignoring {}-byte write to read-only config space at {offset:#x}",
             data.len()
         );
@@ -638,7 +642,7 @@ impl VirtioDevice for Net {
         self.rx_throttle.release();
         self.tx_throttle.release();
         if let Err(e) = self.activate_evt.write(1) {
-            log::warn!("virtio-net: failed to signal the reset to the event loop: {e}");
+            crate::guest_warn!("virtio-net: failed to signal the reset to the event loop: {e}");
         }
         true
     }
@@ -670,7 +674,7 @@ impl MutEventSubscriber for Net {
         } else if self.rx_throttle.expired(fd) || self.tx_throttle.expired(fd) {
             // The held-back direction goes on below.
         } else if fd != self.tap.as_raw_fd() {
-            log::warn!("virtio-net: event on unexpected fd {fd}");
+            crate::guest_warn!("virtio-net: event on unexpected fd {fd}");
             return;
         }
         self.run(ops);

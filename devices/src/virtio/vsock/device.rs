@@ -148,7 +148,7 @@ impl Vsock {
     pub fn deliver_to_host(&mut self, limit: Duration) -> usize {
         let lost = self.muxer.deliver_to_host(limit);
         if lost > 0 {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-vsock: {lost} bytes the guest sent were not taken by their host \
                  sockets within {limit:?} of the VM's end; they are dropped"
             );
@@ -168,7 +168,7 @@ impl Vsock {
 
     fn wake_loop(&self) {
         if let Err(e) = self.activate_evt.write(1) {
-            log::warn!("virtio-vsock: cannot wake the event loop: {e}");
+            crate::guest_warn!("virtio-vsock: cannot wake the event loop: {e}");
         }
     }
 
@@ -219,7 +219,7 @@ impl Vsock {
                 }
             }
             Ok(false) => {}
-            Err(e) => log::warn!(
+            Err(e) => crate::guest_warn!(
                 "virtio-vsock: cannot check whether to notify the {} queue: {e}",
                 QUEUE_NAMES[queue]
             ),
@@ -418,7 +418,7 @@ impl Vsock {
     fn sync_queue_registrations(&mut self, ops: &mut EventOps) {
         for evt in self.registered.drain(..) {
             if let Err(e) = ops.remove(Events::empty(&evt)) {
-                log::warn!("virtio-vsock: failed to unregister a queue eventfd: {e:?}");
+                crate::guest_warn!("virtio-vsock: failed to unregister a queue eventfd: {e:?}");
             }
         }
         let Some(active) = &self.active else {
@@ -514,7 +514,9 @@ impl VirtioDevice for Vsock {
     fn set_acked_features(&mut self, acked: u64) {
         let unknown = acked & !self.avail_features();
         if unknown != 0 {
-            log::warn!("virtio-vsock: ignoring acked features {unknown:#x} that were not offered");
+            crate::guest_warn!(
+                "virtio-vsock: ignoring acked features {unknown:#x} that were not offered"
+            );
         }
         self.acked_features = acked & self.avail_features();
     }
@@ -524,7 +526,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::warn!(
+        crate::guest_warn!(
             "virtio-vsock: ignoring {}-byte write to read-only config space at {offset:#x}",
             data.len()
         );
