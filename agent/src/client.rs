@@ -17,9 +17,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::protocol::{
-    decode, encode_frame, read_frame, Credit, ExecRequest, ExitStatus, FileStat, FrameError,
-    RemoteError, Request, RequestBody, Response, ResponseBody, Transport, ACK_THRESHOLD,
-    CAP_RESYNC, MAX_CHUNK, MAX_RESYNC_ENTROPY, PROTOCOL_VERSION,
+    decode, encode_frame, read_frame, Credit, ErrorKind, ExecRequest, ExitStatus, FileStat,
+    FrameError, RemoteError, Request, RequestBody, Response, ResponseBody, Transport,
+    ACK_THRESHOLD, CAP_RESYNC, MAX_CHUNK, MAX_RESYNC_ENTROPY, PROTOCOL_VERSION, STREAM_WINDOW,
 };
 
 /// Entropy bytes [`AgentClient::resync_now`] sends.
@@ -126,6 +126,18 @@ struct Slot {
     tx: Sender<ResponseBody>,
     /// The window of this request's input stream (stdin, file content).
     credit: Arc<Credit>,
+    /// Output bytes (stdout, stderr, file content) handed to the request and not consumed
+    /// yet: an agent that honours the window never has more than [`STREAM_WINDOW`] of them
+    /// outstanding, so more means it ignored flow control.
+    unconsumed: Arc<AtomicU64>,
+}
+
+/// A request's side of its stream: its id, what the agent answers, and both windows.
+struct Registered {
+    id: u64,
+    rx: Receiver<ResponseBody>,
+    credit: Arc<Credit>,
+    unconsumed: Arc<AtomicU64>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -141,10 +153,11 @@ impl Inner {
         Ok(())
     }
 
-    fn register(&self) -> Result<(u64, Receiver<ResponseBody>, Arc<Credit>)> {
+    fn register(&self) -> Result<Registered> {
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         let (tx, rx) = mpsc::channel();
         let credit = Arc::new(Credit::default());
+        let unconsumed = Arc::new(AtomicU64::new(0));
         let mut pending = lock(&self.pending);
         if let Some(reason) = &pending.closed {
             return Err(ClientError::Disconnected(reason.clone()));
@@ -154,9 +167,15 @@ impl Inner {
             Slot {
                 tx,
                 credit: credit.clone(),
+                unconsumed: unconsumed.clone(),
             },
         );
-        Ok((id, rx, credit))
+        Ok(Registered {
+            id,
+            rx,
+            credit,
+            unconsumed,
+        })
     }
 
     fn unregister(&self, id: u64) {
@@ -206,8 +225,32 @@ impl Inner {
                     }
                 }
                 body => {
-                    if let Some(slot) = pending.slots.get(&response.id) {
-                        slot.tx.send(body).ok();
+                    let Some(slot) = pending.slots.get(&response.id) else {
+                        continue;
+                    };
+                    let held = output_len(&body)
+                        .map(|len| slot.unconsumed.fetch_add(len, Ordering::Relaxed) + len);
+                    match held {
+                        Some(held) if held > STREAM_WINDOW => {
+                            // The stream is closed: what the agent sends for it from now on
+                            // is read and dropped, never kept.
+                            if let Some(slot) = pending.slots.remove(&response.id) {
+                                slot.credit.close();
+                                let err = RemoteError::new(
+                                    ErrorKind::Protocol,
+                                    format!(
+                                        "the agent sent {held} bytes on stream {} that were not \
+                                         acknowledged, beyond its {STREAM_WINDOW}-byte window: \
+                                         the stream was closed",
+                                        response.id
+                                    ),
+                                );
+                                slot.tx.send(ResponseBody::Error(err)).ok();
+                            }
+                        }
+                        _ => {
+                            slot.tx.send(body).ok();
+                        }
                     }
                 }
             }
@@ -220,14 +263,38 @@ impl Inner {
     }
 }
 
+/// The data bytes of an output frame.
+fn output_len(body: &ResponseBody) -> Option<u64> {
+    match body {
+        ResponseBody::Stdout { data }
+        | ResponseBody::Stderr { data }
+        | ResponseBody::FileChunk { data } => Some(data.len() as u64),
+        _ => None,
+    }
+}
+
 /// Acknowledges consumed output in batches (see `protocol`).
 struct OutputAcker {
     id: u64,
     unacked: u64,
+    unconsumed: Arc<AtomicU64>,
 }
 
 impl OutputAcker {
+    fn new(stream: &Registered) -> OutputAcker {
+        OutputAcker {
+            id: stream.id,
+            unacked: 0,
+            unconsumed: stream.unconsumed.clone(),
+        }
+    }
+
     fn consumed(&mut self, inner: &Inner, bytes: usize) {
+        let _ = self
+            .unconsumed
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                Some(held.saturating_sub(bytes as u64))
+            });
         self.unacked += bytes as u64;
         if self.unacked >= ACK_THRESHOLD {
             // A failed send means the connection is gone; the next receive reports it.
@@ -367,7 +434,7 @@ impl AgentClient {
 
     /// Sends a request and waits for its one final response.
     fn call(&self, what: &'static str, body: RequestBody) -> Result<ResponseBody> {
-        let (id, rx, _) = self.inner.register()?;
+        let Registered { id, rx, .. } = self.inner.register()?;
         if let Err(err) = self.inner.send(id, body) {
             self.inner.unregister(id);
             return Err(err);
@@ -473,7 +540,7 @@ impl AgentClient {
     pub fn resync_now_pipelined(&self) -> Result<()> {
         self.require(CAP_RESYNC, "resync the clock and RNG")?;
         let (unix_time_ns, entropy) = Self::host_time_and_entropy()?;
-        let (id, rx, _) = self.inner.register()?;
+        let Registered { id, rx, .. } = self.inner.register()?;
         let body = RequestBody::Resync {
             unix_time_ns,
             entropy: entropy.to_vec(),
@@ -519,18 +586,17 @@ impl AgentClient {
     /// Starts a command and returns once it runs (or with the reason it could not start,
     /// e.g. [`crate::protocol::ErrorKind::NotFound`] for a missing program).
     pub fn spawn(&self, request: ExecRequest) -> Result<Execution> {
-        let (id, rx, credit) = self.inner.register()?;
+        let stream = self.inner.register()?;
+        let Registered { id, .. } = stream;
         if let Err(err) = self.inner.send(id, RequestBody::Exec(request)) {
             self.inner.unregister(id);
             return Err(err);
         }
-        match rx.recv() {
+        match stream.rx.recv() {
             Ok(ResponseBody::Started { pid }) => Ok(Execution {
                 inner: self.inner.clone(),
-                id,
                 pid,
-                rx,
-                credit,
+                stream,
             }),
             Ok(ResponseBody::Error(err)) => Err(ClientError::Remote(err)),
             Ok(other) => {
@@ -606,7 +672,7 @@ impl AgentClient {
     /// Writes `content` to `path` in the guest (created with `mode`, parents created,
     /// truncated if it exists); returns the bytes written.
     pub fn write_file(&self, path: &str, mode: u32, mut content: impl Read) -> Result<u64> {
-        let (id, rx, credit) = self.inner.register()?;
+        let Registered { id, rx, credit, .. } = self.inner.register()?;
         let start = RequestBody::WriteFile {
             path: path.to_string(),
             mode,
@@ -656,7 +722,8 @@ impl AgentClient {
 
     /// Streams the guest's `path` into `out`; returns the bytes read.
     pub fn read_file(&self, path: &str, mut out: impl Write) -> Result<u64> {
-        let (id, rx, _) = self.inner.register()?;
+        let stream = self.inner.register()?;
+        let id = stream.id;
         if let Err(err) = self.inner.send(
             id,
             RequestBody::ReadFile {
@@ -666,10 +733,10 @@ impl AgentClient {
             self.inner.unregister(id);
             return Err(err);
         }
-        let mut acker = OutputAcker { id, unacked: 0 };
+        let mut acker = OutputAcker::new(&stream);
         let mut local_error = None;
         loop {
-            match rx.recv() {
+            match stream.rx.recv() {
                 Ok(ResponseBody::FileChunk { data }) => {
                     if local_error.is_none() {
                         local_error = out.write_all(&data).err();
@@ -740,16 +807,14 @@ impl Drop for AgentClient {
 /// A running command started by [`AgentClient::spawn`].
 pub struct Execution {
     inner: Arc<Inner>,
-    id: u64,
     pid: u32,
-    rx: Receiver<ResponseBody>,
-    credit: Arc<Credit>,
+    stream: Registered,
 }
 
 impl Execution {
     /// The request id: what [`AgentClient::kill`] takes.
     pub fn id(&self) -> u64 {
-        self.id
+        self.stream.id
     }
 
     /// The command's pid in the guest (also its process group id).
@@ -762,19 +827,16 @@ impl Execution {
     pub fn stdin(&self) -> StdinWriter {
         StdinWriter {
             inner: self.inner.clone(),
-            id: self.id,
-            credit: self.credit.clone(),
+            id: self.stream.id,
+            credit: self.stream.credit.clone(),
         }
     }
 
     /// Hands the output to `on_output` until the command exits.
     pub fn wait(self, mut on_output: impl FnMut(OutputStream, &[u8])) -> Result<ExitStatus> {
-        let mut acker = OutputAcker {
-            id: self.id,
-            unacked: 0,
-        };
+        let mut acker = OutputAcker::new(&self.stream);
         loop {
-            match self.rx.recv() {
+            match self.stream.rx.recv() {
                 Ok(ResponseBody::Stdout { data }) => {
                     on_output(OutputStream::Stdout, &data);
                     acker.consumed(&self.inner, data.len());
@@ -786,7 +848,7 @@ impl Execution {
                 Ok(ResponseBody::Exited { status }) => return Ok(status),
                 Ok(ResponseBody::Error(err)) => return Err(ClientError::Remote(err)),
                 Ok(other) => {
-                    self.inner.unregister(self.id);
+                    self.inner.unregister(self.stream.id);
                     return Err(unexpected("exec", &other));
                 }
                 Err(_) => return Err(self.inner.disconnected()),

@@ -888,3 +888,57 @@ fn a_background_process_holding_the_pipes_does_not_hold_the_exit() {
     unsafe { libc::kill(bg, libc::SIGKILL) };
     client.hello().unwrap();
 }
+
+/// A hostile agent: it answers an exec by starting it, then sends `frames` stdout frames of
+/// 64 KiB without waiting for any acknowledgement. Returns how many it could write.
+fn flooding_agent(mut guest: UnixStream, frames: usize) -> JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let Ok(Some(payload)) = read_frame(&mut guest) else {
+            return 0;
+        };
+        let request: Request = decode(&payload).unwrap();
+        let id = request.id;
+        let started = Response {
+            id,
+            body: ResponseBody::Started { pid: 7 },
+        };
+        write_frame(&mut guest, &started).unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut sent = 0;
+        for _ in 0..frames {
+            let body = ResponseBody::Stdout {
+                data: chunk.clone(),
+            };
+            if write_frame(&mut guest, &Response { id, body }).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    })
+}
+
+#[test]
+fn an_agent_that_ignores_the_window_has_its_stream_closed_and_fills_no_host_memory() {
+    let (host, guest) = UnixStream::pair().unwrap();
+    // 64 MiB of output at a consumer that takes 10 ms per chunk.
+    let agent = flooding_agent(guest, 1024);
+    let client = AgentClient::new(host).unwrap();
+    let execution = client.spawn(ExecRequest::shell("yes")).unwrap();
+    let mut delivered = 0u64;
+    let status = execution.wait(|_, data| {
+        delivered += data.len() as u64;
+        std::thread::sleep(Duration::from_millis(10));
+    });
+    let err = status.unwrap_err();
+    assert_eq!(remote_kind(&err), ErrorKind::Protocol, "{err}");
+    assert!(err.to_string().contains("beyond its"), "{err}");
+    // Whatever the consumer got and whatever waited for it: one window and a frame at most
+    // (the rest was read off the connection and dropped).
+    assert!(
+        delivered <= ember_agent::protocol::STREAM_WINDOW + 64 * 1024,
+        "{delivered} bytes"
+    );
+    drop(client);
+    assert!(agent.join().unwrap() > 16, "the agent flooded");
+}

@@ -1074,72 +1074,141 @@ fn vmtest_a_guest_exhausting_its_memory_and_forking_without_end_harms_no_one_els
     assert_eq!(service.sh(&bystander, "echo still")["stdout"], "still\n");
 }
 
-/// Addresses on the lab host's loopback device with a one-file HTTP server each (python3's),
-/// removed on drop: servers "outside" every sandbox's namespace, reachable through its link.
-struct HostServers {
-    addresses: Vec<String>,
+/// The "internet" of the network test: a network namespace it makes (`etest-www`), reached
+/// from the host through a veth on 192.0.2.0/30 (TEST-NET-1), with an HTTP server on each of
+/// `addresses` (`GET /token` answers "served by ADDRESS"), the host routing those addresses
+/// there. Plus a server on the host itself, on every address (port 8081), which no guest may
+/// reach. Nothing leaves this machine.
+struct TestServers {
     children: Vec<Child>,
     dir: PathBuf,
 }
 
-impl HostServers {
-    fn start(addresses: &[&str]) -> HostServers {
+const WWW_NS: &str = "etest-www";
+const WWW_HOST_LINK: &str = "etw-host";
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
+}
+
+impl TestServers {
+    fn start(addresses: &[&str]) -> TestServers {
         let dir = std::env::temp_dir().join(format!("ember-www-{}", std::process::id()));
-        let mut servers = HostServers {
-            addresses: Vec::new(),
+        // What an earlier attempt of this test, killed at its timeout, may have left.
+        for pattern in [
+            "http.server --bind .* 8080",
+            "http.server --bind 0.0.0.0 8081",
+        ] {
+            let _ = Command::new("pkill").args(["-f", pattern]).status();
+        }
+        let _ = Command::new("ip").args(["netns", "del", WWW_NS]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", WWW_HOST_LINK])
+            .output();
+        ip(&["netns", "add", WWW_NS]);
+        ip(&[
+            "link",
+            "add",
+            WWW_HOST_LINK,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "etw-ns",
+            "netns",
+            WWW_NS,
+        ]);
+        ip(&["addr", "add", "192.0.2.1/30", "dev", WWW_HOST_LINK]);
+        ip(&["link", "set", WWW_HOST_LINK, "up"]);
+        ip(&["-n", WWW_NS, "addr", "add", "192.0.2.2/30", "dev", "etw-ns"]);
+        ip(&["-n", WWW_NS, "link", "set", "etw-ns", "up"]);
+        ip(&["-n", WWW_NS, "link", "set", "lo", "up"]);
+        ip(&["-n", WWW_NS, "route", "add", "default", "via", "192.0.2.1"]);
+        let mut servers = TestServers {
             children: Vec::new(),
             dir: dir.clone(),
         };
-        for address in addresses {
-            // An earlier attempt of this test in the same lab, killed at its timeout, ran no
-            // Drop: its server may still hold the address and the address is still on lo.
-            let stale = Command::new("pkill")
-                .args(["-f", &format!("http.server --bind {address} 8080")])
-                .status();
-            if stale.is_ok_and(|s| s.success()) {
-                std::thread::sleep(Duration::from_secs(1));
-            }
-            let out = Command::new("ip")
-                .args(["addr", "replace", &format!("{address}/32"), "dev", "lo"])
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{}", text(&out.stderr));
-            servers.addresses.push(address.to_string());
-            let root = dir.join(address);
-            std::fs::create_dir_all(&root).unwrap();
-            std::fs::write(root.join("token"), format!("served by {address}")).unwrap();
-            let child = Command::new("python3")
-                .args(["-m", "http.server", "--bind", address, "8080"])
-                .current_dir(&root)
+        let serve = |root: &Path, address: &str, port: &str, netns: Option<&str>| {
+            let mut command = match netns {
+                Some(ns) => {
+                    let mut command = Command::new("ip");
+                    command.args(["netns", "exec", ns, "python3"]);
+                    command
+                }
+                None => Command::new("python3"),
+            };
+            command
+                .args(["-m", "http.server", "--bind", address, port])
+                .current_dir(root)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
-                .unwrap();
-            servers.children.push(child);
+                .unwrap()
+        };
+        for address in addresses {
+            ip(&[
+                "-n",
+                WWW_NS,
+                "addr",
+                "add",
+                &format!("{address}/32"),
+                "dev",
+                "lo",
+            ]);
+            ip(&["route", "add", &format!("{address}/32"), "via", "192.0.2.2"]);
+            let root = dir.join(address);
+            std::fs::create_dir_all(&root).unwrap();
+            std::fs::write(root.join("token"), format!("served by {address}")).unwrap();
+            servers
+                .children
+                .push(serve(&root, address, "8080", Some(WWW_NS)));
+        }
+        let root = dir.join("host");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("token"), "served by the host").unwrap();
+        servers.children.push(serve(&root, "0.0.0.0", "8081", None));
+        let up = |address: &str, port: u16| {
             let deadline = Instant::now() + Duration::from_secs(60);
-            while std::net::TcpStream::connect((*address, 8080)).is_err() {
+            while std::net::TcpStream::connect((address, port)).is_err() {
                 assert!(
                     Instant::now() < deadline,
-                    "the server on {address} did not start"
+                    "the server on {address}:{port} did not start"
                 );
                 std::thread::sleep(Duration::from_millis(100));
             }
+        };
+        for address in addresses {
+            up(address, 8080);
         }
+        up("127.0.0.1", 8081);
         servers
+    }
+
+    /// The host's own IPv4 addresses but loopback (each a way a guest might try to reach it).
+    fn host_addresses() -> Vec<String> {
+        let out = Command::new("ip")
+            .args(["-4", "-o", "addr", "show"])
+            .output()
+            .unwrap();
+        text(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(3))
+            .filter_map(|cidr| cidr.split('/').next())
+            .filter(|a| !a.starts_with("127."))
+            .map(str::to_string)
+            .collect()
     }
 }
 
-impl Drop for HostServers {
+impl Drop for TestServers {
     fn drop(&mut self) {
         for child in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for address in &self.addresses {
-            let _ = Command::new("ip")
-                .args(["addr", "del", &format!("{address}/32"), "dev", "lo"])
-                .output();
-        }
+        // The namespace takes its veth, and the host's routes through it, along.
+        let _ = Command::new("ip").args(["netns", "del", WWW_NS]).output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -1205,7 +1274,15 @@ fn ember_network_leftovers() -> Vec<String> {
 #[test]
 fn vmtest_sandbox_networks_egress_allow_lists_none_exposed_ports_and_four_clones_leave_nothing_behind(
 ) {
-    let servers = HostServers::start(&["10.99.0.1", "10.99.0.2"]);
+    // Two stand-ins for public servers (documentation ranges), one on a private range, one
+    // where cloud metadata services answer.
+    let forwarding_before = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+    let servers = TestServers::start(&[
+        "198.51.100.1",
+        "203.0.113.1",
+        "10.99.0.1",
+        "169.254.169.254",
+    ]);
     // Sandboxes here live 30 minutes: four restores at once in the lab can take longer than
     // the default 300 s to come up and fetch, and a sandbox stopped at its timeout would look
     // like a network failure. A warm pool of one: the egress sandbox below gets its TAP
@@ -1239,7 +1316,7 @@ fn vmtest_sandbox_networks_egress_allow_lists_none_exposed_ports_and_four_clones
     let out = service.sh(&none, "ls /sys/class/net");
     assert_eq!(out["stdout"], "lo\n", "{out}");
     let started = Instant::now();
-    let failed = guest_fetch(&service, &none, "10.99.0.1", 60);
+    let failed = guest_fetch(&service, &none, "198.51.100.1", 60);
     assert!(failed.starts_with("error"), "{failed}");
     assert!(
         started.elapsed() < Duration::from_secs(30),
@@ -1274,22 +1351,45 @@ fn vmtest_sandbox_networks_egress_allow_lists_none_exposed_ports_and_four_clones
             "{resolv}"
         );
     }
-    for address in ["10.99.0.1", "10.99.0.2"] {
+    for address in ["198.51.100.1", "203.0.113.1"] {
         assert_eq!(
             guest_fetch(&service, &open, address, 60),
             format!("served by {address}")
         );
     }
-    // An allow-list admits one server and refuses the other.
+    // Without an allow-list: no private range, no link-local (metadata) address, and not the
+    // host, by any of its addresses (its server listens on all of them).
+    for address in ["10.99.0.1", "169.254.169.254"] {
+        let refused = guest_fetch(&service, &open, address, 5);
+        assert!(refused.starts_with("error"), "{address}: {refused}");
+    }
+    let host_addresses = TestServers::host_addresses();
+    assert!(!host_addresses.is_empty());
+    for address in &host_addresses {
+        let script = format!(
+            "python3 -c \"import urllib.request as u\ntry: print(u.urlopen('http://{address}:8081/token', timeout=5).read().decode())\nexcept Exception as e: print('error', type(e).__name__)\""
+        );
+        let out = service.sh(&open, &script);
+        assert!(
+            out["stdout"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("error"),
+            "the guest reached the host at {address}: {out}"
+        );
+    }
+    // An allow-list entry for a private range opens exactly that range.
     let listed = service.create(
-        json!({"network": {"mode": "egress", "allow": ["10.99.0.1/32"]}, "timeout_s": 1800}),
+        json!({"network": {"mode": "egress", "allow": ["10.99.0.0/24"]}, "timeout_s": 1800}),
     );
     assert_eq!(
         guest_fetch(&service, &listed, "10.99.0.1", 60),
         "served by 10.99.0.1"
     );
-    let refused = guest_fetch(&service, &listed, "10.99.0.2", 10);
-    assert!(refused.starts_with("error"), "{refused}");
+    for address in ["198.51.100.1", "169.254.169.254"] {
+        let refused = guest_fetch(&service, &listed, address, 5);
+        assert!(refused.starts_with("error"), "{address}: {refused}");
+    }
     // Bad network requests are refused.
     for body in [
         r#"{"network": {"mode": "bridge"}}"#,
@@ -1324,7 +1424,7 @@ fn vmtest_sandbox_networks_egress_allow_lists_none_exposed_ports_and_four_clones
             .iter()
             .map(|id| {
                 let service = &service;
-                scope.spawn(move || guest_fetch(service, id, "10.99.0.1", 120))
+                scope.spawn(move || guest_fetch(service, id, "198.51.100.1", 120))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -1334,7 +1434,7 @@ fn vmtest_sandbox_networks_egress_allow_lists_none_exposed_ports_and_four_clones
         // fault) and the service's log.
         assert_eq!(
             got,
-            "served by 10.99.0.1",
+            "served by 198.51.100.1",
             "clone {id}: {}\nthe service's log:\n{}",
             service.sandbox(id),
             service.log()
@@ -1363,6 +1463,11 @@ fn vmtest_sandbox_networks_egress_allow_lists_none_exposed_ports_and_four_clones
         service.call("DELETE", &format!("/sandboxes/{id}"), None, 204);
     }
     assert_eq!(ember_network_leftovers(), Vec::<String>::new());
+    // IPv4 forwarding is as the host had it before the first sandbox network.
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap(),
+        forwarding_before
+    );
     drop(servers);
 }
 

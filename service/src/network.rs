@@ -8,10 +8,14 @@
 //! - a veth pair: `em<12 hex of the id>` in the host's namespace and `uplink` in the sandbox's,
 //!   on a /30 of 10.200.0.0/16 (a slot per live sandbox);
 //! - nftables in the sandbox's namespace: the guest is masqueraded behind the uplink address,
-//!   may start connections only to its allow-list (every address but other sandboxes' links
-//!   when it has none), and receives only replies;
-//! - in the host's namespace, table `ip ember`: the links' traffic is masqueraded to whatever
-//!   uplink the host routes it to, and IPv4 forwarding is on.
+//!   may start connections only to its allow-list (when it has none: public unicast addresses
+//!   only, never private, shared, loopback, link-local, multicast or reserved ranges, other
+//!   sandboxes' links or the host, except the name server it was given), and receives only
+//!   replies;
+//! - in the host's namespace, table `ip ember`: the same policy again per sandbox link (a
+//!   chain per veth), nothing the links start may reach the host itself, the links' traffic is
+//!   masqueraded to whatever uplink the host routes it to, and IPv4 forwarding is on while a
+//!   sandbox network exists (as the host had it once the last one goes).
 //!
 //! A sandbox restored in mode `none` from a snapshot whose guest had a network device gets the
 //! namespace and TAP without the veth: the device exists, nothing is reachable.
@@ -47,6 +51,30 @@ const UPLINK_NAME: &str = "uplink";
 const LINKS: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 200, 0, 0), 16);
 /// Slots in [`LINKS`].
 pub const MAX_SLOTS: u32 = 1 << (32 - 16 - 2);
+/// Ranges an egress guest without an allow-list never reaches (an allow-list entry for one
+/// opens exactly what it names): "this network", private, shared address space (CGNAT),
+/// loopback, link-local (cloud metadata services), IETF protocol assignments, benchmarking,
+/// multicast and reserved. Documentation ranges (TEST-NET) stay reachable: tests stand in
+/// public servers there.
+pub const NON_PUBLIC: &[&str] = &[
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+];
+/// Where the service records that IPv4 forwarding was off before the first sandbox network
+/// turned it on (in `/run`: it outlives a restart of the service, not of the host).
+const FORWARDING_WAS_OFF: &str = "/run/ember-ip-forward-was-off";
+/// Serialises changes to the host's shared part (forwarding, table `ip ember`): the last
+/// network's removal must not drop what a concurrent creation just set up.
+static HOST_NETWORK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// What the service keeps about a sandbox's network (in its record).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,18 +210,79 @@ fn ip(args: &[&str]) -> Result<(), String> {
     run("ip", args, None)
 }
 
-/// The host's part, shared by all sandboxes: forwarding on, the links masqueraded.
+/// The host's part, shared by all sandboxes: forwarding on (recording that it was off), the
+/// links masqueraded, nothing they start reaching the host, and a chain per link (see
+/// [`link_rules`]). Kept when it exists: other sandboxes' chains are in it.
 fn ensure_host_nat() -> Result<(), String> {
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-        .map_err(|e| format!("cannot turn on IPv4 forwarding: {e}"))?;
+    let forwarding = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+        .map_err(|e| format!("cannot read IPv4 forwarding: {e}"))?;
+    if forwarding.trim() == "0" {
+        std::fs::write(FORWARDING_WAS_OFF, b"")
+            .map_err(|e| format!("cannot record {FORWARDING_WAS_OFF}: {e}"))?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .map_err(|e| format!("cannot turn on IPv4 forwarding: {e}"))?;
+    }
+    if run("nft", &["list", "table", "ip", "ember"], None).is_ok() {
+        return Ok(());
+    }
     let (net, len) = LINKS;
     let rules = format!(
-        "add table ip ember\n\
-         flush table ip ember\n\
-         add chain ip ember postrouting {{ type nat hook postrouting priority srcnat; }}\n\
-         add rule ip ember postrouting ip saddr {net}/{len} oifname != \"em*\" masquerade\n"
+        "table ip ember {{\n\
+         map links {{ type ifname : verdict; }}\n\
+         chain postrouting {{ type nat hook postrouting priority srcnat; ip saddr {net}/{len} oifname != \"em*\" masquerade\n}}\n\
+         chain input {{ type filter hook input priority filter; policy accept;\n\
+         iifname \"em*\" ct state established,related accept\n\
+         iifname \"em*\" drop\n}}\n\
+         chain forward {{ type filter hook forward priority filter; policy accept;\n\
+         iifname \"em*\" ct state established,related accept\n\
+         iifname \"em*\" iifname vmap @links\n\
+         iifname \"em*\" drop\n}}\n\
+         }}\n"
     );
     run("nft", &["-f", "-"], Some(&rules))
+}
+
+/// The host's chain for one sandbox link `veth`, joined to the link in the map: the same
+/// policy as in the sandbox's namespace.
+fn link_rules(veth: &str, allow: Option<&[Cidr]>, dns: Option<Ipv4Addr>) -> String {
+    format!(
+        "add chain ip ember {veth}\n\
+         flush chain ip ember {veth}\n\
+         {}\
+         add element ip ember links {{ \"{veth}\" : jump {veth} }}\n",
+        reach_rules(allow, dns)
+            .iter()
+            .map(|rule| format!("add rule ip ember {veth} {rule}\n"))
+            .collect::<String>()
+    )
+}
+
+/// What a guest may start connections to, as rule bodies (their verdicts: accept, or drop):
+/// its allow-list only; without one, public unicast addresses and its name server.
+fn reach_rules(allow: Option<&[Cidr]>, dns: Option<Ipv4Addr>) -> Vec<String> {
+    let (links, links_len) = LINKS;
+    match allow {
+        Some([]) => Vec::new(),
+        Some(allow) => {
+            let set: Vec<String> = allow.iter().map(Cidr::to_string).collect();
+            vec![format!("ip daddr {{ {} }} accept", set.join(", "))]
+        }
+        None => {
+            let mut rules = Vec::new();
+            if let Some(dns) = dns {
+                rules.push(format!("ip daddr {dns} udp dport 53 accept"));
+                rules.push(format!("ip daddr {dns} tcp dport 53 accept"));
+            }
+            let blocked: Vec<String> = NON_PUBLIC
+                .iter()
+                .map(|r| r.to_string())
+                .chain([format!("{links}/{links_len}")])
+                .collect();
+            rules.push(format!("ip daddr {{ {} }} drop", blocked.join(", ")));
+            rules.push("accept".to_string());
+            rules
+        }
+    }
 }
 
 /// What sandbox networks left on this host: namespaces, host-side veths and the host's NAT
@@ -221,10 +310,20 @@ pub fn leftovers() -> Vec<String> {
     found
 }
 
-/// Removes the host's table once no sandbox namespace is left.
+/// Removes the host's table once no sandbox namespace is left, and turns IPv4 forwarding
+/// back off if it was off before. The caller holds [`HOST_NETWORK`].
 fn drop_host_nat_if_unused() {
-    if sandbox_namespaces().is_empty() {
-        let _ = run("nft", &["delete", "table", "ip", "ember"], None);
+    if !sandbox_namespaces().is_empty() {
+        return;
+    }
+    let _ = run("nft", &["delete", "table", "ip", "ember"], None);
+    if Path::new(FORWARDING_WAS_OFF).exists() {
+        match std::fs::write("/proc/sys/net/ipv4/ip_forward", "0") {
+            Ok(()) => {
+                let _ = std::fs::remove_file(FORWARDING_WAS_OFF);
+            }
+            Err(e) => log::warn!("cannot turn IPv4 forwarding back off: {e}"),
+        }
     }
 }
 
@@ -236,9 +335,10 @@ pub fn create(
     slot: Option<u32>,
     owner: (u32, u32),
 ) -> Result<(), String> {
+    let _host = HOST_NETWORK.lock().unwrap_or_else(|p| p.into_inner());
     let result = create_inner(id, mode, slot, owner);
     if result.is_err() {
-        remove(id);
+        remove_locked(id);
     }
     result
 }
@@ -266,6 +366,7 @@ fn create_inner(
         return Ok(());
     };
     let slot = slot.ok_or("an egress network needs a link slot")?;
+    let dns = host_name_server(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
     ensure_host_nat()?;
     let veth = host_veth(id);
     let (host_addr, ns_addr) = link_addresses(slot);
@@ -318,27 +419,21 @@ fn create_inner(
     run(
         "ip",
         &["netns", "exec", &ns, "nft", "-f", "-"],
-        Some(&sandbox_rules(allow.as_deref())),
+        Some(&sandbox_rules(allow.as_deref(), dns)),
+    )?;
+    run(
+        "nft",
+        &["-f", "-"],
+        Some(&link_rules(&veth, allow.as_deref(), dns)),
     )
 }
 
 /// The sandbox namespace's nftables: masquerade, and what the guest may reach.
-fn sandbox_rules(allow: Option<&[Cidr]>) -> String {
-    let (links, links_len) = LINKS;
-    let reach = match allow {
-        Some([]) => String::new(),
-        Some(allow) => {
-            let set: Vec<String> = allow.iter().map(Cidr::to_string).collect();
-            format!(
-                "iifname \"{TAP_NAME}\" oifname \"{UPLINK_NAME}\" ip daddr {{ {} }} accept\n",
-                set.join(", ")
-            )
-        }
-        None => format!(
-            "iifname \"{TAP_NAME}\" oifname \"{UPLINK_NAME}\" ip daddr {links}/{links_len} drop\n\
-             iifname \"{TAP_NAME}\" oifname \"{UPLINK_NAME}\" accept\n"
-        ),
-    };
+fn sandbox_rules(allow: Option<&[Cidr]>, dns: Option<Ipv4Addr>) -> String {
+    let reach: String = reach_rules(allow, dns)
+        .iter()
+        .map(|rule| format!("iifname \"{TAP_NAME}\" oifname \"{UPLINK_NAME}\" {rule}\n"))
+        .collect();
     format!(
         "table ip sandbox {{\n\
          chain postrouting {{ type nat hook postrouting priority srcnat; oifname \"{UPLINK_NAME}\" masquerade\n}}\n\
@@ -352,15 +447,24 @@ fn sandbox_rules(allow: Option<&[Cidr]>) -> String {
     )
 }
 
-/// Removes sandbox `id`'s namespace (its veth and TAP go with it); nothing if there is none.
+/// Removes sandbox `id`'s namespace (its veth and TAP go with it) and its chain in the host's
+/// table; nothing if there is none.
 pub fn remove(id: &str) {
+    let _host = HOST_NETWORK.lock().unwrap_or_else(|p| p.into_inner());
+    remove_locked(id);
+}
+
+fn remove_locked(id: &str) {
+    let veth = host_veth(id);
+    let unlink =
+        format!("delete element ip ember links {{ \"{veth}\" }}\ndelete chain ip ember {veth}\n");
+    let _ = run("nft", &["-f", "-"], Some(&unlink));
     if netns_path(id).exists() {
         if let Err(e) = ip(&["netns", "del", &netns_name(id)]) {
             log::warn!("sandbox {id}: cannot remove its network namespace: {e}");
         }
     }
     // A veth whose namespace never got its peer.
-    let veth = host_veth(id);
     if Path::new("/sys/class/net").join(&veth).exists() {
         let _ = ip(&["link", "del", &veth]);
     }
@@ -369,12 +473,14 @@ pub fn remove(id: &str) {
 
 /// Removes the namespaces of sandboxes not in `live` (left by a crash or a killed service).
 pub fn remove_stale(live: &HashSet<String>) {
+    let _host = HOST_NETWORK.lock().unwrap_or_else(|p| p.into_inner());
     for id in sandbox_namespaces() {
         if !live.contains(&id) {
             log::info!("removing the network of sandbox {id}, which is gone");
-            remove(&id);
+            remove_locked(&id);
         }
     }
+    drop_host_nat_if_unused();
 }
 
 /// The sandbox ids that have a namespace on this host (`/run/netns/ember-ID`).
@@ -464,19 +570,55 @@ mod tests {
 
     #[test]
     fn rules_follow_the_allow_list() {
-        let open = sandbox_rules(None);
-        assert!(open.contains("ip daddr 10.200.0.0/16 drop"), "{open}");
+        let dns = Some(Ipv4Addr::new(10, 0, 2, 3));
+        let open = sandbox_rules(None, dns);
+        for blocked in [
+            "10.200.0.0/16",
+            "169.254.0.0/16",
+            "10.0.0.0/8",
+            "172.16.0.0/12",
+        ] {
+            assert!(open.contains(blocked), "{blocked}: {open}");
+        }
         assert!(open.contains("oifname \"uplink\" accept"), "{open}");
-        let listed = sandbox_rules(Some(&["10.99.0.1/32".parse().unwrap()]));
+        // Its name server stays reachable although it is on a private range: before the drop.
+        let (accept_dns, drop) = (
+            open.find("ip daddr 10.0.2.3 udp dport 53 accept").unwrap(),
+            open.find("} drop").unwrap(),
+        );
+        assert!(accept_dns < drop, "{open}");
+        let listed = sandbox_rules(Some(&["10.99.0.1/32".parse().unwrap()]), dns);
         assert!(
             listed.contains("ip daddr { 10.99.0.1/32 } accept"),
             "{listed}"
         );
         assert!(!listed.contains("oifname \"uplink\" accept"), "{listed}");
-        let closed = sandbox_rules(Some(&[]));
+        assert!(!listed.contains("dport 53"), "{listed}");
+        let closed = sandbox_rules(Some(&[]), dns);
         assert!(
             !closed.contains("oifname \"uplink\" accept") && !closed.contains("ip daddr {"),
             "{closed}"
         );
+    }
+
+    #[test]
+    fn the_host_applies_the_same_policy_per_link() {
+        let host = link_rules("emabc", None, None);
+        assert!(host.contains("add chain ip ember emabc\n"), "{host}");
+        assert!(
+            host.contains("add rule ip ember emabc ip daddr { 0.0.0.0/8, 10.0.0.0/8"),
+            "{host}"
+        );
+        assert!(host.contains("add rule ip ember emabc accept\n"), "{host}");
+        assert!(
+            host.contains("add element ip ember links { \"emabc\" : jump emabc }"),
+            "{host}"
+        );
+        let listed = link_rules("emabc", Some(&["10.99.0.0/24".parse().unwrap()]), None);
+        assert!(
+            listed.contains("add rule ip ember emabc ip daddr { 10.99.0.0/24 } accept"),
+            "{listed}"
+        );
+        assert!(!listed.contains("emabc accept\n"), "{listed}");
     }
 }

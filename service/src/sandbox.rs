@@ -1014,6 +1014,12 @@ fn watch_adopted(
             let id = sandbox.id.clone();
             let _ = tokio::task::spawn_blocking(move || cgroups.remove(&id)).await;
         }
+        // As for a VMM this service started: its ports and network go with it.
+        sandbox.close_ports();
+        if sandbox.record().net.is_some() {
+            let id = sandbox.id.clone();
+            let _ = tokio::task::spawn_blocking(move || network::remove(&id)).await;
+        }
         sandbox.fail(format!(
             "the VMM process (pid {pid}) ended: {}",
             log_tail(&sandbox.dir)
