@@ -432,6 +432,27 @@ impl AgentClient {
         self.request_timeout = timeout;
     }
 
+    /// The next response of request `id`, waiting at most the request timeout (a silent
+    /// agent costs the caller that long, never more); on timeout the request is abandoned.
+    fn next_response(
+        &self,
+        what: &str,
+        id: u64,
+        rx: &Receiver<ResponseBody>,
+    ) -> Result<ResponseBody> {
+        match rx.recv_timeout(self.request_timeout) {
+            Ok(body) => Ok(body),
+            Err(RecvTimeoutError::Timeout) => {
+                self.inner.unregister(id);
+                Err(ClientError::Timeout {
+                    what: format!("{what} (request {id})"),
+                    timeout: self.request_timeout,
+                })
+            }
+            Err(RecvTimeoutError::Disconnected) => Err(self.inner.disconnected()),
+        }
+    }
+
     /// Sends a request and waits for its one final response.
     fn call(&self, what: &'static str, body: RequestBody) -> Result<ResponseBody> {
         let Registered { id, rx, .. } = self.inner.register()?;
@@ -592,18 +613,17 @@ impl AgentClient {
             self.inner.unregister(id);
             return Err(err);
         }
-        match stream.rx.recv() {
-            Ok(ResponseBody::Started { pid }) => Ok(Execution {
+        match self.next_response("the start of a command", id, &stream.rx)? {
+            ResponseBody::Started { pid } => Ok(Execution {
                 inner: self.inner.clone(),
                 pid,
                 stream,
             }),
-            Ok(ResponseBody::Error(err)) => Err(ClientError::Remote(err)),
-            Ok(other) => {
+            ResponseBody::Error(err) => Err(ClientError::Remote(err)),
+            other => {
                 self.inner.unregister(id);
                 Err(unexpected("exec", &other))
             }
-            Err(_) => Err(self.inner.disconnected()),
         }
     }
 
@@ -694,9 +714,18 @@ impl AgentClient {
                     break;
                 }
             };
-            // `false`: the agent already answered (an error) or the connection is gone.
-            if !credit.acquire(n as u64) {
-                break;
+            // `false`: the agent already answered (an error) or the connection is gone; a
+            // window that stays full past the request timeout is a silent agent.
+            match credit.acquire_within(n as u64, self.request_timeout) {
+                Some(true) => {}
+                Some(false) => break,
+                None => {
+                    self.inner.unregister(id);
+                    return Err(ClientError::Timeout {
+                        what: format!("room in its window for {path:?} (request {id})"),
+                        timeout: self.request_timeout,
+                    });
+                }
             }
             let data = buf[..n].to_vec();
             if let Err(err) = self.inner.send(id, RequestBody::FileData { data }) {
@@ -705,11 +734,11 @@ impl AgentClient {
             }
         }
         self.inner.send(id, RequestBody::FileEnd).ok();
-        let result = match rx.recv() {
+        let result = match self.next_response("the end of a file write", id, &rx) {
             Ok(ResponseBody::Done { bytes }) => Ok(bytes),
             Ok(ResponseBody::Error(err)) => Err(ClientError::Remote(err)),
             Ok(other) => Err(unexpected("write_file", &other)),
-            Err(_) => Err(self.inner.disconnected()),
+            Err(err) => Err(err),
         };
         match local_error {
             Some(source) => Err(ClientError::Local {
@@ -736,7 +765,9 @@ impl AgentClient {
         let mut acker = OutputAcker::new(&stream);
         let mut local_error = None;
         loop {
-            match stream.rx.recv() {
+            // Each chunk within the request timeout: a file that stops flowing is a silent
+            // agent.
+            match self.next_response("the next chunk of a file", id, &stream.rx) {
                 Ok(ResponseBody::FileChunk { data }) => {
                     if local_error.is_none() {
                         local_error = out.write_all(&data).err();
@@ -757,7 +788,7 @@ impl AgentClient {
                     self.inner.unregister(id);
                     return Err(unexpected("read_file", &other));
                 }
-                Err(_) => return Err(self.inner.disconnected()),
+                Err(err) => return Err(err),
             }
         }
     }

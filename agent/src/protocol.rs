@@ -475,6 +475,28 @@ impl Credit {
         }
     }
 
+    /// As [`Credit::acquire`], giving up after `patience`: `None` when the window stayed full
+    /// that long.
+    pub fn acquire_within(&self, bytes: u64, patience: std::time::Duration) -> Option<bool> {
+        let deadline = std::time::Instant::now() + patience;
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if state.closed {
+                return Some(false);
+            }
+            if state.in_flight == 0 || state.in_flight + bytes <= STREAM_WINDOW {
+                state.in_flight += bytes;
+                return Some(true);
+            }
+            let left = deadline.checked_duration_since(std::time::Instant::now())?;
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     /// The receiver acknowledged `bytes`.
     pub fn release(&self, bytes: u64) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());

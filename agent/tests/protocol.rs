@@ -942,3 +942,67 @@ fn an_agent_that_ignores_the_window_has_its_stream_closed_and_fills_no_host_memo
     drop(client);
     assert!(agent.join().unwrap() > 16, "the agent flooded");
 }
+
+/// An agent that answers the handshake and then reads every request without answering.
+fn silent_agent(mut guest: UnixStream) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        while let Ok(Some(payload)) = read_frame(&mut guest) {
+            let Ok(request) = decode::<Request>(&payload) else {
+                continue;
+            };
+            if let RequestBody::Hello { .. } = request.body {
+                let body = ResponseBody::Hello {
+                    agent_version: "0.0.0-silent".into(),
+                    protocol_version: PROTOCOL_VERSION,
+                    capabilities: Vec::new(),
+                };
+                let _ = write_frame(
+                    &mut guest,
+                    &Response {
+                        id: request.id,
+                        body,
+                    },
+                );
+            }
+        }
+    })
+}
+
+#[test]
+fn every_wait_on_a_silent_agent_ends_at_the_request_timeout() {
+    let (host, guest) = UnixStream::pair().unwrap();
+    let agent = silent_agent(guest);
+    let mut client = AgentClient::new(host).unwrap();
+    client.hello().unwrap();
+    let patience = Duration::from_millis(300);
+    client.set_request_timeout(patience);
+    let timed_out = |what: &str, result: Result<(), ClientError>| {
+        let err = result.unwrap_err();
+        assert!(matches!(err, ClientError::Timeout { .. }), "{what}: {err}");
+    };
+    let started = Instant::now();
+    timed_out(
+        "spawn",
+        client.spawn(ExecRequest::shell("true")).map(|_| ()),
+    );
+    timed_out(
+        "read_file",
+        client
+            .read_file("/etc/hostname", std::io::sink())
+            .map(|_| ()),
+    );
+    timed_out("stat", client.stat("/").map(|_| ()));
+    // More than a window of content: the agent never acknowledges any of it.
+    let content = vec![0u8; 3 << 20];
+    timed_out(
+        "write_file",
+        client.write_file("/tmp/x", 0o644, &content[..]).map(|_| ()),
+    );
+    assert!(
+        started.elapsed() < patience * 4 + Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(client);
+    agent.join().unwrap();
+}

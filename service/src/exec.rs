@@ -337,7 +337,9 @@ pub async fn exec(
             let record = record.clone();
             let request = request.clone();
             let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+            let turn = sandbox.agent_turn().await?;
             tokio::task::spawn_blocking(move || {
+                let _turn = turn;
                 run_command(&agent, request, &record, tx, started_tx)
             });
             started_rx

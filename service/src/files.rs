@@ -77,10 +77,16 @@ pub async fn put_file(
     let stream = body.into_data_stream().map_err(std::io::Error::other);
     let reader = SyncIoBridge::new(StreamReader::new(stream));
     let path = query.path.clone();
-    let written = tokio::task::spawn_blocking(move || agent.write_file(&path, mode, reader))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| from_agent(&format!("writing {}", query.path), e))?;
+    let written = {
+        let turn = sandbox.agent_turn().await?;
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            agent.write_file(&path, mode, reader)
+        })
+    }
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| from_agent(&format!("writing {}", query.path), e))?;
     Ok((
         StatusCode::CREATED,
         axum::Json(json!({"path": query.path, "bytes": written, "mode": format!("{mode:o}")})),
@@ -120,10 +126,14 @@ pub async fn get_file(
     let stat = {
         let agent = agent.clone();
         let path = query.path.clone();
-        tokio::task::spawn_blocking(move || agent.stat(&path))
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?
-            .map_err(|e| from_agent(&format!("reading {}", query.path), e))?
+        let turn = sandbox.agent_turn().await?;
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            agent.stat(&path)
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| from_agent(&format!("reading {}", query.path), e))?
     };
     if stat.file_type != FileType::File {
         return Err(ApiError::bad_request(format!(
@@ -133,7 +143,9 @@ pub async fn get_file(
     }
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let path = query.path.clone();
+    let turn = sandbox.agent_turn().await?;
     tokio::task::spawn_blocking(move || {
+        let _turn = turn;
         let errors = tx.clone();
         if let Err(e) = agent.read_file(&path, ChannelWriter(tx)) {
             // The status is sent; breaking the body tells the client it is incomplete.
@@ -166,10 +178,14 @@ pub async fn mkdir(
     sandbox.require_running()?;
     let agent = sandbox.agent().await?;
     let path = body.path.clone();
-    tokio::task::spawn_blocking(move || agent.mkdir_p(&path, mode))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| from_agent(&format!("mkdir {}", body.path), e))?;
+    let turn = sandbox.agent_turn().await?;
+    tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        agent.mkdir_p(&path, mode)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| from_agent(&format!("mkdir {}", body.path), e))?;
     Ok((StatusCode::CREATED, axum::Json(json!({"path": body.path}))).into_response())
 }
 

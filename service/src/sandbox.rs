@@ -128,7 +128,15 @@ pub struct Sandbox {
     forwards: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Its VMM process (by pidfd) while the service knows it.
     process: Mutex<Option<Arc<Process>>>,
+    /// Turns for blocking calls to its agent (see [`Sandbox::agent_turn`]).
+    agent_calls: Arc<tokio::sync::Semaphore>,
 }
+
+/// Blocking calls to one sandbox's agent at once (commands running, file transfers): a
+/// silent or slow agent holds at most this many of the service's blocking threads.
+pub const MAX_AGENT_CALLS: usize = 64;
+/// How long a request waits for a turn before it is refused.
+const AGENT_TURN_WAIT: Duration = Duration::from_secs(30);
 
 pub fn unix_ms() -> u64 {
     SystemTime::now()
@@ -173,6 +181,7 @@ impl Sandbox {
             removed: Mutex::new(false),
             forwards: Mutex::new(Vec::new()),
             process: Mutex::new(None),
+            agent_calls: Arc::new(tokio::sync::Semaphore::new(MAX_AGENT_CALLS)),
         }
     }
 
@@ -435,6 +444,27 @@ impl Sandbox {
         self.resynced.store(true, Ordering::SeqCst);
         *slot = Some(client.clone());
         Ok(client)
+    }
+
+    /// A turn for one blocking call to the agent, held until the call ends: waits (without a
+    /// thread) while [`MAX_AGENT_CALLS`] are under way, and refuses the request (503) after
+    /// waiting that long.
+    pub async fn agent_turn(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        tokio::time::timeout(AGENT_TURN_WAIT, self.agent_calls.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                ApiError::new(
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "agent_busy",
+                    format!(
+                        "sandbox {}: {MAX_AGENT_CALLS} calls to its agent are under way and \
+                         none ended within {AGENT_TURN_WAIT:?}",
+                        self.id
+                    ),
+                )
+            })
     }
 
     /// Drops a broken agent connection so the next request makes a new one.
