@@ -26,6 +26,8 @@ struct Service {
     socket: PathBuf,
     /// More `ember serve` options.
     options: Vec<String>,
+    /// A cgroup the service starts in (as a systemd unit with `Delegate=yes` would).
+    cgroup: Option<PathBuf>,
 }
 
 impl Service {
@@ -44,6 +46,23 @@ impl Service {
             state,
             socket,
             options: options.iter().map(|o| o.to_string()).collect(),
+            cgroup: None,
+        };
+        service.launch();
+        service
+    }
+
+    /// A service started inside `cgroup` (which then holds its process).
+    fn start_in_cgroup(name: &str, cgroup: &Path) -> Service {
+        let state = PathBuf::from(format!("/tmp/es-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state);
+        std::fs::create_dir_all(&state).unwrap();
+        let mut service = Service {
+            child: None,
+            socket: state.join("api.sock"),
+            state,
+            options: Vec::new(),
+            cgroup: Some(cgroup.to_path_buf()),
         };
         service.launch();
         service
@@ -55,7 +74,19 @@ impl Service {
             .append(true)
             .open(self.state.join("serve.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_ember"))
+        let mut command = match &self.cgroup {
+            // The shell moves itself into the cgroup, then becomes the service.
+            Some(cgroup) => {
+                let mut command = Command::new("sh");
+                command
+                    .args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
+                    .arg(cgroup)
+                    .arg(env!("CARGO_BIN_EXE_ember"));
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_ember")),
+        };
+        let child = command
             .args(["serve", "--socket"])
             .arg(&self.socket)
             .arg("--state-dir")
@@ -1593,5 +1624,43 @@ fn vmtest_a_warm_pool_serves_boots_and_restores_replaces_dead_vmms_and_absorbs_b
     }
     for id in [a, b, c].iter().chain(&burst) {
         service.call("DELETE", &format!("/sandboxes/{id}"), None, 204);
+    }
+}
+
+#[test]
+fn vmtest_a_service_in_a_delegated_cgroup_moves_into_a_leaf_and_limits_its_sandboxes() {
+    // What systemd gives a unit with `Delegate=yes`: a cgroup of its own, holding the service.
+    let mount = Path::new("/sys/fs/cgroup");
+    std::fs::write(mount.join("cgroup.subtree_control"), "+memory +cpu +pids").unwrap();
+    let unit = mount.join(format!("ember-test-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&unit).unwrap();
+    let mut service = Service::start_in_cgroup("unit", &unit);
+    let pid = service.child.as_ref().unwrap().id();
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let unit_name = unit.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(
+        own.trim(),
+        format!("0::/{unit_name}/service"),
+        "{}",
+        service.log()
+    );
+    let id = service.create(json!({}));
+    let sandbox_cgroup = unit.join("ember-sandboxes").join(&id);
+    let memory_max = std::fs::read_to_string(sandbox_cgroup.join("memory.max")).unwrap();
+    assert_eq!(memory_max.trim(), ((256u64 + 160) << 20).to_string());
+    assert_eq!(service.sh(&id, "echo limited")["stdout"], "limited\n");
+    service.call("DELETE", &format!("/sandboxes/{id}"), None, 204);
+    service.terminate();
+    // Leaves first: the sandboxes' folder, the service's leaf, then the unit.
+    for dir in [
+        unit.join("ember-sandboxes"),
+        unit.join("service"),
+        unit.clone(),
+    ] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::remove_dir(&dir).is_err() && dir.exists() {
+            assert!(Instant::now() < deadline, "cannot remove {}", dir.display());
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }

@@ -3,9 +3,11 @@
 //! stated overhead, no swap), its CPU time (its vCPUs' worth) and its tasks. A guest that
 //! fills its RAM, or a compromised VMM that allocates or spawns without end, stays inside.
 //!
-//! Without a cgroup v2 hierarchy with the memory, cpu and pids controllers (a v1 host, a
-//! container without delegation) the service says so once and runs sandboxes without these
-//! limits.
+//! A service started in a cgroup of its own that holds processes (a systemd unit with
+//! `Delegate=yes`) moves itself into a leaf, `service/`, so that its cgroup may hand the
+//! controllers down. Without a cgroup v2 hierarchy with the memory, cpu and pids controllers
+//! (a v1 host, a container without delegation) the service refuses to start unless told
+//! `--allow-no-cgroup-limits`, and then says so once and runs sandboxes without limits.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -67,9 +69,31 @@ impl Cgroups {
             .ok_or("this process is not in a cgroup v2 hierarchy")?;
         let base = mount.join(own.trim().trim_start_matches('/'));
         let enable: String = CONTROLLERS.iter().map(|c| format!("+{c} ")).collect();
-        // The service's own cgroup hands the controllers down (allowed for the root cgroup,
-        // or one without processes of its own).
-        write(&base.join("cgroup.subtree_control"), enable.trim())?;
+        // The service's own cgroup hands the controllers down: allowed for the root cgroup,
+        // or one without processes of its own. In a delegated cgroup that holds the service
+        // (EBUSY: "no internal processes"), the service moves into a leaf of it first.
+        let subtree = base.join("cgroup.subtree_control");
+        if let Err(e) = std::fs::write(&subtree, enable.trim()) {
+            if e.raw_os_error() != Some(libc::EBUSY) {
+                return Err(format!(
+                    "writing {:?} to {}: {e}",
+                    enable.trim(),
+                    subtree.display()
+                ));
+            }
+            let leaf = base.join("service");
+            match std::fs::create_dir(&leaf) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(format!("creating {}: {e}", leaf.display())),
+            }
+            write(&leaf.join("cgroup.procs"), "0")?;
+            log::info!(
+                "moved the service into {} so that its cgroup can delegate to sandboxes",
+                leaf.display()
+            );
+            write(&subtree, enable.trim())?;
+        }
         let root = base.join("ember-sandboxes");
         match std::fs::create_dir(&root) {
             Ok(()) => {}

@@ -102,6 +102,10 @@ pub struct ServeArgs {
     /// Also answer API connections from processes of this group (repeatable).
     #[arg(long = "allow-gid", value_name = "GID")]
     pub allow_gids: Vec<u32>,
+    /// Start even where sandboxes cannot get cgroup limits (memory, CPU, tasks): without
+    /// it such a service refuses to start.
+    #[arg(long)]
+    pub allow_no_cgroup_limits: bool,
 }
 
 pub struct ServiceConfig {
@@ -282,9 +286,17 @@ pub fn serve(args: ServeArgs) -> i32 {
                 );
                 Some(cgroups)
             }
-            Err(e) => {
-                log::warn!("sandboxes run without cgroup limits: {e}");
+            Err(e) if args.allow_no_cgroup_limits => {
+                log::warn!("sandboxes run without cgroup limits (--allow-no-cgroup-limits): {e}");
                 None
+            }
+            Err(e) => {
+                eprintln!(
+                    "ember serve: sandboxes cannot get cgroup limits: {e}; give the service a \
+                     delegated cgroup v2 (systemd: Delegate=yes), or start it with \
+                     --allow-no-cgroup-limits"
+                );
+                return 1;
             }
         },
     });
