@@ -51,6 +51,7 @@ fn service() -> &'static Service {
                 // Every valid create is refused (429) after its body was checked.
                 max_sandboxes: 0,
                 jail: None,
+                retention: std::time::Duration::from_secs(3600),
             },
             sandboxes: Mutex::new(HashMap::new()),
             store,

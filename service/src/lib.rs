@@ -106,6 +106,10 @@ pub struct ServeArgs {
     /// it such a service refuses to start.
     #[arg(long)]
     pub allow_no_cgroup_limits: bool,
+    /// How long a stopped or failed sandbox's record, log and disk are kept before they are
+    /// deleted (its snapshots stay), in seconds.
+    #[arg(long, default_value_t = 24 * 3600)]
+    pub retention_s: u64,
 }
 
 pub struct ServiceConfig {
@@ -118,6 +122,8 @@ pub struct ServiceConfig {
     pub max_sandboxes: usize,
     /// Who VMMs run as in their jails (none: VMMs are not jailed).
     pub jail: Option<jail::JailIds>,
+    /// How long stopped and failed sandboxes are kept.
+    pub retention: Duration,
 }
 
 pub struct AppState {
@@ -267,6 +273,7 @@ pub fn serve(args: ServeArgs) -> i32 {
             vmm_program,
             max_sandboxes: args.max_sandboxes.max(1),
             jail,
+            retention: Duration::from_secs(args.retention_s),
         },
         sandboxes: Mutex::new(HashMap::new()),
         store,
@@ -768,6 +775,7 @@ mod tests {
                 vmm_program: "/nonexistent/ember-vmm".into(),
                 max_sandboxes: 4,
                 jail: None,
+                retention: Duration::from_secs(3600),
             },
             sandboxes: Mutex::new(HashMap::new()),
             store: ember_sandbox::defaults::open_store(&dir.join("store")).unwrap(),
@@ -1031,6 +1039,44 @@ mod tests {
             .flatten()
             .map(|e| e.metadata().unwrap().len())
             .sum()
+    }
+
+    #[test]
+    fn ended_sandboxes_are_deleted_after_the_retention_period_and_live_ones_never() {
+        let dir = std::env::temp_dir().join(format!("ember-api-ret-{}", std::process::id()));
+        let state = state(&dir);
+        let make = |id: &str, s: SandboxState| {
+            let sandbox = Arc::new(Sandbox::for_test(
+                dir.join(id),
+                id,
+                ember_sandbox::control::WorkerOrigin::Boot,
+                s,
+            ));
+            std::fs::create_dir_all(dir.join(id)).unwrap();
+            sandbox.update(|_| {});
+            state
+                .sandboxes
+                .lock()
+                .unwrap()
+                .insert(id.into(), sandbox.clone());
+            sandbox
+        };
+        let running = make("sb-running", SandboxState::Running);
+        let stopped = make("sb-stopped", SandboxState::Stopped);
+        let ended = stopped
+            .record()
+            .ended_unix_ms
+            .expect("an ended sandbox says when");
+        assert_eq!(running.record().ended_unix_ms, None);
+        let hour = 3600 * 1000;
+        sandbox::remove_ended(&state, ended + hour - 1);
+        assert_eq!(state.sandboxes.lock().unwrap().len(), 2);
+        sandbox::remove_ended(&state, ended + hour);
+        let left: Vec<String> = state.sandboxes.lock().unwrap().keys().cloned().collect();
+        assert_eq!(left, ["sb-running"]);
+        assert!(!dir.join("sb-stopped").exists());
+        assert!(dir.join("sb-running").exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

@@ -102,6 +102,9 @@ pub struct SandboxRecord {
     /// How a restored sandbox's memory arrived.
     #[serde(default)]
     pub memory: Option<ember_vmm::RestoreMode>,
+    /// When it stopped or failed (its record is deleted a retention period later).
+    #[serde(default)]
+    pub ended_unix_ms: Option<u64>,
 }
 
 pub struct Sandbox {
@@ -225,6 +228,7 @@ impl Sandbox {
             ports: Vec::new(),
             timeline: Default::default(),
             memory: None,
+            ended_unix_ms: None,
         };
         Sandbox::new(dir, record)
     }
@@ -283,6 +287,11 @@ impl Sandbox {
         let snapshot = {
             let mut record = self.record.lock().unwrap_or_else(|p| p.into_inner());
             change(&mut record);
+            if record.state.is_live() {
+                record.ended_unix_ms = None;
+            } else if record.ended_unix_ms.is_none() {
+                record.ended_unix_ms = Some(unix_ms());
+            }
             record.clone()
         };
         let removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
@@ -694,6 +703,7 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         ports: Vec::new(),
         timeline: super::timeline::StartTimeline::accepted(ms()),
         memory: None,
+        ended_unix_ms: None,
     };
     let sandbox = {
         let mut sandboxes = state.sandboxes.lock().unwrap_or_else(|p| p.into_inner());
@@ -1075,6 +1085,7 @@ pub async fn reap_expired(state: Arc<AppState>) {
             })
             .cloned()
             .collect();
+        remove_ended(&state, now);
         for sandbox in expired {
             state.metrics.timeouts.fetch_add(1, Ordering::Relaxed);
             let state = state.clone();
@@ -1086,6 +1097,34 @@ pub async fn reap_expired(state: Arc<AppState>) {
                 drop(state);
             });
         }
+    }
+}
+
+/// Deletes the stopped and failed sandboxes that ended more than the retention period ago:
+/// their records, logs and disks (their snapshots stay).
+pub(crate) fn remove_ended(state: &AppState, now: u64) {
+    let retention = state.config.retention.as_millis() as u64;
+    let ended: Vec<Arc<Sandbox>> = {
+        let mut sandboxes = state.sandboxes.lock().unwrap_or_else(|p| p.into_inner());
+        let ids: Vec<String> = sandboxes
+            .values()
+            .filter(|s| {
+                let r = s.record();
+                !r.state.is_live()
+                    && r.ended_unix_ms
+                        .is_some_and(|ended| now.saturating_sub(ended) >= retention)
+            })
+            .map(|s| s.id.clone())
+            .collect();
+        ids.iter().filter_map(|id| sandboxes.remove(id)).collect()
+    };
+    for sandbox in ended {
+        log::info!(
+            "sandbox {}: deleted {:?} after it ended (--retention-s)",
+            sandbox.id,
+            state.config.retention
+        );
+        sandbox.remove_from_disk();
     }
 }
 
