@@ -109,10 +109,18 @@ impl Vmm {
         config.vcpus = snap.vcpu_count;
         config.mem_mib =
             u32::try_from(snap.mem_bytes >> 20).map_err(|_| refuse("memory size".into()))?;
-        config.rootfs = snap.rootfs.clone();
+        // The disk's path is the caller's (a service's spec) whenever it gives one, never
+        // taken on trust from the state a VMM wrote; a restore without one (the CLI's) uses
+        // the recorded path. Either way the base image must be the one the snapshot was
+        // taken over (its size and modification time are checked).
+        config.rootfs = match (&snap.rootfs, &config.rootfs) {
+            (None, _) => None,
+            (Some(_), Some(given)) => Some(given.clone()),
+            (Some(recorded), None) => Some(recorded.clone()),
+        };
         config.read_only_rootfs = snap.read_only_rootfs;
         // Where the rootfs overlay goes (restored below, once the working set is loading).
-        let overlay_plan = match (&snap.rootfs_base, &snap.rootfs) {
+        let overlay_plan = match (&snap.rootfs_base, &config.rootfs) {
             (Some(base), Some(path)) => {
                 let overlay = config.rootfs_overlay.clone().ok_or_else(|| {
                     refuse(
