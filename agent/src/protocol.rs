@@ -124,6 +124,18 @@ pub enum RequestBody {
     },
 }
 
+/// The environment a command gets from ember's hosts (the CLI and the service) unless the
+/// request adds to it: a login-like `PATH`, root's home, a UTF-8 locale, a dumb terminal.
+pub const DEFAULT_COMMAND_ENV: &[(&str, &str)] = &[
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
+    ("HOME", "/root"),
+    ("LANG", "C.UTF-8"),
+    ("TERM", "dumb"),
+];
+
 /// What to run and how. Only `argv` is required.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecRequest {

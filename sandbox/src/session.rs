@@ -22,16 +22,6 @@ pub(crate) const GUEST_CID: u32 = 3;
 const AGENT_TIMEOUT: Duration = Duration::from_secs(180);
 /// How much of the guest console is kept to explain a failure.
 const CONSOLE_TAIL: usize = 16 * 1024;
-/// The environment a command gets unless `--env` adds to it.
-const DEFAULT_ENV: &[(&str, &str)] = &[
-    (
-        "PATH",
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    ),
-    ("HOME", "/root"),
-    ("LANG", "C.UTF-8"),
-    ("TERM", "dumb"),
-];
 
 /// What `ember run -- CMD` does around the command.
 pub struct CommandPlan {
@@ -643,7 +633,7 @@ fn run_plan(client: &AgentClient, plan: &CommandPlan) -> Result<i32, String> {
             .map_err(|e| format!("--copy-in {} → {guest}: {e}", host.display()))?;
     }
 
-    let mut env: Vec<(String, String)> = DEFAULT_ENV
+    let mut env: Vec<(String, String)> = ember_agent::protocol::DEFAULT_COMMAND_ENV
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();

@@ -22,17 +22,6 @@ use super::sandbox::Sandbox;
 use super::{parse_body, AppState, JsonBody};
 use ember_sandbox::control::ControlRequest;
 
-/// The environment every command starts from (the sandbox's and the request's `env` go
-/// over it).
-const BASE_ENV: &[(&str, &str)] = &[
-    (
-        "PATH",
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    ),
-    ("HOME", "/root"),
-    ("LANG", "C.UTF-8"),
-    ("TERM", "dumb"),
-];
 /// Output kept per command for `GET …/commands/{cid}` (the newest bytes win).
 const LOG_LIMIT: usize = 4 << 20;
 /// Output a `?wait=true` answer carries per stream.
@@ -271,7 +260,7 @@ fn exec_request(sandbox: &Sandbox, body: &ExecBody) -> Result<ExecRequest, ApiEr
         Some(t) => Some(t * 1000),
         None => None,
     };
-    let mut env: BTreeMap<String, String> = BASE_ENV
+    let mut env: BTreeMap<String, String> = ember_agent::protocol::DEFAULT_COMMAND_ENV
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();

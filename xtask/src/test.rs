@@ -378,29 +378,20 @@ fn lab_checks(checks: &mut Checks) {
 /// Test executables of the workspace (built, not run), by `cargo test --no-run`.
 fn vm_test_binaries() -> Result<Vec<PathBuf>> {
     let json = output(cargo().args(["test", "--workspace", "--no-run", "--message-format=json"]))?;
-    let mut bins = Vec::new();
-    for line in json.lines() {
-        // Each artifact line with a test profile names its executable.
-        if !line.contains("\"reason\":\"compiler-artifact\"") || !line.contains("\"test\":true") {
-            continue;
-        }
-        if let Some(exe) = json_string_field(line, "executable") {
-            bins.push(PathBuf::from(exe));
-        }
-    }
+    let bins: Vec<PathBuf> = json.lines().filter_map(test_executable).collect();
     if bins.is_empty() {
         bail!("cargo test --no-run listed no test executables");
     }
     Ok(bins)
 }
 
-/// The string value of `"key":"…"` in one line of cargo's JSON (paths need no unescaping
-/// beyond `\\` and `\"`, which cargo emits for unusual paths only).
-fn json_string_field(line: &str, key: &str) -> Option<String> {
-    let start = line.find(&format!("\"{key}\":\""))? + key.len() + 4;
-    let rest = &line[start..];
-    let end = rest.find('"')?;
-    Some(rest[..end].replace("\\\\", "\\"))
+/// The test executable one line of cargo's JSON messages names, if it is a test artifact.
+fn test_executable(line: &str) -> Option<PathBuf> {
+    let message: serde_json::Value = serde_json::from_str(line).ok()?;
+    if message["reason"] != "compiler-artifact" || message["profile"]["test"] != true {
+        return None;
+    }
+    message["executable"].as_str().map(PathBuf::from)
 }
 
 /// How long the suite runs each fuzz target.
@@ -613,12 +604,15 @@ mod tests {
 
     #[test]
     fn reads_executable_from_cargo_json() {
-        let line = r#"{"reason":"compiler-artifact","profile":{"test":true},"executable":"/t/deps/x-1234","fresh":true}"#;
+        let line = r#"{"reason":"compiler-artifact","profile":{"test":true},"executable":"/t/deps/x \"q\"-1234","fresh":true}"#;
         assert_eq!(
-            json_string_field(line, "executable").as_deref(),
-            Some("/t/deps/x-1234")
+            test_executable(line),
+            Some(PathBuf::from("/t/deps/x \"q\"-1234"))
         );
-        assert_eq!(json_string_field(line, "missing"), None);
+        let library =
+            r#"{"reason":"compiler-artifact","profile":{"test":false},"executable":null}"#;
+        assert_eq!(test_executable(library), None);
+        assert_eq!(test_executable("not json"), None);
     }
 
     /// A fake test binary in folder `dir`: `--list` lists `tests` (and a test

@@ -1,0 +1,30 @@
+#!/bin/sh
+# `ember restore` (no service, no pool): a snapshot's first restore against its later ones.
+# Run in the lab (or on a host whose KVM runs Linux) from the workspace, after a release
+# build of ember and ember-vmm:
+#   cargo build --release -p ember-cli -p ember-sandbox
+#   cargo xtask lab --no-build -- sh benches/restore-cli.sh
+# The programs are copied to the lab's tmpfs first, as an installed ember would be local
+# (exec'ing them from the lab's 9p share costs 1-2 s of its own).
+set -eu
+runs=${RUNS:-5}
+bin=/tmp/ember-restore-bench/bin
+work=/tmp/ember-restore-bench/work
+rm -rf /tmp/ember-restore-bench
+mkdir -p "$bin" "$work"
+cp target/release/ember target/release/ember-vmm "$bin/"
+ms() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
+start=$(date +%s%N)
+"$bin/ember" run --store "$work/store" --snapshot-on-exit base \
+    -- sh -c 'echo saved > /root/note' > /dev/null
+echo "boot, command and snapshot (memory materialised before exit): $(ms "$start") ms"
+i=1
+while [ "$i" -le "$runs" ]; do
+    start=$(date +%s%N)
+    out=$("$bin/ember" restore base --store "$work/store" -- cat /root/note)
+    took=$(ms "$start")
+    [ "$out" = "saved" ] || { echo "restore $i printed: $out"; exit 1; }
+    echo "restore $i to its command's end: $took ms"
+    i=$((i + 1))
+done
+rm -rf /tmp/ember-restore-bench
