@@ -3,6 +3,7 @@
 
 pub mod block;
 pub mod chain;
+pub mod common;
 pub mod mmio;
 pub mod net;
 #[cfg(test)]
@@ -12,12 +13,13 @@ pub mod vsock;
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::GuestMemoryMmap;
+
+pub use common::VirtioCommon;
 
 pub use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 
@@ -213,47 +215,31 @@ impl VirtioInterrupt {
     }
 }
 
-/// Logs warnings about guest (or host client) misbehaviour at most `BURST` times per second,
-/// so a hostile peer cannot flood the log.
+/// One device's warnings about guest (or host client) misbehaviour on its data path, under
+/// one [`crate::log_limit::LogLimit`] for the whole device (call sites elsewhere use
+/// [`crate::guest_warn!`], a limit per call site).
 #[derive(Debug)]
 pub(crate) struct LogLimiter {
     device: &'static str,
-    window: Instant,
-    count: u32,
-    suppressed: u64,
+    limit: crate::log_limit::LogLimit,
 }
 
 impl LogLimiter {
-    const BURST: u32 = 20;
-
     /// Warnings of `device` (the log prefix, e.g. "virtio-net").
     pub(crate) fn new(device: &'static str) -> Self {
         LogLimiter {
             device,
-            window: Instant::now(),
-            count: 0,
-            suppressed: 0,
+            limit: crate::log_limit::LogLimit::new(),
         }
     }
 
     pub(crate) fn warn(&mut self, args: std::fmt::Arguments) {
-        if self.window.elapsed() >= Duration::from_secs(1) {
-            if self.suppressed > 0 {
-                log::warn!(
-                    "{}: {} similar warnings suppressed",
-                    self.device,
-                    self.suppressed
-                );
+        match self.limit.admit() {
+            Some(0) => log::warn!("{}: {args}", self.device),
+            Some(suppressed) => {
+                log::warn!("{}: {args} ({suppressed} like it suppressed)", self.device)
             }
-            self.window = Instant::now();
-            self.count = 0;
-            self.suppressed = 0;
-        }
-        if self.count < Self::BURST {
-            self.count += 1;
-            log::warn!("{}: {args}", self.device);
-        } else {
-            self.suppressed += 1;
+            None => {}
         }
     }
 }

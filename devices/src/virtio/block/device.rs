@@ -10,12 +10,13 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::Disk;
 use super::request::{process_queue_limited, SECTOR_SIZE};
 use super::BlockError;
 use crate::rate_limiter::{RateLimit, Throttle};
+use crate::virtio::VirtioCommon;
 use crate::virtio::{
     checked_queues, read_config_space, ActivateError, VirtioDevice, VirtioInterrupt,
     FEATURE_VERSION_1,
@@ -46,12 +47,9 @@ struct Active {
 /// `EventManager::add_subscriber`.
 pub struct Block {
     disk: Disk,
-    avail_features: u64,
-    acked_features: u64,
-    queue_max_sizes: [u16; 1],
-    /// Written by `activate` / `reset` (vCPU thread) so the event loop updates which queue
-    /// eventfds it watches.
-    activate_evt: EventFd,
+    /// Features, queue size, and the eventfd `activate` / `reset` (vCPU thread) write so the
+    /// event loop updates which queue eventfds it watches.
+    common: VirtioCommon,
     active: Option<Active>,
     /// Our own clones of the queue eventfds currently added to the event loop. Kept separate
     /// from `active` so a reset cannot close an fd that epoll still watches.
@@ -66,8 +64,8 @@ impl std::fmt::Debug for Block {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Block")
             .field("disk", &self.disk)
-            .field("avail_features", &self.avail_features)
-            .field("acked_features", &self.acked_features)
+            .field("avail_features", &self.common.avail_features())
+            .field("acked_features", &self.common.acked_features())
             .field("active", &self.active.is_some())
             .finish_non_exhaustive()
     }
@@ -92,10 +90,8 @@ impl Block {
         }
         Ok(Block {
             disk,
-            avail_features,
-            acked_features: 0,
-            queue_max_sizes: [BLOCK_QUEUE_SIZE],
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
+            common: VirtioCommon::new(THROTTLE_NAME, avail_features, &[BLOCK_QUEUE_SIZE])
+                .map_err(BlockError::EventFd)?,
             active: None,
             registered: Vec::new(),
             throttle: Throttle::unlimited(THROTTLE_NAME),
@@ -115,7 +111,7 @@ impl Block {
 
     /// Features acked by the driver.
     pub fn acked_features(&self) -> u64 {
-        self.acked_features
+        self.common.acked_features()
     }
 
     /// Whether the device is activated.
@@ -125,7 +121,7 @@ impl Block {
 
     /// The eventfd the event loop watches for (de)activation.
     pub fn activate_evt(&self) -> &EventFd {
-        &self.activate_evt
+        self.common.activate_evt()
     }
 
     /// The config space bytes (`struct virtio_blk_config` prefix, little endian).
@@ -204,21 +200,15 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_max_sizes
+        self.common.queue_max_sizes()
     }
 
     fn avail_features(&self) -> u64 {
-        self.avail_features
+        self.common.avail_features()
     }
 
     fn set_acked_features(&mut self, acked: u64) {
-        let unknown = acked & !self.avail_features;
-        if unknown != 0 {
-            crate::guest_warn!(
-                "virtio-block: ignoring acked features {unknown:#x} that were not offered"
-            );
-        }
-        self.acked_features = acked & self.avail_features;
+        self.common.set_acked_features(acked);
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -257,7 +247,7 @@ impl VirtioDevice for Block {
             queue_evt,
             interrupt,
         });
-        if let Err(e) = self.activate_evt.write(1) {
+        if let Err(e) = self.common.signal_event_loop() {
             self.active = None;
             return Err(ActivateError::Signal(e));
         }
@@ -270,19 +260,16 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) -> bool {
         self.active = None;
-        self.acked_features = 0;
         self.throttle.release();
-        // Let the event loop drop the queue eventfd registration.
-        if let Err(e) = self.activate_evt.write(1) {
-            crate::guest_warn!("virtio-block: failed to signal the reset to the event loop: {e}");
-        }
+        // The event loop then drops the queue eventfd registration.
+        self.common.reset();
         true
     }
 }
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(self.common.activate_evt(), EventSet::IN)) {
             log::error!("virtio-block: failed to register the activation eventfd: {e:?}");
         }
         if let Some(timer) = self.throttle.timer() {
@@ -294,9 +281,9 @@ impl MutEventSubscriber for Block {
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == self.activate_evt.as_raw_fd() {
+        if fd == self.common.activate_evt().as_raw_fd() {
             // Non-blocking: a spurious wake-up just reads EAGAIN.
-            let _ = self.activate_evt.read();
+            let _ = self.common.activate_evt().read();
             self.sync_registrations(ops);
             return;
         }

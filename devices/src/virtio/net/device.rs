@@ -11,7 +11,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 use super::{
@@ -20,6 +20,7 @@ use super::{
 use crate::rate_limiter::Throttle;
 use crate::virtio::chain::{ChainError, Direction, Segments};
 use crate::virtio::LogLimiter;
+use crate::virtio::VirtioCommon;
 use crate::virtio::{
     checked_queues, read_config_space, ActivateError, VirtioDevice, VirtioInterrupt,
     FEATURE_VERSION_1,
@@ -93,13 +94,11 @@ struct Active {
 pub struct Net {
     tap: Tap,
     mac: [u8; 6],
-    avail_features: u64,
-    acked_features: u64,
+    /// Features, queue sizes, and the eventfd `activate` / `reset` (vCPU thread) write so the
+    /// event loop updates what it watches.
+    common: VirtioCommon,
     /// The TAP's offloads are set for the acked features (done on the event loop).
     offloads_applied: bool,
-    queue_max_sizes: [u16; 2],
-    /// Written by `activate` / `reset` (vCPU thread) so the event loop updates what it watches.
-    activate_evt: EventFd,
     active: Option<Active>,
     /// Our clones of the queue eventfds the event loop watches (see the block device).
     registered: Vec<EventFd>,
@@ -120,7 +119,7 @@ impl std::fmt::Debug for Net {
         f.debug_struct("Net")
             .field("tap", &self.tap.name())
             .field("mac", &self.mac)
-            .field("acked_features", &self.acked_features)
+            .field("acked_features", &self.common.acked_features())
             .field("active", &self.active.is_some())
             .field("stats", &self.stats)
             .finish_non_exhaustive()
@@ -144,11 +143,9 @@ impl Net {
         Ok(Net {
             tap,
             mac,
-            avail_features,
-            acked_features: 0,
+            common: VirtioCommon::new("virtio-net", avail_features, &[NET_QUEUE_SIZE; 2])
+                .map_err(NetError::EventFd)?,
             offloads_applied: false,
-            queue_max_sizes: [NET_QUEUE_SIZE; 2],
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?,
             active: None,
             registered: Vec::new(),
             tap_watched: false,
@@ -192,7 +189,7 @@ impl Net {
 
     /// Features acked by the driver.
     pub fn acked_features(&self) -> u64 {
-        self.acked_features
+        self.common.acked_features()
     }
 
     /// Whether the device is activated.
@@ -202,7 +199,7 @@ impl Net {
 
     /// The eventfd the event loop watches for (de)activation.
     pub fn activate_evt(&self) -> &EventFd {
-        &self.activate_evt
+        self.common.activate_evt()
     }
 
     fn signal(active: &mut Active, queue: usize, name: &str) {
@@ -273,7 +270,7 @@ impl Net {
                     head,
                     segs,
                     &active.mem,
-                    self.acked_features,
+                    self.common.acked_features(),
                     &self.tap,
                     &mut self.tx_buf,
                     &mut self.stats,
@@ -424,8 +421,8 @@ impl Net {
             // Here, not when the features are acked: that runs on a vCPU thread, whose
             // seccomp filter allows KVM's ioctls only.
             self.offloads_applied = true;
-            if self.avail_features & OFFLOAD_FEATURES != 0 {
-                let flags = tun_offloads(self.acked_features);
+            if self.common.avail_features() & OFFLOAD_FEATURES != 0 {
+                let flags = tun_offloads(self.common.acked_features());
                 if let Err(e) = self.tap.set_offload(flags) {
                     log::error!(
                         "virtio-net: cannot set the offloads {flags:#x} of TAP {}: {e}",
@@ -572,21 +569,15 @@ impl VirtioDevice for Net {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_max_sizes
+        self.common.queue_max_sizes()
     }
 
     fn avail_features(&self) -> u64 {
-        self.avail_features
+        self.common.avail_features()
     }
 
     fn set_acked_features(&mut self, acked: u64) {
-        let unknown = acked & !self.avail_features();
-        if unknown != 0 {
-            crate::guest_warn!(
-                "virtio-net: ignoring acked features {unknown:#x} that were not offered"
-            );
-        }
-        self.acked_features = acked & self.avail_features();
+        self.common.set_acked_features(acked);
         self.offloads_applied = false;
     }
 
@@ -619,7 +610,7 @@ impl VirtioDevice for Net {
             queue_evts,
             interrupt,
         });
-        if let Err(e) = self.activate_evt.write(1) {
+        if let Err(e) = self.common.signal_event_loop() {
             self.active = None;
             return Err(ActivateError::Signal(e));
         }
@@ -635,22 +626,19 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) -> bool {
         self.active = None;
-        self.acked_features = 0;
         self.offloads_applied = false;
         self.rx_pending = None;
         // A timer still armed fires into an inactive device, which does nothing.
         self.rx_throttle.release();
         self.tx_throttle.release();
-        if let Err(e) = self.activate_evt.write(1) {
-            crate::guest_warn!("virtio-net: failed to signal the reset to the event loop: {e}");
-        }
+        self.common.reset();
         true
     }
 }
 
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(self.common.activate_evt(), EventSet::IN)) {
             log::error!("virtio-net: failed to register the activation eventfd: {e:?}");
         }
         for throttle in [&self.rx_throttle, &self.tx_throttle] {
@@ -664,9 +652,9 @@ impl MutEventSubscriber for Net {
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == self.activate_evt.as_raw_fd() {
+        if fd == self.common.activate_evt().as_raw_fd() {
             // Non-blocking: a spurious wake-up just reads EAGAIN.
-            let _ = self.activate_evt.read();
+            let _ = self.common.activate_evt().read();
             self.sync_registrations(ops);
             // A restored queue may hold chains already: take them without waiting for a kick.
         } else if let Some(evt) = self.registered.iter().find(|e| e.as_raw_fd() == fd) {

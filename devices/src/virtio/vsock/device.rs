@@ -15,7 +15,7 @@ use std::time::Duration;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::Muxer;
 use super::packet::{
@@ -23,6 +23,7 @@ use super::packet::{
 };
 use super::{VsockError, MIN_GUEST_CID};
 use crate::virtio::LogLimiter;
+use crate::virtio::VirtioCommon;
 use crate::virtio::{
     checked_queues, read_config_space, ActivateError, VirtioDevice, VirtioInterrupt,
     FEATURE_VERSION_1,
@@ -55,11 +56,9 @@ struct Active {
 pub struct Vsock {
     guest_cid: u64,
     muxer: Muxer,
-    acked_features: u64,
-    queue_max_sizes: [u16; QUEUE_COUNT],
-    /// Written by `activate` / `reset` / `send_transport_reset` (other threads) so the event
-    /// loop updates what it watches.
-    activate_evt: EventFd,
+    /// Features, queue sizes, and the eventfd `activate` / `reset` / `send_transport_reset`
+    /// (other threads) write so the event loop updates what it watches.
+    common: VirtioCommon,
     active: Option<Active>,
     /// Our own clones of the queue eventfds the event loop watches, in queue order.
     registered: Vec<EventFd>,
@@ -98,9 +97,12 @@ impl Vsock {
         Ok(Vsock {
             guest_cid,
             muxer,
-            acked_features: 0,
-            queue_max_sizes: [VSOCK_QUEUE_SIZE; QUEUE_COUNT],
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(|source| VsockError::EventFd {
+            common: VirtioCommon::new(
+                "virtio-vsock",
+                FEATURE_VERSION_1,
+                &[VSOCK_QUEUE_SIZE; QUEUE_COUNT],
+            )
+            .map_err(|source| VsockError::EventFd {
                 what: "activation",
                 source,
             })?,
@@ -125,7 +127,7 @@ impl Vsock {
 
     /// Features acked by the driver.
     pub fn acked_features(&self) -> u64 {
-        self.acked_features
+        self.common.acked_features()
     }
 
     /// Whether the device is activated.
@@ -163,11 +165,11 @@ impl Vsock {
 
     /// The eventfd the event loop watches for (de)activation and wake-ups.
     pub fn activate_evt(&self) -> &EventFd {
-        &self.activate_evt
+        self.common.activate_evt()
     }
 
     fn wake_loop(&self) {
-        if let Err(e) = self.activate_evt.write(1) {
+        if let Err(e) = self.common.signal_event_loop() {
             crate::guest_warn!("virtio-vsock: cannot wake the event loop: {e}");
         }
     }
@@ -504,21 +506,15 @@ impl VirtioDevice for Vsock {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_max_sizes
+        self.common.queue_max_sizes()
     }
 
     fn avail_features(&self) -> u64 {
-        FEATURE_VERSION_1
+        self.common.avail_features()
     }
 
     fn set_acked_features(&mut self, acked: u64) {
-        let unknown = acked & !self.avail_features();
-        if unknown != 0 {
-            crate::guest_warn!(
-                "virtio-vsock: ignoring acked features {unknown:#x} that were not offered"
-            );
-        }
-        self.acked_features = acked & self.avail_features();
+        self.common.set_acked_features(acked);
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -549,7 +545,7 @@ impl VirtioDevice for Vsock {
             queue_evts,
             interrupt,
         });
-        if let Err(e) = self.activate_evt.write(1) {
+        if let Err(e) = self.common.signal_event_loop() {
             self.active = None;
             return Err(ActivateError::Signal(e));
         }
@@ -565,19 +561,18 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) -> bool {
         self.active = None;
-        self.acked_features = 0;
         self.pending_reset_event = false;
         self.reset_unhandled = false;
         self.muxer.reset_all();
-        // Let the event loop drop the queue eventfds and close the connections' sockets.
-        self.wake_loop();
+        // The event loop then drops the queue eventfds and closes the connections' sockets.
+        self.common.reset();
         true
     }
 }
 
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(self.common.activate_evt(), EventSet::IN)) {
             log::error!("virtio-vsock: failed to register the activation eventfd: {e:?}");
         }
         self.muxer.sync_epoll(ops);
@@ -586,9 +581,9 @@ impl MutEventSubscriber for Vsock {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
         let mut tx = false;
-        if fd == self.activate_evt.as_raw_fd() {
+        if fd == self.common.activate_evt().as_raw_fd() {
             // Non-blocking: a spurious wake-up just reads EAGAIN.
-            let _ = self.activate_evt.read();
+            let _ = self.common.activate_evt().read();
             self.sync_queue_registrations(ops);
             // Freshly activated (or woken): the driver may have queued packets already.
             tx = self.active.is_some();

@@ -15,6 +15,7 @@ use crate::virtio::block::request::STATUS_OK;
 use crate::virtio::mmio::{regs, MmioTransport};
 use crate::virtio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
 use crate::virtio::VIRTIO_MMIO_INT_VRING;
+use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 fn image(len: u64) -> TempFile {
     let f = TempFile::new_with_prefix(std::env::temp_dir().join("ember-blkdev-test-")).unwrap();

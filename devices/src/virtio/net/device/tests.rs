@@ -14,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::*;
 use crate::rate_limiter::RateLimit;
 use crate::virtio::test_rings::Rings;
+use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 const MAC: [u8; 6] = [0x06, 0xe0, 0x00, 0x00, 0x00, 0x01];
 const MEM_SIZE: usize = 16 << 20;

@@ -18,6 +18,7 @@ use crate::virtio::vsock::packet::{
     Header, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
 use crate::virtio::vsock::{CONN_BUF_ALLOC, HOST_CID, MAX_CONNECT_LINE};
+use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 const CID: u64 = 3;
 const MEM_SIZE: usize = 16 << 20;
