@@ -42,51 +42,105 @@ impl SandboxCgroup {
     }
 }
 
-fn write(path: &Path, value: &str) -> Result<(), String> {
-    std::fs::write(path, value).map_err(|e| format!("writing {value:?} to {}: {e}", path.display()))
+/// What failed setting up or using the sandboxes' cgroups.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no cgroup v2 hierarchy at {}: {source}", mount.display())]
+    NoHierarchy {
+        mount: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the {controller} controller is not available in {} (has: {available})", mount.display())]
+    MissingController {
+        controller: &'static str,
+        mount: PathBuf,
+        available: String,
+    },
+    #[error("reading /proc/self/cgroup: {0}")]
+    OwnCgroup(#[source] std::io::Error),
+    #[error("this process is not in a cgroup v2 hierarchy")]
+    NotInHierarchy,
+    #[error("writing {value:?} to {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        value: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating {}: {source}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    std::fs::write(path, value).map_err(|source| CgroupError::Write {
+        path: path.to_path_buf(),
+        value: value.to_string(),
+        source,
+    })
+}
+
+/// `mkdir` of `path`, which may exist already.
+fn make_dir(path: &Path) -> Result<(), CgroupError> {
+    match std::fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(CgroupError::Create {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 impl Cgroups {
     /// Finds the cgroup v2 hierarchy at `mount` (normally `/sys/fs/cgroup`), enables the
     /// controllers for the service's children and makes `ember-sandboxes/`.
-    pub fn detect(mount: &Path) -> Result<Cgroups, String> {
-        let controllers = std::fs::read_to_string(mount.join("cgroup.controllers"))
-            .map_err(|e| format!("no cgroup v2 hierarchy at {}: {e}", mount.display()))?;
+    pub fn detect(mount: &Path) -> Result<Cgroups, CgroupError> {
+        let controllers =
+            std::fs::read_to_string(mount.join("cgroup.controllers")).map_err(|source| {
+                CgroupError::NoHierarchy {
+                    mount: mount.to_path_buf(),
+                    source,
+                }
+            })?;
         for wanted in CONTROLLERS {
             if !controllers.split_whitespace().any(|c| c == wanted) {
-                return Err(format!(
-                    "the {wanted} controller is not available in {} (has: {})",
-                    mount.display(),
-                    controllers.trim()
-                ));
+                return Err(CgroupError::MissingController {
+                    controller: wanted,
+                    mount: mount.to_path_buf(),
+                    available: controllers.trim().to_string(),
+                });
             }
         }
-        let own = std::fs::read_to_string("/proc/self/cgroup")
-            .map_err(|e| format!("reading /proc/self/cgroup: {e}"))?;
+        let own = std::fs::read_to_string("/proc/self/cgroup").map_err(CgroupError::OwnCgroup)?;
         let own = own
             .lines()
             .find_map(|l| l.strip_prefix("0::"))
-            .ok_or("this process is not in a cgroup v2 hierarchy")?;
+            .ok_or(CgroupError::NotInHierarchy)?;
         let base = mount.join(own.trim().trim_start_matches('/'));
         let enable: String = CONTROLLERS.iter().map(|c| format!("+{c} ")).collect();
         // The service's own cgroup hands the controllers down: allowed for the root cgroup,
         // or one without processes of its own. In a delegated cgroup that holds the service
         // (EBUSY: "no internal processes"), the service moves into a leaf of it first.
         let subtree = base.join("cgroup.subtree_control");
-        if let Err(e) = std::fs::write(&subtree, enable.trim()) {
-            if e.raw_os_error() != Some(libc::EBUSY) {
-                return Err(format!(
-                    "writing {:?} to {}: {e}",
-                    enable.trim(),
-                    subtree.display()
-                ));
+        if let Err(e) = write(&subtree, enable.trim()) {
+            match &e {
+                CgroupError::Write { source, .. } if source.raw_os_error() == Some(libc::EBUSY) => {
+                }
+                _ => return Err(e),
             }
             let leaf = base.join("service");
-            match std::fs::create_dir(&leaf) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(format!("creating {}: {e}", leaf.display())),
-            }
+            make_dir(&leaf)?;
             write(&leaf.join("cgroup.procs"), "0")?;
             log::info!(
                 "moved the service into {} so that its cgroup can delegate to sandboxes",
@@ -95,11 +149,7 @@ impl Cgroups {
             write(&subtree, enable.trim())?;
         }
         let root = base.join("ember-sandboxes");
-        match std::fs::create_dir(&root) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(format!("creating {}: {e}", root.display())),
-        }
+        make_dir(&root)?;
         write(&root.join("cgroup.subtree_control"), enable.trim())?;
         Ok(Cgroups { root })
     }
@@ -110,14 +160,20 @@ impl Cgroups {
     }
 
     /// Makes sandbox `id`'s cgroup with its limits.
-    pub fn create(&self, id: &str, mem_mib: u32, vcpus: u8) -> Result<SandboxCgroup, String> {
+    pub fn create(&self, id: &str, mem_mib: u32, vcpus: u8) -> Result<SandboxCgroup, CgroupError> {
         let path = self.root.join(id);
-        std::fs::create_dir(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+        std::fs::create_dir(&path).map_err(|source| CgroupError::Create {
+            path: path.clone(),
+            source,
+        })?;
         let result = self.set_limits(id, mem_mib, vcpus).and_then(|()| {
             let procs = std::fs::OpenOptions::new()
                 .write(true)
                 .open(path.join("cgroup.procs"))
-                .map_err(|e| format!("opening {}/cgroup.procs: {e}", path.display()))?;
+                .map_err(|source| CgroupError::Open {
+                    path: path.join("cgroup.procs"),
+                    source,
+                })?;
             Ok(OwnedFd::from(procs))
         });
         match result {
@@ -131,7 +187,7 @@ impl Cgroups {
 
     /// Writes the limits of a sandbox of `mem_mib` and `vcpus` into its cgroup (when it is
     /// made, and when a warm-pool VMM made for no sandbox in particular is given one).
-    pub fn set_limits(&self, id: &str, mem_mib: u32, vcpus: u8) -> Result<(), String> {
+    pub fn set_limits(&self, id: &str, mem_mib: u32, vcpus: u8) -> Result<(), CgroupError> {
         let path = self.root.join(id);
         let memory = (u64::from(mem_mib) + MEMORY_OVERHEAD_MIB) << 20;
         write(&path.join("memory.max"), &memory.to_string())?;
@@ -201,10 +257,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ember-cg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let err = Cgroups::detect(&dir).unwrap_err();
-        assert!(err.contains("no cgroup v2 hierarchy"), "{err}");
+        assert!(err.to_string().contains("no cgroup v2 hierarchy"), "{err}");
         std::fs::write(dir.join("cgroup.controllers"), "cpu io\n").unwrap();
         let err = Cgroups::detect(&dir).unwrap_err();
-        assert!(err.contains("memory controller is not available"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("memory controller is not available"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

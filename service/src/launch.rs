@@ -4,9 +4,10 @@
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use super::cgroup::CgroupError;
 use super::sandbox::VMM_DIR;
 use super::AppState;
 use ember_sandbox::control::WorkerSpec;
@@ -20,11 +21,47 @@ const VMM_ENVIRONMENT: [&str; 4] = [
     "EMBER_SECCOMP_DENY",
 ];
 
+/// What failed starting a VMM process, or preparing or assigning a pooled one.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot write the spec {}: {source}", path.display())]
+    Spec {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create {}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot prepare the jail: {0}")]
+    Jail(#[source] std::io::Error),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("cannot start {}: {source}", program.display())]
+    Spawn {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot make the pooled VMM's stdin socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("cannot open the sandbox's TAP: {0}")]
+    Tap(String),
+    #[error("cannot hand the pooled VMM its sandbox: {0}")]
+    Assign(#[source] std::io::Error),
+}
+
 /// Writes `spec` as `dir/spec.json`.
-pub fn write_spec(dir: &Path, spec: &WorkerSpec) -> Result<(), String> {
-    let text = serde_json::to_vec_pretty(spec).map_err(|e| e.to_string())?;
-    super::access::write_private(&dir.join("spec.json"), &text)
-        .map_err(|e| format!("cannot write the spec: {e}"))
+pub fn write_spec(dir: &Path, spec: &WorkerSpec) -> Result<(), LaunchError> {
+    let path = dir.join("spec.json");
+    let text = serde_json::to_vec_pretty(spec).map_err(|e| LaunchError::Spec {
+        path: path.clone(),
+        source: e.into(),
+    })?;
+    super::access::write_private(&path, &text).map_err(|source| LaunchError::Spec { path, source })
 }
 
 /// Starts `ember-vmm --spec dir/spec.json` for `spec` (given an `assignment` socket: a
@@ -35,11 +72,14 @@ pub fn spawn_vmm(
     dir: &Path,
     spec: &WorkerSpec,
     assignment: Option<UnixStream>,
-) -> Result<tokio::process::Child, String> {
+) -> Result<tokio::process::Child, LaunchError> {
     let pooled = assignment.is_some();
     write_spec(dir, spec)?;
-    let log = super::access::private_file(&dir.join("vmm.log"))
-        .map_err(|e| format!("cannot create the VMM log: {e}"))?;
+    let log_path = dir.join("vmm.log");
+    let log = super::access::private_file(&log_path).map_err(|source| LaunchError::File {
+        path: log_path,
+        source,
+    })?;
     let cgroup = match &state.cgroups {
         Some(cgroups) => Some(cgroups.create(&spec.sandbox_id, spec.mem_mib, spec.vcpus)?),
         None => None,
@@ -84,9 +124,10 @@ pub fn spawn_vmm(
             });
         }
     }
-    let spawned = command
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", state.config.vmm_program.display()));
+    let spawned = command.spawn().map_err(|source| LaunchError::Spawn {
+        program: state.config.vmm_program.clone(),
+        source,
+    });
     if spawned.is_err() {
         if let Some(cgroups) = &state.cgroups {
             cgroups.remove(&spec.sandbox_id);

@@ -22,6 +22,7 @@ use std::os::unix::net::UnixStream;
 use tokio::process::Child;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use super::launch::LaunchError;
 use super::sandbox::{base_spec, random_id, VMM_DIR};
 use super::AppState;
 use ember_sandbox::control::{PoolAssignment, WorkerSpec};
@@ -43,22 +44,26 @@ impl IdleVmm {
     /// Gives the VMM its sandbox: the cgroup's limits for `spec`'s size, then the
     /// assignment on its stdin, with the sandbox's TAP queue (opened here, in the sandbox's
     /// network namespace) when it has a network.
-    pub async fn assign(self, state: &AppState, spec: &WorkerSpec) -> Result<Child, String> {
+    pub async fn assign(self, state: &AppState, spec: &WorkerSpec) -> Result<Child, LaunchError> {
         if let Some(cgroups) = &state.cgroups {
             cgroups.set_limits(&self.id, spec.mem_mib, spec.vcpus)?;
         }
         let tap = match &spec.net {
-            Some(net) => Some(super::network::open_tap_queue(&self.id, &net.tap).await?),
+            Some(net) => Some(
+                super::network::open_tap_queue(&self.id, &net.tap)
+                    .await
+                    .map_err(LaunchError::Tap)?,
+            ),
             None => None,
         };
-        let mut line =
-            serde_json::to_string(&PoolAssignment::of(spec)).map_err(|e| e.to_string())?;
+        let mut line = serde_json::to_string(&PoolAssignment::of(spec))
+            .map_err(|e| LaunchError::Assign(e.into()))?;
         line.push('\n');
         let socket = self.assignment;
         tokio::task::spawn_blocking(move || send_assignment(&socket, line.as_bytes(), tap))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("cannot hand the pooled VMM its sandbox: {e}"))?;
+            .map_err(|e| LaunchError::Assign(std::io::Error::other(e)))?
+            .map_err(LaunchError::Assign)?;
         let dir = state.config.state_dir.join("sandboxes").join(&self.id);
         let _ = std::fs::remove_file(dir.join(POOLED_MARKER));
         Ok(self.child)
@@ -160,29 +165,30 @@ impl WarmPool {
 
 /// Starts a pooled VMM for a fresh sandbox id, with a network-less sandbox's folders and
 /// jail.
-fn start_pooled(state: &AppState) -> Result<IdleVmm, String> {
+fn start_pooled(state: &AppState) -> Result<IdleVmm, LaunchError> {
     let id = random_id("sb");
     let dir = state.config.state_dir.join("sandboxes").join(&id);
     let run = state.config.state_dir.join("run").join(&id);
     let made = (|| {
-        super::access::private_dir(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let file_error = |path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| LaunchError::File { path, source }
+        };
+        super::access::private_dir(&dir).map_err(file_error(&dir))?;
         for d in [dir.join(VMM_DIR), run.clone()] {
-            std::fs::create_dir_all(&d)
-                .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+            std::fs::create_dir_all(&d).map_err(file_error(&d))?;
         }
-        std::fs::write(dir.join(POOLED_MARKER), b"")
-            .map_err(|e| format!("cannot mark {} pooled: {e}", dir.display()))?;
+        let marker = dir.join(POOLED_MARKER);
+        std::fs::write(&marker, b"").map_err(file_error(&marker))?;
         // The sandbox's own paths; its size and origin come with the assignment.
         let mut spec = base_spec(state, &id);
         if let Some(ids) = state.config.jail {
             spec.jail = Some(
                 ids.prepare(&spec, &dir, &dir.join(VMM_DIR), &run)
-                    .map_err(|e| format!("cannot prepare the jail: {e}"))?,
+                    .map_err(LaunchError::Jail)?,
             );
         }
-        let (assignment, vmm_end) = UnixStream::pair()
-            .map_err(|e| format!("cannot make the pooled VMM's stdin socket: {e}"))?;
+        let (assignment, vmm_end) = UnixStream::pair().map_err(LaunchError::Socket)?;
         let child = super::launch::spawn_vmm(state, &dir, &spec, Some(vmm_end))?;
         Ok(IdleVmm {
             id: id.clone(),

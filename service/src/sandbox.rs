@@ -844,11 +844,14 @@ async fn start_vmm(
     let (mut child, step) = match pooled {
         Some(vmm) => {
             // The record keeps the spec the VMM now runs.
-            super::launch::write_spec(&sandbox.dir, spec)?;
-            (vmm.assign(state, spec).await?, "vmm_assigned")
+            super::launch::write_spec(&sandbox.dir, spec).map_err(|e| e.to_string())?;
+            (
+                vmm.assign(state, spec).await.map_err(|e| e.to_string())?,
+                "vmm_assigned",
+            )
         }
         None => (
-            super::launch::spawn_vmm(state, &sandbox.dir, spec, None)?,
+            super::launch::spawn_vmm(state, &sandbox.dir, spec, None).map_err(|e| e.to_string())?,
             "vmm_spawned",
         ),
     };
