@@ -49,7 +49,7 @@ pub enum LaunchError {
     #[error("cannot make the pooled VMM's stdin socket: {0}")]
     Socket(#[source] std::io::Error),
     #[error("cannot open the sandbox's TAP: {0}")]
-    Tap(String),
+    Tap(#[source] super::network::NetworkError),
     #[error("cannot hand the pooled VMM its sandbox: {0}")]
     Assign(#[source] std::io::Error),
 }

@@ -36,6 +36,46 @@ use serde::{Deserialize, Serialize};
 
 use ember_sandbox::control::WorkerNet;
 
+/// What failed making, entering or removing a sandbox's network.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("cannot run {program}: {source} (is it installed?)")]
+    Run {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{command} failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("IPv4 forwarding ({what}): {source}")]
+    Forwarding {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the network namespace {} ({what}): {source}", path.display())]
+    Namespace {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("in {}: {source}", netns.display())]
+    Tap {
+        netns: PathBuf,
+        #[source]
+        source: ember_devices::virtio::net::NetError,
+    },
+    #[error("an egress network needs a link slot")]
+    NoSlot,
+    #[error("the thread opening the TAP ended without an answer")]
+    TapThread,
+}
+
 /// Where `ip netns` keeps named namespaces.
 const NETNS_DIR: &str = "/run/netns";
 const NETNS_PREFIX: &str = "ember-";
@@ -104,7 +144,7 @@ pub fn netns_path(id: &str) -> PathBuf {
 /// Opens a queue of the TAP `tap` in sandbox `id`'s network namespace, for a VMM whose jail
 /// is in another namespace (a warm-pool VMM). A thread of its own enters the namespace (a
 /// network namespace is per thread) and ends with it.
-pub async fn open_tap_queue(id: &str, tap: &str) -> Result<OwnedFd, String> {
+pub async fn open_tap_queue(id: &str, tap: &str) -> Result<OwnedFd, NetworkError> {
     let (path, tap) = (netns_path(id), tap.to_string());
     let (opened_tx, opened) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -112,27 +152,34 @@ pub async fn open_tap_queue(id: &str, tap: &str) -> Result<OwnedFd, String> {
         .spawn(move || {
             let _ = opened_tx.send(open_tap_in(&path, &tap));
         })
-        .map_err(|e| format!("cannot start a thread to open the TAP: {e}"))?;
-    opened
-        .await
-        .map_err(|_| "the thread opening the TAP ended without an answer".to_string())?
+        .map_err(|source| NetworkError::Run {
+            program: "a thread to open the TAP".into(),
+            source,
+        })?;
+    opened.await.map_err(|_| NetworkError::TapThread)?
 }
 
-fn open_tap_in(netns: &Path, tap: &str) -> Result<OwnedFd, String> {
-    let ns = std::fs::File::open(netns)
-        .map_err(|e| format!("cannot open the network namespace {}: {e}", netns.display()))?;
+fn open_tap_in(netns: &Path, tap: &str) -> Result<OwnedFd, NetworkError> {
+    let ns = std::fs::File::open(netns).map_err(|source| NetworkError::Namespace {
+        path: netns.to_path_buf(),
+        what: "opening it",
+        source,
+    })?;
     // SAFETY: setns(2) on a namespace file opened above; CLONE_NEWNET moves only this thread,
     // which does nothing else and ends after opening the TAP.
     if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(format!(
-            "cannot enter the network namespace {}: {}",
-            netns.display(),
-            std::io::Error::last_os_error()
-        ));
+        return Err(NetworkError::Namespace {
+            path: netns.to_path_buf(),
+            what: "entering it",
+            source: std::io::Error::last_os_error(),
+        });
     }
     ember_devices::virtio::net::Tap::open(tap)
         .map(ember_devices::virtio::net::Tap::into_fd)
-        .map_err(|e| format!("in {}: {e}", netns.display()))
+        .map_err(|source| NetworkError::Tap {
+            netns: netns.to_path_buf(),
+            source,
+        })
 }
 
 fn netns_name(id: &str) -> String {
@@ -176,7 +223,7 @@ fn host_name_server(resolv: &str) -> Option<Ipv4Addr> {
         .find(|a| !a.is_loopback() && !a.is_unspecified())
 }
 
-fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), String> {
+fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), NetworkError> {
     let mut child = Command::new(program)
         .args(args)
         .stdin(if stdin.is_some() {
@@ -187,40 +234,48 @@ fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), String> 
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run {program}: {e} (is it installed?)"))?;
+        .map_err(|source| NetworkError::Run {
+            program: program.to_string(),
+            source,
+        })?;
     if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
         pipe.write_all(text.as_bytes())
-            .map_err(|e| format!("cannot feed {program}: {e}"))?;
+            .map_err(|source| NetworkError::Run {
+                program: program.to_string(),
+                source,
+            })?;
     }
     let out = child
         .wait_with_output()
-        .map_err(|e| format!("{program} failed: {e}"))?;
+        .map_err(|source| NetworkError::Run {
+            program: program.to_string(),
+            source,
+        })?;
     if !out.status.success() {
-        return Err(format!(
-            "{program} {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(NetworkError::Failed {
+            command: format!("{program} {}", args.join(" ")),
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(())
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
+fn ip(args: &[&str]) -> Result<(), NetworkError> {
     run("ip", args, None)
 }
 
 /// The host's part, shared by all sandboxes: forwarding on (recording that it was off), the
 /// links masqueraded, nothing they start reaching the host, and a chain per link (see
 /// [`link_rules`]). Kept when it exists: other sandboxes' chains are in it.
-fn ensure_host_nat() -> Result<(), String> {
-    let forwarding = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
-        .map_err(|e| format!("cannot read IPv4 forwarding: {e}"))?;
-    if forwarding.trim() == "0" {
-        std::fs::write(FORWARDING_WAS_OFF, b"")
-            .map_err(|e| format!("cannot record {FORWARDING_WAS_OFF}: {e}"))?;
+fn ensure_host_nat() -> Result<(), NetworkError> {
+    let forwarding = |what| move |source| NetworkError::Forwarding { what, source };
+    let state = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+        .map_err(forwarding("reading it"))?;
+    if state.trim() == "0" {
+        std::fs::write(FORWARDING_WAS_OFF, b"").map_err(forwarding("recording it was off"))?;
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-            .map_err(|e| format!("cannot turn on IPv4 forwarding: {e}"))?;
+            .map_err(forwarding("turning it on"))?;
     }
     if run("nft", &["list", "table", "ip", "ember"], None).is_ok() {
         return Ok(());
@@ -334,7 +389,7 @@ pub fn create(
     mode: &NetworkMode,
     slot: Option<u32>,
     owner: (u32, u32),
-) -> Result<(), String> {
+) -> Result<(), NetworkError> {
     let _host = HOST_NETWORK.lock().unwrap_or_else(|p| p.into_inner());
     let result = create_inner(id, mode, slot, owner);
     if result.is_err() {
@@ -348,7 +403,7 @@ fn create_inner(
     mode: &NetworkMode,
     slot: Option<u32>,
     (uid, gid): (u32, u32),
-) -> Result<(), String> {
+) -> Result<(), NetworkError> {
     let ns = netns_name(id);
     ip(&["netns", "add", &ns])?;
     let (uid, gid) = (uid.to_string(), gid.to_string());
@@ -365,7 +420,7 @@ fn create_inner(
     let NetworkMode::Egress { allow } = mode else {
         return Ok(());
     };
-    let slot = slot.ok_or("an egress network needs a link slot")?;
+    let slot = slot.ok_or(NetworkError::NoSlot)?;
     let dns = host_name_server(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
     ensure_host_nat()?;
     let veth = host_veth(id);

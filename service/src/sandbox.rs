@@ -746,7 +746,8 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
             network::create(&sandbox_id, &net.mode, net.slot, (ids.uid, ids.gid))
         })
         .await
-        .unwrap_or_else(|e| Err(e.to_string()));
+        .map_err(|e| e.to_string())
+        .and_then(|made| made.map_err(|e| e.to_string()));
         if let Err(why) = made {
             let why = format!("cannot make its network: {why}");
             sandbox.fail(why.clone());
