@@ -424,6 +424,35 @@ impl Sandbox {
         if let Some(client) = slot.as_ref() {
             return Ok(client.clone());
         }
+        let client = self.connect_agent().await?;
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    /// For a restore: the service's agent connection, made while the VMM restores (the
+    /// restored guest's agent is already listening) rather than after the VMM says it is
+    /// ready, so the first request finds it open. Holds the connection slot meanwhile;
+    /// attempts until `patience` has passed or the sandbox is no longer starting or running.
+    pub async fn connect_agent_early(&self, patience: Duration) {
+        let mut slot = self.agent.lock().await;
+        let deadline = tokio::time::Instant::now() + patience;
+        let socket = self.record().spec.vsock_socket;
+        while slot.is_none() && self.state().is_live() && tokio::time::Instant::now() < deadline {
+            if socket.exists() {
+                match self.connect_agent().await {
+                    Ok(client) => *slot = Some(client),
+                    Err(e) => log::debug!("{}: early agent connection: {}", self.id, e.message),
+                }
+            }
+            if slot.is_none() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+
+    /// A new connection to the agent, with its hello answered (and, for a restored guest not
+    /// resynced yet, the clock and entropy resync sent ahead of the next request).
+    async fn connect_agent(&self) -> Result<Arc<AgentClient>, ApiError> {
         let socket = self.record().spec.vsock_socket;
         let id = self.id.clone();
         // A restored guest has the snapshot's clock and entropy (the same in every clone):
@@ -449,10 +478,8 @@ impl Sandbox {
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(|e| super::error::from_agent("connecting to the guest agent", e))?;
-        let client = Arc::new(client);
         self.resynced.store(true, Ordering::SeqCst);
-        *slot = Some(client.clone());
-        Ok(client)
+        Ok(Arc::new(client))
     }
 
     /// A turn for one blocking call to the agent, held until the call ends: waits (without a
@@ -763,6 +790,10 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         "sandbox {id}: folders, jail and network prepared in {:.1} ms",
         ms()
     );
+    if matches!(new.origin, WorkerOrigin::Restore { .. }) {
+        let early = sandbox.clone();
+        tokio::spawn(async move { early.connect_agent_early(READY_TIMEOUT).await });
+    }
     let started = match start_vmm(state, &sandbox, &spec, pooled).await {
         Ok(ready_ms) => sandbox.open_ports(&new.ports).await.map(|()| ready_ms),
         Err(why) => Err(why),
@@ -771,12 +802,6 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         Ok(ready_ms) => {
             let restored = matches!(new.origin, WorkerOrigin::Restore { .. });
             if let WorkerOrigin::Restore { snapshot, .. } = &new.origin {
-                // The agent connection (with the clock and entropy resync ahead of the first
-                // request) is made now, off the path of the request that comes next.
-                let early = sandbox.clone();
-                tokio::spawn(async move {
-                    let _ = early.agent().await;
-                });
                 // A snapshot not materialised yet (saved before the cache, or evicted) is,
                 // after this restore, for the next ones.
                 state
