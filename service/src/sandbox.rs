@@ -778,9 +778,8 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
             let restored = matches!(new.origin, WorkerOrigin::Restore { .. });
             if let WorkerOrigin::Restore { snapshot, .. } = &new.origin {
                 // The agent connection (with the clock and entropy resync ahead of the first
-                // request) is made now, off the path of the request that comes next. (Made
-                // while the VMM restored, in parallel with the VMM's own probe, it slowed
-                // both in the lab: first exec 837 ms against 694.)
+                // request) is made now, off the path of the request that comes next (made
+                // while the VMM restores, beside the VMM's own probe, it slows both).
                 let early = sandbox.clone();
                 tokio::spawn(async move {
                     let _ = early.agent().await;
