@@ -460,17 +460,9 @@ impl AgentClient {
             self.inner.unregister(id);
             return Err(err);
         }
-        match rx.recv_timeout(self.request_timeout) {
-            Ok(ResponseBody::Error(err)) => Err(ClientError::Remote(err)),
-            Ok(body) => Ok(body),
-            Err(RecvTimeoutError::Timeout) => {
-                self.inner.unregister(id);
-                Err(ClientError::Timeout {
-                    what: format!("{what} (request {id})"),
-                    timeout: self.request_timeout,
-                })
-            }
-            Err(RecvTimeoutError::Disconnected) => Err(self.inner.disconnected()),
+        match self.next_response(what, id, &rx)? {
+            ResponseBody::Error(err) => Err(ClientError::Remote(err)),
+            body => Ok(body),
         }
     }
 
