@@ -5,14 +5,18 @@
 #   cargo build --release -p ember-cli -p ember-sandbox
 #   cargo xtask lab --no-build -- sh benches/restore-cli.sh
 # The programs are copied to the lab's tmpfs first, as an installed ember would be local
-# (exec'ing them from the lab's 9p share costs 1-2 s of its own).
+# (exec'ing them from the lab's 9p share costs 1-2 s of its own). EMBER_BIN_DIR names another
+# build's folder (say, an older commit's) to measure it the same way.
 set -eu
 runs=${RUNS:-5}
 bin=/tmp/ember-restore-bench/bin
 work=/tmp/ember-restore-bench/work
 rm -rf /tmp/ember-restore-bench
 mkdir -p "$bin" "$work"
-cp target/release/ember target/release/ember-vmm "$bin/"
+from=${EMBER_BIN_DIR:-target/release}
+cp "$from/ember" "$bin/"
+[ ! -e "$from/ember-vmm" ] || cp "$from/ember-vmm" "$bin/"
+echo "ember from $from"
 ms() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
 start=$(date +%s%N)
 "$bin/ember" run --store "$work/store" --snapshot-on-exit base \
