@@ -172,21 +172,30 @@ pub fn default_socket(state_dir: Option<&std::path::Path>) -> PathBuf {
         .join("ember.sock")
 }
 
+/// Why the VMM program cannot be found.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmProgramError {
+    #[error("cannot find its own program: {0}")]
+    OwnProgram(#[source] std::io::Error),
+    #[error(
+        "the VMM program {} is missing (build it with `cargo build -p ember-sandbox`, or set \
+         EMBER_VMM_PROGRAM)",
+        .0.display()
+    )]
+    Missing(PathBuf),
+}
+
 /// The VMM program: `$EMBER_VMM_PROGRAM`, else `ember-vmm` beside this program (cargo builds
 /// both into one folder; an install puts them side by side).
-fn vmm_program() -> Result<PathBuf, String> {
+fn vmm_program() -> Result<PathBuf, VmmProgramError> {
     let program = match std::env::var_os("EMBER_VMM_PROGRAM") {
         Some(path) => PathBuf::from(path),
         None => std::env::current_exe()
-            .map_err(|e| format!("cannot find its own program: {e}"))?
+            .map_err(VmmProgramError::OwnProgram)?
             .with_file_name("ember-vmm"),
     };
     if !program.is_file() {
-        return Err(format!(
-            "the VMM program {} is missing (build it with `cargo build -p ember-sandbox`, \
-             or set EMBER_VMM_PROGRAM)",
-            program.display()
-        ));
+        return Err(VmmProgramError::Missing(program));
     }
     Ok(program)
 }
