@@ -238,17 +238,6 @@ pub fn serve(args: ServeArgs) -> i32 {
             return 1;
         }
     };
-    // A sandbox's first restore runs parts of the VMM program no process has run yet; read
-    // once in the background, the whole program is in the page cache instead of being
-    // faulted in from the disk on that request's path.
-    {
-        let program = vmm_program.clone();
-        std::thread::spawn(move || {
-            if let Ok(mut file) = std::fs::File::open(&program) {
-                let _ = std::io::copy(&mut file, &mut std::io::sink());
-            }
-        });
-    }
     let mem_cache_dir = state_dir.join("mem-cache");
     // The state (records with their environments, logs, guests' disks and memory) is the
     // service's alone; jailed VMMs reach their own parts through bind mounts.
