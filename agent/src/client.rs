@@ -28,6 +28,10 @@ pub const RESYNC_ENTROPY_BYTES: usize = 64;
 /// How long the vsock device's `CONNECT`/`OK` exchange may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The request id of [`AgentClient::handshake_uds`]'s hello (an adopted client's requests
+/// count on from it).
+const HANDSHAKE_HELLO_ID: u64 = 1;
+
 /// Default limit for requests that answer at once (hello, stat, mkdir, kill, shutdown).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -82,7 +86,8 @@ pub enum OutputStream {
 }
 
 /// What `hello` learned about the agent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AgentInfo {
     pub agent_version: String,
     pub protocol_version: u32,
@@ -320,12 +325,25 @@ fn unexpected(request: &'static str, body: &ResponseBody) -> ClientError {
 impl AgentClient {
     /// A client over an already connected stream (e.g. one end of a `UnixStream` pair).
     pub fn new<S: Transport>(stream: S) -> Result<Self> {
+        Self::over(stream, 1)
+    }
+
+    /// A client over `stream`, on which a [`handshake_uds`](Self::handshake_uds) already
+    /// said hello (possibly in another process, which passed the connection on): the first
+    /// request is not a round trip of its own.
+    pub fn adopt(stream: UnixStream, info: AgentInfo) -> Result<Self> {
+        let client = Self::over(stream, HANDSHAKE_HELLO_ID + 1)?;
+        *lock(&client.info) = Some(info);
+        Ok(client)
+    }
+
+    fn over<S: Transport>(stream: S, first_id: u64) -> Result<Self> {
         let reader = stream.try_clone_transport()?;
         let closer = Mutex::new(stream.try_clone_transport()?);
         let inner = Arc::new(Inner {
             writer: Mutex::new(Box::new(stream)),
             pending: Mutex::new(Pending::default()),
-            next_id: AtomicU64::new(1),
+            next_id: AtomicU64::new(first_id),
         });
         let reader_inner = inner.clone();
         let handle = std::thread::Builder::new()
@@ -347,6 +365,59 @@ impl AgentClient {
     /// Connects to the agent's vsock `port` through the VM's vsock Unix socket: sends
     /// `CONNECT <port>\n` and expects `OK <hostport>\n`.
     pub fn connect_uds(vm_socket: &Path, port: u32) -> Result<Self> {
+        Self::new(Self::connect_stream(vm_socket, port)?)
+    }
+
+    /// Connects as [`connect_uds`](Self::connect_uds) and says hello on the caller's thread,
+    /// waiting at most `timeout` for the answer, without a client around the connection:
+    /// the stream holds nothing but what follows the hello, so it can be passed to another
+    /// process, which [`adopt`](Self::adopt)s it.
+    pub fn handshake_uds(
+        vm_socket: &Path,
+        port: u32,
+        timeout: Duration,
+    ) -> Result<(UnixStream, AgentInfo)> {
+        let mut stream = Self::connect_stream(vm_socket, port)?;
+        stream.set_read_timeout(Some(timeout.max(Duration::from_millis(1))))?;
+        let hello = Request {
+            id: HANDSHAKE_HELLO_ID,
+            body: Self::hello_request(),
+        };
+        stream.write_all(&encode_frame(&hello)?)?;
+        let payload = match read_frame(&mut stream) {
+            Ok(Some(payload)) => payload,
+            Ok(None) => {
+                return Err(ClientError::Disconnected(
+                    "the agent closed the connection before its hello".into(),
+                ))
+            }
+            Err(FrameError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(ClientError::Timeout {
+                    what: "hello".into(),
+                    timeout,
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let response: Response = decode(&payload)?;
+        if response.id != HANDSHAKE_HELLO_ID {
+            return Err(unexpected("hello", &response.body));
+        }
+        let info = match response.body {
+            ResponseBody::Error(err) => return Err(ClientError::Remote(err)),
+            body => Self::check_hello(body)?,
+        };
+        stream.set_read_timeout(None)?;
+        Ok((stream, info))
+    }
+
+    /// The vsock device's `CONNECT`/`OK` exchange on a new connection to `vm_socket`.
+    fn connect_stream(vm_socket: &Path, port: u32) -> Result<UnixStream> {
         let handshake_error = |reason: String| ClientError::Handshake {
             path: vm_socket.to_path_buf(),
             port,
@@ -395,7 +466,7 @@ impl AgentClient {
         }
         stream.set_read_timeout(None)?;
         stream.set_write_timeout(None)?;
-        Self::new(stream)
+        Ok(stream)
     }
 
     /// Connects and says hello, retrying until the agent answers or `timeout` passes (the
@@ -468,11 +539,21 @@ impl AgentClient {
 
     /// The handshake: checks the protocol version and returns what the agent says of itself.
     pub fn hello(&self) -> Result<AgentInfo> {
-        let body = RequestBody::Hello {
+        let info = Self::check_hello(self.call("hello", Self::hello_request())?)?;
+        *lock(&self.info) = Some(info.clone());
+        Ok(info)
+    }
+
+    fn hello_request() -> RequestBody {
+        RequestBody::Hello {
             protocol_version: PROTOCOL_VERSION,
             client: format!("ember-agent-client {}", env!("CARGO_PKG_VERSION")),
-        };
-        match self.call("hello", body)? {
+        }
+    }
+
+    /// What a hello's answer says of the agent, if it speaks this client's protocol.
+    fn check_hello(body: ResponseBody) -> Result<AgentInfo> {
+        match body {
             ResponseBody::Hello {
                 agent_version,
                 protocol_version,
@@ -484,13 +565,11 @@ impl AgentClient {
                         client: PROTOCOL_VERSION,
                     });
                 }
-                let info = AgentInfo {
+                Ok(AgentInfo {
                     agent_version,
                     protocol_version,
                     capabilities,
-                };
-                *lock(&self.info) = Some(info.clone());
-                Ok(info)
+                })
             }
             other => Err(unexpected("hello", &other)),
         }

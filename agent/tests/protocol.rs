@@ -811,6 +811,45 @@ fn connect_uds_does_the_vsock_handshake() {
 }
 
 #[test]
+fn a_handshaken_connection_is_adopted_without_another_hello() {
+    let dir = scratch("adopt");
+    let socket = dir.join("vsock.sock");
+    let vm = fake_vm_socket(&socket, "OK 1073741824\n");
+    let (stream, info) =
+        AgentClient::handshake_uds(&socket, AGENT_VSOCK_PORT, Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        info.protocol_version,
+        ember_agent::protocol::PROTOCOL_VERSION
+    );
+    // The connection goes on as a client in its own right (in the service, another process),
+    // which knows the agent from the hello that was said before.
+    let client = AgentClient::adopt(stream, info.clone()).unwrap();
+    assert_eq!(client.agent_info(), Some(info));
+    let out = client
+        .exec_collect(ExecRequest::shell("echo adopted"))
+        .unwrap();
+    assert_eq!(out.stdout, b"adopted\n");
+    drop(client);
+    vm.join().unwrap();
+
+    // A hello that never comes is a timeout, not a hang.
+    let silent = dir.join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+    let holder = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut line = [0u8; 64];
+        let _ = std::io::Read::read(&mut stream, &mut line);
+        std::io::Write::write_all(&mut stream, b"OK 7\n").unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let err = AgentClient::handshake_uds(&silent, AGENT_VSOCK_PORT, Duration::from_millis(100))
+        .err()
+        .unwrap();
+    assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
+    holder.join().unwrap();
+}
+
+#[test]
 fn wait_ready_retries_until_the_agent_listens() {
     let dir = scratch("wait-ready");
     let socket = dir.join("vsock.sock");

@@ -376,6 +376,8 @@ fn vmtest_service_exec_streams_files_and_refuses_bad_requests() {
     };
     assert_eq!(read("memory.max"), ((256u64 + 160) << 20).to_string());
     assert_eq!(read("cpu.max"), "100000 100000");
+    // The lab's kernel has the burst (5.14 and later): a start may spend saved-up CPU time.
+    assert_eq!(read("cpu.max.burst"), "100000");
     assert_eq!(read("pids.max"), "64");
     // The guest fills most of its RAM: the VMM grows, stays under its limit, is not killed,
     // and the sandbox goes on answering.
@@ -1622,6 +1624,13 @@ fn vmtest_a_warm_pool_serves_boots_and_restores_replaces_dead_vmms_and_absorbs_b
     for id in &burst {
         assert_eq!(service.sh(id, "echo burst")["stdout"], "burst\n");
     }
+    // Every VMM, pooled or started for its request, booted or restored, passed the
+    // connection its agent answered on up to the service, which ran the first command on it.
+    assert_eq!(metric(&service, "ember_agent_connections_passed_total"), 6);
+    assert_eq!(
+        metric(&service, "ember_agent_connections_not_passed_total"),
+        0
+    );
     for id in [a, b, c].iter().chain(&burst) {
         service.call("DELETE", &format!("/sandboxes/{id}"), None, 204);
     }

@@ -137,6 +137,10 @@ pub enum WorkerEvent {
         /// How a restored VM's memory arrived (`file`, `prefetch`, `lazy`, `eager`).
         #[serde(default)]
         memory: Option<ember_vmm::RestoreMode>,
+        /// When the connection that found the agent was passed on over stdin (a Unix
+        /// socket), what its hello said: the service adopts it as its own first connection.
+        #[serde(default)]
+        agent: Option<ember_agent::client::AgentInfo>,
     },
 }
 

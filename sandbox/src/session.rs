@@ -3,13 +3,14 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::defaults::{default_mem_cache, default_store_dir, open_store, overlay_path};
-use ember_agent::client::{AgentClient, OutputStream};
+use ember_agent::client::{AgentClient, AgentInfo, OutputStream};
 use ember_agent::protocol::{ExecRequest, ExitStatus, AGENT_VSOCK_PORT};
 use ember_vmm::{
     ExitReason, NetRateLimits, RateLimit, RestoreMode, SnapshotKind, VmConfig, Vmm, VmmError,
@@ -308,7 +309,9 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
         });
     }
 
-    let client = match wait_for_agent(&socket, &vm_done, &vmm) {
+    let client = match wait_for_agent(&socket, &vm_done, &vmm)
+        .and_then(|(stream, info)| AgentClient::adopt(stream, info).map_err(|e| e.to_string()))
+    {
         Ok(client) => client,
         Err(why) => {
             eprintln!(
@@ -559,13 +562,14 @@ pub(crate) fn log_stall_reports_on_sigusr1(vmm: &Arc<Vmm>) {
 /// VMM then logs what the VM is doing (see `Vmm::stall_report`).
 const AGENT_STALL_REPORT_AFTER: Duration = Duration::from_secs(60);
 
-/// Connects to the agent once it listens, giving up if the VM ends or time runs out. A guest
-/// that keeps silent gets `vmm`'s stall report in the log, and again in the error.
+/// Connects to the agent once it listens and says hello, giving up if the VM ends or time
+/// runs out: the connection (with nothing after the hello on it) and what the agent said. A
+/// guest that keeps silent gets `vmm`'s stall report in the log, and again in the error.
 pub(crate) fn wait_for_agent(
     socket: &Path,
     vm_done: &Receiver<VmResult>,
     vmm: &Vmm,
-) -> Result<AgentClient, String> {
+) -> Result<(UnixStream, AgentInfo), String> {
     let started = Instant::now();
     let deadline = started + AGENT_TIMEOUT;
     let mut last_error = String::from("no attempt yet");
@@ -585,9 +589,8 @@ pub(crate) fn wait_for_agent(
         }
         if socket.exists() {
             let attempt = Instant::now();
-            match AgentClient::connect_uds(socket, AGENT_VSOCK_PORT)
-                .and_then(|c| c.hello().map(|_| c))
-            {
+            let patience = deadline.saturating_duration_since(attempt);
+            match AgentClient::handshake_uds(socket, AGENT_VSOCK_PORT, patience) {
                 Ok(client) => {
                     log::debug!(
                         "agent connected and answered in {:.1} ms",

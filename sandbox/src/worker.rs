@@ -7,7 +7,7 @@
 //! sandbox.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -200,12 +200,14 @@ pub fn run(args: VmmArgs) -> i32 {
     }
     let restored = matches!(spec.origin, WorkerOrigin::Restore { .. });
     match wait_for_agent(&spec.vsock_socket, &vm_done, &vmm) {
-        Ok(client) => {
+        Ok((connection, info)) => {
             let ready_ms = start.elapsed().as_secs_f64() * 1e3;
             vmm.timeline().mark("agent_answered");
-            // The service resyncs a restored guest's clock and entropy on its own first
-            // connection, ahead of the first request; readiness costs no round trip more.
-            drop(client);
+            // The connection that found the agent is the service's first one: passed on, it
+            // spares the first request a new vsock connection and hello in the guest. (The
+            // service resyncs a restored guest's clock and entropy on it, ahead of that
+            // request.)
+            let agent = pass_agent_connection(connection).then_some(info);
             if let Some(faults) = vmm.faults_served() {
                 log::info!("agent ready after {ready_ms:.1} ms: {faults} pages faulted in so far");
             }
@@ -216,6 +218,7 @@ pub fn run(args: VmmArgs) -> i32 {
                 started_unix_ms,
                 timeline: vmm.timeline().steps(),
                 memory: vmm.restore_mode(),
+                agent,
             };
             let line = serde_json::to_string(&event).unwrap_or_default();
             let mut stdout = std::io::stdout().lock();
@@ -285,14 +288,40 @@ pub fn run(args: VmmArgs) -> i32 {
     }
 }
 
+/// Passes the agent connection to the service over stdin, when the service made stdin a Unix
+/// socket for that (one byte with the descriptor attached), and closes this process's end.
+/// False when there is no such socket or the send failed: the service then connects itself.
+fn pass_agent_connection(connection: UnixStream) -> bool {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    // SAFETY: fstat(2) into a zeroed stat buffer; descriptor 0 is only inspected.
+    let is_socket = unsafe {
+        let mut stat: libc::stat = std::mem::zeroed();
+        libc::fstat(0, &mut stat) == 0 && stat.st_mode & libc::S_IFMT == libc::S_IFSOCK
+    };
+    if !is_socket {
+        return false;
+    }
+    // SAFETY: descriptor 0 is this process's stdin, a socket (checked above) that nothing
+    // else uses once the pool's assignment (if any) was read; the stream owns and closes it.
+    let stdin = unsafe { UnixStream::from_raw_fd(0) };
+    match stdin.send_with_fd(&b"a"[..], connection.as_raw_fd()) {
+        Ok(1) => true,
+        Ok(_) => false,
+        Err(e) => {
+            log::warn!("cannot pass the agent connection to the service: {e}");
+            false
+        }
+    }
+}
+
 /// A pooled VMM's assignment: one JSON line on stdin, which the service made a Unix socket,
 /// with the sandbox's TAP queue attached when it has a network. `None` at the stream's end
 /// (no sandbox for this VMM).
 fn read_assignment() -> Result<Option<(PoolAssignment, Option<OwnedFd>)>, String> {
     use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-    // SAFETY: descriptor 0 is this process's stdin, used nowhere else; the socket owns it
-    // from here and closes it once the assignment is read.
-    let socket = unsafe { UnixStream::from_raw_fd(0) };
+    // SAFETY: descriptor 0 is this process's stdin, used nowhere else while the assignment
+    // is read; it stays open after (ManuallyDrop), for the agent connection to go back on.
+    let socket = std::mem::ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(0) });
     let mut line = vec![0u8; MAX_CONTROL_LINE + 1];
     let mut len = 0;
     let mut tap: Option<OwnedFd> = None;

@@ -64,16 +64,18 @@ pub fn write_spec(dir: &Path, spec: &WorkerSpec) -> Result<(), LaunchError> {
     super::access::write_private(&path, &text).map_err(|source| LaunchError::Spec { path, source })
 }
 
-/// Starts `ember-vmm --spec dir/spec.json` for `spec` (given an `assignment` socket: a
-/// warm-pool VMM that waits on it, as its stdin, for its sandbox), logging to `dir/vmm.log`,
-/// in a cgroup of its own made for `spec`'s size. Its stdout is a pipe.
+/// Starts `ember-vmm --spec dir/spec.json` for `spec` (`pooled`: a warm-pool VMM that waits
+/// on its stdin for its sandbox), logging to `dir/vmm.log`, in a cgroup of its own made for
+/// `spec`'s size. Its stdout is a pipe; its stdin a Unix socket, whose other end is returned:
+/// a pooled VMM's assignment goes down it, and the VMM's first agent connection comes back
+/// up it (see [`receive_agent_connection`]).
 pub fn spawn_vmm(
     state: &AppState,
     dir: &Path,
     spec: &WorkerSpec,
-    assignment: Option<UnixStream>,
-) -> Result<tokio::process::Child, LaunchError> {
-    let pooled = assignment.is_some();
+    pooled: bool,
+) -> Result<(tokio::process::Child, UnixStream), LaunchError> {
+    let (service_end, vmm_end) = UnixStream::pair().map_err(LaunchError::Socket)?;
     write_spec(dir, spec)?;
     let log_path = dir.join("vmm.log");
     let log = super::access::private_file(&log_path).map_err(|source| LaunchError::File {
@@ -88,10 +90,7 @@ pub fn spawn_vmm(
     command
         .arg("--spec")
         .arg(dir.join("spec.json"))
-        .stdin(match assignment {
-            Some(socket) => Stdio::from(OwnedFd::from(socket)),
-            None => Stdio::null(),
-        })
+        .stdin(Stdio::from(OwnedFd::from(vmm_end)))
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         // Its own process group: a ^C meant for the service does not reach the sandboxes.
@@ -133,5 +132,62 @@ pub fn spawn_vmm(
             cgroups.remove(&spec.sandbox_id);
         }
     }
-    spawned
+    spawned.map(|child| (child, service_end))
+}
+
+/// How long the service waits for an agent connection its VMM said it passed.
+const AGENT_CONNECTION_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Receives the agent connection a VMM passed on `stdin` (its stdin's other end) after it
+/// said so in its ready line: a connected Unix stream socket, checked to be one (a VMM is not
+/// trusted to send what it says). `None`, with the reason logged, when none came; the
+/// service then connects itself.
+pub fn receive_agent_connection(stdin: &UnixStream, id: &str) -> Option<UnixStream> {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let received = stdin
+        .set_read_timeout(Some(AGENT_CONNECTION_WAIT))
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            let mut byte = [0u8; 1];
+            stdin.recv_with_fd(&mut byte[..]).map_err(|e| e.to_string())
+        });
+    let fd = match received {
+        Ok((1, Some(file))) => OwnedFd::from(file),
+        Ok((_, _)) => {
+            log::warn!("sandbox {id}: the VMM said it passed its agent connection but sent none");
+            return None;
+        }
+        Err(e) => {
+            log::warn!("sandbox {id}: receiving the VMM's agent connection: {e}");
+            return None;
+        }
+    };
+    match is_unix_stream_socket(&fd) {
+        true => Some(UnixStream::from(fd)),
+        false => {
+            log::warn!("sandbox {id}: the VMM passed something other than a Unix stream socket");
+            None
+        }
+    }
+}
+
+fn is_unix_stream_socket(fd: &OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    let option = |name: libc::c_int| {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt(2) writes at most `len` bytes into `value`, an int it owns.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                name,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        (rc == 0).then_some(value)
+    };
+    option(libc::SO_DOMAIN) == Some(libc::AF_UNIX)
+        && option(libc::SO_TYPE) == Some(libc::SOCK_STREAM)
 }

@@ -40,6 +40,10 @@ pub struct Metrics {
     pub execs: AtomicU64,
     pub snapshots: AtomicU64,
     pub timeouts: AtomicU64,
+    /// Starts whose VMM passed up the connection it found the agent on (adopted by the
+    /// service as the sandbox's first agent connection), and starts whose did not.
+    pub agent_connections_passed: AtomicU64,
+    pub agent_connections_not_passed: AtomicU64,
     boot_ready: Timing,
     restore_ready: Timing,
     snapshot_time: Timing,
@@ -54,6 +58,14 @@ impl Metrics {
             self.boots.fetch_add(1, Ordering::Relaxed);
             self.boot_ready.add(ready_ms);
         }
+    }
+
+    pub fn record_agent_connection(&self, passed: bool) {
+        match passed {
+            true => &self.agent_connections_passed,
+            false => &self.agent_connections_not_passed,
+        }
+        .fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn record_start_failure(&self) {
@@ -210,6 +222,18 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         "ember_timeouts_total",
         "Sandboxes stopped at their timeout.",
         load(&m.timeouts),
+    );
+    counter(
+        &mut out,
+        "ember_agent_connections_passed_total",
+        "Starts whose VMM passed up the connection its agent answered on (the first request needs none of its own).",
+        load(&m.agent_connections_passed),
+    );
+    counter(
+        &mut out,
+        "ember_agent_connections_not_passed_total",
+        "Starts whose VMM passed no agent connection up (their first request connects).",
+        load(&m.agent_connections_not_passed),
     );
     let gc = &state.gc;
     counter(

@@ -36,15 +36,19 @@ pub struct IdleVmm {
     pub id: String,
     pub child: Child,
     /// The service's end of the VMM's stdin, a Unix socket (so a TAP queue can go with the
-    /// assignment).
-    assignment: UnixStream,
+    /// assignment, and the agent connection can come back).
+    stdin: UnixStream,
 }
 
 impl IdleVmm {
     /// Gives the VMM its sandbox: the cgroup's limits for `spec`'s size, then the
     /// assignment on its stdin, with the sandbox's TAP queue (opened here, in the sandbox's
     /// network namespace) when it has a network.
-    pub async fn assign(self, state: &AppState, spec: &WorkerSpec) -> Result<Child, LaunchError> {
+    pub async fn assign(
+        self,
+        state: &AppState,
+        spec: &WorkerSpec,
+    ) -> Result<(Child, UnixStream), LaunchError> {
         if let Some(cgroups) = &state.cgroups {
             cgroups.set_limits(&self.id, spec.mem_mib, spec.vcpus)?;
         }
@@ -59,14 +63,16 @@ impl IdleVmm {
         let mut line = serde_json::to_string(&PoolAssignment::of(spec))
             .map_err(|e| LaunchError::Assign(e.into()))?;
         line.push('\n');
-        let socket = self.assignment;
-        tokio::task::spawn_blocking(move || send_assignment(&socket, line.as_bytes(), tap))
-            .await
-            .map_err(|e| LaunchError::Assign(std::io::Error::other(e)))?
-            .map_err(LaunchError::Assign)?;
+        let socket = self.stdin;
+        let socket = tokio::task::spawn_blocking(move || {
+            send_assignment(&socket, line.as_bytes(), tap).map(|()| socket)
+        })
+        .await
+        .map_err(|e| LaunchError::Assign(std::io::Error::other(e)))?
+        .map_err(LaunchError::Assign)?;
         let dir = state.config.state_dir.join("sandboxes").join(&self.id);
         let _ = std::fs::remove_file(dir.join(POOLED_MARKER));
-        Ok(self.child)
+        Ok((self.child, socket))
     }
 }
 
@@ -188,12 +194,11 @@ fn start_pooled(state: &AppState) -> Result<IdleVmm, LaunchError> {
                     .map_err(LaunchError::Jail)?,
             );
         }
-        let (assignment, vmm_end) = UnixStream::pair().map_err(LaunchError::Socket)?;
-        let child = super::launch::spawn_vmm(state, &dir, &spec, Some(vmm_end))?;
+        let (child, stdin) = super::launch::spawn_vmm(state, &dir, &spec, true)?;
         Ok(IdleVmm {
             id: id.clone(),
             child,
-            assignment,
+            stdin,
         })
     })();
     if made.is_err() {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ember_agent::client::AgentClient;
+use ember_agent::client::{AgentClient, AgentInfo};
 use ember_agent::protocol::AGENT_VSOCK_PORT;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -434,9 +434,6 @@ impl Sandbox {
     async fn connect_agent(&self) -> Result<Arc<AgentClient>, ApiError> {
         let socket = self.record().spec.vsock_socket;
         let id = self.id.clone();
-        // A restored guest has the snapshot's clock and entropy (the same in every clone):
-        // the first connection sends the host's ahead of whatever request comes next.
-        let resync = self.restored_from().is_some() && !self.resynced.load(Ordering::SeqCst);
         let client = tokio::task::spawn_blocking(move || {
             let start = Instant::now();
             let client = AgentClient::connect_uds(&socket, AGENT_VSOCK_PORT)?;
@@ -447,18 +444,56 @@ impl Sandbox {
                 connected.as_secs_f64() * 1e3,
                 (start.elapsed() - connected).as_secs_f64() * 1e3
             );
-            if resync {
-                if let Err(e) = client.resync_now_pipelined() {
-                    log::warn!("{id}: cannot resync the restored guest's clock and entropy: {e}");
-                }
-            }
             Ok::<_, ember_agent::client::ClientError>(client)
         })
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(|e| super::error::from_agent("connecting to the guest agent", e))?;
-        self.resynced.store(true, Ordering::SeqCst);
+        self.resync_once(&client);
         Ok(Arc::new(client))
+    }
+
+    /// A restored guest has the snapshot's clock and entropy (the same in every clone): its
+    /// first connection sends the host's ahead of whatever request comes next.
+    fn resync_once(&self, client: &AgentClient) {
+        if self.restored_from().is_none() || self.resynced.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Err(e) = client.resync_now_pipelined() {
+            log::warn!(
+                "{}: cannot resync the restored guest's clock and entropy: {e}",
+                self.id
+            );
+        }
+    }
+
+    /// Takes the connection the VMM found its agent on (passed up its stdin) as this
+    /// sandbox's agent connection, so the first request needs no connection of its own.
+    /// Without one (false), the first request connects as before.
+    pub async fn adopt_agent(
+        &self,
+        stdin: std::os::unix::net::UnixStream,
+        info: AgentInfo,
+    ) -> bool {
+        let id = self.id.clone();
+        let adopted = tokio::task::spawn_blocking(move || {
+            let stream = super::launch::receive_agent_connection(&stdin, &id)?;
+            AgentClient::adopt(stream, info)
+                .map_err(|e| log::warn!("{id}: cannot adopt the agent connection: {e}"))
+                .ok()
+        })
+        .await
+        .ok()
+        .flatten();
+        let Some(client) = adopted else {
+            return false;
+        };
+        self.resync_once(&client);
+        let mut slot = self.agent.lock().await;
+        if slot.is_none() {
+            *slot = Some(Arc::new(client));
+        }
+        true
     }
 
     /// A turn for one blocking call to the agent, held until the call ends: waits (without a
@@ -849,7 +884,7 @@ async fn start_vmm(
     spec: &WorkerSpec,
     pooled: Option<super::pool::IdleVmm>,
 ) -> Result<f64, String> {
-    let (mut child, step) = match pooled {
+    let ((mut child, stdin), step) = match pooled {
         Some(vmm) => {
             // The record keeps the spec the VMM now runs.
             super::launch::write_spec(&sandbox.dir, spec).map_err(|e| e.to_string())?;
@@ -859,7 +894,8 @@ async fn start_vmm(
             )
         }
         None => (
-            super::launch::spawn_vmm(state, &sandbox.dir, spec, None).map_err(|e| e.to_string())?,
+            super::launch::spawn_vmm(state, &sandbox.dir, spec, false)
+                .map_err(|e| e.to_string())?,
             "vmm_spawned",
         ),
     };
@@ -912,14 +948,14 @@ async fn start_vmm(
             tokio::select! {
                 line = lines.next() => match line {
                     Some(Ok(line)) => {
-                        if let Ok(WorkerEvent::Ready { ready_ms, started_unix_ms, timeline, memory, .. }) =
+                        if let Ok(WorkerEvent::Ready { ready_ms, started_unix_ms, timeline, memory, agent, .. }) =
                             serde_json::from_str(&line)
                         {
                             sandbox.update(|r| {
                                 r.timeline.add_vmm(started_unix_ms, &timeline);
                                 r.memory = memory;
                             });
-                            return Ok(ready_ms);
+                            return Ok((ready_ms, agent));
                         }
                         log::debug!("sandbox {}: VMM says {line}", sandbox.id);
                     }
@@ -940,9 +976,14 @@ async fn start_vmm(
             }
         }
     };
-    let ready_ms = tokio::time::timeout(READY_TIMEOUT, ready)
+    let (ready_ms, agent) = tokio::time::timeout(READY_TIMEOUT, ready)
         .await
         .map_err(|_| format!("its agent did not answer within {READY_TIMEOUT:?}"))??;
+    let passed = match agent {
+        Some(info) => sandbox.adopt_agent(stdin, info).await,
+        None => false,
+    };
+    state.metrics.record_agent_connection(passed);
     // Keep reading (and dropping) the VMM's stdout so it never blocks on a full pipe.
     tokio::spawn(async move {
         while let Some(line) = lines.next().await {
