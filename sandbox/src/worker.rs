@@ -302,16 +302,23 @@ fn pass_agent_connection(connection: UnixStream) -> bool {
         return false;
     }
     // SAFETY: descriptor 0 is this process's stdin, a socket (checked above) that nothing
-    // else uses once the pool's assignment (if any) was read; the stream owns and closes it.
-    let stdin = unsafe { UnixStream::from_raw_fd(0) };
-    match stdin.send_with_fd(&b"a"[..], connection.as_raw_fd()) {
+    // else uses once the pool's assignment (if any) was read. ManuallyDrop: descriptor 0 is
+    // not closed but pointed at /dev/null below, so it is never reused for another file.
+    let stdin = std::mem::ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(0) });
+    let passed = match stdin.send_with_fd(&b"a"[..], connection.as_raw_fd()) {
         Ok(1) => true,
         Ok(_) => false,
         Err(e) => {
             log::warn!("cannot pass the agent connection to the service: {e}");
             false
         }
+    };
+    if let Ok(null) = std::fs::File::open("/dev/null") {
+        // SAFETY: dup2 onto descriptor 0 only replaces what stdin refers to (closing the
+        // socket); `null` stays open until after the call.
+        unsafe { libc::dup2(null.as_raw_fd(), libc::STDIN_FILENO) };
     }
+    passed
 }
 
 /// A pooled VMM's assignment: one JSON line on stdin, which the service made a Unix socket,
