@@ -35,7 +35,7 @@ id_of() { grep -o '"id":"[^"]*"' | head -n 1 | cut -d '"' -f 4; }
 stdout_of() { sed -n 's/.*"stdout":"\([^"]*\)".*/\1/p' | head -n 1 | sed 's/\\n/\n/g'; }
 # A sandbox's start, step by step, from its GET /sandboxes/{id} answer.
 timeline_of() {
-  tr '{' '\n' | sed -n 's/^"ms":\([0-9]*\)[0-9.]*,"step":"\([a-z_]*\)".*/    \1 ms  \2/p'
+  { tr '{' '\n'; echo; } | sed -n 's/^"ms":\([0-9]*\)[0-9.]*,"step":"\([a-z_]*\)".*/    \1 ms  \2/p'
 }
 pool_idle() { api GET /metrics | sed -n 's/^ember_warm_pool_idle \([0-9]*\)$/\1/p'; }
 # Both starts find the warm pool full, as a service with spare capacity would.
