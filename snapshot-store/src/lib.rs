@@ -74,5 +74,5 @@ pub use pack::{ObjectKind, PackError, MAX_OBJECT_SIZE};
 pub use store::{
     ObjectLocation, RefreshReport, Result, SnapshotIndexing, Store, StoreError, StoreOptions,
 };
-pub use working_set::MAX_WORKING_SET_PAGES;
+pub use working_set::{RecordedWorkingSet, MAX_WORKING_SET_PAGES};
 pub use writer::{hash_pages, PackWriter, WriteStats};

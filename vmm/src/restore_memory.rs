@@ -58,10 +58,10 @@ pub fn restore_memory(
                 // The pages an earlier restore needed are mapped up front: the guest's
                 // first touches then find them without a host page fault each.
                 if let Ok(Some(working_set)) = store.load_working_set(id) {
-                    let populated = crate::memory::populate(&mem, &working_set);
+                    let populated = crate::memory::populate(&mem, &working_set.pages);
                     log::debug!(
                         "restore {id}: {populated} of {} working-set pages mapped ahead",
-                        working_set.len()
+                        working_set.pages.len()
                     );
                 }
                 return Ok(RestoredMemory {
@@ -104,7 +104,7 @@ pub fn restore_memory(
         _ => {
             let prefetch = if mode == RestoreMode::Prefetch {
                 match store.load_working_set(id) {
-                    Ok(pages) => pages.unwrap_or_default(),
+                    Ok(recorded) => recorded.map(|r| r.pages).unwrap_or_default(),
                     Err(e) => {
                         log::warn!("restore {id}: not prefetching: {e}");
                         Vec::new()
