@@ -1673,3 +1673,135 @@ fn vmtest_a_service_in_a_delegated_cgroup_moves_into_a_leaf_and_limits_its_sandb
         }
     }
 }
+
+/// One HTTP/1.1 request on the service's socket from this process (no `curl` per request, so
+/// hundreds can be under way at once): its status, 0 if no answer came within `patience`.
+fn raw_request(socket: &Path, method: &str, path: &str, body: &str, patience: Duration) -> u16 {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::os::unix::net::UnixStream::connect(socket) else {
+        return 0;
+    };
+    let _ = stream.set_read_timeout(Some(patience));
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: ember\r\nconnection: close\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    if stream.write_all(request.as_bytes()).is_err() {
+        return 0;
+    }
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn vmtest_hundreds_of_requests_to_a_silent_agent_harm_no_other_sandbox() {
+    let service = Service::start("silent");
+    let silent = service.create(json!({}));
+    let other = service.create(json!({}));
+    assert_eq!(service.sh(&silent, "echo up")["stdout"], "up\n");
+    // The silent sandbox's VMM (and so its agent) is frozen: it takes connections into its
+    // socket's backlog and requests into its buffers, and answers nothing.
+    let supervisor = service.sandbox(&silent)["pid"].as_i64().unwrap();
+    let membership = std::fs::read_to_string(format!("/proc/{supervisor}/cgroup")).unwrap();
+    let cgroup = Path::new("/sys/fs/cgroup").join(
+        membership
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .unwrap()
+            .trim_start_matches('/'),
+    );
+    std::fs::write(cgroup.join("cgroup.freeze"), "1").unwrap();
+
+    let requests = 200;
+    let started = Instant::now();
+    let service_pid = service.child.as_ref().unwrap().id();
+    let threads_of = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap()
+    };
+    let path = format!("/sandboxes/{silent}/exec?wait=true");
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..requests)
+            .map(|_| {
+                let (socket, path) = (&service.socket, &path);
+                scope.spawn(move || {
+                    raw_request(
+                        socket,
+                        "POST",
+                        path,
+                        r#"{"cmd":"true"}"#,
+                        Duration::from_secs(300),
+                    )
+                })
+            })
+            .collect();
+        // While they wait, the other sandbox answers as before, and the service's threads
+        // stay bounded (the agent calls under way are, not the requests).
+        std::thread::sleep(Duration::from_secs(3));
+        for _ in 0..3 {
+            let asked = Instant::now();
+            assert_eq!(service.sh(&other, "echo fine")["stdout"], "fine\n");
+            assert!(
+                asked.elapsed() < Duration::from_secs(20),
+                "the other sandbox took {:?} to answer",
+                asked.elapsed()
+            );
+        }
+        let threads = threads_of(service_pid);
+        assert!(threads < 150, "the service has {threads} threads");
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let took = started.elapsed();
+    // Every request was answered with an error (none hung, none ran), within the deadlines:
+    // 64 agent calls at a time, each abandoned after 30 s; the rest refused (503) after
+    // waiting 30 s for a turn.
+    let mut counts = std::collections::BTreeMap::new();
+    for status in &statuses {
+        *counts.entry(*status).or_insert(0) += 1;
+    }
+    assert!(
+        statuses.iter().all(|s| matches!(s, 502..=504)),
+        "statuses: {counts:?}"
+    );
+    assert!(
+        counts.get(&503).copied().unwrap_or(0) >= requests - 2 * 64,
+        "statuses: {counts:?}"
+    );
+    assert!(
+        took < Duration::from_secs(150),
+        "the requests took {took:?}: {counts:?}"
+    );
+
+    // Thawed, the sandbox serves commands again.
+    std::fs::write(cgroup.join("cgroup.freeze"), "0").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, answer) = service.curl(
+            "POST",
+            &format!("/sandboxes/{silent}/exec?wait=true"),
+            Some(r#"{"cmd":"sh","args":["-c","echo back"]}"#),
+        );
+        if status == 200 {
+            assert!(answer.contains("back"), "{answer}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the thawed sandbox does not answer: {status} {answer}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    for id in [&silent, &other] {
+        service.call("DELETE", &format!("/sandboxes/{id}"), None, 204);
+    }
+}
