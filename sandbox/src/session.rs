@@ -310,6 +310,7 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
     }
 
     let client = match wait_for_agent(&socket, &vm_done, &vmm)
+        .map_err(|e| e.to_string())
         .and_then(|(stream, info)| AgentClient::adopt(stream, info).map_err(|e| e.to_string()))
     {
         Ok(client) => client,
@@ -568,6 +569,25 @@ pub(crate) fn log_stall_reports_on_sigusr1(vmm: &Arc<Vmm>) {
 /// VMM then logs what the VM is doing (see `Vmm::stall_report`).
 const AGENT_STALL_REPORT_AFTER: Duration = Duration::from_secs(60);
 
+/// Why [`wait_for_agent`] found no agent.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AgentWaitError {
+    #[error("the guest ended ({0:?}) before its agent answered")]
+    GuestEnded(ExitReason),
+    #[error("the VM failed before its agent answered: {0}")]
+    VmFailed(#[source] VmmError),
+    #[error("the VM thread ended unexpectedly")]
+    VmThreadGone,
+    #[error(
+        "the agent did not answer within {AGENT_TIMEOUT:?} (last error: {last_error})\n\
+         --- what the VM is doing ---\n{stall_report}"
+    )]
+    Silent {
+        last_error: String,
+        stall_report: String,
+    },
+}
+
 /// Connects to the agent once it listens and says hello, giving up if the VM ends or time
 /// runs out: the connection (with nothing after the hello on it) and what the agent said. A
 /// guest that keeps silent gets `vmm`'s stall report in the log, and again in the error.
@@ -575,22 +595,16 @@ pub(crate) fn wait_for_agent(
     socket: &Path,
     vm_done: &Receiver<VmResult>,
     vmm: &Vmm,
-) -> Result<(UnixStream, AgentInfo), String> {
+) -> Result<(UnixStream, AgentInfo), AgentWaitError> {
     let started = Instant::now();
     let deadline = started + AGENT_TIMEOUT;
     let mut last_error = String::from("no attempt yet");
     let mut reported = false;
     loop {
         match vm_done.try_recv() {
-            Ok(Ok(reason)) => {
-                return Err(format!(
-                    "the guest ended ({reason:?}) before its agent answered"
-                ))
-            }
-            Ok(Err(e)) => return Err(format!("the VM failed before its agent answered: {e}")),
-            Err(TryRecvError::Disconnected) => {
-                return Err("the VM thread ended unexpectedly".into())
-            }
+            Ok(Ok(reason)) => return Err(AgentWaitError::GuestEnded(reason)),
+            Ok(Err(source)) => return Err(AgentWaitError::VmFailed(source)),
+            Err(TryRecvError::Disconnected) => return Err(AgentWaitError::VmThreadGone),
             Err(TryRecvError::Empty) => {}
         }
         if socket.exists() {
@@ -611,11 +625,10 @@ pub(crate) fn wait_for_agent(
             }
         }
         if Instant::now() > deadline {
-            return Err(format!(
-                "the agent did not answer within {AGENT_TIMEOUT:?} (last error: {last_error})\n\
-                 --- what the VM is doing ---\n{}",
-                vmm.stall_report()
-            ));
+            return Err(AgentWaitError::Silent {
+                last_error,
+                stall_report: vmm.stall_report(),
+            });
         }
         if !reported && started.elapsed() > AGENT_STALL_REPORT_AFTER {
             reported = true;
