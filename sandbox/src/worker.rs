@@ -313,11 +313,7 @@ fn pass_agent_connection(connection: UnixStream) -> bool {
             false
         }
     };
-    if let Ok(null) = std::fs::File::open("/dev/null") {
-        // SAFETY: dup2 onto descriptor 0 only replaces what stdin refers to (closing the
-        // socket); `null` stays open until after the call.
-        unsafe { libc::dup2(null.as_raw_fd(), libc::STDIN_FILENO) };
-    }
+    point_at_dev_null(libc::STDIN_FILENO);
     passed
 }
 
@@ -425,13 +421,20 @@ fn limit_resources(spec: &WorkerSpec) -> Result<(), String> {
 }
 
 fn detach_stdout() {
-    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-        use std::os::fd::AsRawFd;
-        // SAFETY: dup2 onto fd 1 only replaces what stdout refers to; `null` stays open
-        // until after the call.
-        unsafe {
-            libc::dup2(null.as_raw_fd(), libc::STDOUT_FILENO);
-        }
+    point_at_dev_null(libc::STDOUT_FILENO);
+}
+
+/// Points standard descriptor `fd` at /dev/null (closing what it referred to), so it stays
+/// open and is never reused for another file.
+fn point_at_dev_null(fd: libc::c_int) {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null");
+    if let Ok(null) = null {
+        // SAFETY: dup2 onto a standard descriptor only replaces what it refers to; `null`
+        // stays open until after the call.
+        unsafe { libc::dup2(null.as_raw_fd(), fd) };
     }
 }
 
