@@ -64,7 +64,6 @@ fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong) -> std:
     }
 }
 
-/// Writes the magic byte to ember's boot-timer port so the VMM logs "userspace reached".
 /// Brings the loopback interface up, as an init does: servers in the guest listen on
 /// 127.0.0.1 (and exposed ports reach them there) whether or not the guest has a network.
 pub fn bring_up_loopback() {
@@ -101,14 +100,11 @@ fn set_interface_up(name: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-pub fn mark_boot_complete() {
-    // SAFETY: ioperm only changes this process's I/O permission bitmap.
-    if unsafe { libc::ioperm(crate::BOOT_TIMER_PORT.into(), 1, 1) } != 0 {
-        eprintln!(
-            "ember-agent: ioperm for the boot timer: {}",
-            std::io::Error::last_os_error()
-        );
-        return;
+/// Writes the magic byte to ember's boot-timer port so the VMM logs "userspace reached".
+/// False if this process may not write the port (then it must not report milestones either).
+pub fn mark_boot_complete() -> bool {
+    if !grant_boot_timer_ports() {
+        return false;
     }
     // SAFETY: the port was granted above; writing one byte to it has no effect on this
     // process's memory. Under ember it is the boot-timer device; elsewhere an unused port.
@@ -120,6 +116,102 @@ pub fn mark_boot_complete() {
             options(nomem, nostack, preserves_flags)
         );
     }
+    true
+}
+
+/// A point of the boot reported to ember by the guest's clock (see `ember_devices::boot_timer`).
+#[derive(Debug, Clone, Copy)]
+pub enum Milestone {
+    KernelRanInit = 0,
+    AgentStarted = 1,
+    AgentReady = 2,
+}
+
+/// Reports `milestone` at `us` microseconds of the guest's clock to the boot timer. Call
+/// only after [`mark_boot_complete`] returned true (it asks for the ports; without them the
+/// write faults).
+pub fn report_milestone(milestone: Milestone, us: u64) {
+    let port = crate::BOOT_TIMER_PORT + crate::BOOT_TIMER_MILESTONE_OFFSET + 4 * milestone as u16;
+    let value = u32::try_from(us).unwrap_or(u32::MAX);
+    // SAFETY: as in `mark_boot_complete`: a port write with no effect on this process's memory.
+    unsafe {
+        std::arch::asm!(
+            "out dx, eax",
+            in("dx") port,
+            in("eax") value,
+            options(nomem, nostack, preserves_flags)
+        );
+    }
+}
+
+/// Lets this process write the boot timer's ports; false (and a message) if it may not.
+fn grant_boot_timer_ports() -> bool {
+    // SAFETY: ioperm only changes this process's I/O permission bitmap.
+    let rc = unsafe {
+        libc::ioperm(
+            crate::BOOT_TIMER_PORT.into(),
+            crate::BOOT_TIMER_PORT_LEN.into(),
+            1,
+        )
+    };
+    if rc != 0 {
+        eprintln!(
+            "ember-agent: ioperm for the boot timer: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    rc == 0
+}
+
+/// The guest's clock (`CLOCK_BOOTTIME`: since its kernel started) in microseconds.
+pub fn guest_clock_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec, which outlives the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000
+}
+
+/// The kernel log's timestamp of "Run … as init process", read from the kernel's log buffer
+/// in one `syslog(2)` call (the boot's log is small; no /dev/kmsg record loop).
+pub fn kernel_ran_init_us() -> Option<u64> {
+    const SYSLOG_ACTION_READ_ALL: libc::c_int = 3;
+    const SYSLOG_ACTION_SIZE_BUFFER: libc::c_int = 10;
+    // SAFETY: SIZE_BUFFER takes no buffer.
+    let size = unsafe { libc::klogctl(SYSLOG_ACTION_SIZE_BUFFER, std::ptr::null_mut(), 0) };
+    let size = usize::try_from(size).ok().filter(|&n| n > 0)?.min(4 << 20);
+    let mut buf = vec![0u8; size];
+    // SAFETY: READ_ALL writes at most `size` bytes into `buf`, which holds that many.
+    let read = unsafe {
+        libc::klogctl(
+            SYSLOG_ACTION_READ_ALL,
+            buf.as_mut_ptr().cast(),
+            size as libc::c_int,
+        )
+    };
+    buf.truncate(usize::try_from(read).ok()?);
+    String::from_utf8_lossy(&buf).lines().find_map(init_line_us)
+}
+
+/// The timestamp in µs of a kernel log line "<6>[    0.880611] Run /init as init process"
+/// (the priority prefix is optional).
+pub fn init_line_us(line: &str) -> Option<u64> {
+    let line = line.trim();
+    let line = match line.strip_prefix('<') {
+        Some(rest) => rest.split_once('>')?.1,
+        None => line,
+    };
+    let (stamp, message) = line.strip_prefix('[')?.split_once(']')?;
+    let message = message.trim();
+    if !(message.starts_with("Run ") && message.ends_with(" as init process")) {
+        return None;
+    }
+    let (secs, micros) = stamp.trim().split_once('.')?;
+    let secs: u64 = secs.parse().ok()?;
+    let micros: u64 = format!("{micros:0<6}").get(..6)?.parse().ok()?;
+    Some(secs * 1_000_000 + micros)
 }
 
 /// Flushes filesystems and resets the guest (the VMM sees the reset and exits).
@@ -217,5 +309,32 @@ pub fn reap_orphans_forever() -> ! {
         // SAFETY: waitpid on one pid with a valid status pointer; WNOHANG never blocks while
         // the lock is held.
         unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_line_timestamps_are_read_with_or_without_a_priority() {
+        let line = "<6>[    0.880611] Run /sbin/ember-agent as init process";
+        assert_eq!(init_line_us(line), Some(880_611));
+        assert_eq!(
+            init_line_us("[   12.5] Run /init as init process"),
+            Some(12_500_000)
+        );
+        assert_eq!(init_line_us("[    0.880611] Run /init"), None);
+        assert_eq!(init_line_us("<6>[    0.1] Freeing unused memory"), None);
+        assert_eq!(init_line_us("Run /init as init process"), None);
+        assert_eq!(init_line_us("[abc] Run /init as init process"), None);
+        assert_eq!(init_line_us("1.52 0.98"), None);
+    }
+
+    #[test]
+    fn the_guest_clock_moves_forward() {
+        let a = guest_clock_us();
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(guest_clock_us() >= a + 2_000);
     }
 }

@@ -13,10 +13,13 @@ pub mod protocol;
 pub mod resync;
 pub mod server;
 
-/// The I/O port of ember's boot timer and the byte that marks "userspace reached".
-/// Must match `ember_devices::boot_timer`.
+/// The I/O ports of ember's boot timer, the byte that marks "userspace reached" and the
+/// offset of the first milestone register. Must match `ember_devices::boot_timer` (a test
+/// in `ember-vmm` checks).
 pub const BOOT_TIMER_PORT: u16 = 0x440;
+pub const BOOT_TIMER_PORT_LEN: u16 = 16;
 pub const BOOT_TIMER_MAGIC: u8 = 123;
+pub const BOOT_TIMER_MILESTONE_OFFSET: u16 = 4;
 
 /// Where the agent lives in every guest image; the kernel is told `init=` this path.
 pub const AGENT_GUEST_PATH: &str = "/sbin/ember-agent";

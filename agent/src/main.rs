@@ -4,17 +4,26 @@ use std::process::Command;
 use std::sync::Arc;
 
 use ember_agent::forward::FORWARD_VSOCK_PORT;
-use ember_agent::init;
+use ember_agent::init::{self, Milestone};
 use ember_agent::protocol::AGENT_VSOCK_PORT;
 use ember_agent::server::{serve_forever, serve_forwards_forever, ServerConfig, VsockListener};
 
 fn main() {
+    let started_us = init::guest_clock_us();
     let is_init = std::process::id() == 1;
     if is_init {
         init::mount_pseudo_filesystems();
         init::bring_up_loopback();
     }
-    init::mark_boot_complete();
+    let timer_granted = init::mark_boot_complete();
+    // Only init's boot is the guest's boot; a debugging run by hand reports nothing.
+    let report_milestones = is_init && timer_granted;
+    if report_milestones {
+        init::report_milestone(Milestone::AgentStarted, started_us);
+        if let Some(us) = init::kernel_ran_init_us() {
+            init::report_milestone(Milestone::KernelRanInit, us);
+        }
+    }
     println!("ember-agent {}: ready", env!("CARGO_PKG_VERSION"));
 
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
@@ -52,6 +61,9 @@ fn main() {
             }
         }
         Err(err) => eprintln!("ember-agent: not serving exposed ports: {err}"),
+    }
+    if report_milestones && listener.is_some() {
+        init::report_milestone(Milestone::AgentReady, init::guest_clock_us());
     }
     if is_init {
         if let Some(listener) = listener {

@@ -181,11 +181,17 @@ fn describe(report: &RunReport) -> String {
     let userspace = report
         .to_userspace_us
         .map_or("never".to_string(), |us| format!("{:.1} ms", ms(us)));
+    let guest_ms = |us: Option<u64>| us.map_or("–".to_string(), |us| format!("{:.1}", ms(us)));
+    let guest = &report.guest;
     format!(
         "first KVM_RUN at {:.1} ms, userspace at {userspace}, ended at {:.1} ms; \
+         by the guest's clock: kernel ran init at {} ms, agent started at {} ms, ready at {} ms; \
          VMM resident memory outside guest RAM {} KiB (guest RAM resident {} KiB)",
         ms(report.to_first_run_us),
         ms(report.total_us),
+        guest_ms(guest.kernel_ran_init_us),
+        guest_ms(guest.agent_started_us),
+        guest_ms(guest.agent_ready_us),
         report.vmm_rss_bytes / 1024,
         report.guest_rss_bytes / 1024
     )

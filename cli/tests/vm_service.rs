@@ -1566,8 +1566,25 @@ fn vmtest_a_warm_pool_serves_boots_and_restores_replaces_dead_vmms_and_absorbs_b
     // A boot takes a pooled VMM: assigned, not spawned.
     let a = service.create(json!({}));
     let described = service.sandbox(&a);
+    let booted = steps(&described);
+    assert!(booted.contains(&"vmm_assigned".to_string()), "{described}");
+    // A booted VMM's timeline carries the guest's own milestones, in the guest's order.
+    let at = |step: &str| {
+        booted
+            .iter()
+            .position(|s| s == step)
+            .unwrap_or_else(|| panic!("no {step} in {described}"))
+    };
     assert!(
-        steps(&described).contains(&"vmm_assigned".to_string()),
+        at("vcpus_running") < at("guest_kernel_ran_init"),
+        "{described}"
+    );
+    assert!(
+        at("guest_kernel_ran_init") < at("guest_agent_started"),
+        "{described}"
+    );
+    assert!(
+        at("guest_agent_started") < at("guest_agent_ready"),
         "{described}"
     );
     assert_eq!(service.sh(&a, "echo pooled")["stdout"], "pooled\n");

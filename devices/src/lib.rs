@@ -13,7 +13,10 @@ pub mod rate_limiter;
 pub mod serial;
 pub mod virtio;
 
-pub use boot_timer::{BootTimer, BOOT_TIMER_MAGIC, BOOT_TIMER_PORT};
+pub use boot_timer::{
+    BootMarks, BootTimer, GuestMilestone, GuestMilestones, BOOT_TIMER_MAGIC, BOOT_TIMER_PORT,
+    BOOT_TIMER_PORT_LEN,
+};
 pub use bus::{Bus, BusDevice, BusError};
 pub use i8042::I8042;
 pub use irq::IrqLine;

@@ -216,7 +216,7 @@ pub fn run(args: VmmArgs) -> i32 {
                 restored,
                 faults: vmm.faults_served(),
                 started_unix_ms,
-                timeline: vmm.timeline().steps(),
+                timeline: vmm.timeline_with_guest(),
                 memory: vmm.restore_mode(),
                 agent,
             };

@@ -3,9 +3,8 @@
 //! thread that serves them.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use ember_devices::virtio::block::{Block, CowDisk, Disk, COW_CHUNK_SIZE};
 use ember_devices::virtio::mmio::{
@@ -14,7 +13,9 @@ use ember_devices::virtio::mmio::{
 use ember_devices::virtio::net::{Net, Tap};
 use ember_devices::virtio::vsock::Vsock;
 use ember_devices::virtio::VirtioDevice;
-use ember_devices::{BootTimer, Bus, Serial, BOOT_TIMER_PORT, I8042};
+use ember_devices::{
+    BootMarks, BootTimer, Bus, Serial, BOOT_TIMER_PORT, BOOT_TIMER_PORT_LEN, I8042,
+};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use std::collections::BTreeMap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -32,7 +33,6 @@ use crate::vmm::*;
 const SERIAL_PORT_LEN: u64 = 8;
 const I8042_PORT: u64 = 0x60;
 const I8042_PORT_LEN: u64 = 5;
-const BOOT_TIMER_LEN: u64 = 1;
 
 /// Port and MMIO accesses go to the two device buses. Accesses to nothing read as all-ones
 /// (ports) or zeros (MMIO) and are logged at debug level.
@@ -174,7 +174,7 @@ pub(crate) struct Devices {
     /// (base, GSI) of each virtio-mmio device, for the command line.
     pub(crate) virtio: Vec<(u64, u32)>,
     pub(crate) reset_evt: EventFd,
-    pub(crate) boot_time: Arc<OnceLock<Duration>>,
+    pub(crate) boot_marks: Arc<BootMarks>,
     pub(crate) vsock: Option<Arc<Mutex<Vsock>>>,
     pub(crate) rootfs_cow: Option<Arc<CowDisk>>,
 }
@@ -209,12 +209,12 @@ pub(crate) fn attach_devices(
         .map_err(bus_error("the i8042", "port"))?;
 
     let timer = BootTimer::new(options.start);
-    let boot_time = timer.reached();
+    let boot_marks = timer.marks();
     io.pio
         .insert(
             Arc::new(Mutex::new(timer)),
             u64::from(BOOT_TIMER_PORT),
-            BOOT_TIMER_LEN,
+            BOOT_TIMER_PORT_LEN,
         )
         .map_err(bus_error("the boot timer", "port"))?;
 
@@ -319,7 +319,7 @@ pub(crate) fn attach_devices(
         transports,
         virtio,
         reset_evt,
-        boot_time,
+        boot_marks,
     })
 }
 

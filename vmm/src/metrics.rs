@@ -2,13 +2,17 @@
 
 use std::time::Duration;
 
-/// What a run measured. Times are from `VmmOptions::start`.
+use ember_devices::GuestMilestones;
+
+/// What a run measured. Times are from `VmmOptions::start`, except `guest`'s.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RunReport {
     /// Until the vCPUs were told to run (the first `KVM_RUN` follows at once).
     pub to_first_run_us: u64,
     /// Until the guest's init wrote the boot timer ("userspace reached"), if it did.
     pub to_userspace_us: Option<u64>,
+    /// The guest's own account of its boot, by its clock (since its kernel started).
+    pub guest: GuestMilestones,
     /// Until the guest ended.
     pub total_us: u64,
     /// Resident memory of the VMM process outside guest RAM, measured as the guest ended.

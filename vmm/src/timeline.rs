@@ -5,6 +5,7 @@
 use std::sync::Mutex;
 use std::time::Instant;
 
+use ember_devices::GuestMilestones;
 use serde::{Deserialize, Serialize};
 
 /// One step of a start and when it was reached.
@@ -59,9 +60,73 @@ impl Timeline {
     }
 }
 
+/// `steps` with the guest's own milestones put on the same axis: the guest's clock starts
+/// when its kernel does, which is when the vCPUs were set running (`vcpus_running`), to
+/// within the kernel's first microseconds. Sorted by time. Without `vcpus_running` (or with
+/// nothing reported), `steps` as they are.
+pub fn with_guest_milestones(mut steps: Vec<Milestone>, guest: &GuestMilestones) -> Vec<Milestone> {
+    let Some(base) = steps
+        .iter()
+        .find(|s| s.step == "vcpus_running")
+        .map(|s| s.ms)
+    else {
+        return steps;
+    };
+    let reported = [
+        ("guest_kernel_ran_init", guest.kernel_ran_init_us),
+        ("guest_agent_started", guest.agent_started_us),
+        ("guest_agent_ready", guest.agent_ready_us),
+    ];
+    for (step, us) in reported {
+        if let Some(us) = us {
+            steps.push(Milestone {
+                step: step.to_string(),
+                ms: base + us as f64 / 1e3,
+            });
+        }
+    }
+    steps.sort_by(|a, b| a.ms.total_cmp(&b.ms));
+    steps
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_milestones_count_from_the_vcpus_start() {
+        let step = |step: &str, ms: f64| Milestone {
+            step: step.into(),
+            ms,
+        };
+        let guest = GuestMilestones {
+            kernel_ran_init_us: Some(800_000),
+            agent_started_us: Some(850_000),
+            agent_ready_us: None,
+        };
+        let steps = vec![
+            step("devices_built", 10.0),
+            step("vcpus_running", 20.0),
+            step("agent_answered", 900.0),
+        ];
+        let merged = with_guest_milestones(steps.clone(), &guest);
+        assert_eq!(
+            merged,
+            [
+                step("devices_built", 10.0),
+                step("vcpus_running", 20.0),
+                step("guest_kernel_ran_init", 820.0),
+                step("guest_agent_started", 870.0),
+                step("agent_answered", 900.0),
+            ]
+        );
+        let no_vcpus = vec![step("devices_built", 10.0)];
+        assert_eq!(with_guest_milestones(no_vcpus.clone(), &guest), no_vcpus);
+        assert_eq!(
+            with_guest_milestones(steps.clone(), &GuestMilestones::default()),
+            steps
+        );
+    }
 
     #[test]
     fn steps_keep_their_first_time_and_order() {

@@ -11,12 +11,12 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{channel, Receiver};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ember_devices::virtio::block::CowDisk;
 use ember_devices::virtio::vsock::{Vsock, MAX_UDS_PATH_LEN, MIN_GUEST_CID};
-use ember_devices::Serial;
+use ember_devices::{BootMarks, GuestMilestones, Serial};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -232,7 +232,7 @@ pub struct Vmm {
     pub(crate) stops: Mutex<Receiver<crate::vcpu::VcpuStop>>,
     pub(crate) stop_evt: EventFd,
     pub(crate) reset_evt: EventFd,
-    pub(crate) boot_time: Arc<OnceLock<Duration>>,
+    pub(crate) boot_marks: Arc<BootMarks>,
     pub(crate) io: Arc<DeviceIo>,
     pub(crate) serial: Arc<Mutex<Serial>>,
     pub(crate) transports: Vec<AttachedVirtio>,
@@ -332,7 +332,7 @@ impl Vmm {
             stops: Mutex::new(stops),
             stop_evt,
             reset_evt: devices.reset_evt,
-            boot_time: devices.boot_time,
+            boot_marks: devices.boot_marks,
             io: devices.io,
             serial: devices.serial,
             transports: devices.transports,
@@ -596,7 +596,18 @@ impl Vmm {
 
     /// How long the guest took to reach userspace, once its init wrote the boot timer.
     pub fn boot_time(&self) -> Option<Duration> {
-        self.boot_time.get().copied()
+        self.boot_marks.userspace()
+    }
+
+    /// The guest's own account of its boot (its clock), as far as it has reported it.
+    pub fn guest_milestones(&self) -> GuestMilestones {
+        self.boot_marks.guest()
+    }
+
+    /// The start's milestones with the guest's own (see
+    /// [`crate::timeline::with_guest_milestones`]).
+    pub fn timeline_with_guest(&self) -> Vec<crate::Milestone> {
+        crate::timeline::with_guest_milestones(self.timeline.steps(), &self.guest_milestones())
     }
 
     /// This process's resident memory as (outside guest RAM, guest RAM).
@@ -681,6 +692,7 @@ pub fn run_reported(
         (0, 0)
     });
     let boot_time = vmm.boot_time();
+    let guest = vmm.guest_milestones();
     if let Some(boot) = boot_time {
         log::info!("guest reached userspace after {boot:?}");
     }
@@ -688,6 +700,7 @@ pub fn run_reported(
     let report = RunReport {
         to_first_run_us: micros(to_first_run),
         to_userspace_us: boot_time.map(micros),
+        guest,
         total_us: micros(total),
         vmm_rss_bytes,
         guest_rss_bytes,
@@ -698,6 +711,28 @@ pub fn run_reported(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_agent_writes_the_boot_timer_where_the_device_listens() {
+        use ember_devices::{
+            GuestMilestone, BOOT_TIMER_MAGIC, BOOT_TIMER_PORT, BOOT_TIMER_PORT_LEN,
+        };
+        assert_eq!(ember_agent::BOOT_TIMER_PORT, BOOT_TIMER_PORT);
+        assert_eq!(ember_agent::BOOT_TIMER_MAGIC, BOOT_TIMER_MAGIC);
+        assert_eq!(
+            u64::from(ember_agent::BOOT_TIMER_PORT_LEN),
+            BOOT_TIMER_PORT_LEN
+        );
+        use ember_agent::init::Milestone;
+        for (theirs, ours) in [
+            (Milestone::KernelRanInit, GuestMilestone::KernelRanInit),
+            (Milestone::AgentStarted, GuestMilestone::AgentStarted),
+            (Milestone::AgentReady, GuestMilestone::AgentReady),
+        ] {
+            let agent_offset = ember_agent::BOOT_TIMER_MILESTONE_OFFSET + 4 * theirs as u16;
+            assert_eq!(u64::from(agent_offset), ours.offset(), "{ours:?}");
+        }
+    }
     use crate::arch::x86_64::mptable;
     use crate::vcpu::IoHandler;
     use std::io::Write;

@@ -8,7 +8,7 @@ use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ember_vmm::{run_with, ExitReason, VmConfig, VmmOptions};
+use ember_vmm::{run_reported, ExitReason, RunReport, VmConfig, VmmOptions};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -40,6 +40,12 @@ impl Console {
 
 /// Boots `config` and returns how it ended and what the console showed.
 fn boot(config: VmConfig) -> (ExitReason, String) {
+    let (reason, _, console) = boot_reported(config);
+    (reason, console)
+}
+
+/// [`boot`], with the VMM's report of the run.
+fn boot_reported(config: VmConfig) -> (ExitReason, RunReport, String) {
     let console = Console::default();
     let options = VmmOptions {
         serial_out: Box::new(console.clone()),
@@ -48,7 +54,7 @@ fn boot(config: VmConfig) -> (ExitReason, String) {
     };
     let (done_tx, done) = channel();
     std::thread::spawn(move || {
-        let _ = done_tx.send(run_with(&config, options).map_err(|e| e.to_string()));
+        let _ = done_tx.send(run_reported(&config, options).map_err(|e| e.to_string()));
     });
     let result = done.recv_timeout(BOOT_TIMEOUT).unwrap_or_else(|_| {
         panic!(
@@ -58,8 +64,8 @@ fn boot(config: VmConfig) -> (ExitReason, String) {
     });
     // The serial writer thread may still be draining.
     std::thread::sleep(Duration::from_millis(200));
-    let reason = result.unwrap_or_else(|e| panic!("{e}; console:\n{}", console.text()));
-    (reason, console.text())
+    let (reason, report) = result.unwrap_or_else(|e| panic!("{e}; console:\n{}", console.text()));
+    (reason, report, console.text())
 }
 
 fn initramfs_config(vcpus: u8) -> VmConfig {
@@ -88,13 +94,35 @@ fn run_param(script: &str) -> String {
 
 #[test]
 fn vmtest_boots_linux_from_initramfs_and_resets() {
-    let (reason, console) = boot(initramfs_config(1));
+    // The command prints the kernel log's line of the moment it ran init, which the agent
+    // also reports to the boot timer by the guest's clock.
+    let (reason, report, console) = boot_reported(VmConfig {
+        cmdline_extra: Some(run_param(
+            "echo booted; dmesg | grep -m 1 ' as init process'",
+        )),
+        ..initramfs_config(1)
+    });
     assert_eq!(reason, ExitReason::KeyboardReset, "console:\n{console}");
     assert!(
         console.contains("ember-agent") && console.contains("ready"),
         "console:\n{console}"
     );
     assert!(console.contains("booted"), "console:\n{console}");
+
+    assert!(report.to_userspace_us.is_some(), "{report:?}");
+    let logged = console
+        .lines()
+        .find_map(ember_agent::init::init_line_us)
+        .unwrap_or_else(|| panic!("no init line on the console:\n{console}"));
+    let guest = report.guest;
+    assert_eq!(guest.kernel_ran_init_us, Some(logged), "{report:?}");
+    let started = guest.agent_started_us.expect("the agent reports its start");
+    assert!(
+        started >= logged,
+        "agent started before init ran: {report:?}"
+    );
+    // It ran one command and reset, never listening for the host.
+    assert_eq!(guest.agent_ready_us, None, "{report:?}");
 }
 
 #[test]

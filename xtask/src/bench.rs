@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use ember_agent::init::init_line_us;
 
 use crate::lab::{run_in_lab, LabOptions};
 use crate::test::Artifacts;
@@ -32,23 +33,14 @@ struct Sample {
     /// The guest kernel's own time (its log's timestamp) when it ran init: the kernel's part
     /// of the boot, without the init's.
     guest_init_us: Option<u64>,
+    /// The agent's start and its readiness by the guest's clock (ember's boot timer only).
+    guest_agent_started_us: Option<u64>,
+    guest_agent_ready_us: Option<u64>,
 }
 
 /// The command every boot runs first: it prints the guest's own uptime, then the kernel log's
 /// line of the moment it ran init.
 const FIRST_COMMAND: &str = "cat /proc/uptime; dmesg | grep -m 1 ' as init process'";
-
-/// The kernel log's timestamp in µs, if `line` is its "Run … as init process" line
-/// ("[    0.880611] Run /init as init process").
-fn init_line_us(line: &str) -> Option<u64> {
-    let rest = line.trim().strip_prefix('[')?;
-    let (stamp, message) = rest.split_once(']')?;
-    let message = message.trim();
-    if !(message.starts_with("Run ") && message.ends_with(" as init process")) {
-        return None;
-    }
-    stamp.trim().parse::<f64>().ok().map(|s| (s * 1e6) as u64)
-}
 
 /// `/proc/uptime`'s first figure in µs, if `line` is such a line ("12.34 5.67").
 fn uptime_us(line: &str) -> Option<u64> {
@@ -220,19 +212,20 @@ pub fn harness(
     std::fs::remove_file(&report).ok();
 
     println!("\nboot figures in {env}: {runs} runs each, 1 vCPU, 256 MiB; median [min–max]\n");
-    println!("| scenario | to agent ready (ms) | to exit (ms) | RSS at ready (MiB) | first KVM_RUN (ms) | boot timer: userspace (ms) | guest kernel: init run at (ms) | guest clock at its first command (ms) | VMM RSS outside guest RAM (MiB) |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| scenario | to agent ready (ms) | to exit (ms) | RSS at ready (MiB) | first KVM_RUN (ms) | boot timer: userspace (ms) | guest kernel: init run at (ms) | guest: agent started (ms) | guest clock at its first command (ms) | VMM RSS outside guest RAM (MiB) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (name, samples) in &results {
         let ms = |f: &dyn Fn(&Sample) -> Option<u64>| stat(samples, f, 1e3);
         let mib = |f: &dyn Fn(&Sample) -> Option<u64>| stat(samples, f, 1048576.0);
         println!(
-            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             ms(&|s| Some(s.to_ready_us)),
             ms(&|s| Some(s.total_us)),
             mib(&|s| Some(s.rss_at_ready_bytes)),
             ms(&|s| s.to_first_run_us),
             ms(&|s| s.to_userspace_us),
             ms(&|s| s.guest_init_us),
+            ms(&|s| s.guest_agent_started_us),
             ms(&|s| s.guest_uptime_us),
             mib(&|s| s.vmm_rss_bytes),
         );
@@ -299,6 +292,17 @@ fn add_report(sample: &mut Sample, path: &Path) -> Result<()> {
     sample.to_first_run_us = get("to_first_run_us");
     sample.to_userspace_us = get("to_userspace_us");
     sample.vmm_rss_bytes = get("vmm_rss_bytes");
+    let guest = |k: &str| {
+        json.get("guest")
+            .and_then(|g| g.get(k))
+            .and_then(|v| v.as_u64())
+    };
+    sample.guest_agent_started_us = guest("agent_started_us");
+    sample.guest_agent_ready_us = guest("agent_ready_us");
+    // The guest's report and its log say the same; the report does without the console.
+    if let Some(init) = guest("kernel_ran_init_us") {
+        sample.guest_init_us = Some(init);
+    }
     std::fs::remove_file(path).ok();
     Ok(())
 }
@@ -559,21 +563,6 @@ pub fn exec_harness(runs: u32, ember: &Path, kernel: &Path, rootfs: &Path) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_kernels_init_line_is_recognised_and_nothing_else() {
-        assert_eq!(
-            init_line_us("[    0.880611] Run /init as init process"),
-            Some(880_611)
-        );
-        assert_eq!(
-            init_line_us("[    1.5] Run /sbin/ember-agent as init process"),
-            Some(1_500_000)
-        );
-        assert_eq!(init_line_us("[    0.88] Run /init"), None);
-        assert_eq!(init_line_us("Run /init as init process"), None);
-        assert_eq!(init_line_us("1.52 0.98"), None);
-    }
 
     #[test]
     fn the_guests_uptime_line_is_recognised_and_nothing_else() {
