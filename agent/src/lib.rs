@@ -6,6 +6,7 @@
 //! vsock port [`protocol::AGENT_VSOCK_PORT`] ([`server`]) for as long as the guest runs. The
 //! host's side of that protocol is [`client`].
 
+pub mod boot_report;
 pub mod client;
 pub mod forward;
 pub mod init;

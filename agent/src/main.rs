@@ -3,32 +3,33 @@
 use std::process::Command;
 use std::sync::Arc;
 
+use ember_agent::boot_report;
 use ember_agent::forward::FORWARD_VSOCK_PORT;
-use ember_agent::init::{self, Milestone};
+use ember_agent::init;
 use ember_agent::protocol::AGENT_VSOCK_PORT;
 use ember_agent::server::{serve_forever, serve_forwards_forever, ServerConfig, VsockListener};
 
 fn main() {
-    let started_us = init::guest_clock_us();
     let is_init = std::process::id() == 1;
     if is_init {
         init::mount_pseudo_filesystems();
+        boot_report::note_started();
+    }
+    // Right after the note: the VMM puts the guest's clock on its own by this pair.
+    let timer_granted = boot_report::mark_boot_complete();
+    if is_init {
         init::bring_up_loopback();
     }
-    let timer_granted = init::mark_boot_complete();
     // Only init's boot is the guest's boot; a debugging run by hand reports nothing.
     let report_milestones = is_init && timer_granted;
-    if report_milestones {
-        init::report_milestone(Milestone::AgentStarted, started_us);
-        if let Some(us) = init::kernel_ran_init_us() {
-            init::report_milestone(Milestone::KernelRanInit, us);
-        }
-    }
     println!("ember-agent {}: ready", env!("CARGO_PKG_VERSION"));
 
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     match ember_agent::run_command_from_cmdline(&cmdline) {
         Ok(Some(script)) => {
+            if report_milestones {
+                boot_report::report_from_kernel_log();
+            }
             let status = Command::new("/bin/sh").arg("-c").arg(&script).status();
             match status {
                 Ok(status) => println!("ember-agent: command exited with {status}"),
@@ -62,8 +63,11 @@ fn main() {
         }
         Err(err) => eprintln!("ember-agent: not serving exposed ports: {err}"),
     }
-    if report_milestones && listener.is_some() {
-        init::report_milestone(Milestone::AgentReady, init::guest_clock_us());
+    if report_milestones {
+        if listener.is_some() {
+            boot_report::note_listening();
+        }
+        boot_report::report_from_kernel_log();
     }
     if is_init {
         if let Some(listener) = listener {

@@ -185,10 +185,12 @@ fn describe(report: &RunReport) -> String {
     let guest = &report.guest;
     format!(
         "first KVM_RUN at {:.1} ms, userspace at {userspace}, ended at {:.1} ms; \
-         by the guest's clock: kernel ran init at {} ms, agent started at {} ms, ready at {} ms; \
+         guest clock started at {} ms; by the guest's clock: kernel ran init at {} ms, \
+         agent started at {} ms, ready at {} ms; \
          VMM resident memory outside guest RAM {} KiB (guest RAM resident {} KiB)",
         ms(report.to_first_run_us),
         ms(report.total_us),
+        guest_ms(report.guest_clock_started_us),
         guest_ms(guest.kernel_ran_init_us),
         guest_ms(guest.agent_started_us),
         guest_ms(guest.agent_ready_us),

@@ -11,8 +11,12 @@ pub struct RunReport {
     pub to_first_run_us: u64,
     /// Until the guest's init wrote the boot timer ("userspace reached"), if it did.
     pub to_userspace_us: Option<u64>,
-    /// The guest's own account of its boot, by its clock (since its kernel started).
+    /// The guest's own account of its boot, by its clock (its kernel log's).
     pub guest: GuestMilestones,
+    /// When the guest's clock started, on this report's clock: the agent's start by both
+    /// clocks ties them. What lies between `to_first_run_us` and this is the guest kernel's
+    /// boot before its clock runs.
+    pub guest_clock_started_us: Option<u64>,
     /// Until the guest ended.
     pub total_us: u64,
     /// Resident memory of the VMM process outside guest RAM, measured as the guest ended.

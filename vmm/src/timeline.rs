@@ -60,19 +60,23 @@ impl Timeline {
     }
 }
 
-/// `steps` with the guest's own milestones put on the same axis: the guest's clock starts
-/// when its kernel does, which is when the vCPUs were set running (`vcpus_running`), to
-/// within the kernel's first microseconds. Sorted by time. Without `vcpus_running` (or with
-/// nothing reported), `steps` as they are.
-pub fn with_guest_milestones(mut steps: Vec<Milestone>, guest: &GuestMilestones) -> Vec<Milestone> {
-    let Some(base) = steps
-        .iter()
-        .find(|s| s.step == "vcpus_running")
-        .map(|s| s.ms)
-    else {
+/// `steps` with the guest's own milestones put on the same axis, sorted by time. The agent
+/// notes its start in the guest's log right before it signals "userspace reached", whose
+/// moment the VMM knows (`userspace_ms`): that pair ties the guest's clock to the VMM's. The
+/// guest's clock starts some way into the kernel's boot, not at its first instruction; the
+/// gap shows as `guest_clock_started` after `vcpus_running`. Without the pair, `steps` as
+/// they are.
+pub fn with_guest_milestones(
+    mut steps: Vec<Milestone>,
+    guest: &GuestMilestones,
+    userspace_ms: Option<f64>,
+) -> Vec<Milestone> {
+    let (Some(userspace_ms), Some(started_us)) = (userspace_ms, guest.agent_started_us) else {
         return steps;
     };
+    let clock_zero = userspace_ms - started_us as f64 / 1e3;
     let reported = [
+        ("guest_clock_started", Some(0)),
         ("guest_kernel_ran_init", guest.kernel_ran_init_us),
         ("guest_agent_started", guest.agent_started_us),
         ("guest_agent_ready", guest.agent_ready_us),
@@ -81,7 +85,7 @@ pub fn with_guest_milestones(mut steps: Vec<Milestone>, guest: &GuestMilestones)
         if let Some(us) = us {
             steps.push(Milestone {
                 step: step.to_string(),
-                ms: base + us as f64 / 1e3,
+                ms: clock_zero + us as f64 / 1e3,
             });
         }
     }
@@ -94,7 +98,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn guest_milestones_count_from_the_vcpus_start() {
+    fn guest_milestones_are_tied_to_the_vmm_clock_by_the_agents_start() {
         let step = |step: &str, ms: f64| Milestone {
             step: step.into(),
             ms,
@@ -107,23 +111,24 @@ mod tests {
         let steps = vec![
             step("devices_built", 10.0),
             step("vcpus_running", 20.0),
-            step("agent_answered", 900.0),
+            step("agent_answered", 1300.0),
         ];
-        let merged = with_guest_milestones(steps.clone(), &guest);
+        // "Userspace reached" at 1150 ms of the VMM's clock: the guest's clock started at 300.
+        let merged = with_guest_milestones(steps.clone(), &guest, Some(1150.0));
         assert_eq!(
             merged,
             [
                 step("devices_built", 10.0),
                 step("vcpus_running", 20.0),
-                step("guest_kernel_ran_init", 820.0),
-                step("guest_agent_started", 870.0),
-                step("agent_answered", 900.0),
+                step("guest_clock_started", 300.0),
+                step("guest_kernel_ran_init", 1100.0),
+                step("guest_agent_started", 1150.0),
+                step("agent_answered", 1300.0),
             ]
         );
-        let no_vcpus = vec![step("devices_built", 10.0)];
-        assert_eq!(with_guest_milestones(no_vcpus.clone(), &guest), no_vcpus);
+        assert_eq!(with_guest_milestones(steps.clone(), &guest, None), steps);
         assert_eq!(
-            with_guest_milestones(steps.clone(), &GuestMilestones::default()),
+            with_guest_milestones(steps.clone(), &GuestMilestones::default(), Some(1150.0)),
             steps
         );
     }

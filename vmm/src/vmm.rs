@@ -607,7 +607,12 @@ impl Vmm {
     /// The start's milestones with the guest's own (see
     /// [`crate::timeline::with_guest_milestones`]).
     pub fn timeline_with_guest(&self) -> Vec<crate::Milestone> {
-        crate::timeline::with_guest_milestones(self.timeline.steps(), &self.guest_milestones())
+        let userspace_ms = self.boot_time().map(|d| d.as_secs_f64() * 1e3);
+        crate::timeline::with_guest_milestones(
+            self.timeline.steps(),
+            &self.guest_milestones(),
+            userspace_ms,
+        )
     }
 
     /// This process's resident memory as (outside guest RAM, guest RAM).
@@ -701,6 +706,10 @@ pub fn run_reported(
         to_first_run_us: micros(to_first_run),
         to_userspace_us: boot_time.map(micros),
         guest,
+        guest_clock_started_us: boot_time
+            .map(micros)
+            .zip(guest.agent_started_us)
+            .map(|(userspace, started)| userspace.saturating_sub(started)),
         total_us: micros(total),
         vmm_rss_bytes,
         guest_rss_bytes,
@@ -723,7 +732,7 @@ mod tests {
             u64::from(ember_agent::BOOT_TIMER_PORT_LEN),
             BOOT_TIMER_PORT_LEN
         );
-        use ember_agent::init::Milestone;
+        use ember_agent::boot_report::Milestone;
         for (theirs, ours) in [
             (Milestone::KernelRanInit, GuestMilestone::KernelRanInit),
             (Milestone::AgentStarted, GuestMilestone::AgentStarted),

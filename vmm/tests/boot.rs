@@ -112,7 +112,7 @@ fn vmtest_boots_linux_from_initramfs_and_resets() {
     assert!(report.to_userspace_us.is_some(), "{report:?}");
     let logged = console
         .lines()
-        .find_map(ember_agent::init::init_line_us)
+        .find_map(ember_agent::boot_report::init_line_us)
         .unwrap_or_else(|| panic!("no init line on the console:\n{console}"));
     let guest = report.guest;
     assert_eq!(guest.kernel_ran_init_us, Some(logged), "{report:?}");
@@ -120,6 +120,12 @@ fn vmtest_boots_linux_from_initramfs_and_resets() {
     assert!(
         started >= logged,
         "agent started before init ran: {report:?}"
+    );
+    // The guest's clock starts after the vCPUs do and before userspace.
+    let clock_started = report.guest_clock_started_us.expect("both clocks tied");
+    assert!(
+        report.to_first_run_us <= clock_started && clock_started <= report.to_userspace_us.unwrap(),
+        "{report:?}"
     );
     // It ran one command and reset, never listening for the host.
     assert_eq!(guest.agent_ready_us, None, "{report:?}");

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ember_agent::init::init_line_us;
+use ember_agent::boot_report::init_line_us;
 
 use crate::lab::{run_in_lab, LabOptions};
 use crate::test::Artifacts;
@@ -36,6 +36,8 @@ struct Sample {
     /// The agent's start and its readiness by the guest's clock (ember's boot timer only).
     guest_agent_started_us: Option<u64>,
     guest_agent_ready_us: Option<u64>,
+    /// When the guest's clock started, by the VMM's (ember's report only).
+    guest_clock_started_us: Option<u64>,
 }
 
 /// The command every boot runs first: it prints the guest's own uptime, then the kernel log's
@@ -212,17 +214,18 @@ pub fn harness(
     std::fs::remove_file(&report).ok();
 
     println!("\nboot figures in {env}: {runs} runs each, 1 vCPU, 256 MiB; median [min–max]\n");
-    println!("| scenario | to agent ready (ms) | to exit (ms) | RSS at ready (MiB) | first KVM_RUN (ms) | boot timer: userspace (ms) | guest kernel: init run at (ms) | guest: agent started (ms) | guest clock at its first command (ms) | VMM RSS outside guest RAM (MiB) |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| scenario | to agent ready (ms) | to exit (ms) | RSS at ready (MiB) | first KVM_RUN (ms) | guest clock started (ms) | boot timer: userspace (ms) | guest kernel: init run at (ms) | guest: agent started (ms) | guest clock at its first command (ms) | VMM RSS outside guest RAM (MiB) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (name, samples) in &results {
         let ms = |f: &dyn Fn(&Sample) -> Option<u64>| stat(samples, f, 1e3);
         let mib = |f: &dyn Fn(&Sample) -> Option<u64>| stat(samples, f, 1048576.0);
         println!(
-            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             ms(&|s| Some(s.to_ready_us)),
             ms(&|s| Some(s.total_us)),
             mib(&|s| Some(s.rss_at_ready_bytes)),
             ms(&|s| s.to_first_run_us),
+            ms(&|s| s.guest_clock_started_us),
             ms(&|s| s.to_userspace_us),
             ms(&|s| s.guest_init_us),
             ms(&|s| s.guest_agent_started_us),
@@ -299,6 +302,7 @@ fn add_report(sample: &mut Sample, path: &Path) -> Result<()> {
     };
     sample.guest_agent_started_us = guest("agent_started_us");
     sample.guest_agent_ready_us = guest("agent_ready_us");
+    sample.guest_clock_started_us = get("guest_clock_started_us");
     // The guest's report and its log say the same; the report does without the console.
     if let Some(init) = guest("kernel_ran_init_us") {
         sample.guest_init_us = Some(init);
