@@ -39,6 +39,13 @@ pub enum MemoryError {
         size: u64,
         source: vm_memory::mmap::MmapRegionError,
     },
+    #[error("cannot reserve {size:#x} bytes of host address space for guest memory at {addr:#x}: {source}")]
+    Reserve {
+        addr: u64,
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot duplicate the descriptor of the guest memory file: {0}")]
     FileClone(#[source] std::io::Error),
     #[error("guest memory region at {0:#x} overflows the address space")]
@@ -144,6 +151,119 @@ fn guest_memory(
         offset += size;
     }
     GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Collection)
+}
+
+/// Where host huge pages and KVM's 2 MiB second-level mappings meet: a guest 2 MiB page can
+/// be mapped by one large entry only if its host address has the same offset in a 2 MiB page.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// A booting guest's RAM, mapped at 2 MiB-aligned host addresses (every RAM range starts
+/// 2 MiB-aligned in guest physical memory). Host kernels before 6.7 place large anonymous
+/// mappings at any page boundary; then KVM cannot use 2 MiB mappings for the guest at all,
+/// and every 4 KiB page the booting kernel touches is a separate second-level fault (the
+/// guest's memory map, page tables and initramfs alone are thousands). QEMU aligns its RAM
+/// the same way.
+///
+/// The mappings outlive this value (the regions of the returned memory point into them and
+/// may have been cloned into device threads): dropping it only gives the pages back to the
+/// host (`MADV_DONTNEED`; any late reader sees zeros, never unmapped memory).
+#[derive(Debug)]
+pub struct BootRam {
+    ranges: Vec<(usize, usize)>,
+}
+
+impl Drop for BootRam {
+    fn drop(&mut self) {
+        for &(addr, len) in &self.ranges {
+            // SAFETY: the range is a private anonymous mapping this value made and never
+            // unmaps; dropping its pages cannot invalidate any pointer into it.
+            unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+        }
+    }
+}
+
+/// Allocates `mem_bytes` of guest RAM as [`create_guest_memory`] does, but at 2 MiB-aligned
+/// host addresses (see [`BootRam`]). Keep the [`BootRam`] as long as the VM.
+pub fn create_boot_memory(mem_bytes: u64) -> Result<(GuestMemoryMmap, BootRam), MemoryError> {
+    check_mem_size(mem_bytes)?;
+    let mut regions = Vec::new();
+    let mut ram = BootRam { ranges: Vec::new() };
+    for (addr, size) in ram_ranges(mem_bytes) {
+        let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge(mem_bytes))?;
+        let host = map_aligned(len).map_err(|source| MemoryError::Reserve {
+            addr: addr.0,
+            size,
+            source,
+        })?;
+        ram.ranges.push((host as usize, len));
+        // SAFETY: `host` is the start of a live read-write mapping of `len` bytes that is
+        // never unmapped (see `BootRam`).
+        let builder = unsafe {
+            MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .with_raw_mmap_pointer(host)
+        };
+        let mapping: MmapRegion<AtomicBitmap> =
+            builder.build().map_err(|source| MemoryError::Mmap {
+                addr: addr.0,
+                size,
+                source,
+            })?;
+        let region = GuestRegionMmap::new(mapping, addr).ok_or(MemoryError::Region(addr.0))?;
+        regions.push(region);
+    }
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Collection)?;
+    Ok((mem, ram))
+}
+
+/// Maps `len` bytes of private anonymous memory at a 2 MiB-aligned address: reserves
+/// `len` + 2 MiB without access, gives back the slack on both sides of the aligned part, and
+/// opens that part for reading and writing.
+fn map_aligned(len: usize) -> std::io::Result<*mut u8> {
+    let reserved = len + HUGE_PAGE;
+    let flags = libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE;
+    // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            reserved,
+            libc::PROT_NONE,
+            flags,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let base = base as usize;
+    let start = (base + HUGE_PAGE - 1) & !(HUGE_PAGE - 1);
+    let (head, tail) = (start - base, base + reserved - (start + len));
+    // SAFETY: both ranges lie inside the reservation just made, which nothing else uses.
+    unsafe {
+        if head > 0 {
+            libc::munmap(base as *mut libc::c_void, head);
+        }
+        if tail > 0 {
+            libc::munmap((start + len) as *mut libc::c_void, tail);
+        }
+    }
+    // SAFETY: [start, start + len) is the rest of the reservation, owned by this call.
+    let rc = unsafe {
+        libc::mprotect(
+            start as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+        )
+    };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        // SAFETY: as above; nothing points into the range yet.
+        unsafe { libc::munmap(start as *mut libc::c_void, len) };
+        return Err(err);
+    }
+    Ok(start as *mut u8)
 }
 
 /// The guest pages this process has touched since `mem` was mapped (present in, or swapped
@@ -350,6 +470,31 @@ pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
 mod tests {
     use super::*;
     use vm_memory::Bytes;
+
+    #[test]
+    fn boot_memory_sits_at_2_mib_aligned_host_addresses_and_works() {
+        // Two regions: RAM below the MMIO gap and above 4 GiB.
+        let size = MMIO_GAP_START + (64 << 20);
+        let (mem, ram) = create_boot_memory(size).unwrap();
+        assert_eq!(mem.num_regions(), 2);
+        for region in mem.iter() {
+            let host = region.as_ptr() as usize;
+            assert_eq!(
+                host % HUGE_PAGE,
+                0,
+                "region at {:#x}",
+                region.start_addr().0
+            );
+            assert_eq!(host % HUGE_PAGE, region.start_addr().0 as usize % HUGE_PAGE);
+        }
+        let last = GuestAddress((4 << 30) + (64 << 20) - 8);
+        mem.write_obj(0x1234_5678_u64, last).unwrap();
+        mem.write_obj(7_u64, GuestAddress(0)).unwrap();
+        assert_eq!(mem.read_obj::<u64>(last).unwrap(), 0x1234_5678);
+        // Dropping the RAM gives its pages back; the mapping stays readable (zeros).
+        drop(ram);
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0)).unwrap(), 0);
+    }
 
     #[test]
     fn small_memory_is_one_region_from_zero() {

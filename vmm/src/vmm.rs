@@ -33,7 +33,7 @@ use crate::config::*;
 use crate::device_manager::*;
 use crate::kernel::{load_kernel, KernelError, LoadedKernel};
 use crate::lazy::LazyMemory;
-use crate::memory::{create_guest_memory, low_ram_end, GuestMemoryMmap, MemoryError};
+use crate::memory::{create_boot_memory, low_ram_end, BootRam, GuestMemoryMmap, MemoryError};
 use crate::metrics::{micros, resident_split, RunReport};
 use crate::persist::PersistError;
 use crate::snapshot::{RestoreMode, SnapshotBase, StoreChunks};
@@ -261,6 +261,8 @@ pub struct Vmm {
     /// the lock also orders pauses and resumes from different threads.
     pub(crate) running: Mutex<bool>,
     pub(crate) mem: GuestMemoryMmap,
+    /// A booted VM's RAM mappings (after `mem`, so the pages go back to the host last).
+    pub(crate) boot_ram: Option<BootRam>,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -277,7 +279,7 @@ impl Vmm {
         config.validate()?;
         let timeline = Arc::new(crate::timeline::Timeline::new(options.start));
         let kvm = open_kvm()?;
-        let mem = create_guest_memory(config.mem_bytes()).map_err(VmmError::Memory)?;
+        let (mem, boot_ram) = create_boot_memory(config.mem_bytes()).map_err(VmmError::Memory)?;
         timeline.mark("memory_mapped");
         let vm = Vm::new(&kvm)?;
         // SAFETY: `mem` is stored in the Vmm after `vm` and the vCPUs, so it is dropped after
@@ -301,6 +303,7 @@ impl Vmm {
         let mut vmm = Vmm::assemble(config.clone(), vm, mem, None, None, devices, fds)?;
         vmm.timeline = timeline;
         vmm.cpu_model = cpu_model;
+        vmm.boot_ram = Some(boot_ram);
         Ok(vmm)
     }
 
@@ -349,6 +352,7 @@ impl Vmm {
             base: Mutex::new(base),
             running: Mutex::new(false),
             mem,
+            boot_ram: None,
         })
     }
 
