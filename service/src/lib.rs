@@ -755,7 +755,7 @@ pub async fn control(
     let reply = sandbox
         .control(request, timeout)
         .await
-        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "vmm_unreachable", e))?;
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "vmm_unreachable", e.to_string()))?;
     if !reply.ok {
         return Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
