@@ -69,9 +69,15 @@ pub fn overlay_path() -> PathBuf {
     std::env::temp_dir().join(format!("ember-rootfs-{}-{n}.overlay", std::process::id()))
 }
 
-/// Opens the snapshot store at `dir`.
+/// Opens the snapshot store at `dir` for the service and the CLI. Its packs are read, not
+/// mapped: jailed VMMs can write the store's files, and a pack one of them truncates must be
+/// an error for the service (naming the pack), not a SIGBUS that kills it.
 pub fn open_store(dir: &Path) -> Result<Arc<ember_snapshot_store::Store>, String> {
-    ember_snapshot_store::Store::open(dir)
+    let options = ember_snapshot_store::StoreOptions {
+        map_packs: false,
+        ..Default::default()
+    };
+    ember_snapshot_store::Store::open_with(dir, options)
         .map(Arc::new)
         .map_err(|e| format!("cannot open the snapshot store {}: {e}", dir.display()))
 }

@@ -171,7 +171,7 @@ impl Store {
             let idx = self.read_index();
             s.unique_objects = idx.objects.len();
             s.packs = idx.packs.len();
-            s.stored_bytes = idx.packs.iter().map(|p| p.map.len() as u64).sum();
+            s.stored_bytes = idx.packs.iter().map(|p| p.bytes.len()).sum();
         }
         for id in self.list_manifests()? {
             let m = self.load_manifest(&id)?;
@@ -198,24 +198,25 @@ impl Store {
         let mut present: HashSet<Hash, HashBuild> = HashSet::default();
         let mut buf = Vec::new();
         for id in &scan.sealed {
-            let (sealed, entries) = match store::load_pack(&self.packs_dir, id) {
-                Ok(p) => p,
-                Err(e) => {
-                    report.problems.push(Problem {
-                        kind: ProblemKind::UnreadablePack,
-                        hash: None,
-                        pack: Some(store::pack_path(&self.packs_dir, id)),
-                        manifest: None,
-                        detail: e.to_string(),
-                    });
-                    continue;
-                }
-            };
+            let (sealed, entries) =
+                match store::load_pack(&self.packs_dir, id, self.options.map_packs) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        report.problems.push(Problem {
+                            kind: ProblemKind::UnreadablePack,
+                            hash: None,
+                            pack: Some(store::pack_path(&self.packs_dir, id)),
+                            manifest: None,
+                            detail: e.to_string(),
+                        });
+                        continue;
+                    }
+                };
             report.packs_checked += 1;
             for e in &entries {
                 report.objects_checked += 1;
                 report.bytes_checked += u64::from(e.stored_len);
-                match check_object(&sealed.map, e, &mut buf) {
+                match check_object(&sealed.bytes, e, &mut buf) {
                     Ok(()) => {
                         present.insert(e.hash);
                     }
@@ -380,13 +381,14 @@ impl Store {
                 }
                 Fate::Rewrite => {
                     let path = store::pack_path(&self.packs_dir, &id);
-                    let map = pack::map_sealed_pack(&path, pack_len)?;
+                    let bytes = pack::open_sealed_pack(&path, pack_len, self.options.map_packs)?;
+                    let mut record = Vec::new();
                     let mut ok = true;
                     for e in entries
                         .iter()
                         .filter(|e| live.contains(&e.hash) && !covered.contains(&e.hash))
                     {
-                        if let Err(detail) = check_object(&map, e, &mut buf) {
+                        if let Err(detail) = check_object(&bytes, e, &mut buf) {
                             log::warn!(
                                 "snapshot store gc: live object {} in {} is corrupt ({detail}); keeping the pack",
                                 e.hash,
@@ -395,7 +397,11 @@ impl Store {
                             ok = false;
                             break;
                         }
-                        let stored = &map[e.offset as usize..][..e.stored_len as usize];
+                        let Some(stored) = bytes.get(e.offset, e.stored_len as usize, &mut record)
+                        else {
+                            ok = false;
+                            break;
+                        };
                         if writer.copy_stored(e, stored)? {
                             report.objects_copied += 1;
                         }
@@ -498,15 +504,28 @@ impl Store {
 }
 
 /// Checks one object of a mapped pack: record header, bounds, decompression, hash.
-fn check_object(map: &[u8], e: &IdxEntry, buf: &mut Vec<u8>) -> Result<(), String> {
-    pack::check_record_header(map, e)?;
+fn check_object(pack: &pack::PackBytes, e: &IdxEntry, buf: &mut Vec<u8>) -> Result<(), String> {
+    let start = e
+        .offset
+        .checked_sub(RECORD_HEADER_LEN as u64)
+        .ok_or("record header before start of pack")?;
+    let mut record = Vec::new();
+    let bytes = pack
+        .get(
+            start,
+            RECORD_HEADER_LEN + e.stored_len as usize,
+            &mut record,
+        )
+        .ok_or("record outside the pack or unreadable")?;
+    let (header, stored) = bytes.split_at(RECORD_HEADER_LEN);
+    if header != pack::record_header(e) {
+        return Err(format!(
+            "record header at offset {start} does not match the index entry"
+        ));
+    }
     if ObjectKind::from_flags(e.flags).is_none() {
         return Err(format!("unknown flags {:#04x}", e.flags));
     }
-    let stored = map
-        .get(e.offset as usize..)
-        .and_then(|s| s.get(..e.stored_len as usize))
-        .ok_or("stored bytes outside the pack")?;
     let data: &[u8] = if e.compressed() {
         buf.clear();
         buf.reserve(e.raw_len as usize);

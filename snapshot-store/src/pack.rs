@@ -215,22 +215,6 @@ pub(crate) fn check_pack_header(path: &Path, bytes: &[u8]) -> Result<(), PackErr
     Ok(())
 }
 
-/// The record header in front of `e`'s data, if it matches `e`; otherwise why not.
-pub(crate) fn check_record_header(pack: &[u8], e: &IdxEntry) -> Result<(), String> {
-    let start = (e.offset as usize)
-        .checked_sub(RECORD_HEADER_LEN)
-        .ok_or("record header before start of pack")?;
-    let got = pack
-        .get(start..start + RECORD_HEADER_LEN)
-        .ok_or("record header past end of pack")?;
-    if got != record_header(e) {
-        return Err(format!(
-            "record header at offset {start} does not match the index entry"
-        ));
-    }
-    Ok(())
-}
-
 /// Serializes an index; `entries` must be sorted by hash without duplicates.
 pub(crate) fn encode_idx(entries: &[IdxEntry], pack_len: u64) -> Vec<u8> {
     let mut out =
@@ -378,8 +362,57 @@ pub(crate) fn read_idx(path: &Path) -> Result<(u64, Vec<IdxEntry>), PackError> {
     decode_idx(path, &bytes)
 }
 
-/// Maps a sealed pack read-only after checking its length against its index and its header.
-pub(crate) fn map_sealed_pack(path: &Path, pack_len: u64) -> Result<Mmap, PackError> {
+/// A sealed pack's bytes: mapped (the fast path of a process that trusts the store's files),
+/// or read on demand with `pread` (a process that must not die if someone truncates a pack
+/// behind the store's back: a truncated mapping faults with SIGBUS, a short read is an error).
+pub(crate) enum PackBytes {
+    Mapped(Mmap),
+    Read { file: File, len: u64 },
+}
+
+impl PackBytes {
+    /// The pack's length when it was opened.
+    pub(crate) fn len(&self) -> u64 {
+        match self {
+            PackBytes::Mapped(map) => map.len() as u64,
+            PackBytes::Read { len, .. } => *len,
+        }
+    }
+
+    /// The bytes `[offset, offset + len)`: borrowed from the mapping, or read into `buf`.
+    /// `None` if they lie outside the pack or cannot be read (the file shrank).
+    pub(crate) fn get<'a>(
+        &'a self,
+        offset: u64,
+        len: usize,
+        buf: &'a mut Vec<u8>,
+    ) -> Option<&'a [u8]> {
+        let end = offset.checked_add(len as u64)?;
+        if end > self.len() {
+            return None;
+        }
+        match self {
+            PackBytes::Mapped(map) => {
+                map.get(usize::try_from(offset).ok()?..usize::try_from(end).ok()?)
+            }
+            PackBytes::Read { file, .. } => {
+                use std::os::unix::fs::FileExt;
+                buf.clear();
+                buf.resize(len, 0);
+                file.read_exact_at(buf, offset).ok()?;
+                Some(&buf[..])
+            }
+        }
+    }
+}
+
+/// Opens a sealed pack after checking its length against its index and its header; `map`
+/// chooses [`PackBytes::Mapped`] over [`PackBytes::Read`].
+pub(crate) fn open_sealed_pack(
+    path: &Path,
+    pack_len: u64,
+    map: bool,
+) -> Result<PackBytes, PackError> {
     let io = |source| PackError::Io {
         path: path.to_owned(),
         source,
@@ -394,14 +427,22 @@ pub(crate) fn map_sealed_pack(path: &Path, pack_len: u64) -> Result<Mmap, PackEr
             expected: pack_len,
         });
     }
-    // SAFETY: the mapping is read-only and private to this process. A sealed pack is never
-    // written again by the store (writers only append to their own unsealed pack; GC only
-    // unlinks sealed packs, which leaves existing mappings valid), so the bytes behind the
-    // mapping do not change while it lives. Someone truncating the file behind the store's
-    // back would break that (SIGBUS on access); that is outside the store's contract.
-    let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-    check_pack_header(path, &map)?;
-    Ok(map)
+    let bytes = if map {
+        // SAFETY: the mapping is read-only and private to this process. A sealed pack is
+        // never written again by the store (writers only append to their own unsealed pack;
+        // GC only unlinks sealed packs, which leaves existing mappings valid), so the bytes
+        // behind the mapping do not change while it lives. Only a process that trusts every
+        // writer of the store's files maps them (see `StoreOptions::map_packs`).
+        PackBytes::Mapped(unsafe { Mmap::map(&file) }.map_err(io)?)
+    } else {
+        PackBytes::Read { file, len }
+    };
+    let mut header = Vec::new();
+    let head = bytes
+        .get(0, PACK_HEADER_LEN.min(len as usize), &mut header)
+        .ok_or_else(|| io(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)))?;
+    check_pack_header(path, head)?;
+    Ok(bytes)
 }
 
 #[cfg(test)]

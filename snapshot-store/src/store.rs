@@ -9,8 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use memmap2::Mmap;
-
 use crate::fsutil::{self, LockGuard, LockMode};
 use crate::hash::{Hash, HashBuild};
 use crate::manifest::{self, DiskRef, Manifest, ManifestError, MAX_MANIFEST_SIZE};
@@ -124,6 +122,10 @@ pub struct StoreOptions {
     pub compress_pages: bool,
     /// A writer seals its pack and starts another past this size.
     pub pack_target_size: u64,
+    /// Map sealed packs (fast reads) rather than read them with `pread`. Only for a process
+    /// that trusts every writer of the store's files: a pack truncated behind a mapping
+    /// kills the reader with SIGBUS, where a read fails with an error naming the pack.
+    pub map_packs: bool,
 }
 
 impl Default for StoreOptions {
@@ -132,6 +134,7 @@ impl Default for StoreOptions {
             compress_level: None,
             compress_pages: false,
             pack_target_size: 256 << 20,
+            map_packs: true,
         }
     }
 }
@@ -184,7 +187,7 @@ pub struct ObjectLocation {
 pub(crate) struct SealedPack {
     pub id: String,
     pub path: PathBuf,
-    pub map: Mmap,
+    pub bytes: pack::PackBytes,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -289,16 +292,20 @@ pub(crate) fn idx_path(dir: &Path, id: &str) -> PathBuf {
     dir.join(format!("{id}.idx"))
 }
 
-/// Loads and maps one sealed pack.
-pub(crate) fn load_pack(dir: &Path, id: &str) -> Result<(SealedPack, Vec<IdxEntry>), PackError> {
+/// Loads one sealed pack (mapped if `map`).
+pub(crate) fn load_pack(
+    dir: &Path,
+    id: &str,
+    map: bool,
+) -> Result<(SealedPack, Vec<IdxEntry>), PackError> {
     let (pack_len, entries) = pack::read_idx(&idx_path(dir, id))?;
     let path = pack_path(dir, id);
-    let map = pack::map_sealed_pack(&path, pack_len)?;
+    let bytes = pack::open_sealed_pack(&path, pack_len, map)?;
     Ok((
         SealedPack {
             id: id.to_owned(),
             path,
-            map,
+            bytes,
         },
         entries,
     ))
@@ -488,7 +495,7 @@ impl Store {
             // surviving pack point there.
             let mut fresh = Index::default();
             for id in &scan.sealed {
-                match load_pack(&self.packs_dir, id) {
+                match load_pack(&self.packs_dir, id, self.options.map_packs) {
                     Ok((p, es)) => {
                         fresh.add(p, &es);
                     }
@@ -503,7 +510,7 @@ impl Store {
         } else {
             let mut loaded = Vec::new();
             for id in &new_ids {
-                match load_pack(&self.packs_dir, id) {
+                match load_pack(&self.packs_dir, id, self.options.map_packs) {
                     Ok(p) => loaded.push(p),
                     Err(e) => report.rejected.push((id.clone(), e)),
                 }
@@ -552,7 +559,7 @@ impl Store {
             };
             wanted
                 .into_iter()
-                .map(|id| load_pack(&self.packs_dir, id))
+                .map(|id| load_pack(&self.packs_dir, id, self.options.map_packs))
                 .collect::<std::result::Result<Vec<_>, PackError>>()
                 .map(|loaded| {
                     let mut idx = self.write_index();
@@ -602,7 +609,9 @@ impl Store {
             pack: pack.path.clone(),
             reason,
         };
-        let stored = stored_bytes(pack, &loc).ok_or_else(|| corrupt("outside the pack".into()))?;
+        let mut scratch = Vec::new();
+        let stored = stored_bytes(pack, &loc, &mut scratch)
+            .ok_or_else(|| corrupt("outside the pack or unreadable".into()))?;
         let data = if loc.flags & FLAG_ZSTD != 0 {
             let mut out = Vec::with_capacity(loc.raw_len as usize);
             decompress_exact(stored, &mut out, loc.raw_len as usize).map_err(corrupt)?;
@@ -640,7 +649,9 @@ impl Store {
             pack: pack.path.clone(),
             reason,
         };
-        let stored = stored_bytes(pack, &loc).ok_or_else(|| corrupt("outside the pack".into()))?;
+        let mut scratch = Vec::new();
+        let stored = stored_bytes(pack, &loc, &mut scratch)
+            .ok_or_else(|| corrupt("outside the pack or unreadable".into()))?;
         if loc.flags & FLAG_ZSTD != 0 {
             decompress_exact(stored, &mut buf[..], PAGE_SIZE).map_err(corrupt)?;
         } else if stored.len() == PAGE_SIZE {
@@ -853,10 +864,9 @@ impl Store {
     }
 }
 
-fn stored_bytes<'a>(pack: &'a SealedPack, loc: &Loc) -> Option<&'a [u8]> {
-    let start = usize::try_from(loc.offset).ok()?;
-    pack.map
-        .get(start..start.checked_add(loc.stored_len as usize)?)
+/// An object's stored bytes: borrowed from a mapped pack, or read into `buf`.
+fn stored_bytes<'a>(pack: &'a SealedPack, loc: &Loc, buf: &'a mut Vec<u8>) -> Option<&'a [u8]> {
+    pack.bytes.get(loc.offset, loc.stored_len as usize, buf)
 }
 
 /// Bound check shared by the writer.

@@ -438,12 +438,12 @@ impl<'s> PackWriter<'s> {
                 return Err(e);
             }
         };
-        let map = pack::map_sealed_pack(&path, len)?;
+        let bytes = pack::open_sealed_pack(&path, len, self.store.options().map_packs)?;
         {
             let _refresh = self.store.refresh_guard();
             self.store
                 .write_index()
-                .add(SealedPack { id, path, map }, &entries);
+                .add(SealedPack { id, path, bytes }, &entries);
         }
         // Only now release the pack's lock: it is sealed.
         drop(file);

@@ -930,3 +930,48 @@ fn a_restore_indexes_only_the_packs_its_snapshot_lists_and_falls_back_to_the_who
     }
     assert_eq!(restore(&fresh, "b"), b_mem);
 }
+
+/// A store that reads its packs (`map_packs: false`, the service's) survives a pack truncated
+/// behind its back after it opened it: reads fail naming the pack, verification reports it,
+/// GC goes on, and other snapshots still read. (Mapped, the same truncation is a SIGBUS.)
+#[test]
+fn a_pack_truncated_behind_a_reading_store_is_an_error_not_a_crash() {
+    let dir = tmp();
+    let options = StoreOptions {
+        map_packs: false,
+        pack_target_size: 1,
+        ..Default::default()
+    };
+    let store = Store::open_with(dir.path(), options.clone()).unwrap();
+    let victim = snapshot(&store, "victim", &memory(64, 0, 61));
+    let other_mem = memory(64, 0, 62);
+    let other = snapshot(&store, "other", &other_mem);
+    let page = some_page(&store.load_memory_map(&victim).unwrap());
+    let reader = Store::open_with(dir.path(), options).unwrap();
+    let pack = reader.locate(&page).unwrap().pack;
+    assert!(
+        !other
+            .packs
+            .iter()
+            .any(|p| pack.ends_with(format!("{p}.pack"))),
+        "the two snapshots share a pack"
+    );
+
+    let len = fs::metadata(&pack).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&pack)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let err = reader
+        .read_page_into(&page, &mut buf)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&pack.display().to_string()), "{err}");
+    let report = reader.verify().unwrap();
+    assert!(!report.problems.is_empty());
+    reader.gc().unwrap();
+    assert_eq!(restore(&reader, "other"), other_mem);
+}
