@@ -140,14 +140,7 @@ fn guest_memory(
             None => builder
                 .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE),
         };
-        let mapping: MmapRegion<AtomicBitmap> =
-            builder.build().map_err(|source| MemoryError::Mmap {
-                addr: addr.0,
-                size,
-                source,
-            })?;
-        let region = GuestRegionMmap::new(mapping, addr).ok_or(MemoryError::Region(addr.0))?;
-        regions.push(region);
+        regions.push(build_region(builder, addr, size)?);
         offset += size;
     }
     GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Collection)
@@ -204,14 +197,7 @@ pub fn create_boot_memory(mem_bytes: u64) -> Result<(GuestMemoryMmap, BootRam), 
                 .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
                 .with_raw_mmap_pointer(host)
         };
-        let mapping: MmapRegion<AtomicBitmap> =
-            builder.build().map_err(|source| MemoryError::Mmap {
-                addr: addr.0,
-                size,
-                source,
-            })?;
-        let region = GuestRegionMmap::new(mapping, addr).ok_or(MemoryError::Region(addr.0))?;
-        regions.push(region);
+        regions.push(build_region(builder, addr, size)?);
     }
     let mem = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Collection)?;
     Ok((mem, ram))
@@ -264,6 +250,21 @@ fn map_aligned(len: usize) -> std::io::Result<*mut u8> {
         return Err(err);
     }
     Ok(start as *mut u8)
+}
+
+/// Maps (or, for a raw pointer, wraps) one region of guest RAM at guest address `addr`.
+fn build_region(
+    builder: MmapRegionBuilder<AtomicBitmap>,
+    addr: GuestAddress,
+    size: u64,
+) -> Result<GuestRegionMmap<AtomicBitmap>, MemoryError> {
+    let mapping: MmapRegion<AtomicBitmap> =
+        builder.build().map_err(|source| MemoryError::Mmap {
+            addr: addr.0,
+            size,
+            source,
+        })?;
+    GuestRegionMmap::new(mapping, addr).ok_or(MemoryError::Region(addr.0))
 }
 
 /// The guest pages this process has touched since `mem` was mapped (present in, or swapped
