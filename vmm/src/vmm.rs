@@ -287,7 +287,9 @@ impl Vmm {
         unsafe { vm.register_memory(&mem) }?;
 
         let devices = attach_devices(&vm, &mem, config, options, None, None)?;
+        timeline.mark("devices_attached");
         let kernel = load_guest(&mem, config, &devices.virtio)?;
+        timeline.mark("kernel_loaded");
         log::debug!("{:?} kernel entry {:#x}", kernel.format, kernel.entry.0);
 
         let fds = (0..config.vcpus)
