@@ -11,18 +11,20 @@
 //! It must not be a dependency of any product crate.
 
 pub mod report;
+mod service;
 pub mod soak;
 
+use service::{Api, OwnService};
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Method;
 use serde_json::{json, Value};
 
-use ember_client::{empty_body, encode_query, json_body, ApiClient};
+use ember_client::{empty_body, encode_query, ApiClient};
 use report::{
     median, regressions, Better, DensityPoint, FaultSeries, Figure, Report, StartTimeline, SCHEMA,
 };
@@ -118,247 +120,6 @@ pub fn run(args: BenchArgs) -> i32 {
             eprintln!("ember-bench: {e}");
             1
         }
-    }
-}
-
-/// A service this run started: stopped (and its state removed) on drop.
-struct OwnService {
-    child: Child,
-    state_dir: PathBuf,
-}
-
-impl OwnService {
-    fn start(args: &BenchArgs) -> Result<(OwnService, PathBuf), BenchError> {
-        // The `ember` program beside this one (cargo builds both into one folder).
-        let exe = std::env::current_exe()
-            .map_err(|e| BenchError::Service(e.to_string()))?
-            .with_file_name("ember");
-        let state_dir = std::env::temp_dir().join(format!(
-            "ember-bench-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or(0)
-        ));
-        std::fs::create_dir_all(&state_dir)
-            .map_err(|e| BenchError::Service(format!("{}: {e}", state_dir.display())))?;
-        let socket = state_dir.join("api.sock");
-        let log = std::fs::File::create(state_dir.join("serve.log"))
-            .map_err(|e| BenchError::Service(e.to_string()))?;
-        let mut cmd = Command::new(exe);
-        cmd.arg("serve")
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .stdin(Stdio::null())
-            .stdout(
-                log.try_clone()
-                    .map_err(|e| BenchError::Service(e.to_string()))?,
-            )
-            .stderr(log);
-        if let Some(k) = &args.kernel {
-            cmd.arg("--kernel").arg(k);
-        }
-        if let Some(r) = &args.rootfs {
-            cmd.arg("--rootfs").arg(r);
-        }
-        if args.soak.is_none() {
-            cmd.arg("--warm-pool").arg(args.warm_pool.to_string());
-        }
-        let child = cmd
-            .spawn()
-            .map_err(|e| BenchError::Service(e.to_string()))?;
-        let mut service = OwnService { child, state_dir };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !socket.exists() {
-            if let Ok(Some(status)) = service.child.try_wait() {
-                let log = std::fs::read_to_string(service.state_dir.join("serve.log"))
-                    .unwrap_or_default();
-                return Err(BenchError::Service(format!(
-                    "`ember serve` exited ({status}):\n{log}"
-                )));
-            }
-            if Instant::now() > deadline {
-                return Err(BenchError::Service("no API socket after 60 s".into()));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok((service, socket))
-    }
-}
-
-impl Drop for OwnService {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.state_dir);
-    }
-}
-
-/// The API calls the bench makes, timed by the caller.
-struct Api(ApiClient);
-
-impl Api {
-    async fn create(&self, body: Value) -> Result<Value, String> {
-        self.0
-            .json(Method::POST, "/sandboxes", json_body(&body))
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    async fn exec(&self, id: &str, cmd: &str, args: &[&str]) -> Result<Value, String> {
-        let answer = self
-            .0
-            .json(
-                Method::POST,
-                &format!("/sandboxes/{id}/exec?wait=true"),
-                json_body(&json!({"cmd": cmd, "args": args})),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        if answer["exit_code"] != json!(0) {
-            return Err(format!("`{cmd}` in {id} did not succeed: {answer}"));
-        }
-        Ok(answer)
-    }
-
-    async fn sandbox(&self, id: &str) -> Result<Value, String> {
-        self.0
-            .json(Method::GET, &format!("/sandboxes/{id}"), empty_body())
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    /// Waits (up to a minute) until a service with a warm pool has it full (at once for one
-    /// without).
-    async fn wait_pool_full(&self) -> Result<(), String> {
-        let deadline = Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            let metrics = self
-                .0
-                .text(Method::GET, "/metrics")
-                .await
-                .map_err(|e| e.to_string())?;
-            let value = |name: &str| {
-                metrics.lines().find_map(|l| {
-                    l.strip_prefix(name)?
-                        .strip_prefix(' ')?
-                        .trim()
-                        .parse::<u64>()
-                        .ok()
-                })
-            };
-            let (Some(idle), Some(target)) = (
-                value("ember_warm_pool_idle"),
-                value("ember_warm_pool_target"),
-            ) else {
-                return Ok(());
-            };
-            if idle >= target {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(format!("the warm pool stayed at {idle} of {target} VMMs"));
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Waits (up to a minute) until the service has materialised snapshot `id`'s memory.
-    async fn wait_materialised(&self, id: &str) -> Result<(), String> {
-        let deadline = Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            let snapshot = self
-                .0
-                .json(Method::GET, &format!("/snapshots/{id}"), empty_body())
-                .await
-                .map_err(|e| e.to_string())?;
-            if snapshot["memory_materialised"] == json!(true) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "snapshot {id} was not materialised within a minute"
-                ));
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn delete(&self, id: &str) -> Result<(), String> {
-        self.0
-            .json(Method::DELETE, &format!("/sandboxes/{id}"), empty_body())
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    }
-
-    /// A fresh sandbox (`create` body) that runs the install and is saved as snapshot `name`
-    /// (stopping it), then deleted; returns the snapshot's answer.
-    async fn installed_snapshot(&self, create: Value, name: &str) -> Result<Value, String> {
-        let sandbox = self.create(create).await?;
-        let id = id_of(&sandbox)?;
-        self.exec(&id, "sh", &["-c", INSTALL]).await?;
-        let answer = self
-            .snapshot(&id, json!({"name": name, "stop": true}))
-            .await?;
-        self.delete(&id).await?;
-        Ok(answer)
-    }
-
-    async fn faults(&self, id: &str) -> Result<Value, String> {
-        self.0
-            .json(
-                Method::GET,
-                &format!("/sandboxes/{id}/faults"),
-                empty_body(),
-            )
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    /// A sandbox (`create` body) that runs the install, is saved as snapshot `name`, changed a
-    /// little and saved again as the diff `{name}-diff`, then deleted: both snapshots' answers
-    /// and the sandbox's memory in MiB.
-    async fn full_and_diff(
-        &self,
-        create: Value,
-        name: &str,
-    ) -> Result<(Value, Value, u32), String> {
-        let sandbox = self.create(create).await?;
-        let id = id_of(&sandbox)?;
-        self.exec(&id, "sh", &["-c", INSTALL]).await?;
-        let full = self.snapshot(&id, json!({ "name": name })).await?;
-        self.exec(&id, "sh", &["-c", "echo changed > /tmp/changed"])
-            .await?;
-        let diff = self
-            .snapshot(&id, json!({"name": format!("{name}-diff"), "diff": true}))
-            .await?;
-        self.delete(&id).await?;
-        let mem_mib = sandbox["memory_mib"].as_u64().unwrap_or(256) as u32;
-        Ok((full, diff, mem_mib))
-    }
-
-    async fn snapshot(&self, id: &str, body: Value) -> Result<Value, String> {
-        self.0
-            .json(
-                Method::POST,
-                &format!("/sandboxes/{id}/snapshots"),
-                json_body(&body),
-            )
-            .await
-            .map_err(|e| e.to_string())
     }
 }
 
@@ -613,36 +374,7 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
         return Ok(if report.passed() { 0 } else { 1 });
     }
     if let Some(cycles) = args.soak {
-        let resume = match &args.soak_resume {
-            Some(path) => Some(
-                soak::SoakReport::load_into(path, &args.out, in_lab()).map_err(step(format!(
-                    "reading the soak to resume, {}",
-                    path.display()
-                )))?,
-            ),
-            None => None,
-        };
-        let (service, socket) = OwnService::start(args)?;
-        let api = Api(ApiClient::new(&socket));
-        let report = soak::soak(
-            &api,
-            service.child.id(),
-            &service.state_dir,
-            soak::SoakPlan {
-                cycles: cycles.max(1),
-                streams: args.soak_streams,
-                environment: environment(),
-                out: &args.out,
-                resume,
-            },
-        )
-        .await?;
-        drop(service);
-        report
-            .write(&args.out)
-            .map_err(step("writing the soak report"))?;
-        print!("{}", report.markdown());
-        return Ok(if report.passed() { 0 } else { 1 });
+        return run_soak(args, cycles).await;
     }
     let runs = args.runs.unwrap_or(if args.quick { 3 } else { 5 }).max(1);
     let (own, socket, state_dir) = match &args.socket {
@@ -657,48 +389,14 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
     let started_unix_ms = ember_service::sandbox::unix_ms();
     let mut figures = Vec::new();
     let mut notes = Vec::new();
-    let say = |what: &str| eprintln!("ember-bench: {what}");
 
-    // Cold boots, and the exec round trip on a running sandbox.
-    say(&format!("cold boot x{runs}"));
-    let mut cold = Vec::new();
-    let mut round_trips = Vec::new();
-    let mut rates = Vec::new();
-    for i in 0..runs {
-        let (sample, id) = start_once(&api, json!({}), i == 0)
-            .await
-            .map_err(step("cold boot"))?;
-        if i == 0 {
-            for _ in 0..runs.max(5) {
-                let t = Instant::now();
-                api.exec(&id, "true", &[])
-                    .await
-                    .map_err(step("exec round trip"))?;
-                round_trips.push(ms(t));
-            }
-            throughput(&api, &id, args.quick, runs, &mut rates).await?;
-            api.delete(&id).await.map_err(step("delete"))?;
-        }
-        cold.push(sample);
-    }
-    push_start(&mut figures, "cold", "cold boot", &cold, None);
+    let cold = cold_boots(&api, args.quick, runs, &mut figures).await?;
     let mut timelines = vec![timeline_medians("cold", &cold)];
-    let cold_first = figures
-        .iter()
-        .find(|f| f.name == "cold.first_exec_ms")
-        .map(|f| f.median);
-    let cold_ready = figures
-        .iter()
-        .find(|f| f.name == "cold.ready_ms")
-        .map(|f| f.median);
-    figures.push(Figure::new(
-        "exec.round_trip_ms",
-        "exec `true` on a running sandbox (round trip)",
-        "ms",
-        Better::Lower,
-        round_trips,
-    ));
-    figures.append(&mut rates);
+    let cold_figure = |name: &str| figures.iter().find(|f| f.name == name).map(|f| f.median);
+    let cold_medians = (
+        cold_figure("cold.ready_ms"),
+        cold_figure("cold.first_exec_ms"),
+    );
 
     // The snapshot every restore starts from, and a diff on top of it; the same at 512 MiB
     // and 1 GiB in a full run.
@@ -719,139 +417,12 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
         }
     }
 
-    // Restores in each mode; `file` maps the memory the service materialised after the
-    // snapshot.
-    api.wait_materialised("bench-base")
-        .await
-        .map_err(step("materialising the snapshot's memory"))?;
-    let mut fault_series = Vec::new();
-    for mode in ["file", "prefetch", "lazy", "eager"] {
-        let body = json!({"snapshot": "bench-base", "restore_mode": mode});
-        if mode == "prefetch" {
-            // The first prefetch restore records the working set the next ones load.
-            start_once(&api, body.clone(), false)
-                .await
-                .map_err(step("recording the working set"))?;
-        }
-        if mode == "file" {
-            // A snapshot's first restore is its own figure: in the lab it is the slow one,
-            // because the emulator translates the guest's code again wherever it finds it
-            // in physical pages it has not run from (the memory file's, new after the
-            // snapshot); `benches/restore-cli.sh` shows the same for a restore after the
-            // file is moved into new pages. The restores after it make the `file` figure.
-            let (first, _) = start_once(&api, body.clone(), false)
-                .await
-                .map_err(step("a snapshot's first restore"))?;
-            push_start(
-                &mut figures,
-                "restore.file_first",
-                "file restore, the snapshot's first",
-                &[first],
-                Some((cold_ready, cold_first)),
-            );
-        }
-        say(&format!("{mode} restore x{runs}"));
-        let mut samples = Vec::new();
-        for run in 0..runs {
-            // The first lazy and prefetch restores also show when their faults came.
-            let keep = run == 0 && matches!(mode, "lazy" | "prefetch");
-            let (s, id) = start_once(&api, body.clone(), keep)
-                .await
-                .map_err(step(format!("{mode} restore")))?;
-            samples.push(s);
-            if keep {
-                let faults = api.faults(&id).await.map_err(step("reading faults"))?;
-                api.delete(&id).await.map_err(step("delete"))?;
-                fault_series.push(FaultSeries {
-                    mode: mode.to_string(),
-                    bucket_ms: faults["bucket_ms"].as_u64().unwrap_or(1),
-                    counts: faults["counts"]
-                        .as_array()
-                        .map(|a| a.iter().map(|n| n.as_u64().unwrap_or(0) as u32).collect())
-                        .unwrap_or_default(),
-                    prefetched: faults["prefetched"].as_u64().unwrap_or(0),
-                });
-            }
-        }
-        push_start(
-            &mut figures,
-            &format!("restore.{mode}"),
-            &format!("{mode} restore"),
-            &samples,
-            Some((cold_ready, cold_first)),
-        );
-        timelines.push(timeline_medians(&format!("restore.{mode}"), &samples));
-    }
+    let fault_series = restores(&api, runs, cold_medians, &mut figures, &mut timelines).await?;
 
-    // Density: K clones of the snapshot at once, each having run a command; `file` clones
-    // share the page cache of one memory file, `prefetch` ones each hold a copy.
-    let ks: &[u32] = &[1, 2, 4, 8];
-    let mut density = Vec::new();
-    for (mode, &k) in ["file", "prefetch"]
-        .into_iter()
-        .flat_map(|m| ks.iter().map(move |k| (m, k)))
-    {
-        say(&format!("{k} {mode} clones at once"));
-        let mut point = clones_at_once(&api, mode, k).await;
-        if let Err(why) = &point {
-            // A point needs every clone running: one lost (in the lab, most likely to a guest
-            // triple fault of the emulated SVM) is measured once more, and said.
-            say(&format!(
-                "{k} {mode} clones at once failed ({why}); once more"
-            ));
-            notes.push(format!(
-                "{k} {mode} clones at once: measured a second time, the first failed: {why}"
-            ));
-            point = clones_at_once(&api, mode, k).await;
-        }
-        match point {
-            Ok(point) => density.push(point),
-            // A point lost twice is said, not hidden, and the rest of the run goes on.
-            Err(why) => notes.push(format!("{k} {mode} clones at once: left out: {why}")),
-        }
-    }
+    let density = density(&api, &mut notes).await;
 
-    // The store: N sandboxes after the same install, each snapshotted.
     if let Some(state) = &state_dir {
-        let n = if args.quick { 2 } else { 10 };
-        say(&format!(
-            "{n} sandboxes after the same install, snapshotted"
-        ));
-        let store_dir = state.join("store");
-        let before = dir_bytes(&store_dir);
-        let mut ids = Vec::new();
-        for i in 0..n {
-            let id = format!("bench-same-{i}");
-            api.installed_snapshot(json!({}), &id)
-                .await
-                .map_err(step("snapshot of an install"))?;
-            ids.push(id);
-        }
-        let logical = logical_bytes(&store_dir, &ids).map_err(step("reading the store"))?;
-        let stored = dir_bytes(&store_dir).saturating_sub(before);
-        figures.push(Figure::new(
-            "store.stored_mib",
-            &format!("store growth for {n} snapshots after the same install"),
-            "MiB",
-            Better::Lower,
-            vec![stored as f64 / 1048576.0],
-        ));
-        figures.push(Figure::new(
-            "store.logical_mib",
-            &format!("logical size of those {n} snapshots (memory + written disk chunks)"),
-            "MiB",
-            Better::Lower,
-            vec![logical as f64 / 1048576.0],
-        ));
-        if stored > 0 {
-            figures.push(Figure::new(
-                "store.dedup_ratio",
-                "logical / stored bytes",
-                "x",
-                Better::Higher,
-                vec![logical as f64 / stored as f64],
-            ));
-        }
+        store_growth(&api, state, args.quick, &mut figures).await?;
     } else {
         notes.push("store figures skipped: give --state-dir with --socket".into());
     }
@@ -911,6 +482,242 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
         }
     }
     Ok(0)
+}
+
+/// A soak of `cycles` create-exec-snapshot-restore-delete cycles against a service of its own.
+async fn run_soak(args: &BenchArgs, cycles: u32) -> Result<i32, BenchError> {
+    let resume = match &args.soak_resume {
+        Some(path) => Some(
+            soak::SoakReport::load_into(path, &args.out, in_lab()).map_err(step(format!(
+                "reading the soak to resume, {}",
+                path.display()
+            )))?,
+        ),
+        None => None,
+    };
+    let (service, socket) = OwnService::start(args)?;
+    let api = Api(ApiClient::new(&socket));
+    let report = soak::soak(
+        &api,
+        service.child.id(),
+        &service.state_dir,
+        soak::SoakPlan {
+            cycles: cycles.max(1),
+            streams: args.soak_streams,
+            environment: environment(),
+            out: &args.out,
+            resume,
+        },
+    )
+    .await?;
+    drop(service);
+    report
+        .write(&args.out)
+        .map_err(step("writing the soak report"))?;
+    print!("{}", report.markdown());
+    Ok(if report.passed() { 0 } else { 1 })
+}
+
+/// Cold boots, and the exec round trip and data rates on the first one's sandbox.
+async fn cold_boots(
+    api: &Api,
+    quick: bool,
+    runs: u32,
+    figures: &mut Vec<Figure>,
+) -> Result<Vec<StartSample>, BenchError> {
+    say(&format!("cold boot x{runs}"));
+    let mut cold = Vec::new();
+    let mut round_trips = Vec::new();
+    let mut rates = Vec::new();
+    for i in 0..runs {
+        let (sample, id) = start_once(api, json!({}), i == 0)
+            .await
+            .map_err(step("cold boot"))?;
+        if i == 0 {
+            for _ in 0..runs.max(5) {
+                let t = Instant::now();
+                api.exec(&id, "true", &[])
+                    .await
+                    .map_err(step("exec round trip"))?;
+                round_trips.push(ms(t));
+            }
+            throughput(api, &id, quick, runs, &mut rates).await?;
+            api.delete(&id).await.map_err(step("delete"))?;
+        }
+        cold.push(sample);
+    }
+    push_start(figures, "cold", "cold boot", &cold, None);
+    figures.push(Figure::new(
+        "exec.round_trip_ms",
+        "exec `true` on a running sandbox (round trip)",
+        "ms",
+        Better::Lower,
+        round_trips,
+    ));
+    figures.append(&mut rates);
+    Ok(cold)
+}
+
+fn say(what: &str) {
+    eprintln!("ember-bench: {what}");
+}
+
+/// Restores of `bench-base` in each mode, `runs` each (after the service materialised its
+/// memory for `file`); the first lazy and prefetch restores' faults over time.
+async fn restores(
+    api: &Api,
+    runs: u32,
+    cold: (Option<f64>, Option<f64>),
+    figures: &mut Vec<Figure>,
+    timelines: &mut Vec<StartTimeline>,
+) -> Result<Vec<FaultSeries>, BenchError> {
+    // Restores in each mode; `file` maps the memory the service materialised after the
+    // snapshot.
+    api.wait_materialised("bench-base")
+        .await
+        .map_err(step("materialising the snapshot's memory"))?;
+    let mut fault_series = Vec::new();
+    for mode in ["file", "prefetch", "lazy", "eager"] {
+        let body = json!({"snapshot": "bench-base", "restore_mode": mode});
+        if mode == "prefetch" {
+            // The first prefetch restore records the working set the next ones load.
+            start_once(api, body.clone(), false)
+                .await
+                .map_err(step("recording the working set"))?;
+        }
+        if mode == "file" {
+            // A snapshot's first restore is its own figure: in the lab it is the slow one,
+            // because the emulator translates the guest's code again wherever it finds it
+            // in physical pages it has not run from (the memory file's, new after the
+            // snapshot); `benches/restore-cli.sh` shows the same for a restore after the
+            // file is moved into new pages. The restores after it make the `file` figure.
+            let (first, _) = start_once(api, body.clone(), false)
+                .await
+                .map_err(step("a snapshot's first restore"))?;
+            push_start(
+                figures,
+                "restore.file_first",
+                "file restore, the snapshot's first",
+                &[first],
+                Some(cold),
+            );
+        }
+        say(&format!("{mode} restore x{runs}"));
+        let mut samples = Vec::new();
+        for run in 0..runs {
+            // The first lazy and prefetch restores also show when their faults came.
+            let keep = run == 0 && matches!(mode, "lazy" | "prefetch");
+            let (s, id) = start_once(api, body.clone(), keep)
+                .await
+                .map_err(step(format!("{mode} restore")))?;
+            samples.push(s);
+            if keep {
+                let faults = api.faults(&id).await.map_err(step("reading faults"))?;
+                api.delete(&id).await.map_err(step("delete"))?;
+                fault_series.push(FaultSeries {
+                    mode: mode.to_string(),
+                    bucket_ms: faults["bucket_ms"].as_u64().unwrap_or(1),
+                    counts: faults["counts"]
+                        .as_array()
+                        .map(|a| a.iter().map(|n| n.as_u64().unwrap_or(0) as u32).collect())
+                        .unwrap_or_default(),
+                    prefetched: faults["prefetched"].as_u64().unwrap_or(0),
+                });
+            }
+        }
+        push_start(
+            figures,
+            &format!("restore.{mode}"),
+            &format!("{mode} restore"),
+            &samples,
+            Some(cold),
+        );
+        timelines.push(timeline_medians(&format!("restore.{mode}"), &samples));
+    }
+    Ok(fault_series)
+}
+
+/// Host memory per clone for 1, 2, 4 and 8 clones at once in `file` and `prefetch` mode; a
+/// point lost twice is a note, not a failed run.
+async fn density(api: &Api, notes: &mut Vec<String>) -> Vec<DensityPoint> {
+    // Density: K clones of the snapshot at once, each having run a command; `file` clones
+    // share the page cache of one memory file, `prefetch` ones each hold a copy.
+    let ks: &[u32] = &[1, 2, 4, 8];
+    let mut density = Vec::new();
+    for (mode, &k) in ["file", "prefetch"]
+        .into_iter()
+        .flat_map(|m| ks.iter().map(move |k| (m, k)))
+    {
+        say(&format!("{k} {mode} clones at once"));
+        let mut point = clones_at_once(api, mode, k).await;
+        if let Err(why) = &point {
+            // A point needs every clone running: one lost (in the lab, most likely to a guest
+            // triple fault of the emulated SVM) is measured once more, and said.
+            say(&format!(
+                "{k} {mode} clones at once failed ({why}); once more"
+            ));
+            notes.push(format!(
+                "{k} {mode} clones at once: measured a second time, the first failed: {why}"
+            ));
+            point = clones_at_once(api, mode, k).await;
+        }
+        match point {
+            Ok(point) => density.push(point),
+            // A point lost twice is said, not hidden, and the rest of the run goes on.
+            Err(why) => notes.push(format!("{k} {mode} clones at once: left out: {why}")),
+        }
+    }
+    density
+}
+
+/// Store growth for N sandboxes snapshotted after the same install, against their logical
+/// size.
+async fn store_growth(
+    api: &Api,
+    state: &Path,
+    quick: bool,
+    figures: &mut Vec<Figure>,
+) -> Result<(), BenchError> {
+    let n = if quick { 2 } else { 10 };
+    say(&format!(
+        "{n} sandboxes after the same install, snapshotted"
+    ));
+    let store_dir = state.join("store");
+    let before = dir_bytes(&store_dir);
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = format!("bench-same-{i}");
+        api.installed_snapshot(json!({}), &id)
+            .await
+            .map_err(step("snapshot of an install"))?;
+        ids.push(id);
+    }
+    let logical = logical_bytes(&store_dir, &ids).map_err(step("reading the store"))?;
+    let stored = dir_bytes(&store_dir).saturating_sub(before);
+    figures.push(Figure::new(
+        "store.stored_mib",
+        &format!("store growth for {n} snapshots after the same install"),
+        "MiB",
+        Better::Lower,
+        vec![stored as f64 / 1048576.0],
+    ));
+    figures.push(Figure::new(
+        "store.logical_mib",
+        &format!("logical size of those {n} snapshots (memory + written disk chunks)"),
+        "MiB",
+        Better::Lower,
+        vec![logical as f64 / 1048576.0],
+    ));
+    if stored > 0 {
+        figures.push(Figure::new(
+            "store.dedup_ratio",
+            "logical / stored bytes",
+            "x",
+            Better::Higher,
+            vec![logical as f64 / stored as f64],
+        ));
+    }
+    Ok(())
 }
 
 /// Host memory per clone of `k` clones of `bench-base` restored in `mode` at once, each
