@@ -182,6 +182,28 @@ struct Sandbox {
     vmm: std::sync::Weak<Vmm>,
     finished: Arc<AtomicBool>,
     dir: PathBuf,
+    console: ConsoleTail,
+}
+
+/// The last 64 KiB of the guest's console: printed when a test using the sandbox fails, so
+/// a guest that died (a panic, an agent crash) says why.
+#[derive(Clone, Default)]
+struct ConsoleTail(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for ConsoleTail {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        const KEEP: usize = 64 << 10;
+        let mut tail = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        tail.extend_from_slice(buf);
+        if tail.len() > 2 * KEEP {
+            let cut = tail.len() - KEEP;
+            tail.drain(..cut);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Longer than any test using a `Sandbox` takes in the lab; shorter than the suite's limit.
@@ -207,8 +229,9 @@ impl Sandbox {
             }),
             net: None,
         };
+        let console = ConsoleTail::default();
         let options = VmmOptions {
-            serial_out: Box::new(std::io::sink()),
+            serial_out: Box::new(console.clone()),
             start: Instant::now(),
             ..Default::default()
         };
@@ -254,12 +277,21 @@ impl Sandbox {
             vmm: weak,
             finished,
             dir,
+            console,
         }
     }
 }
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let tail = self.console.0.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = writeln!(
+                std::io::stderr(),
+                "--- guest console (tail) ---\n{}",
+                String::from_utf8_lossy(&tail)
+            );
+        }
         let _ = self.client.shutdown();
         if let Some(vm) = self.vm.take() {
             let _ = vm.join();
