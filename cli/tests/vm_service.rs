@@ -790,6 +790,23 @@ fn vmtest_service_story_snapshot_restore_fork_and_restart() {
         warm_first_exec.as_secs_f64() * 1e3,
         cold_first_exec.as_secs_f64() / warm_first_exec.as_secs_f64()
     );
+    // The pages that first command needed are recorded for the next restores: by the VMM
+    // into its staging folder, then checked and taken into the store by the service.
+    let working_set = service.state.join("store/workingsets/with-dep");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !working_set.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no working set was recorded for with-dep"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let staged = service
+        .state
+        .join("sandboxes")
+        .join(&warm)
+        .join("vmm/staging/working-set");
+    assert!(!staged.exists(), "the staged working set is left behind");
 
     // A diff snapshot of the restored sandbox, which keeps running.
     let diff = service.call(
@@ -985,7 +1002,8 @@ fn vmtest_a_jailed_vmm_sees_only_its_own_files_and_no_network() {
         .contains(&n.as_str())),
         "{names:?}"
     );
-    // Both jailed sandboxes work, snapshot included (the store is the jail user's).
+    // Both jailed sandboxes work, snapshot included: the VMM writes it into its staging
+    // folder, the service verifies it and takes it into the store.
     for id in [&a, &b] {
         let out = service.sh(id, "echo jailed; id -u");
         assert_eq!(out["stdout"], "jailed\n0\n", "{out}");
@@ -996,7 +1014,50 @@ fn vmtest_a_jailed_vmm_sees_only_its_own_files_and_no_network() {
         Some(json!({"name": "jailed"})),
         201,
     );
-    assert!(!memory_objects(&service.state.join("store"), "jailed").is_empty());
+    let store = service.state.join("store");
+    assert!(!memory_objects(&store, "jailed").is_empty());
+    assert!(
+        !a_dir.join("vmm/staging/snapshots/jailed").exists(),
+        "the staged copy is left behind"
+    );
+    // The store is the service's, readable by the jail's group, writable by no VMM.
+    let packs: Vec<PathBuf> = std::fs::read_dir(store.join("packs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(!packs.is_empty());
+    for path in packs
+        .iter()
+        .chain([&store, &store.join("manifests/jailed")])
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (0, 64177), "{}", path.display());
+        assert_eq!(meta.mode() & 0o027, 0, "{}", path.display());
+    }
+    let mut writes =
+        Command::new(PathBuf::from(env!("CARGO_BIN_EXE_ember")).with_file_name("ember-vmm"));
+    writes.args(["--jail-probe", "--spec"]).arg(spec_of(&a));
+    let wanted = [
+        store.clone(),
+        store.join("packs"),
+        store.join("manifests"),
+        store.join("manifests/jailed"),
+        packs[0].clone(),
+        a_dir.join("vmm"),
+    ];
+    for path in &wanted {
+        writes.arg("--probe-path").arg(path);
+    }
+    let out = writes.output().expect("run the jail probe");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let seen: Value = serde_json::from_slice(&out.stdout).expect("the probe's JSON");
+    assert_eq!(
+        seen["writable_paths"],
+        json!([a_dir.join("vmm")]),
+        "a jailed VMM can write only its own folder: {seen}"
+    );
     // A restore in a jail: its memory arrives through the jail's /dev/userfaultfd.
     let restored = service.create(json!({"snapshot": "jailed"}));
     let out = service.sh(&restored, "echo restored");

@@ -4,7 +4,7 @@
 //! The VMM process also writes one [`WorkerEvent`] line to its stdout when the guest's agent
 //! first answers, so the service knows the sandbox is ready and how long that took.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +45,27 @@ pub struct WorkerSpec {
     /// (read-only to the VMM).
     #[serde(default)]
     pub mem_cache: Option<PathBuf>,
+    /// Where the VMM writes snapshots and working sets (see [`staged_snapshot_dir`]) when
+    /// the store is not its to write: the service ingests them from there. None: straight
+    /// into the store.
+    #[serde(default)]
+    pub staging_dir: Option<PathBuf>,
+}
+
+/// The folder of a VMM's staging folder its snapshots go to, one store each (named by the
+/// snapshot id), layered over the shared store.
+pub const STAGED_SNAPSHOTS: &str = "snapshots";
+/// The folder of a VMM's staging folder where it records its restore's working set.
+pub const STAGED_WORKING_SET: &str = "working-set";
+
+/// Where a VMM with staging folder `staging` writes snapshot `id`.
+pub fn staged_snapshot_dir(staging: &Path, id: &str) -> PathBuf {
+    staging.join(STAGED_SNAPSHOTS).join(id)
+}
+
+/// Where a VMM with staging folder `staging` records its restore's working set.
+pub fn staged_working_set_dir(staging: &Path) -> PathBuf {
+    staging.join(STAGED_WORKING_SET)
 }
 
 /// The guest's `eth0`: a TAP interface in the sandbox's network namespace, which the VMM's
@@ -295,6 +316,7 @@ mod tests {
                 dns: Some("192.0.2.53".parse().unwrap()),
             }),
             mem_cache: Some("/m".into()),
+            staging_dir: None,
         };
         let text = serde_json::to_string(&spec).unwrap();
         assert_eq!(serde_json::from_str::<WorkerSpec>(&text).unwrap(), spec);

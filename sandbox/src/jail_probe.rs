@@ -22,6 +22,9 @@ pub struct JailProbe {
     pub interfaces: Vec<String>,
     /// Of the paths asked about, those that exist here.
     pub reachable_paths: Vec<PathBuf>,
+    /// Of the paths asked about, those this process can change: a file that opens for
+    /// writing, a folder a new file can be made in (and is removed from again).
+    pub writable_paths: Vec<PathBuf>,
     /// The outcome of connecting to the address asked about.
     pub connect: Option<String>,
     pub environment_variables: usize,
@@ -92,6 +95,7 @@ fn look_around(paths: &[PathBuf], connect: Option<&str>) -> JailProbe {
             .filter(|p| Path::new(p).symlink_metadata().is_ok())
             .cloned()
             .collect(),
+        writable_paths: paths.iter().filter(|p| writable(p)).cloned().collect(),
         connect: connect.map(|addr| match std::net::TcpStream::connect(addr) {
             Ok(_) => "connected".to_string(),
             Err(e) => e.to_string(),
@@ -111,5 +115,26 @@ fn look_around(paths: &[PathBuf], connect: Option<&str>) -> JailProbe {
             .write(true)
             .open("/dev/kvm")
             .is_ok(),
+    }
+}
+
+/// Whether `path` can be written: a file opened for writing (without truncating or changing
+/// it), a folder a file can be created in.
+fn writable(path: &Path) -> bool {
+    match path.symlink_metadata() {
+        Ok(meta) if meta.is_dir() => {
+            let probe = path.join(format!(".jail-probe-{}", std::process::id()));
+            let made = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&probe)
+                .is_ok();
+            if made {
+                let _ = std::fs::remove_file(&probe);
+            }
+            made
+        }
+        Ok(_) => std::fs::OpenOptions::new().write(true).open(path).is_ok(),
+        Err(_) => false,
     }
 }

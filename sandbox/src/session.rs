@@ -346,7 +346,7 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
         }
     };
     if let Origin::Restore { store, id, mode } = &origin {
-        record_working_set(&vmm, store, id);
+        record_working_set(&vmm, store, store, id);
         if *mode == RestoreMode::Auto && vmm.restore_mode() != Some(RestoreMode::File) {
             // Saved before the cache (or evicted): the next restore maps it.
             if let Ok(manifest) = store.load_manifest(id) {
@@ -461,8 +461,14 @@ pub(crate) const WORKING_SET_RESTORES: u32 = 3;
 /// restores that needed more than 2 % pages beyond it add them (the guest does not touch
 /// exactly the same pages every time), up to [`WORKING_SET_RESTORES`] restores. Then the set
 /// stays as it is: a union over every restore would only grow (by 5-15 % a restore in the
-/// lab), toward every page any restore ever touched.
-pub(crate) fn record_working_set(vmm: &Vmm, store: &ember_snapshot_store::Store, id: &str) {
+/// lab), toward every page any restore ever touched. The known set is read from `store`; the
+/// new one is saved into `into` (the same store, or a VMM's staging store over it).
+pub(crate) fn record_working_set(
+    vmm: &Vmm,
+    store: &ember_snapshot_store::Store,
+    into: &ember_snapshot_store::Store,
+    id: &str,
+) {
     if !matches!(
         vmm.restore_mode(),
         Some(RestoreMode::Prefetch | RestoreMode::File)
@@ -493,7 +499,7 @@ pub(crate) fn record_working_set(vmm: &Vmm, store: &ember_snapshot_store::Store,
             (known.pages, known.restores + 1)
         }
     };
-    match store.save_working_set(id, &pages, restores) {
+    match into.save_working_set(id, &pages, restores) {
         Ok(()) => log::info!(
             "recorded a working set of {} pages for snapshot {id} (from {restores} restores)",
             pages.len()

@@ -9,7 +9,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
@@ -544,7 +544,7 @@ fn handle(worker: &Worker, request: ControlRequest) -> ControlReply {
                     "snapshot {id}: {left:?} vsock connections open; restores will reset them"
                 );
             }
-            let result = worker.vmm.snapshot_as(&worker.store, &id, kind);
+            let result = snapshot(worker, &id, kind);
             let took_ms = t.elapsed().as_secs_f64() * 1e3;
             // The snapshot left the vCPUs paused.
             let next = if stop && result.is_ok() {
@@ -578,7 +578,18 @@ fn handle(worker: &Worker, request: ControlRequest) -> ControlReply {
                 log::info!("first command done: {faults} pages faulted in since the restore");
             }
             if let WorkerOrigin::Restore { snapshot, .. } = &worker.spec.origin {
-                record_working_set(&worker.vmm, &worker.store, snapshot);
+                match &worker.spec.staging_dir {
+                    Some(staging) => {
+                        let dir = crate::control::staged_working_set_dir(staging);
+                        match open_staging(worker, &dir) {
+                            Ok(into) => {
+                                record_working_set(&worker.vmm, &worker.store, &into, snapshot)
+                            }
+                            Err(e) => log::warn!("cannot record the working set: {e}"),
+                        }
+                    }
+                    None => record_working_set(&worker.vmm, &worker.store, &worker.store, snapshot),
+                }
             }
             ControlReply::ok()
         }
@@ -587,4 +598,62 @@ fn handle(worker: &Worker, request: ControlRequest) -> ControlReply {
             ControlReply::ok()
         }
     }
+}
+
+/// Why a snapshot request failed.
+#[derive(Debug, thiserror::Error)]
+enum SnapshotError {
+    #[error(transparent)]
+    Staging(#[from] StagingError),
+    #[error(transparent)]
+    Vmm(#[from] ember_vmm::VmmError),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up the staging store {path}: {source}")]
+struct StagingError {
+    path: PathBuf,
+    #[source]
+    source: ember_snapshot_store::StoreError,
+}
+
+/// Saves the VM as snapshot `id`: into the store, or, when the store is the service's to
+/// write, into a staging store of its own the service ingests from.
+fn snapshot(
+    worker: &Worker,
+    id: &str,
+    kind: SnapshotKind,
+) -> Result<ember_snapshot_store::Manifest, SnapshotError> {
+    match &worker.spec.staging_dir {
+        Some(staging) => {
+            let store = open_staging(worker, &crate::control::staged_snapshot_dir(staging, id))?;
+            Ok(worker.vmm.snapshot_as(&store, id, kind)?)
+        }
+        None => Ok(worker.vmm.snapshot_as(&worker.store, id, kind)?),
+    }
+}
+
+/// A fresh staging store at `dir` (whatever an earlier attempt left there is removed) over
+/// the VMM's view of the shared store.
+fn open_staging(worker: &Worker, dir: &Path) -> Result<ember_snapshot_store::Store, StagingError> {
+    let fail = |source| StagingError {
+        path: dir.to_path_buf(),
+        source,
+    };
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(fail(ember_snapshot_store::StoreError::Io {
+                path: dir.to_path_buf(),
+                source,
+            }))
+        }
+    }
+    ember_snapshot_store::Store::open_staging(
+        dir,
+        worker.store.clone(),
+        worker.store.options().clone(),
+    )
+    .map_err(fail)
 }

@@ -363,14 +363,18 @@ pub async fn exec(
         // marks the working set to record.
         let sandbox = sandbox.clone();
         let record = record.clone();
+        let store = state.store.clone();
         tokio::spawn(async move {
             record.finished_signal().await;
             if !sandbox.first_exec_done.swap(true, Ordering::SeqCst) {
                 sandbox.note(|r| r.timeline.mark("first_exec_ended"));
-                if sandbox.restored_from().is_some() {
-                    let _ = sandbox
+                if let Some(snapshot) = sandbox.restored_from() {
+                    let recorded = sandbox
                         .control(ControlRequest::RecordWorkingSet, Duration::from_secs(60))
                         .await;
+                    if recorded.is_ok() {
+                        crate::ingest::working_set(&store, &sandbox, &snapshot).await;
+                    }
                 }
             }
         });

@@ -24,7 +24,8 @@ pub struct JailIds {
 impl JailIds {
     /// Whether this service jails its VMMs: yes when it runs as root (the jail needs
     /// namespaces, mounts and a change of user) and was not told `--no-jail`. The store then
-    /// belongs to the jail's user, who writes snapshots into it.
+    /// stays the service's, readable by the jail's group: VMMs see it read-only and write
+    /// snapshots into staging folders of their own, which the service ingests.
     pub fn for_service(
         args: &super::ServeArgs,
         store_dir: &Path,
@@ -51,9 +52,9 @@ impl JailIds {
                 ids.uid, ids.gid
             ));
         }
-        ids.hand_over(store_dir).map_err(|e| {
+        ids.share_read_only(store_dir).map_err(|e| {
             format!(
-                "cannot hand the store {} to the jail's user: {e}",
+                "cannot make the store {} readable by the jail's group: {e}",
                 store_dir.display()
             )
         })?;
@@ -65,15 +66,27 @@ impl JailIds {
         Ok(Some(ids))
     }
 
-    /// Makes `path` and everything under it the jail user's (skipping what already is).
-    pub fn hand_over(&self, path: &Path) -> io::Result<()> {
+    /// Makes `path` and everything under it the service's and readable, not writable, by
+    /// the jail's group (directories 0750, files 0640; symbolic links are left alone). A
+    /// store an earlier version handed to the jail's user is taken back this way.
+    pub fn share_read_only(&self, path: &Path) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
         let meta = std::fs::symlink_metadata(path)?;
-        if meta.uid() != self.uid || meta.gid() != self.gid {
-            std::os::unix::fs::lchown(path, Some(self.uid), Some(self.gid))?;
+        if meta.file_type().is_symlink() {
+            return Ok(());
+        }
+        // SAFETY: geteuid takes no arguments and cannot fail.
+        let uid = unsafe { libc::geteuid() };
+        if meta.uid() != uid || meta.gid() != self.gid {
+            std::os::unix::fs::lchown(path, Some(uid), Some(self.gid))?;
+        }
+        let mode = if meta.is_dir() { 0o750 } else { 0o640 };
+        if meta.mode() & 0o7777 != mode {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
         }
         if meta.is_dir() {
             for entry in std::fs::read_dir(path)? {
-                self.hand_over(&entry?.path())?;
+                self.share_read_only(&entry?.path())?;
             }
         }
         Ok(())
@@ -82,7 +95,8 @@ impl JailIds {
     /// The jail of the VMM of `spec`, in the sandbox's folder `sandbox_dir`, whose own
     /// folders are `vmm_dir` (overlay, stall reports) and `sockets_dir`: it sees the kernel
     /// and base rootfs (read-only), those two folders and the store, nothing else (not the
-    /// sandbox's record, which the service trusts after a restart).
+    /// sandbox's record, which the service trusts after a restart). The store is read-only
+    /// to it.
     pub fn prepare(
         &self,
         spec: &WorkerSpec,
@@ -108,7 +122,7 @@ impl JailIds {
                 mount(&spec.rootfs, false),
                 mount(vmm_dir, true),
                 mount(sockets_dir, true),
-                mount(&spec.store_dir, true),
+                mount(&spec.store_dir, false),
             ]
             .into_iter()
             .chain(spec.mem_cache.as_deref().map(|dir| mount(dir, false)))

@@ -14,6 +14,7 @@ pub mod error;
 pub mod exec;
 pub mod files;
 pub mod gc;
+pub mod ingest;
 mod jail;
 mod launch;
 pub mod mem_cache;
@@ -248,17 +249,32 @@ pub fn serve(args: ServeArgs) -> i32 {
         }
     }
     let store_dir = state_dir.join("store");
-    let store = match ember_sandbox::defaults::open_store(&store_dir) {
-        Ok(store) => store,
+    if let Err(e) = std::fs::create_dir_all(&store_dir) {
+        eprintln!("ember serve: cannot create {}: {e}", store_dir.display());
+        return 1;
+    }
+    let jail = match jail::JailIds::for_service(&args, &store_dir) {
+        Ok(jail) => jail,
         Err(e) => {
             eprintln!("ember serve: {e}");
             return 1;
         }
     };
-    let jail = match jail::JailIds::for_service(&args, &store_dir) {
-        Ok(jail) => jail,
+    // The service alone writes the store (VMMs read it, and snapshot into staging folders
+    // the service ingests from); it reads with bounds checks, never through a mapping of a
+    // file someone else could truncate.
+    let store_options = ember_snapshot_store::StoreOptions {
+        map_packs: false,
+        group: jail.map(|ids| ids.gid),
+        ..Default::default()
+    };
+    let store = match ember_snapshot_store::Store::open_with(&store_dir, store_options) {
+        Ok(store) => Arc::new(store),
         Err(e) => {
-            eprintln!("ember serve: {e}");
+            eprintln!(
+                "ember serve: cannot open the snapshot store {}: {e}",
+                store_dir.display()
+            );
             return 1;
         }
     };

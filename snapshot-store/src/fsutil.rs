@@ -64,13 +64,22 @@ pub(crate) struct LockGuard {
 }
 
 /// Opens (creating if needed) `path` and locks it in `mode`, waiting as long as needed.
+/// A lock file on a read-only mount (a VMM's view of the shared store) is opened for
+/// reading: `flock` needs no write access.
 pub(crate) fn lock_path(path: &Path, mode: LockMode) -> io::Result<LockGuard> {
-    let file = OpenOptions::new()
+    let file = match OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(path)?;
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EROFS | libc::EACCES)) => {
+            File::open(path).map_err(|_| e)?
+        }
+        Err(e) => return Err(e),
+    };
     lock(&file, mode)?;
     Ok(LockGuard { _file: file })
 }
@@ -78,12 +87,6 @@ pub(crate) fn lock_path(path: &Path, mode: LockMode) -> io::Result<LockGuard> {
 /// fsyncs a directory, making renames and unlinks in it durable.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
-}
-
-/// Writes `data` to `tmp`, fsyncs it, renames it to `dest` and fsyncs the directory that
-/// holds both (they must share one directory).
-pub(crate) fn write_atomic(tmp: &Path, dest: &Path, data: &[u8]) -> io::Result<()> {
-    write_atomic_with(tmp, dest, data, None)
 }
 
 /// Who may read a file ember writes: its owner only (mode 0600), or also one group (0640,
@@ -102,23 +105,40 @@ impl Access {
         }
     }
 
-    /// Gives an open file its mode and group.
+    /// Gives an open file its mode and group. Only what differs is changed: a file created
+    /// with the mode already needs no call a sandboxed writer may lack (`fchmod`).
     pub(crate) fn apply(&self, file: &File) -> io::Result<()> {
-        use std::os::unix::fs::PermissionsExt;
-        if let Some(gid) = self.group {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = file.metadata()?;
+        if let Some(gid) = self.group.filter(|&g| g != meta.gid()) {
             std::os::unix::fs::fchown(file, None, Some(gid))?;
         }
-        file.set_permissions(std::fs::Permissions::from_mode(self.file_mode()))
+        if meta.mode() & 0o7777 != self.file_mode() {
+            file.set_permissions(std::fs::Permissions::from_mode(self.file_mode()))?;
+        }
+        Ok(())
     }
 
-    /// Gives a directory its mode (0700, or 0750 with a group) and group.
+    fn dir_mode(&self) -> u32 {
+        if self.group.is_some() {
+            0o750
+        } else {
+            0o700
+        }
+    }
+
+    /// Gives a directory its mode (0700, or 0750 with a group) and group, changing only what
+    /// differs.
     pub(crate) fn apply_to_dir(&self, dir: &Path) -> io::Result<()> {
-        use std::os::unix::fs::PermissionsExt;
-        if let Some(gid) = self.group {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = std::fs::metadata(dir)?;
+        if let Some(gid) = self.group.filter(|&g| g != meta.gid()) {
             std::os::unix::fs::chown(dir, None, Some(gid))?;
         }
-        let mode = if self.group.is_some() { 0o750 } else { 0o700 };
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+        if meta.mode() & 0o7777 != self.dir_mode() {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(self.dir_mode()))?;
+        }
+        Ok(())
     }
 
     /// Options creating a file with this access's mode.
@@ -134,8 +154,24 @@ impl Access {
     }
 }
 
-/// As [`write_atomic`], the file given `access`'s mode and group (without one, the umask
-/// decides).
+/// Creates `dir` (and its parents) if it is missing, giving the directory itself
+/// `access`'s mode and group; an existing directory is left as it is (it may be on a
+/// read-only mount).
+pub(crate) fn ensure_dir(dir: &Path, access: &Access) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(access.dir_mode())
+        .create(dir)?;
+    access.apply_to_dir(dir)
+}
+
+/// Writes `data` to `tmp`, fsyncs it, renames it to `dest` and fsyncs the directory that
+/// holds both (they must share one directory). The file gets `access`'s mode and group
+/// (without one, the umask decides).
 pub(crate) fn write_atomic_with(
     tmp: &Path,
     dest: &Path,
@@ -143,11 +179,12 @@ pub(crate) fn write_atomic_with(
     access: Option<&Access>,
 ) -> io::Result<()> {
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(tmp)?;
+        let mut options = OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        if let Some(access) = access {
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, access.file_mode());
+        }
+        let mut f = options.open(tmp)?;
         if let Some(access) = access {
             access.apply(&f)?;
         }

@@ -24,6 +24,10 @@
 //! manifest  := blake3-hex(json) "\n" json
 //! ```
 //!
+//! Untrusted writers (a jailed VMM) never write the store: they write a staging store of their
+//! own over it ([`Store::open_staging`]), which the store's owner verifies and takes in
+//! ([`Store::ingest`]).
+//!
 //! Crash safety: a writer appends to its own pack (holding an `flock` on it), then fsyncs
 //! it, writes the index under a temporary name, fsyncs, renames and fsyncs the directory.
 //! A manifest is saved (temporary file, fsync, hard link, directory fsync) only after
@@ -56,6 +60,7 @@ mod manifest;
 mod map;
 mod mem_cache;
 mod pack;
+mod staging;
 mod store;
 mod working_set;
 mod writer;
@@ -71,6 +76,7 @@ pub use mem_cache::{
     CacheEntry, CacheMiss, CachedMemory, EvictReport, Materialised, MemCache, MemCacheError,
 };
 pub use pack::{ObjectKind, PackError, MAX_OBJECT_SIZE};
+pub use staging::{IngestLimits, IngestReport, StagingError};
 pub use store::{
     ObjectLocation, RefreshReport, Result, SnapshotIndexing, Store, StoreError, StoreOptions,
 };

@@ -7,7 +7,7 @@ use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::fsutil::{self, LockGuard, LockMode};
 use crate::hash::{Hash, HashBuild};
@@ -43,6 +43,9 @@ pub enum StoreError {
         path: PathBuf,
         reason: String,
     },
+    /// A staged snapshot was refused or could not be taken over.
+    #[error(transparent)]
+    Staging(#[from] crate::staging::StagingError),
     #[error("object {0} not found in the store")]
     NotFound(Hash),
     /// The stored bytes do not hash to the object's name (or do not decompress).
@@ -126,6 +129,9 @@ pub struct StoreOptions {
     /// that trusts every writer of the store's files: a pack truncated behind a mapping
     /// kills the reader with SIGBUS, where a read fails with an error naming the pack.
     pub map_packs: bool,
+    /// Files this store writes are readable by this group too (mode 0640, directories
+    /// 0750); without one, by their owner only (0600, 0700), whatever the umask.
+    pub group: Option<u32>,
 }
 
 impl Default for StoreOptions {
@@ -135,6 +141,7 @@ impl Default for StoreOptions {
             compress_pages: false,
             pack_target_size: 256 << 20,
             map_packs: true,
+            group: None,
         }
     }
 }
@@ -361,6 +368,10 @@ pub struct Store {
     /// scanned before a writer sealed cannot drop the writer's pack), and remembers which
     /// unusable packs were already logged. Lock order: this, then `index`.
     pub(crate) refresh_mutex: Mutex<HashSet<String>>,
+    /// A staging store's read-only store underneath: objects and manifests not found here
+    /// are looked for there, and writers deduplicate against it (see
+    /// [`Store::open_staging`]).
+    pub(crate) base: Option<Arc<Store>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -397,8 +408,11 @@ impl Store {
         let root = root.as_ref().to_owned();
         let packs_dir = root.join("packs");
         let manifests_dir = root.join("manifests");
+        let access = fsutil::Access {
+            group: options.group,
+        };
         for dir in [&root, &packs_dir, &manifests_dir] {
-            fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            fsutil::ensure_dir(dir, &access).map_err(|source| StoreError::Io {
                 path: dir.clone(),
                 source,
             })?;
@@ -410,8 +424,16 @@ impl Store {
             options,
             index: RwLock::new(Index::default()),
             refresh_mutex: Mutex::new(HashSet::new()),
+            base: None,
         };
         Ok(store)
+    }
+
+    /// Who may read the files this store writes.
+    pub(crate) fn access(&self) -> fsutil::Access {
+        fsutil::Access {
+            group: self.options.group,
+        }
     }
 
     /// The root directory.
@@ -449,6 +471,9 @@ impl Store {
     /// removed. Do not run [`Store::gc`] on the same thread while a writer is alive (it
     /// would wait for that writer forever).
     pub fn writer(&self) -> Result<PackWriter<'_>> {
+        if let Some(base) = &self.base {
+            base.refresh()?;
+        }
         let lock = self.lock(LockMode::Shared)?;
         self.refresh_locked()?;
         PackWriter::new(self, lock)
@@ -579,6 +604,7 @@ impl Store {
     /// Whether a sealed pack holds `hash`.
     pub fn contains(&self, hash: &Hash) -> bool {
         self.read_index().objects.contains_key(hash)
+            || self.base.as_ref().is_some_and(|base| base.contains(hash))
     }
 
     /// Number of distinct objects in sealed packs.
@@ -589,7 +615,9 @@ impl Store {
     /// Where `hash` is stored.
     pub fn locate(&self, hash: &Hash) -> Option<ObjectLocation> {
         let idx = self.read_index();
-        let (loc, pack) = idx.locate(hash)?;
+        let Some((loc, pack)) = idx.locate(hash) else {
+            return self.base.as_ref().and_then(|base| base.locate(hash));
+        };
         Some(ObjectLocation {
             pack: pack.path.clone(),
             offset: loc.offset,
@@ -603,7 +631,12 @@ impl Store {
     /// Reads an object, verifying that it hashes to `hash`.
     pub fn read(&self, hash: &Hash) -> Result<Vec<u8>> {
         let idx = self.read_index();
-        let (loc, pack) = idx.locate(hash).ok_or(StoreError::NotFound(*hash))?;
+        let Some((loc, pack)) = idx.locate(hash) else {
+            return match &self.base {
+                Some(base) => base.read(hash),
+                None => Err(StoreError::NotFound(*hash)),
+            };
+        };
         let corrupt = |reason: String| StoreError::Corrupt {
             hash: *hash,
             pack: pack.path.clone(),
@@ -637,7 +670,12 @@ impl Store {
 
     fn read_page_inner(&self, hash: &Hash, buf: &mut [u8; PAGE_SIZE]) -> Result<()> {
         let idx = self.read_index();
-        let (loc, pack) = idx.locate(hash).ok_or(StoreError::NotFound(*hash))?;
+        let Some((loc, pack)) = idx.locate(hash) else {
+            return match &self.base {
+                Some(base) => base.read_page_inner(hash, buf),
+                None => Err(StoreError::NotFound(*hash)),
+            };
+        };
         if loc.raw_len as usize != PAGE_SIZE {
             return Err(StoreError::NotAPage {
                 hash: *hash,
@@ -691,7 +729,8 @@ impl Store {
             move |source| StoreError::Io { path, source }
         };
         let result = (|| {
-            let mut f = File::create(&tmp).map_err(io(&tmp))?;
+            let mut f = self.access().create_new().open(&tmp).map_err(io(&tmp))?;
+            self.access().apply(&f).map_err(io(&tmp))?;
             io::Write::write_all(&mut f, &bytes).map_err(io(&tmp))?;
             f.sync_all().map_err(io(&tmp))?;
             // A hard link never replaces an existing manifest, and is atomic.
@@ -731,8 +770,8 @@ impl Store {
                         .map(|h| (h, "disk map chunk")),
                 );
             for (h, what) in direct {
-                let loc = idx.objects.get(h).ok_or_else(|| missing(h, what))?;
-                used.insert(loc.pack);
+                note_reference(&idx, self.base.as_deref(), &mut used, h)
+                    .ok_or_else(|| missing(h, what))?;
             }
         }
         let mem = self.load_memory_map(m)?;
@@ -742,18 +781,15 @@ impl Store {
             .map(|d| self.load_disk_map(d))
             .collect::<Result<Vec<_>>>()?;
         let idx = self.read_index();
+        let base = self.base.as_deref();
         for p in &mem.pages {
             if let PageRef::Object(h) = p {
-                let loc = idx
-                    .objects
-                    .get(h)
+                note_reference(&idx, base, &mut used, h)
                     .ok_or_else(|| missing(h, "memory page"))?;
-                used.insert(loc.pack);
             }
         }
         for h in disks.iter().flat_map(|d| d.chunks.iter().flatten()) {
-            let loc = idx.objects.get(h).ok_or_else(|| missing(h, "disk chunk"))?;
-            used.insert(loc.pack);
+            note_reference(&idx, base, &mut used, h).ok_or_else(|| missing(h, "disk chunk"))?;
         }
         Ok(used
             .into_iter()
@@ -777,7 +813,12 @@ impl Store {
                 }
             }
         };
-        let file = File::open(&path).map_err(io)?;
+        let file = match (File::open(&path), &self.base) {
+            (Err(e), Some(base)) if e.kind() == io::ErrorKind::NotFound => {
+                return base.load_manifest(id)
+            }
+            (file, _) => file.map_err(io)?,
+        };
         let len = file.metadata().map_err(io)?.len();
         if len > MAX_MANIFEST_SIZE {
             return Err(ManifestError::TooLarge {
@@ -861,6 +902,23 @@ impl Store {
     /// Loads one of a snapshot's disk maps.
     pub fn load_disk_map(&self, d: &DiskRef) -> Result<DiskMap> {
         DiskMap::load(self, d.size, d.chunk_size, &d.map_chunks)
+    }
+}
+
+/// Notes the pack of a referenced object in `used`: `None` when neither this store nor its
+/// base (whose packs a staging manifest does not list) has it.
+fn note_reference(
+    idx: &Index,
+    base: Option<&Store>,
+    used: &mut HashSet<u32>,
+    hash: &Hash,
+) -> Option<()> {
+    match idx.objects.get(hash) {
+        Some(loc) => {
+            used.insert(loc.pack);
+            Some(())
+        }
+        None => base.filter(|b| b.contains(hash)).map(|_| ()),
     }
 }
 

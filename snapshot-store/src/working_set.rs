@@ -55,7 +55,7 @@ impl Store {
         // Only a snapshot that exists gets one (and `delete_manifest` removes it).
         self.load_manifest(id)?;
         let dir = path.parent().map(PathBuf::from).unwrap_or_default();
-        fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+        fsutil::ensure_dir(&dir, &self.access()).map_err(|source| StoreError::Io {
             path: dir.clone(),
             source,
         })?;
@@ -70,9 +70,11 @@ impl Store {
         let sum = blake3::hash(&bytes);
         bytes.extend_from_slice(sum.as_bytes());
         let tmp = dir.join(format!(".{id}.tmp-{}", std::process::id()));
-        fsutil::write_atomic(&tmp, &path, &bytes).map_err(|source| StoreError::Io {
-            path: path.clone(),
-            source,
+        fsutil::write_atomic_with(&tmp, &path, &bytes, Some(&self.access())).map_err(|source| {
+            StoreError::Io {
+                path: path.clone(),
+                source,
+            }
         })
     }
 

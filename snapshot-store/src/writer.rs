@@ -5,7 +5,7 @@
 //! it and GC removes it once no writer holds its `flock` (a killed writer releases it).
 
 use std::collections::HashSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -105,16 +105,17 @@ fn new_pack_id() -> String {
 }
 
 impl OpenPack {
-    fn create(dir: &Path) -> Result<OpenPack> {
+    fn create(dir: &Path, access: &fsutil::Access) -> Result<OpenPack> {
         for _ in 0..16 {
             let id = new_pack_id();
             let path = store::pack_path(dir, &id);
-            let file = match OpenOptions::new().write(true).create_new(true).open(&path) {
+            let file = match access.create_new().open(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(io_err(&path)(e)),
             };
             let result = (|| {
+                access.apply(&file)?;
                 // Marks the pack as live for GC's orphan sweep; released on close or death.
                 fsutil::try_lock_exclusive(&file)?;
                 let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
@@ -328,11 +329,12 @@ impl<'s> PackWriter<'s> {
         Ok(map)
     }
 
-    fn known(&self, hash: &Hash) -> bool {
+    pub(crate) fn known(&self, hash: &Hash) -> bool {
         self.pending.contains(hash) || (self.dedup_against_store && self.store.contains(hash))
     }
 
-    fn put_hashed(&mut self, kind: ObjectKind, hash: Hash, data: &[u8]) -> Result<()> {
+    /// Stores `data`, whose hash the caller computed (or verified) as `hash`.
+    pub(crate) fn put_hashed(&mut self, kind: ObjectKind, hash: Hash, data: &[u8]) -> Result<()> {
         if self.known(&hash) {
             self.stats.objects_deduplicated += 1;
             return Ok(());
@@ -381,7 +383,10 @@ impl<'s> PackWriter<'s> {
         }
         let cur = match &mut self.current {
             Some(cur) => cur,
-            slot @ None => slot.insert(OpenPack::create(&self.store.packs_dir)?),
+            slot @ None => slot.insert(OpenPack::create(
+                &self.store.packs_dir,
+                &self.store.access(),
+            )?),
         };
         let entry = IdxEntry {
             hash,
@@ -426,7 +431,8 @@ impl<'s> PackWriter<'s> {
             entries.sort_unstable_by_key(|e| e.hash);
             let bytes = pack::encode_idx(&entries, len);
             let tmp = dir.join(store::tmp_name(&id));
-            fsutil::write_atomic(&tmp, &idx, &bytes).map_err(io_err(&idx))?;
+            fsutil::write_atomic_with(&tmp, &idx, &bytes, Some(&self.store.access()))
+                .map_err(io_err(&idx))?;
             Ok::<File, StoreError>(file)
         })();
         let file = match sealed {

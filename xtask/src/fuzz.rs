@@ -18,6 +18,7 @@ pub const TARGETS: &[&str] = &[
     "agent_frames",
     "snapshot_state",
     "store_files",
+    "staged_snapshot",
     "api_requests",
 ];
 

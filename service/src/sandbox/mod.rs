@@ -212,6 +212,7 @@ impl Sandbox {
             jail: None,
             net: None,
             mem_cache: None,
+            staging_dir: None,
         };
         let record = SandboxRecord {
             id: id.into(),

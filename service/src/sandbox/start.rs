@@ -232,6 +232,7 @@ pub fn base_spec(state: &AppState, id: &str) -> WorkerSpec {
         jail: None,
         net: None,
         mem_cache: Some(state.mem_cache.cache.dir().to_path_buf()),
+        staging_dir: Some(dir.join(VMM_DIR).join("staging")),
     }
 }
 
