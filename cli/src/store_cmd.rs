@@ -77,6 +77,14 @@ pub enum StoreAction {
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Collect the remote tier at this URL (`s3://BUCKET/PREFIX`, `AWS_*` environment)
+        /// instead of the local store: remove the packs no remote manifest names.
+        #[arg(long, value_name = "URL")]
+        remote: Option<String>,
+        /// With --remote: keep unnamed packs younger than this many seconds (a push may be
+        /// in flight on another host).
+        #[arg(long, default_value_t = 3600)]
+        grace_s: u64,
     },
 }
 
@@ -100,7 +108,12 @@ pub fn store(args: StoreArgs) -> i32 {
     let result = match args.action {
         StoreAction::Stats { json } => stats(&dir, json),
         StoreAction::Verify { json } => verify(&dir, json),
-        StoreAction::Gc { json } => gc(&dir, json),
+        StoreAction::Gc {
+            json,
+            remote: Some(url),
+            grace_s,
+        } => remote_gc(&url, grace_s, json),
+        StoreAction::Gc { json, .. } => gc(&dir, json),
     };
     finish(result)
 }
@@ -401,6 +414,43 @@ fn verify(dir: &Path, as_json: bool) -> Result<i32, String> {
 
 // ---- ember store gc ----
 
+fn remote_gc(url: &str, grace_s: u64, as_json: bool) -> Result<i32, String> {
+    let remote = ember_remote::Remote::open(url, Default::default()).map_err(|e| e.to_string())?;
+    let options = ember_remote::RemoteGcOptions {
+        grace: std::time::Duration::from_secs(grace_s),
+    };
+    let report = remote
+        .gc(&options)
+        .map_err(|e| format!("garbage collection of {url} failed: {e}"))?;
+    if as_json {
+        let value = json!({
+            "remote": url,
+            "snapshots": report.manifests,
+            "unreadable_manifests": report.unreadable,
+            "packs_kept": report.packs_kept,
+            "packs_in_grace": report.packs_in_grace,
+            "packs_removed": report.packs_removed,
+            "bytes_removed": report.bytes_removed,
+        });
+        let text = serde_json::to_string_pretty(&value).map_err(|e| e.to_string())?;
+        println!("{text}");
+    } else {
+        println!(
+            "{url}: {} snapshots; {} packs kept, {} unnamed kept for the {grace_s} s grace, {} \
+             removed ({})",
+            report.manifests,
+            report.packs_kept,
+            report.packs_in_grace,
+            report.packs_removed,
+            bytes_and_mib(report.bytes_removed)
+        );
+        for why in &report.unreadable {
+            println!("  unreadable manifest skipped: {why}");
+        }
+    }
+    Ok(0)
+}
+
 fn gc(dir: &Path, as_json: bool) -> Result<i32, String> {
     let report = match open_existing(dir, true)? {
         Some(store) => store
@@ -526,6 +576,8 @@ mod tests {
                 disks: 0,
                 network: false,
                 memory_materialised: None,
+                remote: None,
+                remote_error: None,
             },
             SnapshotInfo {
                 id: "a-longer-id".into(),
@@ -539,6 +591,8 @@ mod tests {
                 disks: 12,
                 network: true,
                 memory_materialised: None,
+                remote: None,
+                remote_error: None,
             },
         ];
         let t = table(&rows);

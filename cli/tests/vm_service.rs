@@ -1883,3 +1883,153 @@ fn vmtest_hundreds_of_requests_to_a_silent_agent_harm_no_other_sandbox() {
         service.call("DELETE", &format!("/sandboxes/{id}"), None, 204);
     }
 }
+
+/// An S3-compatible server on loopback for the remote-tier test (the `moto` package's server
+/// mode), with one bucket; killed when dropped.
+struct S3Server {
+    child: Child,
+}
+
+impl S3Server {
+    const BUCKET: &'static str = "ember-share";
+
+    fn start() -> S3Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the moto S3 server");
+        let server = S3Server { child };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let made = Command::new("curl")
+                .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT"])
+                .arg(format!("http://127.0.0.1:{port}/{}", S3Server::BUCKET))
+                .output()
+                .unwrap();
+            if text(&made.stdout) == "200" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the S3 server did not start");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // The services reach it through the standard environment, as they would S3.
+        for (name, value) in [
+            ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}")),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+        ] {
+            // The VM tests run one per process: nothing else reads the environment meanwhile.
+            std::env::set_var(name, value);
+        }
+        server
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `GET /snapshots/{id}` until its `remote` field is `want`.
+fn wait_remote(service: &Service, id: &str, want: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let snap = service.call("GET", &format!("/snapshots/{id}"), None, 200);
+        if snap["remote"] == want {
+            return snap;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "snapshot {id} never became {want}: {snap}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn vmtest_a_snapshot_saved_on_one_host_resumes_on_another_through_the_remote_tier() {
+    let mut s3 = S3Server::start();
+    let url = format!("s3://{}/hosts", S3Server::BUCKET);
+    let options = ["--remote", url.as_str(), "--remote-timeout-s", "5"];
+    let a = Service::start_with("remote-a", &options);
+    let b = Service::start_with("remote-b", &options);
+
+    // Host A installs something and saves it; the push follows on its own.
+    let sandbox = a.create(json!({"image": "python"}));
+    assert_eq!(a.sh(&sandbox, INSTALL)["stdout"], "installed\n");
+    a.call(
+        "POST",
+        &format!("/sandboxes/{sandbox}/snapshots"),
+        Some(json!({"name": "installed"})),
+        201,
+    );
+    wait_remote(&a, "installed", "remote");
+
+    // Host B has an empty store: it sees the snapshot in the remote, fetches it on create,
+    // and the restored guest has the install.
+    assert!(!b.state.join("store/manifests/installed").exists());
+    let seen = b.call("GET", "/snapshots/installed", None, 200);
+    assert_eq!(seen["remote"], "remote", "{seen}");
+    let restored = b.create(json!({"snapshot": "installed"}));
+    assert_eq!(
+        b.sh(&restored, USE_DEP)["stdout"],
+        "hello from a dependency\n"
+    );
+    assert!(!memory_objects(&b.state.join("store"), "installed").is_empty());
+
+    // With the remote gone: a push fails and says so, a restore of a snapshot only the
+    // remote had fails at once with 503 naming the remote, and local work goes on.
+    a.call(
+        "POST",
+        &format!("/sandboxes/{sandbox}/snapshots"),
+        Some(json!({"name": "later"})),
+        201,
+    );
+    wait_remote(&a, "later", "remote");
+    s3.kill();
+    a.call(
+        "POST",
+        &format!("/sandboxes/{sandbox}/snapshots"),
+        Some(json!({"name": "unpushed"})),
+        201,
+    );
+    let failed = wait_remote(&a, "unpushed", "push_failed");
+    assert!(
+        failed["remote_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&url)),
+        "{failed}"
+    );
+    let t = Instant::now();
+    b.refuse(
+        "POST",
+        "/sandboxes",
+        Some(r#"{"snapshot": "later"}"#),
+        503,
+        "remote_unavailable",
+    );
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    assert_eq!(a.sh(&sandbox, "echo still")["stdout"], "still\n");
+    assert_eq!(b.sh(&restored, "echo still")["stdout"], "still\n");
+}

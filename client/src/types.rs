@@ -183,6 +183,13 @@ pub struct SnapshotInfo {
     /// Whether its memory is materialised for `file` restores (the service only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_materialised: Option<bool>,
+    /// With a remote tier (the service only): `local`, `pushing`, `remote` or
+    /// `push_failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<String>,
+    /// Why the last push failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_error: Option<String>,
 }
 
 /// An API error's document: `{"error": {"code", "message"}}`.

@@ -56,6 +56,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(snapshots::get).delete(snapshots::delete),
         )
         .route("/snapshots/{id}/fork", post(snapshots::fork))
+        .route("/snapshots/{id}/push", post(snapshots::push))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -426,6 +427,7 @@ mod tests {
                 None,
             )),
             pool: None,
+            remote: None,
         })
     }
 

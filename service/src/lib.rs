@@ -23,6 +23,7 @@ pub mod network;
 pub mod pool;
 pub mod ports;
 pub mod process;
+pub mod remote;
 pub mod sandbox;
 pub mod snapshots;
 pub mod timeline;
@@ -100,6 +101,17 @@ pub struct ServeArgs {
     /// deleted (its snapshots stay), in seconds.
     #[arg(long, default_value_t = 24 * 3600)]
     pub retention_s: u64,
+    /// A remote tier shared with other hosts (`s3://BUCKET/PREFIX`; endpoint, region and
+    /// credentials from the `AWS_*` environment): snapshots are pushed there, and a
+    /// snapshot not in this host's store is fetched from there.
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
+    /// When snapshots are pushed to the remote.
+    #[arg(long, value_enum, default_value = "always")]
+    pub push: remote::PushPolicy,
+    /// Bound on one request to the remote, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub remote_timeout_s: u64,
 }
 
 pub struct ServiceConfig {
@@ -129,6 +141,8 @@ pub struct AppState {
     pub mem_cache: Arc<mem_cache::MemoryCache>,
     /// VMMs started ahead of time (none: `--warm-pool 0`).
     pub pool: Option<Arc<pool::WarmPool>>,
+    /// The remote tier (none: `--remote` not given).
+    pub remote: Option<Arc<remote::RemoteTier>>,
 }
 
 impl AppState {
@@ -278,6 +292,26 @@ pub fn serve(args: ServeArgs) -> i32 {
             return 1;
         }
     };
+    let remote = match &args.remote {
+        None => None,
+        Some(url) => {
+            let options = ember_remote::RemoteOptions {
+                request_timeout: Duration::from_secs(args.remote_timeout_s.max(1)),
+                cache_dir: Some(state_dir.join("remote-cache")),
+                ..Default::default()
+            };
+            match ember_remote::Remote::open(url, options) {
+                Ok(r) => {
+                    log::info!("snapshots are shared through {url} (push: {:?})", args.push);
+                    Some(Arc::new(remote::RemoteTier::new(r, args.push)))
+                }
+                Err(e) => {
+                    eprintln!("ember serve: {e}");
+                    return 1;
+                }
+            }
+        }
+    };
     let state = Arc::new(AppState {
         config: ServiceConfig {
             state_dir,
@@ -299,6 +333,7 @@ pub fn serve(args: ServeArgs) -> i32 {
             jail.map(|ids| ids.gid),
         )),
         pool: (args.warm_pool > 0).then(|| Arc::new(pool::WarmPool::new(args.warm_pool))),
+        remote,
         cgroups: match cgroup::Cgroups::detect(std::path::Path::new("/sys/fs/cgroup")) {
             Ok(cgroups) => {
                 log::info!(

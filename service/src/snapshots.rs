@@ -51,12 +51,49 @@ async fn load_manifest(state: &Arc<AppState>, id: &str) -> Result<Manifest, ApiE
         .map_err(|e| store_error(id, e))
 }
 
+/// Snapshot `id`'s manifest from this host's store, fetching the snapshot from the remote
+/// tier first if it is only there.
+async fn load_or_fetch(state: &Arc<AppState>, id: &str) -> Result<Manifest, ApiError> {
+    match (load_manifest(state, id).await, &state.remote) {
+        (Err(e), Some(tier)) if e.status == StatusCode::NOT_FOUND => {
+            tier.fetch(state.store.clone(), id).await?;
+            load_manifest(state, id).await
+        }
+        (result, _) => result,
+    }
+}
+
 /// The snapshot as the API shows it, with whether its memory is materialised for `file`
-/// restores.
+/// restores and, with a remote tier, where it is.
 async fn describe(state: &Arc<AppState>, id: &str) -> Result<serde_json::Value, ApiError> {
-    let manifest = load_manifest(state, id).await?;
-    let mut info = snapshot_info(&manifest);
-    info.memory_materialised = Some(state.mem_cache.cache.contains(&manifest.memory));
+    let info = match (load_manifest(state, id).await, &state.remote) {
+        (Ok(manifest), tier) => {
+            let mut info = snapshot_info(&manifest);
+            info.memory_materialised = Some(state.mem_cache.cache.contains(&manifest.memory));
+            if let Some(tier) = tier {
+                let placement = tier.placement(id).await;
+                info.remote = Some(placement.name().to_string());
+                if let super::remote::Placement::PushFailed(why) = placement {
+                    info.remote_error = Some(why);
+                }
+            }
+            info
+        }
+        (Err(e), Some(tier)) if e.status == StatusCode::NOT_FOUND => {
+            // Only in the remote: shown from its manifest there.
+            let remote = tier.remote.clone();
+            let owned = id.to_string();
+            let manifest = tokio::task::spawn_blocking(move || remote.manifest(&owned))
+                .await
+                .map_err(|e| ApiError::internal(e.to_string()))?
+                .map_err(super::remote::api_error)?;
+            let mut info = snapshot_info(&manifest);
+            info.memory_materialised = Some(false);
+            info.remote = Some(super::remote::Placement::Remote.name().to_string());
+            info
+        }
+        (Err(e), _) => return Err(e),
+    };
     serde_json::to_value(info).map_err(|e| ApiError::internal(e.to_string()))
 }
 
@@ -74,6 +111,8 @@ pub fn snapshot_info(m: &Manifest) -> SnapshotInfo {
         disks: m.disks.len(),
         network: m.metadata.contains_key("net_mac"),
         memory_materialised: None,
+        remote: None,
+        remote_error: None,
     }
 }
 
@@ -104,7 +143,7 @@ pub async fn restore_spec(
     id: &str,
     mode: Option<ember_vmm::RestoreMode>,
 ) -> Result<RestoreSpec, ApiError> {
-    let manifest = load_manifest(state, id).await?;
+    let manifest = load_or_fetch(state, id).await?;
     let inconsistent = |what: &str| {
         ApiError::internal(format!("snapshot {id}: its manifest has no usable {what}"))
     };
@@ -200,6 +239,11 @@ pub async fn create(
         .mem_cache
         .materialise_later(state.store.clone(), name.clone());
     state.metrics.record_snapshot(took_ms);
+    if let Some(tier) = state.remote.as_ref() {
+        if tier.policy == super::remote::PushPolicy::Always {
+            tier.push_later(state.store.clone(), name.clone());
+        }
+    }
     let mut out = describe(&state, &name).await?;
     out["took_ms"] = json!(took_ms);
     out["sandbox"] = sandbox.to_json();
@@ -256,12 +300,41 @@ pub async fn delete(
     }
     let store = state.store.clone();
     let owned = id.clone();
-    tokio::task::spawn_blocking(move || store.delete_manifest(&owned))
+    let local = tokio::task::spawn_blocking(move || store.delete_manifest(&owned))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| store_error(&id, e))?;
-    state.gc.request();
+        .map_err(|e| store_error(&id, e));
+    // With a remote tier the snapshot goes there too (its packs at the next remote GC).
+    let remote = match &state.remote {
+        Some(tier) => tier.delete(&id).await?,
+        None => false,
+    };
+    match local {
+        Err(e) if !(remote && e.status == StatusCode::NOT_FOUND) => return Err(e),
+        Ok(()) => state.gc.request(),
+        Err(_) => {}
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `POST /snapshots/{id}/push`: pushes a snapshot of this host's store to the remote tier in
+/// the background (`GET /snapshots/{id}` follows it).
+pub async fn push(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let Some(tier) = state.remote.clone() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_remote",
+            "this service has no remote tier: start it with --remote s3://BUCKET/PREFIX",
+        ));
+    };
+    load_manifest(&state, &id).await?;
+    tier.push_later(state.store.clone(), id.clone());
+    let mut out = describe(&state, &id).await?;
+    out["remote"] = json!(super::remote::Placement::Pushing.name());
+    Ok((StatusCode::ACCEPTED, axum::Json(out)).into_response())
 }
 
 /// Ids of the sandboxes restored from `snapshot` whose VMM may still run, sorted.

@@ -24,6 +24,14 @@
 //! manifest  := blake3-hex(json) "\n" json
 //! ```
 //!
+//! The remote tier (`ember-remote`) keeps the same formats in an S3-compatible bucket:
+//!
+//! ```text
+//! PREFIX/packs/<name>.pack   as above; <name> is the BLAKE3 (hex) of the pack's index
+//! PREFIX/packs/<name>.idx    as above, so an index fetched is checked against its name
+//! PREFIX/manifests/<id>      as above, `packs` naming remote packs; written after them
+//! ```
+//!
 //! Untrusted writers (a jailed VMM) never write the store: they write a staging store of their
 //! own over it ([`Store::open_staging`]), which the store's owner verifies and takes in
 //! ([`Store::ingest`]).
@@ -60,6 +68,7 @@ mod manifest;
 mod map;
 mod mem_cache;
 mod pack;
+mod portable;
 mod staging;
 mod store;
 mod working_set;
@@ -76,6 +85,7 @@ pub use mem_cache::{
     CacheEntry, CacheMiss, CachedMemory, EvictReport, Materialised, MemCache, MemCacheError,
 };
 pub use pack::{ObjectKind, PackError, MAX_OBJECT_SIZE};
+pub use portable::{decode_pack_index, BuiltPack, PackBuilder, PackEntry, StoredObject};
 pub use staging::{IngestLimits, IngestReport, StagingError};
 pub use store::{
     ObjectLocation, RefreshReport, Result, SnapshotIndexing, Store, StoreError, StoreOptions,

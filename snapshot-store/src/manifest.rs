@@ -241,6 +241,18 @@ impl Manifest {
             .chain(self.memory.map_chunks.iter())
             .chain(self.disks.iter().flat_map(|d| d.map_chunks.iter()))
     }
+
+    /// The manifest as a store keeps it on disk (checksum line, then JSON): for copying it
+    /// elsewhere.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, ManifestError> {
+        encode(self)
+    }
+
+    /// Reads a manifest of snapshot `id` kept elsewhere as [`Manifest::to_bytes`] wrote it,
+    /// with every check a store's own manifests get; `origin` names it in errors.
+    pub fn from_bytes(origin: &Path, id: &str, bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        decode(origin, id, bytes)
+    }
 }
 
 /// Checks a snapshot id: 1 to 64 characters from `[A-Za-z0-9._-]`, not starting with a dot

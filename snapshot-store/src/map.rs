@@ -164,7 +164,16 @@ impl MemoryMap {
     /// whatever the chunks hold; [`Store::load_memory_map`] also checks it against a
     /// manifest's size.
     pub fn load(store: &Store, chunks: &[Hash]) -> Result<MemoryMap, StoreError> {
-        let entries = load_entries(store, chunks)?;
+        MemoryMap::load_with(chunks, |h| store.read(h))
+    }
+
+    /// As [`MemoryMap::load`], each chunk's verified content given by `read` (chunks fetched
+    /// from elsewhere, not yet in a store).
+    pub fn load_with(
+        chunks: &[Hash],
+        read: impl FnMut(&Hash) -> Result<Vec<u8>, StoreError>,
+    ) -> Result<MemoryMap, StoreError> {
+        let entries = load_entries(chunks, read)?;
         Ok(MemoryMap::new(
             entries
                 .into_iter()
@@ -238,9 +247,19 @@ impl DiskMap {
         chunk_size: u32,
         map_chunks: &[Hash],
     ) -> Result<DiskMap, StoreError> {
+        DiskMap::load_with(size, chunk_size, map_chunks, |h| store.read(h))
+    }
+
+    /// As [`DiskMap::load`], each chunk's verified content given by `read`.
+    pub fn load_with(
+        size: u64,
+        chunk_size: u32,
+        map_chunks: &[Hash],
+        read: impl FnMut(&Hash) -> Result<Vec<u8>, StoreError>,
+    ) -> Result<DiskMap, StoreError> {
         let expected = DiskMap::chunk_count(size, chunk_size)?;
         check_chunk_count("disk", map_chunks.len(), expected)?;
-        let chunks = load_entries(store, map_chunks)?;
+        let chunks = load_entries(map_chunks, read)?;
         if chunks.len() as u64 != expected {
             return Err(MapError::EntryCount {
                 what: "disk",
@@ -376,12 +395,15 @@ fn store_entries(
     Ok(hashes)
 }
 
-fn load_entries(store: &Store, chunks: &[Hash]) -> Result<Vec<Option<Hash>>, StoreError> {
+fn load_entries(
+    chunks: &[Hash],
+    mut read: impl FnMut(&Hash) -> Result<Vec<u8>, StoreError>,
+) -> Result<Vec<Option<Hash>>, StoreError> {
     // Capped: the chunk list comes from a manifest, and a chunk may be listed many times.
     let mut out = Vec::with_capacity(chunks.len().saturating_mul(MAP_CHUNK_ENTRIES).min(1 << 20));
     for (i, h) in chunks.iter().enumerate() {
         let before = out.len();
-        let bytes = store.read(h)?;
+        let bytes = read(h)?;
         decode_chunk(h, &bytes, &mut out)?;
         let n = out.len() - before;
         if n != MAP_CHUNK_ENTRIES && i + 1 != chunks.len() {

@@ -658,6 +658,25 @@ impl Store {
         Ok(data)
     }
 
+    /// An object's stored bytes (compressed or not), unverified.
+    pub(crate) fn stored_bytes_of(&self, hash: &Hash) -> Result<Vec<u8>> {
+        let idx = self.read_index();
+        let Some((loc, pack)) = idx.locate(hash) else {
+            return match &self.base {
+                Some(base) => base.stored_bytes_of(hash),
+                None => Err(StoreError::NotFound(*hash)),
+            };
+        };
+        let mut scratch = Vec::new();
+        stored_bytes(pack, &loc, &mut scratch)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| StoreError::Corrupt {
+                hash: *hash,
+                pack: pack.path.clone(),
+                reason: "outside the pack or unreadable".into(),
+            })
+    }
+
     /// Reads a page into `buf`, verifying its hash: the restore fault path. Uncompressed
     /// pages are copied from the mapped pack without allocating. On error `buf` is zeroed.
     pub fn read_page_into(&self, hash: &Hash, buf: &mut [u8; PAGE_SIZE]) -> Result<()> {

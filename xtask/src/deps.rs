@@ -1,4 +1,5 @@
-//! Debian packages the project needs, installed with apt-get when missing.
+//! Debian packages the project needs, installed with apt-get when missing, and the Python
+//! packages its tests use, installed with pip.
 
 use std::process::Command;
 
@@ -56,8 +57,36 @@ pub fn missing() -> Result<Vec<&'static str>> {
     Ok(missing)
 }
 
+/// Python packages the tests use, pinned (installed with pip when missing).
+const PYTHON_REQUIREMENTS: &str = "xtask/python-requirements.txt";
+
 /// Installs whatever is missing (needs root); prints what it does.
 pub fn ensure() -> Result<()> {
+    ensure_debian()?;
+    ensure_python()
+}
+
+fn ensure_python() -> Result<()> {
+    let present = Command::new("python3")
+        .args(["-c", "import moto.server"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if present {
+        eprintln!("  the Python test packages are present");
+        return Ok(());
+    }
+    let requirements = crate::util::workspace_root().join(PYTHON_REQUIREMENTS);
+    eprintln!(
+        "  installing Python packages from {}",
+        requirements.display()
+    );
+    run(Command::new("python3")
+        .args(["-m", "pip", "install", "-q", "-r"])
+        .arg(requirements))
+}
+
+fn ensure_debian() -> Result<()> {
     let missing = missing()?;
     if missing.is_empty() {
         eprintln!("  all {} Debian packages present", PACKAGES.len());

@@ -111,6 +111,7 @@ const LIBRARY_CRATES: &[&str] = &[
     "ember-vmm",
     "ember-agent",
     "ember-snapshot-store",
+    "ember-remote",
     "ember-devices",
     "ember-client",
 ];
@@ -128,8 +129,11 @@ const FORBIDDEN_EDGES: &[(&str, &[&str])] = &[
             "plotters",
             "ember-service",
             "ember-client",
+            "ember-remote",
+            "object_store",
         ],
     ),
+    ("ember-remote", &["ember-sandbox", "ember-vmm", "axum"]),
     ("ember-service", &["ember-cli", "ember-bench", "plotters"]),
     (
         "ember-client",

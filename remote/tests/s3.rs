@@ -1,0 +1,202 @@
+//! The remote tier against a real S3-compatible server (moto, on loopback).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::S3Server;
+use ember_remote::{RemoteError, RemoteGcOptions, RemoteOptions};
+use ember_snapshot_store::{Manifest, MemoryRef, ObjectKind, Store, StoreOptions, PAGE_SIZE};
+
+const PAGES: usize = 256;
+
+fn memory(seed: u64) -> Vec<u8> {
+    let mut mem = vec![0u8; PAGES * PAGE_SIZE];
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for (i, page) in mem.chunks_mut(PAGE_SIZE).enumerate() {
+        if i % 5 == 0 {
+            continue;
+        }
+        for b in page.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
+        }
+    }
+    mem
+}
+
+fn snapshot(store: &Store, id: &str, mem: &[u8]) {
+    let mut w = store.writer().unwrap();
+    let map = w.put_memory(mem, 2).unwrap();
+    let map_chunks = map.store(&mut w).unwrap();
+    let state = w.put(ObjectKind::VmState, id.as_bytes()).unwrap();
+    let memory = MemoryRef {
+        size_bytes: map.size_bytes(),
+        page_size: PAGE_SIZE as u32,
+        map_chunks,
+    };
+    w.commit(&Manifest::new(id, state, memory)).unwrap();
+}
+
+fn restore(store: &Store, id: &str) -> Vec<u8> {
+    let m = store.load_manifest(id).unwrap();
+    let map = store.load_memory_map(&m).unwrap();
+    let mut out = vec![0u8; map.size_bytes() as usize];
+    map.restore_into(store, &mut out).unwrap();
+    out
+}
+
+fn host(dir: &tempfile::TempDir, name: &str) -> Arc<Store> {
+    let options = StoreOptions {
+        map_packs: false,
+        ..StoreOptions::default()
+    };
+    Arc::new(Store::open_with(dir.path().join(name), options).unwrap())
+}
+
+fn small_packs() -> RemoteOptions {
+    RemoteOptions {
+        pack_target_bytes: 256 << 10,
+        ..RemoteOptions::default()
+    }
+}
+
+#[test]
+fn a_snapshot_pushed_from_one_host_is_fetched_whole_by_another_and_uploaded_once() {
+    let s3 = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (host(&dir, "a"), host(&dir, "b"), host(&dir, "c"));
+    let remote = s3.remote("share", small_packs());
+    let mem = memory(1);
+    snapshot(&a, "installed", &mem);
+    let pushed = remote.push(&a, "installed").unwrap();
+    assert!(
+        pushed.objects_uploaded as usize >= PAGES * 4 / 5,
+        "{pushed:?}"
+    );
+    assert!(pushed.packs_uploaded > 1, "{pushed:?}");
+    assert!(remote.has_snapshot("installed").unwrap());
+
+    // Host B has nothing: everything comes from the remote, verified, in few downloads.
+    let other = s3.remote("share", RemoteOptions::default());
+    let fetched = other.fetch(&b, "installed").unwrap();
+    assert_eq!(
+        fetched.objects_fetched, pushed.objects_uploaded,
+        "{fetched:?}"
+    );
+    assert!(fetched.requests <= pushed.packs_uploaded + 2, "{fetched:?}");
+    assert_eq!(restore(&b, "installed"), mem);
+
+    // Host C made the same install: its push uploads nothing but what differs (its state).
+    snapshot(&c, "installed-on-c", &mem);
+    let again = other.push(&c, "installed-on-c").unwrap();
+    assert_eq!(again.objects_uploaded, 1, "{again:?}");
+    // Pushing again is harmless and uploads nothing.
+    assert_eq!(remote.push(&a, "installed").unwrap().objects_uploaded, 0);
+    assert_eq!(
+        remote.list_snapshots().unwrap(),
+        vec!["installed".to_string(), "installed-on-c".to_string()]
+    );
+}
+
+#[test]
+fn a_corrupt_remote_object_is_reported_and_never_stored() {
+    let s3 = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (host(&dir, "a"), host(&dir, "b"));
+    let remote = s3.remote("corrupt", small_packs());
+    snapshot(&a, "s", &memory(2));
+    remote.push(&a, "s").unwrap();
+    // Damage one pack in the bucket (its index, and so its name, stay as they were).
+    let listing = common::raw_request(
+        s3.port,
+        "GET",
+        &format!("/{}?prefix=corrupt/packs/", common::BUCKET),
+    );
+    let pack = listing
+        .split("<Key>")
+        .filter_map(|s| s.split("</Key>").next())
+        .find(|k| k.ends_with(".pack"))
+        .expect("a pack in the bucket")
+        .to_string();
+    s3.flip_byte(&pack, 5000);
+    let err = s3
+        .remote("corrupt", RemoteOptions::default())
+        .fetch(&b, "s")
+        .unwrap_err();
+    assert!(matches!(err, RemoteError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains(".pack"), "{err}");
+    assert!(b.load_manifest("s").is_err());
+}
+
+#[test]
+fn an_unreachable_remote_fails_within_its_deadline_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = host(&dir, "a");
+    snapshot(&a, "s", &memory(3));
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let remote = ember_remote::Remote::open(
+        "s3://nowhere/x",
+        RemoteOptions {
+            request_timeout: Duration::from_secs(2),
+            s3_settings: vec![
+                ("aws_endpoint".into(), format!("http://127.0.0.1:{port}")),
+                ("aws_allow_http".into(), "true".into()),
+                ("aws_region".into(), "us-east-1".into()),
+                ("aws_access_key_id".into(), "x".into()),
+                ("aws_secret_access_key".into(), "x".into()),
+            ],
+            ..RemoteOptions::default()
+        },
+    )
+    .unwrap();
+    let start = Instant::now();
+    let err = remote.push(&a, "s").unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    assert!(err.to_string().contains("s3://nowhere/x"), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        start.elapsed()
+    );
+    let err = remote.fetch(&a, "t").unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+}
+
+#[test]
+fn gc_spares_packs_in_their_grace_period_and_frees_what_no_manifest_names() {
+    let s3 = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (host(&dir, "a"), host(&dir, "b"));
+    let remote = s3.remote("gc", small_packs());
+    snapshot(&a, "keep", &memory(4));
+    snapshot(&a, "drop", &memory(5));
+    remote.push(&a, "keep").unwrap();
+    remote.push(&a, "drop").unwrap();
+    // "drop" deleted: its packs look exactly like those of a push in flight on another
+    // host (uploaded, no manifest yet). Within the grace period they stay.
+    remote.delete_snapshot("drop").unwrap();
+    let spared = remote.gc(&RemoteGcOptions::default()).unwrap();
+    assert_eq!(spared.packs_removed, 0, "{spared:?}");
+    assert!(spared.packs_in_grace > 0, "{spared:?}");
+    // Past it they go; "keep" still fetches whole.
+    let freed = remote
+        .gc(&RemoteGcOptions {
+            grace: Duration::ZERO,
+        })
+        .unwrap();
+    assert_eq!(freed.packs_removed, spared.packs_in_grace, "{freed:?}");
+    assert!(freed.bytes_removed > 0);
+    let fresh = s3.remote("gc", RemoteOptions::default());
+    fresh.fetch(&b, "keep").unwrap();
+    assert_eq!(restore(&b, "keep"), memory(4));
+    assert!(matches!(
+        fresh.fetch(&b, "drop").unwrap_err(),
+        RemoteError::NotFound { .. }
+    ));
+}
