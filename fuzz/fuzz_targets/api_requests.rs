@@ -64,6 +64,7 @@ fn service() -> &'static Service {
                 None,
             )),
             pool: None,
+            remote: None,
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -62,7 +62,12 @@ fn files(dir: &Path, under: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
 fn setup() -> &'static Setup {
     static SETUP: OnceLock<Setup> = OnceLock::new();
     SETUP.get_or_init(|| {
-        let root = std::env::temp_dir().join(format!("ember-fuzz-staged-{}", std::process::id()));
+        // On a tmpfs where there is one: every input seals packs and saves manifests, fsyncs
+        // included.
+        let tmp = Some(Path::new("/dev/shm"))
+            .filter(|p| p.is_dir())
+            .map_or_else(std::env::temp_dir, Path::to_path_buf);
+        let root = tmp.join(format!("ember-fuzz-staged-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let shared = Arc::new(Store::open(root.join("shared")).expect("a shared store"));
         snapshot(&shared, "base", &memory(1));
