@@ -298,17 +298,19 @@ pub async fn delete(
             users.join(", ")
         )));
     }
+    // With a remote tier the snapshot goes there first (its packs at the next remote GC): a
+    // remote that cannot be reached refuses the delete, rather than leave a copy there that
+    // the next create would bring back.
+    let remote = match &state.remote {
+        Some(tier) => tier.delete(&id).await?,
+        None => false,
+    };
     let store = state.store.clone();
     let owned = id.clone();
     let local = tokio::task::spawn_blocking(move || store.delete_manifest(&owned))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(|e| store_error(&id, e));
-    // With a remote tier the snapshot goes there too (its packs at the next remote GC).
-    let remote = match &state.remote {
-        Some(tier) => tier.delete(&id).await?,
-        None => false,
-    };
     match local {
         Err(e) if !(remote && e.status == StatusCode::NOT_FOUND) => return Err(e),
         Ok(()) => state.gc.request(),
