@@ -130,6 +130,7 @@ fn faults(c: &mut Criterion) {
                     let source = StorePages {
                         store: store.clone(),
                         map: map.clone(),
+                        missing: None,
                     };
                     touch_all(Arc::new(source), PAGES)
                 })

@@ -2,6 +2,7 @@
 
 mod doctor;
 mod remote;
+mod remote_tier;
 mod run;
 mod store_cmd;
 

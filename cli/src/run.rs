@@ -48,6 +48,9 @@ pub struct RunArgs {
     /// How the command after `--` runs, and what happens around it.
     #[command(flatten)]
     pub cmd: ember_sandbox::session::CommandArgs,
+    /// Push the snapshot `--snapshot-on-exit` saves to a remote tier.
+    #[command(flatten)]
+    pub remote: crate::remote_tier::RemoteArgs,
     /// A command to run in the guest through the agent (over vsock): its stdout and stderr
     /// stream to ember's, and ember exits with its exit code. The guest then shuts down.
     #[arg(last = true)]
@@ -138,13 +141,26 @@ pub fn run(args: RunArgs) -> i32 {
             eprintln!("ember: --init-cmd and a command after -- cannot be combined");
             return 2;
         }
+        let remote = match args.remote.open() {
+            Ok(remote) => remote,
+            Err(e) => {
+                eprintln!("ember: {e}");
+                return 2;
+            }
+        };
+        let saved = args.cmd.snapshot_on_exit.clone();
         let plan = args.cmd.into_plan(args.command);
-        return ember_sandbox::session::run_command(
+        let store_dir = plan.store_dir.clone();
+        let code = ember_sandbox::session::run_command(
             config,
             ember_sandbox::session::Origin::Boot,
             plan,
             start,
         );
+        return match (remote, saved) {
+            (Some(remote), Some(id)) if code == 0 => push_saved(&remote, &store_dir, &id),
+            _ => code,
+        };
     }
     let options = VmmOptions {
         serial_out: Box::new(std::io::stdout()),
@@ -153,6 +169,7 @@ pub fn run(args: RunArgs) -> i32 {
         net_rate_limits: args.cmd.limits.net_rate_limits(),
         mem_cache: None,
         tap_fd: None,
+        partial: None,
     };
     match run_reported(&config, options) {
         Ok((reason, report)) => {
@@ -226,6 +243,10 @@ pub struct RestoreArgs {
     /// How the command runs, and what happens around it.
     #[command(flatten)]
     pub cmd: ember_sandbox::session::CommandArgs,
+    /// Restore from a remote tier a snapshot this host lacks (fetched as the guest runs, then
+    /// whole), and push the snapshot `--snapshot-on-exit` saves.
+    #[command(flatten)]
+    pub remote: crate::remote_tier::RemoteArgs,
     /// The command to run in the restored sandbox.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -276,12 +297,65 @@ pub fn restore(args: RestoreArgs) -> i32 {
     } else {
         args.mode
     };
+    let remote = match args.remote.open() {
+        Ok(remote) => remote,
+        Err(e) => {
+            eprintln!("ember: {e}");
+            return 2;
+        }
+    };
+    let fetching = match &remote {
+        Some(remote) if store.load_manifest(&args.id).is_err() => {
+            match crate::remote_tier::prepare(remote, &store, &args.id) {
+                Ok(fetching) => Some(fetching),
+                Err(e) => {
+                    eprintln!("ember: {e}");
+                    return 1;
+                }
+            }
+        }
+        _ => None,
+    };
+    let (lazy, partial) = match fetching {
+        Some(f) => (Some(f.lazy), Some(Box::new(f.partial))),
+        None => (None, None),
+    };
+    let saved = plan.snapshot_on_exit.clone();
+    let store_dir = plan.store_dir.clone();
     let origin = ember_sandbox::session::Origin::Restore {
-        store,
+        store: store.clone(),
         id: args.id,
         mode,
+        partial,
     };
-    ember_sandbox::session::run_command(config, origin, plan, start)
+    let code = ember_sandbox::session::run_command(config, origin, plan, start);
+    let Some(remote) = remote else {
+        return code;
+    };
+    if let Some(lazy) = lazy {
+        if let Err(e) = crate::remote_tier::complete(&remote, &lazy, &store) {
+            eprintln!("ember: fetching the rest of the snapshot: {e}");
+            return if code == 0 { 1 } else { code };
+        }
+    }
+    match saved {
+        Some(id) if code == 0 => push_saved(&remote, &store_dir, &id),
+        _ => code,
+    }
+}
+
+/// Pushes the snapshot a command saved on exit; ember's exit code.
+fn push_saved(remote: &ember_remote::Remote, store_dir: &Path, id: &str) -> i32 {
+    let pushed = ember_sandbox::defaults::open_store(store_dir)
+        .map_err(|e| e.to_string())
+        .and_then(|store| crate::remote_tier::push(remote, &store, id).map_err(|e| e.to_string()));
+    match pushed {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("ember: pushing {id}: {e}");
+            1
+        }
+    }
 }
 
 /// The guest's network interface on `ember run`.

@@ -1974,6 +1974,12 @@ fn vmtest_a_snapshot_saved_on_one_host_resumes_on_another_through_the_remote_tie
     let options = ["--remote", url.as_str(), "--remote-timeout-s", "5"];
     let a = Service::start_with("remote-a", &options);
     let b = Service::start_with("remote-b", &options);
+    // (All three start before any sandbox: a starting service removes the sandbox cgroups
+    // it does not know, and these share one cgroup root.)
+    let c = Service::start_with(
+        "remote-c",
+        &[&options[..], &["--remote-rest-after-s", "3600"]].concat(),
+    );
 
     // Host A installs something and saves it; the push follows on its own.
     let sandbox = a.create(json!({"image": "python"}));
@@ -1986,8 +1992,9 @@ fn vmtest_a_snapshot_saved_on_one_host_resumes_on_another_through_the_remote_tie
     );
     wait_remote(&a, "installed", "remote");
 
-    // Host B has an empty store: it sees the snapshot in the remote, fetches it on create,
-    // and the restored guest has the install.
+    // Host B has an empty store: it sees the snapshot in the remote and restores it at once,
+    // having fetched only what the VMM reads first; the guest's pages come as it touches
+    // them, the rest in the background, after which the snapshot is local.
     assert!(!b.state.join("store/manifests/installed").exists());
     let seen = b.call("GET", "/snapshots/installed", None, 200);
     assert_eq!(seen["remote"], "remote", "{seen}");
@@ -1996,7 +2003,30 @@ fn vmtest_a_snapshot_saved_on_one_host_resumes_on_another_through_the_remote_tie
         b.sh(&restored, USE_DEP)["stdout"],
         "hello from a dependency\n"
     );
+    let local = b.state.join("store/manifests/installed");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !local.exists() {
+        assert!(Instant::now() < deadline, "{}", b.log());
+        std::thread::sleep(Duration::from_millis(250));
+    }
     assert!(!memory_objects(&b.state.join("store"), "installed").is_empty());
+    let before_run = logged_number(&b, "bytes in", "before the guest runs");
+    let in_all = logged_number(&b, "bytes in", "requests in all, now local");
+    assert!(
+        before_run * 2 < in_all,
+        "{before_run} bytes fetched before the guest ran, {in_all} in all"
+    );
+
+    // Host C restores a snapshot only the remote has, and the remote dies before the rest of
+    // it is fetched: the guest's next page that is not here stops the sandbox, saying why.
+    a.call(
+        "POST",
+        &format!("/sandboxes/{sandbox}/snapshots"),
+        Some(json!({"name": "for-c"})),
+        201,
+    );
+    wait_remote(&a, "for-c", "remote");
+    let stranded = c.create(json!({"snapshot": "for-c"}));
 
     // With the remote gone: a push fails and says so, a restore of a snapshot only the
     // remote had fails at once with 503 naming the remote, and local work goes on.
@@ -2032,4 +2062,43 @@ fn vmtest_a_snapshot_saved_on_one_host_resumes_on_another_through_the_remote_tie
     assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
     assert_eq!(a.sh(&sandbox, "echo still")["stdout"], "still\n");
     assert_eq!(b.sh(&restored, "echo still")["stdout"], "still\n");
+
+    // Reading every file touches page-cache pages C never fetched.
+    let t = Instant::now();
+    let _ = c.curl(
+        "POST",
+        &format!("/sandboxes/{stranded}/exec?wait=true"),
+        Some(
+            r#"{"cmd": "sh", "args": ["-c", "cat /usr/lib/python3*/*.py /usr/bin/* > /dev/null"]}"#,
+        ),
+    );
+    let failed = loop {
+        let info = c.call("GET", &format!("/sandboxes/{stranded}"), None, 200);
+        if info["state"] == "failed" {
+            break info;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the sandbox still runs without its pages: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let why = failed["failure"].as_str().unwrap_or_default();
+    assert!(why.contains("guest page") && why.contains(&url), "{failed}");
+}
+
+/// The number logged just before `unit` on the service's last log line that holds `marker`.
+fn logged_number(service: &Service, unit: &str, marker: &str) -> u64 {
+    let log = service.log();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(marker))
+        .unwrap_or_else(|| panic!("no log line with {marker:?}:\n{log}"));
+    let before = line
+        .split(unit)
+        .next()
+        .and_then(|head| head.split_whitespace().last())
+        .and_then(|n| n.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok());
+    before.unwrap_or_else(|| panic!("no number before {unit:?} in {line:?}"))
 }

@@ -34,6 +34,33 @@ pub struct FetchReport {
     pub objects_present: u64,
 }
 
+/// A remote snapshot's manifest and maps.
+pub(crate) struct SnapshotHead {
+    /// As the remote holds it (its packs are the remote's).
+    pub manifest: Manifest,
+    pub memory: MemoryMap,
+    /// Every chunk of every disk map, in map order.
+    pub disk_chunks: Vec<Hash>,
+}
+
+impl SnapshotHead {
+    /// The memory pages' objects, in guest order (zero pages are not stored).
+    pub fn memory_objects(&self) -> impl Iterator<Item = Hash> + '_ {
+        self.memory.pages.iter().filter_map(|p| match p {
+            PageRef::Object(h) => Some(*h),
+            PageRef::Zero => None,
+        })
+    }
+
+    /// The manifest as a local store keeps it (its packs are the store's own).
+    pub fn local_manifest(&self) -> Manifest {
+        Manifest {
+            packs: Vec::new(),
+            ..self.manifest.clone()
+        }
+    }
+}
+
 /// One download: a span of a pack and the objects in it.
 struct Span {
     pack: Arc<str>,
@@ -77,14 +104,32 @@ impl Remote {
     /// error leaves `local` without the snapshot (objects already written are garbage for
     /// its GC).
     pub fn fetch(&self, local: &Store, id: &str) -> Result<FetchReport> {
+        let mut writer = local.writer().map_err(self.local())?;
+        let mut report = FetchReport::default();
+        let head = self.fetch_head(local, &mut writer, id, &mut report)?;
+        let mut rest: Vec<Hash> = head.memory_objects().collect();
+        rest.extend(head.disk_chunks.iter().copied());
+        self.fetch_objects(local, &mut writer, &rest, &mut report, false)?;
+        writer
+            .commit(&head.local_manifest())
+            .map_err(self.local())?;
+        Ok(report)
+    }
+
+    /// Fetches what a restore of snapshot `id` reads before anything else: its manifest, the
+    /// indexes of its packs, its state and maps (written to `writer`).
+    pub(crate) fn fetch_head(
+        &self,
+        local: &Store,
+        writer: &mut PackWriter<'_>,
+        id: &str,
+        report: &mut FetchReport,
+    ) -> Result<SnapshotHead> {
         ember_snapshot_store::validate_id(id).map_err(|e| self.local()(e.into()))?;
         let manifest = self.block_on(self.fetch_manifest(id))?;
         self.block_on(self.load_indexes(Some(&manifest.packs)))?;
-        let mut writer = local.writer().map_err(self.local())?;
-        let mut report = FetchReport::default();
-        // The state and maps first: the maps say which pages and chunks there are.
         let direct: Vec<Hash> = manifest.direct_objects().copied().collect();
-        let maps = self.fetch_objects(local, &mut writer, &direct, &mut report, true)?;
+        let maps = self.fetch_objects(local, writer, &direct, report, true)?;
         let read_map = |h: &Hash| match maps.get(h) {
             Some(content) => Ok(content.clone()),
             None => local.read(h),
@@ -99,31 +144,22 @@ impl Remote {
                 "its memory map does not match its memory size".into(),
             ));
         }
-        let mut rest: Vec<Hash> = memory
-            .pages
-            .iter()
-            .filter_map(|p| match p {
-                PageRef::Object(h) => Some(*h),
-                PageRef::Zero => None,
-            })
-            .collect();
+        let mut disk_chunks = Vec::new();
         for disk in &manifest.disks {
             let map = DiskMap::load_with(disk.size, disk.chunk_size, &disk.map_chunks, read_map)
                 .map_err(self.local())?;
-            rest.extend(map.chunks.iter().flatten().copied());
+            disk_chunks.extend(map.chunks.iter().flatten().copied());
         }
-        self.fetch_objects(local, &mut writer, &rest, &mut report, false)?;
-        let local_manifest = Manifest {
-            packs: Vec::new(),
-            ..manifest
-        };
-        writer.commit(&local_manifest).map_err(self.local())?;
-        Ok(report)
+        Ok(SnapshotHead {
+            manifest,
+            memory,
+            disk_chunks,
+        })
     }
 
     /// Downloads, verifies and writes the objects of `hashes` that `local` lacks; with
     /// `keep`, returns their contents too (the maps).
-    fn fetch_objects(
+    pub(crate) fn fetch_objects(
         &self,
         local: &Store,
         writer: &mut PackWriter<'_>,
@@ -195,7 +231,7 @@ impl Remote {
     }
 
     /// A corrupt object is the remote's fault; anything else the local store's.
-    fn damaged(&self, key: &object_store::path::Path, e: StoreError) -> RemoteError {
+    pub(crate) fn damaged(&self, key: &object_store::path::Path, e: StoreError) -> RemoteError {
         match e {
             StoreError::Corrupt { hash, reason, .. } => {
                 self.corrupt(key.as_ref(), format!("object {hash}: {reason}"))
@@ -204,7 +240,7 @@ impl Remote {
         }
     }
 
-    fn bucket_get_range<'a>(
+    pub(crate) fn bucket_get_range<'a>(
         &'a self,
         key: &'a object_store::path::Path,
         range: std::ops::Range<u64>,

@@ -12,6 +12,7 @@
 //!                      is checked against its own name, and a pack without one is unfinished
 //! manifests/<id>       one per snapshot, listing the remote packs that hold its objects;
 //!                      written only after every one of them is there
+//! working-sets/<id>    the pages its restores touched first (advisory), when recorded
 //! ```
 //!
 //! Objects are deduplicated by hash across hosts: a push uploads only the objects no remote
@@ -24,18 +25,21 @@
 mod fetch;
 mod gc;
 mod index;
+mod lazy;
 mod push;
 
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use ember_snapshot_store::RecordedWorkingSet;
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as Key;
 use object_store::{ClientConfigKey, ObjectStoreExt, RetryConfig};
 
 pub use fetch::FetchReport;
 pub use gc::{RemoteGcOptions, RemoteGcReport};
+pub use lazy::{LazySnapshot, PrepareReport};
 pub use push::PushReport;
 
 use index::RemoteIndex;
@@ -66,6 +70,8 @@ pub enum RemoteError {
         key: String,
         timeout: Duration,
     },
+    #[error("remote {remote}: GET {key}: the download this request waited on failed")]
+    RangeFailed { remote: String, key: String },
     #[error("remote {remote}: snapshot {id} is not there")]
     NotFound { remote: String, id: String },
     #[error("remote {remote}: {key} is corrupt: {reason}")]
@@ -93,7 +99,7 @@ impl RemoteError {
     /// answering that something is missing or damaged).
     pub fn is_unavailable(&self) -> bool {
         match self {
-            RemoteError::Timeout { .. } => true,
+            RemoteError::Timeout { .. } | RemoteError::RangeFailed { .. } => true,
             RemoteError::Request { source, .. } => !matches!(
                 **source,
                 object_store::Error::NotFound { .. } | object_store::Error::AlreadyExists { .. }
@@ -250,6 +256,11 @@ impl Remote {
     }
 
     /// The remote's URL.
+    /// The longest one request may take, its retries included.
+    pub fn request_deadline(&self) -> Duration {
+        self.options.request_timeout * 2
+    }
+
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -264,6 +275,25 @@ impl Remote {
 
     fn manifest_key(&self, id: &str) -> Key {
         self.key(&["manifests", id])
+    }
+
+    fn working_set_key(&self, id: &str) -> Key {
+        self.key(&["working-sets", id])
+    }
+
+    /// The working set recorded for snapshot `id` on some host, if one was pushed. A damaged
+    /// one is an error (the caller may go on without: working sets are advisory).
+    pub fn working_set(&self, id: &str) -> Result<Option<RecordedWorkingSet>> {
+        ember_snapshot_store::validate_id(id).map_err(|e| self.local()(e.into()))?;
+        let key = self.working_set_key(id);
+        let bytes = match self.block_on(self.get(&key)) {
+            Ok(bytes) => bytes,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        RecordedWorkingSet::decode(&bytes)
+            .map(Some)
+            .map_err(|e| self.corrupt(key.as_ref(), e.to_string()))
     }
 
     fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
@@ -281,7 +311,7 @@ impl Remote {
         future: impl std::future::Future<Output = object_store::Result<T>>,
     ) -> Result<T> {
         // The client's own timeout bounds each attempt; this bounds the retries too.
-        let deadline = self.options.request_timeout * 2;
+        let deadline = self.request_deadline();
         match tokio::time::timeout(deadline, future).await {
             Ok(result) => result.map_err(|source| RemoteError::Request {
                 remote: self.url.clone(),
@@ -359,12 +389,15 @@ impl Remote {
     /// unless other manifests name them). A manifest that is not there is fine.
     pub fn delete_snapshot(&self, id: &str) -> Result<()> {
         ember_snapshot_store::validate_id(id).map_err(|e| self.local()(e.into()))?;
-        let key = self.manifest_key(id);
-        match self.block_on(self.request("DELETE", &key, self.bucket.delete(&key))) {
-            Ok(()) => Ok(()),
-            Err(e) if e.is_not_found() => Ok(()),
-            Err(e) => Err(e),
+        // The manifest first: a working set without one is never read.
+        for key in [self.manifest_key(id), self.working_set_key(id)] {
+            match self.block_on(self.request("DELETE", &key, self.bucket.delete(&key))) {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
         }
+        Ok(())
     }
 
     async fn get(&self, key: &Key) -> Result<bytes::Bytes> {

@@ -85,9 +85,23 @@ impl Remote {
         let bytes = remote_manifest
             .to_bytes()
             .map_err(|e| self.local()(e.into()))?;
+        // The working set goes before the manifest: a host that finds the manifest finds the
+        // pages to fetch first too.
+        self.push_working_set(local, id)?;
         let key = self.manifest_key(id);
         self.block_on(self.put(&key, Bytes::from(bytes)))?;
         Ok(report)
+    }
+
+    /// Uploads the working set recorded here for snapshot `id`, if there is one (replacing
+    /// the remote's: a working set is advisory, the latest is the best); `Ok(false)` if none.
+    pub fn push_working_set(&self, local: &Store, id: &str) -> Result<bool> {
+        let Some(recorded) = local.load_working_set(id).map_err(self.local())? else {
+            return Ok(false);
+        };
+        let key = self.working_set_key(id);
+        self.block_on(self.put(&key, Bytes::from(recorded.encode())))?;
+        Ok(true)
     }
 
     /// Uploads a pack, then its index (a pack without an index is unfinished to readers);

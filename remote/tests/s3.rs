@@ -200,3 +200,99 @@ fn gc_spares_packs_in_their_grace_period_and_frees_what_no_manifest_names() {
         RemoteError::NotFound { .. }
     ));
 }
+
+#[test]
+fn a_lazy_restore_fetches_its_working_set_first_and_the_rest_by_coalesced_windows() {
+    let s3 = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (host(&dir, "a"), host(&dir, "b"));
+    let remote = s3.remote("lazy", small_packs());
+    let mem = memory(6);
+    snapshot(&a, "s", &mem);
+    let working_set = vec![3u64, 4, 100, 7];
+    a.save_working_set("s", &working_set, 2).unwrap();
+    remote.push(&a, "s").unwrap();
+
+    let other = Arc::new(s3.remote("lazy", RemoteOptions::default()));
+    let lazy = other.prepare_lazy(&b, "s").unwrap();
+    assert_eq!(lazy.working_set(), &working_set[..]);
+    // Before the guest runs: state, map and the four working-set pages, nothing else.
+    let prepared = lazy.report();
+    assert!(prepared.objects_fetched <= 7, "{prepared:?}");
+    assert!(b.load_manifest("s").is_err(), "not a local snapshot yet");
+    // What the lazy snapshot answers for page `i`: its content, or None for a zero page.
+    let page = |i: usize| {
+        Some(mem[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].to_vec()).filter(|_| !i.is_multiple_of(5))
+    };
+
+    // Eight threads ask for pages of one window at once: one download serves them all.
+    std::thread::scope(|scope| {
+        for i in 0..8 {
+            let (lazy, b, page) = (&lazy, &b, &page);
+            scope.spawn(move || {
+                assert!(lazy.page(b, 11 + i).unwrap() == page(11 + i as usize));
+            });
+        }
+    });
+    assert_eq!(lazy.report().requests, prepared.requests + 1);
+    for i in 0..PAGES {
+        assert!(lazy.page(&b, i as u64).unwrap() == page(i), "page {i}");
+    }
+    let on_demand = lazy.report();
+    // One download per window of a pack (small packs here: one window each).
+    assert!(
+        on_demand.requests - prepared.requests <= (PAGES * PAGE_SIZE / (256 << 10)) as u64 + 2,
+        "{on_demand:?}"
+    );
+
+    // Completing it makes it a local snapshot, whole, with nothing downloaded twice.
+    let rest = lazy.complete(&b).unwrap();
+    assert_eq!(rest.objects_fetched, 0, "{rest:?}");
+    assert_eq!(restore(&b, "s"), mem);
+    drop(lazy);
+    // The working set was pushed with it, and goes with its manifest.
+    other.delete_snapshot("s").unwrap();
+    assert!(other.working_set("s").unwrap().is_none());
+}
+
+#[test]
+fn a_lazy_restore_never_serves_a_corrupt_page_and_says_which_object() {
+    let s3 = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (host(&dir, "a"), host(&dir, "b"));
+    let remote = s3.remote("lazy-bad", small_packs());
+    let mem = memory(7);
+    snapshot(&a, "s", &mem);
+    remote.push(&a, "s").unwrap();
+    let listing = common::raw_request(
+        s3.port,
+        "GET",
+        &format!("/{}?prefix=lazy-bad/packs/", common::BUCKET),
+    );
+    let packs: Vec<String> = listing
+        .split("<Key>")
+        .filter_map(|s| s.split("</Key>").next())
+        .filter(|k| k.ends_with(".pack"))
+        .map(str::to_string)
+        .collect();
+    for pack in &packs {
+        s3.flip_byte(pack, 5000);
+    }
+    let other = Arc::new(s3.remote("lazy-bad", RemoteOptions::default()));
+    // Damage the state or a map and the preparation fails; damage pages and those fail.
+    match other.prepare_lazy(&b, "s") {
+        Err(err) => assert!(matches!(err, RemoteError::Corrupt { .. }), "{err}"),
+        Ok(lazy) => {
+            let failures: Vec<RemoteError> = (0..PAGES as u64)
+                .filter_map(|i| lazy.page(&b, i).err())
+                .collect();
+            assert!(!failures.is_empty());
+            for err in &failures {
+                assert!(matches!(err, RemoteError::Corrupt { .. }), "{err}");
+                assert!(err.to_string().contains(".pack"), "{err}");
+            }
+            assert!(lazy.complete(&b).is_err());
+        }
+    }
+    assert!(b.load_manifest("s").is_err());
+}

@@ -92,7 +92,24 @@ pub enum WorkerOrigin {
     Restore {
         snapshot: String,
         mode: ember_vmm::RestoreMode,
+        /// Set when the store holds the snapshot only in part (it is being fetched from the
+        /// remote tier): the pages it lacks come over the page channel the service passes
+        /// on stdin (see [`crate::page_channel`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        partial: Option<Box<PartialOrigin>>,
     },
+}
+
+/// What a VMM restoring a partial snapshot is given besides the page channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialOrigin {
+    /// The snapshot's manifest (the store does not have it yet).
+    pub manifest: ember_snapshot_store::Manifest,
+    /// Pages to load first; the store has them.
+    pub working_set: Vec<u64>,
+    /// How long the VMM waits for one page before it stops the guest.
+    pub page_timeout_ms: u64,
 }
 
 /// What a warm-pool VMM (`ember-vmm --pooled`) is told on stdin (a Unix socket) when it is
@@ -281,6 +298,7 @@ mod tests {
             origin: WorkerOrigin::Restore {
                 snapshot: "s".into(),
                 mode: ember_vmm::RestoreMode::Prefetch,
+                partial: None,
             },
             store_dir: "/s".into(),
             vsock_socket: "/v".into(),

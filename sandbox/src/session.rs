@@ -57,6 +57,8 @@ pub enum Origin {
         store: Arc<ember_snapshot_store::Store>,
         id: String,
         mode: RestoreMode,
+        /// The store holds the snapshot only in part: the rest comes from here.
+        partial: Option<Box<ember_vmm::PartialSnapshot>>,
     },
 }
 
@@ -259,7 +261,16 @@ impl Drop for SocketDir {
 }
 
 /// Boots `config`, runs the plan and returns ember's exit code.
-pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, start: Instant) -> i32 {
+pub fn run_command(
+    mut config: VmConfig,
+    mut origin: Origin,
+    plan: CommandPlan,
+    start: Instant,
+) -> i32 {
+    let partial = match &mut origin {
+        Origin::Restore { partial, .. } => partial.take().map(|p| *p),
+        Origin::Boot => None,
+    };
     let dir = match SocketDir::new() {
         Ok(dir) => dir,
         Err(e) => {
@@ -283,11 +294,14 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
         net_rate_limits: plan.net_rate_limits,
         mem_cache: Some(ember_snapshot_store::MemCache::new(plan.mem_cache.clone())),
         tap_fd: None,
+        partial,
     };
     block_stall_signal();
     let built = match &origin {
         Origin::Boot => Vmm::build(&config, options),
-        Origin::Restore { store, id, mode } => {
+        Origin::Restore {
+            store, id, mode, ..
+        } => {
             // Used only if the snapshot's rootfs has an overlay.
             config.rootfs_overlay = Some(overlay_path());
             Vmm::restore(&config, store.clone(), id, options, *mode)
@@ -345,7 +359,10 @@ pub fn run_command(mut config: VmConfig, origin: Origin, plan: CommandPlan, star
             1
         }
     };
-    if let Origin::Restore { store, id, mode } = &origin {
+    if let Origin::Restore {
+        store, id, mode, ..
+    } = &origin
+    {
         record_working_set(&vmm, store, store, id);
         if *mode == RestoreMode::Auto && vmm.restore_mode() != Some(RestoreMode::File) {
             // Saved before the cache (or evicted): the next restore maps it.

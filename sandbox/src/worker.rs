@@ -168,11 +168,26 @@ pub fn run(args: VmmArgs) -> i32 {
             .clone()
             .map(ember_snapshot_store::MemCache::new),
         tap_fd,
+        partial: None,
     };
     block_stall_signal();
     let built = match &spec.origin {
         WorkerOrigin::Boot => Vmm::build(&config, options),
-        WorkerOrigin::Restore { snapshot, mode } => {
+        WorkerOrigin::Restore {
+            snapshot,
+            mode,
+            partial,
+        } => {
+            let mut options = options;
+            if let Some(partial) = partial {
+                match partial_snapshot(partial) {
+                    Ok(partial) => options.partial = Some(partial),
+                    Err(e) => {
+                        eprintln!("ember-vmm: {e}");
+                        return EXIT_FAILED;
+                    }
+                }
+            }
             Vmm::restore(&config, store.clone(), snapshot, options, *mode)
         }
     };
@@ -286,6 +301,41 @@ pub fn run(args: VmmArgs) -> i32 {
             EXIT_FAILED
         }
     }
+}
+
+/// How long the VMM waits for the service to pass the page channel.
+const PAGE_CHANNEL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A partial snapshot's restore: its manifest and working set from the spec, its missing
+/// pages from the page channel the service passes on stdin (one byte, the socket attached).
+fn partial_snapshot(
+    origin: &crate::control::PartialOrigin,
+) -> Result<ember_vmm::PartialSnapshot, String> {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    // SAFETY: descriptor 0 is this process's stdin, a socket the service made, read nowhere
+    // else at this point; it stays open after (ManuallyDrop), for the agent connection.
+    let stdin = std::mem::ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(0) });
+    stdin
+        .set_read_timeout(Some(PAGE_CHANNEL_WAIT))
+        .map_err(|e| format!("waiting for the page channel on stdin: {e}"))?;
+    let mut byte = [0u8; 1];
+    let received = stdin.recv_with_fd(&mut byte[..]);
+    let _ = stdin.set_read_timeout(None);
+    let file = match received {
+        Ok((1, Some(file))) => file,
+        Ok(_) => return Err("the service sent no page channel on stdin".into()),
+        Err(e) => return Err(format!("receiving the page channel on stdin: {e}")),
+    };
+    let channel = crate::page_channel::PageChannel::new(
+        UnixStream::from(OwnedFd::from(file)),
+        std::time::Duration::from_millis(origin.page_timeout_ms),
+    )
+    .map_err(|e| format!("setting up the page channel: {e}"))?;
+    Ok(ember_vmm::PartialSnapshot {
+        manifest: origin.manifest.clone(),
+        working_set: origin.working_set.clone(),
+        missing_pages: Arc::new(channel),
+    })
 }
 
 /// Passes the agent connection to the service over stdin, when the service made stdin a Unix

@@ -148,7 +148,9 @@ pub(crate) fn allowed(kind: ThreadKind) -> Vec<i64> {
             // The block and net rate limiters' retry timers.
             &[libc::SYS_timerfd_settime, libc::SYS_timerfd_gettime],
         ],
-        ThreadKind::MemoryFaults => &[EVENTS, FILE_READ],
+        // Pages a partial snapshot's store lacks come over the page channel, a Unix socket
+        // the service passed (no socket of its own: `socket` and `connect` stay out).
+        ThreadKind::MemoryFaults => &[EVENTS, FILE_READ, &[libc::SYS_sendto, libc::SYS_recvfrom]],
         ThreadKind::SerialOutput => &[],
         ThreadKind::JailSupervisor => &[&[
             libc::SYS_wait4,

@@ -36,7 +36,18 @@ fn the_vcpu_thread_may_not_do_what_a_vcpu_never_does() {
     ] {
         assert!(!vcpu.contains(&call), "vCPU allows {call}");
     }
-    assert!(!allowed_numbers(ThreadKind::MemoryFaults).contains(&libc::SYS_socket));
+    let faults = allowed_numbers(ThreadKind::MemoryFaults);
+    for call in [
+        libc::SYS_socket,
+        libc::SYS_connect,
+        libc::SYS_sendmsg,
+        libc::SYS_recvmsg,
+    ] {
+        assert!(
+            !faults.contains(&call),
+            "the memory-faults thread allows {call}"
+        );
+    }
     for kind in ThreadKind::ALL {
         let calls = allowed_numbers(kind);
         for call in [

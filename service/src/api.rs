@@ -192,6 +192,7 @@ async fn create_sandbox(
     let timeout = check_timeout(body.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S))?;
     ports::check(&body.ports).map_err(ApiError::bad_request)?;
     let mut restored_nic = false;
+    let mut partial = None;
     let new = match (&body.image, &body.snapshot) {
         (Some(_), Some(_)) => {
             return Err(ApiError::bad_request(
@@ -210,9 +211,11 @@ async fn create_sandbox(
                 vcpus,
                 mem_mib,
                 had_network,
+                partial: fetching,
             } = snapshots::restore_spec(&state, snapshot, body.restore_mode).await?;
             snapshots::check_network(snapshot, had_network, body.network.as_ref())?;
             restored_nic = had_network;
+            partial = fetching;
             (origin, vcpus, mem_mib)
         }
         (image, None) => {
@@ -261,6 +264,7 @@ async fn create_sandbox(
             network,
             restored_nic,
             ports: body.ports,
+            partial,
         },
     )
     .await?;
@@ -734,6 +738,7 @@ mod tests {
                 ember_sandbox::control::WorkerOrigin::Restore {
                     snapshot: "drop".into(),
                     mode: ember_vmm::RestoreMode::Lazy,
+                    partial: None,
                 },
                 s,
             ))

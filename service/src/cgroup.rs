@@ -237,6 +237,22 @@ impl Cgroups {
 
     /// Removes sandbox `id`'s cgroup, killing whatever is still in it first (waits up to a
     /// second for the kernel to notice the last process left).
+    /// How many times sandbox `id`'s processes were killed for going over its memory limit
+    /// (`oom_kill` in its `memory.events`), with that limit in bytes.
+    pub fn oom_kills(&self, id: &str) -> Option<(u64, u64)> {
+        let path = self.root.join(id);
+        let events = std::fs::read_to_string(path.join("memory.events")).ok()?;
+        let kills = events
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|n| n.trim().parse().ok())?;
+        let limit = std::fs::read_to_string(path.join("memory.max"))
+            .ok()
+            .and_then(|m| m.trim().parse().ok())
+            .unwrap_or(0);
+        Some((kills, limit))
+    }
+
     pub fn remove(&self, id: &str) {
         self.kill(id);
         let path = self.root.join(id);

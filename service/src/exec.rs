@@ -364,6 +364,7 @@ pub async fn exec(
         let sandbox = sandbox.clone();
         let record = record.clone();
         let store = state.store.clone();
+        let remote = state.remote.clone();
         tokio::spawn(async move {
             record.finished_signal().await;
             if !sandbox.first_exec_done.swap(true, Ordering::SeqCst) {
@@ -373,7 +374,8 @@ pub async fn exec(
                         .control(ControlRequest::RecordWorkingSet, Duration::from_secs(60))
                         .await;
                     if recorded.is_ok() {
-                        crate::ingest::working_set(&store, &sandbox, &snapshot).await;
+                        crate::ingest::working_set(&store, remote.as_ref(), &sandbox, &snapshot)
+                            .await;
                     }
                 }
             }

@@ -68,7 +68,13 @@ pub async fn snapshot(
 
 /// Ingests the working set `sandbox`'s VMM recorded for `snapshot`, the snapshot it was
 /// restored from, if it recorded one. Working sets are advisory: a refused one is logged.
-pub async fn working_set(store: &Arc<Store>, sandbox: &Sandbox, snapshot: &str) {
+/// With a remote tier, a working set for a snapshot the remote has goes there too.
+pub async fn working_set(
+    store: &Arc<Store>,
+    remote: Option<&Arc<crate::remote::RemoteTier>>,
+    sandbox: &Sandbox,
+    snapshot: &str,
+) {
     let record = sandbox.record();
     let Some(staging) = record.spec.staging_dir.as_deref() else {
         return;
@@ -87,18 +93,23 @@ pub async fn working_set(store: &Arc<Store>, sandbox: &Sandbox, snapshot: &str) 
             }
         };
     let memory_bytes = u64::from(record.spec.mem_mib) << 20;
-    let (store, id) = (store.clone(), snapshot.to_string());
+    let (shared, id) = (store.clone(), snapshot.to_string());
     let result = tokio::task::spawn_blocking(move || {
-        let result = store.ingest_working_set(&private, &id, memory_bytes);
+        let result = shared.ingest_working_set(&private, &id, memory_bytes);
         remove(&private);
         result
     })
     .await;
     match result {
-        Ok(Ok(Some(pages))) => log::info!(
-            "sandbox {}: recorded a working set of {pages} pages for snapshot {snapshot}",
-            sandbox.id
-        ),
+        Ok(Ok(Some(pages))) => {
+            log::info!(
+                "sandbox {}: recorded a working set of {pages} pages for snapshot {snapshot}",
+                sandbox.id
+            );
+            if let Some(tier) = remote {
+                tier.push_working_set_later(store.clone(), snapshot.to_string());
+            }
+        }
         Ok(Ok(None)) => {}
         Ok(Err(e)) => log::warn!(
             "sandbox {}: the working set for snapshot {snapshot} was refused: {e}",

@@ -112,6 +112,11 @@ pub struct ServeArgs {
     /// Bound on one request to the remote, in seconds.
     #[arg(long, default_value_t = 30)]
     pub remote_timeout_s: u64,
+    /// How long a sandbox restored from a snapshot only the remote had runs before the rest
+    /// of that snapshot is fetched in the background (the guest's own page faults go
+    /// first), in seconds; once it is here, later restores are local.
+    #[arg(long, default_value_t = 2)]
+    pub remote_rest_after_s: u64,
 }
 
 pub struct ServiceConfig {
@@ -303,7 +308,11 @@ pub fn serve(args: ServeArgs) -> i32 {
             match ember_remote::Remote::open(url, options) {
                 Ok(r) => {
                     log::info!("snapshots are shared through {url} (push: {:?})", args.push);
-                    Some(Arc::new(remote::RemoteTier::new(r, args.push)))
+                    Some(Arc::new(remote::RemoteTier::new(
+                        r,
+                        args.push,
+                        Duration::from_secs(args.remote_rest_after_s),
+                    )))
                 }
                 Err(e) => {
                     eprintln!("ember serve: {e}");

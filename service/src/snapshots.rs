@@ -13,7 +13,9 @@ use serde_json::json;
 use super::error::ApiError;
 use super::sandbox::{self, NewSandbox, SandboxState};
 use super::{check_env_map, check_timeout, control, parse_body, AppState, JsonBody};
-use ember_sandbox::control::{ControlRequest, WorkerOrigin};
+use ember_remote::LazySnapshot;
+use ember_sandbox::control::{ControlRequest, PartialOrigin, WorkerOrigin};
+use ember_vmm::RestoreMode;
 
 const MAX_FORK: u32 = 16;
 
@@ -51,15 +53,25 @@ async fn load_manifest(state: &Arc<AppState>, id: &str) -> Result<Manifest, ApiE
         .map_err(|e| store_error(id, e))
 }
 
-/// Snapshot `id`'s manifest from this host's store, fetching the snapshot from the remote
-/// tier first if it is only there.
-async fn load_or_fetch(state: &Arc<AppState>, id: &str) -> Result<Manifest, ApiError> {
+/// Snapshot `id`'s manifest from this host's store. A snapshot only in the remote tier is
+/// fetched whole first for a `file` or `eager` restore; for the others only what the VMM
+/// reads before the guest runs and the working set are, and the rest is served while the
+/// guest runs (the returned [`LazySnapshot`]).
+async fn load_or_prepare(
+    state: &Arc<AppState>,
+    id: &str,
+    mode: RestoreMode,
+) -> Result<(Manifest, Option<Arc<LazySnapshot>>), ApiError> {
     match (load_manifest(state, id).await, &state.remote) {
         (Err(e), Some(tier)) if e.status == StatusCode::NOT_FOUND => {
-            tier.fetch(state.store.clone(), id).await?;
-            load_manifest(state, id).await
+            if matches!(mode, RestoreMode::File | RestoreMode::Eager) {
+                tier.fetch(state.store.clone(), id).await?;
+                return Ok((load_manifest(state, id).await?, None));
+            }
+            let lazy = tier.prepare_lazy(state.store.clone(), id).await?;
+            Ok((lazy.manifest(), Some(lazy)))
         }
-        (result, _) => result,
+        (result, _) => result.map(|manifest| (manifest, None)),
     }
 }
 
@@ -135,6 +147,9 @@ pub struct RestoreSpec {
     pub vcpus: u8,
     pub mem_mib: u32,
     pub had_network: bool,
+    /// The snapshot is being fetched from the remote tier: its VMMs get the pages this
+    /// host lacks from it.
+    pub partial: Option<Arc<LazySnapshot>>,
 }
 
 /// The restore of snapshot `id` in `mode` (default `auto`).
@@ -143,7 +158,8 @@ pub async fn restore_spec(
     id: &str,
     mode: Option<ember_vmm::RestoreMode>,
 ) -> Result<RestoreSpec, ApiError> {
-    let manifest = load_or_fetch(state, id).await?;
+    let mode = mode.unwrap_or_default();
+    let (manifest, partial) = load_or_prepare(state, id, mode).await?;
     let inconsistent = |what: &str| {
         ApiError::internal(format!("snapshot {id}: its manifest has no usable {what}"))
     };
@@ -157,11 +173,22 @@ pub async fn restore_spec(
     Ok(RestoreSpec {
         origin: WorkerOrigin::Restore {
             snapshot: id.to_string(),
-            mode: mode.unwrap_or_default(),
+            mode,
+            partial: partial.as_ref().map(|lazy| {
+                Box::new(PartialOrigin {
+                    manifest: lazy.manifest(),
+                    working_set: lazy.working_set().to_vec(),
+                    page_timeout_ms: state
+                        .remote
+                        .as_ref()
+                        .map_or(60_000, |tier| tier.page_timeout().as_millis() as u64),
+                })
+            }),
         },
         vcpus,
         mem_mib,
         had_network: manifest.metadata.contains_key("net_mac"),
+        partial,
     })
 }
 
@@ -373,6 +400,7 @@ pub async fn fork(
         vcpus,
         mem_mib,
         had_network,
+        partial,
     } = restore_spec(&state, &id, body.restore_mode).await?;
     check_network(&id, had_network, body.network.as_ref())?;
     super::ports::check(&body.ports).map_err(ApiError::bad_request)?;
@@ -398,6 +426,7 @@ pub async fn fork(
             network: network.clone(),
             restored_nic: had_network,
             ports: body.ports.clone(),
+            partial: partial.clone(),
         };
         tokio::spawn(async move { sandbox::create(&state, new).await })
     });

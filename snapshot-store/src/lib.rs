@@ -75,7 +75,9 @@ mod working_set;
 mod writer;
 
 pub use hash::{Hash, HashError};
-pub use maintenance::{GcOptions, GcReport, Problem, ProblemKind, StoreStats, VerifyReport};
+pub use maintenance::{
+    GcHold, GcOptions, GcReport, Problem, ProblemKind, StoreStats, VerifyReport,
+};
 pub use manifest::{
     validate_id, DiskRef, Manifest, ManifestError, MemoryRef, MANIFEST_FORMAT_VERSION,
     MAX_MANIFEST_SIZE,
@@ -90,5 +92,5 @@ pub use staging::{IngestLimits, IngestReport, StagingError};
 pub use store::{
     ObjectLocation, RefreshReport, Result, SnapshotIndexing, Store, StoreError, StoreOptions,
 };
-pub use working_set::{RecordedWorkingSet, MAX_WORKING_SET_PAGES};
+pub use working_set::{MalformedWorkingSet, RecordedWorkingSet, MAX_WORKING_SET_PAGES};
 pub use writer::{hash_pages, PackWriter, WriteStats};

@@ -121,6 +121,12 @@ impl Default for GcOptions {
     }
 }
 
+/// Holds GC off while it lives (see [`Store::hold_gc`]).
+#[derive(Debug)]
+pub struct GcHold {
+    _lock: fsutil::LockGuard,
+}
+
 /// What [`Store::gc`] did.
 #[derive(Debug, Clone, Default)]
 pub struct GcReport {
@@ -295,6 +301,15 @@ impl Store {
             }
         }
         Ok(report)
+    }
+
+    /// Keeps GC from starting until the hold is dropped (a GC under way is waited for): for
+    /// objects written ahead of the manifest that will name them, as a restore from a remote
+    /// tier writes a snapshot's first pages while the rest are still arriving.
+    pub fn hold_gc(&self) -> Result<GcHold> {
+        Ok(GcHold {
+            _lock: self.lock(LockMode::Shared)?,
+        })
     }
 
     /// Garbage-collects with default options; see [`Store::gc_with`].

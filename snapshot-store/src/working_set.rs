@@ -31,6 +31,69 @@ pub struct RecordedWorkingSet {
     pub restores: u32,
 }
 
+/// What is wrong with a working set's bytes.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("malformed working set: {0}")]
+pub struct MalformedWorkingSet(pub String);
+
+impl RecordedWorkingSet {
+    /// Its bytes as a store keeps them (and a remote tier too).
+    pub fn encode(&self) -> Vec<u8> {
+        Self::encode_pages(&self.pages, self.restores)
+    }
+
+    fn encode_pages(pages: &[u64], restores: u32) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(24 + pages.len() * 8 + 32);
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&restores.to_le_bytes());
+        bytes.extend_from_slice(&[0u8; 4]);
+        bytes.extend_from_slice(&(pages.len() as u64).to_le_bytes());
+        for page in pages {
+            bytes.extend_from_slice(&page.to_le_bytes());
+        }
+        let sum = blake3::hash(&bytes);
+        bytes.extend_from_slice(sum.as_bytes());
+        bytes
+    }
+
+    /// Reads [`RecordedWorkingSet::encode`]'s bytes (or the first format's), checked; the
+    /// error says what is wrong with them.
+    pub fn decode(bytes: &[u8]) -> std::result::Result<RecordedWorkingSet, MalformedWorkingSet> {
+        let bad = |reason: &str| MalformedWorkingSet(reason.to_string());
+        let header = match bytes.get(..8) {
+            Some(magic) if magic == MAGIC => 16,
+            Some(magic) if magic == MAGIC_V1 => 8,
+            _ => return Err(bad("wrong magic or too short")),
+        };
+        if bytes.len() < header + 8 + 32 {
+            return Err(bad("too short"));
+        }
+        let (body, sum) = bytes.split_at(bytes.len() - 32);
+        if blake3::hash(body).as_bytes() != sum {
+            return Err(bad("checksum mismatch"));
+        }
+        let restores = match header {
+            16 => u32::from_le_bytes(body[8..12].try_into().unwrap_or_default()),
+            _ => 1,
+        };
+        let count = u64::from_le_bytes(body[header..header + 8].try_into().unwrap_or_default());
+        let listed = &body[header + 8..];
+        if count > MAX_WORKING_SET_PAGES as u64 || listed.len() as u64 != count * 8 {
+            return Err(MalformedWorkingSet(format!(
+                "declares {count} pages but holds {} bytes of them",
+                listed.len()
+            )));
+        }
+        Ok(RecordedWorkingSet {
+            pages: listed
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+                .collect(),
+            restores,
+        })
+    }
+}
+
 impl Store {
     fn working_set_path(&self, id: &str) -> Result<PathBuf> {
         validate_id(id)?;
@@ -59,16 +122,7 @@ impl Store {
             path: dir.clone(),
             source,
         })?;
-        let mut bytes = Vec::with_capacity(24 + pages.len() * 8 + 32);
-        bytes.extend_from_slice(MAGIC);
-        bytes.extend_from_slice(&restores.to_le_bytes());
-        bytes.extend_from_slice(&[0u8; 4]);
-        bytes.extend_from_slice(&(pages.len() as u64).to_le_bytes());
-        for page in pages {
-            bytes.extend_from_slice(&page.to_le_bytes());
-        }
-        let sum = blake3::hash(&bytes);
-        bytes.extend_from_slice(sum.as_bytes());
+        let bytes = RecordedWorkingSet::encode_pages(pages, restores);
         let tmp = dir.join(format!(".{id}.tmp-{}", std::process::id()));
         fsutil::write_atomic_with(&tmp, &path, &bytes, Some(&self.access())).map_err(|source| {
             StoreError::Io {
@@ -87,42 +141,13 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StoreError::Io { path, source }),
         };
-        let fail = |reason: String| StoreError::WorkingSet {
-            id: id.to_string(),
-            path: path.clone(),
-            reason,
-        };
-        let header = match bytes.get(..8) {
-            Some(magic) if magic == MAGIC => 16,
-            Some(magic) if magic == MAGIC_V1 => 8,
-            _ => return Err(fail("wrong magic or too short".into())),
-        };
-        if bytes.len() < header + 8 + 32 {
-            return Err(fail("too short".into()));
-        }
-        let (body, sum) = bytes.split_at(bytes.len() - 32);
-        if blake3::hash(body).as_bytes() != sum {
-            return Err(fail("checksum mismatch".into()));
-        }
-        let restores = match header {
-            16 => u32::from_le_bytes(body[8..12].try_into().unwrap_or_default()),
-            _ => 1,
-        };
-        let count = u64::from_le_bytes(body[header..header + 8].try_into().unwrap_or_default());
-        let listed = &body[header + 8..];
-        if count > MAX_WORKING_SET_PAGES as u64 || listed.len() as u64 != count * 8 {
-            return Err(fail(format!(
-                "declares {count} pages but holds {} bytes of them",
-                listed.len()
-            )));
-        }
-        Ok(Some(RecordedWorkingSet {
-            pages: listed
-                .chunks_exact(8)
-                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
-                .collect(),
-            restores,
-        }))
+        RecordedWorkingSet::decode(&bytes)
+            .map(Some)
+            .map_err(|e| StoreError::WorkingSet {
+                id: id.to_string(),
+                path,
+                reason: e.0,
+            })
     }
 
     /// Forgets snapshot `id`'s working set (a missing one is fine).

@@ -198,6 +198,18 @@ pub struct VmmOptions {
     /// A queue of `net.tap` already opened elsewhere (a service opens it in the sandbox's
     /// network namespace and hands it over); without it the VMM opens `net.tap` itself.
     pub tap_fd: Option<std::os::fd::OwnedFd>,
+    /// A restore of a snapshot the store holds only in part (one being fetched from a
+    /// remote tier): its manifest, and where the pages the store lacks come from.
+    pub partial: Option<PartialSnapshot>,
+}
+
+/// A snapshot whose manifest, state, maps and disk chunks are in the store but not all of
+/// its memory pages: those come from `missing_pages`, each checked against its hash.
+pub struct PartialSnapshot {
+    pub manifest: ember_snapshot_store::Manifest,
+    /// The pages to load first (the store has them).
+    pub working_set: Vec<u64>,
+    pub missing_pages: std::sync::Arc<dyn crate::lazy::PageSource>,
 }
 
 impl Default for VmmOptions {
@@ -209,6 +221,7 @@ impl Default for VmmOptions {
             net_rate_limits: NetRateLimits::default(),
             mem_cache: None,
             tap_fd: None,
+            partial: None,
         }
     }
 }

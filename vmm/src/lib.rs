@@ -47,8 +47,8 @@ pub mod vcpu;
 pub mod vm;
 
 pub use crate::config::{
-    format_mac, parse_mac, GuestIpv4, NetConfig, NetRateLimits, RateLimit, VmConfig, VmmOptions,
-    VsockConfig,
+    format_mac, parse_mac, GuestIpv4, NetConfig, NetRateLimits, PartialSnapshot, RateLimit,
+    VmConfig, VmmOptions, VsockConfig,
 };
 pub use crate::lazy::FAULT_BUCKET_MS;
 pub use crate::metrics::RunReport;

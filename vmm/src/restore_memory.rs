@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use ember_snapshot_store::{CachedMemory, Manifest, MemCache, MemoryMap, Store};
 
+use crate::config::PartialSnapshot;
 use crate::lazy::{load_eagerly, LazyError, LazyMemory};
 use crate::memory::{
     create_guest_memory, disable_huge_pages, map_guest_memory_from_file, GuestMemoryMmap,
@@ -40,16 +41,18 @@ pub struct RestoredMemory {
     pub map: Option<MemoryMap>,
 }
 
-/// Sets up the memory of a restore of `manifest` asked to run in `mode`.
+/// Sets up the memory of a restore of `manifest` asked to run in `mode`; `partial` when the
+/// store holds the snapshot only in part (then its memory is always served lazily).
 pub fn restore_memory(
     manifest: &Manifest,
     store: &Arc<Store>,
     cache: Option<&MemCache>,
     mode: RestoreMode,
+    partial: Option<&PartialSnapshot>,
 ) -> Result<RestoredMemory, RestoreMemoryError> {
     let id = &manifest.id;
     let size = manifest.memory.size_bytes;
-    if matches!(mode, RestoreMode::Auto | RestoreMode::File) {
+    if partial.is_none() && matches!(mode, RestoreMode::Auto | RestoreMode::File) {
         match cache.map(|c| c.open(&manifest.memory)) {
             Some(Ok(mapped)) => {
                 let mem = map_guest_memory_from_file(size, &mapped.file)
@@ -83,9 +86,11 @@ pub fn restore_memory(
             None => {}
         }
     }
-    let mode = match mode {
-        RestoreMode::Auto | RestoreMode::File => RestoreMode::Prefetch,
-        other => other,
+    let mode = match (mode, partial) {
+        // Loading all of a partial snapshot up front would download it whole first.
+        (RestoreMode::Eager, Some(_)) => RestoreMode::Prefetch,
+        (RestoreMode::Auto | RestoreMode::File, _) => RestoreMode::Prefetch,
+        (other, _) => other,
     };
     let map = store
         .load_memory_map(manifest)
@@ -95,6 +100,7 @@ pub fn restore_memory(
     let source = StorePages {
         store: store.clone(),
         map: map.clone(),
+        missing: partial.map(|p| p.missing_pages.clone()),
     };
     let lazy = match mode {
         RestoreMode::Eager => {
@@ -102,7 +108,9 @@ pub fn restore_memory(
             None
         }
         _ => {
-            let prefetch = if mode == RestoreMode::Prefetch {
+            let prefetch = if let (RestoreMode::Prefetch, Some(partial)) = (mode, partial) {
+                partial.working_set.clone()
+            } else if mode == RestoreMode::Prefetch {
                 match store.load_working_set(id) {
                     Ok(recorded) => recorded.map(|r| r.pages).unwrap_or_default(),
                     Err(e) => {

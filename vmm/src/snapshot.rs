@@ -177,6 +177,9 @@ impl std::str::FromStr for RestoreMode {
 pub struct StorePages {
     pub store: Arc<Store>,
     pub map: MemoryMap,
+    /// Where pages the store lacks come from (a partial snapshot's); each is checked against
+    /// the map's hash here, whoever sent it.
+    pub missing: Option<Arc<dyn PageSource>>,
 }
 
 impl PageSource for StorePages {
@@ -192,12 +195,27 @@ impl PageSource for StorePages {
             })?;
         match entry {
             PageRef::Zero => Ok(false),
-            PageRef::Object(hash) => {
-                self.store
-                    .read_page_into(hash, buf)
-                    .map_err(|e| e.to_string())?;
-                Ok(true)
-            }
+            PageRef::Object(hash) => match &self.missing {
+                Some(missing) if !self.store.contains(hash) => {
+                    if !missing.read_page(index, buf)? {
+                        return Err(format!(
+                            "guest page {index} came as a zero page; its snapshot holds {hash}"
+                        ));
+                    }
+                    if Hash::of(&buf[..]) != *hash {
+                        return Err(format!(
+                            "guest page {index} came with content that does not match its hash {hash}"
+                        ));
+                    }
+                    Ok(true)
+                }
+                _ => {
+                    self.store
+                        .read_page_into(hash, buf)
+                        .map_err(|e| e.to_string())?;
+                    Ok(true)
+                }
+            },
         }
     }
 }
@@ -261,7 +279,11 @@ mod tests {
         memory[PAGE_SIZE..2 * PAGE_SIZE].fill(7);
         let map = writer.put_memory(&memory, 1).unwrap();
         writer.finish().unwrap();
-        let pages = StorePages { store, map };
+        let pages = StorePages {
+            store,
+            map,
+            missing: None,
+        };
         let mut buf = [1u8; PAGE_SIZE];
         assert!(!pages.read_page(0, &mut buf).unwrap());
         assert!(pages.read_page(1, &mut buf).unwrap());

@@ -18,6 +18,8 @@ pub struct NewSandbox {
     pub restored_nic: bool,
     /// Guest ports to expose on the host.
     pub ports: Vec<u16>,
+    /// Restored from a snapshot being fetched from the remote tier.
+    pub partial: Option<Arc<ember_remote::LazySnapshot>>,
 }
 
 /// The subfolder of a sandbox's folder that belongs to its VMM (overlay, stall reports).
@@ -50,7 +52,12 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
     }
     // A warm-pool VMM made ahead of time becomes this sandbox (its id, folders, jail and
     // cgroup included; a network's TAP queue goes to it with the assignment).
-    let pooled = state.pool.as_ref().and_then(|pool| pool.take(state));
+    // (Not for a snapshot being fetched from the remote: a pooled VMM's stdin carries its
+    // assignment, not a page channel.)
+    let pooled = match new.partial {
+        Some(_) => None,
+        None => state.pool.as_ref().and_then(|pool| pool.take(state)),
+    };
     let id = pooled
         .as_ref()
         .map_or_else(|| random_id("sb"), |vmm| vmm.id.clone());
@@ -163,7 +170,7 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         "sandbox {id}: folders, jail and network prepared in {:.1} ms",
         ms()
     );
-    let started = match start_vmm(state, &sandbox, &spec, pooled).await {
+    let started = match start_vmm(state, &sandbox, &spec, pooled, new.partial.clone()).await {
         Ok(ready_ms) => sandbox.open_ports(&new.ports).await.map(|()| ready_ms),
         Err(why) => Err(why),
     };
@@ -179,10 +186,21 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
                     let _ = early.agent().await;
                 });
                 // A snapshot not materialised yet (saved before the cache, or evicted) is,
-                // after this restore, for the next ones.
-                state
-                    .mem_cache
-                    .materialise_later(state.store.clone(), snapshot.clone());
+                // after this restore, for the next ones; one still in the remote once the
+                // rest of it is here.
+                match (&new.partial, &state.remote) {
+                    (Some(lazy), Some(tier)) => {
+                        let (state, snapshot) = (state.clone(), snapshot.clone());
+                        tier.complete_later(state.store.clone(), lazy.clone(), move || {
+                            state
+                                .mem_cache
+                                .materialise_later(state.store.clone(), snapshot)
+                        });
+                    }
+                    _ => state
+                        .mem_cache
+                        .materialise_later(state.store.clone(), snapshot.clone()),
+                }
             }
             state.metrics.record_start(restored, ready_ms);
             log::info!(
@@ -243,6 +261,7 @@ async fn start_vmm(
     sandbox: &Arc<Sandbox>,
     spec: &WorkerSpec,
     pooled: Option<crate::pool::IdleVmm>,
+    partial: Option<Arc<ember_remote::LazySnapshot>>,
 ) -> Result<f64, String> {
     let ((mut child, stdin), step) = match pooled {
         Some(vmm) => {
@@ -266,6 +285,11 @@ async fn start_vmm(
         r.pid = Some(pid);
         r.timeline.mark(step);
     });
+    // After the process is held: on failure the caller kills it.
+    if let Some(lazy) = partial {
+        crate::remote::RemoteTier::serve_pages(state.store.clone(), lazy, &stdin, &sandbox.id)
+            .map_err(|e| format!("cannot hand the VMM its page channel: {e}"))?;
+    }
     let stdout = child.stdout.take().ok_or("the VMM has no stdout")?;
 
     // Whatever happens next, the watcher reports the VMM's end.
@@ -275,14 +299,28 @@ async fn start_vmm(
         let cgroups = state.cgroups.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
+            let mut oom = None;
             if let Some(cgroups) = cgroups {
                 let id = sandbox.id.clone();
-                let _ = tokio::task::spawn_blocking(move || cgroups.remove(&id)).await;
+                oom = tokio::task::spawn_blocking(move || {
+                    let oom = cgroups.oom_kills(&id);
+                    cgroups.remove(&id);
+                    oom
+                })
+                .await
+                .ok()
+                .flatten();
             }
-            let code = match &status {
+            let mut code = match &status {
                 Ok(s) => describe_vmm_exit(*s),
                 Err(e) => e.to_string(),
             };
+            if let Some((kills, limit)) = oom.filter(|(kills, _)| *kills > 0) {
+                code.push_str(&format!(
+                    "; its cgroup's memory limit of {} MiB was hit ({kills} OOM kill(s))",
+                    limit >> 20
+                ));
+            }
             let why = format!(
                 "the VMM process (pid {pid}) ended ({code}): {}",
                 log_tail(&sandbox.dir)

@@ -66,7 +66,7 @@ impl Vmm {
         config: &VmConfig,
         store: Arc<Store>,
         id: &str,
-        options: VmmOptions,
+        mut options: VmmOptions,
         mode: RestoreMode,
     ) -> Result<Vmm, VmmError> {
         let fail = |source: PersistError| VmmError::Restore {
@@ -76,7 +76,17 @@ impl Vmm {
         let refuse = |reason: String| fail(PersistError::Refused(reason));
         let timeline = Arc::new(crate::timeline::Timeline::new(options.start));
         let phase = |what: &str| timeline.mark(what);
-        let manifest = store.load_manifest(id).map_err(|e| fail(e.into()))?;
+        let partial = options.partial.take();
+        let manifest = match &partial {
+            Some(partial) if partial.manifest.id != id => {
+                return Err(refuse(format!(
+                    "the partial snapshot given is {:?}",
+                    partial.manifest.id
+                )))
+            }
+            Some(partial) => partial.manifest.clone(),
+            None => store.load_manifest(id).map_err(|e| fail(e.into()))?,
+        };
         match store
             .index_snapshot(&manifest)
             .map_err(|e| fail(e.into()))?
@@ -160,6 +170,7 @@ impl Vmm {
             &store,
             options.mem_cache.as_ref(),
             mode,
+            partial.as_ref(),
         )
         .map_err(|e| fail(e.into()))?;
         let (mem, lazy) = (restored.mem, restored.lazy);

@@ -1,0 +1,330 @@
+//! Restoring a snapshot this host lacks without downloading it whole first.
+//!
+//! [`Remote::prepare_lazy`] fetches what a restore reads before its guest runs (manifest,
+//! state, maps, disk chunks) and the pages of the working set recorded for the snapshot, in
+//! a few large parallel ranges, into the local store. The guest's other pages arrive on
+//! demand ([`LazySnapshot::page`]): a page's whole neighbourhood in its pack (a window of
+//! [`WINDOW_BYTES`]) comes with one ranged download, concurrent requests for one window wait
+//! for the same download, and every object is verified against its hash before it is kept.
+//! [`LazySnapshot::complete`] then fetches the rest and saves the snapshot locally, so later
+//! restores on this host need no remote at all.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use ember_snapshot_store::{GcHold, Hash, PageRef, Store, StoredObject};
+
+use crate::fetch::{FetchReport, SnapshotHead};
+use crate::index::RemoteObject;
+use crate::{Remote, RemoteError, Result};
+
+/// Bytes of a pack one on-demand download covers (aligned; packs keep a snapshot's pages in
+/// guest order, so a window holds a page's neighbours).
+pub const WINDOW_BYTES: u64 = 1 << 20;
+
+/// What preparing a lazy restore fetched.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrepareReport {
+    /// The manifest, maps, state and disk chunks, and the working set's pages.
+    pub fetched: FetchReport,
+    /// Pages in the recorded working set (0: none was pushed).
+    pub working_set_pages: usize,
+}
+
+/// A window: its pack and its number in it.
+type WindowKey = (Arc<str>, u64);
+
+/// A download of one window, which other requests for the same window wait on.
+#[derive(Default)]
+struct Window {
+    /// `Some(true)` once its objects are kept, `Some(false)` if the download failed.
+    outcome: Mutex<Option<bool>>,
+    done: Condvar,
+}
+
+impl Window {
+    fn finish(&self, ok: bool) {
+        *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(ok);
+        self.done.notify_all();
+    }
+
+    fn wait(&self) -> bool {
+        let mut outcome = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        while outcome.is_none() {
+            outcome = self.done.wait(outcome).unwrap_or_else(|p| p.into_inner());
+        }
+        outcome.unwrap_or(false)
+    }
+}
+
+/// A snapshot being restored from the remote: serves its pages, fetching them as asked.
+pub struct LazySnapshot {
+    remote: Arc<Remote>,
+    head: SnapshotHead,
+    working_set: Vec<u64>,
+    /// The memory's objects by remote pack, in offset order: what a window download takes.
+    by_pack: HashMap<Arc<str>, Vec<RemoteObject>>,
+    /// Verified objects fetched on demand, until [`LazySnapshot::complete`] stores them.
+    fetched: Mutex<HashMap<Hash, StoredObject>>,
+    windows: Mutex<HashMap<WindowKey, Arc<Window>>>,
+    report: Mutex<FetchReport>,
+    /// Objects written before the manifest that names them must survive a local GC: held
+    /// until [`LazySnapshot::complete`] saved the manifest.
+    gc_hold: Mutex<Option<GcHold>>,
+    completing: AtomicBool,
+}
+
+impl Remote {
+    /// Prepares a lazy restore of snapshot `id` into `local` (see the module's comment).
+    pub fn prepare_lazy(self: &Arc<Self>, local: &Store, id: &str) -> Result<LazySnapshot> {
+        let gc_hold = local.hold_gc().map_err(self.local())?;
+        let mut writer = local.writer().map_err(self.local())?;
+        let mut report = PrepareReport::default();
+        let head = self.fetch_head(local, &mut writer, id, &mut report.fetched)?;
+        let working_set = match self.working_set(id) {
+            Ok(recorded) => recorded.map(|r| r.pages).unwrap_or_default(),
+            // Advisory: a damaged one costs speed, not the restore.
+            Err(e) if !e.is_unavailable() => {
+                log::warn!("snapshot {id}: not using its remote working set: {e}");
+                Vec::new()
+            }
+            Err(e) => return Err(e),
+        };
+        report.working_set_pages = working_set.len();
+        let mut first: Vec<Hash> = head.disk_chunks.clone();
+        first.extend(working_set.iter().filter_map(|&page| {
+            match head.memory.pages.get(usize::try_from(page).ok()?) {
+                Some(PageRef::Object(hash)) => Some(*hash),
+                _ => None,
+            }
+        }));
+        self.fetch_objects(local, &mut writer, &first, &mut report.fetched, false)?;
+        writer.finish().map_err(self.local())?;
+
+        let mut by_pack: HashMap<Arc<str>, Vec<RemoteObject>> = HashMap::new();
+        let mut seen = HashSet::new();
+        for hash in head.memory_objects() {
+            if !seen.insert(hash) || local.contains(&hash) {
+                continue;
+            }
+            let found = self.locate(&hash).ok_or_else(|| {
+                self.corrupt(
+                    self.manifest_key(id).as_ref(),
+                    format!("page object {hash} is in none of the packs it lists"),
+                )
+            })?;
+            by_pack.entry(found.pack.clone()).or_default().push(found);
+        }
+        for objects in by_pack.values_mut() {
+            objects.sort_by_key(|o| o.entry.offset);
+        }
+        Ok(LazySnapshot {
+            remote: self.clone(),
+            head,
+            working_set,
+            by_pack,
+            fetched: Mutex::new(HashMap::new()),
+            windows: Mutex::new(HashMap::new()),
+            report: Mutex::new(report.fetched),
+            gc_hold: Mutex::new(Some(gc_hold)),
+            completing: AtomicBool::new(false),
+        })
+    }
+}
+
+impl LazySnapshot {
+    /// The snapshot's manifest as a local store would keep it.
+    pub fn manifest(&self) -> ember_snapshot_store::Manifest {
+        self.head.local_manifest()
+    }
+
+    /// The pages its restores touched first, as recorded on whichever host pushed them.
+    pub fn working_set(&self) -> &[u64] {
+        &self.working_set
+    }
+
+    /// True the first time it is called: the caller is the one to [`LazySnapshot::complete`]
+    /// it.
+    pub fn start_completing(&self) -> bool {
+        !self.completing.swap(true, Ordering::SeqCst)
+    }
+
+    /// Everything fetched so far.
+    pub fn report(&self) -> FetchReport {
+        lock(&self.report).clone()
+    }
+
+    /// Guest page `index`'s content (`None`: an all-zero page), from what was fetched, from
+    /// `local`, or downloaded now with its window.
+    pub fn page(&self, local: &Store, index: u64) -> Result<Option<Vec<u8>>> {
+        let hash = match usize::try_from(index)
+            .ok()
+            .and_then(|i| self.head.memory.pages.get(i))
+        {
+            Some(PageRef::Object(hash)) => *hash,
+            Some(PageRef::Zero) => return Ok(None),
+            None => {
+                return Err(self.remote.corrupt(
+                    &self.head.manifest.id,
+                    format!(
+                        "page {index} asked for, beyond its {} pages",
+                        self.head.memory.pages.len()
+                    ),
+                ))
+            }
+        };
+        if let Some(content) = self.kept(local, &hash)? {
+            return Ok(Some(content));
+        }
+        let object = self.remote.locate(&hash).ok_or_else(|| {
+            self.remote.corrupt(
+                &self.head.manifest.id,
+                format!("page object {hash} is in no pack"),
+            )
+        })?;
+        let key = (object.pack.clone(), object.entry.offset / WINDOW_BYTES);
+        let (window, owner) = {
+            let mut windows = lock(&self.windows);
+            match windows.get(&key) {
+                Some(window) => (window.clone(), false),
+                None => {
+                    let window = Arc::new(Window::default());
+                    windows.insert(key.clone(), window.clone());
+                    (window, true)
+                }
+            }
+        };
+        if owner {
+            let fetched = self.fetch_window(&key.0, key.1);
+            if fetched.is_err() {
+                // The next request for this window tries again.
+                lock(&self.windows).remove(&key);
+            }
+            window.finish(fetched.is_ok());
+            fetched?;
+        } else if !window.wait() {
+            return Err(RemoteError::RangeFailed {
+                remote: self.remote.url.clone(),
+                key: format!("packs/{}.pack", key.0),
+            });
+        }
+        self.kept(local, &hash)?.map(Some).ok_or_else(|| {
+            self.remote.corrupt(
+                &format!("packs/{}.pack", key.0),
+                format!("its index lists {hash} but the download of its window lacked it"),
+            )
+        })
+    }
+
+    /// Object `hash`'s content if it was fetched already or `local` has it.
+    fn kept(&self, local: &Store, hash: &Hash) -> Result<Option<Vec<u8>>> {
+        if let Some(object) = lock(&self.fetched).get(hash) {
+            let origin = PathBuf::from(&self.remote.url);
+            // Verified when fetched; decompressed (and checked again: cheap) per request.
+            return object
+                .verify(&origin)
+                .map(Some)
+                .map_err(|e| self.remote.local()(e));
+        }
+        if local.contains(hash) {
+            return local.read(hash).map(Some).map_err(self.remote.local());
+        }
+        Ok(None)
+    }
+
+    /// Downloads window `window` of `pack`: the memory objects that start in it, verified.
+    fn fetch_window(&self, pack: &Arc<str>, window: u64) -> Result<()> {
+        let objects = self.by_pack.get(pack).map_or(&[][..], Vec::as_slice);
+        let from = window * WINDOW_BYTES;
+        let first = objects.partition_point(|o| o.entry.offset < from);
+        let last = objects.partition_point(|o| o.entry.offset < from + WINDOW_BYTES);
+        let objects = &objects[first..last];
+        let (Some(start), Some(end)) = (
+            objects.first().map(|o| o.entry.offset),
+            objects
+                .iter()
+                .map(|o| o.entry.offset + u64::from(o.entry.stored_len))
+                .max(),
+        ) else {
+            return Ok(());
+        };
+        let key = self.remote.key(&["packs", &format!("{pack}.pack")]);
+        let bytes = self.remote.block_on(self.remote.request(
+            "GET",
+            &key,
+            self.remote.bucket_get_range(&key, start..end),
+        ))?;
+        let origin = PathBuf::from(format!("{}/{key}", self.remote.url));
+        let mut verified = Vec::with_capacity(objects.len());
+        for object in objects {
+            let at = (object.entry.offset - start) as usize;
+            let stored = bytes
+                .get(at..at + object.entry.stored_len as usize)
+                .ok_or_else(|| {
+                    self.remote
+                        .corrupt(key.as_ref(), "shorter than its index says".into())
+                })?;
+            let stored = StoredObject {
+                hash: object.entry.hash,
+                flags: object.entry.flags,
+                raw_len: object.entry.raw_len,
+                bytes: stored.to_vec(),
+            };
+            // A damaged object is never kept, so never served.
+            stored
+                .verify(&origin)
+                .map_err(|e| self.remote.damaged(&key, e))?;
+            verified.push(stored);
+        }
+        {
+            let mut report = lock(&self.report);
+            report.requests += 1;
+            report.bytes_fetched += bytes.len() as u64;
+            report.objects_fetched += verified.len() as u64;
+        }
+        let mut fetched = lock(&self.fetched);
+        for object in verified {
+            fetched.insert(object.hash, object);
+        }
+        Ok(())
+    }
+
+    /// Fetches every page not fetched yet and saves the snapshot in `local` (the objects
+    /// fetched on demand included): later restores of it on this host are local ones.
+    pub fn complete(&self, local: &Store) -> Result<FetchReport> {
+        let mut writer = local.writer().map_err(self.remote.local())?;
+        let origin = PathBuf::from(&self.remote.url);
+        let kept: Vec<StoredObject> = lock(&self.fetched).values().cloned().collect();
+        let have: HashSet<Hash> = kept.iter().map(|o| o.hash).collect();
+        for object in &kept {
+            writer
+                .put_stored(object, &origin)
+                .map_err(self.remote.local())?;
+        }
+        let rest: Vec<Hash> = self
+            .head
+            .memory_objects()
+            .filter(|h| !have.contains(h))
+            .collect();
+        let mut report = FetchReport::default();
+        self.remote
+            .fetch_objects(local, &mut writer, &rest, &mut report, false)?;
+        writer
+            .commit(&self.head.local_manifest())
+            .map_err(self.remote.local())?;
+        // Everything is in `local` now; what was kept here is found there.
+        lock(&self.fetched).clear();
+        lock(&self.gc_hold).take();
+        let mut total = lock(&self.report);
+        total.requests += report.requests;
+        total.bytes_fetched += report.bytes_fetched;
+        total.objects_fetched += report.objects_fetched;
+        Ok(report)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
