@@ -113,7 +113,22 @@ impl Remote {
         writer
             .commit(&head.local_manifest())
             .map_err(self.local())?;
+        self.keep_working_set(local, id);
         Ok(report)
+    }
+
+    /// Saves the working set the remote has for snapshot `id` (now in `local`) for the
+    /// next restores here; advisory, so a failure is only logged.
+    pub(crate) fn keep_working_set(&self, local: &Store, id: &str) {
+        let kept = self.working_set(id).and_then(|recorded| match recorded {
+            Some(r) => local
+                .save_working_set(id, &r.pages, r.restores)
+                .map_err(self.local()),
+            None => Ok(()),
+        });
+        if let Err(e) = kept {
+            log::warn!("snapshot {id}: not keeping its remote working set: {e}");
+        }
     }
 
     /// Fetches what a restore of snapshot `id` reads before anything else: its manifest, the

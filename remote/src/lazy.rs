@@ -316,6 +316,7 @@ impl LazySnapshot {
             .map_err(self.remote.local())?;
         // Everything is in `local` now; what was kept here is found there.
         lock(&self.fetched).clear();
+        self.remote.keep_working_set(local, &self.head.manifest.id);
         lock(&self.gc_hold).take();
         let mut total = lock(&self.report);
         total.requests += report.requests;

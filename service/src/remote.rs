@@ -108,7 +108,7 @@ impl RemoteTier {
             .map_err(api_error)?;
         let report = lazy.report();
         log::info!(
-            "snapshot {id}: restoring from {} — {} objects, {} bytes in {} requests before \
+            "snapshot {id}: restoring from {}: {} objects, {} bytes in {} requests before \
              the guest runs ({} working-set pages) in {:.1} ms; the rest on demand",
             self.remote.url(),
             report.objects_fetched,

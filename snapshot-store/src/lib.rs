@@ -65,6 +65,7 @@ mod fsutil;
 mod hash;
 mod maintenance;
 mod manifest;
+mod manifests;
 mod map;
 mod mem_cache;
 mod pack;

@@ -291,4 +291,50 @@ mod tests {
         assert!(pages.read_page(3, &mut buf).unwrap_err().contains("beyond"));
         std::fs::remove_dir_all(dir).ok();
     }
+
+    /// Sends each page filled with one byte, whatever the snapshot holds.
+    struct Filled(u8);
+
+    impl PageSource for Filled {
+        fn read_page(&self, _index: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<bool, String> {
+            buf.fill(self.0);
+            Ok(self.0 != 0)
+        }
+    }
+
+    #[test]
+    fn pages_the_store_lacks_come_from_elsewhere_and_are_checked_against_their_hash() {
+        let dir = std::env::temp_dir().join(format!("ember-snap-partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (whole, partial) = (dir.join("whole"), dir.join("partial"));
+        let full = Store::open(&whole).unwrap();
+        let mut writer = full.writer().unwrap();
+        let mut memory = vec![0u8; 3 * PAGE_SIZE];
+        memory[PAGE_SIZE..2 * PAGE_SIZE].fill(7);
+        memory[2 * PAGE_SIZE..].fill(9);
+        let map = writer.put_memory(&memory, 1).unwrap();
+        writer.finish().unwrap();
+        // This store has page 2's content only.
+        let store = Arc::new(Store::open(&partial).unwrap());
+        let mut writer = store.writer().unwrap();
+        writer.put_page(&[9u8; PAGE_SIZE]).unwrap();
+        writer.finish().unwrap();
+        let pages = |source: u8| StorePages {
+            store: store.clone(),
+            map: map.clone(),
+            missing: Some(Arc::new(Filled(source))),
+        };
+        let mut buf = [1u8; PAGE_SIZE];
+        // The right content is taken; the store's own pages never go elsewhere.
+        assert!(pages(7).read_page(1, &mut buf).unwrap());
+        assert_eq!(buf, [7u8; PAGE_SIZE]);
+        assert!(pages(5).read_page(2, &mut buf).unwrap());
+        assert_eq!(buf, [9u8; PAGE_SIZE]);
+        // Wrong content, or a zero page for a stored one, is refused.
+        let wrong = pages(5).read_page(1, &mut buf).unwrap_err();
+        assert!(wrong.contains("does not match its hash"), "{wrong}");
+        let zero = pages(0).read_page(1, &mut buf).unwrap_err();
+        assert!(zero.contains("came as a zero page"), "{zero}");
+        std::fs::remove_dir_all(dir).ok();
+    }
 }

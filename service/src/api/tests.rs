@@ -1,0 +1,437 @@
+//! The router's checks and handlers against a service state without VMs.
+
+use super::*;
+use crate::{mem_cache, ServiceConfig};
+use axum::body::Body;
+use axum::http::Request;
+use http_body_util::BodyExt;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use tower::ServiceExt;
+
+fn state(dir: &std::path::Path) -> Arc<AppState> {
+    Arc::new(AppState {
+        config: ServiceConfig {
+            state_dir: dir.to_path_buf(),
+            store_dir: dir.join("store"),
+            kernel: "/nonexistent/vmlinux".into(),
+            rootfs: "/nonexistent/rootfs.ext4".into(),
+            vmm_program: "/nonexistent/ember-vmm".into(),
+            max_sandboxes: 4,
+            jail: None,
+            retention: Duration::from_secs(3600),
+        },
+        sandboxes: Mutex::new(HashMap::new()),
+        store: ember_sandbox::defaults::open_store(&dir.join("store")).unwrap(),
+        metrics: metrics::Metrics::default(),
+        gc: Arc::default(),
+        cgroups: None,
+        mem_cache: Arc::new(mem_cache::MemoryCache::new(
+            dir.join("mem-cache"),
+            1 << 30,
+            None,
+        )),
+        pool: None,
+        remote: None,
+    })
+}
+
+async fn call(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    body: impl Into<Body>,
+) -> (StatusCode, serde_json::Value) {
+    let request = Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(body.into())
+        .unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn bad_requests_get_json_errors_with_the_right_status() {
+    let dir = std::env::temp_dir().join(format!("ember-api-unit-{}", std::process::id()));
+    let app = router(state(&dir));
+    let cases: &[(&str, &str, String, StatusCode, &str)] = &[
+        (
+            "POST",
+            "/sandboxes",
+            "{oops".into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/sandboxes",
+            r#"{"colour":1}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/sandboxes",
+            r#"{"memory_mib":64}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/sandboxes",
+            r#"{"vcpus":0}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/sandboxes",
+            r#"{"timeout_s":0}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/sandboxes",
+            r#"{"image":"x","snapshot":"y"}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/sandboxes",
+            r#"{"snapshot":"none"}"#.into(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "POST",
+            "/sandboxes",
+            r#"{"env":{"A=B":"c"}}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/sandboxes",
+            r#"{"disk_limits":{"bytes_per_sec":0}}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/sandboxes",
+            r#"{"net_limits":{"tx":{"bytes_per_sec":0}},"network":{"mode":"egress"}}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/sandboxes",
+            r#"{"net_limits":{"rx":{"bytes_per_sec":1000}}}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/sandboxes",
+            r#"{"net_limits":{"up":{"bytes_per_sec":1000}}}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/sandboxes",
+            r#"{"disk_limits":{"iops":10}}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "GET",
+            "/sandboxes/sb-x",
+            String::new(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "DELETE",
+            "/sandboxes/sb-x",
+            String::new(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "POST",
+            "/sandboxes/sb-x/exec",
+            r#"{"cmd":"true"}"#.into(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "POST",
+            "/sandboxes/sb-x/exec",
+            r#"{"cmd":"true","x":1}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "GET",
+            "/sandboxes/sb-x/files?path=../x",
+            String::new(),
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            "DELETE",
+            "/snapshots/none",
+            String::new(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "DELETE",
+            "/snapshots/..",
+            String::new(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "POST",
+            "/snapshots/none/fork",
+            r#"{"count":0}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/snapshots/none/fork",
+            r#"{"count":2}"#.into(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "GET",
+            "/nowhere",
+            String::new(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "PATCH",
+            "/sandboxes",
+            String::new(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            "POST",
+            "/sandboxes",
+            format!(r#"{{"env":{{"A":"{}"}}}}"#, "x".repeat(MAX_JSON_BODY)),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+        ),
+    ];
+    for (method, uri, body, status, code) in cases {
+        let (got, doc) = call(&app, method, uri, body.clone()).await;
+        assert_eq!(got, *status, "{method} {uri}: {doc}");
+        assert_eq!(doc["error"]["code"], *code, "{method} {uri}: {doc}");
+        assert!(doc["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+    }
+    let (status, doc) = call(&app, "GET", "/snapshots", "").await;
+    assert_eq!((status, doc), (StatusCode::OK, json!({"snapshots": []})));
+    let (status, doc) = call(&app, "GET", "/openapi.json", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(doc["openapi"], "3.0.3");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Stores a snapshot `id` of `pages` pages of noise seeded by `seed`.
+fn store_snapshot(store: &ember_snapshot_store::Store, id: &str, pages: usize, seed: u64) {
+    use ember_snapshot_store::{Manifest, MemoryRef, ObjectKind, PAGE_SIZE};
+    let mut x = seed | 1;
+    let mem: Vec<u8> = (0..pages * PAGE_SIZE)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let mut w = store.writer().unwrap();
+    let map = w.put_memory(&mem, 1).unwrap();
+    let chunks = map.store(&mut w).unwrap();
+    let state = w.put(ObjectKind::VmState, id.as_bytes()).unwrap();
+    let m = Manifest::new(
+        id,
+        state,
+        MemoryRef {
+            size_bytes: map.size_bytes(),
+            page_size: PAGE_SIZE as u32,
+            map_chunks: chunks,
+        },
+    );
+    w.commit(&m).unwrap();
+}
+
+fn pack_bytes(store_dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(store_dir.join("packs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.metadata().unwrap().len())
+        .sum()
+}
+
+#[test]
+fn ended_sandboxes_are_deleted_after_the_retention_period_and_live_ones_never() {
+    let dir = std::env::temp_dir().join(format!("ember-api-ret-{}", std::process::id()));
+    let state = state(&dir);
+    let make = |id: &str, s: SandboxState| {
+        let sandbox = Arc::new(Sandbox::for_test(
+            dir.join(id),
+            id,
+            ember_sandbox::control::WorkerOrigin::Boot,
+            s,
+        ));
+        std::fs::create_dir_all(dir.join(id)).unwrap();
+        sandbox.update(|_| {});
+        state
+            .sandboxes
+            .lock()
+            .unwrap()
+            .insert(id.into(), sandbox.clone());
+        sandbox
+    };
+    let running = make("sb-running", SandboxState::Running);
+    let stopped = make("sb-stopped", SandboxState::Stopped);
+    let ended = stopped
+        .record()
+        .ended_unix_ms
+        .expect("an ended sandbox says when");
+    assert_eq!(running.record().ended_unix_ms, None);
+    let hour = 3600 * 1000;
+    sandbox::remove_ended(&state, ended + hour - 1);
+    assert_eq!(state.sandboxes.lock().unwrap().len(), 2);
+    sandbox::remove_ended(&state, ended + hour);
+    let left: Vec<String> = state.sandboxes.lock().unwrap().keys().cloned().collect();
+    assert_eq!(left, ["sb-running"]);
+    assert!(!dir.join("sb-stopped").exists());
+    assert!(dir.join("sb-running").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_snapshot_in_use_is_kept_and_a_deleted_one_is_reclaimed_in_the_background() {
+    let dir = std::env::temp_dir().join(format!("ember-api-gc-{}", std::process::id()));
+    let state = state(&dir);
+    let store_dir = state.config.store_dir.clone();
+    store_snapshot(&state.store, "keep", 64, 1);
+    store_snapshot(&state.store, "drop", 64, 2);
+    let before = pack_bytes(&store_dir);
+    let restored = |id: &str, s: SandboxState| {
+        Arc::new(Sandbox::for_test(
+            dir.join(id),
+            id,
+            ember_sandbox::control::WorkerOrigin::Restore {
+                snapshot: "drop".into(),
+                mode: ember_vmm::RestoreMode::Lazy,
+                partial: None,
+            },
+            s,
+        ))
+    };
+    for (id, s) in [
+        ("sb-live", SandboxState::Running),
+        ("sb-old", SandboxState::Stopped),
+    ] {
+        state
+            .sandboxes
+            .lock()
+            .unwrap()
+            .insert(id.into(), restored(id, s));
+    }
+    let app = router(state.clone());
+    tokio::spawn(state.gc.clone().run(state.store.clone()));
+
+    // A live sandbox restored from it may still load its memory from it: refused.
+    let (status, doc) = call(&app, "DELETE", "/snapshots/drop", "").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{doc}");
+    let message = doc["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("sb-live") && !message.contains("sb-old"),
+        "{message}"
+    );
+    assert!(state.store.load_manifest("drop").is_ok());
+    assert_eq!(state.gc.runs.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // Once that sandbox has stopped, the delete goes through and GC frees its pages.
+    state
+        .sandbox("sb-live")
+        .unwrap()
+        .update(|r| r.state = SandboxState::Stopped);
+    let (status, _) = call(&app, "DELETE", "/snapshots/drop", "").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while state.gc.runs.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no GC ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = pack_bytes(&store_dir);
+    assert!(
+        after < before - 60 * 4096,
+        "{before} bytes of packs before, {after} after"
+    );
+    assert!(
+        state
+            .gc
+            .bytes_reclaimed
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 60 * 4096
+    );
+    // The other snapshot is whole.
+    let fresh = ember_sandbox::defaults::open_store(&store_dir).unwrap();
+    assert!(fresh.verify().unwrap().is_clean());
+    let m = fresh.load_manifest("keep").unwrap();
+    let map = fresh.load_memory_map(&m).unwrap();
+    let mut mem = vec![0u8; map.size_bytes() as usize];
+    map.restore_into(&fresh, &mut mem).unwrap();
+    let request = Request::builder()
+        .uri("/metrics")
+        .body(Body::empty())
+        .unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let text = response.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.contains("ember_store_gc_runs_total 1\n"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_openapi_document_names_every_route() {
+    let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+    for path in [
+        "/sandboxes",
+        "/sandboxes/{id}",
+        "/sandboxes/{id}/exec",
+        "/sandboxes/{id}/files",
+        "/sandboxes/{id}/files/mkdir",
+        "/sandboxes/{id}/commands/{cid}",
+        "/sandboxes/{id}/commands/{cid}/kill",
+        "/sandboxes/{id}/pause",
+        "/sandboxes/{id}/resume",
+        "/sandboxes/{id}/faults",
+        "/sandboxes/{id}/timeout",
+        "/sandboxes/{id}/snapshots",
+        "/snapshots",
+        "/snapshots/{id}",
+        "/snapshots/{id}/fork",
+        "/metrics",
+        "/healthz",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} is not documented");
+    }
+}
