@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use ember_snapshot_store::{GcHold, Hash, PageRef, Store, StoredObject};
@@ -23,6 +23,9 @@ use crate::{Remote, RemoteError, Result};
 /// Bytes of a pack one on-demand download covers (aligned; packs keep a snapshot's pages in
 /// guest order, so a window holds a page's neighbours).
 pub const WINDOW_BYTES: u64 = 1 << 20;
+
+/// Windows [`LazySnapshot::complete`] downloads before it stores what they held.
+const COMPLETE_BATCH_WINDOWS: usize = 32;
 
 /// What preparing a lazy restore fetched.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -185,9 +188,21 @@ impl LazySnapshot {
             )
         })?;
         let key = (object.pack.clone(), object.entry.offset / WINDOW_BYTES);
+        self.ensure_window(&key)?;
+        self.kept(local, &hash)?.map(Some).ok_or_else(|| {
+            self.remote.corrupt(
+                &format!("packs/{}.pack", key.0),
+                format!("its index lists {hash} but the download of its window lacked it"),
+            )
+        })
+    }
+
+    /// Makes sure window `key` was downloaded: by this call, or by the one already doing it
+    /// (whose outcome this one waits for).
+    fn ensure_window(&self, key: &WindowKey) -> Result<()> {
         let (window, owner) = {
             let mut windows = lock(&self.windows);
-            match windows.get(&key) {
+            match windows.get(key) {
                 Some(window) => (window.clone(), false),
                 None => {
                     let window = Arc::new(Window::default());
@@ -200,22 +215,18 @@ impl LazySnapshot {
             let fetched = self.fetch_window(&key.0, key.1);
             if fetched.is_err() {
                 // The next request for this window tries again.
-                lock(&self.windows).remove(&key);
+                lock(&self.windows).remove(key);
             }
             window.finish(fetched.is_ok());
-            fetched?;
-        } else if !window.wait() {
-            return Err(RemoteError::RangeFailed {
+            fetched
+        } else if window.wait() {
+            Ok(())
+        } else {
+            Err(RemoteError::RangeFailed {
                 remote: self.remote.url.clone(),
                 key: format!("packs/{}.pack", key.0),
-            });
+            })
         }
-        self.kept(local, &hash)?.map(Some).ok_or_else(|| {
-            self.remote.corrupt(
-                &format!("packs/{}.pack", key.0),
-                format!("its index lists {hash} but the download of its window lacked it"),
-            )
-        })
     }
 
     /// Object `hash`'s content if it was fetched already or `local` has it.
@@ -292,37 +303,84 @@ impl LazySnapshot {
     }
 
     /// Fetches every page not fetched yet and saves the snapshot in `local` (the objects
-    /// fetched on demand included): later restores of it on this host are local ones.
+    /// fetched on demand included): later restores of it on this host are local ones. The
+    /// downloads are the same windows the guest's faults ask for, a few at once in pack
+    /// order: a fault in a window being fetched here waits for that download rather than
+    /// making its own. What arrives is stored a batch at a time, so the objects held in
+    /// memory stay bounded.
     pub fn complete(&self, local: &Store) -> Result<FetchReport> {
-        let mut writer = local.writer().map_err(self.remote.local())?;
-        let origin = PathBuf::from(&self.remote.url);
+        let before = self.report();
+        let mut keys: Vec<WindowKey> = self
+            .by_pack
+            .iter()
+            .flat_map(|(pack, objects)| {
+                objects
+                    .iter()
+                    .map(|o| (pack.clone(), o.entry.offset / WINDOW_BYTES))
+            })
+            .collect();
+        keys.sort();
+        keys.dedup();
+        let threads = self.remote.options.parallel_fetches.clamp(1, 8);
+        for batch in keys.chunks(COMPLETE_BATCH_WINDOWS) {
+            let next = AtomicUsize::new(0);
+            let failure: Mutex<Option<RemoteError>> = Mutex::new(None);
+            std::thread::scope(|scope| {
+                for _ in 0..threads.min(batch.len()) {
+                    scope.spawn(|| {
+                        while let Some(key) = batch.get(next.fetch_add(1, Ordering::Relaxed)) {
+                            if lock(&failure).is_some() {
+                                return;
+                            }
+                            if let Err(e) = self.ensure_window(key) {
+                                lock(&failure).get_or_insert(e);
+                            }
+                        }
+                    });
+                }
+            });
+            if let Some(e) = lock(&failure).take() {
+                return Err(e);
+            }
+            self.store_fetched(local)?;
+        }
+        // Objects fetched on demand for windows this pass did not list (none, normally).
+        self.store_fetched(local)?;
+        local
+            .writer()
+            .and_then(|writer| writer.commit(&self.head.local_manifest()))
+            .map_err(self.remote.local())?;
+        self.remote.keep_working_set(local, &self.head.manifest.id);
+        lock(&self.gc_hold).take();
+        let after = self.report();
+        Ok(FetchReport {
+            objects_fetched: after.objects_fetched - before.objects_fetched,
+            bytes_fetched: after.bytes_fetched - before.bytes_fetched,
+            requests: after.requests - before.requests,
+            objects_present: 0,
+        })
+    }
+
+    /// Writes the objects fetched so far into `local` (sealed: readable there at once), and
+    /// stops holding them here.
+    fn store_fetched(&self, local: &Store) -> Result<()> {
         let kept: Vec<StoredObject> = lock(&self.fetched).values().cloned().collect();
-        let have: HashSet<Hash> = kept.iter().map(|o| o.hash).collect();
+        if kept.is_empty() {
+            return Ok(());
+        }
+        let origin = PathBuf::from(&self.remote.url);
+        let mut writer = local.writer().map_err(self.remote.local())?;
         for object in &kept {
             writer
                 .put_stored(object, &origin)
                 .map_err(self.remote.local())?;
         }
-        let rest: Vec<Hash> = self
-            .head
-            .memory_objects()
-            .filter(|h| !have.contains(h))
-            .collect();
-        let mut report = FetchReport::default();
-        self.remote
-            .fetch_objects(local, &mut writer, &rest, &mut report, false)?;
-        writer
-            .commit(&self.head.local_manifest())
-            .map_err(self.remote.local())?;
-        // Everything is in `local` now; what was kept here is found there.
-        lock(&self.fetched).clear();
-        self.remote.keep_working_set(local, &self.head.manifest.id);
-        lock(&self.gc_hold).take();
-        let mut total = lock(&self.report);
-        total.requests += report.requests;
-        total.bytes_fetched += report.bytes_fetched;
-        total.objects_fetched += report.objects_fetched;
-        Ok(report)
+        writer.finish().map_err(self.remote.local())?;
+        let mut fetched = lock(&self.fetched);
+        for object in &kept {
+            fetched.remove(&object.hash);
+        }
+        Ok(())
     }
 }
 

@@ -250,6 +250,18 @@ fn a_lazy_restore_fetches_its_working_set_first_and_the_rest_by_coalesced_window
     assert_eq!(rest.objects_fetched, 0, "{rest:?}");
     assert_eq!(restore(&b, "s"), mem);
     drop(lazy);
+    // A third host completes one without a single page asked for: the same windows, all.
+    let c = host(&dir, "c");
+    let bulk = other.prepare_lazy(&c, "s").unwrap();
+    let done = bulk.complete(&c).unwrap();
+    assert!(done.requests <= on_demand.requests - prepared.requests, "{done:?}");
+    assert_eq!(restore(&c, "s"), mem);
+    assert_eq!(
+        c.load_working_set("s").unwrap().map(|w| w.pages),
+        Some(working_set.clone()),
+        "the remote's working set is kept with it"
+    );
+    drop(bulk);
     // The working set was pushed with it, and goes with its manifest.
     other.delete_snapshot("s").unwrap();
     assert!(other.working_set("s").unwrap().is_none());

@@ -24,6 +24,7 @@ pub mod pool;
 pub mod ports;
 pub mod process;
 pub mod remote;
+pub mod remote_cache;
 pub mod sandbox;
 pub mod snapshots;
 pub mod timeline;
@@ -112,11 +113,16 @@ pub struct ServeArgs {
     /// Bound on one request to the remote, in seconds.
     #[arg(long, default_value_t = 30)]
     pub remote_timeout_s: u64,
-    /// How long a sandbox restored from a snapshot only the remote had runs before the rest
-    /// of that snapshot is fetched in the background (the guest's own page faults go
-    /// first), in seconds; once it is here, later restores are local.
-    #[arg(long, default_value_t = 2)]
+    /// How long after its VMM starts a restore of a snapshot only the remote had begins
+    /// fetching the rest of that snapshot in the background, in seconds (until then only
+    /// the pages the guest touches come); once it is here, later restores are local.
+    #[arg(long, default_value_t = 0)]
     pub remote_rest_after_s: u64,
+    /// Bound on the bytes of snapshots this host fetched from the remote (not those it
+    /// took): past it, the least recently restored are dropped here (the remote keeps
+    /// them). Default: no bound.
+    #[arg(long, value_name = "BYTES")]
+    pub remote_cache_bytes: Option<u64>,
 }
 
 pub struct ServiceConfig {
@@ -312,6 +318,10 @@ pub fn serve(args: ServeArgs) -> i32 {
                         r,
                         args.push,
                         Duration::from_secs(args.remote_rest_after_s),
+                        remote_cache::RemoteCache::load(
+                            state_dir.join("remote-cache.json"),
+                            args.remote_cache_bytes,
+                        ),
                     )))
                 }
                 Err(e) => {

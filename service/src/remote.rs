@@ -50,6 +50,8 @@ pub struct RemoteTier {
     pub policy: PushPolicy,
     /// How long a restore from the remote runs before the rest of its snapshot is fetched.
     rest_after: Duration,
+    /// The snapshots this host fetched, within `--remote-cache-bytes`.
+    pub cache: crate::remote_cache::RemoteCache,
     placements: Mutex<HashMap<String, Placement>>,
     /// Snapshots being restored from the remote: concurrent restores of one share its
     /// downloads.
@@ -73,11 +75,17 @@ pub fn api_error(e: RemoteError) -> ApiError {
 }
 
 impl RemoteTier {
-    pub fn new(remote: Remote, policy: PushPolicy, rest_after: Duration) -> RemoteTier {
+    pub fn new(
+        remote: Remote,
+        policy: PushPolicy,
+        rest_after: Duration,
+        cache: crate::remote_cache::RemoteCache,
+    ) -> RemoteTier {
         RemoteTier {
             remote: Arc::new(remote),
             policy,
             rest_after,
+            cache,
             placements: Mutex::new(HashMap::new()),
             partial: Mutex::new(HashMap::new()),
         }
@@ -159,7 +167,7 @@ impl RemoteTier {
         self: &Arc<Self>,
         store: Arc<Store>,
         lazy: Arc<LazySnapshot>,
-        done: impl FnOnce() + Send + 'static,
+        done: impl FnOnce(u64) + Send + 'static,
     ) {
         if !lazy.start_completing() {
             return;
@@ -184,7 +192,7 @@ impl RemoteTier {
                         total.bytes_fetched,
                         total.requests
                     );
-                    done();
+                    done(total.bytes_fetched);
                 }
                 Ok(Err(e)) => log::warn!("snapshot {id}: fetching the rest failed: {e}"),
                 Err(e) => log::warn!("snapshot {id}: fetching the rest ended: {e}"),
@@ -287,8 +295,8 @@ impl RemoteTier {
         });
     }
 
-    /// Fetches snapshot `id` into `store` (it is not there).
-    pub async fn fetch(&self, store: Arc<Store>, id: &str) -> Result<(), ApiError> {
+    /// Fetches snapshot `id` into `store` (it is not there); the bytes downloaded.
+    pub async fn fetch(&self, store: Arc<Store>, id: &str) -> Result<u64, ApiError> {
         let remote = self.remote.clone();
         let owned = id.to_string();
         let start = std::time::Instant::now();
@@ -307,7 +315,7 @@ impl RemoteTier {
             report.objects_present
         );
         self.placements().insert(id.to_string(), Placement::Remote);
-        Ok(())
+        Ok(report.bytes_fetched)
     }
 
     /// Deletes snapshot `id`'s remote manifest; `Ok(false)` if the remote did not have it.

@@ -65,13 +65,19 @@ async fn load_or_prepare(
     match (load_manifest(state, id).await, &state.remote) {
         (Err(e), Some(tier)) if e.status == StatusCode::NOT_FOUND => {
             if matches!(mode, RestoreMode::File | RestoreMode::Eager) {
-                tier.fetch(state.store.clone(), id).await?;
+                let bytes = tier.fetch(state.store.clone(), id).await?;
+                crate::remote_cache::record_fetched(state, id, bytes).await;
                 return Ok((load_manifest(state, id).await?, None));
             }
             let lazy = tier.prepare_lazy(state.store.clone(), id).await?;
             Ok((lazy.manifest(), Some(lazy)))
         }
-        (result, _) => result.map(|manifest| (manifest, None)),
+        (result, tier) => {
+            if let (Ok(_), Some(tier)) = (&result, tier) {
+                tier.cache.touch(id);
+            }
+            result.map(|manifest| (manifest, None))
+        }
     }
 }
 
@@ -329,7 +335,11 @@ pub async fn delete(
     // remote that cannot be reached refuses the delete, rather than leave a copy there that
     // the next create would bring back.
     let remote = match &state.remote {
-        Some(tier) => tier.delete(&id).await?,
+        Some(tier) => {
+            let had = tier.delete(&id).await?;
+            tier.cache.forget(&id);
+            had
+        }
         None => false,
     };
     let store = state.store.clone();
@@ -367,7 +377,7 @@ pub async fn push(
 }
 
 /// Ids of the sandboxes restored from `snapshot` whose VMM may still run, sorted.
-fn live_sandboxes_restored_from(state: &AppState, snapshot: &str) -> Vec<String> {
+pub(crate) fn live_sandboxes_restored_from(state: &AppState, snapshot: &str) -> Vec<String> {
     let mut ids: Vec<String> = state
         .sandboxes
         .lock()
