@@ -1973,7 +1973,11 @@ fn vmtest_a_snapshot_saved_on_one_host_resumes_on_another_through_the_remote_tie
     let url = format!("s3://{}/hosts", S3Server::BUCKET);
     let options = ["--remote", url.as_str(), "--remote-timeout-s", "5"];
     let a = Service::start_with("remote-a", &options);
-    let b = Service::start_with("remote-b", &options);
+    // B keeps as little of what it fetches as it may.
+    let b = Service::start_with(
+        "remote-b",
+        &[&options[..], &["--remote-cache-bytes", "1"]].concat(),
+    );
     // (All three start before any sandbox: a starting service removes the sandbox cgroups
     // it does not know, and these share one cgroup root.)
     let c = Service::start_with(
@@ -2027,6 +2031,16 @@ fn vmtest_a_snapshot_saved_on_one_host_resumes_on_another_through_the_remote_tie
     );
     wait_remote(&a, "for-c", "remote");
     let stranded = c.create(json!({"snapshot": "for-c"}));
+
+    // B, over its bound on fetched snapshots, drops the one no sandbox uses any more when
+    // it fetches another (whole, for a `file` restore), and keeps the new one.
+    assert!(local.exists(), "in use by a live sandbox, kept");
+    b.call("DELETE", &format!("/sandboxes/{restored}"), None, 204);
+    let restored = b.create(json!({"snapshot": "for-c", "restore_mode": "file"}));
+    assert!(!local.exists(), "{}", b.log());
+    assert!(b.state.join("store/manifests/for-c").exists());
+    let seen = b.call("GET", "/snapshots/installed", None, 200);
+    assert_eq!(seen["remote"], "remote", "still in the remote: {seen}");
 
     // With the remote gone: a push fails and says so, a restore of a snapshot only the
     // remote had fails at once with 503 naming the remote, and local work goes on.

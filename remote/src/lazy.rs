@@ -25,7 +25,9 @@ use crate::{Remote, RemoteError, Result};
 pub const WINDOW_BYTES: u64 = 1 << 20;
 
 /// Windows [`LazySnapshot::complete`] downloads before it stores what they held.
-const COMPLETE_BATCH_WINDOWS: usize = 32;
+const COMPLETE_BATCH_WINDOWS: usize = 64;
+/// Neighbouring windows [`LazySnapshot::complete`] asks for in one download.
+const BULK_RUN_WINDOWS: usize = 8;
 
 /// What preparing a lazy restore fetched.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -200,33 +202,69 @@ impl LazySnapshot {
     /// Makes sure window `key` was downloaded: by this call, or by the one already doing it
     /// (whose outcome this one waits for).
     fn ensure_window(&self, key: &WindowKey) -> Result<()> {
-        let (window, owner) = {
-            let mut windows = lock(&self.windows);
-            match windows.get(key) {
-                Some(window) => (window.clone(), false),
-                None => {
-                    let window = Arc::new(Window::default());
-                    windows.insert(key.clone(), window.clone());
-                    (window, true)
-                }
-            }
-        };
-        if owner {
-            let fetched = self.fetch_window(&key.0, key.1);
-            if fetched.is_err() {
-                // The next request for this window tries again.
-                lock(&self.windows).remove(key);
-            }
-            window.finish(fetched.is_ok());
-            fetched
-        } else if window.wait() {
-            Ok(())
-        } else {
-            Err(RemoteError::RangeFailed {
+        if let Some(window) = self.claim(key) {
+            let fetched = self.fetch_windows(&key.0, key.1, 1);
+            self.settle(std::slice::from_ref(key), &[window], fetched.is_ok());
+            return fetched;
+        }
+        let window = lock(&self.windows).get(key).cloned();
+        match window {
+            // Failed and forgotten meanwhile: try it here.
+            None => self.ensure_window(key),
+            Some(window) if window.wait() => Ok(()),
+            Some(_) => Err(RemoteError::RangeFailed {
                 remote: self.remote.url.clone(),
                 key: format!("packs/{}.pack", key.0),
-            })
+            }),
         }
+    }
+
+    /// Window `key`, if no one has downloaded it or is downloading it: the caller does now.
+    fn claim(&self, key: &WindowKey) -> Option<Arc<Window>> {
+        let mut windows = lock(&self.windows);
+        if windows.contains_key(key) {
+            return None;
+        }
+        let window = Arc::new(Window::default());
+        windows.insert(key.clone(), window.clone());
+        Some(window)
+    }
+
+    /// Ends the downloads of `keys` (claimed as `windows`): waiters learn how it went, and a
+    /// failed window can be claimed again.
+    fn settle(&self, keys: &[WindowKey], windows: &[Arc<Window>], ok: bool) {
+        if !ok {
+            let mut map = lock(&self.windows);
+            for key in keys {
+                map.remove(key);
+            }
+        }
+        for window in windows {
+            window.finish(ok);
+        }
+    }
+
+    /// Downloads `run` (consecutive windows of one pack) with as few requests as windows
+    /// no one else claimed allow.
+    fn fetch_run(&self, run: &[WindowKey]) -> Result<()> {
+        let mut at = 0;
+        while at < run.len() {
+            let mut claimed = Vec::new();
+            while let Some(window) = run.get(at + claimed.len()).and_then(|k| self.claim(k)) {
+                claimed.push(window);
+            }
+            if claimed.is_empty() {
+                self.ensure_window(&run[at])?;
+                at += 1;
+                continue;
+            }
+            let keys = &run[at..at + claimed.len()];
+            let fetched = self.fetch_windows(&keys[0].0, keys[0].1, claimed.len() as u64);
+            self.settle(keys, &claimed, fetched.is_ok());
+            fetched?;
+            at += claimed.len();
+        }
+        Ok(())
     }
 
     /// Object `hash`'s content if it was fetched already or `local` has it.
@@ -245,12 +283,13 @@ impl LazySnapshot {
         Ok(None)
     }
 
-    /// Downloads window `window` of `pack`: the memory objects that start in it, verified.
-    fn fetch_window(&self, pack: &Arc<str>, window: u64) -> Result<()> {
+    /// Downloads `count` windows of `pack` from window `first` in one request: the memory
+    /// objects that start in them, verified.
+    fn fetch_windows(&self, pack: &Arc<str>, first: u64, count: u64) -> Result<()> {
         let objects = self.by_pack.get(pack).map_or(&[][..], Vec::as_slice);
-        let from = window * WINDOW_BYTES;
+        let (from, to) = (first * WINDOW_BYTES, (first + count) * WINDOW_BYTES);
         let first = objects.partition_point(|o| o.entry.offset < from);
-        let last = objects.partition_point(|o| o.entry.offset < from + WINDOW_BYTES);
+        let last = objects.partition_point(|o| o.entry.offset < to);
         let objects = &objects[first..last];
         let (Some(start), Some(end)) = (
             objects.first().map(|o| o.entry.offset),
@@ -321,18 +360,31 @@ impl LazySnapshot {
             .collect();
         keys.sort();
         keys.dedup();
+        // Runs of neighbouring windows, each one download where no fault got there first.
+        let mut runs: Vec<&[WindowKey]> = Vec::new();
+        let mut start = 0;
+        for i in 1..=keys.len() {
+            let joins = keys.get(i).is_some_and(|k| {
+                k.0 == keys[i - 1].0 && k.1 == keys[i - 1].1 + 1 && i - start < BULK_RUN_WINDOWS
+            });
+            if !joins {
+                runs.push(&keys[start..i]);
+                start = i;
+            }
+        }
         let threads = self.remote.options.parallel_fetches.clamp(1, 8);
-        for batch in keys.chunks(COMPLETE_BATCH_WINDOWS) {
+        let runs_per_batch = (COMPLETE_BATCH_WINDOWS / BULK_RUN_WINDOWS).max(1);
+        for batch in runs.chunks(runs_per_batch) {
             let next = AtomicUsize::new(0);
             let failure: Mutex<Option<RemoteError>> = Mutex::new(None);
             std::thread::scope(|scope| {
                 for _ in 0..threads.min(batch.len()) {
                     scope.spawn(|| {
-                        while let Some(key) = batch.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        while let Some(run) = batch.get(next.fetch_add(1, Ordering::Relaxed)) {
                             if lock(&failure).is_some() {
                                 return;
                             }
-                            if let Err(e) = self.ensure_window(key) {
+                            if let Err(e) = self.fetch_run(run) {
                                 lock(&failure).get_or_insert(e);
                             }
                         }

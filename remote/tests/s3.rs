@@ -254,7 +254,10 @@ fn a_lazy_restore_fetches_its_working_set_first_and_the_rest_by_coalesced_window
     let c = host(&dir, "c");
     let bulk = other.prepare_lazy(&c, "s").unwrap();
     let done = bulk.complete(&c).unwrap();
-    assert!(done.requests <= on_demand.requests - prepared.requests, "{done:?}");
+    assert!(
+        done.requests <= on_demand.requests - prepared.requests,
+        "{done:?}"
+    );
     assert_eq!(restore(&c, "s"), mem);
     assert_eq!(
         c.load_working_set("s").unwrap().map(|w| w.pages),

@@ -113,9 +113,9 @@ pub struct ServeArgs {
     /// Bound on one request to the remote, in seconds.
     #[arg(long, default_value_t = 30)]
     pub remote_timeout_s: u64,
-    /// How long after its VMM starts a restore of a snapshot only the remote had begins
-    /// fetching the rest of that snapshot in the background, in seconds (until then only
-    /// the pages the guest touches come); once it is here, later restores are local.
+    /// How long after it is ready a sandbox restored from a snapshot only the remote had
+    /// begins fetching the rest of that snapshot in the background, in seconds (until then
+    /// only the pages the guest touches come); once it is here, later restores are local.
     #[arg(long, default_value_t = 0)]
     pub remote_rest_after_s: u64,
     /// Bound on the bytes of snapshots this host fetched from the remote (not those it

@@ -2,8 +2,9 @@
 //! (`--remote-cache-bytes`): once the snapshots this host fetched (rather than took) add up
 //! to more, the least recently restored of them are dropped from the local store (their
 //! manifests here; their objects at the next GC). The remote keeps them: a later restore
-//! fetches again. Snapshots taken on this host are never dropped, nor a snapshot live
-//! sandboxes were restored from (their memory may still be loading from it).
+//! fetches again. Snapshots taken on this host are never dropped, nor the one just fetched,
+//! nor a snapshot live sandboxes were restored from (their memory may still be loading
+//! from it).
 //!
 //! What was fetched, how much and when each was last restored is kept in
 //! `STATE_DIR/remote-cache.json`, so the bound holds across service restarts.
@@ -112,14 +113,16 @@ pub async fn record_fetched(state: &Arc<AppState>, id: &str, bytes: u64) {
         );
         let victims = match cache.bound {
             Some(bound) => {
-                let in_use: Vec<String> = fetched
+                // The one just fetched is about to be restored.
+                let keep: Vec<String> = fetched
                     .keys()
                     .filter(|k| {
-                        !crate::snapshots::live_sandboxes_restored_from(state, k).is_empty()
+                        k.as_str() == id
+                            || !crate::snapshots::live_sandboxes_restored_from(state, k).is_empty()
                     })
                     .cloned()
                     .collect();
-                over_bound(&fetched, bound, &in_use)
+                over_bound(&fetched, bound, &keep)
             }
             None => Vec::new(),
         };

@@ -170,21 +170,6 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         "sandbox {id}: folders, jail and network prepared in {:.1} ms",
         ms()
     );
-    if let (Some(lazy), Some(tier), WorkerOrigin::Restore { snapshot, .. }) =
-        (&new.partial, &state.remote, &new.origin)
-    {
-        // The rest of the snapshot comes in the background from now on, by the same window
-        // downloads the guest's faults use (a fault waits for one under way).
-        let (state, snapshot) = (state.clone(), snapshot.clone());
-        tier.complete_later(state.store.clone(), lazy.clone(), move |bytes| {
-            state
-                .mem_cache
-                .materialise_later(state.store.clone(), snapshot.clone());
-            tokio::spawn(async move {
-                crate::remote_cache::record_fetched(&state, &snapshot, bytes).await
-            });
-        });
-    }
     let started = match start_vmm(state, &sandbox, &spec, pooled, new.partial.clone()).await {
         Ok(ready_ms) => sandbox.open_ports(&new.ports).await.map(|()| ready_ms),
         Err(why) => Err(why),
@@ -201,12 +186,24 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
                     let _ = early.agent().await;
                 });
                 // A snapshot not materialised yet (saved before the cache, or evicted) is,
-                // after this restore, for the next ones (one still arriving from the remote
-                // once it is here).
-                if new.partial.is_none() {
-                    state
+                // after this restore, for the next ones; one still arriving from the remote
+                // once the rest of it is here, which comes in the background from now on
+                // (by the same window downloads the guest's faults use).
+                match (&new.partial, &state.remote) {
+                    (Some(lazy), Some(tier)) => {
+                        let (state, snapshot) = (state.clone(), snapshot.clone());
+                        tier.complete_later(state.store.clone(), lazy.clone(), move |bytes| {
+                            state
+                                .mem_cache
+                                .materialise_later(state.store.clone(), snapshot.clone());
+                            tokio::spawn(async move {
+                                crate::remote_cache::record_fetched(&state, &snapshot, bytes).await
+                            });
+                        });
+                    }
+                    _ => state
                         .mem_cache
-                        .materialise_later(state.store.clone(), snapshot.clone());
+                        .materialise_later(state.store.clone(), snapshot.clone()),
                 }
             }
             state.metrics.record_start(restored, ready_ms);
