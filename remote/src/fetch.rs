@@ -218,18 +218,7 @@ impl Remote {
                 report.bytes_fetched += bytes.len() as u64;
                 let origin = PathBuf::from(format!("{}/{key}", self.url));
                 for object in &span.objects {
-                    let at = (object.entry.offset - span.start) as usize;
-                    let stored = bytes
-                        .get(at..at + object.entry.stored_len as usize)
-                        .ok_or_else(|| {
-                            self.corrupt(key.as_ref(), "shorter than its index says".into())
-                        })?;
-                    let stored = StoredObject {
-                        hash: object.entry.hash,
-                        flags: object.entry.flags,
-                        raw_len: object.entry.raw_len,
-                        bytes: stored.to_vec(),
-                    };
+                    let stored = self.cut(&key, &bytes, span.start, object)?;
                     if keep {
                         let content = stored.verify(&origin).map_err(|e| self.damaged(&key, e))?;
                         kept.insert(stored.hash, content);
@@ -243,6 +232,27 @@ impl Remote {
             Ok::<_, RemoteError>(())
         })?;
         Ok(kept)
+    }
+
+    /// Object `object` out of `bytes`, the range of pack `key` from offset `start` (not yet
+    /// verified).
+    pub(crate) fn cut(
+        &self,
+        key: &object_store::path::Path,
+        bytes: &[u8],
+        start: u64,
+        object: &RemoteObject,
+    ) -> Result<StoredObject> {
+        let at = (object.entry.offset - start) as usize;
+        let stored = bytes
+            .get(at..at + object.entry.stored_len as usize)
+            .ok_or_else(|| self.corrupt(key.as_ref(), "shorter than its index says".into()))?;
+        Ok(StoredObject {
+            hash: object.entry.hash,
+            flags: object.entry.flags,
+            raw_len: object.entry.raw_len,
+            bytes: stored.to_vec(),
+        })
     }
 
     /// A corrupt object is the remote's fault; anything else the local store's.

@@ -309,19 +309,7 @@ impl LazySnapshot {
         let origin = PathBuf::from(format!("{}/{key}", self.remote.url));
         let mut verified = Vec::with_capacity(objects.len());
         for object in objects {
-            let at = (object.entry.offset - start) as usize;
-            let stored = bytes
-                .get(at..at + object.entry.stored_len as usize)
-                .ok_or_else(|| {
-                    self.remote
-                        .corrupt(key.as_ref(), "shorter than its index says".into())
-                })?;
-            let stored = StoredObject {
-                hash: object.entry.hash,
-                flags: object.entry.flags,
-                raw_len: object.entry.raw_len,
-                bytes: stored.to_vec(),
-            };
+            let stored = self.remote.cut(&key, &bytes, start, object)?;
             // A damaged object is never kept, so never served.
             stored
                 .verify(&origin)

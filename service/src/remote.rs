@@ -107,13 +107,13 @@ impl RemoteTier {
         if let Some(live) = lock(&self.partial).get(id).and_then(Weak::upgrade) {
             return Ok(live);
         }
-        let remote = self.remote.clone();
-        let owned = id.to_string();
         let start = std::time::Instant::now();
-        let lazy = tokio::task::spawn_blocking(move || remote.prepare_lazy(&store, &owned))
-            .await
-            .map_err(|e| ApiError::internal(format!("preparing snapshot {id}: {e}")))?
-            .map_err(api_error)?;
+        let owned = id.to_string();
+        let lazy = self
+            .blocking("preparing", id, move |remote| {
+                remote.prepare_lazy(&store, &owned)
+            })
+            .await?;
         let report = lazy.report();
         log::info!(
             "snapshot {id}: restoring from {}: {} objects, {} bytes in {} requests before \
@@ -295,15 +295,27 @@ impl RemoteTier {
         });
     }
 
+    /// Runs `work` on the remote off the async threads; `what` names it in an error.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        what: &str,
+        id: &str,
+        work: impl FnOnce(&Arc<Remote>) -> Result<T, RemoteError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let remote = self.remote.clone();
+        tokio::task::spawn_blocking(move || work(&remote))
+            .await
+            .map_err(|e| ApiError::internal(format!("{what} snapshot {id}: {e}")))?
+            .map_err(api_error)
+    }
+
     /// Fetches snapshot `id` into `store` (it is not there); the bytes downloaded.
     pub async fn fetch(&self, store: Arc<Store>, id: &str) -> Result<u64, ApiError> {
-        let remote = self.remote.clone();
-        let owned = id.to_string();
         let start = std::time::Instant::now();
-        let report = tokio::task::spawn_blocking(move || remote.fetch(&store, &owned))
-            .await
-            .map_err(|e| ApiError::internal(format!("fetching snapshot {id}: {e}")))?
-            .map_err(api_error)?;
+        let owned = id.to_string();
+        let report = self
+            .blocking("fetching", id, move |remote| remote.fetch(&store, &owned))
+            .await?;
         log::info!(
             "snapshot {id} fetched from {} in {:.1} s: {} objects, {} bytes in {} requests \
              ({} here already)",
@@ -320,18 +332,16 @@ impl RemoteTier {
 
     /// Deletes snapshot `id`'s remote manifest; `Ok(false)` if the remote did not have it.
     pub async fn delete(&self, id: &str) -> Result<bool, ApiError> {
-        let remote = self.remote.clone();
         let owned = id.to_string();
-        let had = tokio::task::spawn_blocking(move || {
-            let had = remote.has_snapshot(&owned)?;
-            if had {
-                remote.delete_snapshot(&owned)?;
-            }
-            Ok::<_, RemoteError>(had)
-        })
-        .await
-        .map_err(|e| ApiError::internal(format!("deleting snapshot {id}: {e}")))?
-        .map_err(api_error)?;
+        let had = self
+            .blocking("deleting", id, move |remote| {
+                let had = remote.has_snapshot(&owned)?;
+                if had {
+                    remote.delete_snapshot(&owned)?;
+                }
+                Ok(had)
+            })
+            .await?;
         self.placements().remove(id);
         Ok(had)
     }
