@@ -2,7 +2,7 @@
 //! and the `ember` CLI against a live service with real sandboxes.
 
 mod common;
-use common::memory_objects;
+use common::{memory_objects, S3Server};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -1881,73 +1881,6 @@ fn vmtest_hundreds_of_requests_to_a_silent_agent_harm_no_other_sandbox() {
     }
     for id in [&silent, &other] {
         service.call("DELETE", &format!("/sandboxes/{id}"), None, 204);
-    }
-}
-
-/// An S3-compatible server on loopback for the remote-tier test (the `moto` package's server
-/// mode), with one bucket; killed when dropped.
-struct S3Server {
-    child: Child,
-}
-
-impl S3Server {
-    const BUCKET: &'static str = "ember-share";
-
-    fn start() -> S3Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap()
-            .port();
-        let child = Command::new("python3")
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the moto S3 server");
-        let server = S3Server { child };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let made = Command::new("curl")
-                .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT"])
-                .arg(format!("http://127.0.0.1:{port}/{}", S3Server::BUCKET))
-                .output()
-                .unwrap();
-            if text(&made.stdout) == "200" {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the S3 server did not start");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        // The services reach it through the standard environment, as they would S3.
-        for (name, value) in [
-            ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}")),
-            ("AWS_ALLOW_HTTP", "true".into()),
-            ("AWS_REGION", "us-east-1".into()),
-            ("AWS_ACCESS_KEY_ID", "testing".into()),
-            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
-        ] {
-            // The VM tests run one per process: nothing else reads the environment meanwhile.
-            std::env::set_var(name, value);
-        }
-        server
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 

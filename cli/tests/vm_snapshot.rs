@@ -1,7 +1,7 @@
 //! Snapshot and restore end to end (`vmtest_*`: hardware KVM or the lab).
 
 mod common;
-use common::{memory_objects, output_within, COMMAND_LIMIT};
+use common::{memory_objects, output_within, S3Server, COMMAND_LIMIT};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -724,4 +724,71 @@ fn vmtest_a_snapshot_holding_a_connection_restores_through_a_transport_reset() {
     // Its restore resets the guest's connections and reaches the agent again.
     let restored = restore_ok(&store, "held", &[], "echo after");
     assert_eq!(text(&restored.stdout), "after\n");
+}
+
+#[test]
+fn vmtest_ember_run_and_restore_share_a_snapshot_through_a_remote_tier() {
+    let mut s3 = S3Server::start();
+    let url = format!("s3://{}/cli", S3Server::BUCKET);
+    let (a, b) = (TempStore::new("remote-a"), TempStore::new("remote-b"));
+    let (kernel, rootfs) = (artifact("EMBER_KERNEL"), artifact("EMBER_ROOTFS"));
+    // Host A saves a sandbox that wrote a file (to its disk's overlay), and pushes it.
+    let saved = ember(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--rootfs",
+        &rootfs,
+        "--cow",
+        "--store",
+        a.path(),
+        "--snapshot-on-exit",
+        "shared",
+        "--remote",
+        &url,
+        "--",
+        "sh",
+        "-c",
+        "echo made on a > /root/mark",
+    ]);
+    let said = text(&saved.stderr);
+    assert!(saved.status.success(), "{said}");
+    assert!(said.contains(&format!("shared pushed to {url}")), "{said}");
+
+    // Host B has nothing: the restore fetches what the VMM reads first, the guest's pages
+    // as it touches them, and the rest after the command, so the snapshot is then local.
+    let restored = ember(&[
+        "restore",
+        "shared",
+        "--store",
+        b.path(),
+        "--remote",
+        &url,
+        "--",
+        "cat",
+        "/root/mark",
+    ]);
+    let said = text(&restored.stderr);
+    assert!(restored.status.success(), "{said}");
+    assert_eq!(text(&restored.stdout), "made on a\n");
+    assert!(
+        said.contains("before the guest runs") && said.contains("now local"),
+        "{said}"
+    );
+    assert!(b.0.join("manifests/shared").exists(), "{said}");
+    assert!(!memory_objects(&b.0, "shared").is_empty());
+
+    // With the remote gone, B restores from its own store.
+    s3.kill();
+    let again = ember(&[
+        "restore",
+        "shared",
+        "--store",
+        b.path(),
+        "--",
+        "cat",
+        "/root/mark",
+    ]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(text(&again.stdout), "made on a\n");
 }
