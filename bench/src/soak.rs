@@ -512,8 +512,9 @@ fn leftovers(state_dir: &Path) -> Vec<String> {
             }
         }
     }
-    let cgroups = Path::new("/sys/fs/cgroup/ember-sandboxes");
-    if let Ok(entries) = std::fs::read_dir(cgroups) {
+    let cgroups = Path::new("/sys/fs/cgroup/ember-sandboxes")
+        .join(ember_service::cgroup::service_folder(state_dir));
+    if let Ok(entries) = std::fs::read_dir(&cgroups) {
         for entry in entries.flatten().filter(|e| e.path().is_dir()) {
             found.push(format!("cgroup {} remains", entry.path().display()));
         }

@@ -1,5 +1,7 @@
 //! cgroups v2 limits per sandbox: each VMM process starts inside its own cgroup (under
-//! `ember-sandboxes/` beside the service's), which caps its memory (the guest's RAM plus a
+//! `ember-sandboxes/SERVICE/` beside the service's, where SERVICE is named after the
+//! service's state directory: a service removing the leftovers of its previous run never
+//! touches another service's sandboxes), which caps its memory (the guest's RAM plus a
 //! stated overhead, no swap), its CPU time (its vCPUs' worth) and its tasks. A guest that
 //! fills its RAM, or a compromised VMM that allocates or spawns without end, stays inside.
 //!
@@ -21,6 +23,17 @@ pub const PIDS_MAX: u32 = 64;
 const CPU_PERIOD_US: u64 = 100_000;
 
 const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+
+/// The name of the cgroup folder, under `ember-sandboxes/`, of the sandboxes of the service
+/// whose state directory is `state_dir`.
+pub fn service_folder(state_dir: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let canonical = state_dir
+        .canonicalize()
+        .unwrap_or_else(|_| state_dir.to_path_buf());
+    let hash = blake3::hash(canonical.as_os_str().as_bytes());
+    format!("service-{}", &hash.to_hex()[..16])
+}
 
 /// The folder holding the sandboxes' cgroups.
 #[derive(Debug, Clone)]
@@ -128,8 +141,9 @@ fn set_cpu_limit(path: &Path, quota_us: u64) -> Result<(), CgroupError> {
 
 impl Cgroups {
     /// Finds the cgroup v2 hierarchy at `mount` (normally `/sys/fs/cgroup`), enables the
-    /// controllers for the service's children and makes `ember-sandboxes/`.
-    pub fn detect(mount: &Path) -> Result<Cgroups, CgroupError> {
+    /// controllers for the service's children and makes `ember-sandboxes/SERVICE/` for the
+    /// service whose state directory is `state_dir`.
+    pub fn detect(mount: &Path, state_dir: &Path) -> Result<Cgroups, CgroupError> {
         let controllers =
             std::fs::read_to_string(mount.join("cgroup.controllers")).map_err(|source| {
                 CgroupError::NoHierarchy {
@@ -172,7 +186,10 @@ impl Cgroups {
             );
             write(&subtree, enable.trim())?;
         }
-        let root = base.join("ember-sandboxes");
+        let all = base.join("ember-sandboxes");
+        make_dir(&all)?;
+        write(&all.join("cgroup.subtree_control"), enable.trim())?;
+        let root = all.join(service_folder(state_dir));
         make_dir(&root)?;
         write(&root.join("cgroup.subtree_control"), enable.trim())?;
         Ok(Cgroups { root })
@@ -284,16 +301,24 @@ impl Cgroups {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn each_state_directory_has_its_own_sandbox_folder() {
+        let a = service_folder(Path::new("/var/lib/ember-a"));
+        assert_eq!(a, service_folder(Path::new("/var/lib/ember-a")));
+        assert_ne!(a, service_folder(Path::new("/var/lib/ember-b")));
+        assert!(a.starts_with("service-") && a.len() == "service-".len() + 16);
+    }
+
     use super::*;
 
     #[test]
     fn a_host_without_cgroup_v2_is_reported_not_fatal() {
         let dir = std::env::temp_dir().join(format!("ember-cg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let err = Cgroups::detect(&dir).unwrap_err();
+        let err = Cgroups::detect(&dir, &dir).unwrap_err();
         assert!(err.to_string().contains("no cgroup v2 hierarchy"), "{err}");
         std::fs::write(dir.join("cgroup.controllers"), "cpu io\n").unwrap();
-        let err = Cgroups::detect(&dir).unwrap_err();
+        let err = Cgroups::detect(&dir, &dir).unwrap_err();
         assert!(
             err.to_string()
                 .contains("memory controller is not available"),

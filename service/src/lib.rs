@@ -331,6 +331,7 @@ pub fn serve(args: ServeArgs) -> i32 {
             }
         }
     };
+    let cgroups = cgroup::Cgroups::detect(std::path::Path::new("/sys/fs/cgroup"), &state_dir);
     let state = Arc::new(AppState {
         config: ServiceConfig {
             state_dir,
@@ -353,7 +354,7 @@ pub fn serve(args: ServeArgs) -> i32 {
         )),
         pool: (args.warm_pool > 0).then(|| Arc::new(pool::WarmPool::new(args.warm_pool))),
         remote,
-        cgroups: match cgroup::Cgroups::detect(std::path::Path::new("/sys/fs/cgroup")) {
+        cgroups: match cgroups {
             Ok(cgroups) => {
                 log::info!(
                     "sandboxes get cgroup v2 limits under {}",
