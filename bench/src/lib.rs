@@ -10,11 +10,12 @@
 //! A development tool: it lives outside the shipped programs and drives the `ember` beside it.
 //! It must not be a dependency of any product crate.
 
+mod remote;
 pub mod report;
 mod service;
 pub mod soak;
 
-use service::{Api, OwnService};
+use service::{Api, OwnService, ServiceOptions};
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -76,6 +77,12 @@ pub struct BenchArgs {
     /// a soak's service has none, so every cycle starts its own processes).
     #[arg(long, default_value_t = 2)]
     pub warm_pool: usize,
+    /// Also measure restores from a remote tier on empty hosts, lazy and whole, and the
+    /// uploads of identical installs from two hosts: `moto` (an S3-compatible server this
+    /// run starts on loopback) or `s3://BUCKET/PREFIX` (reached through the `AWS_*`
+    /// environment; the run writes under a prefix of its own there).
+    #[arg(long, value_name = "moto|URL", conflicts_with_all = ["socket", "render", "soak"])]
+    pub remote: Option<String>,
     /// Kernel and rootfs for the service this starts (default: as `ember serve`).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -377,10 +384,19 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
         return run_soak(args, cycles).await;
     }
     let runs = args.runs.unwrap_or(if args.quick { 3 } else { 5 }).max(1);
+    let remote = args
+        .remote
+        .as_deref()
+        .map(remote::RemoteSetup::new)
+        .transpose()?;
     let (own, socket, state_dir) = match &args.socket {
         Some(socket) => (None, socket.clone(), args.state_dir.clone()),
         None => {
-            let (service, socket) = OwnService::start(args)?;
+            let options = remote
+                .as_ref()
+                .map(remote::RemoteSetup::host_a)
+                .unwrap_or_default();
+            let (service, socket) = OwnService::start(args, &options)?;
             let state = service.state_dir.clone();
             (Some(service), socket, Some(state))
         }
@@ -418,6 +434,18 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
     }
 
     let fault_series = restores(&api, runs, cold_medians, &mut figures, &mut timelines).await?;
+    if let Some(setup) = &remote {
+        remote::measure(
+            args,
+            &api,
+            setup,
+            runs,
+            cold_medians,
+            &mut figures,
+            &mut timelines,
+        )
+        .await?;
+    }
 
     let density = density(&api, &mut notes).await;
 
@@ -495,7 +523,7 @@ async fn run_soak(args: &BenchArgs, cycles: u32) -> Result<i32, BenchError> {
         ),
         None => None,
     };
-    let (service, socket) = OwnService::start(args)?;
+    let (service, socket) = OwnService::start(args, &ServiceOptions::default())?;
     let api = Api(ApiClient::new(&socket));
     let report = soak::soak(
         &api,

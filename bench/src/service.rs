@@ -18,19 +18,35 @@ pub(crate) struct OwnService {
     pub(crate) state_dir: PathBuf,
 }
 
+/// What a service this run starts gets besides the run's kernel and rootfs.
+#[derive(Default, Clone)]
+pub(crate) struct ServiceOptions {
+    /// More `ember serve` arguments.
+    pub(crate) args: Vec<String>,
+    /// Its environment besides this process's.
+    pub(crate) env: Vec<(String, String)>,
+    /// Its warm pool (none: the run's `--warm-pool`; a soak's service has none).
+    pub(crate) warm_pool: Option<usize>,
+}
+
 impl OwnService {
-    pub(crate) fn start(args: &BenchArgs) -> Result<(OwnService, PathBuf), BenchError> {
+    pub(crate) fn start(
+        args: &BenchArgs,
+        options: &ServiceOptions,
+    ) -> Result<(OwnService, PathBuf), BenchError> {
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         // The `ember` program beside this one (cargo builds both into one folder).
         let exe = std::env::current_exe()
             .map_err(|e| BenchError::Service(e.to_string()))?
             .with_file_name("ember");
         let state_dir = std::env::temp_dir().join(format!(
-            "ember-bench-{}-{}",
+            "ember-bench-{}-{}-{}",
             std::process::id(),
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis())
-                .unwrap_or(0)
+                .unwrap_or(0),
+            STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&state_dir)
             .map_err(|e| BenchError::Service(format!("{}: {e}", state_dir.display())))?;
@@ -55,9 +71,17 @@ impl OwnService {
         if let Some(r) = &args.rootfs {
             cmd.arg("--rootfs").arg(r);
         }
-        if args.soak.is_none() {
-            cmd.arg("--warm-pool").arg(args.warm_pool.to_string());
+        match (options.warm_pool, args.soak) {
+            (Some(pool), _) => {
+                cmd.arg("--warm-pool").arg(pool.to_string());
+            }
+            (None, None) => {
+                cmd.arg("--warm-pool").arg(args.warm_pool.to_string());
+            }
+            (None, Some(_)) => {}
         }
+        cmd.args(&options.args)
+            .envs(options.env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .spawn()
             .map_err(|e| BenchError::Service(e.to_string()))?;
@@ -131,29 +155,36 @@ impl Api {
             .map_err(|e| e.to_string())
     }
 
+    /// The service's metrics `names` (each `None` if it has none by that name).
+    pub(crate) async fn metrics<const N: usize>(
+        &self,
+        names: [&str; N],
+    ) -> Result<[Option<u64>; N], String> {
+        let metrics = self
+            .0
+            .text(Method::GET, "/metrics")
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(names.map(|name| {
+            metrics.lines().find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+        }))
+    }
+
     /// Waits (up to a minute) until a service with a warm pool has it full (at once for one
     /// without).
     pub(crate) async fn wait_pool_full(&self) -> Result<(), String> {
         let deadline = Instant::now() + std::time::Duration::from_secs(60);
         loop {
-            let metrics = self
-                .0
-                .text(Method::GET, "/metrics")
-                .await
-                .map_err(|e| e.to_string())?;
-            let value = |name: &str| {
-                metrics.lines().find_map(|l| {
-                    l.strip_prefix(name)?
-                        .strip_prefix(' ')?
-                        .trim()
-                        .parse::<u64>()
-                        .ok()
-                })
-            };
-            let (Some(idle), Some(target)) = (
-                value("ember_warm_pool_idle"),
-                value("ember_warm_pool_target"),
-            ) else {
+            let [Some(idle), Some(target)] = self
+                .metrics(["ember_warm_pool_idle", "ember_warm_pool_target"])
+                .await?
+            else {
                 return Ok(());
             };
             if idle >= target {

@@ -33,7 +33,10 @@ fn bench(name: &str, args: &[&str]) -> (PathBuf, String, String) {
 
 #[test]
 fn vmtest_bench_quick_writes_a_report_with_ratios_and_charts() {
-    let (out, _, stderr) = bench("bench-test", &["--quick", "--runs", "1"]);
+    let (out, _, stderr) = bench(
+        "bench-test",
+        &["--quick", "--runs", "1", "--remote", "moto"],
+    );
 
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
@@ -83,6 +86,32 @@ fn vmtest_bench_quick_writes_a_report_with_ratios_and_charts() {
     }
     // Two sandboxes after the same install share most of their bytes.
     assert!(figure("store.dedup_ratio")["median"].as_f64().unwrap() > 2.0);
+    // Restores from the remote on an empty host, next to the cold boot; a lazy one downloads
+    // less before it is ready than a whole one does in all, a later one of the snapshot
+    // fetched by then downloads nothing; the second host's push of the same install uploads
+    // little of what the first one did.
+    let median = |name: &str| figure(name)["median"].as_f64().unwrap();
+    for start in ["remote.lazy", "remote.whole", "remote.warm"] {
+        let first = figure(&format!("{start}.first_exec_ms"));
+        assert!(first["ratio_to_cold"].as_f64().unwrap() > 0.0, "{first}");
+    }
+    let whole = median("remote.whole.downloaded_mib");
+    assert!(whole > 10.0, "a whole snapshot is {whole} MiB");
+    let before_ready = median("remote.lazy.before_ready_mib");
+    assert!(
+        before_ready > 0.0 && before_ready < whole,
+        "{before_ready} MiB before ready, {whole} MiB whole"
+    );
+    assert!(median("remote.lazy.downloaded_mib") >= before_ready);
+    assert!(median("remote.warm.downloaded_mib") < 0.1);
+    let (first, all) = (
+        median("remote.upload.first_mib"),
+        median("remote.upload.all_mib"),
+    );
+    assert!(
+        first > 10.0 && all < first * 1.5,
+        "{first} MiB, then {all} MiB for two"
+    );
     // 1, 2, 4 and 8 clones, restored in `file` and in `prefetch` mode.
     let density = report["density"].as_array().unwrap();
     assert_eq!(density.len(), 8, "{density:?}");

@@ -577,6 +577,7 @@ mod tests {
                 network: false,
                 memory_materialised: None,
                 remote: None,
+                local: None,
                 remote_error: None,
             },
             SnapshotInfo {
@@ -592,6 +593,7 @@ mod tests {
                 network: true,
                 memory_materialised: None,
                 remote: None,
+                local: None,
                 remote_error: None,
             },
         ];

@@ -2,7 +2,7 @@
 //! and the `ember` CLI against a live service with real sandboxes.
 
 mod common;
-use common::{memory_objects, S3Server};
+use common::{memory_objects, start_s3};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -365,7 +365,10 @@ fn vmtest_service_exec_streams_files_and_refuses_bad_requests() {
     let cgroup = membership
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
-        .filter(|p| p.ends_with(&format!("/ember-sandboxes/{id}")))
+        .filter(|p| {
+            let folder = ember_service::cgroup::service_folder(&service.state);
+            p.ends_with(&format!("/ember-sandboxes/{folder}/{id}"))
+        })
         .unwrap_or_else(|| panic!("the VMM is not in its sandbox's cgroup: {membership}"));
     let cgroup = std::path::Path::new("/sys/fs/cgroup").join(cgroup.trim_start_matches('/'));
     let read = |file: &str| {
@@ -1732,14 +1735,18 @@ fn vmtest_a_service_in_a_delegated_cgroup_moves_into_a_leaf_and_limits_its_sandb
         service.log()
     );
     let id = service.create(json!({}));
-    let sandbox_cgroup = unit.join("ember-sandboxes").join(&id);
+    let service_cgroups = unit
+        .join("ember-sandboxes")
+        .join(ember_service::cgroup::service_folder(&service.state));
+    let sandbox_cgroup = service_cgroups.join(&id);
     let memory_max = std::fs::read_to_string(sandbox_cgroup.join("memory.max")).unwrap();
     assert_eq!(memory_max.trim(), ((256u64 + 160) << 20).to_string());
     assert_eq!(service.sh(&id, "echo limited")["stdout"], "limited\n");
     service.call("DELETE", &format!("/sandboxes/{id}"), None, 204);
     service.terminate();
-    // Leaves first: the sandboxes' folder, the service's leaf, then the unit.
+    // Leaves first: the sandboxes' folders, the service's leaf, then the unit.
     for dir in [
+        service_cgroups,
         unit.join("ember-sandboxes"),
         unit.join("service"),
         unit.clone(),
@@ -1902,8 +1909,8 @@ fn wait_remote(service: &Service, id: &str, want: &str) -> Value {
 
 #[test]
 fn vmtest_a_snapshot_saved_on_one_host_resumes_on_another_through_the_remote_tier() {
-    let mut s3 = S3Server::start();
-    let url = format!("s3://{}/hosts", S3Server::BUCKET);
+    let mut s3 = start_s3("ember-share");
+    let url = s3.url("hosts");
     let options = ["--remote", url.as_str(), "--remote-timeout-s", "5"];
     let a = Service::start_with("remote-a", &options);
     // B keeps as little of what it fetches as it may.
@@ -1935,7 +1942,12 @@ fn vmtest_a_snapshot_saved_on_one_host_resumes_on_another_through_the_remote_tie
     assert!(!b.state.join("store/manifests/installed").exists());
     let seen = b.call("GET", "/snapshots/installed", None, 200);
     assert_eq!(seen["remote"], "remote", "{seen}");
+    assert_eq!(seen["local"], false, "{seen}");
     let restored = b.create(json!({"snapshot": "installed"}));
+    let before_ready = b.call("GET", &format!("/sandboxes/{restored}"), None, 200)["remote_fetch"]
+        ["bytes_before_ready"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("a lazy restore records what it fetched first: {}", b.log()));
     assert_eq!(
         b.sh(&restored, USE_DEP)["stdout"],
         "hello from a dependency\n"
@@ -1946,13 +1958,17 @@ fn vmtest_a_snapshot_saved_on_one_host_resumes_on_another_through_the_remote_tie
         assert!(Instant::now() < deadline, "{}", b.log());
         std::thread::sleep(Duration::from_millis(250));
     }
-    assert!(!memory_objects(&b.state.join("store"), "installed").is_empty());
-    let before_run = logged_number(&b, "bytes in", "before the guest runs");
-    let in_all = logged_number(&b, "bytes in", "requests in all, now local");
-    assert!(
-        before_run * 2 < in_all,
-        "{before_run} bytes fetched before the guest ran, {in_all} in all"
+    assert_eq!(
+        b.call("GET", "/snapshots/installed", None, 200)["local"],
+        true
     );
+    assert!(!memory_objects(&b.state.join("store"), "installed").is_empty());
+    let in_all = metric(&b, "ember_remote_downloaded_bytes_total");
+    assert!(
+        before_ready > 0 && before_ready * 2 < in_all,
+        "{before_ready} bytes fetched before ready, {in_all} in all"
+    );
+    assert!(metric(&a, "ember_remote_uploaded_bytes_total") >= in_all / 2);
 
     // Host C restores a snapshot only the remote has, and the remote dies before the rest of
     // it is fetched: the guest's next page that is not here stops the sandbox, saying why.
@@ -2032,20 +2048,4 @@ fn vmtest_a_snapshot_saved_on_one_host_resumes_on_another_through_the_remote_tie
     };
     let why = failed["failure"].as_str().unwrap_or_default();
     assert!(why.contains("guest page") && why.contains(&url), "{failed}");
-}
-
-/// The number logged just before `unit` on the service's last log line that holds `marker`.
-fn logged_number(service: &Service, unit: &str, marker: &str) -> u64 {
-    let log = service.log();
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains(marker))
-        .unwrap_or_else(|| panic!("no log line with {marker:?}:\n{log}"));
-    let before = line
-        .split(unit)
-        .next()
-        .and_then(|head| head.split_whitespace().last())
-        .and_then(|n| n.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok());
-    before.unwrap_or_else(|| panic!("no number before {unit:?} in {line:?}"))
 }

@@ -1,7 +1,7 @@
 //! Snapshot and restore end to end (`vmtest_*`: hardware KVM or the lab).
 
 mod common;
-use common::{memory_objects, output_within, S3Server, COMMAND_LIMIT};
+use common::{memory_objects, output_within, start_s3, COMMAND_LIMIT};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -728,8 +728,8 @@ fn vmtest_a_snapshot_holding_a_connection_restores_through_a_transport_reset() {
 
 #[test]
 fn vmtest_ember_run_and_restore_share_a_snapshot_through_a_remote_tier() {
-    let mut s3 = S3Server::start();
-    let url = format!("s3://{}/cli", S3Server::BUCKET);
+    let mut s3 = start_s3("ember-share");
+    let url = s3.url("cli");
     let (a, b) = (TempStore::new("remote-a"), TempStore::new("remote-b"));
     let (kernel, rootfs) = (artifact("EMBER_KERNEL"), artifact("EMBER_ROOTFS"));
     // Host A saves a sandbox that wrote a file (to its disk's overlay), and pushes it.

@@ -187,6 +187,10 @@ pub struct SnapshotInfo {
     /// `push_failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote: Option<String>,
+    /// With a remote tier (the service only): whether this host holds all of the snapshot
+    /// (false while only the remote does, or a restore from it is still fetching the rest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<bool>,
     /// Why the last push failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_error: Option<String>,

@@ -271,7 +271,11 @@ impl Remote {
         range: std::ops::Range<u64>,
     ) -> impl std::future::Future<Output = object_store::Result<bytes::Bytes>> + 'a {
         use object_store::ObjectStoreExt;
-        self.bucket.get_range(key, range)
+        async move {
+            let bytes = self.bucket.get_range(key, range).await?;
+            self.count_download(bytes.len());
+            Ok(bytes)
+        }
     }
 }
 

@@ -156,6 +156,31 @@ pub struct Remote {
     options: RemoteOptions,
     index: Mutex<RemoteIndex>,
     runtime: Option<tokio::runtime::Runtime>,
+    traffic: TrafficCounters,
+}
+
+/// What a [`Remote`] moved since it was opened, for a service's metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Requests made (each attempt the client's retries made counts once).
+    pub requests: u64,
+    /// Bytes of object bodies downloaded.
+    pub bytes_downloaded: u64,
+    /// Bytes of object bodies uploaded.
+    pub bytes_uploaded: u64,
+}
+
+#[derive(Default)]
+struct TrafficCounters {
+    requests: std::sync::atomic::AtomicU64,
+    bytes_downloaded: std::sync::atomic::AtomicU64,
+    bytes_uploaded: std::sync::atomic::AtomicU64,
+}
+
+impl TrafficCounters {
+    fn add(counter: &std::sync::atomic::AtomicU64, n: u64) {
+        counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Remote {
@@ -252,17 +277,32 @@ impl Remote {
             options,
             index: Mutex::new(RemoteIndex::default()),
             runtime: Some(runtime),
+            traffic: TrafficCounters::default(),
         })
     }
 
-    /// The remote's URL.
     /// The longest one request may take, its retries included.
     pub fn request_deadline(&self) -> Duration {
         self.options.request_timeout * 2
     }
 
+    /// The remote's URL.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Requests and bytes moved since this remote was opened.
+    pub fn traffic(&self) -> Traffic {
+        use std::sync::atomic::Ordering::Relaxed;
+        Traffic {
+            requests: self.traffic.requests.load(Relaxed),
+            bytes_downloaded: self.traffic.bytes_downloaded.load(Relaxed),
+            bytes_uploaded: self.traffic.bytes_uploaded.load(Relaxed),
+        }
+    }
+
+    fn count_download(&self, bytes: usize) {
+        TrafficCounters::add(&self.traffic.bytes_downloaded, bytes as u64);
     }
 
     fn key(&self, parts: &[&str]) -> Key {
@@ -305,6 +345,17 @@ impl Remote {
 
     /// Runs one request with the remote's deadline.
     async fn request<T>(
+        &self,
+        op: &'static str,
+        key: &Key,
+        future: impl std::future::Future<Output = object_store::Result<T>>,
+    ) -> Result<T> {
+        TrafficCounters::add(&self.traffic.requests, 1);
+        self.within_deadline(op, key, future).await
+    }
+
+    /// Runs `future` (a request, or the rest of one) with the remote's deadline.
+    async fn within_deadline<T>(
         &self,
         op: &'static str,
         key: &Key,
@@ -402,10 +453,14 @@ impl Remote {
 
     async fn get(&self, key: &Key) -> Result<bytes::Bytes> {
         let result = self.request("GET", key, self.bucket.get(key)).await?;
-        self.request("GET", key, result.bytes()).await
+        // The body of the same request: its bytes, within the deadline again.
+        let bytes = self.within_deadline("GET", key, result.bytes()).await?;
+        self.count_download(bytes.len());
+        Ok(bytes)
     }
 
     async fn put(&self, key: &Key, data: bytes::Bytes) -> Result<()> {
+        TrafficCounters::add(&self.traffic.bytes_uploaded, data.len() as u64);
         self.request("PUT", key, self.bucket.put(key, data.into()))
             .await
             .map(|_| ())

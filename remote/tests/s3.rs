@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::S3Server;
+use common::{start_s3, RemoteTestServer};
 use ember_remote::{RemoteError, RemoteGcOptions, RemoteOptions};
 use ember_snapshot_store::{Manifest, MemoryRef, ObjectKind, Store, StoreOptions, PAGE_SIZE};
 
@@ -66,7 +66,7 @@ fn small_packs() -> RemoteOptions {
 
 #[test]
 fn a_snapshot_pushed_from_one_host_is_fetched_whole_by_another_and_uploaded_once() {
-    let s3 = S3Server::start();
+    let s3 = start_s3();
     let dir = tempfile::tempdir().unwrap();
     let (a, b, c) = (host(&dir, "a"), host(&dir, "b"), host(&dir, "c"));
     let remote = s3.remote("share", small_packs());
@@ -78,6 +78,12 @@ fn a_snapshot_pushed_from_one_host_is_fetched_whole_by_another_and_uploaded_once
         "{pushed:?}"
     );
     assert!(pushed.packs_uploaded > 1, "{pushed:?}");
+    // The remote's traffic counters (a service's metrics) saw at least the pushed objects.
+    let traffic = remote.traffic();
+    assert!(
+        traffic.bytes_uploaded >= pushed.bytes_uploaded && traffic.requests > 0,
+        "{traffic:?} after {pushed:?}"
+    );
     assert!(remote.has_snapshot("installed").unwrap());
 
     // Host B has nothing: everything comes from the remote, verified, in few downloads.
@@ -88,6 +94,11 @@ fn a_snapshot_pushed_from_one_host_is_fetched_whole_by_another_and_uploaded_once
         "{fetched:?}"
     );
     assert!(fetched.requests <= pushed.packs_uploaded + 2, "{fetched:?}");
+    let traffic = other.traffic();
+    assert!(
+        traffic.bytes_downloaded >= fetched.bytes_fetched && traffic.bytes_uploaded == 0,
+        "{traffic:?} after {fetched:?}"
+    );
     assert_eq!(restore(&b, "installed"), mem);
 
     // Host C made the same install: its push uploads nothing but what differs (its state).
@@ -104,18 +115,14 @@ fn a_snapshot_pushed_from_one_host_is_fetched_whole_by_another_and_uploaded_once
 
 #[test]
 fn a_corrupt_remote_object_is_reported_and_never_stored() {
-    let s3 = S3Server::start();
+    let s3 = start_s3();
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (host(&dir, "a"), host(&dir, "b"));
     let remote = s3.remote("corrupt", small_packs());
     snapshot(&a, "s", &memory(2));
     remote.push(&a, "s").unwrap();
     // Damage one pack in the bucket (its index, and so its name, stay as they were).
-    let listing = common::raw_request(
-        s3.port,
-        "GET",
-        &format!("/{}?prefix=corrupt/packs/", common::BUCKET),
-    );
+    let listing = s3.list("corrupt/packs/");
     let pack = listing
         .split("<Key>")
         .filter_map(|s| s.split("</Key>").next())
@@ -170,7 +177,7 @@ fn an_unreachable_remote_fails_within_its_deadline_naming_it() {
 
 #[test]
 fn gc_spares_packs_in_their_grace_period_and_frees_what_no_manifest_names() {
-    let s3 = S3Server::start();
+    let s3 = start_s3();
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (host(&dir, "a"), host(&dir, "b"));
     let remote = s3.remote("gc", small_packs());
@@ -203,7 +210,7 @@ fn gc_spares_packs_in_their_grace_period_and_frees_what_no_manifest_names() {
 
 #[test]
 fn a_lazy_restore_fetches_its_working_set_first_and_the_rest_by_coalesced_windows() {
-    let s3 = S3Server::start();
+    let s3 = start_s3();
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (host(&dir, "a"), host(&dir, "b"));
     let remote = s3.remote("lazy", small_packs());
@@ -272,18 +279,14 @@ fn a_lazy_restore_fetches_its_working_set_first_and_the_rest_by_coalesced_window
 
 #[test]
 fn a_lazy_restore_never_serves_a_corrupt_page_and_says_which_object() {
-    let s3 = S3Server::start();
+    let s3 = start_s3();
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (host(&dir, "a"), host(&dir, "b"));
     let remote = s3.remote("lazy-bad", small_packs());
     let mem = memory(7);
     snapshot(&a, "s", &mem);
     remote.push(&a, "s").unwrap();
-    let listing = common::raw_request(
-        s3.port,
-        "GET",
-        &format!("/{}?prefix=lazy-bad/packs/", common::BUCKET),
-    );
+    let listing = s3.list("lazy-bad/packs/");
     let packs: Vec<String> = listing
         .split("<Key>")
         .filter_map(|s| s.split("</Key>").next())

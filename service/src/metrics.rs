@@ -157,6 +157,32 @@ fn mem_cache_and_pool(state: &AppState, out: &mut String) {
     );
 }
 
+/// The remote tier's traffic since the service started (none without `--remote`).
+fn remote_traffic(state: &AppState, out: &mut String) {
+    let Some(tier) = &state.remote else {
+        return;
+    };
+    let traffic = tier.remote.traffic();
+    counter(
+        out,
+        "ember_remote_requests_total",
+        "Requests made to the remote tier.",
+        traffic.requests,
+    );
+    counter(
+        out,
+        "ember_remote_downloaded_bytes_total",
+        "Object bytes downloaded from the remote tier.",
+        traffic.bytes_downloaded,
+    );
+    counter(
+        out,
+        "ember_remote_uploaded_bytes_total",
+        "Object bytes uploaded to the remote tier.",
+        traffic.bytes_uploaded,
+    );
+}
+
 /// Resident bytes of process `pid` and its children (a jailed VMM runs under a supervisor).
 fn resident_bytes(pid: u32) -> u64 {
     let rss = |pid: &str| -> u64 {
@@ -255,6 +281,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         load(&gc.bytes_reclaimed),
     );
     mem_cache_and_pool(&state, &mut out);
+    remote_traffic(&state, &mut out);
     m.boot_ready.write(
         &mut out,
         "ember_boot_ready_seconds",

@@ -91,6 +91,7 @@ async fn describe(state: &Arc<AppState>, id: &str) -> Result<serde_json::Value, 
             if let Some(tier) = tier {
                 let placement = tier.placement(id).await;
                 info.remote = Some(placement.name().to_string());
+                info.local = Some(true);
                 if let super::remote::Placement::PushFailed(why) = placement {
                     info.remote_error = Some(why);
                 }
@@ -108,6 +109,7 @@ async fn describe(state: &Arc<AppState>, id: &str) -> Result<serde_json::Value, 
             let mut info = snapshot_info(&manifest);
             info.memory_materialised = Some(false);
             info.remote = Some(super::remote::Placement::Remote.name().to_string());
+            info.local = Some(false);
             info
         }
         (Err(e), _) => return Err(e),
@@ -130,6 +132,7 @@ pub fn snapshot_info(m: &Manifest) -> SnapshotInfo {
         network: m.metadata.contains_key("net_mac"),
         memory_materialised: None,
         remote: None,
+        local: None,
         remote_error: None,
     }
 }

@@ -407,7 +407,13 @@ pub fn exec(runs: u32) -> Result<i32> {
 
 /// `ember-bench` where Linux guests run; `out` and `compare` are paths in the workspace,
 /// which the lab shares.
-pub fn service(quick: bool, runs: Option<u32>, out: &Path, compare: Option<&Path>) -> Result<i32> {
+pub fn service(
+    quick: bool,
+    runs: Option<u32>,
+    out: &Path,
+    compare: Option<&Path>,
+    remote: &str,
+) -> Result<i32> {
     let artifacts = Artifacts::ensure()?;
     let ember = build_release_ember()?;
     let absolute =
@@ -438,6 +444,9 @@ pub fn service(quick: bool, runs: Option<u32>, out: &Path, compare: Option<&Path
     }
     if let Some(old) = compare {
         argv.extend(["--compare".into(), absolute(old)?]);
+    }
+    if remote != "none" {
+        argv.extend(["--remote".into(), remote.to_string()]);
     }
     run_harness(&ember, &argv)
 }

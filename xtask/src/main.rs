@@ -138,6 +138,11 @@ enum BenchCmd {
         /// A previous report.json to compare against (regressions fail the run).
         #[arg(long)]
         compare: Option<std::path::PathBuf>,
+        /// The remote tier the remote-restore figures use: `moto` (a server on the lab's
+        /// loopback) or `s3://BUCKET/PREFIX` (the `AWS_*` environment reaches it); `none`
+        /// leaves those figures out.
+        #[arg(long, default_value = "moto")]
+        remote: String,
     },
 }
 
@@ -177,8 +182,9 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
                     runs,
                     out,
                     compare,
+                    remote,
                 },
-        } => bench::service(quick, runs, &out, compare.as_deref()),
+        } => bench::service(quick, runs, &out, compare.as_deref(), &remote),
         Cmd::BenchExecHarness {
             runs,
             ember,

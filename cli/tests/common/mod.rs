@@ -76,75 +76,17 @@ pub fn output_within(
     }
 }
 
+pub use ember_testkit::S3Server;
+
 /// An S3-compatible server on loopback for the remote-tier tests (the `moto` package's
-/// server mode), with one bucket; killed when dropped. It sets the standard `AWS_*`
-/// environment for the processes the test starts.
+/// server mode) with bucket `bucket`, its `AWS_*` settings in this process's environment for
+/// the processes the test starts (the VM tests run one per process: nothing else reads the
+/// environment meanwhile).
 #[allow(dead_code)]
-pub struct S3Server {
-    child: std::process::Child,
-}
-
-#[allow(dead_code)]
-impl S3Server {
-    pub const BUCKET: &'static str = "ember-share";
-
-    pub fn start() -> S3Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap()
-            .port();
-        let child = std::process::Command::new("python3")
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start the moto S3 server");
-        let server = S3Server { child };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            let made = std::process::Command::new("curl")
-                .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT"])
-                .arg(format!("http://127.0.0.1:{port}/{}", S3Server::BUCKET))
-                .output()
-                .unwrap();
-            if made.stdout == b"200" {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the S3 server did not start"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-        // The services reach it through the standard environment, as they would S3.
-        for (name, value) in [
-            ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}")),
-            ("AWS_ALLOW_HTTP", "true".into()),
-            ("AWS_REGION", "us-east-1".into()),
-            ("AWS_ACCESS_KEY_ID", "testing".into()),
-            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
-        ] {
-            // The VM tests run one per process: nothing else reads the environment meanwhile.
-            std::env::set_var(name, value);
-        }
-        server
+pub fn start_s3(bucket: &str) -> S3Server {
+    let server = S3Server::start(bucket).unwrap_or_else(|e| panic!("{e}"));
+    for (name, value) in server.env() {
+        std::env::set_var(name, value);
     }
-
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
+    server
 }

@@ -105,6 +105,18 @@ pub struct SandboxRecord {
     /// When it stopped or failed (its record is deleted a retention period later).
     #[serde(default)]
     pub ended_unix_ms: Option<u64>,
+    /// A sandbox restored from a snapshot only the remote tier had: what was downloaded
+    /// before its agent answered.
+    #[serde(default)]
+    pub remote_fetch: Option<RemoteFetch>,
+}
+
+/// What a restore from the remote tier downloaded before the sandbox was ready (the
+/// snapshot's head and working set, and the windows the guest faulted on until then).
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct RemoteFetch {
+    pub bytes_before_ready: u64,
+    pub requests_before_ready: u64,
 }
 
 pub struct Sandbox {
@@ -230,6 +242,7 @@ impl Sandbox {
             timeline: Default::default(),
             memory: None,
             ended_unix_ms: None,
+            remote_fetch: None,
         };
         Sandbox::new(dir, record)
     }
@@ -398,6 +411,7 @@ impl Sandbox {
             "net_limits": r.spec.net_rate_limits,
             "network": r.net.as_ref().map_or_else(|| json!({"mode": "none"}), SandboxNet::to_json),
             "ports": r.ports,
+            "remote_fetch": r.remote_fetch,
         })
     }
 

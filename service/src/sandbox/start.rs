@@ -111,6 +111,7 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         timeline: crate::timeline::StartTimeline::accepted(ms()),
         memory: None,
         ended_unix_ms: None,
+        remote_fetch: None,
     };
     let sandbox = {
         let mut sandboxes = state.sandboxes.lock().unwrap_or_else(|p| p.into_inner());
@@ -191,6 +192,13 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
                 // (by the same window downloads the guest's faults use).
                 match (&new.partial, &state.remote) {
                     (Some(lazy), Some(tier)) => {
+                        let fetched = lazy.report();
+                        sandbox.update(|r| {
+                            r.remote_fetch = Some(super::RemoteFetch {
+                                bytes_before_ready: fetched.bytes_fetched,
+                                requests_before_ready: fetched.requests,
+                            })
+                        });
                         let (state, snapshot) = (state.clone(), snapshot.clone());
                         tier.complete_later(state.store.clone(), lazy.clone(), move |bytes| {
                             state
