@@ -86,6 +86,7 @@ struct Samples {
     lazy: Vec<StartSample>,
     warm: Vec<StartSample>,
     whole: Vec<StartSample>,
+    before_start_mib: Vec<f64>,
     before_ready_mib: Vec<f64>,
     lazy_all_mib: Vec<f64>,
     warm_mib: Vec<f64>,
@@ -138,6 +139,11 @@ pub(crate) async fn measure(
     }
     let bytes = [
         (
+            "remote.lazy.before_start_mib",
+            "lazy restore from the remote: downloaded before the VMM started (head, working set)",
+            samples.before_start_mib,
+        ),
+        (
             "remote.lazy.before_ready_mib",
             "lazy restore from the remote: downloaded before ready",
             samples.before_ready_mib,
@@ -178,9 +184,15 @@ async fn lazy_then_warm(
         let body = json!({"snapshot": "bench-base", "restore_mode": "prefetch"});
         let (lazy, id) = start_once(&api, body.clone(), true).await?;
         let record = api.sandbox(&id).await?;
-        let before_ready = record["remote_fetch"]["bytes_before_ready"]
-            .as_u64()
-            .ok_or_else(|| format!("no remote_fetch in a lazy restore's record: {record}"))?;
+        let fetched = |name: &str| {
+            record["remote_fetch"][name].as_u64().ok_or_else(|| {
+                format!("no remote_fetch.{name} in a lazy restore's record: {record}")
+            })
+        };
+        let (before_start, before_ready) = (
+            fetched("bytes_before_start")?,
+            fetched("bytes_before_ready")?,
+        );
         api.delete(&id).await?;
         wait_local(&api, "bench-base").await?;
         let after_lazy = downloaded(&api).await?;
@@ -188,6 +200,7 @@ async fn lazy_then_warm(
         let after_warm = downloaded(&api).await?;
         samples.lazy.push(lazy);
         samples.warm.push(warm);
+        samples.before_start_mib.push(before_start as f64 / MIB);
         samples.before_ready_mib.push(before_ready as f64 / MIB);
         samples
             .lazy_all_mib

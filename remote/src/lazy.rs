@@ -75,6 +75,8 @@ pub struct LazySnapshot {
     fetched: Mutex<HashMap<Hash, StoredObject>>,
     windows: Mutex<HashMap<WindowKey, Arc<Window>>>,
     report: Mutex<FetchReport>,
+    /// What [`Remote::prepare_lazy`] fetched, before any VMM ran.
+    prepared: FetchReport,
     /// Objects written before the manifest that names them must survive a local GC: held
     /// until [`LazySnapshot::complete`] saved the manifest.
     gc_hold: Mutex<Option<GcHold>>,
@@ -132,6 +134,7 @@ impl Remote {
             by_pack,
             fetched: Mutex::new(HashMap::new()),
             windows: Mutex::new(HashMap::new()),
+            prepared: report.fetched.clone(),
             report: Mutex::new(report.fetched),
             gc_hold: Mutex::new(Some(gc_hold)),
             completing: AtomicBool::new(false),
@@ -154,6 +157,12 @@ impl LazySnapshot {
     /// it.
     pub fn start_completing(&self) -> bool {
         !self.completing.swap(true, Ordering::SeqCst)
+    }
+
+    /// What was fetched before any VMM ran: the snapshot's head, its disk chunks and its
+    /// working set's pages.
+    pub fn prepared(&self) -> &FetchReport {
+        &self.prepared
     }
 
     /// Everything fetched so far.

@@ -26,7 +26,7 @@ impl std::fmt::Display for StartError {
             StartError::Spawn(e) => write!(f, "cannot run `python3 -m moto.server`: {e}"),
             StartError::NotListening { port } => write!(
                 f,
-                "the moto S3 server did not listen on 127.0.0.1:{port} within 30 s"
+                "the moto S3 server did not listen on 127.0.0.1:{port} within 180 s"
             ),
             StartError::Bucket { bucket, answer } => {
                 write!(
@@ -75,7 +75,8 @@ impl S3Server {
             bucket: bucket.to_string(),
             child,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Python imports moto slowly under an emulator (the lab): minutes, not seconds.
+        let deadline = Instant::now() + Duration::from_secs(180);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if Instant::now() > deadline {
                 return Err(StartError::NotListening { port });

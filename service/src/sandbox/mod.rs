@@ -111,10 +111,12 @@ pub struct SandboxRecord {
     pub remote_fetch: Option<RemoteFetch>,
 }
 
-/// What a restore from the remote tier downloaded before the sandbox was ready (the
-/// snapshot's head and working set, and the windows the guest faulted on until then).
+/// What a restore from the remote tier downloaded before its VMM started (the snapshot's
+/// head, disk chunks and recorded working set) and before the sandbox was ready (that and
+/// the windows of the pages the guest faulted on until then).
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct RemoteFetch {
+    pub bytes_before_start: u64,
     pub bytes_before_ready: u64,
     pub requests_before_ready: u64,
 }

@@ -195,6 +195,7 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
                         let fetched = lazy.report();
                         sandbox.update(|r| {
                             r.remote_fetch = Some(super::RemoteFetch {
+                                bytes_before_start: lazy.prepared().bytes_fetched,
                                 bytes_before_ready: fetched.bytes_fetched,
                                 requests_before_ready: fetched.requests,
                             })
