@@ -15,7 +15,7 @@ pub mod report;
 mod service;
 pub mod soak;
 
-use service::{Api, OwnService, ServiceOptions};
+use service::{id_of, Api, CallError, OwnService, ServiceOptions};
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -93,17 +93,47 @@ pub struct BenchArgs {
 /// Errors of a benchmark run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
-    #[error("starting the service: {0}")]
-    Service(String),
-    #[error("{what}: {reason}")]
-    Step { what: String, reason: String },
+    #[error("starting the service: {what}: {source}")]
+    ServiceIo {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`ember serve` exited ({status}):\n{log}")]
+    ServiceExited {
+        status: std::process::ExitStatus,
+        log: String,
+    },
+    #[error("`ember serve` made no API socket within 60 s")]
+    NoSocket,
+    #[error("starting the S3 server for the remote figures: {0}")]
+    S3Server(#[from] ember_testkit::StartError),
+    #[error("--remote {0:?} is neither `moto` nor s3://BUCKET/PREFIX")]
+    RemoteSpec(String),
+    #[error("{what}: {source}")]
+    Step {
+        what: String,
+        #[source]
+        source: Box<CallError>,
+    },
+    #[error("{what}: {source}\nthe end of that service's log:\n{log_tail}")]
+    OnHost {
+        what: String,
+        log_tail: String,
+        #[source]
+        source: Box<CallError>,
+    },
     #[error(transparent)]
     Report(#[from] report::ReportError),
 }
 
-fn step(what: impl Into<String>) -> impl FnOnce(String) -> BenchError {
+/// Names the step a failed call belongs to.
+fn step(what: impl Into<String>) -> impl FnOnce(CallError) -> BenchError {
     let what = what.into();
-    move |reason| BenchError::Step { what, reason }
+    move |source| BenchError::Step {
+        what,
+        source: Box::new(source),
+    }
 }
 
 /// The "install" every measured snapshot holds: byte-identical files and warm imports.
@@ -130,13 +160,6 @@ pub fn run(args: BenchArgs) -> i32 {
     }
 }
 
-fn id_of(sandbox: &Value) -> Result<String, String> {
-    sandbox["id"]
-        .as_str()
-        .map(str::to_string)
-        .ok_or_else(|| format!("no sandbox id in {sandbox}"))
-}
-
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
@@ -150,7 +173,11 @@ struct StartSample {
     timeline: Vec<ember_vmm::Milestone>,
 }
 
-async fn start_once(api: &Api, body: Value, keep: bool) -> Result<(StartSample, String), String> {
+async fn start_once(
+    api: &Api,
+    body: Value,
+    keep: bool,
+) -> Result<(StartSample, String), CallError> {
     // Every start finds the warm pool full, as on a service with spare capacity: a pool
     // still refilling from the last start would compete for the lab's two CPUs.
     api.wait_pool_full().await?;
@@ -249,20 +276,23 @@ async fn throughput(
                 empty_body(),
             )
             .await
-            .map_err(|e| e.to_string())
+            .map_err(service::call("file download".into()))
             .map_err(step("file download"))?
             .into_body()
             .collect()
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|source| CallError::Body {
+                call: "file download".into(),
+                source,
+            })
             .map_err(step("file download"))?
             .to_bytes()
             .len() as u64;
         if got != mib << 20 {
-            return Err(step("file download")(format!(
+            return Err(step("file download")(CallError::Implausible(format!(
                 "{got} bytes arrived, not {}",
                 mib << 20
-            )));
+            ))));
         }
         out_rates.push(mib as f64 / t.elapsed().as_secs_f64());
         let body = Full::new(Bytes::from(vec![0x5au8; (mib << 20) as usize]))
@@ -279,7 +309,7 @@ async fn throughput(
                 body,
             )
             .await
-            .map_err(|e| e.to_string())
+            .map_err(service::call("file upload".into()))
             .map_err(step("file upload"))?;
         in_rates.push(mib as f64 / t.elapsed().as_secs_f64());
     }
@@ -319,8 +349,13 @@ async fn throughput(
                 .exec(id, "sh", &["-c", &script])
                 .await
                 .map_err(step("dd in the guest"))?;
-            let secs = dd_seconds(answer["stdout"].as_str().unwrap_or_default())
-                .ok_or_else(|| step("dd in the guest")(format!("no time in {answer}")))?;
+            let secs =
+                dd_seconds(answer["stdout"].as_str().unwrap_or_default()).ok_or_else(|| {
+                    step("dd in the guest")(CallError::Missing {
+                        what: "dd's time",
+                        answer: answer.clone(),
+                    })
+                })?;
             rates.push(mib as f64 / secs);
         }
     }
@@ -371,12 +406,9 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
         return Ok(0);
     }
     if let Some(path) = &args.soak_judge {
-        let mut report = soak::SoakReport::load_into(path, &args.out, in_lab())
-            .map_err(step(format!("reading the soak {}", path.display())))?;
+        let mut report = soak::SoakReport::load_into(path, &args.out, in_lab())?;
         report.growth = soak::growth_by_service(&report.samples, &report.service_starts);
-        report
-            .write(&args.out)
-            .map_err(step("writing the soak report"))?;
+        report.write(&args.out)?;
         print!("{}", report.markdown());
         return Ok(if report.passed() { 0 } else { 1 });
     }
@@ -515,12 +547,7 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
 /// A soak of `cycles` create-exec-snapshot-restore-delete cycles against a service of its own.
 async fn run_soak(args: &BenchArgs, cycles: u32) -> Result<i32, BenchError> {
     let resume = match &args.soak_resume {
-        Some(path) => Some(
-            soak::SoakReport::load_into(path, &args.out, in_lab()).map_err(step(format!(
-                "reading the soak to resume, {}",
-                path.display()
-            )))?,
-        ),
+        Some(path) => Some(soak::SoakReport::load_into(path, &args.out, in_lab())?),
         None => None,
     };
     let (service, socket) = OwnService::start(args, &ServiceOptions::default())?;
@@ -539,9 +566,7 @@ async fn run_soak(args: &BenchArgs, cycles: u32) -> Result<i32, BenchError> {
     )
     .await?;
     drop(service);
-    report
-        .write(&args.out)
-        .map_err(step("writing the soak report"))?;
+    report.write(&args.out)?;
     print!("{}", report.markdown());
     Ok(if report.passed() { 0 } else { 1 })
 }
@@ -750,7 +775,7 @@ async fn store_growth(
 
 /// Host memory per clone of `k` clones of `bench-base` restored in `mode` at once, each
 /// having run a command; every clone made is deleted again, whatever happens.
-async fn clones_at_once(api: &Api, mode: &str, k: u32) -> Result<DensityPoint, String> {
+async fn clones_at_once(api: &Api, mode: &str, k: u32) -> Result<DensityPoint, CallError> {
     let mut ids = Vec::new();
     let measured = async {
         let mut pids = Vec::new();
@@ -764,10 +789,11 @@ async fn clones_at_once(api: &Api, mode: &str, k: u32) -> Result<DensityPoint, S
         for id in &ids {
             if let Err(e) = api.exec(id, "true", &[]).await {
                 let failure = api.sandbox(id).await.unwrap_or_default();
-                return Err(format!(
-                    "exec in clone {id}: {e}; its record: {}",
-                    failure["failure"]
-                ));
+                return Err(CallError::CloneExec {
+                    id: id.clone(),
+                    source: Box::new(e),
+                    failure: failure["failure"].clone(),
+                });
             }
         }
         let (rss, pss) = pids.iter().fold((0u64, 0u64), |(r, p), pid| {
@@ -869,14 +895,14 @@ fn dir_bytes(dir: &Path) -> u64 {
 }
 
 /// What snapshots `ids` would take stored whole: their memory plus their written disk chunks.
-fn logical_bytes(store_dir: &Path, ids: &[String]) -> Result<u64, String> {
-    let store = ember_snapshot_store::Store::open(store_dir).map_err(|e| e.to_string())?;
+fn logical_bytes(store_dir: &Path, ids: &[String]) -> Result<u64, CallError> {
+    let store = ember_snapshot_store::Store::open(store_dir)?;
     let mut bytes = 0;
     for id in ids {
-        let manifest = store.load_manifest(id).map_err(|e| e.to_string())?;
+        let manifest = store.load_manifest(id)?;
         bytes += manifest.memory.size_bytes;
         for disk in &manifest.disks {
-            let map = store.load_disk_map(disk).map_err(|e| e.to_string())?;
+            let map = store.load_disk_map(disk)?;
             bytes += map.chunks.iter().flatten().count() as u64 * u64::from(map.chunk_size);
         }
     }

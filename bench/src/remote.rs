@@ -5,14 +5,13 @@
 
 use std::time::{Duration, Instant};
 
-use hyper::Method;
 use serde_json::{json, Value};
 
-use ember_client::{empty_body, ApiClient};
+use ember_client::ApiClient;
 use ember_testkit::S3Server;
 
 use crate::report::{Better, Figure, StartTimeline};
-use crate::service::{Api, OwnService, ServiceOptions};
+use crate::service::{Api, CallError, OwnService, ServiceOptions};
 use crate::{
     push_start, say, start_once, step, timeline_medians, BenchArgs, BenchError, StartSample,
 };
@@ -33,10 +32,7 @@ impl RemoteSetup {
     pub(crate) fn new(spec: &str) -> Result<RemoteSetup, BenchError> {
         let run = format!("bench-{}", ember_service::sandbox::unix_ms());
         if spec == "moto" {
-            let server = S3Server::start("ember-bench").map_err(|e| BenchError::Step {
-                what: "starting the S3 server for the remote figures".into(),
-                reason: e.to_string(),
-            })?;
+            let server = S3Server::start("ember-bench")?;
             return Ok(RemoteSetup {
                 url: server.url(&run),
                 env: server
@@ -48,10 +44,7 @@ impl RemoteSetup {
             });
         }
         if !spec.starts_with("s3://") {
-            return Err(BenchError::Step {
-                what: "--remote".into(),
-                reason: format!("{spec:?} is neither `moto` nor s3://BUCKET/PREFIX"),
-            });
+            return Err(BenchError::RemoteSpec(spec.to_string()));
         }
         Ok(RemoteSetup {
             url: format!("{}/{run}", spec.trim_end_matches('/')),
@@ -184,10 +177,13 @@ async fn lazy_then_warm(
         let body = json!({"snapshot": "bench-base", "restore_mode": "prefetch"});
         let (lazy, id) = start_once(&api, body.clone(), true).await?;
         let record = api.sandbox(&id).await?;
-        let fetched = |name: &str| {
-            record["remote_fetch"][name].as_u64().ok_or_else(|| {
-                format!("no remote_fetch.{name} in a lazy restore's record: {record}")
-            })
+        let fetched = |name: &'static str| {
+            record["remote_fetch"][name]
+                .as_u64()
+                .ok_or_else(|| CallError::Missing {
+                    what: name,
+                    answer: record.clone(),
+                })
         };
         let (before_start, before_ready) = (
             fetched("bytes_before_start")?,
@@ -262,7 +258,7 @@ async fn uploads(
                 let before = uploaded(&api).await?;
                 api.installed_snapshot(json!({}), &name).await?;
                 wait_pushed(&api, &name).await?;
-                Ok::<u64, String>(uploaded(&api).await?.saturating_sub(before))
+                Ok::<u64, CallError>(uploaded(&api).await?.saturating_sub(before))
             }
             .await;
             pushed.push(measured.map_err(|e| with_log(service, "pushing an install", e))?);
@@ -290,42 +286,30 @@ async fn uploads(
 }
 
 /// A failed step on a host this module started, with the end of that host's log.
-fn with_log(host: &OwnService, what: &str, reason: String) -> BenchError {
+fn with_log(host: &OwnService, what: &str, source: CallError) -> BenchError {
     let log = std::fs::read_to_string(host.state_dir.join("serve.log")).unwrap_or_default();
-    let tail: Vec<&str> = log.lines().rev().take(30).collect();
-    let tail: Vec<&str> = tail.into_iter().rev().collect();
-    BenchError::Step {
+    let mut tail: Vec<&str> = log.lines().rev().take(30).collect();
+    tail.reverse();
+    BenchError::OnHost {
         what: what.into(),
-        reason: format!(
-            "{reason}\nthe end of its service's log:\n{}",
-            tail.join("\n")
-        ),
+        log_tail: tail.join("\n"),
+        source: Box::new(source),
     }
 }
 
-async fn downloaded(api: &Api) -> Result<u64, String> {
+async fn downloaded(api: &Api) -> Result<u64, CallError> {
     let [bytes] = api.metrics(["ember_remote_downloaded_bytes_total"]).await?;
-    bytes.ok_or_else(|| "the service has no remote tier metrics".to_string())
+    bytes.ok_or(CallError::NoMetric("ember_remote_downloaded_bytes_total"))
 }
 
-async fn uploaded(api: &Api) -> Result<u64, String> {
+async fn uploaded(api: &Api) -> Result<u64, CallError> {
     let [bytes] = api.metrics(["ember_remote_uploaded_bytes_total"]).await?;
-    bytes.ok_or_else(|| "the service has no remote tier metrics".to_string())
-}
-
-async fn snapshot(api: &Api, id: &str) -> Result<Value, String> {
-    api.0
-        .json(Method::GET, &format!("/snapshots/{id}"), empty_body())
-        .await
-        .map_err(|e| e.to_string())
+    bytes.ok_or(CallError::NoMetric("ember_remote_uploaded_bytes_total"))
 }
 
 /// Asks for snapshot `id` to be pushed and waits until the remote has it.
-async fn push(api: &Api, id: &str) -> Result<(), String> {
-    api.0
-        .json(Method::POST, &format!("/snapshots/{id}/push"), empty_body())
-        .await
-        .map_err(|e| e.to_string())?;
+async fn push(api: &Api, id: &str) -> Result<(), CallError> {
+    api.push(id).await?;
     wait_pushed(api, id).await
 }
 
@@ -334,33 +318,37 @@ async fn wait_for(
     api: &Api,
     id: &str,
     what: &str,
-    done: impl Fn(&Value) -> Result<bool, String>,
-) -> Result<(), String> {
+    done: impl Fn(&Value) -> Result<bool, CallError>,
+) -> Result<(), CallError> {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let described = snapshot(api, id).await?;
+        let described = api.snapshot_info(id).await?;
         if done(&described)? {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(format!(
-                "snapshot {id} was not {what} within 10 minutes: {described}"
-            ));
+            return Err(CallError::NotWithin {
+                what: format!("snapshot {id} {what}"),
+                limit_s: 600,
+                last: described.to_string(),
+            });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-async fn wait_pushed(api: &Api, id: &str) -> Result<(), String> {
+async fn wait_pushed(api: &Api, id: &str) -> Result<(), CallError> {
     wait_for(api, id, "pushed", |d| match d["remote"].as_str() {
         Some("remote") => Ok(true),
-        Some("push_failed") => Err(format!("pushing snapshot {id} failed: {d}")),
+        Some("push_failed") => Err(CallError::Implausible(format!(
+            "pushing snapshot {id} failed: {d}"
+        ))),
         _ => Ok(false),
     })
     .await
 }
 
 /// Waits until the rest of snapshot `id`, restored lazily, has arrived.
-async fn wait_local(api: &Api, id: &str) -> Result<(), String> {
+async fn wait_local(api: &Api, id: &str) -> Result<(), CallError> {
     wait_for(api, id, "local", |d| Ok(d["local"] == json!(true))).await
 }

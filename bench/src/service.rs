@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use hyper::Method;
 use serde_json::{json, Value};
 
-use ember_client::{empty_body, json_body, ApiClient};
+use ember_client::{empty_body, json_body, ApiClient, ApiClientError};
 
-use crate::{id_of, BenchArgs, BenchError, INSTALL};
+use crate::{BenchArgs, BenchError, INSTALL};
 
 /// A service this run started: stopped (and its state removed) on drop.
 pub(crate) struct OwnService {
@@ -36,8 +36,9 @@ impl OwnService {
     ) -> Result<(OwnService, PathBuf), BenchError> {
         static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         // The `ember` program beside this one (cargo builds both into one folder).
+        let io = |what: String| move |source| BenchError::ServiceIo { what, source };
         let exe = std::env::current_exe()
-            .map_err(|e| BenchError::Service(e.to_string()))?
+            .map_err(io("finding this program".into()))?
             .with_file_name("ember");
         let state_dir = std::env::temp_dir().join(format!(
             "ember-bench-{}-{}-{}",
@@ -49,21 +50,18 @@ impl OwnService {
             STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&state_dir)
-            .map_err(|e| BenchError::Service(format!("{}: {e}", state_dir.display())))?;
+            .map_err(io(format!("making {}", state_dir.display())))?;
         let socket = state_dir.join("api.sock");
         let log = std::fs::File::create(state_dir.join("serve.log"))
-            .map_err(|e| BenchError::Service(e.to_string()))?;
-        let mut cmd = Command::new(exe);
+            .map_err(io("making its log".into()))?;
+        let mut cmd = Command::new(&exe);
         cmd.arg("serve")
             .arg("--socket")
             .arg(&socket)
             .arg("--state-dir")
             .arg(&state_dir)
             .stdin(Stdio::null())
-            .stdout(
-                log.try_clone()
-                    .map_err(|e| BenchError::Service(e.to_string()))?,
-            )
+            .stdout(log.try_clone().map_err(io("making its log".into()))?)
             .stderr(log);
         if let Some(k) = &args.kernel {
             cmd.arg("--kernel").arg(k);
@@ -84,19 +82,17 @@ impl OwnService {
             .envs(options.env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .spawn()
-            .map_err(|e| BenchError::Service(e.to_string()))?;
+            .map_err(io(format!("running {}", exe.display())))?;
         let mut service = OwnService { child, state_dir };
         let deadline = Instant::now() + Duration::from_secs(60);
         while !socket.exists() {
             if let Ok(Some(status)) = service.child.try_wait() {
                 let log = std::fs::read_to_string(service.state_dir.join("serve.log"))
                     .unwrap_or_default();
-                return Err(BenchError::Service(format!(
-                    "`ember serve` exited ({status}):\n{log}"
-                )));
+                return Err(BenchError::ServiceExited { status, log });
             }
             if Instant::now() > deadline {
-                return Err(BenchError::Service("no API socket after 60 s".into()));
+                return Err(BenchError::NoSocket);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -121,50 +117,135 @@ impl Drop for OwnService {
     }
 }
 
+/// What one of the bench's calls to a service, or a check of its answer, fails with.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("{call}: {source}")]
+    Api {
+        call: String,
+        #[source]
+        source: ApiClientError,
+    },
+    #[error("{call}: reading the body: {source}")]
+    Body {
+        call: String,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("`{cmd}` in {sandbox} did not succeed: {answer}")]
+    Command {
+        cmd: String,
+        sandbox: String,
+        answer: Value,
+    },
+    #[error("exec in clone {id}: {source}; its record says: {failure}")]
+    CloneExec {
+        id: String,
+        #[source]
+        source: Box<CallError>,
+        failure: Value,
+    },
+    #[error("{what} within {limit_s} s: {last}")]
+    NotWithin {
+        what: String,
+        limit_s: u64,
+        last: String,
+    },
+    #[error("{what} is missing from the answer {answer}")]
+    Missing { what: &'static str, answer: Value },
+    #[error("the service has no metric {0} (no remote tier?)")]
+    NoMetric(&'static str),
+    /// A measurement that cannot be right (a short download, a tool's unreadable output).
+    #[error("{0}")]
+    Implausible(String),
+    #[error("reading the store: {0}")]
+    Store(#[from] ember_snapshot_store::StoreError),
+}
+
+/// Names the call an API error came from.
+pub(crate) fn call(what: String) -> impl FnOnce(ApiClientError) -> CallError {
+    move |source| CallError::Api { call: what, source }
+}
+
+/// Sandbox `id` from a create answer.
+pub(crate) fn id_of(sandbox: &Value) -> Result<String, CallError> {
+    sandbox["id"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| CallError::Missing {
+            what: "the sandbox id",
+            answer: sandbox.clone(),
+        })
+}
+
 /// The API calls the bench makes, timed by the caller.
 pub(crate) struct Api(pub(crate) ApiClient);
 
 impl Api {
-    pub(crate) async fn create(&self, body: Value) -> Result<Value, String> {
-        self.0
-            .json(Method::POST, "/sandboxes", json_body(&body))
-            .await
-            .map_err(|e| e.to_string())
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, CallError> {
+        let what = format!("{method} {path}");
+        let body = body.map_or_else(empty_body, json_body);
+        self.0.json(method, path, body).await.map_err(call(what))
     }
 
-    pub(crate) async fn exec(&self, id: &str, cmd: &str, args: &[&str]) -> Result<Value, String> {
+    pub(crate) async fn create(&self, body: Value) -> Result<Value, CallError> {
+        self.request(Method::POST, "/sandboxes", Some(&body)).await
+    }
+
+    pub(crate) async fn exec(
+        &self,
+        id: &str,
+        cmd: &str,
+        args: &[&str],
+    ) -> Result<Value, CallError> {
         let answer = self
-            .0
-            .json(
+            .request(
                 Method::POST,
                 &format!("/sandboxes/{id}/exec?wait=true"),
-                json_body(&json!({"cmd": cmd, "args": args})),
+                Some(&json!({"cmd": cmd, "args": args})),
             )
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         if answer["exit_code"] != json!(0) {
-            return Err(format!("`{cmd}` in {id} did not succeed: {answer}"));
+            return Err(CallError::Command {
+                cmd: cmd.to_string(),
+                sandbox: id.to_string(),
+                answer,
+            });
         }
         Ok(answer)
     }
 
-    pub(crate) async fn sandbox(&self, id: &str) -> Result<Value, String> {
-        self.0
-            .json(Method::GET, &format!("/sandboxes/{id}"), empty_body())
+    pub(crate) async fn sandbox(&self, id: &str) -> Result<Value, CallError> {
+        self.request(Method::GET, &format!("/sandboxes/{id}"), None)
             .await
-            .map_err(|e| e.to_string())
+    }
+
+    pub(crate) async fn snapshot_info(&self, id: &str) -> Result<Value, CallError> {
+        self.request(Method::GET, &format!("/snapshots/{id}"), None)
+            .await
+    }
+
+    /// Asks for snapshot `id` to be pushed to the service's remote tier.
+    pub(crate) async fn push(&self, id: &str) -> Result<Value, CallError> {
+        self.request(Method::POST, &format!("/snapshots/{id}/push"), None)
+            .await
     }
 
     /// The service's metrics `names` (each `None` if it has none by that name).
     pub(crate) async fn metrics<const N: usize>(
         &self,
         names: [&str; N],
-    ) -> Result<[Option<u64>; N], String> {
+    ) -> Result<[Option<u64>; N], CallError> {
         let metrics = self
             .0
             .text(Method::GET, "/metrics")
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(call("GET /metrics".into()))?;
         Ok(names.map(|name| {
             metrics.lines().find_map(|l| {
                 l.strip_prefix(name)?
@@ -178,7 +259,7 @@ impl Api {
 
     /// Waits (up to a minute) until a service with a warm pool has it full (at once for one
     /// without).
-    pub(crate) async fn wait_pool_full(&self) -> Result<(), String> {
+    pub(crate) async fn wait_pool_full(&self) -> Result<(), CallError> {
         let deadline = Instant::now() + std::time::Duration::from_secs(60);
         loop {
             let [Some(idle), Some(target)] = self
@@ -191,39 +272,39 @@ impl Api {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!("the warm pool stayed at {idle} of {target} VMMs"));
+                return Err(CallError::NotWithin {
+                    what: "a full warm pool".into(),
+                    limit_s: 60,
+                    last: format!("{idle} of {target} VMMs"),
+                });
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
 
     /// Waits (up to a minute) until the service has materialised snapshot `id`'s memory.
-    pub(crate) async fn wait_materialised(&self, id: &str) -> Result<(), String> {
+    pub(crate) async fn wait_materialised(&self, id: &str) -> Result<(), CallError> {
         let deadline = Instant::now() + std::time::Duration::from_secs(60);
         loop {
-            let snapshot = self
-                .0
-                .json(Method::GET, &format!("/snapshots/{id}"), empty_body())
-                .await
-                .map_err(|e| e.to_string())?;
+            let snapshot = self.snapshot_info(id).await?;
             if snapshot["memory_materialised"] == json!(true) {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!(
-                    "snapshot {id} was not materialised within a minute"
-                ));
+                return Err(CallError::NotWithin {
+                    what: format!("snapshot {id}'s memory materialised"),
+                    limit_s: 60,
+                    last: snapshot.to_string(),
+                });
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     }
 
-    pub(crate) async fn delete(&self, id: &str) -> Result<(), String> {
-        self.0
-            .json(Method::DELETE, &format!("/sandboxes/{id}"), empty_body())
+    pub(crate) async fn delete(&self, id: &str) -> Result<(), CallError> {
+        self.request(Method::DELETE, &format!("/sandboxes/{id}"), None)
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
     }
 
     /// A fresh sandbox (`create` body) that runs the install and is saved as snapshot `name`
@@ -232,7 +313,7 @@ impl Api {
         &self,
         create: Value,
         name: &str,
-    ) -> Result<Value, String> {
+    ) -> Result<Value, CallError> {
         let sandbox = self.create(create).await?;
         let id = id_of(&sandbox)?;
         self.exec(&id, "sh", &["-c", INSTALL]).await?;
@@ -243,15 +324,9 @@ impl Api {
         Ok(answer)
     }
 
-    pub(crate) async fn faults(&self, id: &str) -> Result<Value, String> {
-        self.0
-            .json(
-                Method::GET,
-                &format!("/sandboxes/{id}/faults"),
-                empty_body(),
-            )
+    pub(crate) async fn faults(&self, id: &str) -> Result<Value, CallError> {
+        self.request(Method::GET, &format!("/sandboxes/{id}/faults"), None)
             .await
-            .map_err(|e| e.to_string())
     }
 
     /// A sandbox (`create` body) that runs the install, is saved as snapshot `name`, changed a
@@ -261,7 +336,7 @@ impl Api {
         &self,
         create: Value,
         name: &str,
-    ) -> Result<(Value, Value, u32), String> {
+    ) -> Result<(Value, Value, u32), CallError> {
         let sandbox = self.create(create).await?;
         let id = id_of(&sandbox)?;
         self.exec(&id, "sh", &["-c", INSTALL]).await?;
@@ -276,14 +351,12 @@ impl Api {
         Ok((full, diff, mem_mib))
     }
 
-    pub(crate) async fn snapshot(&self, id: &str, body: Value) -> Result<Value, String> {
-        self.0
-            .json(
-                Method::POST,
-                &format!("/sandboxes/{id}/snapshots"),
-                json_body(&body),
-            )
-            .await
-            .map_err(|e| e.to_string())
+    pub(crate) async fn snapshot(&self, id: &str, body: Value) -> Result<Value, CallError> {
+        self.request(
+            Method::POST,
+            &format!("/sandboxes/{id}/snapshots"),
+            Some(&body),
+        )
+        .await
     }
 }

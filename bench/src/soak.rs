@@ -14,7 +14,8 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{id_of, step, Api, BenchError};
+use super::{id_of, step, Api, BenchError, CallError};
+use crate::report::ReportError;
 use hyper::Method;
 
 /// One sample of the service process, after a cycle.
@@ -441,10 +442,9 @@ async fn one_cycle(
         .await
         .map_err(step(what("exec after restore")))?;
     if out["stdout"] != json!(format!("{cycle}\n")) {
-        return Err(BenchError::Step {
-            what: what("exec after restore"),
-            reason: format!("the restored sandbox read {}", out["stdout"]),
-        });
+        return Err(step(what("exec after restore"))(CallError::Implausible(
+            format!("the restored sandbox read {}", out["stdout"]),
+        )));
     }
     api.delete(&restored_id)
         .await
@@ -457,10 +457,8 @@ async fn one_cycle(
             ember_client::empty_body(),
         )
         .await
-        .map_err(|e| BenchError::Step {
-            what: what("delete the snapshot"),
-            reason: e.to_string(),
-        })?;
+        .map_err(crate::service::call(format!("DELETE /snapshots/{name}")))
+        .map_err(step(what("delete the snapshot")))?;
     Ok(())
 }
 
@@ -762,11 +760,15 @@ impl SoakReport {
     /// files its failed cycles name are copied there (the new report refers to them), and
     /// failed cycles recorded before lab faults were told apart are judged again from their
     /// error and evidence (`in_lab`: this run is in the lab, as the earlier one was).
-    pub fn load_into(path: &Path, out: &Path, in_lab: bool) -> Result<SoakReport, String> {
-        let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-        let mut report: SoakReport = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+    pub fn load_into(path: &Path, out: &Path, in_lab: bool) -> Result<SoakReport, ReportError> {
+        let bytes = std::fs::read(path).map_err(read_error(path))?;
+        let mut report: SoakReport =
+            serde_json::from_slice(&bytes).map_err(|e| ReportError::Parse {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
         let from = path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+        std::fs::create_dir_all(out).map_err(write_error(out))?;
         for failed in &mut report.failed_cycles {
             // Only a plain file name: the report is input, and must not name other files.
             let name = Path::new(&failed.evidence);
@@ -776,8 +778,7 @@ impl SoakReport {
                 String::new()
             };
             if !evidence.is_empty() && from.join(name) != out.join(name) {
-                std::fs::write(out.join(name), &evidence)
-                    .map_err(|e| format!("copying {}: {e}", failed.evidence))?;
+                std::fs::write(out.join(name), &evidence).map_err(write_error(&out.join(name)))?;
             }
             failed.lab_fault |= is_lab_fault(in_lab, &failed.error, &evidence);
         }
@@ -785,18 +786,19 @@ impl SoakReport {
     }
 
     /// Writes `soak.json`, `soak.md` and the curve, `soak.svg`, into `dir`.
-    pub fn write(&self, dir: &Path) -> Result<(), String> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let json = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
-        std::fs::write(dir.join("soak.json"), json).map_err(|e| e.to_string())?;
-        std::fs::write(dir.join("soak.md"), self.markdown()).map_err(|e| e.to_string())?;
+    pub fn write(&self, dir: &Path) -> Result<(), ReportError> {
+        std::fs::create_dir_all(dir).map_err(write_error(dir))?;
+        let json = serde_json::to_vec_pretty(self).expect("a soak report serialises to JSON");
+        let (json_path, md_path) = (dir.join("soak.json"), dir.join("soak.md"));
+        std::fs::write(&json_path, json).map_err(write_error(&json_path))?;
+        std::fs::write(&md_path, self.markdown()).map_err(write_error(&md_path))?;
         self.chart(&dir.join("soak.svg"))
     }
 
-    fn chart(&self, path: &Path) -> Result<(), String> {
+    fn chart(&self, path: &Path) -> Result<(), ReportError> {
         use plotters::prelude::*;
         let root = SVGBackend::new(path, (720, 800)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        root.fill(&WHITE).map_err(|e| chart_error(path, e))?;
         let areas = root.split_evenly((4, 1));
         let cycles = self.samples.len().max(2) as u32;
         let series: [(&str, Metric, RGBColor); 4] = [
@@ -828,21 +830,42 @@ impl SoakReport {
                 .x_label_area_size(28)
                 .y_label_area_size(56)
                 .build_cartesian_2d(1u32..cycles, 0.0..top)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| chart_error(path, e))?;
             chart
                 .configure_mesh()
                 .x_desc("cycle")
                 .draw()
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| chart_error(path, e))?;
             chart
                 .draw_series(LineSeries::new(
                     // In the order cycles finished (with several streams, not their numbers').
                     (1u32..).zip(self.samples.iter().map(pick)),
                     color.stroke_width(2),
                 ))
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| chart_error(path, e))?;
         }
-        root.present().map_err(|e| e.to_string())
+        root.present().map_err(|e| chart_error(path, e))
+    }
+}
+
+fn chart_error(path: &Path, e: impl std::fmt::Display) -> ReportError {
+    ReportError::Chart {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+fn read_error(path: &Path) -> impl FnOnce(std::io::Error) -> ReportError + '_ {
+    move |source| ReportError::Read {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> ReportError + '_ {
+    move |source| ReportError::Write {
+        path: path.display().to_string(),
+        source,
     }
 }
 
