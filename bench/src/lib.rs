@@ -10,25 +10,22 @@
 //! A development tool: it lives outside the shipped programs and drives the `ember` beside it.
 //! It must not be a dependency of any product crate.
 
+mod density;
 mod remote;
 pub mod report;
 mod service;
 pub mod soak;
+mod throughput;
 
 use service::{id_of, Api, CallError, OwnService, ServiceOptions};
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::Method;
 use serde_json::{json, Value};
 
-use ember_client::{empty_body, encode_query, ApiClient};
-use report::{
-    median, regressions, Better, DensityPoint, FaultSeries, Figure, Report, StartTimeline, SCHEMA,
-};
+use ember_client::ApiClient;
+use report::{median, regressions, Better, FaultSeries, Figure, Report, StartTimeline, SCHEMA};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -245,145 +242,6 @@ fn push_snapshot_figures(figures: &mut Vec<Figure>, mem_mib: u32, full: &Value, 
     }
 }
 
-/// Data rates on a running sandbox, each the median of `runs`: a file streamed out of and into
-/// the guest through the API (the agent over virtio-vsock), and the guest reading its rootfs and
-/// writing a file to it with O_DIRECT (virtio-block, past the guest's page cache).
-async fn throughput(
-    api: &Api,
-    id: &str,
-    quick: bool,
-    runs: u32,
-    figures: &mut Vec<Figure>,
-) -> Result<(), BenchError> {
-    let mib: u64 = if quick { 16 } else { 64 };
-    let path = "/tmp/ember-bench-blob";
-    api.exec(
-        id,
-        "sh",
-        &["-c", &format!("head -c {} /dev/zero > {path}", mib << 20)],
-    )
-    .await
-    .map_err(step("writing the file to stream out"))?;
-    let mut out_rates = Vec::new();
-    let mut in_rates = Vec::new();
-    for _ in 0..runs {
-        let t = Instant::now();
-        let got = api
-            .0
-            .send(
-                Method::GET,
-                &format!("/sandboxes/{id}/files?path={}", encode_query(path)),
-                empty_body(),
-            )
-            .await
-            .map_err(service::call("file download".into()))
-            .map_err(step("file download"))?
-            .into_body()
-            .collect()
-            .await
-            .map_err(|source| CallError::Body {
-                call: "file download".into(),
-                source,
-            })
-            .map_err(step("file download"))?
-            .to_bytes()
-            .len() as u64;
-        if got != mib << 20 {
-            return Err(step("file download")(CallError::Implausible(format!(
-                "{got} bytes arrived, not {}",
-                mib << 20
-            ))));
-        }
-        out_rates.push(mib as f64 / t.elapsed().as_secs_f64());
-        let body = Full::new(Bytes::from(vec![0x5au8; (mib << 20) as usize]))
-            .map_err(|never| match never {})
-            .boxed();
-        let t = Instant::now();
-        api.0
-            .send(
-                Method::PUT,
-                &format!(
-                    "/sandboxes/{id}/files?path={}",
-                    encode_query("/tmp/ember-bench-up")
-                ),
-                body,
-            )
-            .await
-            .map_err(service::call("file upload".into()))
-            .map_err(step("file upload"))?;
-        in_rates.push(mib as f64 / t.elapsed().as_secs_f64());
-    }
-    figures.push(Figure::new(
-        "throughput.vsock_out_mib_s",
-        &format!("file out of the guest ({mib} MiB, API + vsock)"),
-        "MiB/s",
-        Better::Higher,
-        out_rates,
-    ));
-    figures.push(Figure::new(
-        "throughput.vsock_in_mib_s",
-        &format!("file into the guest ({mib} MiB, API + vsock)"),
-        "MiB/s",
-        Better::Higher,
-        in_rates,
-    ));
-
-    // GNU dd reports "N bytes … copied, S s, R MB/s" on stderr; the seconds are the guest's.
-    let mut read_rates = Vec::new();
-    let mut write_rates = Vec::new();
-    for _ in 0..runs {
-        for (rates, script) in [
-            (
-                &mut read_rates,
-                format!("dd if=/dev/vda of=/dev/null bs=1M count={mib} iflag=direct 2>&1"),
-            ),
-            (
-                &mut write_rates,
-                format!(
-                    "dd if=/dev/zero of=/root/ember-bench-dd bs=1M count={mib} oflag=direct \
-                     conv=fsync 2>&1; rm -f /root/ember-bench-dd"
-                ),
-            ),
-        ] {
-            let answer = api
-                .exec(id, "sh", &["-c", &script])
-                .await
-                .map_err(step("dd in the guest"))?;
-            let secs =
-                dd_seconds(answer["stdout"].as_str().unwrap_or_default()).ok_or_else(|| {
-                    step("dd in the guest")(CallError::Missing {
-                        what: "dd's time",
-                        answer: answer.clone(),
-                    })
-                })?;
-            rates.push(mib as f64 / secs);
-        }
-    }
-    figures.push(Figure::new(
-        "throughput.block_read_mib_s",
-        &format!("guest reads its rootfs ({mib} MiB, O_DIRECT, virtio-block)"),
-        "MiB/s",
-        Better::Higher,
-        read_rates,
-    ));
-    figures.push(Figure::new(
-        "throughput.block_write_mib_s",
-        &format!("guest writes a file ({mib} MiB, O_DIRECT + fsync, virtio-block)"),
-        "MiB/s",
-        Better::Higher,
-        write_rates,
-    ));
-    Ok(())
-}
-
-/// The seconds in GNU dd's summary line (`…, 1.5 s, 44.7 MB/s`).
-fn dd_seconds(output: &str) -> Option<f64> {
-    let line = output.lines().rev().find(|l| l.contains(" copied, "))?;
-    let after = line.split(" copied, ").nth(1)?;
-    let secs: f64 = after.split_whitespace().next()?.parse().ok()?;
-    (secs > 0.0).then_some(secs)
-}
-
 /// Whether this runs inside the lab (its init sets `EMBER_IN_LAB`).
 fn in_lab() -> bool {
     std::env::var_os("EMBER_IN_LAB").is_some()
@@ -479,10 +337,10 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
         .await?;
     }
 
-    let density = density(&api, &mut notes).await;
+    let density = density::density(&api, &mut notes).await;
 
     if let Some(state) = &state_dir {
-        store_growth(&api, state, args.quick, &mut figures).await?;
+        density::store_growth(&api, state, args.quick, &mut figures).await?;
     } else {
         notes.push("store figures skipped: give --state-dir with --socket".into());
     }
@@ -594,7 +452,7 @@ async fn cold_boots(
                     .map_err(step("exec round trip"))?;
                 round_trips.push(ms(t));
             }
-            throughput(api, &id, quick, runs, &mut rates).await?;
+            throughput::throughput(api, &id, quick, runs, &mut rates).await?;
             api.delete(&id).await.map_err(step("delete"))?;
         }
         cold.push(sample);
@@ -690,130 +548,6 @@ async fn restores(
     Ok(fault_series)
 }
 
-/// Host memory per clone for 1, 2, 4 and 8 clones at once in `file` and `prefetch` mode; a
-/// point lost twice is a note, not a failed run.
-async fn density(api: &Api, notes: &mut Vec<String>) -> Vec<DensityPoint> {
-    // Density: K clones of the snapshot at once, each having run a command; `file` clones
-    // share the page cache of one memory file, `prefetch` ones each hold a copy.
-    let ks: &[u32] = &[1, 2, 4, 8];
-    let mut density = Vec::new();
-    for (mode, &k) in ["file", "prefetch"]
-        .into_iter()
-        .flat_map(|m| ks.iter().map(move |k| (m, k)))
-    {
-        say(&format!("{k} {mode} clones at once"));
-        let mut point = clones_at_once(api, mode, k).await;
-        if let Err(why) = &point {
-            // A point needs every clone running: one lost (in the lab, most likely to a guest
-            // triple fault of the emulated SVM) is measured once more, and said.
-            say(&format!(
-                "{k} {mode} clones at once failed ({why}); once more"
-            ));
-            notes.push(format!(
-                "{k} {mode} clones at once: measured a second time, the first failed: {why}"
-            ));
-            point = clones_at_once(api, mode, k).await;
-        }
-        match point {
-            Ok(point) => density.push(point),
-            // A point lost twice is said, not hidden, and the rest of the run goes on.
-            Err(why) => notes.push(format!("{k} {mode} clones at once: left out: {why}")),
-        }
-    }
-    density
-}
-
-/// Store growth for N sandboxes snapshotted after the same install, against their logical
-/// size.
-async fn store_growth(
-    api: &Api,
-    state: &Path,
-    quick: bool,
-    figures: &mut Vec<Figure>,
-) -> Result<(), BenchError> {
-    let n = if quick { 2 } else { 10 };
-    say(&format!(
-        "{n} sandboxes after the same install, snapshotted"
-    ));
-    let store_dir = state.join("store");
-    let before = dir_bytes(&store_dir);
-    let mut ids = Vec::new();
-    for i in 0..n {
-        let id = format!("bench-same-{i}");
-        api.installed_snapshot(json!({}), &id)
-            .await
-            .map_err(step("snapshot of an install"))?;
-        ids.push(id);
-    }
-    let logical = logical_bytes(&store_dir, &ids).map_err(step("reading the store"))?;
-    let stored = dir_bytes(&store_dir).saturating_sub(before);
-    figures.push(Figure::new(
-        "store.stored_mib",
-        &format!("store growth for {n} snapshots after the same install"),
-        "MiB",
-        Better::Lower,
-        vec![stored as f64 / 1048576.0],
-    ));
-    figures.push(Figure::new(
-        "store.logical_mib",
-        &format!("logical size of those {n} snapshots (memory + written disk chunks)"),
-        "MiB",
-        Better::Lower,
-        vec![logical as f64 / 1048576.0],
-    ));
-    if stored > 0 {
-        figures.push(Figure::new(
-            "store.dedup_ratio",
-            "logical / stored bytes",
-            "x",
-            Better::Higher,
-            vec![logical as f64 / stored as f64],
-        ));
-    }
-    Ok(())
-}
-
-/// Host memory per clone of `k` clones of `bench-base` restored in `mode` at once, each
-/// having run a command; every clone made is deleted again, whatever happens.
-async fn clones_at_once(api: &Api, mode: &str, k: u32) -> Result<DensityPoint, CallError> {
-    let mut ids = Vec::new();
-    let measured = async {
-        let mut pids = Vec::new();
-        for _ in 0..k {
-            let sb = api
-                .create(json!({"snapshot": "bench-base", "restore_mode": mode}))
-                .await?;
-            ids.push(id_of(&sb)?);
-            pids.extend(sb["pid"].as_u64());
-        }
-        for id in &ids {
-            if let Err(e) = api.exec(id, "true", &[]).await {
-                let failure = api.sandbox(id).await.unwrap_or_default();
-                return Err(CallError::CloneExec {
-                    id: id.clone(),
-                    source: Box::new(e),
-                    failure: failure["failure"].clone(),
-                });
-            }
-        }
-        let (rss, pss) = pids.iter().fold((0u64, 0u64), |(r, p), pid| {
-            let (r2, p2) = memory_of(*pid as u32);
-            (r + r2, p + p2)
-        });
-        Ok(DensityPoint {
-            mode: mode.to_string(),
-            clones: k,
-            rss_mib_per_clone: rss as f64 / f64::from(k) / 1048576.0,
-            pss_mib_per_clone: pss as f64 / f64::from(k) / 1048576.0,
-        })
-    }
-    .await;
-    for id in &ids {
-        api.delete(id).await?;
-    }
-    measured
-}
-
 /// Adds a start's figures: agent ready, first exec done, and the VMM's own view of ready.
 fn push_start(
     figures: &mut Vec<Figure>,
@@ -851,73 +585,5 @@ fn push_start(
             Better::Lower,
             vmm,
         ));
-    }
-}
-
-/// Resident and proportional memory of a sandbox's VMM, in bytes (0 if it is gone): the
-/// process the service started and its children (a jailed VMM runs as the child of a small
-/// supervisor).
-fn memory_of(pid: u32) -> (u64, u64) {
-    let children =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    let pids =
-        std::iter::once(pid).chain(children.split_whitespace().filter_map(|c| c.parse().ok()));
-    let (mut rss, mut pss) = (0, 0);
-    for pid in pids {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-        let field = |name: &str| {
-            text.lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-                .map_or(0, |kib| kib * 1024)
-        };
-        rss += field("Rss:");
-        pss += field("Pss:");
-    }
-    (rss, pss)
-}
-
-/// Bytes the files under `dir` take on disk.
-fn dir_bytes(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.blocks() * 512,
-            Err(_) => 0,
-        })
-        .sum()
-}
-
-/// What snapshots `ids` would take stored whole: their memory plus their written disk chunks.
-fn logical_bytes(store_dir: &Path, ids: &[String]) -> Result<u64, CallError> {
-    let store = ember_snapshot_store::Store::open(store_dir)?;
-    let mut bytes = 0;
-    for id in ids {
-        let manifest = store.load_manifest(id)?;
-        bytes += manifest.memory.size_bytes;
-        for disk in &manifest.disks {
-            let map = store.load_disk_map(disk)?;
-            bytes += map.chunks.iter().flatten().count() as u64 * u64::from(map.chunk_size);
-        }
-    }
-    Ok(bytes)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dd_summaries_give_their_seconds() {
-        let out = "64+0 records in\n64+0 records out\n67108864 bytes (67 MB, 64 MiB) copied, 1.52 s, 44.2 MB/s\n";
-        assert_eq!(dd_seconds(out), Some(1.52));
-        assert_eq!(dd_seconds("dd: failed to open '/dev/vda'"), None);
-        assert_eq!(dd_seconds("0 bytes copied, 0 s, 0 B/s"), None);
     }
 }
