@@ -960,14 +960,16 @@ fn flooding_agent(mut guest: UnixStream, frames: usize) -> JoinHandle<usize> {
 #[test]
 fn an_agent_that_ignores_the_window_has_its_stream_closed_and_fills_no_host_memory() {
     let (host, guest) = UnixStream::pair().unwrap();
-    // 64 MiB of output at a consumer that takes 10 ms per chunk.
+    // 64 MiB of output at a consumer that takes 10 ms per chunk, and long enough over its
+    // first one for the client to read a window's worth past it on a loaded machine.
     let agent = flooding_agent(guest, 1024);
     let client = AgentClient::new(host).unwrap();
     let execution = client.spawn(ExecRequest::shell("yes")).unwrap();
     let mut delivered = 0u64;
     let status = execution.wait(|_, data| {
+        let first = delivered == 0;
         delivered += data.len() as u64;
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(if first { 500 } else { 10 }));
     });
     let err = status.unwrap_err();
     assert_eq!(remote_kind(&err), ErrorKind::Protocol, "{err}");

@@ -1,0 +1,556 @@
+//! The agent's side of the protocol: serves one connection per thread, over any
+//! [`Transport`] (an AF_VSOCK socket in the guest, a `UnixStream` in tests).
+//!
+//! Per connection: the calling thread reads and dispatches frames; every response goes
+//! through one writer mutex, a whole frame at a time, so frames never interleave. Each exec
+//! gets a thread that spawns, waits and reports, a thread per output pipe, a stdin feeder and,
+//! with a timeout, a timer; each `WriteFile` and `ReadFile` gets a thread. Nothing is buffered
+//! whole: data moves in chunks of at most [`MAX_CHUNK`] under the windows described in
+//! [`crate::protocol`].
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::protocol::{
+    decode, decode_id, encode_frame, read_frame, Credit, ErrorKind, ExecRequest, FrameError,
+    RemoteError, Request, RequestBody, Response, ResponseBody, Transport, ACK_THRESHOLD,
+    CAP_RESYNC, MAX_CHUNK, PROTOCOL_VERSION, STREAM_WINDOW,
+};
+
+mod exec;
+mod files;
+mod vsock;
+
+use exec::{run_exec, StdinFeed};
+use files::{mkdir_p, read_file, stat, write_file};
+pub use vsock::{serve_forever, serve_forwards_forever, VsockListener, VsockStream};
+
+/// What the agent tells the host it can do, in `Hello`.
+pub const CAPABILITIES: &[&str] = &[
+    "exec",
+    "exec-stdin-stream",
+    "exec-timeout",
+    "kill",
+    "write-file",
+    "read-file",
+    "mkdir",
+    "stat",
+    "shutdown",
+    CAP_RESYNC,
+];
+
+/// How long an exec waits for its output pipes to close after the command exited (a
+/// background process may keep them open) before reporting the exit anyway.
+const OUTPUT_GRACE: Duration = Duration::from_secs(2);
+
+/// Stack size of the agent's helper threads: they only move buffers that live on the heap.
+const THREAD_STACK: usize = 256 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot create an AF_VSOCK socket: {0}")]
+    Socket(io::Error),
+    #[error("cannot bind AF_VSOCK port {port}: {source}")]
+    Bind { port: u32, source: io::Error },
+    #[error("cannot listen on AF_VSOCK port {port}: {source}")]
+    Listen { port: u32, source: io::Error },
+    #[error("cannot split the connection into a reader and a writer: {0}")]
+    Split(io::Error),
+    #[error("connection broken: {0}")]
+    Frame(#[from] FrameError),
+}
+
+/// What the server does beyond answering requests.
+pub struct ServerConfig {
+    /// Called after `Shutdown` was answered. In the guest: `init::sync_and_reset`.
+    pub on_shutdown: Box<dyn Fn() + Send + Sync>,
+}
+
+impl ServerConfig {
+    pub fn new(on_shutdown: impl Fn() + Send + Sync + 'static) -> Self {
+        Self {
+            on_shutdown: Box::new(on_shutdown),
+        }
+    }
+}
+
+/// Serves one connection until the peer closes it or sends a frame that cannot be
+/// resynchronised (oversized or truncated). When it returns, every command the connection
+/// started has been sent SIGKILL.
+pub fn serve_connection<S: Transport>(
+    stream: S,
+    config: Arc<ServerConfig>,
+) -> Result<(), ServerError> {
+    let writer = stream.try_clone_transport().map_err(ServerError::Split)?;
+    let conn = Arc::new(Conn {
+        out: Mutex::new(Box::new(writer)),
+        broken: AtomicBool::new(false),
+        execs: Mutex::new(HashMap::new()),
+        uploads: Mutex::new(HashMap::new()),
+        outputs: Mutex::new(HashMap::new()),
+        config,
+    });
+    let mut reader = BufReader::with_capacity(MAX_CHUNK, stream);
+    let result = loop {
+        match read_frame(&mut reader) {
+            Ok(None) => break Ok(()),
+            Ok(Some(payload)) => match decode::<Request>(&payload) {
+                Ok(request) => conn.handle(request),
+                Err(err) => {
+                    let id = decode_id(&payload).unwrap_or(0);
+                    conn.send_error(
+                        id,
+                        RemoteError::new(
+                            ErrorKind::Protocol,
+                            format!(
+                                "request {id}: malformed {}-byte frame: {err}",
+                                payload.len()
+                            ),
+                        ),
+                    );
+                }
+            },
+            Err(FrameError::Io(err)) => break Err(ServerError::Frame(FrameError::Io(err))),
+            Err(err) => {
+                conn.send_error(
+                    0,
+                    RemoteError::new(
+                        ErrorKind::Protocol,
+                        format!("{err}; closing the connection"),
+                    ),
+                );
+                break Err(ServerError::Frame(err));
+            }
+        }
+    };
+    conn.teardown();
+    reader.get_ref().shutdown_transport().ok();
+    result
+}
+
+/// One connection's shared state.
+struct Conn {
+    out: Mutex<Box<dyn Write + Send>>,
+    /// Set once a write failed: the peer is gone, stop producing output.
+    broken: AtomicBool,
+    execs: Mutex<HashMap<u64, Arc<ExecEntry>>>,
+    /// Open `WriteFile` streams by request id.
+    uploads: Mutex<HashMap<u64, Inbound>>,
+    /// Windows of the output streams (exec output, `ReadFile`) by request id.
+    outputs: Mutex<HashMap<u64, Arc<Credit>>>,
+    config: Arc<ServerConfig>,
+}
+
+/// The agent's end of an input stream (`Stdin`, `FileData`) fed to a consumer thread.
+struct Inbound {
+    tx: Sender<Chunk>,
+    /// Bytes received and not yet consumed; over two windows is a protocol violation.
+    queued: Arc<AtomicU64>,
+}
+
+impl Inbound {
+    fn new() -> (Self, Receiver<Chunk>, Arc<AtomicU64>) {
+        let (tx, rx) = mpsc::channel();
+        let queued = Arc::new(AtomicU64::new(0));
+        (
+            Self {
+                tx,
+                queued: queued.clone(),
+            },
+            rx,
+            queued,
+        )
+    }
+
+    /// Queues `data`; `Err` when the sender broke the window.
+    fn push(&self, data: Vec<u8>) -> Result<(), u64> {
+        let len = data.len() as u64;
+        let queued = self.queued.fetch_add(len, Ordering::SeqCst) + len;
+        if queued > 2 * STREAM_WINDOW {
+            return Err(queued);
+        }
+        // The consumer may be gone (it failed or finished); the data is then dropped.
+        self.tx.send(Chunk::Data(data)).ok();
+        Ok(())
+    }
+}
+
+enum Chunk {
+    Data(Vec<u8>),
+    /// The input is complete (`FileEnd`). A closed channel without it means aborted (or, for
+    /// stdin, `StdinClose`).
+    End,
+}
+
+/// Acknowledges consumed input in batches.
+struct Acker {
+    id: u64,
+    unacked: u64,
+    queued: Arc<AtomicU64>,
+}
+
+impl Acker {
+    fn consumed(&mut self, conn: &Conn, bytes: u64) {
+        let left = self.queued.fetch_sub(bytes, Ordering::SeqCst) - bytes;
+        self.unacked += bytes;
+        if self.unacked >= ACK_THRESHOLD || left == 0 {
+            conn.send(
+                self.id,
+                ResponseBody::Ack {
+                    bytes: self.unacked,
+                },
+            );
+            self.unacked = 0;
+        }
+    }
+}
+
+struct ExecEntry {
+    state: Mutex<ProcState>,
+    stdin: Mutex<Option<Inbound>>,
+}
+
+enum ProcState {
+    /// Not spawned yet; a `Kill` meanwhile is delivered right after spawning.
+    Starting {
+        pending_signal: Option<i32>,
+    },
+    Running {
+        pgid: libc::pid_t,
+    },
+    /// Exited (the zombie may not be reaped yet, so the pid is not reused): no more signals.
+    Exited,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Starts a helper thread; `Err` says why it could not (e.g. out of memory or pids).
+fn spawn_thread(name: String, f: impl FnOnce() + Send + 'static) -> Result<(), RemoteError> {
+    std::thread::Builder::new()
+        .name(name.clone())
+        .stack_size(THREAD_STACK)
+        .spawn(f)
+        .map(drop)
+        .map_err(|err| RemoteError::from_io(format!("start thread {name}"), &err))
+}
+
+/// Sends `signal` to the process group `pgid`.
+fn kill_group(pgid: libc::pid_t, signal: i32) -> io::Result<()> {
+    // SAFETY: kill has no memory-safety preconditions; a negative pid names a process group
+    // the agent created (the exec's leader was spawned with process_group(0)).
+    if unsafe { libc::kill(-pgid, signal) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+impl Conn {
+    /// Sends one response frame; `false` when the peer is gone.
+    fn send(&self, id: u64, body: ResponseBody) -> bool {
+        if self.broken.load(Ordering::SeqCst) {
+            return false;
+        }
+        let frame = match encode_frame(&Response { id, body }) {
+            Ok(frame) => frame,
+            Err(err) => {
+                eprintln!("ember-agent: response to request {id}: {err}");
+                return false;
+            }
+        };
+        let mut out = lock(&self.out);
+        if out.write_all(&frame).and_then(|()| out.flush()).is_err() {
+            self.broken.store(true, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    fn send_error(&self, id: u64, error: RemoteError) -> bool {
+        self.send(id, ResponseBody::Error(error))
+    }
+
+    fn handle(self: &Arc<Self>, request: Request) {
+        let id = request.id;
+        match request.body {
+            RequestBody::Hello { .. } => {
+                self.send(
+                    id,
+                    ResponseBody::Hello {
+                        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                        protocol_version: PROTOCOL_VERSION,
+                        capabilities: CAPABILITIES.iter().map(|c| c.to_string()).collect(),
+                    },
+                );
+            }
+            RequestBody::Exec(exec) => self.start_exec(id, exec),
+            RequestBody::Stdin { data } => {
+                let Some(entry) = lock(&self.execs).get(&id).cloned() else {
+                    return; // The command already ended: its stdin is gone.
+                };
+                let pushed = match lock(&entry.stdin).as_ref() {
+                    Some(inbound) => inbound.push(data),
+                    None => Ok(()),
+                };
+                if let Err(queued) = pushed {
+                    self.violation(id, &entry, queued);
+                }
+            }
+            RequestBody::StdinClose => {
+                if let Some(entry) = lock(&self.execs).get(&id).cloned() {
+                    lock(&entry.stdin).take();
+                }
+            }
+            RequestBody::Kill { target, signal } => {
+                let result = self.kill(target, signal);
+                match result {
+                    Ok(()) => self.send(id, ResponseBody::Done { bytes: 0 }),
+                    Err(err) => self.send_error(id, err),
+                };
+            }
+            RequestBody::WriteFile {
+                path,
+                mode,
+                create_parents,
+            } => self.start_write(id, path, mode, create_parents),
+            RequestBody::FileData { data } => {
+                let mut uploads = lock(&self.uploads);
+                if let Some(inbound) = uploads.get(&id) {
+                    if let Err(queued) = inbound.push(data) {
+                        uploads.remove(&id);
+                        drop(uploads);
+                        self.send_error(id, window_error(queued));
+                    }
+                }
+            }
+            RequestBody::FileEnd => {
+                if let Some(inbound) = lock(&self.uploads).remove(&id) {
+                    inbound.tx.send(Chunk::End).ok();
+                }
+            }
+            RequestBody::ReadFile { path } => self.start_read(id, path),
+            RequestBody::Mkdir { path, mode } => {
+                match mkdir_p(&path, mode) {
+                    Ok(()) => self.send(id, ResponseBody::Done { bytes: 0 }),
+                    Err(err) => self.send_error(id, err),
+                };
+            }
+            RequestBody::Stat { path } => {
+                match stat(&path) {
+                    Ok(stat) => self.send(id, ResponseBody::StatResult(stat)),
+                    Err(err) => self.send_error(id, err),
+                };
+            }
+            RequestBody::Shutdown => {
+                self.send(id, ResponseBody::Done { bytes: 0 });
+                (self.config.on_shutdown)();
+            }
+            RequestBody::Ack { bytes } => {
+                if let Some(credit) = lock(&self.outputs).get(&id) {
+                    credit.release(bytes);
+                }
+            }
+            RequestBody::Resync {
+                unix_time_ns,
+                entropy,
+            } => {
+                // clock_settime and two ioctls: answered inline, like Mkdir.
+                match crate::resync::resync(unix_time_ns, &entropy) {
+                    Ok(bytes) => self.send(id, ResponseBody::Done { bytes }),
+                    Err(err) => self.send_error(id, err),
+                };
+            }
+        }
+    }
+
+    /// The host sent more stdin than the window allows: the command is killed.
+    fn violation(&self, id: u64, entry: &ExecEntry, queued: u64) {
+        lock(&entry.stdin).take();
+        if let ProcState::Running { pgid } = *lock(&entry.state) {
+            kill_group(pgid, libc::SIGKILL).ok();
+        }
+        self.send_error(id, window_error(queued));
+    }
+
+    fn kill(&self, target: u64, signal: i32) -> Result<(), RemoteError> {
+        let not_running = || {
+            RemoteError::new(
+                ErrorKind::NotFound,
+                format!("no running command with request id {target}"),
+            )
+        };
+        let entry = lock(&self.execs)
+            .get(&target)
+            .cloned()
+            .ok_or_else(not_running)?;
+        let mut state = lock(&entry.state);
+        match &mut *state {
+            ProcState::Starting { pending_signal } => {
+                *pending_signal = Some(signal);
+                Ok(())
+            }
+            ProcState::Running { pgid } => kill_group(*pgid, signal).map_err(|err| {
+                RemoteError::from_io(
+                    format!("kill signal {signal} to process group {pgid}"),
+                    &err,
+                )
+            }),
+            ProcState::Exited => Err(not_running()),
+        }
+    }
+
+    fn start_exec(self: &Arc<Self>, id: u64, mut request: ExecRequest) {
+        let mut execs = lock(&self.execs);
+        if execs.contains_key(&id) {
+            drop(execs);
+            self.send_error(
+                id,
+                RemoteError::new(
+                    ErrorKind::Protocol,
+                    format!("request id {id} is already a running command"),
+                ),
+            );
+            return;
+        }
+        let (inbound, stdin_rx, queued) = Inbound::new();
+        let entry = Arc::new(ExecEntry {
+            state: Mutex::new(ProcState::Starting {
+                pending_signal: None,
+            }),
+            stdin: Mutex::new(request.stdin_stream.then_some(inbound)),
+        });
+        execs.insert(id, entry.clone());
+        drop(execs);
+        let credit = Arc::new(Credit::default());
+        lock(&self.outputs).insert(id, credit.clone());
+        let conn = self.clone();
+        let inline = std::mem::take(&mut request.stdin);
+        let started = spawn_thread(format!("exec-{id}"), move || {
+            let stdin = StdinFeed {
+                inline,
+                rx: stdin_rx,
+                acker: Acker {
+                    id,
+                    unacked: 0,
+                    queued,
+                },
+            };
+            let result = run_exec(&conn, id, &request, &entry, stdin, &credit);
+            lock(&conn.execs).remove(&id);
+            if let Some(credit) = lock(&conn.outputs).remove(&id) {
+                credit.close();
+            }
+            match result {
+                Ok(status) => conn.send(id, ResponseBody::Exited { status }),
+                Err(err) => conn.send_error(id, err),
+            };
+        });
+        if let Err(err) = started {
+            lock(&self.execs).remove(&id);
+            lock(&self.outputs).remove(&id);
+            self.send_error(id, err);
+        }
+    }
+
+    fn start_write(self: &Arc<Self>, id: u64, path: String, mode: u32, create_parents: bool) {
+        let (inbound, rx, queued) = Inbound::new();
+        {
+            let mut uploads = lock(&self.uploads);
+            if uploads.contains_key(&id) {
+                drop(uploads);
+                self.send_error(
+                    id,
+                    RemoteError::new(
+                        ErrorKind::Protocol,
+                        format!("request id {id} is already an open WriteFile"),
+                    ),
+                );
+                return;
+            }
+            uploads.insert(id, inbound);
+        }
+        let conn = self.clone();
+        let started = spawn_thread(format!("write-{id}"), move || {
+            let mut acker = Acker {
+                id,
+                unacked: 0,
+                queued,
+            };
+            let result = write_file(&conn, &path, mode, create_parents, &rx, &mut acker);
+            // On failure, stop accepting data for this id (later frames are ignored).
+            lock(&conn.uploads).remove(&id);
+            match result {
+                Ok(Some(bytes)) => conn.send(id, ResponseBody::Done { bytes }),
+                Ok(None) => false, // The connection closed before FileEnd.
+                Err(err) => conn.send_error(id, err),
+            };
+        });
+        if let Err(err) = started {
+            lock(&self.uploads).remove(&id);
+            self.send_error(id, err);
+        }
+    }
+
+    fn start_read(self: &Arc<Self>, id: u64, path: String) {
+        let credit = Arc::new(Credit::default());
+        lock(&self.outputs).insert(id, credit.clone());
+        let conn = self.clone();
+        let started = spawn_thread(format!("read-{id}"), move || {
+            let result = read_file(&conn, id, &path, &credit);
+            lock(&conn.outputs).remove(&id);
+            match result {
+                Ok(bytes) => conn.send(id, ResponseBody::Done { bytes }),
+                Err(err) => conn.send_error(id, err),
+            };
+        });
+        if let Err(err) = started {
+            lock(&self.outputs).remove(&id);
+            self.send_error(id, err);
+        }
+    }
+
+    /// The connection is closing: kill its commands and release every waiting thread.
+    fn teardown(&self) {
+        self.broken.store(true, Ordering::SeqCst);
+        for entry in lock(&self.execs).values() {
+            lock(&entry.stdin).take();
+            if let ProcState::Running { pgid } = *lock(&entry.state) {
+                kill_group(pgid, libc::SIGKILL).ok();
+            }
+        }
+        lock(&self.uploads).clear();
+        for credit in lock(&self.outputs).values() {
+            credit.close();
+        }
+    }
+}
+
+fn window_error(queued: u64) -> RemoteError {
+    RemoteError::new(
+        ErrorKind::Protocol,
+        format!("{queued} bytes of input queued: more than the window of {STREAM_WINDOW} allows"),
+    )
+}
+
+fn absolute_path(path: &str) -> Result<&Path, RemoteError> {
+    if path.is_empty() || !path.starts_with('/') {
+        return Err(RemoteError::new(
+            ErrorKind::InvalidInput,
+            format!("path {path:?} is not absolute"),
+        ));
+    }
+    if path.contains('\0') {
+        return Err(RemoteError::new(
+            ErrorKind::InvalidInput,
+            format!("path {path:?} contains a NUL byte"),
+        ));
+    }
+    Ok(Path::new(path))
+}
