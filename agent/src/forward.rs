@@ -27,22 +27,35 @@ impl HalfClose for UnixStream {
     }
 }
 
+/// Why a forwarded connection's `PORT` line was not taken.
+#[derive(Debug, thiserror::Error)]
+enum PortLineError {
+    #[error("the host closed before its PORT line")]
+    Closed,
+    #[error("a PORT line longer than {MAX_FORWARD_LINE} bytes")]
+    TooLong,
+    #[error("reading the PORT line: {0}")]
+    Read(#[source] io::Error),
+    #[error("malformed line {0:?} (want `PORT <1-65535>`)")]
+    Malformed(String),
+}
+
 /// Reads the `PORT <n>` line (byte by byte: what follows belongs to the TCP stream).
-fn read_port_line(stream: &mut impl Read) -> Result<u16, String> {
+fn read_port_line(stream: &mut impl Read) -> Result<u16, PortLineError> {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     loop {
         match stream.read(&mut byte) {
-            Ok(0) => return Err("the host closed before its PORT line".into()),
+            Ok(0) => return Err(PortLineError::Closed),
             Ok(_) if byte[0] == b'\n' => break,
             Ok(_) => {
                 line.push(byte[0]);
                 if line.len() >= MAX_FORWARD_LINE {
-                    return Err(format!("a PORT line longer than {MAX_FORWARD_LINE} bytes"));
+                    return Err(PortLineError::TooLong);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("reading the PORT line: {e}")),
+            Err(e) => return Err(PortLineError::Read(e)),
         }
     }
     let text = String::from_utf8_lossy(&line);
@@ -50,7 +63,7 @@ fn read_port_line(stream: &mut impl Read) -> Result<u16, String> {
         .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
         .and_then(|n| n.parse::<u16>().ok())
         .filter(|&n| n != 0)
-        .ok_or_else(|| format!("malformed line {text:?} (want `PORT <1-65535>`)"))
+        .ok_or_else(|| PortLineError::Malformed(text.into_owned()))
 }
 
 /// Serves one forwarded connection to its end.

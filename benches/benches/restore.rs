@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ember_snapshot_store::{MemoryMap, PageRef, Store};
-use ember_vmm::lazy::{LazyMemory, PageSource, PAGE_SIZE};
+use ember_vmm::lazy::{LazyMemory, PageError, PageSource, PAGE_SIZE};
 use ember_vmm::memory::create_guest_memory;
 use ember_vmm::snapshot::StorePages;
 use userfaultfd::UffdBuilder;
@@ -22,7 +22,7 @@ const PAGES: usize = 4096;
 struct Generated;
 
 impl PageSource for Generated {
-    fn read_page(&self, index: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<bool, String> {
+    fn read_page(&self, index: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<bool, PageError> {
         buf.fill((index % 251) as u8 + 1);
         Ok(true)
     }

@@ -19,6 +19,61 @@ use ember_service::snapshots::snapshot_info;
 
 const MIB: u64 = 1 << 20;
 
+/// Why a snapshot or store command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreCmdError {
+    #[error("cannot access the snapshot store {}: {source}", dir.display())]
+    Access {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the snapshot store {} is not a directory", dir.display())]
+    NotADirectory { dir: PathBuf },
+    #[error("{} is not a snapshot store (it has neither packs/ nor manifests/)", dir.display())]
+    NotAStore { dir: PathBuf },
+    #[error(transparent)]
+    Open(Box<ember_sandbox::defaults::OpenStoreError>),
+    #[error("no snapshot {id:?} in the store {}", dir.display())]
+    NoSnapshot { id: String, dir: PathBuf },
+    #[error("cannot {what} {}: {source}", dir.display())]
+    Store {
+        what: &'static str,
+        dir: PathBuf,
+        #[source]
+        source: Box<StoreError>,
+    },
+    #[error("cannot delete snapshot {id:?}: {source}")]
+    Delete {
+        id: String,
+        #[source]
+        source: Box<StoreError>,
+    },
+    #[error("garbage collection of {url} failed: {source}")]
+    Remote {
+        url: String,
+        #[source]
+        source: Box<ember_remote::RemoteError>,
+    },
+}
+
+/// Names what a store operation on `dir` was doing when it failed.
+fn store_error<'a>(
+    what: &'static str,
+    dir: &'a Path,
+) -> impl FnOnce(StoreError) -> StoreCmdError + 'a {
+    move |source| StoreCmdError::Store {
+        what,
+        dir: dir.to_path_buf(),
+        source: Box::new(source),
+    }
+}
+
+/// `value` as indented JSON (plain data: it always serialises).
+fn pretty(value: &impl serde::Serialize) -> String {
+    serde_json::to_string_pretty(value).expect("plain data serialises to JSON")
+}
+
 /// `ember snapshots [--store DIR] [--json]` and `ember snapshots delete ID`.
 #[derive(clap::Args, Debug)]
 pub struct SnapshotsArgs {
@@ -118,7 +173,7 @@ pub fn store(args: StoreArgs) -> i32 {
     finish(result)
 }
 
-fn finish(result: Result<i32, String>) -> i32 {
+fn finish(result: Result<i32, StoreCmdError>) -> i32 {
     match result {
         Ok(code) => code,
         Err(why) => {
@@ -131,7 +186,7 @@ fn finish(result: Result<i32, String>) -> i32 {
 /// Opens the store at `dir` if there is one; `None` when `dir` does not exist or is an
 /// empty directory (nothing was ever saved there), which `note` says on stderr. Never
 /// creates a store.
-fn open_existing(dir: &Path, note: bool) -> Result<Option<Arc<Store>>, String> {
+fn open_existing(dir: &Path, note: bool) -> Result<Option<Arc<Store>>, StoreCmdError> {
     let meta = match std::fs::metadata(dir) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -143,23 +198,25 @@ fn open_existing(dir: &Path, note: bool) -> Result<Option<Arc<Store>>, String> {
             }
             return Ok(None);
         }
-        Err(e) => {
-            return Err(format!(
-                "cannot access the snapshot store {}: {e}",
-                dir.display()
-            ))
+        Err(source) => {
+            return Err(StoreCmdError::Access {
+                dir: dir.to_path_buf(),
+                source,
+            })
         }
     };
     if !meta.is_dir() {
-        return Err(format!(
-            "the snapshot store {} is not a directory",
-            dir.display()
-        ));
+        return Err(StoreCmdError::NotADirectory {
+            dir: dir.to_path_buf(),
+        });
     }
     let looks_like_store = dir.join("manifests").is_dir() || dir.join("packs").is_dir();
     if !looks_like_store {
         let empty = std::fs::read_dir(dir)
-            .map_err(|e| format!("cannot read the snapshot store {}: {e}", dir.display()))?
+            .map_err(|source| StoreCmdError::Access {
+                dir: dir.to_path_buf(),
+                source,
+            })?
             .next()
             .is_none();
         if empty {
@@ -171,12 +228,13 @@ fn open_existing(dir: &Path, note: bool) -> Result<Option<Arc<Store>>, String> {
             }
             return Ok(None);
         }
-        return Err(format!(
-            "{} is not a snapshot store (it has neither packs/ nor manifests/)",
-            dir.display()
-        ));
+        return Err(StoreCmdError::NotAStore {
+            dir: dir.to_path_buf(),
+        });
     }
-    ember_sandbox::defaults::open_store(dir).map(Some)
+    ember_sandbox::defaults::open_store(dir)
+        .map(Some)
+        .map_err(|e| StoreCmdError::Open(Box::new(e)))
 }
 
 // ---- ember snapshots ----
@@ -193,13 +251,13 @@ fn cells(info: &SnapshotInfo) -> [String; 6] {
     ]
 }
 
-fn list(dir: &Path, as_json: bool) -> Result<i32, String> {
+fn list(dir: &Path, as_json: bool) -> Result<i32, StoreCmdError> {
     let mut rows = Vec::new();
     let mut failed = 0usize;
     if let Some(store) = open_existing(dir, true)? {
         let ids = store
             .list_manifests()
-            .map_err(|e| format!("cannot list the snapshots in {}: {e}", dir.display()))?;
+            .map_err(store_error("list the snapshots in", dir))?;
         for id in ids {
             match store.load_manifest(&id) {
                 Ok(m) => rows.push(snapshot_info(&m)),
@@ -211,7 +269,7 @@ fn list(dir: &Path, as_json: bool) -> Result<i32, String> {
         }
     }
     if as_json {
-        let text = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
+        let text = pretty(&rows);
         println!("{text}");
     } else if !rows.is_empty() {
         print!("{}", table(&rows));
@@ -257,8 +315,11 @@ fn table(rows: &[SnapshotInfo]) -> String {
     out
 }
 
-fn delete(dir: &Path, id: &str) -> Result<i32, String> {
-    let not_found = || format!("no snapshot {id:?} in the store {}", dir.display());
+fn delete(dir: &Path, id: &str) -> Result<i32, StoreCmdError> {
+    let not_found = || StoreCmdError::NoSnapshot {
+        id: id.to_string(),
+        dir: dir.to_path_buf(),
+    };
     let Some(store) = open_existing(dir, false)? else {
         return Err(not_found());
     };
@@ -271,17 +332,20 @@ fn delete(dir: &Path, id: &str) -> Result<i32, String> {
             Ok(0)
         }
         Err(StoreError::Manifest(ManifestError::NotFound { .. })) => Err(not_found()),
-        Err(e) => Err(format!("cannot delete snapshot {id:?}: {e}")),
+        Err(source) => Err(StoreCmdError::Delete {
+            id: id.to_string(),
+            source: Box::new(source),
+        }),
     }
 }
 
 // ---- ember store stats ----
 
-fn stats(dir: &Path, as_json: bool) -> Result<i32, String> {
+fn stats(dir: &Path, as_json: bool) -> Result<i32, StoreCmdError> {
     let s = match open_existing(dir, true)? {
         Some(store) => store
             .stats()
-            .map_err(|e| format!("cannot compute the statistics of {}: {e}", dir.display()))?,
+            .map_err(store_error("compute the statistics of", dir))?,
         None => StoreStats::default(),
     };
     if as_json {
@@ -295,7 +359,7 @@ fn stats(dir: &Path, as_json: bool) -> Result<i32, String> {
             "zero_pages": s.zero_pages,
             "dedup_ratio": s.dedup_ratio,
         });
-        let text = serde_json::to_string_pretty(&value).map_err(|e| e.to_string())?;
+        let text = pretty(&value);
         println!("{text}");
     } else {
         println!("store:          {}", dir.display());
@@ -342,11 +406,9 @@ fn describe_problem(p: &Problem) -> String {
     out
 }
 
-fn verify(dir: &Path, as_json: bool) -> Result<i32, String> {
+fn verify(dir: &Path, as_json: bool) -> Result<i32, StoreCmdError> {
     let report = match open_existing(dir, true)? {
-        Some(store) => store
-            .verify()
-            .map_err(|e| format!("cannot verify {}: {e}", dir.display()))?,
+        Some(store) => store.verify().map_err(store_error("verify", dir))?,
         None => VerifyReport::default(),
     };
     if as_json {
@@ -373,7 +435,7 @@ fn verify(dir: &Path, as_json: bool) -> Result<i32, String> {
             "orphan_packs": report.orphan_packs,
             "problems": problems,
         });
-        let text = serde_json::to_string_pretty(&value).map_err(|e| e.to_string())?;
+        let text = pretty(&value);
         println!("{text}");
     } else {
         for p in &report.problems {
@@ -414,14 +476,16 @@ fn verify(dir: &Path, as_json: bool) -> Result<i32, String> {
 
 // ---- ember store gc ----
 
-fn remote_gc(url: &str, grace_s: u64, as_json: bool) -> Result<i32, String> {
-    let remote = ember_remote::Remote::open(url, Default::default()).map_err(|e| e.to_string())?;
+fn remote_gc(url: &str, grace_s: u64, as_json: bool) -> Result<i32, StoreCmdError> {
+    let remote_error = |source| StoreCmdError::Remote {
+        url: url.to_string(),
+        source: Box::new(source),
+    };
+    let remote = ember_remote::Remote::open(url, Default::default()).map_err(remote_error)?;
     let options = ember_remote::RemoteGcOptions {
         grace: std::time::Duration::from_secs(grace_s),
     };
-    let report = remote
-        .gc(&options)
-        .map_err(|e| format!("garbage collection of {url} failed: {e}"))?;
+    let report = remote.gc(&options).map_err(remote_error)?;
     if as_json {
         let value = json!({
             "remote": url,
@@ -432,7 +496,7 @@ fn remote_gc(url: &str, grace_s: u64, as_json: bool) -> Result<i32, String> {
             "packs_removed": report.packs_removed,
             "bytes_removed": report.bytes_removed,
         });
-        let text = serde_json::to_string_pretty(&value).map_err(|e| e.to_string())?;
+        let text = pretty(&value);
         println!("{text}");
     } else {
         println!(
@@ -451,11 +515,11 @@ fn remote_gc(url: &str, grace_s: u64, as_json: bool) -> Result<i32, String> {
     Ok(0)
 }
 
-fn gc(dir: &Path, as_json: bool) -> Result<i32, String> {
+fn gc(dir: &Path, as_json: bool) -> Result<i32, StoreCmdError> {
     let report = match open_existing(dir, true)? {
         Some(store) => store
             .gc()
-            .map_err(|e| format!("garbage collection of {} failed: {e}", dir.display()))?,
+            .map_err(store_error("collect the garbage of", dir))?,
         None => GcReport::default(),
     };
     if as_json {
@@ -478,7 +542,7 @@ fn gc(dir: &Path, as_json: bool) -> Result<i32, String> {
             "packs_with_corrupt_objects": report.packs_with_corrupt_objects,
             "manifests_quarantined": report.manifests_quarantined,
         });
-        let text = serde_json::to_string_pretty(&value).map_err(|e| e.to_string())?;
+        let text = pretty(&value);
         println!("{text}");
     } else {
         println!(

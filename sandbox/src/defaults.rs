@@ -72,23 +72,40 @@ pub fn overlay_path() -> PathBuf {
 /// Opens the snapshot store at `dir` for the service and the CLI. Its packs are read, not
 /// mapped: jailed VMMs can write the store's files, and a pack one of them truncates must be
 /// an error for the service (naming the pack), not a SIGBUS that kills it.
-pub fn open_store(dir: &Path) -> Result<Arc<ember_snapshot_store::Store>, String> {
+pub fn open_store(dir: &Path) -> Result<Arc<ember_snapshot_store::Store>, OpenStoreError> {
     let options = ember_snapshot_store::StoreOptions {
         map_packs: false,
         ..Default::default()
     };
     ember_snapshot_store::Store::open_with(dir, options)
         .map(Arc::new)
-        .map_err(|e| format!("cannot open the snapshot store {}: {e}", dir.display()))
+        .map_err(|source| OpenStoreError {
+            dir: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// A snapshot store that would not open.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open the snapshot store {}: {source}", dir.display())]
+pub struct OpenStoreError {
+    pub dir: PathBuf,
+    #[source]
+    pub source: ember_snapshot_store::StoreError,
 }
 
 /// Opens the store at `dir` without indexing it: what a VMM does, since a restore indexes
 /// only the packs its snapshot lists and a snapshot's writer indexes the rest, so a VMM's
 /// start does not grow with the store.
-pub fn open_store_unindexed(dir: &Path) -> Result<Arc<ember_snapshot_store::Store>, String> {
+pub fn open_store_unindexed(
+    dir: &Path,
+) -> Result<Arc<ember_snapshot_store::Store>, OpenStoreError> {
     ember_snapshot_store::Store::open_unindexed(dir, Default::default())
         .map(Arc::new)
-        .map_err(|e| format!("cannot open the snapshot store {}: {e}", dir.display()))
+        .map_err(|source| OpenStoreError {
+            dir: dir.to_path_buf(),
+            source,
+        })
 }
 
 /// A random unicast, locally administered MAC (`06:` and five random bytes).

@@ -18,7 +18,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use ember_vmm::lazy::{PageSource, PAGE_SIZE};
+use ember_vmm::lazy::{PageError, PageSource, PAGE_SIZE};
 
 pub const TAG_PAGE: u8 = 0;
 pub const TAG_ZERO: u8 = 1;
@@ -91,8 +91,9 @@ impl PageChannel {
 }
 
 impl PageSource for PageChannel {
-    fn read_page(&self, index: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<bool, String> {
-        self.fetch(index, buf).map_err(|e| e.to_string())
+    fn read_page(&self, index: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<bool, PageError> {
+        self.fetch(index, buf)
+            .map_err(|e| PageError::Source(Box::new(e)))
     }
 }
 

@@ -168,9 +168,9 @@ pub struct LimitArgs {
 
 impl LimitArgs {
     /// Refuses network limits for a guest without a network device (`has_nic`).
-    pub fn check_net(&self, has_nic: bool) -> Result<(), String> {
+    pub fn check_net(&self, has_nic: bool) -> Result<(), ArgError> {
         if !has_nic && self.net_rate_limits().is_limited() {
-            return Err("--net-* limits apply to a network device: give --tap too".into());
+            return Err(ArgError::NetLimitsWithoutNic);
         }
         Ok(())
     }
@@ -198,18 +198,29 @@ impl LimitArgs {
     }
 }
 
+/// A command-line value that does not parse, or options that do not go together.
+#[derive(Debug, thiserror::Error)]
+pub enum ArgError {
+    #[error("{0:?} is not of the form SOURCE:DESTINATION")]
+    Copy(String),
+    #[error("{0:?} is not of the form KEY=VALUE")]
+    Env(String),
+    #[error("--net-* limits apply to a network device: give --tap too")]
+    NetLimitsWithoutNic,
+}
+
 /// Parses `HOST:GUEST` (or `GUEST:HOST` for copy-out, with `guest_first`).
-pub fn parse_copy(spec: &str) -> Result<(String, String), String> {
+pub fn parse_copy(spec: &str) -> Result<(String, String), ArgError> {
     match spec.split_once(':') {
         Some((a, b)) if !a.is_empty() && !b.is_empty() => Ok((a.to_string(), b.to_string())),
-        _ => Err(format!("{spec:?} is not of the form SOURCE:DESTINATION")),
+        _ => Err(ArgError::Copy(spec.to_string())),
     }
 }
 
-pub fn parse_env(spec: &str) -> Result<(String, String), String> {
+pub fn parse_env(spec: &str) -> Result<(String, String), ArgError> {
     match spec.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("{spec:?} is not of the form KEY=VALUE")),
+        _ => Err(ArgError::Env(spec.to_string())),
     }
 }
 
@@ -378,7 +389,7 @@ pub fn run_command(
         vmm.wait_for_vsock_idle(Duration::from_millis(250));
         let store = match &origin {
             Origin::Restore { store, .. } => Ok(store.clone()),
-            Origin::Boot => open_store(&plan.store_dir),
+            Origin::Boot => open_store(&plan.store_dir).map_err(|e| e.to_string()),
         };
         let result = store.and_then(|store| {
             let t = Instant::now();
@@ -665,17 +676,55 @@ pub(crate) fn wait_for_agent(
     }
 }
 
-fn run_plan(client: &AgentClient, plan: &CommandPlan) -> Result<i32, String> {
+/// Why the command of `ember run`/`restore` or its copies failed.
+#[derive(Debug, thiserror::Error)]
+enum PlanError {
+    #[error("--copy-in: cannot open {}: {source}", host.display())]
+    OpenCopyIn {
+        host: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--copy-out: cannot create {}: {source}", host.display())]
+    CreateCopyOut {
+        host: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} {from} → {to}: {source}")]
+    Copy {
+        what: &'static str,
+        from: String,
+        to: String,
+        #[source]
+        source: Box<ember_agent::client::ClientError>,
+    },
+    #[error("running {argv:?}: {source}")]
+    Run {
+        argv: Vec<String>,
+        #[source]
+        source: Box<ember_agent::client::ClientError>,
+    },
+}
+
+fn run_plan(client: &AgentClient, plan: &CommandPlan) -> Result<i32, PlanError> {
     for (host, guest) in &plan.copy_in {
-        let file = std::fs::File::open(host)
-            .map_err(|e| format!("--copy-in: cannot open {}: {e}", host.display()))?;
+        let file = std::fs::File::open(host).map_err(|source| PlanError::OpenCopyIn {
+            host: host.clone(),
+            source,
+        })?;
         let mode = file
             .metadata()
             .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
             .unwrap_or(0o644);
         client
             .write_file(guest, mode, file)
-            .map_err(|e| format!("--copy-in {} → {guest}: {e}", host.display()))?;
+            .map_err(|source| PlanError::Copy {
+                what: "--copy-in",
+                from: host.display().to_string(),
+                to: guest.clone(),
+                source: Box::new(source),
+            })?;
     }
 
     let mut env: Vec<(String, String)> = ember_agent::protocol::DEFAULT_COMMAND_ENV
@@ -707,14 +756,24 @@ fn run_plan(client: &AgentClient, plan: &CommandPlan) -> Result<i32, String> {
     } else {
         client.exec(request, &mut on_output)
     }
-    .map_err(|e| format!("running {:?}: {e}", plan.argv))?;
+    .map_err(|source| PlanError::Run {
+        argv: plan.argv.clone(),
+        source: Box::new(source),
+    })?;
 
     for (guest, host) in &plan.copy_out {
-        let file = std::fs::File::create(host)
-            .map_err(|e| format!("--copy-out: cannot create {}: {e}", host.display()))?;
+        let file = std::fs::File::create(host).map_err(|source| PlanError::CreateCopyOut {
+            host: host.clone(),
+            source,
+        })?;
         client
             .read_file(guest, file)
-            .map_err(|e| format!("--copy-out {guest} → {}: {e}", host.display()))?;
+            .map_err(|source| PlanError::Copy {
+                what: "--copy-out",
+                from: guest.clone(),
+                to: host.display().to_string(),
+                source: Box::new(source),
+            })?;
     }
     Ok(match status {
         ExitStatus::Code(code) => code,

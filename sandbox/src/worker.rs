@@ -310,27 +310,27 @@ const PAGE_CHANNEL_WAIT: std::time::Duration = std::time::Duration::from_secs(10
 /// pages from the page channel the service passes on stdin (one byte, the socket attached).
 fn partial_snapshot(
     origin: &crate::control::PartialOrigin,
-) -> Result<ember_vmm::PartialSnapshot, String> {
+) -> Result<ember_vmm::PartialSnapshot, SetupError> {
     use vmm_sys_util::sock_ctrl_msg::ScmSocket;
     // SAFETY: descriptor 0 is this process's stdin, a socket the service made, read nowhere
     // else at this point; it stays open after (ManuallyDrop), for the agent connection.
     let stdin = std::mem::ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(0) });
     stdin
         .set_read_timeout(Some(PAGE_CHANNEL_WAIT))
-        .map_err(|e| format!("waiting for the page channel on stdin: {e}"))?;
+        .map_err(SetupError::PageChannelWait)?;
     let mut byte = [0u8; 1];
     let received = stdin.recv_with_fd(&mut byte[..]);
     let _ = stdin.set_read_timeout(None);
     let file = match received {
         Ok((1, Some(file))) => file,
-        Ok(_) => return Err("the service sent no page channel on stdin".into()),
-        Err(e) => return Err(format!("receiving the page channel on stdin: {e}")),
+        Ok(_) => return Err(SetupError::NoPageChannel),
+        Err(e) => return Err(SetupError::PageChannelReceive(e)),
     };
     let channel = crate::page_channel::PageChannel::new(
         UnixStream::from(OwnedFd::from(file)),
         std::time::Duration::from_millis(origin.page_timeout_ms),
     )
-    .map_err(|e| format!("setting up the page channel: {e}"))?;
+    .map_err(SetupError::PageChannel)?;
     Ok(ember_vmm::PartialSnapshot {
         manifest: origin.manifest.clone(),
         working_set: origin.working_set.clone(),
@@ -370,7 +370,7 @@ fn pass_agent_connection(connection: UnixStream) -> bool {
 /// A pooled VMM's assignment: one JSON line on stdin, which the service made a Unix socket,
 /// with the sandbox's TAP queue attached when it has a network. `None` at the stream's end
 /// (no sandbox for this VMM).
-fn read_assignment() -> Result<Option<(PoolAssignment, Option<OwnedFd>)>, String> {
+fn read_assignment() -> Result<Option<(PoolAssignment, Option<OwnedFd>)>, SetupError> {
     use vmm_sys_util::sock_ctrl_msg::ScmSocket;
     // SAFETY: descriptor 0 is this process's stdin, used nowhere else while the assignment
     // is read; it stays open after (ManuallyDrop), for the agent connection to go back on.
@@ -380,43 +380,32 @@ fn read_assignment() -> Result<Option<(PoolAssignment, Option<OwnedFd>)>, String
     let mut tap: Option<OwnedFd> = None;
     while !line[..len].contains(&b'\n') {
         if len == line.len() {
-            return Err(format!(
-                "the pool assignment is longer than {MAX_CONTROL_LINE} bytes"
-            ));
+            return Err(SetupError::AssignmentTooLong);
         }
         let (read, fd) = socket
             .recv_with_fd(&mut line[len..])
-            .map_err(|e| format!("reading the pool assignment from stdin: {e}"))?;
+            .map_err(SetupError::AssignmentRead)?;
         if let Some(fd) = fd {
             if tap.replace(OwnedFd::from(fd)).is_some() {
-                return Err("the pool assignment carried more than one descriptor".into());
+                return Err(SetupError::AssignmentDescriptors);
             }
         }
         if read == 0 {
             return match len {
                 0 => Ok(None),
-                _ => Err("the pool assignment ended before its line did".into()),
+                _ => Err(SetupError::AssignmentCut),
             };
         }
         len += read;
     }
     let end = line[..len].iter().position(|b| *b == b'\n').unwrap_or(len);
-    let assignment: PoolAssignment = serde_json::from_slice(&line[..end])
-        .map_err(|e| format!("malformed pool assignment: {e}"))?;
+    let assignment: PoolAssignment =
+        serde_json::from_slice(&line[..end]).map_err(SetupError::AssignmentMalformed)?;
     if assignment.net.is_some() != tap.is_some() {
-        return Err(format!(
-            "the pool assignment {} a network but {} a TAP queue",
-            if assignment.net.is_some() {
-                "has"
-            } else {
-                "has no"
-            },
-            if tap.is_some() {
-                "carries"
-            } else {
-                "carries no"
-            },
-        ));
+        return Err(SetupError::AssignmentTap {
+            has_net: assignment.net.is_some(),
+            has_tap: tap.is_some(),
+        });
     }
     Ok(Some((assignment, tap)))
 }
@@ -437,7 +426,7 @@ fn max_file_size(spec: &WorkerSpec) -> u64 {
 
 /// Caps what a compromised VMM could take from the host (`RLIMIT_NOFILE`, `RLIMIT_FSIZE`,
 /// soft and hard: it cannot raise them again).
-fn limit_resources(spec: &WorkerSpec) -> Result<(), String> {
+fn limit_resources(spec: &WorkerSpec) -> Result<(), SetupError> {
     for (resource, name, value) in [
         (libc::RLIMIT_NOFILE, "RLIMIT_NOFILE", MAX_OPEN_FILES),
         (libc::RLIMIT_FSIZE, "RLIMIT_FSIZE", max_file_size(spec)),
@@ -448,10 +437,10 @@ fn limit_resources(spec: &WorkerSpec) -> Result<(), String> {
         };
         // SAFETY: getrlimit writes one rlimit into `current`.
         if unsafe { libc::getrlimit(resource, &mut current) } != 0 {
-            return Err(format!(
-                "cannot read {name}: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(SetupError::ReadLimit {
+                name,
+                source: std::io::Error::last_os_error(),
+            });
         }
         // Never above what is already allowed (raising a hard limit needs privileges).
         let value = value.min(current.rlim_max);
@@ -461,10 +450,11 @@ fn limit_resources(spec: &WorkerSpec) -> Result<(), String> {
         };
         // SAFETY: setrlimit reads the rlimit we pass; it changes only this process's limits.
         if unsafe { libc::setrlimit(resource, &limit) } != 0 {
-            return Err(format!(
-                "cannot set {name} to {value}: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(SetupError::SetLimit {
+                name,
+                value,
+                source: std::io::Error::last_os_error(),
+            });
         }
     }
     Ok(())
@@ -648,6 +638,46 @@ fn handle(worker: &Worker, request: ControlRequest) -> ControlReply {
             ControlReply::ok()
         }
     }
+}
+
+/// Why the VMM could not take what the service hands it on stdin, or limit itself.
+#[derive(Debug, thiserror::Error)]
+enum SetupError {
+    #[error("waiting for the page channel on stdin: {0}")]
+    PageChannelWait(#[source] std::io::Error),
+    #[error("the service sent no page channel on stdin")]
+    NoPageChannel,
+    #[error("receiving the page channel on stdin: {0}")]
+    PageChannelReceive(#[source] vmm_sys_util::errno::Error),
+    #[error("setting up the page channel: {0}")]
+    PageChannel(#[source] std::io::Error),
+    #[error("the pool assignment is longer than {MAX_CONTROL_LINE} bytes")]
+    AssignmentTooLong,
+    #[error("reading the pool assignment from stdin: {0}")]
+    AssignmentRead(#[source] vmm_sys_util::errno::Error),
+    #[error("the pool assignment carried more than one descriptor")]
+    AssignmentDescriptors,
+    #[error("the pool assignment ended before its line did")]
+    AssignmentCut,
+    #[error("malformed pool assignment: {0}")]
+    AssignmentMalformed(#[source] serde_json::Error),
+    #[error("the pool assignment {} a network but {} a TAP queue",
+        if *has_net { "has" } else { "has no" },
+        if *has_tap { "carries" } else { "carries no" })]
+    AssignmentTap { has_net: bool, has_tap: bool },
+    #[error("cannot read {name}: {source}")]
+    ReadLimit {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set {name} to {value}: {source}")]
+    SetLimit {
+        name: &'static str,
+        value: u64,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Why a snapshot request failed.

@@ -190,7 +190,7 @@ async fn create_sandbox(
     let body: CreateBody = parse_body(body)?;
     check_env_map(&body.env)?;
     let timeout = check_timeout(body.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S))?;
-    ports::check(&body.ports).map_err(ApiError::bad_request)?;
+    ports::check(&body.ports).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let mut restored_nic = false;
     let mut partial = None;
     let new = match (&body.image, &body.snapshot) {

@@ -15,6 +15,19 @@ use ember_sandbox::control::WorkerSpec;
 /// the subordinate ids of user namespaces).
 pub const DEFAULT_JAIL_ID: u32 = 64_177;
 
+/// Why the service cannot jail its VMMs as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum JailSetupError {
+    #[error("--jail-uid and --jail-gid must not be 0 (got {uid}:{gid})")]
+    RootIds { uid: u32, gid: u32 },
+    #[error("cannot make the store {} readable by the jail's group: {source}", store.display())]
+    ShareStore {
+        store: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JailIds {
     pub uid: u32,
@@ -29,7 +42,7 @@ impl JailIds {
     pub fn for_service(
         args: &super::ServeArgs,
         store_dir: &Path,
-    ) -> Result<Option<JailIds>, String> {
+    ) -> Result<Option<JailIds>, JailSetupError> {
         if args.no_jail {
             log::warn!("--no-jail: VMMs run without their jail");
             return Ok(None);
@@ -47,17 +60,16 @@ impl JailIds {
             gid: args.jail_gid,
         };
         if ids.uid == 0 || ids.gid == 0 {
-            return Err(format!(
-                "--jail-uid and --jail-gid must not be 0 (got {}:{})",
-                ids.uid, ids.gid
-            ));
+            return Err(JailSetupError::RootIds {
+                uid: ids.uid,
+                gid: ids.gid,
+            });
         }
-        ids.share_read_only(store_dir).map_err(|e| {
-            format!(
-                "cannot make the store {} readable by the jail's group: {e}",
-                store_dir.display()
-            )
-        })?;
+        ids.share_read_only(store_dir)
+            .map_err(|source| JailSetupError::ShareStore {
+                store: store_dir.to_path_buf(),
+                source,
+            })?;
         log::info!(
             "VMMs run jailed as uid {} gid {} (new namespaces, a private root)",
             ids.uid,

@@ -30,7 +30,7 @@ pub mod snapshots;
 pub mod timeline;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -399,11 +399,27 @@ pub fn serve(args: ServeArgs) -> i32 {
     }
 }
 
+/// Why the service stopped serving.
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error("cannot {what} {}: {source}", socket.display())]
+    Socket {
+        what: &'static str,
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot handle SIGTERM: {0}")]
+    Signal(#[source] std::io::Error),
+    #[error("serving: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
 async fn run_service(
     state: Arc<AppState>,
     socket: PathBuf,
     peers: access::PeerPolicy,
-) -> Result<(), String> {
+) -> Result<(), ServeError> {
     sandbox::recover(&state).await;
     tokio::spawn(state.gc.clone().run(state.store.clone()));
     if state.config.jail.is_some() {
@@ -419,17 +435,29 @@ async fn run_service(
     }
     match std::fs::remove_file(&socket) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(format!("cannot replace {}: {e}", socket.display()))
+            return Err(ServeError::Socket {
+                what: "replace",
+                socket,
+                source: e,
+            })
         }
         _ => {}
     }
-    let listener = tokio::net::UnixListener::bind(&socket)
-        .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+    let socket_error = |what: &'static str, socket: &Path| {
+        let socket = socket.to_path_buf();
+        move |source| ServeError::Socket {
+            what,
+            socket,
+            source,
+        }
+    };
+    let listener =
+        tokio::net::UnixListener::bind(&socket).map_err(socket_error("listen on", &socket))?;
     std::fs::set_permissions(
         &socket,
         std::os::unix::fs::PermissionsExt::from_mode(access::SOCKET_MODE),
     )
-    .map_err(|e| format!("cannot set the mode of {}: {e}", socket.display()))?;
+    .map_err(socket_error("set the mode of", &socket))?;
     let listener = access::CheckedListener::new(listener, peers);
     tokio::spawn(sandbox::reap_expired(state.clone()));
     if let Some(pool) = &state.pool {
@@ -442,7 +470,7 @@ async fn run_service(
     );
     let app = router(state.clone());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+        .map_err(ServeError::Signal)?;
     let shutdown = async move {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
@@ -455,7 +483,7 @@ async fn run_service(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
-        .map_err(|e| format!("serving: {e}"))?;
+        .map_err(ServeError::Serve)?;
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }

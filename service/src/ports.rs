@@ -24,21 +24,47 @@ pub struct ExposedPort {
     pub host: SocketAddr,
 }
 
+/// Why a create request's port list is refused, or a forwarded connection ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    #[error("{asked} ports asked for; a sandbox exposes at most {MAX_PORTS}")]
+    TooMany { asked: usize },
+    #[error("port 0 cannot be exposed")]
+    Zero,
+    #[error("port {0} is listed twice")]
+    Twice(u16),
+    #[error("the connection ended during its handshake: {0}")]
+    Handshake(#[source] std::io::Error),
+    #[error("a handshake line is longer than {MAX_LINE} bytes")]
+    LongLine,
+    #[error("cannot reach the VMM: {0}")]
+    Vmm(#[source] std::io::Error),
+    #[error("the guest agent is not forwarding ports ({0:?})")]
+    NotForwarding(String),
+    #[error("the guest agent refused the connection: {0}")]
+    Refused(String),
+    #[error("forwarding: {0}")]
+    Copy(#[source] std::io::Error),
+    #[error("cannot listen on the host for guest port {guest_port}: {source}")]
+    Listen {
+        guest_port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Checks the ports a create request asks for.
-pub fn check(ports: &[u16]) -> Result<(), String> {
+pub fn check(ports: &[u16]) -> Result<(), PortError> {
     if ports.len() > MAX_PORTS {
-        return Err(format!(
-            "{} ports asked for; a sandbox exposes at most {MAX_PORTS}",
-            ports.len()
-        ));
+        return Err(PortError::TooMany { asked: ports.len() });
     }
     if ports.contains(&0) {
-        return Err("port 0 cannot be exposed".into());
+        return Err(PortError::Zero);
     }
     let mut sorted = ports.to_vec();
     sorted.sort_unstable();
-    if sorted.windows(2).any(|w| w[0] == w[1]) {
-        return Err("a port is listed twice".into());
+    if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+        return Err(PortError::Twice(w[0]));
     }
     Ok(())
 }
@@ -75,51 +101,50 @@ pub async fn expose(
 }
 
 /// Reads one `\n`-terminated line, byte by byte (what follows is the stream's).
-async fn read_line(stream: &mut (impl AsyncRead + Unpin)) -> Result<String, String> {
+async fn read_line(stream: &mut (impl AsyncRead + Unpin)) -> Result<String, PortError> {
     let mut line = Vec::new();
     loop {
-        let byte = stream
-            .read_u8()
-            .await
-            .map_err(|e| format!("the connection ended during its handshake: {e}"))?;
+        let byte = stream.read_u8().await.map_err(PortError::Handshake)?;
         if byte == b'\n' {
             return Ok(String::from_utf8_lossy(&line).into_owned());
         }
         line.push(byte);
         if line.len() > MAX_LINE {
-            return Err("a handshake line is too long".into());
+            return Err(PortError::LongLine);
         }
     }
 }
 
 /// One connection: through the VMM's vsock socket to the agent's forwarding port, then to the
 /// guest port; bytes flow until both sides are done.
-async fn forward(vsock_socket: &Path, guest_port: u16, mut tcp: TcpStream) -> Result<(), String> {
+async fn forward(
+    vsock_socket: &Path,
+    guest_port: u16,
+    mut tcp: TcpStream,
+) -> Result<(), PortError> {
     let mut guest = UnixStream::connect(vsock_socket)
         .await
-        .map_err(|e| format!("cannot reach the VMM: {e}"))?;
+        .map_err(PortError::Vmm)?;
     guest
         .write_all(format!("CONNECT {FORWARD_VSOCK_PORT}\n").as_bytes())
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(PortError::Handshake)?;
     let line = read_line(&mut guest).await?;
     if !line.starts_with("OK ") {
-        return Err(format!(
-            "the guest agent is not forwarding ports ({line:?})"
-        ));
+        return Err(PortError::NotForwarding(line));
     }
     guest
         .write_all(format!("PORT {guest_port}\n").as_bytes())
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(PortError::Handshake)?;
     let line = read_line(&mut guest).await?;
     if line != "OK" {
-        return Err(line);
+        return Err(PortError::Refused(line));
     }
     tokio::io::copy_bidirectional(&mut tcp, &mut guest)
         .await
         .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(PortError::Copy)
 }
 
 #[cfg(test)]

@@ -416,7 +416,7 @@ pub async fn fork(
         partial,
     } = restore_spec(&state, &id, body.restore_mode).await?;
     check_network(&id, had_network, body.network.as_ref())?;
-    super::ports::check(&body.ports).map_err(ApiError::bad_request)?;
+    super::ports::check(&body.ports).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let network = body
         .network
         .clone()

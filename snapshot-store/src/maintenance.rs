@@ -231,7 +231,7 @@ impl Store {
                         hash: Some(e.hash),
                         pack: Some(sealed.path.clone()),
                         manifest: None,
-                        detail,
+                        detail: detail.to_string(),
                     }),
                 }
             }
@@ -518,12 +518,33 @@ impl Store {
     }
 }
 
+/// What is wrong with one object of a pack.
+#[derive(Debug, thiserror::Error)]
+enum ObjectDefect {
+    #[error("record header before start of pack")]
+    HeaderBeforeStart,
+    #[error("record outside the pack or unreadable")]
+    Outside,
+    #[error("record header at offset {0} does not match the index entry")]
+    HeaderMismatch(u64),
+    #[error("unknown flags {0:#04x}")]
+    UnknownFlags(u8),
+    #[error(transparent)]
+    Decompress(#[from] store::DecompressError),
+    #[error("content does not match its hash")]
+    Hash,
+}
+
 /// Checks one object of a mapped pack: record header, bounds, decompression, hash.
-fn check_object(pack: &pack::PackBytes, e: &IdxEntry, buf: &mut Vec<u8>) -> Result<(), String> {
+fn check_object(
+    pack: &pack::PackBytes,
+    e: &IdxEntry,
+    buf: &mut Vec<u8>,
+) -> Result<(), ObjectDefect> {
     let start = e
         .offset
         .checked_sub(RECORD_HEADER_LEN as u64)
-        .ok_or("record header before start of pack")?;
+        .ok_or(ObjectDefect::HeaderBeforeStart)?;
     let mut record = Vec::new();
     let bytes = pack
         .get(
@@ -531,15 +552,13 @@ fn check_object(pack: &pack::PackBytes, e: &IdxEntry, buf: &mut Vec<u8>) -> Resu
             RECORD_HEADER_LEN + e.stored_len as usize,
             &mut record,
         )
-        .ok_or("record outside the pack or unreadable")?;
+        .ok_or(ObjectDefect::Outside)?;
     let (header, stored) = bytes.split_at(RECORD_HEADER_LEN);
     if header != pack::record_header(e) {
-        return Err(format!(
-            "record header at offset {start} does not match the index entry"
-        ));
+        return Err(ObjectDefect::HeaderMismatch(start));
     }
     if ObjectKind::from_flags(e.flags).is_none() {
-        return Err(format!("unknown flags {:#04x}", e.flags));
+        return Err(ObjectDefect::UnknownFlags(e.flags));
     }
     let data: &[u8] = if e.compressed() {
         buf.clear();
@@ -550,7 +569,7 @@ fn check_object(pack: &pack::PackBytes, e: &IdxEntry, buf: &mut Vec<u8>) -> Resu
         stored
     };
     if Hash::of(data) != e.hash {
-        return Err("content does not match its hash".into());
+        return Err(ObjectDefect::Hash);
     }
     Ok(())
 }

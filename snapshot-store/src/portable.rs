@@ -40,7 +40,7 @@ impl StoredObject {
         let content = if self.flags & FLAG_ZSTD != 0 {
             let mut out = Vec::with_capacity(self.raw_len as usize);
             store::decompress_exact(&self.bytes, &mut out, self.raw_len as usize)
-                .map_err(corrupt)?;
+                .map_err(|e| corrupt(e.to_string()))?;
             out
         } else if self.bytes.len() == self.raw_len as usize {
             self.bytes.clone()

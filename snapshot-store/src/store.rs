@@ -323,23 +323,36 @@ thread_local! {
         const { RefCell::new(None) };
 }
 
+/// Why a stored object would not decompress to its length.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DecompressError {
+    #[error("zstd: {0}")]
+    Zstd(#[source] std::io::Error),
+    #[error("decompressed to {got} bytes, expected {expected}")]
+    Length { got: usize, expected: usize },
+}
+
 /// Decompresses `src` into `dst`, which must end up exactly full. Reuses a per-thread
 /// context.
-pub(crate) fn decompress_exact<C>(src: &[u8], dst: &mut C, expected: usize) -> Result<(), String>
+pub(crate) fn decompress_exact<C>(
+    src: &[u8],
+    dst: &mut C,
+    expected: usize,
+) -> Result<(), DecompressError>
 where
     C: zstd::zstd_safe::WriteBuf + ?Sized,
 {
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
-        if slot.is_none() {
-            *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?);
-        }
-        let d = slot.as_mut().ok_or("no decompressor")?;
-        let n = d
+        let d = match &mut *slot {
+            Some(d) => d,
+            None => slot.insert(zstd::bulk::Decompressor::new().map_err(DecompressError::Zstd)?),
+        };
+        let got = d
             .decompress_to_buffer(src, dst)
-            .map_err(|e| format!("zstd: {e}"))?;
-        if n != expected {
-            return Err(format!("decompressed to {n} bytes, expected {expected}"));
+            .map_err(DecompressError::Zstd)?;
+        if got != expected {
+            return Err(DecompressError::Length { got, expected });
         }
         Ok(())
     })
@@ -647,7 +660,8 @@ impl Store {
             .ok_or_else(|| corrupt("outside the pack or unreadable".into()))?;
         let data = if loc.flags & FLAG_ZSTD != 0 {
             let mut out = Vec::with_capacity(loc.raw_len as usize);
-            decompress_exact(stored, &mut out, loc.raw_len as usize).map_err(corrupt)?;
+            decompress_exact(stored, &mut out, loc.raw_len as usize)
+                .map_err(|e| corrupt(e.to_string()))?;
             out
         } else {
             stored.to_vec()
@@ -710,7 +724,8 @@ impl Store {
         let stored = stored_bytes(pack, &loc, &mut scratch)
             .ok_or_else(|| corrupt("outside the pack or unreadable".into()))?;
         if loc.flags & FLAG_ZSTD != 0 {
-            decompress_exact(stored, &mut buf[..], PAGE_SIZE).map_err(corrupt)?;
+            decompress_exact(stored, &mut buf[..], PAGE_SIZE)
+                .map_err(|e| corrupt(e.to_string()))?;
         } else if stored.len() == PAGE_SIZE {
             buf.copy_from_slice(stored);
         } else {

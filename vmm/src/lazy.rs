@@ -28,7 +28,48 @@ pub trait PageSource: Send + Sync {
     /// Fills `buf` with guest page `index` (guest physical address / 4 KiB, counted over the
     /// guest's RAM regions in order) and returns `true`, or returns `false` for an all-zero page
     /// (leaving `buf` alone). An error stops the VM.
-    fn read_page(&self, index: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<bool, String>;
+    fn read_page(&self, index: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<bool, PageError>;
+}
+
+/// Why a [`PageSource`] could not give a page.
+#[derive(Debug, thiserror::Error)]
+pub enum PageError {
+    #[error("page {index} is beyond the snapshot's {pages} pages")]
+    BeyondSnapshot { index: u64, pages: usize },
+    #[error("guest page {index} came as a zero page; its snapshot holds {hash}")]
+    ZeroForObject { index: u64, hash: String },
+    #[error("guest page {index} came with content that does not match its hash {hash}")]
+    WrongContent { index: u64, hash: String },
+    #[error(transparent)]
+    Store(#[from] ember_snapshot_store::StoreError),
+    /// A source of another kind failed (a process serving pages over a channel).
+    #[error(transparent)]
+    Source(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Why the fault handler stopped (and with it the VM).
+#[derive(Debug, thiserror::Error)]
+enum FaultError {
+    #[error("setting up the fault loop: {0}")]
+    Epoll(#[source] std::io::Error),
+    #[error("waiting for faults: {0}")]
+    Wait(#[source] std::io::Error),
+    #[error("reading a fault: {0}")]
+    Read(#[source] userfaultfd::Error),
+    #[error("fault at {addr:#x} outside guest memory")]
+    Outside { addr: u64 },
+    #[error("guest page {index}: {source}")]
+    Page {
+        index: u64,
+        #[source]
+        source: PageError,
+    },
+    #[error("placing guest page at {addr:#x}: {source}")]
+    Place {
+        addr: u64,
+        #[source]
+        source: userfaultfd::Error,
+    },
 }
 
 /// Errors setting up lazy memory.
@@ -49,8 +90,12 @@ pub enum LazyError {
         what: &'static str,
         source: std::io::Error,
     },
-    #[error("reading guest page {index} for an eager restore failed: {reason}")]
-    EagerRead { index: u64, reason: String },
+    #[error("reading guest page {index} for an eager restore failed: {source}")]
+    EagerRead {
+        index: u64,
+        #[source]
+        source: PageError,
+    },
     #[error("guest page {index} is outside guest memory")]
     OutOfRange { index: u64 },
 }
@@ -177,7 +222,7 @@ impl Layout {
 }
 
 /// Copies one page into place; `Ok(false)` when it was already there (EEXIST).
-fn place_page(uffd: &Uffd, addr: u64, data: Option<&[u8; PAGE_SIZE]>) -> Result<bool, String> {
+fn place_page(uffd: &Uffd, addr: u64, data: Option<&[u8; PAGE_SIZE]>) -> Result<bool, FaultError> {
     let result = match data {
         // SAFETY: `addr` is a page-aligned address inside a guest RAM region registered with
         // this userfaultfd (found through `Layout`), and `buf` is a full page of readable memory.
@@ -199,10 +244,10 @@ fn place_page(uffd: &Uffd, addr: u64, data: Option<&[u8; PAGE_SIZE]>) -> Result<
         {
             // Someone (the prefetcher or a racing fault) placed it first: wake any waiter.
             uffd.wake(addr as *mut c_void, PAGE_SIZE)
-                .map_err(|e| e.to_string())?;
+                .map_err(|source| FaultError::Place { addr, source })?;
             Ok(false)
         }
-        Err(e) => Err(format!("placing guest page at {addr:#x}: {e}")),
+        Err(source) => Err(FaultError::Place { addr, source }),
     }
 }
 
@@ -265,7 +310,8 @@ impl LazyMemory {
                         serve_faults(&uffd, &layout, source.as_ref(), &stats, &recorded, &stop)
                     {
                         log::error!("lazy restore stopped: {reason}");
-                        *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+                        *failure.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(reason.to_string());
                         let _ = error_evt.write(1);
                     }
                 },
@@ -470,10 +516,10 @@ fn serve_faults(
     stats: &LazyStats,
     recorded: &Mutex<Option<Vec<u64>>>,
     stop: &EventFd,
-) -> Result<(), String> {
+) -> Result<(), FaultError> {
     const UFFD: u64 = 0;
     const STOP: u64 = 1;
-    let epoll = Epoll::new().map_err(|e| e.to_string())?;
+    let epoll = Epoll::new().map_err(FaultError::Epoll)?;
     for (fd, data) in [(uffd.as_raw_fd(), UFFD), (stop.as_raw_fd(), STOP)] {
         epoll
             .ctl(
@@ -481,7 +527,7 @@ fn serve_faults(
                 fd,
                 EpollEvent::new(EventSet::IN, data),
             )
-            .map_err(|e| e.to_string())?;
+            .map_err(FaultError::Epoll)?;
     }
     let mut buf = [0u8; PAGE_SIZE];
     let mut ready = [EpollEvent::default(); 2];
@@ -489,25 +535,22 @@ fn serve_faults(
         let n = match epoll.wait(-1, &mut ready) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("waiting for faults: {e}")),
+            Err(e) => return Err(FaultError::Wait(e)),
         };
         if ready[..n].iter().any(|e| e.data() == STOP) {
             return Ok(());
         }
         // Drain every pending event (the fd is non-blocking).
-        while let Some(event) = uffd
-            .read_event()
-            .map_err(|e| format!("reading a fault: {e}"))?
-        {
+        while let Some(event) = uffd.read_event().map_err(FaultError::Read)? {
             let Event::Pagefault { addr, .. } = event else {
                 continue;
             };
             let Some((index, page_addr)) = layout.page_of(addr as u64) else {
-                return Err(format!("fault at {:#x} outside guest memory", addr as u64));
+                return Err(FaultError::Outside { addr: addr as u64 });
             };
             let has_data = source
                 .read_page(index, &mut buf)
-                .map_err(|reason| format!("guest page {index}: {reason}"))?;
+                .map_err(|source| FaultError::Page { index, source })?;
             if place_page(uffd, page_addr, has_data.then_some(&buf))? {
                 let counter = if has_data {
                     &stats.faults_copied
@@ -536,7 +579,7 @@ pub fn load_eagerly(mem: &GuestMemoryMmap, source: &dyn PageSource) -> Result<u6
             .ok_or(LazyError::OutOfRange { index })?;
         if source
             .read_page(index, &mut buf)
-            .map_err(|reason| LazyError::EagerRead { index, reason })?
+            .map_err(|source| LazyError::EagerRead { index, source })?
         {
             // SAFETY: `addr` is the start of a page inside a guest RAM mapping owned by `mem`
             // (from `Layout`), which stays mapped for this call; no vCPU runs yet.
@@ -559,9 +602,11 @@ mod tests {
     }
 
     impl PageSource for Pattern {
-        fn read_page(&self, index: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<bool, String> {
+        fn read_page(&self, index: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<bool, PageError> {
             if Some(index) == self.fail_at {
-                return Err(format!("object for page {index} is corrupt"));
+                return Err(PageError::Source(
+                    format!("object for page {index} is corrupt").into(),
+                ));
             }
             if index.is_multiple_of(4) {
                 return Ok(false);

@@ -10,7 +10,7 @@ use ember_devices::virtio::mmio::MmioTransportState;
 use ember_snapshot_store::{DiskMap, Hash, MemoryMap, PageRef, Store, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
 
-use crate::lazy::PageSource;
+use crate::lazy::{PageError, PageSource};
 use crate::persist::vcpu::VcpuState;
 use crate::persist::vm::VmState;
 
@@ -183,36 +183,34 @@ pub struct StorePages {
 }
 
 impl PageSource for StorePages {
-    fn read_page(&self, index: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<bool, String> {
+    fn read_page(&self, index: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<bool, PageError> {
         let entry = usize::try_from(index)
             .ok()
             .and_then(|i| self.map.pages.get(i))
-            .ok_or_else(|| {
-                format!(
-                    "page {index} is beyond the snapshot's {} pages",
-                    self.map.pages.len()
-                )
+            .ok_or(PageError::BeyondSnapshot {
+                index,
+                pages: self.map.pages.len(),
             })?;
         match entry {
             PageRef::Zero => Ok(false),
             PageRef::Object(hash) => match &self.missing {
                 Some(missing) if !self.store.contains(hash) => {
                     if !missing.read_page(index, buf)? {
-                        return Err(format!(
-                            "guest page {index} came as a zero page; its snapshot holds {hash}"
-                        ));
+                        return Err(PageError::ZeroForObject {
+                            index,
+                            hash: hash.to_string(),
+                        });
                     }
                     if Hash::of(&buf[..]) != *hash {
-                        return Err(format!(
-                            "guest page {index} came with content that does not match its hash {hash}"
-                        ));
+                        return Err(PageError::WrongContent {
+                            index,
+                            hash: hash.to_string(),
+                        });
                     }
                     Ok(true)
                 }
                 _ => {
-                    self.store
-                        .read_page_into(hash, buf)
-                        .map_err(|e| e.to_string())?;
+                    self.store.read_page_into(hash, buf)?;
                     Ok(true)
                 }
             },
@@ -288,7 +286,11 @@ mod tests {
         assert!(!pages.read_page(0, &mut buf).unwrap());
         assert!(pages.read_page(1, &mut buf).unwrap());
         assert_eq!(buf, [7u8; PAGE_SIZE]);
-        assert!(pages.read_page(3, &mut buf).unwrap_err().contains("beyond"));
+        let beyond = pages.read_page(3, &mut buf).unwrap_err();
+        assert!(
+            matches!(beyond, PageError::BeyondSnapshot { index: 3, .. }),
+            "{beyond}"
+        );
         std::fs::remove_dir_all(dir).ok();
     }
 
@@ -296,7 +298,7 @@ mod tests {
     struct Filled(u8);
 
     impl PageSource for Filled {
-        fn read_page(&self, _index: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<bool, String> {
+        fn read_page(&self, _index: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<bool, PageError> {
             buf.fill(self.0);
             Ok(self.0 != 0)
         }
@@ -332,9 +334,15 @@ mod tests {
         assert_eq!(buf, [9u8; PAGE_SIZE]);
         // Wrong content, or a zero page for a stored one, is refused.
         let wrong = pages(5).read_page(1, &mut buf).unwrap_err();
-        assert!(wrong.contains("does not match its hash"), "{wrong}");
+        assert!(
+            matches!(wrong, PageError::WrongContent { index: 1, .. }),
+            "{wrong}"
+        );
         let zero = pages(0).read_page(1, &mut buf).unwrap_err();
-        assert!(zero.contains("came as a zero page"), "{zero}");
+        assert!(
+            matches!(zero, PageError::ZeroForObject { index: 1, .. }),
+            "{zero}"
+        );
         std::fs::remove_dir_all(dir).ok();
     }
 }

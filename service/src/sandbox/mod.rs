@@ -335,7 +335,7 @@ impl Sandbox {
 
     /// Listens on its exposed ports: `wanted` guest ports on any free host ports, and those
     /// of its record (after a service restart) on the same host ports where still free.
-    pub async fn open_ports(&self, wanted: &[u16]) -> Result<(), String> {
+    pub async fn open_ports(&self, wanted: &[u16]) -> Result<(), ports::PortError> {
         let record = self.record();
         let mut plan: Vec<(u16, u16)> = record
             .ports
@@ -350,9 +350,8 @@ impl Sandbox {
                 Err(_) if host_port != 0 => ports::expose(socket, guest_port, 0).await,
                 other => other,
             };
-            let (port, task) = made.map_err(|e| {
-                format!("cannot listen on the host for guest port {guest_port}: {e}")
-            })?;
+            let (port, task) =
+                made.map_err(|source| ports::PortError::Listen { guest_port, source })?;
             self.forwards
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

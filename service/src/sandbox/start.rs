@@ -172,7 +172,11 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         ms()
     );
     let started = match start_vmm(state, &sandbox, &spec, pooled, new.partial.clone()).await {
-        Ok(ready_ms) => sandbox.open_ports(&new.ports).await.map(|()| ready_ms),
+        Ok(ready_ms) => sandbox
+            .open_ports(&new.ports)
+            .await
+            .map(|()| ready_ms)
+            .map_err(|e| e.to_string()),
         Err(why) => Err(why),
     };
     match started {

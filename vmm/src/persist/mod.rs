@@ -109,6 +109,8 @@ pub enum PersistError {
     CpuModel(#[from] crate::arch::x86_64::cpu_model::CpuModelError),
     #[error(transparent)]
     RestoreMemory(#[from] crate::restore_memory::RestoreMemoryError),
+    #[error("the rootfs overlay: {0}")]
+    Overlay(#[source] restore::OverlayError),
     /// Building the restored VM's devices failed.
     #[error(transparent)]
     Devices(Box<crate::VmmError>),

@@ -24,30 +24,58 @@ fn restore_overlay(
     base: &BaseImage,
     base_path: &std::path::Path,
     overlay: &std::path::Path,
-) -> Result<(Arc<CowDisk>, Arc<StoreChunks>), String> {
-    let now = BaseImage::of(base_path).map_err(|e| format!("{}: {e}", base_path.display()))?;
+) -> Result<(Arc<CowDisk>, Arc<StoreChunks>), OverlayError> {
+    let now = BaseImage::of(base_path).map_err(|source| OverlayError::Base {
+        path: base_path.to_path_buf(),
+        source,
+    })?;
     if &now != base {
-        return Err(format!(
-            "the base image {} changed since the snapshot ({base:?} then, {now:?} now)",
-            base_path.display()
-        ));
+        return Err(OverlayError::BaseChanged {
+            path: base_path.to_path_buf(),
+            then: format!("{base:?}"),
+            now: format!("{now:?}"),
+        });
     }
-    let map = store.load_disk_map(disk).map_err(|e| e.to_string())?;
-    let mut cow = CowDisk::create(base_path, overlay, map.chunk_size).map_err(|e| e.to_string())?;
+    let map = store.load_disk_map(disk)?;
+    let mut cow = CowDisk::create(base_path, overlay, map.chunk_size)?;
     if cow.size() != map.size {
-        return Err(format!(
-            "the disk map is for {} bytes, the base image has {}",
-            map.size,
-            cow.size()
-        ));
+        return Err(OverlayError::Size {
+            map: map.size,
+            base: cow.size(),
+        });
     }
     let chunks = Arc::new(StoreChunks {
         store: store.clone(),
         map,
     });
     cow.load_lazily(chunks.clone(), chunks.stored_chunks())
-        .map_err(|e| e.to_string())?;
+        .map_err(OverlayError::Lazy)?;
     Ok((Arc::new(cow), chunks))
+}
+
+/// Why a snapshot's rootfs overlay could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    #[error("{}: {source}", path.display())]
+    Base {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the base image {} changed since the snapshot ({then} then, {now} now)", path.display())]
+    BaseChanged {
+        path: std::path::PathBuf,
+        then: String,
+        now: String,
+    },
+    #[error(transparent)]
+    Store(#[from] ember_snapshot_store::StoreError),
+    #[error(transparent)]
+    Block(#[from] ember_devices::virtio::block::BlockError),
+    #[error("the disk map is for {map} bytes, the base image has {base}")]
+    Size { map: u64, base: u64 },
+    #[error("serving its chunks lazily: {0}")]
+    Lazy(#[source] std::io::Error),
 }
 
 /// Whether a snapshot's guest held no vsock connections (snapshots that did not record it
@@ -179,7 +207,7 @@ impl Vmm {
         let overlay = match overlay_plan {
             Some((disk, base, path, overlay)) => Some(
                 restore_overlay(&store, disk, base, path, &overlay)
-                    .map_err(|reason| refuse(format!("the rootfs overlay: {reason}")))?,
+                    .map_err(|e| fail(PersistError::Overlay(e)))?,
             ),
             None => None,
         };
