@@ -24,6 +24,9 @@ use crate::{Remote, RemoteError, Result};
 /// guest order, so a window holds a page's neighbours).
 pub const WINDOW_BYTES: u64 = 1 << 20;
 
+/// Working-set objects closer than this in a pack are fetched with what lies between them.
+const WORKING_SET_GAP_BYTES: u64 = 1 << 20;
+
 /// Windows [`LazySnapshot::complete`] downloads before it stores what they held.
 const COMPLETE_BATCH_WINDOWS: usize = 64;
 /// Neighbouring windows [`LazySnapshot::complete`] asks for in one download.
@@ -100,16 +103,48 @@ impl Remote {
             Err(e) => return Err(e),
         };
         report.working_set_pages = working_set.len();
+        let mut by_pack = self.memory_objects_by_pack(local, &head, id)?;
+        let ws_hashes: HashSet<Hash> = working_set
+            .iter()
+            .filter_map(
+                |&page| match head.memory.pages.get(usize::try_from(page).ok()?) {
+                    Some(PageRef::Object(hash)) => Some(*hash),
+                    _ => None,
+                },
+            )
+            .collect();
         let mut first: Vec<Hash> = head.disk_chunks.clone();
-        first.extend(working_set.iter().filter_map(|&page| {
-            match head.memory.pages.get(usize::try_from(page).ok()?) {
-                Some(PageRef::Object(hash)) => Some(*hash),
-                _ => None,
-            }
-        }));
+        first.extend(with_gaps_filled(&by_pack, &ws_hashes));
         self.fetch_objects(local, &mut writer, &first, &mut report.fetched, false)?;
         writer.finish().map_err(self.local())?;
+        // What the guest may still fault on: the memory objects not fetched above.
+        for objects in by_pack.values_mut() {
+            objects.retain(|o| !local.contains(&o.entry.hash));
+        }
+        by_pack.retain(|_, objects| !objects.is_empty());
+        Ok(LazySnapshot {
+            remote: self.clone(),
+            head,
+            working_set,
+            by_pack,
+            fetched: Mutex::new(HashMap::new()),
+            windows: Mutex::new(HashMap::new()),
+            prepared: report.fetched.clone(),
+            report: Mutex::new(report.fetched),
+            gc_hold: Mutex::new(Some(gc_hold)),
+            completing: AtomicBool::new(false),
+        })
+    }
+}
 
+impl Remote {
+    /// The memory objects of `head` that `local` lacks, by remote pack, in offset order.
+    fn memory_objects_by_pack(
+        &self,
+        local: &Store,
+        head: &SnapshotHead,
+        id: &str,
+    ) -> Result<HashMap<Arc<str>, Vec<RemoteObject>>> {
         let mut by_pack: HashMap<Arc<str>, Vec<RemoteObject>> = HashMap::new();
         let mut seen = HashSet::new();
         for hash in head.memory_objects() {
@@ -127,19 +162,37 @@ impl Remote {
         for objects in by_pack.values_mut() {
             objects.sort_by_key(|o| o.entry.offset);
         }
-        Ok(LazySnapshot {
-            remote: self.clone(),
-            head,
-            working_set,
-            by_pack,
-            fetched: Mutex::new(HashMap::new()),
-            windows: Mutex::new(HashMap::new()),
-            prepared: report.fetched.clone(),
-            report: Mutex::new(report.fetched),
-            gc_hold: Mutex::new(Some(gc_hold)),
-            completing: AtomicBool::new(false),
-        })
+        Ok(by_pack)
     }
+}
+
+/// The objects of `wanted` and those lying between two of them in a pack with less than
+/// [`WORKING_SET_GAP_BYTES`] between: a working set scattered over a pack then downloads as
+/// a few long ranges, and what lies between (pages the guest is likely to touch next) comes
+/// with it instead of being skipped and fetched again later.
+fn with_gaps_filled(
+    by_pack: &HashMap<Arc<str>, Vec<RemoteObject>>,
+    wanted: &HashSet<Hash>,
+) -> Vec<Hash> {
+    let mut out = Vec::new();
+    for objects in by_pack.values() {
+        let mut last_wanted: Option<usize> = None;
+        for (i, object) in objects.iter().enumerate() {
+            if !wanted.contains(&object.entry.hash) {
+                continue;
+            }
+            if let Some(prev) = last_wanted {
+                let prev_end =
+                    objects[prev].entry.offset + u64::from(objects[prev].entry.stored_len);
+                if object.entry.offset.saturating_sub(prev_end) < WORKING_SET_GAP_BYTES {
+                    out.extend(objects[prev + 1..i].iter().map(|o| o.entry.hash));
+                }
+            }
+            out.push(object.entry.hash);
+            last_wanted = Some(i);
+        }
+    }
+    out
 }
 
 impl LazySnapshot {
@@ -435,4 +488,41 @@ impl LazySnapshot {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ember_snapshot_store::PackEntry;
+
+    fn object(offset: u64, len: u32) -> RemoteObject {
+        RemoteObject {
+            pack: Arc::from("p"),
+            entry: PackEntry {
+                hash: Hash::of(&offset.to_le_bytes()),
+                offset,
+                stored_len: len,
+                raw_len: len,
+                flags: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn a_scattered_working_set_takes_what_lies_close_between_its_pages() {
+        let page = 4096u32;
+        // Objects every page up to 64 KiB, then one 2 MiB further on.
+        let mut objects: Vec<RemoteObject> =
+            (0..16).map(|i| object(i * u64::from(page), page)).collect();
+        objects.push(object(64 * 1024 + (2 << 20), page));
+        let hash = |i: usize| objects[i].entry.hash;
+        let wanted: HashSet<Hash> = [hash(0), hash(8), hash(16)].into();
+        let by_pack = HashMap::from([(Arc::from("p"), objects.clone())]);
+        let got: HashSet<Hash> = with_gaps_filled(&by_pack, &wanted).into_iter().collect();
+        // 0..=8 close together: all of them; 16 is far: only itself; 9..16 never asked for.
+        let expected: HashSet<Hash> = (0..=8).map(hash).chain([hash(16)]).collect();
+        assert_eq!(got, expected);
+        // Nothing wanted, nothing taken.
+        assert!(with_gaps_filled(&by_pack, &HashSet::new()).is_empty());
+    }
 }
