@@ -460,10 +460,12 @@ impl Remote {
     }
 
     async fn put(&self, key: &Key, data: bytes::Bytes) -> Result<()> {
-        TrafficCounters::add(&self.traffic.bytes_uploaded, data.len() as u64);
+        let len = data.len() as u64;
         self.request("PUT", key, self.bucket.put(key, data.into()))
-            .await
-            .map(|_| ())
+            .await?;
+        // Counted once the remote took it: a failed upload moved nothing that stays.
+        TrafficCounters::add(&self.traffic.bytes_uploaded, len);
+        Ok(())
     }
 
     async fn list(&self, prefix: &Key) -> Result<Vec<object_store::ObjectMeta>> {
