@@ -163,6 +163,21 @@ pub(crate) async fn measure(
     uploads(args, setup, figures).await
 }
 
+/// A new host B with an empty store, on the prefix host A pushed to.
+fn empty_host(args: &BenchArgs, setup: &RemoteSetup) -> Result<(OwnService, Api), BenchError> {
+    let (host, socket) = OwnService::start(args, &setup.service("restores", &[], None))?;
+    Ok((host, Api(ApiClient::new(&socket))))
+}
+
+/// A restore of `bench-base` in `mode` on `api`'s host, its sandbox kept: the start, the
+/// sandbox and what the host had downloaded before it.
+async fn restore_base(api: &Api, mode: &str) -> Result<(StartSample, String, u64), CallError> {
+    let before = downloaded(api).await?;
+    let body = json!({"snapshot": "bench-base", "restore_mode": mode});
+    let (sample, id) = start_once(api, body, true).await?;
+    Ok((sample, id, before))
+}
+
 /// One empty host B: a lazy restore of `bench-base` (bytes before ready from the sandbox's
 /// record), then, once the rest arrived, a restore of the now local snapshot.
 async fn lazy_then_warm(
@@ -170,12 +185,9 @@ async fn lazy_then_warm(
     setup: &RemoteSetup,
     samples: &mut Samples,
 ) -> Result<(), BenchError> {
-    let (host, socket) = OwnService::start(args, &setup.service("restores", &[], None))?;
-    let api = Api(ApiClient::new(&socket));
+    let (host, api) = empty_host(args, setup)?;
     let measured = async {
-        let before = downloaded(&api).await?;
-        let body = json!({"snapshot": "bench-base", "restore_mode": "prefetch"});
-        let (lazy, id) = start_once(&api, body.clone(), true).await?;
+        let (lazy, id, before) = restore_base(&api, "prefetch").await?;
         let record = api.sandbox(&id).await?;
         let fetched = |name: &'static str| {
             record["remote_fetch"][name]
@@ -191,8 +203,8 @@ async fn lazy_then_warm(
         );
         api.delete(&id).await?;
         wait_local(&api, "bench-base").await?;
-        let after_lazy = downloaded(&api).await?;
-        let (warm, _) = start_once(&api, body, false).await?;
+        let (warm, id, after_lazy) = restore_base(&api, "prefetch").await?;
+        api.delete(&id).await?;
         let after_warm = downloaded(&api).await?;
         samples.lazy.push(lazy);
         samples.warm.push(warm);
@@ -216,12 +228,10 @@ async fn whole(
     setup: &RemoteSetup,
     samples: &mut Samples,
 ) -> Result<(), BenchError> {
-    let (host, socket) = OwnService::start(args, &setup.service("restores", &[], None))?;
-    let api = Api(ApiClient::new(&socket));
+    let (host, api) = empty_host(args, setup)?;
     let measured = async {
-        let before = downloaded(&api).await?;
-        let body = json!({"snapshot": "bench-base", "restore_mode": "file"});
-        let (whole, _) = start_once(&api, body, false).await?;
+        let (whole, id, before) = restore_base(&api, "file").await?;
+        api.delete(&id).await?;
         samples.whole.push(whole);
         samples
             .whole_mib

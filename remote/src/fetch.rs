@@ -282,19 +282,9 @@ impl Remote {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ember_snapshot_store::PackEntry;
 
     fn object(pack: &str, offset: u64, len: u32) -> RemoteObject {
-        RemoteObject {
-            pack: Arc::from(pack),
-            entry: PackEntry {
-                hash: Hash::of(&offset.to_le_bytes()),
-                offset,
-                stored_len: len,
-                raw_len: len,
-                flags: 0,
-            },
-        }
+        RemoteObject::at(pack, offset, len)
     }
 
     #[test]

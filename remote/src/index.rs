@@ -16,6 +16,24 @@ pub(crate) struct RemoteObject {
     pub entry: PackEntry,
 }
 
+impl RemoteObject {
+    /// An uncompressed object of `len` bytes at `offset` in `pack`, its hash made from the
+    /// offset (distinct per offset): for tests of how objects are grouped into downloads.
+    #[cfg(test)]
+    pub(crate) fn at(pack: &str, offset: u64, len: u32) -> RemoteObject {
+        RemoteObject {
+            pack: Arc::from(pack),
+            entry: PackEntry {
+                hash: Hash::of(&offset.to_le_bytes()),
+                offset,
+                stored_len: len,
+                raw_len: len,
+                flags: 0,
+            },
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct RemoteIndex {
     /// Pack name → the length its index seals.

@@ -493,19 +493,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ember_snapshot_store::PackEntry;
 
     fn object(offset: u64, len: u32) -> RemoteObject {
-        RemoteObject {
-            pack: Arc::from("p"),
-            entry: PackEntry {
-                hash: Hash::of(&offset.to_le_bytes()),
-                offset,
-                stored_len: len,
-                raw_len: len,
-                flags: 0,
-            },
-        }
+        RemoteObject::at("p", offset, len)
     }
 
     #[test]
