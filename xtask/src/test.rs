@@ -207,7 +207,7 @@ pub fn run_all(skip_deps: bool) -> Result<i32> {
     })?;
     // Every fuzz target builds and runs clean for a while (full runs: `cargo xtask fuzz`).
     phases.run(
-        "fuzz targets (30 s each)",
+        &format!("fuzz targets ({FUZZ_SECONDS_IN_SUITE} s each)"),
         || match crate::fuzz::run_targets(FUZZ_SECONDS_IN_SUITE, None)? {
             0 => Ok(()),
             _ => bail!("a fuzz target found a crash"),
@@ -412,15 +412,30 @@ fn test_executable(line: &str) -> Option<PathBuf> {
 }
 
 /// How long the suite runs each fuzz target.
-const FUZZ_SECONDS_IN_SUITE: u64 = 30;
+const FUZZ_SECONDS_IN_SUITE: u64 = 20;
 
-/// How long one VM test may run before it counts as hung (the slowest take ~2 min in the lab);
-/// `EMBER_VM_TEST_TIMEOUT_S` overrides it (the harness's own tests).
-const VM_TEST_TIMEOUT_S: u32 = 600;
+/// How long one VM test may run before it counts as hung (the slowest, the bench's, takes ~9
+/// min in a lab beside another); `EMBER_VM_TEST_TIMEOUT_S` overrides it (the harness's own
+/// tests).
+const VM_TEST_TIMEOUT_S: u32 = 900;
 /// When a still-running VM test's VMMs are asked (SIGUSR1) to log what their VMs are doing,
 /// and those logs are printed: a hang leaves evidence instead of only a timeout.
 /// `EMBER_VM_TEST_WATCHDOG_S` overrides it.
-const VM_TEST_WATCHDOG_S: u32 = 540;
+const VM_TEST_WATCHDOG_S: u32 = 840;
+
+/// The slowest VM tests (a minute or more in the lab), slowest first: they start first.
+const SLOW_VM_TESTS: &[&str] = &[
+    "vmtest_bench_quick_writes_a_report_with_ratios_and_charts",
+    "vmtest_sandbox_networks_egress_allow_lists_none_exposed_ports_and_four_clones_leave_nothing_behind",
+    "vmtest_a_snapshot_saved_on_one_host_resumes_on_another_through_the_remote_tier",
+    "vmtest_service_story_snapshot_restore_fork_and_restart",
+    "vmtest_diff_snapshots_store_only_dirty_pages_and_snapshots_share_objects",
+    "vmtest_ember_run_and_restore_share_a_snapshot_through_a_remote_tier",
+    "vmtest_a_short_soak_leaves_nothing_behind_and_draws_its_curve",
+    "vmtest_hundreds_of_requests_to_a_silent_agent_harm_no_other_sandbox",
+    "vmtest_file_restores_map_the_materialised_memory_and_fall_back_from_a_damaged_file",
+    "vmtest_a_warm_pool_serves_boots_and_restores_replaces_dead_vmms_and_absorbs_bursts",
+];
 
 /// A shell script that runs the `vmtest_` tests of every binary one at a time, each under a
 /// time limit (so one hung test fails alone, by name), and fails if any fails.
@@ -436,6 +451,9 @@ watchdog_s=${{EMBER_VM_TEST_WATCHDOG_S:-{VM_TEST_WATCHDOG_S}}}
 # Tests an earlier lab of this suite run already finished ("pass NAME" / "fail NAME"): a lab
 # that died part-way is followed by one that runs only the rest.
 done_file="${{EMBER_VM_TESTS_DONE:-/dev/null}}"
+claims="${{EMBER_VM_TESTS_CLAIMS:-}}"
+lane="${{EMBER_LAB_LANE:-1}}"
+started_here=$(mktemp)
 ember_bin={ember_bin}
 # The lab's emulated SVM (QEMU TCG) now and then loses a guest's registers and leaves the L1
 # host's in their place: the guest vCPU then sits at an address inside the L1's KVM module,
@@ -483,7 +501,13 @@ run_once() {{
         done
     ) > "$out.watchdog" 2>&1 &
     watchdog=$!
-    {{ timeout -k 10 "$timeout_s" "$1" --exact "$2" --test-threads=1; echo $? > "$out.status"; }} 2>&1 | tee "$out"
+    if [ -n "$claims" ]; then
+        # Lanes: the output comes whole when the test ends, not interleaved with another lab's.
+        {{ timeout -k 10 "$timeout_s" "$1" --exact "$2" --test-threads=1; echo $? > "$out.status"; }} > "$out" 2>&1
+        cat "$out"
+    else
+        {{ timeout -k 10 "$timeout_s" "$1" --exact "$2" --test-threads=1; echo $? > "$out.status"; }} 2>&1 | tee "$out"
+    fi
     status=$(cat "$out.status")
     rm -f "$marker"
     wait $watchdog
@@ -496,9 +520,19 @@ run_once() {{
     fi
 }}
 one() {{
+    # A test listed twice (slow ones come first, then each binary's list) runs once.
+    grep -qxF "$2" "$started_here" && return
+    echo "$2" >> "$started_here"
     if grep -qxF -e "pass $2" -e "fail $2" "$done_file" 2>/dev/null; then
         echo "VM test $2: finished in an earlier lab"
         return
+    fi
+    # Labs running side by side (lanes) share the list: each test goes to the first lane
+    # that claims it (mkdir on the host's folder is atomic across labs).
+    if [ -n "$claims" ]; then
+        mkdir "$claims/$2" 2>/dev/null || return
+        echo "$lane" > "$claims/$2/lane"
+        echo "VM test $2: started in lane $lane"
     fi
     out=$(mktemp)
     attempt=1
@@ -535,12 +569,24 @@ one() {{
 }}
 "#
     );
-    for bin in bins {
+    // Every binary is listed once (exec'ing one from the lab's share takes a second or two):
+    // "N TEST" lines, N the binary's number; the slowest tests first, so that lanes end close
+    // together, then the rest in the binaries' order.
+    script.push_str("listed=$(mktemp)\n");
+    for (n, bin) in bins.iter().enumerate() {
         let bin = crate::util::sh_quote(&bin.to_string_lossy());
         script.push_str(&format!(
-            "for t in $({bin} --list 2>/dev/null | sed -n 's/: test$//p' | grep '{VM_TEST_PREFIX}' | grep -F -e \"${{EMBER_VM_TEST_FILTER:-}}\"); do one {bin} \"$t\"; done\n"
+            "bin_{n}={bin}\n\"$bin_{n}\" --list 2>/dev/null | sed -n 's/: test$//p' | grep '{VM_TEST_PREFIX}' | grep -F -e \"${{EMBER_VM_TEST_FILTER:-}}\" | sed 's/^/{n} /' >> \"$listed\"\n"
         ));
     }
+    script.push_str(&format!(
+        "{{ for slow in {}; do grep \" $slow$\" \"$listed\"; done; cat \"$listed\"; }} > \"$listed.order\"\n",
+        SLOW_VM_TESTS.join(" ")
+    ));
+    // fd 3: a test reading its stdin must not eat the list.
+    script.push_str(
+        "while read -r n t <&3; do eval \"bin=\\$bin_$n\"; one \"$bin\" \"$t\"; done 3< \"$listed.order\"\nrm -f \"$listed\" \"$listed.order\"\n",
+    );
     script.push_str(
         r#"earlier=$(sed -n 's/^fail / /p' "$done_file" 2>/dev/null | tr -d '\n')
 for t in $earlier; do case " $failed " in *" $t "*) ;; *) failed="$failed $t" ;; esac; done
@@ -548,7 +594,7 @@ if [ -s "$digest" ]; then
     echo "VM test failures in this lab, in brief:"
     cat "$digest"
 fi
-rm -f "$digest"
+rm -f "$digest" "$started_here"
 echo "VM tests: $passed passed in this lab${failed:+, failed:$failed}"
 [ -z "$failed" ]
 "#,
@@ -569,49 +615,142 @@ fn run_vm_tests_direct(bins: &[PathBuf], artifacts: &Artifacts) -> Result<()> {
     Ok(())
 }
 
-/// Labs the VM tests may take, when L1 kernels die under them.
+/// Labs each lane may take, when L1 kernels die under them.
 const MAX_VM_TEST_LABS: u32 = 3;
 
+/// How many labs run VM tests side by side: `EMBER_LAB_LANES`, else 2 on a host with two
+/// cores or more. One lab of two vCPUs keeps only ~1.2 of two cores busy (its tests wait on
+/// guests much of the time); two labs of one vCPU each ran a set of tests 1.45x sooner (two
+/// labs of two vCPUs each ran no sooner at all: each test took twice as long).
+fn lab_lanes() -> u32 {
+    if let Some(lanes) = std::env::var("EMBER_LAB_LANES")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        return lanes.clamp(1, 4);
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores >= 2 {
+        2
+    } else {
+        1
+    }
+}
+
+/// vCPUs of each lab: `EMBER_LAB_CPUS`, else the host's cores shared among the lanes.
+fn lab_cpus(lanes: u32) -> u32 {
+    std::env::var("EMBER_LAB_CPUS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+            (cores / lanes).max(1)
+        })
+}
+
 fn run_vm_tests_in_lab(bins: &[PathBuf], artifacts: &Artifacts) -> Result<()> {
-    let opts = LabOptions {
-        env: artifacts.env(),
-        // Room for the tests (~5 min here) many times over, and for one retry within CI's
-        // 90 minutes.
-        timeout: Duration::from_secs(45 * 60),
-        ..Default::default()
-    };
-    // Which tests finished, kept on the host (the target folder is shared with the lab), so
-    // that a lab whose L1 kernel dies (nested KVM under TCG: a wedge or panic in its KVM path,
-    // seen every few runs) is followed by one that runs only the tests not finished yet. A
-    // test that failed is never run again.
+    // Which tests finished, and which lane took which, kept on the host (the target folder is
+    // shared with every lab): a lab whose L1 kernel dies (nested KVM under TCG: a wedge or
+    // panic in its KVM path, seen every few runs) is followed by one that runs only the tests
+    // not finished yet. A test that failed is never run again.
     let done_file = target_dir().join("vm-tests-done");
+    let claims = target_dir().join("vm-tests-claims");
     let _ = std::fs::remove_file(&done_file);
-    let mut opts = opts;
-    opts.env.push((
-        "EMBER_VM_TESTS_DONE".into(),
-        done_file.display().to_string(),
-    ));
-    let argv = ["sh".into(), "-c".into(), vm_test_script(bins)];
+    let _ = std::fs::remove_dir_all(&claims);
+    std::fs::create_dir_all(&claims)?;
+    // Built once, before labs start side by side.
+    crate::lab::ensure_image()?;
+    let lanes = lab_lanes();
+    let script = vm_test_script(bins);
+    let results: Vec<Result<i32>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (1..=lanes)
+            .map(|lane| {
+                let mut env = artifacts.env();
+                env.push((
+                    "EMBER_VM_TESTS_DONE".into(),
+                    done_file.display().to_string(),
+                ));
+                env.push(("EMBER_LAB_LANE".into(), lane.to_string()));
+                if lanes > 1 {
+                    env.push(("EMBER_VM_TESTS_CLAIMS".into(), claims.display().to_string()));
+                }
+                let opts = LabOptions {
+                    env,
+                    cpus: lab_cpus(lanes),
+                    // Room for a lane's share of the tests (~40 min on a 2-core host) and
+                    // for a lab that dies part-way, within CI's 90 minutes.
+                    timeout: Duration::from_secs(50 * 60),
+                    ..Default::default()
+                };
+                let (script, claims, done_file) = (&script, &claims, &done_file);
+                scope.spawn(move || run_lane(lane, script, &opts, claims, done_file))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a lab lane panicked")))
+            })
+            .collect()
+    });
+    let mut failed = Vec::new();
+    for (lane, result) in (1..).zip(results) {
+        match result {
+            Ok(0) => {}
+            Ok(rc) => failed.push(format!("lane {lane}: VM tests failed (exit {rc})")),
+            Err(err) => failed.push(format!("lane {lane}: {err:#}")),
+        }
+    }
+    if !failed.is_empty() {
+        bail!("VM tests in the lab failed: {}", failed.join("; "));
+    }
+    Ok(())
+}
+
+/// One lane: labs run the script until it ends, a fresh lab going on where one whose L1 died
+/// stopped (the tests it had claimed and not finished go back to this lane).
+fn run_lane(
+    lane: u32,
+    script: &str,
+    opts: &LabOptions,
+    claims: &std::path::Path,
+    done_file: &std::path::Path,
+) -> Result<i32> {
+    let argv = ["sh".into(), "-c".into(), script.to_string()];
     let mut labs = 1;
-    let rc = loop {
-        match run_in_lab(&argv, &opts) {
+    loop {
+        match run_in_lab(&argv, opts) {
             Err(err)
                 if err.downcast_ref::<crate::lab::LabFailure>().is_some()
                     && labs < MAX_VM_TEST_LABS =>
             {
                 labs += 1;
+                release_unfinished_claims(lane, claims, done_file);
                 eprintln!(
-                    "lab: {err:#}\nlab: the VM tests not finished yet go on in a fresh lab \
-                     ({labs} of at most {MAX_VM_TEST_LABS})"
+                    "lab (lane {lane}): {err:#}\nlab (lane {lane}): the VM tests not finished \
+                     yet go on in a fresh lab ({labs} of at most {MAX_VM_TEST_LABS})"
                 );
             }
-            other => break other?,
+            other => return other,
         }
-    };
-    if rc != 0 {
-        bail!("VM tests in the lab failed (exit {rc})");
     }
-    Ok(())
+}
+
+/// Removes the claims `lane` holds on tests the done file does not record as finished.
+fn release_unfinished_claims(lane: u32, claims: &std::path::Path, done_file: &std::path::Path) {
+    let done = std::fs::read_to_string(done_file).unwrap_or_default();
+    let finished: std::collections::HashSet<&str> = done
+        .lines()
+        .filter_map(|l| l.split_once(' ').map(|(_, t)| t))
+        .collect();
+    for entry in std::fs::read_dir(claims).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let holder = std::fs::read_to_string(entry.path().join("lane")).unwrap_or_default();
+        if holder.trim() == lane.to_string() && !finished.contains(name.as_str()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 #[cfg(test)]

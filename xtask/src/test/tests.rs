@@ -246,3 +246,47 @@ fn a_later_lab_runs_only_the_tests_not_finished_and_keeps_earlier_failures() {
     assert!(ok);
     assert_eq!(ran, "vmtest_c\n");
 }
+
+#[test]
+fn two_lanes_share_the_tests_and_each_runs_once() {
+    let dir = std::env::temp_dir().join(format!("xtask-lanes-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let tests = ["vmtest_a", "vmtest_b", "vmtest_c", "vmtest_d"];
+    let (bin, ran) = fake_test_binary(&dir, &tests, "sleep 0.3\n");
+    let (claims, record) = (dir.join("claims"), dir.join("done"));
+    std::fs::create_dir_all(&claims).unwrap();
+    let lanes: Vec<_> = ["1", "2"]
+        .into_iter()
+        .map(|lane| {
+            Command::new("sh")
+                .arg("-c")
+                .arg(vm_test_script(std::slice::from_ref(&bin)))
+                .env("EMBER_VM_TESTS_DONE", &record)
+                .env("EMBER_VM_TESTS_CLAIMS", &claims)
+                .env("EMBER_LAB_LANE", lane)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut lane in lanes {
+        assert!(lane.wait().unwrap().success());
+    }
+    let mut ran: Vec<String> = std::fs::read_to_string(&ran)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    ran.sort();
+    assert_eq!(ran, tests);
+    // Each claim names its lane; a lane whose lab died gives back only what it did not finish.
+    std::fs::write(claims.join("vmtest_d/lane"), "2\n").unwrap();
+    std::fs::write(&record, "pass vmtest_a\npass vmtest_b\npass vmtest_c\n").unwrap();
+    std::fs::create_dir_all(claims.join("vmtest_e")).unwrap();
+    std::fs::write(claims.join("vmtest_e/lane"), "1\n").unwrap();
+    release_unfinished_claims(2, &claims, &record);
+    assert!(!claims.join("vmtest_d").exists());
+    assert!(claims.join("vmtest_c").exists() && claims.join("vmtest_e").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
