@@ -8,7 +8,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::util::{run, target_dir, workspace_root};
+use crate::util::{cache_root, output, run, target_dir, workspace_root, InputHash};
 
 /// Every fuzz target (a `[[bin]]` of `fuzz/Cargo.toml`).
 pub const TARGETS: &[&str] = &[
@@ -72,12 +72,43 @@ fn ensure_cargo_fuzz() -> Result<()> {
     )
 }
 
+/// The options `cargo fuzz build` and `cargo fuzz run` share (a run with other options would
+/// build everything again). Codegen units: cargo-fuzz's default of one makes the release build
+/// of the targets' dependencies (tokio, axum, …) single-threaded, several times slower on a
+/// small host, for a few percent of fuzzing speed. The target folder is a cache outside the
+/// repository, keyed by what the dependencies' build depends on (the nightly compiler and the
+/// fuzz crate's lock file): a new clone builds only ember's own crates.
+fn build_options() -> Result<Vec<String>> {
+    let compiler = output(Command::new("rustc").args(["+nightly", "--version", "--verbose"]))?;
+    let mut hash = InputHash::new("fuzz-target-v1");
+    hash.add("compiler", compiler.as_bytes())
+        .add_file("lock", &workspace_root().join("fuzz/Cargo.lock"))?;
+    let folder = cache_root().join("fuzz-target");
+    let dir = folder.join(hash.key());
+    // Only the current key's build is kept: the others were for an older compiler or lock.
+    for entry in std::fs::read_dir(&folder).into_iter().flatten().flatten() {
+        if entry.path() != dir {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    std::fs::create_dir_all(&dir)?;
+    Ok(vec![
+        "--codegen-units".into(),
+        "16".into(),
+        "--target-dir".into(),
+        dir.display().to_string(),
+    ])
+}
+
 /// Builds every target (as `cargo fuzz run` will: the runs reuse this build). The fuzz crate is
 /// outside the workspace, so neither clippy nor the host tests compile it: this is what catches
 /// a changed type there early.
 pub fn build_targets() -> Result<()> {
     ensure_cargo_fuzz()?;
-    run(nightly_cargo().args(["fuzz", "build"])).context("building the fuzz targets")
+    run(nightly_cargo()
+        .args(["fuzz", "build"])
+        .args(build_options()?))
+    .context("building the fuzz targets")
 }
 
 /// Runs each target (or `only`) for `seconds`; fails if any finds a crash.
@@ -91,6 +122,7 @@ pub fn run_targets(seconds: u64, only: Option<&str>) -> Result<i32> {
         None => TARGETS.to_vec(),
     };
     ensure_cargo_fuzz()?;
+    let options = build_options()?;
     let mut crashed = Vec::new();
     for target in targets {
         let found: PathBuf = target_dir().join("fuzz-corpus").join(target);
@@ -99,6 +131,7 @@ pub fn run_targets(seconds: u64, only: Option<&str>) -> Result<i32> {
         eprintln!("fuzz: {target} for {seconds} s");
         let status = nightly_cargo()
             .args(["fuzz", "run", target])
+            .args(&options)
             .arg(&found)
             .arg(&seeds)
             .args([
