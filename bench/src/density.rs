@@ -9,12 +9,11 @@ use crate::report::{Better, DensityPoint, Figure};
 use crate::service::{id_of, Api, CallError};
 use crate::{say, step, BenchError};
 
-/// Host memory per clone for 1, 2, 4 and 8 clones at once in `file` and `prefetch` mode; a
-/// point lost twice is a note, not a failed run.
-pub(crate) async fn density(api: &Api, notes: &mut Vec<String>) -> Vec<DensityPoint> {
+/// Host memory per clone for `ks` clones at once (1, 2, 4 and 8 by default) in `file` and
+/// `prefetch` mode; a point lost twice is a note, not a failed run.
+pub(crate) async fn density(api: &Api, ks: &[u32], notes: &mut Vec<String>) -> Vec<DensityPoint> {
     // Density: K clones of the snapshot at once, each having run a command; `file` clones
     // share the page cache of one memory file, `prefetch` ones each hold a copy.
-    let ks: &[u32] = &[1, 2, 4, 8];
     let mut density = Vec::new();
     for (mode, &k) in ["file", "prefetch"]
         .into_iter()

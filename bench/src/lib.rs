@@ -80,6 +80,10 @@ pub struct BenchArgs {
     /// environment; the run writes under a prefix of its own there).
     #[arg(long, value_name = "moto|URL", conflicts_with_all = ["socket", "render", "soak"])]
     pub remote: Option<String>,
+    /// How many clones of one snapshot run at once for each density point (comma-separated).
+    #[arg(long, value_name = "K,K,…", value_delimiter = ',', default_value = "1,2,4,8",
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub density_clones: Vec<u32>,
     /// Kernel and rootfs for the service this starts (default: as `ember serve`).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -337,7 +341,7 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
         .await?;
     }
 
-    let density = density::density(&api, &mut notes).await;
+    let density = density::density(&api, &args.density_clones, &mut notes).await;
 
     if let Some(state) = &state_dir {
         density::store_growth(&api, state, args.quick, &mut figures).await?;
@@ -469,8 +473,11 @@ async fn cold_boots(
     Ok(cold)
 }
 
+/// Progress on stderr, with the time since the run started: a slow step shows itself.
 fn say(what: &str) {
-    eprintln!("ember-bench: {what}");
+    static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let elapsed = STARTED.get_or_init(Instant::now).elapsed().as_secs_f64();
+    eprintln!("ember-bench: [{elapsed:>7.1} s] {what}");
 }
 
 /// Restores of `bench-base` in each mode, `runs` each (after the service materialised its
