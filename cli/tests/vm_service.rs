@@ -1265,8 +1265,10 @@ impl TestServers {
         std::fs::create_dir_all(&root).unwrap();
         std::fs::write(root.join("token"), "served by the host").unwrap();
         servers.children.push(serve(&root, "0.0.0.0", "8081", None));
+        // Five Pythons importing at once from the lab's share, beside another lab's tests:
+        // minutes, not seconds, when the host is busy.
         let up = |address: &str, port: u16| {
-            let deadline = Instant::now() + Duration::from_secs(60);
+            let deadline = Instant::now() + Duration::from_secs(240);
             while std::net::TcpStream::connect((address, port)).is_err() {
                 assert!(
                     Instant::now() < deadline,
@@ -1911,7 +1913,9 @@ fn wait_remote(service: &Service, id: &str, want: &str) -> Value {
 fn vmtest_a_snapshot_saved_on_one_host_resumes_on_another_through_the_remote_tier() {
     let mut s3 = start_s3("ember-share");
     let url = s3.url("hosts");
-    let options = ["--remote", url.as_str(), "--remote-timeout-s", "5"];
+    // Short enough for the outage below to show quickly, long enough for moto (Python, in the
+    // lab, beside another lab) to take a pack of several MiB.
+    let options = ["--remote", url.as_str(), "--remote-timeout-s", "20"];
     let a = Service::start_with("remote-a", &options);
     // B keeps as little of what it fetches as it may.
     let b = Service::start_with(
