@@ -10,35 +10,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Errors of starting the test server.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// `python3 -m moto.server` could not be run.
-    Spawn(std::io::Error),
-    /// It did not listen on its port in time.
+    #[error("cannot run `python3 -m moto.server`: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("the moto S3 server did not listen on 127.0.0.1:{port} within 180 s")]
     NotListening { port: u16 },
-    /// It would not make the bucket: its answer.
+    #[error("the moto S3 server did not make bucket {bucket}: {answer}")]
     Bucket { bucket: String, answer: String },
 }
-
-impl std::fmt::Display for StartError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StartError::Spawn(e) => write!(f, "cannot run `python3 -m moto.server`: {e}"),
-            StartError::NotListening { port } => write!(
-                f,
-                "the moto S3 server did not listen on 127.0.0.1:{port} within 180 s"
-            ),
-            StartError::Bucket { bucket, answer } => {
-                write!(
-                    f,
-                    "the moto S3 server did not make bucket {bucket}: {answer}"
-                )
-            }
-        }
-    }
-}
-
-impl std::error::Error for StartError {}
 
 /// An S3-compatible server on a free loopback port with one bucket; killed on drop (and
 /// with the process that started it, if that dies without unwinding).
