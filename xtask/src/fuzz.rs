@@ -73,11 +73,10 @@ fn ensure_cargo_fuzz() -> Result<()> {
 }
 
 /// The options `cargo fuzz build` and `cargo fuzz run` share (a run with other options would
-/// build everything again). Codegen units: cargo-fuzz's default of one makes the release build
-/// of the targets' dependencies (tokio, axum, …) single-threaded, several times slower on a
-/// small host, for a few percent of fuzzing speed. The target folder is a cache outside the
-/// repository, keyed by what the dependencies' build depends on (the nightly compiler and the
-/// fuzz crate's lock file): a new clone builds only ember's own crates.
+/// build everything again: `--codegen-units` is one cargo-fuzz's `run` applies and its `build`
+/// does not, so it is not used). The target folder is a cache outside the repository, keyed by
+/// what the dependencies' build depends on (the nightly compiler and the fuzz crate's lock
+/// file): a new clone builds only ember's own crates.
 fn build_options() -> Result<Vec<String>> {
     let compiler = output(Command::new("rustc").args(["+nightly", "--version", "--verbose"]))?;
     let mut hash = InputHash::new("fuzz-target-v1");
@@ -92,12 +91,7 @@ fn build_options() -> Result<Vec<String>> {
         }
     }
     std::fs::create_dir_all(&dir)?;
-    Ok(vec![
-        "--codegen-units".into(),
-        "16".into(),
-        "--target-dir".into(),
-        dir.display().to_string(),
-    ])
+    Ok(vec!["--target-dir".into(), dir.display().to_string()])
 }
 
 /// Builds every target (as `cargo fuzz run` will: the runs reuse this build). The fuzz crate is
