@@ -78,6 +78,12 @@ fn ensure_cargo_fuzz() -> Result<()> {
 /// what the dependencies' build depends on (the nightly compiler and the fuzz crate's lock
 /// file): a new clone builds only ember's own crates.
 fn build_options() -> Result<Vec<String>> {
+    // Computed once: a stale lock file that `cargo fuzz build` brings up to date must not send
+    // the runs after it to another (empty) folder.
+    static OPTIONS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    if let Some(options) = OPTIONS.get() {
+        return Ok(options.clone());
+    }
     let compiler = output(Command::new("rustc").args(["+nightly", "--version", "--verbose"]))?;
     let mut hash = InputHash::new("fuzz-target-v1");
     hash.add("compiler", compiler.as_bytes())
@@ -91,7 +97,9 @@ fn build_options() -> Result<Vec<String>> {
         }
     }
     std::fs::create_dir_all(&dir)?;
-    Ok(vec!["--target-dir".into(), dir.display().to_string()])
+    Ok(OPTIONS
+        .get_or_init(|| vec!["--target-dir".into(), dir.display().to_string()])
+        .clone())
 }
 
 /// Builds every target (as `cargo fuzz run` will: the runs reuse this build). The fuzz crate is
