@@ -524,7 +524,7 @@ one() {{
     grep -qxF "$2" "$started_here" && return
     echo "$2" >> "$started_here"
     if grep -qxF -e "pass $2" -e "fail $2" "$done_file" 2>/dev/null; then
-        echo "VM test $2: finished in an earlier lab"
+        echo "VM test $2: finished already (in another lab, or an earlier one)"
         return
     fi
     # Labs running side by side (lanes) share the list: each test goes to the first lane
