@@ -414,7 +414,7 @@ fn test_executable(line: &str) -> Option<PathBuf> {
 /// How long the suite runs each fuzz target.
 const FUZZ_SECONDS_IN_SUITE: u64 = 20;
 
-/// How long one VM test may run before it counts as hung (the slowest, the bench's, takes ~9
+/// How long one VM test may run before it counts as hung (the slowest, the bench's, takes ~7
 /// min in a lab beside another); `EMBER_VM_TEST_TIMEOUT_S` overrides it (the harness's own
 /// tests).
 const VM_TEST_TIMEOUT_S: u32 = 900;
@@ -629,12 +629,7 @@ fn lab_lanes() -> u32 {
     {
         return lanes.clamp(1, 4);
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cores >= 2 {
-        2
-    } else {
-        1
-    }
+    std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 2) as u32)
 }
 
 /// vCPUs of each lab: `EMBER_LAB_CPUS`, else the host's cores shared among the lanes.
@@ -677,7 +672,7 @@ fn run_vm_tests_in_lab(bins: &[PathBuf], artifacts: &Artifacts) -> Result<()> {
                 let opts = LabOptions {
                     env,
                     cpus: lab_cpus(lanes),
-                    // Room for a lane's share of the tests (~40 min on a 2-core host) and
+                    // Room for a lane's share of the tests (~25 min on a 2-core host) and
                     // for a lab that dies part-way, within CI's 90 minutes.
                     timeout: Duration::from_secs(50 * 60),
                     ..Default::default()
