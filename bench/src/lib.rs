@@ -473,7 +473,8 @@ async fn cold_boots(
     Ok(cold)
 }
 
-/// Progress on stderr, with the time since the run started: a slow step shows itself.
+/// Progress on stderr, with the seconds since the first progress line: a slow step shows
+/// itself.
 fn say(what: &str) {
     static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let elapsed = STARTED.get_or_init(Instant::now).elapsed().as_secs_f64();

@@ -453,7 +453,6 @@ watchdog_s=${{EMBER_VM_TEST_WATCHDOG_S:-{VM_TEST_WATCHDOG_S}}}
 done_file="${{EMBER_VM_TESTS_DONE:-/dev/null}}"
 claims="${{EMBER_VM_TESTS_CLAIMS:-}}"
 lane="${{EMBER_LAB_LANE:-1}}"
-started_here=$(mktemp)
 ember_bin={ember_bin}
 # The lab's emulated SVM (QEMU TCG) now and then loses a guest's registers and leaves the L1
 # host's in their place: the guest vCPU then sits at an address inside the L1's KVM module,
@@ -520,9 +519,6 @@ run_once() {{
     fi
 }}
 one() {{
-    # A test listed twice (slow ones come first, then each binary's list) runs once.
-    grep -qxF "$2" "$started_here" && return
-    echo "$2" >> "$started_here"
     if grep -qxF -e "pass $2" -e "fail $2" "$done_file" 2>/dev/null; then
         echo "VM test $2: finished already (in another lab, or an earlier one)"
         return
@@ -580,7 +576,7 @@ one() {{
         ));
     }
     script.push_str(&format!(
-        "{{ for slow in {}; do grep \" $slow$\" \"$listed\"; done; cat \"$listed\"; }} > \"$listed.order\"\n",
+        "for slow in {}; do grep \" $slow$\" \"$listed\"; done > \"$listed.order\"\ngrep -vxF -f \"$listed.order\" \"$listed\" >> \"$listed.order\"\n",
         SLOW_VM_TESTS.join(" ")
     ));
     // fd 3: a test reading its stdin must not eat the list.
@@ -594,7 +590,7 @@ if [ -s "$digest" ]; then
     echo "VM test failures in this lab, in brief:"
     cat "$digest"
 fi
-rm -f "$digest" "$started_here"
+rm -f "$digest"
 echo "VM tests: $passed passed in this lab${failed:+, failed:$failed}"
 [ -z "$failed" ]
 "#,

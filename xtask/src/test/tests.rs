@@ -290,3 +290,24 @@ fn two_lanes_share_the_tests_and_each_runs_once() {
     assert!(claims.join("vmtest_c").exists() && claims.join("vmtest_e").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_slowest_tests_run_first_and_once() {
+    let dir = std::env::temp_dir().join(format!("xtask-slowfirst-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let slow = SLOW_VM_TESTS[1];
+    let (bin, ran) = fake_test_binary(&dir, &["vmtest_a", slow, "vmtest_b"], "true\n");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(vm_test_script(std::slice::from_ref(&bin)))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(
+        std::fs::read_to_string(&ran).unwrap(),
+        format!("{slow}\nvmtest_a\nvmtest_b\n")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
