@@ -4,6 +4,7 @@
 //! The guest (the read-only rootfs, the agent as init running a python3 script) first connects
 //! to the host (CID 2, port 6000 → `<uds>_6000`), then serves an echo on vsock port 5000; the
 //! host connects with `CONNECT 5000`, streams random bytes through it and checks the echo.
+//! The guest waits for the host to close before it exits, so the echo is whole by then.
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -82,6 +83,7 @@ while 1:
  d=s.recv(65536)
  if not d:break
  s.sendall(d);n+=len(d)
+s.shutdown(S.SHUT_WR);s.settimeout(120);assert s.recv(1)==b""
 s.close();print("echo done",n,flush=True)
 PY"#;
 
@@ -225,6 +227,8 @@ fn vmtest_vsock_echo_and_guest_initiated_connection() {
         .unwrap_or_else(|e| panic!("{e}; console:\n{}", console.text()));
     let elapsed = start.elapsed();
     writer.join().unwrap();
+    // The guest exits once the host has closed: its last bytes cannot race its power-off.
+    drop(reader);
     assert_eq!(echo.len(), ECHO_BYTES, "console:\n{}", console.text());
     assert!(echo == *data, "the echo differs from what was sent");
     eprintln!(

@@ -145,9 +145,11 @@ impl Vsock {
         self.muxer.undelivered_to_host()
     }
 
-    /// When the VM has ended: writes the guest bytes still buffered to their host sockets,
+    /// When the VM has ended: takes the packets the guest queued but the event loop did not
+    /// handle before it stopped, writes the guest bytes still buffered to their host sockets,
     /// waiting up to `limit` for slow readers, and says how many were lost if some were.
     pub fn deliver_to_host(&mut self, limit: Duration) -> usize {
+        self.process_tx();
         let lost = self.muxer.deliver_to_host(limit);
         if lost > 0 {
             crate::guest_warn!(

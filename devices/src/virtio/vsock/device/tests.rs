@@ -1059,6 +1059,30 @@ fn bytes_a_slow_host_reader_has_not_taken_are_delivered_when_the_vm_ends() {
 }
 
 #[test]
+fn packets_the_guest_queued_before_the_vm_ended_reach_the_host() {
+    let mut h = Harness::new();
+    let (client, host_port) = h.host_connect(52);
+    // The guest queues its last bytes and a shutdown, kicks, and powers off before the event
+    // loop handled the kick.
+    let data = h.hdr(Op::Rw, 52, host_port, 5);
+    h.queue_tx(&data, b"last\n");
+    let mut sd = h.hdr(Op::Shutdown, 52, host_port, 0);
+    sd.flags = SHUTDOWN_BOTH;
+    h.queue_tx(&sd, &[]);
+    let lost = h
+        .dev
+        .lock()
+        .unwrap()
+        .deliver_to_host(Duration::from_secs(5));
+    assert_eq!(lost, 0);
+    let mut c = client;
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).expect("the host read EOF");
+    assert_eq!(got, b"last\n");
+}
+
+#[test]
 fn a_host_reader_that_never_reads_costs_the_vm_end_at_most_the_limit() {
     let mut h = Harness::new();
     let (_client, host_port) = h.host_connect(52);
