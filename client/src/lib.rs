@@ -1,13 +1,14 @@
 //! A typed client of ember's HTTP API, and the API's request and response types.
 //!
-//! Owns [`types`], the bodies `ember serve` parses and answers (the service uses these same
-//! types), and [`ApiClient`], HTTP/1.1 over the service's Unix socket. Used by the `ember`
+//! Owns [`types`] and [`responses`], the bodies `ember serve` parses and answers (the service
+//! uses these same types, and derives its OpenAPI document from them), and [`ApiClient`], HTTP/1.1 over the service's Unix socket. Used by the `ember`
 //! CLI, `ember-bench` and SDK tests.
 //!
 //! Must not depend on the service, the CLI or the VMM process's crates: clients link it
 //! without them.
 
 mod connection;
+pub mod responses;
 pub mod types;
 
 pub use connection::{

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 pub use ember_vmm::{NetRateLimits, RateLimit, RestoreMode};
 
@@ -17,7 +18,7 @@ fn is_false(value: &bool) -> bool {
 }
 
 /// `POST /sandboxes`: boot a sandbox, or restore one from `snapshot`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
     /// `default` (the bundled Debian image with Python and Node); `python` and `node` are
@@ -57,14 +58,14 @@ pub struct CreateBody {
 }
 
 /// `POST /sandboxes/{id}/timeout`: the sandbox now stops `timeout_s` from now.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TimeoutBody {
     pub timeout_s: u64,
 }
 
 /// `POST /sandboxes/{id}/snapshots`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotBody {
     /// The snapshot's id (default: a fresh `snap-…`).
@@ -79,7 +80,7 @@ pub struct SnapshotBody {
 }
 
 /// `POST /snapshots/{id}/fork`: `count` sandboxes from one snapshot at once.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ForkBody {
     pub count: u32,
@@ -105,7 +106,7 @@ pub struct ForkBody {
 }
 
 /// `POST /sandboxes/{id}/exec`: one command, its output streamed back (or, `detach`, its id).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecBody {
     pub cmd: String,
@@ -129,7 +130,8 @@ pub struct ExecBody {
 }
 
 /// `GET /sandboxes/{id}/commands/{cid}?wait=true`: answer when the command has ended.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ExecQuery {
     #[serde(default)]
@@ -137,7 +139,7 @@ pub struct ExecQuery {
 }
 
 /// `POST /sandboxes/{id}/commands/{cid}/kill` (default signal: SIGTERM).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KillBody {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -145,7 +147,8 @@ pub struct KillBody {
 }
 
 /// The query of `GET`/`PUT /sandboxes/{id}/files`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct FileQuery {
     pub path: String,
@@ -155,7 +158,7 @@ pub struct FileQuery {
 }
 
 /// `POST /sandboxes/{id}/files/mkdir`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MkdirBody {
     pub path: String,
@@ -164,7 +167,7 @@ pub struct MkdirBody {
 }
 
 /// A snapshot as `GET /snapshots/{id}` and `ember snapshots --json` show it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotInfo {
     pub id: String,
     pub name: Option<String>,
@@ -197,20 +200,20 @@ pub struct SnapshotInfo {
 }
 
 /// An API error's document: `{"error": {"code", "message"}}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDocument {
     pub error: ErrorBody,
 }
 
 /// What failed: a stable machine-readable `code` and a message for people.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     pub code: String,
     pub message: String,
 }
 
 /// A sandbox's network mode, as asked for at creation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
 pub enum NetworkMode {
     /// No network device (or, restored from a snapshot that had one, a device on a TAP that
@@ -219,6 +222,7 @@ pub enum NetworkMode {
     /// Outgoing connections through NAT, to the allow-list only if one is given.
     Egress {
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(value_type = Option<Vec<String>>, example = json!(["192.0.2.0/24"]))]
         allow: Option<Vec<Cidr>>,
     },
 }

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 /// Limits for one device; `None` is unlimited.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
     /// Sustained bytes per second.

@@ -6,15 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use ember_client::types::{CreateBody, TimeoutBody};
+use ember_client::responses::{Faults, Health, SandboxInfo, SandboxList};
+use ember_client::types::{CreateBody, ErrorDocument, TimeoutBody};
 use serde::de::DeserializeOwned;
-use serde_json::json;
 
 use crate::error::ApiError;
 use crate::sandbox::{NewSandbox, Sandbox, SandboxState};
@@ -23,7 +23,7 @@ use ember_sandbox::control::{ControlRequest, WorkerOrigin};
 use crate::{exec, files, metrics, network, ports, sandbox, snapshots};
 use crate::{
     AppState, DEFAULT_TIMEOUT_S, MAX_ENV_VARS, MAX_JSON_BODY, MAX_MEMORY_MIB, MAX_TIMEOUT_S,
-    MIN_MEMORY_MIB, OPENAPI,
+    MIN_MEMORY_MIB,
 };
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -102,6 +102,16 @@ pub fn parse_body<T: DeserializeOwned>(body: JsonBody) -> Result<T, ApiError> {
     })
 }
 
+/// A query string as `T`, or why not (so a bad one gets this API's error shape).
+pub type QueryResult<T> = Result<Query<T>, QueryRejection>;
+
+/// Parses a query string strictly (unknown parameters are refused, as the types say).
+pub fn parse_query<T>(query: QueryResult<T>) -> Result<T, ApiError> {
+    query.map(|Query(query)| query).map_err(|rejection| {
+        ApiError::bad_request(format!("the query string: {}", rejection.body_text()))
+    })
+}
+
 pub fn check_env(key: &str, value: &str) -> Result<(), ApiError> {
     if key.is_empty()
         || key.len() > 256
@@ -134,22 +144,36 @@ pub(crate) fn check_timeout(timeout_s: u64) -> Result<Duration, ApiError> {
     Ok(Duration::from_secs(timeout_s))
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "service",
+    responses((status = 200, description = "The service answers", body = Health)))]
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     let sandboxes = state
         .sandboxes
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .len();
-    axum::Json(json!({"status": "ok", "sandboxes": sandboxes})).into_response()
+    axum::Json(Health {
+        status: "ok".into(),
+        sandboxes,
+    })
+    .into_response()
 }
 
+#[utoipa::path(get, path = "/openapi.json", tag = "service",
+    responses((status = 200, description = "This document", content_type = "application/json")))]
 async fn openapi() -> Response {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        OPENAPI,
+        crate::openapi::document(),
     )
         .into_response()
 }
+
+/// The `{id}` of a sandbox in a path.
+#[derive(utoipa::IntoParams)]
+#[into_params(names("id"), parameter_in = Path)]
+#[allow(dead_code)] // Only describes the parameter.
+pub struct SandboxId(String);
 
 pub const IMAGES: &[&str] = &["default", "python", "node"];
 
@@ -182,6 +206,17 @@ pub fn check_limits(
     Ok(())
 }
 
+#[utoipa::path(post, path = "/sandboxes", tag = "sandboxes",
+    request_body = CreateBody,
+    responses(
+        (status = 201, description = "Running (booted, or restored from `snapshot`)", body = SandboxInfo),
+        (status = 400, description = "Malformed JSON, unknown field or invalid value", body = ErrorDocument),
+        (status = 404, description = "No such snapshot", body = ErrorDocument),
+        (status = 413, description = "Request body too large", body = ErrorDocument),
+        (status = 429, description = "The service runs as many sandboxes as it may", body = ErrorDocument),
+        (status = 500, description = "The sandbox failed to start", body = ErrorDocument),
+        (status = 502, description = "The remote tier failed", body = ErrorDocument),
+        (status = 503, description = "The remote tier is unreachable", body = ErrorDocument)))]
 /// `POST /sandboxes`
 async fn create_sandbox(
     State(state): State<Arc<AppState>>,
@@ -268,9 +303,11 @@ async fn create_sandbox(
         },
     )
     .await?;
-    Ok((StatusCode::CREATED, axum::Json(sandbox.to_json())).into_response())
+    Ok((StatusCode::CREATED, axum::Json(sandbox.info())).into_response())
 }
 
+#[utoipa::path(get, path = "/sandboxes", tag = "sandboxes",
+    responses((status = 200, description = "Every sandbox, oldest first", body = SandboxList)))]
 /// `GET /sandboxes`
 async fn list_sandboxes(State(state): State<Arc<AppState>>) -> Response {
     let mut list: Vec<Arc<Sandbox>> = state
@@ -281,18 +318,26 @@ async fn list_sandboxes(State(state): State<Arc<AppState>>) -> Response {
         .cloned()
         .collect();
     list.sort_by_key(|s| s.record().created_unix_ms);
-    let list: Vec<_> = list.iter().map(|s| s.to_json()).collect();
-    axum::Json(json!({ "sandboxes": list })).into_response()
+    let list: Vec<_> = list.iter().map(|s| s.info()).collect();
+    axum::Json(SandboxList { sandboxes: list }).into_response()
 }
 
+#[utoipa::path(get, path = "/sandboxes/{id}", tag = "sandboxes", params(SandboxId),
+    responses(
+        (status = 200, description = "The sandbox", body = SandboxInfo),
+        (status = 404, description = "No such sandbox", body = ErrorDocument)))]
 /// `GET /sandboxes/{id}`
 async fn get_sandbox(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    Ok(axum::Json(state.sandbox(&id)?.to_json()).into_response())
+    Ok(axum::Json(state.sandbox(&id)?.info()).into_response())
 }
 
+#[utoipa::path(delete, path = "/sandboxes/{id}", tag = "sandboxes", params(SandboxId),
+    responses(
+        (status = 204, description = "Stopped and forgotten"),
+        (status = 404, description = "No such sandbox", body = ErrorDocument)))]
 /// `DELETE /sandboxes/{id}`: stops it and forgets it (its overlay and logs go too).
 async fn delete_sandbox(
     State(state): State<Arc<AppState>>,
@@ -309,6 +354,14 @@ async fn delete_sandbox(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+#[utoipa::path(post, path = "/sandboxes/{id}/timeout", tag = "sandboxes", params(SandboxId),
+    request_body = TimeoutBody,
+    responses(
+        (status = 200, description = "The new deadline is set", body = SandboxInfo),
+        (status = 400, description = "Malformed JSON, unknown field or invalid value", body = ErrorDocument),
+        (status = 404, description = "No such sandbox", body = ErrorDocument),
+        (status = 409, description = "The sandbox is neither running nor paused", body = ErrorDocument),
+        (status = 413, description = "Request body too large", body = ErrorDocument)))]
 /// `POST /sandboxes/{id}/timeout` `{timeout_s}`: the sandbox now stops `timeout_s` from now.
 async fn set_timeout(
     State(state): State<Arc<AppState>>,
@@ -325,9 +378,16 @@ async fn set_timeout(
         sandbox.require_running()?;
     }
     sandbox.update(|r| r.deadline_unix_ms = sandbox::unix_ms() + timeout.as_millis() as u64);
-    Ok(axum::Json(sandbox.to_json()).into_response())
+    Ok(axum::Json(sandbox.info()).into_response())
 }
 
+#[utoipa::path(post, path = "/sandboxes/{id}/pause", tag = "sandboxes", params(SandboxId),
+    responses(
+        (status = 200, description = "Paused: its vCPUs stopped, its memory kept", body = SandboxInfo),
+        (status = 404, description = "No such sandbox", body = ErrorDocument),
+        (status = 409, description = "The sandbox is not running", body = ErrorDocument),
+        (status = 500, description = "The VMM refused", body = ErrorDocument),
+        (status = 502, description = "The VMM did not answer", body = ErrorDocument)))]
 /// `POST /sandboxes/{id}/pause`
 async fn pause(
     State(state): State<Arc<AppState>>,
@@ -337,9 +397,16 @@ async fn pause(
     sandbox.require_running()?;
     control(&sandbox, ControlRequest::Pause).await?;
     sandbox.update(|r| r.state = SandboxState::Paused);
-    Ok(axum::Json(sandbox.to_json()).into_response())
+    Ok(axum::Json(sandbox.info()).into_response())
 }
 
+#[utoipa::path(post, path = "/sandboxes/{id}/resume", tag = "sandboxes", params(SandboxId),
+    responses(
+        (status = 200, description = "Running again", body = SandboxInfo),
+        (status = 404, description = "No such sandbox", body = ErrorDocument),
+        (status = 409, description = "The sandbox is not paused", body = ErrorDocument),
+        (status = 500, description = "The VMM refused", body = ErrorDocument),
+        (status = 502, description = "The VMM did not answer", body = ErrorDocument)))]
 /// `POST /sandboxes/{id}/resume`
 async fn resume(
     State(state): State<Arc<AppState>>,
@@ -354,9 +421,16 @@ async fn resume(
     }
     control(&sandbox, ControlRequest::Resume).await?;
     sandbox.update(|r| r.state = SandboxState::Running);
-    Ok(axum::Json(sandbox.to_json()).into_response())
+    Ok(axum::Json(sandbox.info()).into_response())
 }
 
+#[utoipa::path(get, path = "/sandboxes/{id}/faults", tag = "sandboxes", params(SandboxId),
+    responses(
+        (status = 200, description = "Page faults over time", body = Faults),
+        (status = 404, description = "No such sandbox", body = ErrorDocument),
+        (status = 409, description = "The sandbox is neither running nor paused", body = ErrorDocument),
+        (status = 500, description = "The VMM refused", body = ErrorDocument),
+        (status = 502, description = "The VMM did not answer", body = ErrorDocument)))]
 /// `GET /sandboxes/{id}/faults`: a restored sandbox's page faults over time (how its demand
 /// for the snapshot's memory died down); `lazy` is false for a booted or eager one.
 async fn faults(
@@ -371,7 +445,15 @@ async fn faults(
         sandbox.require_running()?;
     }
     let reply = control(&sandbox, ControlRequest::Faults).await?;
-    Ok(axum::Json(reply.faults.unwrap_or_default()).into_response())
+    let report = reply.faults.unwrap_or_default();
+    Ok(axum::Json(Faults {
+        lazy: report.lazy,
+        bucket_ms: report.bucket_ms,
+        counts: report.counts,
+        served: report.served,
+        prefetched: report.prefetched,
+    })
+    .into_response())
 }
 
 /// Sends a control request; a VMM that cannot answer is a failed sandbox.

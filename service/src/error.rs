@@ -3,7 +3,7 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use ember_client::types::{ErrorBody, ErrorDocument};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
@@ -48,7 +48,12 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             log::warn!("{}: {}", self.code, self.message);
         }
-        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        let body = ErrorDocument {
+            error: ErrorBody {
+                code: self.code.to_string(),
+                message: self.message,
+            },
+        };
         (self.status, axum::Json(body)).into_response()
     }
 }

@@ -7,19 +7,23 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use bytes::Bytes;
 use ember_agent::client::{AgentClient, ClientError, OutputStream};
 use ember_agent::protocol::{ExecRequest, ExitStatus};
+use ember_client::responses::{
+    CommandExit, CommandInfo, CommandList, CommandOutput, CommandStatus, ExecResult, Killed,
+    OutputRecord,
+};
+use ember_client::types::ErrorDocument;
 use ember_client::types::{ExecBody, ExecQuery, KillBody};
-use serde_json::{json, Value};
 
 use super::error::{from_agent, ApiError};
 use super::sandbox::Sandbox;
-use super::{parse_body, AppState, JsonBody};
+use super::{parse_body, parse_query, AppState, JsonBody, QueryResult};
 use ember_sandbox::control::ControlRequest;
 
 /// Output kept per command for `GET …/commands/{cid}` (the newest bytes win).
@@ -103,25 +107,32 @@ impl CommandRecord {
         }
     }
 
-    fn to_json(&self) -> Value {
+    /// The command as the API shows it, with the output kept if `with_output`.
+    fn info(&self, with_output: bool) -> CommandInfo {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out = json!({
-            "cmd_id": self.id,
-            "argv": self.argv,
-            "pid": inner.pid,
-            "started_unix_ms": self.started_unix_ms,
-            "status": if inner.exit.is_some() { "finished" } else { "running" },
-            "duration_ms": inner.duration_ms,
-        });
-        if let Some(exit) = &inner.exit {
-            merge(&mut out, exit_json(exit));
+        let output = if with_output {
+            let stdout: Vec<u8> = inner.stdout.bytes.iter().copied().collect();
+            let stderr: Vec<u8> = inner.stderr.bytes.iter().copied().collect();
+            command_output(&stdout, &stderr)
+        } else {
+            CommandOutput::default()
+        };
+        CommandInfo {
+            cmd_id: self.id.clone(),
+            argv: self.argv.clone(),
+            pid: inner.pid,
+            started_unix_ms: self.started_unix_ms,
+            status: if inner.exit.is_some() {
+                CommandStatus::Finished
+            } else {
+                CommandStatus::Running
+            },
+            duration_ms: inner.duration_ms,
+            exit: inner.exit.as_ref().map(command_exit).unwrap_or_default(),
+            output,
+            stdout_dropped_bytes: inner.stdout.dropped,
+            stderr_dropped_bytes: inner.stderr.dropped,
         }
-        for (name, log) in [("stdout", &inner.stdout), ("stderr", &inner.stderr)] {
-            let bytes: Vec<u8> = log.bytes.iter().copied().collect();
-            merge(&mut out, text_or_base64(name, &bytes));
-            out[format!("{name}_dropped_bytes")] = json!(log.dropped);
-        }
-        out
     }
 
     fn finished(&self) -> bool {
@@ -133,37 +144,43 @@ impl CommandRecord {
     }
 }
 
-fn merge(into: &mut Value, from: Value) {
-    if let (Some(into), Value::Object(from)) = (into.as_object_mut(), from) {
-        into.extend(from);
-    }
-}
-
-/// `{"exit_code": …, "signal": …, "timed_out": …}` (or `"error"` when the agent failed).
-fn exit_json(exit: &Result<ExitStatus, String>) -> Value {
-    match exit {
-        Ok(ExitStatus::Code(code)) => {
-            json!({"exit_code": code, "signal": null, "timed_out": false})
-        }
-        Ok(ExitStatus::Signal(signal)) => {
-            json!({"exit_code": null, "signal": signal, "timed_out": false})
-        }
-        Ok(ExitStatus::TimedOut) => json!({"exit_code": null, "signal": null, "timed_out": true}),
-        Err(e) => json!({"exit_code": null, "signal": null, "timed_out": false, "error": e}),
-    }
-}
-
-/// `{name: text}` when the bytes are UTF-8, else `{name_base64: …}`.
-fn text_or_base64(name: &str, bytes: &[u8]) -> Value {
-    let mut map = serde_json::Map::new();
-    match std::str::from_utf8(bytes) {
-        Ok(text) => map.insert(name.to_string(), json!(text)),
-        Err(_) => map.insert(
-            format!("{name}_base64"),
-            json!(base64::engine::general_purpose::STANDARD.encode(bytes)),
-        ),
+/// How a command ended (or that the agent could not say).
+fn command_exit(exit: &Result<ExitStatus, String>) -> CommandExit {
+    let (exit_code, signal, timed_out, error) = match exit {
+        Ok(ExitStatus::Code(code)) => (Some(*code), None, false, None),
+        Ok(ExitStatus::Signal(signal)) => (None, Some(*signal), false, None),
+        Ok(ExitStatus::TimedOut) => (None, None, true, None),
+        Err(e) => (None, None, false, Some(e.clone())),
     };
-    Value::Object(map)
+    CommandExit {
+        exit_code,
+        signal,
+        timed_out,
+        error,
+    }
+}
+
+/// Each stream as text when it is UTF-8, else as base64.
+fn command_output(stdout: &[u8], stderr: &[u8]) -> CommandOutput {
+    let (stdout, stdout_base64) = text_or_base64(stdout);
+    let (stderr, stderr_base64) = text_or_base64(stderr);
+    CommandOutput {
+        stdout,
+        stdout_base64,
+        stderr,
+        stderr_base64,
+    }
+}
+
+/// `(Some(text), None)` when the bytes are UTF-8, else `(None, Some(base64))`.
+fn text_or_base64(bytes: &[u8]) -> (Option<String>, Option<String>) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => (Some(text.to_string()), None),
+        Err(_) => (
+            None,
+            Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+        ),
+    }
 }
 
 /// Splits a byte stream into chunks that end on UTF-8 character boundaries where it can, so
@@ -196,22 +213,15 @@ impl Utf8Chunker {
 
 /// One NDJSON record of output.
 fn output_line(stream: OutputStream, data: &[u8]) -> Bytes {
-    let name = match stream {
-        OutputStream::Stdout => "stdout",
-        OutputStream::Stderr => "stderr",
-    };
-    let record = match std::str::from_utf8(data) {
-        Ok(text) => json!({"type": name, "data": text}),
-        Err(_) => json!({
-            "type": name,
-            "data_base64": base64::engine::general_purpose::STANDARD.encode(data),
-        }),
-    };
-    ndjson(&record)
+    let (data, data_base64) = text_or_base64(data);
+    ndjson(&match stream {
+        OutputStream::Stdout => OutputRecord::Stdout { data, data_base64 },
+        OutputStream::Stderr => OutputRecord::Stderr { data, data_base64 },
+    })
 }
 
-fn ndjson(value: &Value) -> Bytes {
-    let mut line = serde_json::to_vec(value).unwrap_or_default();
+fn ndjson(record: &OutputRecord) -> Bytes {
+    let mut line = serde_json::to_vec(record).unwrap_or_default();
     line.push(b'\n');
     Bytes::from(line)
 }
@@ -281,13 +291,26 @@ fn exec_request(sandbox: &Sandbox, body: &ExecBody) -> Result<ExecRequest, ApiEr
     })
 }
 
+#[utoipa::path(post, path = "/sandboxes/{id}/exec", tag = "commands",
+    params(crate::api::SandboxId, ExecQuery),
+    request_body = ExecBody,
+    responses(
+        (status = 200, description = "The command's output as it runs, one record per line (a `started` record, `stdout`/`stderr` records, then an `exit` record); with `?wait=true` one document when it ends",
+            content((OutputRecord = "application/x-ndjson"), (ExecResult = "application/json"))),
+        (status = 202, description = "Detached: the command runs; its record", body = CommandInfo),
+        (status = 400, description = "Malformed JSON, unknown field or invalid value", body = ErrorDocument),
+        (status = 404, description = "No such sandbox, or no such command in the guest", body = ErrorDocument),
+        (status = 409, description = "The sandbox is not running", body = ErrorDocument),
+        (status = 413, description = "Request body or stdin too large", body = ErrorDocument),
+        (status = 502, description = "The guest's agent is unreachable", body = ErrorDocument)))]
 /// `POST /sandboxes/{id}/exec`
 pub async fn exec(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    Query(query): Query<ExecQuery>,
+    query: QueryResult<ExecQuery>,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
+    let query = parse_query(query)?;
     let body: ExecBody = parse_body(body)?;
     let sandbox = state.sandbox(&id)?;
     sandbox.require_running()?;
@@ -383,17 +406,16 @@ pub async fn exec(
     }
 
     if body.detach {
-        let json = record.to_json();
-        return Ok((StatusCode::ACCEPTED, axum::Json(json)).into_response());
+        let info = record.info(true);
+        return Ok((StatusCode::ACCEPTED, axum::Json(info)).into_response());
     }
     if query.wait {
         return Ok(axum::Json(collect(rx, &record).await).into_response());
     }
-    let head = ndjson(&json!({
-        "type": "started",
-        "cmd_id": record.id,
-        "pid": record.inner.lock().unwrap_or_else(|p| p.into_inner()).pid,
-    }));
+    let head = ndjson(&OutputRecord::Started {
+        cmd_id: record.id.clone(),
+        pid: record.inner.lock().unwrap_or_else(|p| p.into_inner()).pid,
+    });
     let stream = futures_util::stream::unfold((rx, Some(head)), |(mut rx, head)| async move {
         if let Some(head) = head {
             return Some((Ok::<Bytes, std::io::Error>(head), (rx, None)));
@@ -401,12 +423,14 @@ pub async fn exec(
         let line = match rx.recv().await? {
             Event::Output(stream, data) => output_line(stream, &data),
             Event::Exit(exit, duration_ms) => {
-                let mut record = exit_json(&exit);
-                merge(
-                    &mut record,
-                    json!({"type": "exit", "duration_ms": duration_ms}),
-                );
-                ndjson(&record)
+                let exit = command_exit(&exit);
+                ndjson(&OutputRecord::Exit {
+                    exit_code: exit.exit_code,
+                    signal: exit.signal,
+                    timed_out: exit.timed_out,
+                    error: exit.error,
+                    duration_ms,
+                })
             }
         };
         Some((Ok(line), (rx, None)))
@@ -482,10 +506,10 @@ fn run_command(
 }
 
 /// `?wait=true`: the whole output and the exit in one document.
-async fn collect(mut rx: tokio::sync::mpsc::Receiver<Event>, record: &CommandRecord) -> Value {
+async fn collect(mut rx: tokio::sync::mpsc::Receiver<Event>, record: &CommandRecord) -> ExecResult {
     let mut out: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
     let mut truncated = [false, false];
-    let mut result = json!({"cmd_id": record.id});
+    let (mut exit, mut duration) = (None, None);
     while let Some(event) = rx.recv().await {
         match event {
             Event::Output(stream, data) => {
@@ -494,18 +518,30 @@ async fn collect(mut rx: tokio::sync::mpsc::Receiver<Event>, record: &CommandRec
                 truncated[i] |= data.len() > room;
                 out[i].extend_from_slice(&data[..data.len().min(room)]);
             }
-            Event::Exit(exit, duration_ms) => {
-                merge(&mut result, exit_json(&exit));
-                result["duration_ms"] = json!(duration_ms);
+            Event::Exit(status, duration_ms) => {
+                exit = Some(command_exit(&status));
+                duration = Some(duration_ms);
             }
         }
     }
-    merge(&mut result, text_or_base64("stdout", &out[0]));
-    merge(&mut result, text_or_base64("stderr", &out[1]));
-    result["stdout_truncated"] = json!(truncated[0]);
-    result["stderr_truncated"] = json!(truncated[1]);
-    result
+    ExecResult {
+        cmd_id: record.id.clone(),
+        exit: exit.unwrap_or_else(|| CommandExit {
+            error: Some("the command's end was not reported".into()),
+            ..Default::default()
+        }),
+        duration_ms: duration,
+        output: command_output(&out[0], &out[1]),
+        stdout_truncated: truncated[0],
+        stderr_truncated: truncated[1],
+    }
 }
+
+/// The `{cid}` of a command in a path.
+#[derive(utoipa::IntoParams)]
+#[into_params(names("cid"), parameter_in = Path)]
+#[allow(dead_code)] // Only describes the parameter.
+pub struct CommandId(String);
 
 fn command(sandbox: &Sandbox, cid: &str) -> Result<Arc<CommandRecord>, ApiError> {
     sandbox
@@ -517,6 +553,11 @@ fn command(sandbox: &Sandbox, cid: &str) -> Result<Arc<CommandRecord>, ApiError>
         .ok_or_else(|| ApiError::not_found("command", cid))
 }
 
+#[utoipa::path(get, path = "/sandboxes/{id}/commands", tag = "commands",
+    params(crate::api::SandboxId),
+    responses(
+        (status = 200, description = "Its commands, oldest first, without their output", body = CommandList),
+        (status = 404, description = "No such sandbox", body = ErrorDocument)))]
 /// `GET /sandboxes/{id}/commands`
 pub async fn list_commands(
     State(state): State<Arc<AppState>>,
@@ -531,30 +572,34 @@ pub async fn list_commands(
         .cloned()
         .collect();
     commands.sort_by_key(|c| c.started);
-    let list: Vec<Value> = commands
-        .iter()
-        .map(|c| {
-            let mut v = c.to_json();
-            for key in ["stdout", "stderr", "stdout_base64", "stderr_base64"] {
-                if let Some(map) = v.as_object_mut() {
-                    map.remove(key);
-                }
-            }
-            v
-        })
-        .collect();
-    Ok(axum::Json(json!({ "commands": list })).into_response())
+    let commands = commands.iter().map(|c| c.info(false)).collect();
+    Ok(axum::Json(CommandList { commands }).into_response())
 }
 
+#[utoipa::path(get, path = "/sandboxes/{id}/commands/{cid}", tag = "commands",
+    params(crate::api::SandboxId, CommandId),
+    responses(
+        (status = 200, description = "The command and the output kept", body = CommandInfo),
+        (status = 404, description = "No such sandbox or command", body = ErrorDocument)))]
 /// `GET /sandboxes/{id}/commands/{cid}`
 pub async fn get_command(
     State(state): State<Arc<AppState>>,
     Path((id, cid)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let sandbox = state.sandbox(&id)?;
-    Ok(axum::Json(command(&sandbox, &cid)?.to_json()).into_response())
+    Ok(axum::Json(command(&sandbox, &cid)?.info(true)).into_response())
 }
 
+#[utoipa::path(post, path = "/sandboxes/{id}/commands/{cid}/kill", tag = "commands",
+    params(crate::api::SandboxId, CommandId),
+    request_body(content = Option<KillBody>, description = "The signal (default SIGKILL)"),
+    responses(
+        (status = 200, description = "The signal was sent", body = Killed),
+        (status = 400, description = "Malformed JSON, unknown field or invalid signal", body = ErrorDocument),
+        (status = 404, description = "No such sandbox or command", body = ErrorDocument),
+        (status = 409, description = "The sandbox is not running, or the command has finished", body = ErrorDocument),
+        (status = 413, description = "Request body too large", body = ErrorDocument),
+        (status = 502, description = "The guest's agent is unreachable", body = ErrorDocument)))]
 /// `POST /sandboxes/{id}/commands/{cid}/kill`
 pub async fn kill_command(
     State(state): State<Arc<AppState>>,
@@ -592,7 +637,11 @@ pub async fn kill_command(
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(|e| from_agent(&format!("killing command {cid}"), e))?;
-    Ok(axum::Json(json!({"cmd_id": cid, "signal": signal})).into_response())
+    Ok(axum::Json(Killed {
+        cmd_id: cid,
+        signal,
+    })
+    .into_response())
 }
 
 #[cfg(test)]
@@ -618,17 +667,22 @@ mod tests {
     #[test]
     fn output_lines_are_text_or_base64() {
         let line = output_line(OutputStream::Stdout, b"hi\n");
-        assert_eq!(&line[..], b"{\"data\":\"hi\\n\",\"type\":\"stdout\"}\n");
+        assert_eq!(&line[..], b"{\"type\":\"stdout\",\"data\":\"hi\\n\"}\n");
         let line = output_line(OutputStream::Stderr, &[0xff]);
-        let v: Value = serde_json::from_slice(&line).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(v["type"], "stderr");
         assert_eq!(v["data_base64"], "/w==");
     }
 
     #[test]
     fn exit_records() {
-        assert_eq!(exit_json(&Ok(ExitStatus::Code(3)))["exit_code"], 3);
-        assert_eq!(exit_json(&Ok(ExitStatus::Signal(9)))["signal"], 9);
-        assert_eq!(exit_json(&Ok(ExitStatus::TimedOut))["timed_out"], true);
+        assert_eq!(command_exit(&Ok(ExitStatus::Code(3))).exit_code, Some(3));
+        assert_eq!(command_exit(&Ok(ExitStatus::Signal(9))).signal, Some(9));
+        assert!(command_exit(&Ok(ExitStatus::TimedOut)).timed_out);
+        let lost = command_exit(&Err("agent gone".into()));
+        assert_eq!(
+            (lost.exit_code, lost.error.as_deref()),
+            (None, Some("agent gone"))
+        );
     }
 }

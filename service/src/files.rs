@@ -4,18 +4,18 @@ use std::io::Write;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use ember_agent::protocol::FileType;
-use ember_client::types::{FileQuery, MkdirBody};
+use ember_client::responses::{DirCreated, FileWritten};
+use ember_client::types::{ErrorDocument, FileQuery, MkdirBody};
 use futures_util::TryStreamExt;
-use serde_json::json;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use super::error::{from_agent, ApiError};
-use super::{parse_body, AppState, JsonBody};
+use super::{parse_body, parse_query, AppState, JsonBody, QueryResult};
 
 /// The longest guest path accepted.
 const MAX_PATH: usize = 4096;
@@ -62,13 +62,26 @@ fn parse_mode(mode: Option<&str>) -> Result<u32, ApiError> {
     }
 }
 
+#[utoipa::path(put, path = "/sandboxes/{id}/files", tag = "files",
+    params(crate::api::SandboxId, FileQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The file's content"),
+    responses(
+        (status = 201, description = "Written", body = FileWritten),
+        (status = 400, description = "Invalid path or mode", body = ErrorDocument),
+        (status = 403, description = "The guest refused access", body = ErrorDocument),
+        (status = 404, description = "No such sandbox, or no such file or folder in the guest", body = ErrorDocument),
+        (status = 409, description = "The sandbox is not running, or the path exists", body = ErrorDocument),
+        (status = 413, description = "Too large", body = ErrorDocument),
+        (status = 500, description = "The guest failed", body = ErrorDocument),
+        (status = 502, description = "The guest's agent is unreachable", body = ErrorDocument)))]
 /// `PUT /sandboxes/{id}/files?path=…[&mode=755]`: the body is the file's content.
 pub async fn put_file(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    Query(query): Query<FileQuery>,
+    query: QueryResult<FileQuery>,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let query = parse_query(query)?;
     check_guest_path(&query.path)?;
     let mode = parse_mode(query.mode.as_deref())?;
     let sandbox = state.sandbox(&id)?;
@@ -89,7 +102,11 @@ pub async fn put_file(
     .map_err(|e| from_agent(&format!("writing {}", query.path), e))?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(json!({"path": query.path, "bytes": written, "mode": format!("{mode:o}")})),
+        axum::Json(FileWritten {
+            path: query.path,
+            bytes: written,
+            mode: format!("{mode:o}"),
+        }),
     )
         .into_response())
 }
@@ -109,12 +126,26 @@ impl Write for ChannelWriter {
     }
 }
 
+#[utoipa::path(get, path = "/sandboxes/{id}/files", tag = "files",
+    params(crate::api::SandboxId,
+        ("path" = String, Query, description = "The file's absolute path in the guest", pattern = "^/")),
+    responses(
+        (status = 200, description = "The file's content, streamed (its size in `x-file-size`)",
+            content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 400, description = "Invalid path or mode", body = ErrorDocument),
+        (status = 403, description = "The guest refused access", body = ErrorDocument),
+        (status = 404, description = "No such sandbox, or no such file or folder in the guest", body = ErrorDocument),
+        (status = 409, description = "The sandbox is not running, or the path exists", body = ErrorDocument),
+        (status = 413, description = "Too large", body = ErrorDocument),
+        (status = 500, description = "The guest failed", body = ErrorDocument),
+        (status = 502, description = "The guest's agent is unreachable", body = ErrorDocument)))]
 /// `GET /sandboxes/{id}/files?path=…`: the file's content, streamed.
 pub async fn get_file(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    Query(query): Query<FileQuery>,
+    query: QueryResult<FileQuery>,
 ) -> Result<Response, ApiError> {
+    let query = parse_query(query)?;
     check_guest_path(&query.path)?;
     if query.mode.is_some() {
         return Err(ApiError::bad_request("`mode` is for uploads"));
@@ -162,6 +193,18 @@ pub async fn get_file(
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
 }
 
+#[utoipa::path(post, path = "/sandboxes/{id}/files/mkdir", tag = "files",
+    params(crate::api::SandboxId),
+    request_body = MkdirBody,
+    responses(
+        (status = 201, description = "The folder and its parents exist", body = DirCreated),
+        (status = 400, description = "Invalid path or mode", body = ErrorDocument),
+        (status = 403, description = "The guest refused access", body = ErrorDocument),
+        (status = 404, description = "No such sandbox, or no such file or folder in the guest", body = ErrorDocument),
+        (status = 409, description = "The sandbox is not running, or the path exists", body = ErrorDocument),
+        (status = 413, description = "Too large", body = ErrorDocument),
+        (status = 500, description = "The guest failed", body = ErrorDocument),
+        (status = 502, description = "The guest's agent is unreachable", body = ErrorDocument)))]
 /// `POST /sandboxes/{id}/files/mkdir` `{path, mode?}`: `mkdir -p`.
 pub async fn mkdir(
     State(state): State<Arc<AppState>>,
@@ -186,7 +229,11 @@ pub async fn mkdir(
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?
     .map_err(|e| from_agent(&format!("mkdir {}", body.path), e))?;
-    Ok((StatusCode::CREATED, axum::Json(json!({"path": body.path}))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(DirCreated { path: body.path }),
+    )
+        .into_response())
 }
 
 #[cfg(test)]

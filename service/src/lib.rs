@@ -20,6 +20,7 @@ mod launch;
 pub mod mem_cache;
 mod metrics;
 pub mod network;
+pub mod openapi;
 pub mod pool;
 pub mod ports;
 pub mod process;
@@ -44,9 +45,6 @@ const MAX_TIMEOUT_S: u64 = 24 * 3600;
 const MAX_ENV_VARS: usize = 256;
 const MIN_MEMORY_MIB: u32 = 128;
 const MAX_MEMORY_MIB: u32 = 16 * 1024;
-
-/// The OpenAPI description of this API (also served at `GET /openapi.json`).
-pub const OPENAPI: &str = include_str!("../openapi.json");
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -488,5 +486,8 @@ async fn run_service(
     Ok(())
 }
 
-pub use api::{check_env, check_limits, control, parse_body, router, JsonBody, IMAGES};
+pub use api::{
+    check_env, check_limits, control, parse_body, parse_query, router, JsonBody, QueryResult,
+    IMAGES,
+};
 pub(crate) use api::{check_env_map, check_timeout};

@@ -196,6 +196,8 @@ fn resident_bytes(pid: u32) -> u64 {
     rss(&pid.to_string()) + children.split_whitespace().map(rss).sum::<u64>()
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "service",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain; version=0.0.4", body = String)))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let m = &state.metrics;
     let mut out = String::new();

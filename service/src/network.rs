@@ -31,6 +31,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use ember_client::responses::{NetworkModeName, SandboxNetwork};
 pub use ember_client::types::{Cidr, NetworkMode};
 use serde::{Deserialize, Serialize};
 
@@ -126,13 +127,17 @@ pub struct SandboxNet {
 
 impl SandboxNet {
     /// How the API shows it.
-    pub fn to_json(&self) -> serde_json::Value {
-        let mut value = serde_json::to_value(&self.mode).unwrap_or_default();
-        value["guest_address"] = GUEST_ADDRESS.to_string().into();
-        if let Some(slot) = self.slot {
-            value["link"] = link_addresses(slot).0.to_string().into();
+    pub fn info(&self) -> SandboxNetwork {
+        let (mode, allow) = match &self.mode {
+            NetworkMode::None {} => (NetworkModeName::None, None),
+            NetworkMode::Egress { allow } => (NetworkModeName::Egress, allow.clone()),
+        };
+        SandboxNetwork {
+            mode,
+            allow,
+            guest_address: Some(GUEST_ADDRESS),
+            link: self.slot.map(|slot| link_addresses(slot).0),
         }
-        value
     }
 }
 

@@ -3,11 +3,10 @@
 //! connects to the guest port on the guest's loopback (`ember_agent::forward`). Nothing of the
 //! guest's network is involved, so ports work in network mode `none` too.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use ember_agent::forward::FORWARD_VSOCK_PORT;
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::task::JoinHandle;
@@ -17,12 +16,7 @@ pub const MAX_PORTS: usize = 16;
 /// The longest handshake line read from the VMM or the agent.
 const MAX_LINE: usize = 256;
 
-/// A guest port and where the host reaches it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExposedPort {
-    pub guest_port: u16,
-    pub host: SocketAddr,
-}
+pub use ember_client::responses::ExposedPort;
 
 /// Why a create request's port list is refused, or a forwarded connection ended early.
 #[derive(Debug, thiserror::Error)]

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use ember_client::types::{ForkBody, SnapshotBody, SnapshotInfo};
+use ember_client::responses::{SandboxList, SnapshotList, SnapshotTaken};
+use ember_client::types::{ErrorDocument, ForkBody, SnapshotBody, SnapshotInfo};
 use ember_snapshot_store::{Manifest, ManifestError, StoreError};
-use serde_json::json;
 
 use super::error::ApiError;
 use super::sandbox::{self, NewSandbox, SandboxState};
@@ -83,7 +83,7 @@ async fn load_or_prepare(
 
 /// The snapshot as the API shows it, with whether its memory is materialised for `file`
 /// restores and, with a remote tier, where it is.
-async fn describe(state: &Arc<AppState>, id: &str) -> Result<serde_json::Value, ApiError> {
+async fn describe(state: &Arc<AppState>, id: &str) -> Result<SnapshotInfo, ApiError> {
     let info = match (load_manifest(state, id).await, &state.remote) {
         (Ok(manifest), tier) => {
             let mut info = snapshot_info(&manifest);
@@ -114,7 +114,7 @@ async fn describe(state: &Arc<AppState>, id: &str) -> Result<serde_json::Value, 
         }
         (Err(e), _) => return Err(e),
     };
-    serde_json::to_value(info).map_err(|e| ApiError::internal(e.to_string()))
+    Ok(info)
 }
 
 /// A snapshot as the API and `ember snapshots` show it.
@@ -201,6 +201,17 @@ pub async fn restore_spec(
     })
 }
 
+#[utoipa::path(post, path = "/sandboxes/{id}/snapshots", tag = "snapshots",
+    params(crate::api::SandboxId),
+    request_body(content = Option<SnapshotBody>, description = "Optional: a name, `diff`, `stop`"),
+    responses(
+        (status = 201, description = "Saved in the store", body = SnapshotTaken),
+        (status = 400, description = "Malformed JSON, unknown field or invalid value", body = ErrorDocument),
+        (status = 404, description = "No such sandbox", body = ErrorDocument),
+        (status = 409, description = "The sandbox is not running, the name is taken, or a diff has no parent", body = ErrorDocument),
+        (status = 413, description = "Request body too large", body = ErrorDocument),
+        (status = 500, description = "The VMM or the store failed", body = ErrorDocument),
+        (status = 502, description = "The VMM did not answer", body = ErrorDocument)))]
 /// `POST /sandboxes/{id}/snapshots` `{name?, diff?, stop?}`
 pub async fn create(
     State(state): State<Arc<AppState>>,
@@ -280,16 +291,28 @@ pub async fn create(
             tier.push_later(state.store.clone(), name.clone());
         }
     }
-    let mut out = describe(&state, &name).await?;
-    out["took_ms"] = json!(took_ms);
-    out["sandbox"] = sandbox.to_json();
-    Ok((StatusCode::CREATED, axum::Json(out)).into_response())
+    let taken = SnapshotTaken {
+        snapshot: describe(&state, &name).await?,
+        took_ms,
+        sandbox: sandbox.info(),
+    };
+    Ok((StatusCode::CREATED, axum::Json(taken)).into_response())
 }
 
 fn has_parent(sandbox: &sandbox::Sandbox) -> bool {
     sandbox.record().last_snapshot.is_some()
 }
 
+/// The `{id}` of a snapshot in a path.
+#[derive(utoipa::IntoParams)]
+#[into_params(names("id"), parameter_in = Path)]
+#[allow(dead_code)] // Only describes the parameter.
+pub struct SnapshotId(String);
+
+#[utoipa::path(get, path = "/snapshots", tag = "snapshots",
+    responses(
+        (status = 200, description = "The snapshots in this host's store", body = SnapshotList),
+        (status = 500, description = "The store could not be read", body = ErrorDocument)))]
 /// `GET /snapshots`
 pub async fn list(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let store = state.store.clone();
@@ -305,9 +328,17 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Result<Response, ApiErr
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?
     .map_err(|e| ApiError::internal(format!("listing snapshots: {e}")))?;
-    Ok(axum::Json(json!({ "snapshots": rows })).into_response())
+    Ok(axum::Json(SnapshotList { snapshots: rows }).into_response())
 }
 
+#[utoipa::path(get, path = "/snapshots/{id}", tag = "snapshots",
+    params(SnapshotId),
+    responses(
+        (status = 200, description = "The snapshot (from the remote tier if only it has it)", body = SnapshotInfo),
+        (status = 404, description = "No such snapshot", body = ErrorDocument),
+        (status = 500, description = "The store could not be read", body = ErrorDocument),
+        (status = 502, description = "The remote tier failed", body = ErrorDocument),
+        (status = 503, description = "The remote tier is unreachable", body = ErrorDocument)))]
 /// `GET /snapshots/{id}`
 pub async fn get(
     State(state): State<Arc<AppState>>,
@@ -316,6 +347,15 @@ pub async fn get(
     Ok(axum::Json(describe(&state, &id).await?).into_response())
 }
 
+#[utoipa::path(delete, path = "/snapshots/{id}", tag = "snapshots",
+    params(SnapshotId),
+    responses(
+        (status = 204, description = "Deleted (here and in the remote tier)"),
+        (status = 404, description = "No such snapshot", body = ErrorDocument),
+        (status = 409, description = "Live sandboxes restored from it still run", body = ErrorDocument),
+        (status = 500, description = "The store failed", body = ErrorDocument),
+        (status = 502, description = "The remote tier failed", body = ErrorDocument),
+        (status = 503, description = "The remote tier is unreachable", body = ErrorDocument)))]
 /// `DELETE /snapshots/{id}`: refused (409) while live sandboxes restored from it run, since
 /// their memory may still be loading from its objects; afterwards a background GC reclaims
 /// the space only it used.
@@ -359,6 +399,13 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+#[utoipa::path(post, path = "/snapshots/{id}/push", tag = "snapshots",
+    params(SnapshotId),
+    responses(
+        (status = 202, description = "Pushing in the background", body = SnapshotInfo),
+        (status = 404, description = "No such snapshot", body = ErrorDocument),
+        (status = 409, description = "This service has no remote tier", body = ErrorDocument),
+        (status = 500, description = "The store could not be read", body = ErrorDocument)))]
 /// `POST /snapshots/{id}/push`: pushes a snapshot of this host's store to the remote tier in
 /// the background (`GET /snapshots/{id}` follows it).
 pub async fn push(
@@ -375,7 +422,7 @@ pub async fn push(
     load_manifest(&state, &id).await?;
     tier.push_later(state.store.clone(), id.clone());
     let mut out = describe(&state, &id).await?;
-    out["remote"] = json!(super::remote::Placement::Pushing.name());
+    out.remote = Some(super::remote::Placement::Pushing.name().to_string());
     Ok((StatusCode::ACCEPTED, axum::Json(out)).into_response())
 }
 
@@ -393,6 +440,18 @@ pub(crate) fn live_sandboxes_restored_from(state: &AppState, snapshot: &str) -> 
     ids
 }
 
+#[utoipa::path(post, path = "/snapshots/{id}/fork", tag = "snapshots",
+    params(SnapshotId),
+    request_body = ForkBody,
+    responses(
+        (status = 201, description = "The clones, running", body = SandboxList),
+        (status = 400, description = "Malformed JSON, unknown field or invalid value", body = ErrorDocument),
+        (status = 404, description = "No such snapshot", body = ErrorDocument),
+        (status = 413, description = "Request body too large", body = ErrorDocument),
+        (status = 429, description = "The service runs as many sandboxes as it may", body = ErrorDocument),
+        (status = 500, description = "A clone failed to start", body = ErrorDocument),
+        (status = 502, description = "The remote tier failed", body = ErrorDocument),
+        (status = 503, description = "The remote tier is unreachable", body = ErrorDocument)))]
 /// `POST /snapshots/{id}/fork` `{count}`: `count` sandboxes restored from one snapshot, at
 /// once. If any fails, the others are deleted again and the error says why.
 pub async fn fork(
@@ -461,12 +520,8 @@ pub async fn fork(
         }
         return Err(e);
     }
-    let list: Vec<_> = created.iter().map(|s| s.to_json()).collect();
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(json!({ "sandboxes": list })),
-    )
-        .into_response())
+    let sandboxes = created.iter().map(|s| s.info()).collect();
+    Ok((StatusCode::CREATED, axum::Json(SandboxList { sandboxes })).into_response())
 }
 
 #[cfg(test)]

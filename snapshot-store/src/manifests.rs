@@ -190,7 +190,7 @@ impl Store {
         if m.memory.page_size as usize != PAGE_SIZE {
             return Err(MapError::PageSize(u64::from(m.memory.page_size)).into());
         }
-        if m.memory.size_bytes % PAGE_SIZE as u64 != 0 {
+        if !m.memory.size_bytes.is_multiple_of(PAGE_SIZE as u64) {
             return Err(MapError::UnalignedSize(m.memory.size_bytes).into());
         }
         let pages = m.memory.size_bytes / PAGE_SIZE as u64;

@@ -159,7 +159,7 @@ fn page_ref(page: &[u8]) -> PageRef {
 /// Hashes whole pages on up to `threads` threads (zero pages detected first), one result
 /// per page. `pages.len()` must be a multiple of 4096.
 pub fn hash_pages(pages: &[u8], threads: usize) -> Result<Vec<PageRef>> {
-    if pages.len() % PAGE_SIZE != 0 {
+    if !pages.len().is_multiple_of(PAGE_SIZE) {
         return Err(StoreError::Unaligned {
             len: pages.len() as u64,
         });
@@ -265,7 +265,7 @@ impl<'s> PackWriter<'s> {
     /// Stores a memory region page by page: pages are hashed on up to `threads` threads in
     /// batches, then appended in order. Returns one [`PageRef`] per page.
     pub fn put_pages(&mut self, region: &[u8], threads: usize) -> Result<Vec<PageRef>> {
-        if region.len() % PAGE_SIZE != 0 {
+        if !region.len().is_multiple_of(PAGE_SIZE) {
             return Err(StoreError::Unaligned {
                 len: region.len() as u64,
             });
@@ -498,7 +498,7 @@ mod tests {
     fn hashing_matches_across_thread_counts() {
         let mut region = vec![0u8; 1000 * PAGE_SIZE];
         for (i, b) in region.iter_mut().enumerate() {
-            if (i / PAGE_SIZE) % 3 != 0 {
+            if !(i / PAGE_SIZE).is_multiple_of(3) {
                 *b = (i % 251) as u8 ^ (i / PAGE_SIZE) as u8;
             }
         }

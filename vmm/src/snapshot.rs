@@ -111,6 +111,7 @@ impl SnapshotBase {
 
 /// How a restored VM gets its memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RestoreMode {
     /// `File` when the snapshot's memory is materialised in the memory cache, else

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// One step of a start and when it was reached.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Milestone {
     /// What was reached (`memory_mapped`, `devices_built`, `vcpus_running`, …).

@@ -5,6 +5,7 @@ use crate::{mem_cache, ServiceConfig};
 use axum::body::Body;
 use axum::http::Request;
 use http_body_util::BodyExt;
+use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use tower::ServiceExt;
@@ -246,7 +247,8 @@ async fn bad_requests_get_json_errors_with_the_right_status() {
     assert_eq!((status, doc), (StatusCode::OK, json!({"snapshots": []})));
     let (status, doc) = call(&app, "GET", "/openapi.json", "").await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(doc["openapi"], "3.0.3");
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -410,28 +412,118 @@ async fn a_snapshot_in_use_is_kept_and_a_deleted_one_is_reclaimed_in_the_backgro
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn the_openapi_document_names_every_route() {
-    let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
-    for path in [
-        "/sandboxes",
-        "/sandboxes/{id}",
-        "/sandboxes/{id}/exec",
-        "/sandboxes/{id}/files",
-        "/sandboxes/{id}/files/mkdir",
-        "/sandboxes/{id}/commands/{cid}",
-        "/sandboxes/{id}/commands/{cid}/kill",
-        "/sandboxes/{id}/pause",
-        "/sandboxes/{id}/resume",
-        "/sandboxes/{id}/faults",
-        "/sandboxes/{id}/timeout",
-        "/sandboxes/{id}/snapshots",
-        "/snapshots",
-        "/snapshots/{id}",
-        "/snapshots/{id}/fork",
-        "/metrics",
-        "/healthz",
-    ] {
-        assert!(doc["paths"][path].is_object(), "{path} is not documented");
+/// Every operation of the document, as `(METHOD, path)`.
+fn documented_operations() -> Vec<(String, String)> {
+    let doc: serde_json::Value = serde_json::from_str(crate::openapi::document()).unwrap();
+    let mut ops = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            if method != "parameters" {
+                ops.push((method.to_uppercase(), path.clone()));
+            }
+        }
     }
+    ops.sort();
+    ops
+}
+
+#[tokio::test]
+async fn the_openapi_document_and_the_router_name_the_same_operations() {
+    let ops = documented_operations();
+    // The router's operations (a route added there must be added here and documented).
+    let mut routed: Vec<(String, String)> = [
+        ("GET", "/healthz"),
+        ("GET", "/openapi.json"),
+        ("GET", "/metrics"),
+        ("POST", "/sandboxes"),
+        ("GET", "/sandboxes"),
+        ("GET", "/sandboxes/{id}"),
+        ("DELETE", "/sandboxes/{id}"),
+        ("POST", "/sandboxes/{id}/timeout"),
+        ("POST", "/sandboxes/{id}/pause"),
+        ("POST", "/sandboxes/{id}/resume"),
+        ("GET", "/sandboxes/{id}/faults"),
+        ("POST", "/sandboxes/{id}/exec"),
+        ("GET", "/sandboxes/{id}/commands"),
+        ("GET", "/sandboxes/{id}/commands/{cid}"),
+        ("POST", "/sandboxes/{id}/commands/{cid}/kill"),
+        ("GET", "/sandboxes/{id}/files"),
+        ("PUT", "/sandboxes/{id}/files"),
+        ("POST", "/sandboxes/{id}/files/mkdir"),
+        ("POST", "/sandboxes/{id}/snapshots"),
+        ("GET", "/snapshots"),
+        ("GET", "/snapshots/{id}"),
+        ("DELETE", "/snapshots/{id}"),
+        ("POST", "/snapshots/{id}/fork"),
+        ("POST", "/snapshots/{id}/push"),
+    ]
+    .iter()
+    .map(|(m, p)| (m.to_string(), p.to_string()))
+    .collect();
+    routed.sort();
+    assert_eq!(ops, routed);
+    // Each documented operation reaches a handler: not the fallbacks for an unknown path or
+    // method.
+    let dir = std::env::temp_dir().join(format!("ember-api-ops-{}", std::process::id()));
+    let app = router(state(&dir));
+    for (method, path) in &ops {
+        let uri = path.replace("{id}", "x").replace("{cid}", "y");
+        let (status, doc) = call(&app, method, &uri, "").await;
+        assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        assert_ne!(
+            doc["error"]["message"], "no such endpoint",
+            "{method} {path}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_document_describes_the_bodies_with_the_api_types() {
+    let doc: serde_json::Value = serde_json::from_str(crate::openapi::document()).unwrap();
+    let schemas = &doc["components"]["schemas"];
+    for name in [
+        "CreateBody",
+        "SandboxInfo",
+        "ExecBody",
+        "ExecResult",
+        "OutputRecord",
+        "CommandInfo",
+        "SnapshotInfo",
+        "SnapshotTaken",
+        "ErrorDocument",
+        "RestoreMode",
+        "RateLimit",
+    ] {
+        assert!(schemas[name].is_object(), "no schema {name}");
+    }
+    // Request bodies refuse unknown fields, and the document says so.
+    assert_eq!(schemas["CreateBody"]["additionalProperties"], false);
+    let restore_modes = &schemas["RestoreMode"]["enum"];
+    assert_eq!(
+        *restore_modes,
+        json!(["auto", "file", "lazy", "eager", "prefetch"])
+    );
+    let exec = &doc["paths"]["/sandboxes/{id}/exec"]["post"]["responses"]["200"]["content"];
+    assert!(exec["application/x-ndjson"].is_object(), "{exec}");
+    assert!(exec["application/json"].is_object(), "{exec}");
+}
+
+/// `service/openapi.json` is the generated document, committed for readers and SDK
+/// generators; `EMBER_WRITE_OPENAPI=1 cargo test -p ember-service committed_openapi`
+/// rewrites it.
+#[test]
+fn the_committed_openapi_json_is_the_generated_document() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi.json");
+    let generated = format!("{}\n", crate::openapi::document());
+    if std::env::var_os("EMBER_WRITE_OPENAPI").is_some() {
+        std::fs::write(&path, &generated).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == generated,
+        "{} differs from the document the service serves; run \
+         `EMBER_WRITE_OPENAPI=1 cargo test -p ember-service committed_openapi`",
+        path.display()
+    );
 }

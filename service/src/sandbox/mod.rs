@@ -11,7 +11,6 @@ use ember_agent::client::{AgentClient, AgentInfo};
 use ember_agent::protocol::AGENT_VSOCK_PORT;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
@@ -22,6 +21,7 @@ use super::network::{self, NetworkMode, SandboxNet};
 use super::ports::{self, ExposedPort};
 use super::process::Process;
 use super::AppState;
+use ember_client::responses::{NetworkModeName, SandboxInfo, SandboxNetwork};
 use ember_sandbox::control::{
     ControlReply, ControlRequest, WorkerEvent, WorkerOrigin, WorkerSpec, MAX_CONTROL_LINE,
 };
@@ -34,44 +34,7 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How much of a VMM's log explains its failure.
 const FAILURE_TAIL: usize = 4096;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SandboxState {
-    Starting,
-    Running,
-    Paused,
-    /// Stopped on request (delete, timeout, or a snapshot with `stop`).
-    Stopped,
-    /// The VMM process ended by itself or could not start; `failure` says why.
-    Failed,
-}
-
-impl SandboxState {
-    pub fn label(self) -> &'static str {
-        match self {
-            SandboxState::Starting => "starting",
-            SandboxState::Running => "running",
-            SandboxState::Paused => "paused",
-            SandboxState::Stopped => "stopped",
-            SandboxState::Failed => "failed",
-        }
-    }
-
-    pub const ALL: [SandboxState; 5] = [
-        SandboxState::Starting,
-        SandboxState::Running,
-        SandboxState::Paused,
-        SandboxState::Stopped,
-        SandboxState::Failed,
-    ];
-
-    pub fn is_live(self) -> bool {
-        matches!(
-            self,
-            SandboxState::Starting | SandboxState::Running | SandboxState::Paused
-        )
-    }
-}
+pub use ember_client::responses::{RemoteFetch, SandboxState};
 
 /// What is kept on disk about a sandbox (`<state>/sandboxes/<id>/sandbox.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,16 +72,6 @@ pub struct SandboxRecord {
     /// before its agent answered.
     #[serde(default)]
     pub remote_fetch: Option<RemoteFetch>,
-}
-
-/// What a restore from the remote tier downloaded before its VMM started (the snapshot's
-/// head, disk chunks and recorded working set) and before the sandbox was ready (that and
-/// the windows of the pages the guest faulted on until then).
-#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
-pub struct RemoteFetch {
-    pub bytes_before_start: u64,
-    pub bytes_before_ready: u64,
-    pub requests_before_ready: u64,
 }
 
 pub struct Sandbox {
@@ -385,35 +338,41 @@ impl Sandbox {
     }
 
     /// The sandbox as the API shows it.
-    pub fn to_json(&self) -> Value {
+    pub fn info(&self) -> SandboxInfo {
         let r = self.record();
-        json!({
-            "id": r.id,
-            "state": r.state.label(),
-            "failure": r.failure,
-            "created_unix_ms": r.created_unix_ms,
-            "vcpus": r.spec.vcpus,
-            "memory_mib": r.spec.mem_mib,
-            "snapshot": match &r.spec.origin {
-                WorkerOrigin::Restore { snapshot, .. } => Some(snapshot.clone()),
-                WorkerOrigin::Boot => None,
-            },
-            "restore_mode": match &r.spec.origin {
-                WorkerOrigin::Restore { mode, .. } => Some(*mode),
-                WorkerOrigin::Boot => None,
-            },
-            "timeout_at_unix_ms": r.deadline_unix_ms,
-            "ready_ms": r.ready_ms,
-            "memory": r.memory,
-            "timeline": r.timeline.steps,
-            "pid": r.pid,
-            "env": r.env,
-            "disk_limits": r.spec.disk_rate_limit,
-            "net_limits": r.spec.net_rate_limits,
-            "network": r.net.as_ref().map_or_else(|| json!({"mode": "none"}), SandboxNet::to_json),
-            "ports": r.ports,
-            "remote_fetch": r.remote_fetch,
-        })
+        let (snapshot, restore_mode) = match &r.spec.origin {
+            WorkerOrigin::Restore { snapshot, mode, .. } => (Some(snapshot.clone()), Some(*mode)),
+            WorkerOrigin::Boot => (None, None),
+        };
+        SandboxInfo {
+            state: r.state,
+            failure: r.failure,
+            created_unix_ms: r.created_unix_ms,
+            vcpus: r.spec.vcpus,
+            memory_mib: r.spec.mem_mib,
+            snapshot,
+            restore_mode,
+            timeout_at_unix_ms: r.deadline_unix_ms,
+            ready_ms: r.ready_ms,
+            memory: r.memory,
+            timeline: r.timeline.steps,
+            pid: r.pid,
+            env: r.env,
+            disk_limits: r.spec.disk_rate_limit,
+            net_limits: r.spec.net_rate_limits,
+            network: r.net.as_ref().map_or(
+                SandboxNetwork {
+                    mode: NetworkModeName::None,
+                    allow: None,
+                    guest_address: None,
+                    link: None,
+                },
+                SandboxNet::info,
+            ),
+            ports: r.ports,
+            remote_fetch: r.remote_fetch,
+            id: r.id,
+        }
     }
 
     /// Fails unless the sandbox is running (paused, stopped and failed ones run nothing).

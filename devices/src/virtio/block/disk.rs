@@ -98,7 +98,7 @@ impl Disk {
         read_only: bool,
         id: &str,
     ) -> Self {
-        if size % SECTOR_SIZE != 0 {
+        if !size.is_multiple_of(SECTOR_SIZE) {
             crate::guest_warn!(
                 "disk image {} is {size} bytes, not a multiple of {SECTOR_SIZE}; the last {} \
                  bytes are not visible to the guest",

@@ -306,7 +306,7 @@ pub fn parse_request(
     }
 
     if matches!(request_type, RequestType::In | RequestType::Out) {
-        if data_len % SECTOR_SIZE != 0 {
+        if !data_len.is_multiple_of(SECTOR_SIZE) {
             return Err(RequestError::UnalignedLength(data_len));
         }
         if request_type == RequestType::Out && disk.read_only() {

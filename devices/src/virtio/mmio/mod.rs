@@ -632,7 +632,7 @@ impl BusDevice for MmioTransport {
             }
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             crate::guest_warn!(
                 "virtio-mmio: ignoring {}-byte register read at {offset:#x}",
                 data.len()
@@ -656,7 +656,9 @@ impl BusDevice for MmioTransport {
             return;
         }
         match <[u8; 4]>::try_from(data) {
-            Ok(bytes) if offset % 4 == 0 => self.write_reg(offset, u32::from_le_bytes(bytes)),
+            Ok(bytes) if offset.is_multiple_of(4) => {
+                self.write_reg(offset, u32::from_le_bytes(bytes))
+            }
             _ => crate::guest_warn!(
                 "virtio-mmio: ignoring {}-byte register write at {offset:#x}",
                 data.len()

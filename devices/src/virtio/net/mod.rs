@@ -79,6 +79,7 @@ pub enum NetError {
 /// Limits on one guest's network traffic, each direction as the guest sees it (unlimited by
 /// default). Operations are frames.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NetRateLimits {
     /// Frames the guest receives (host → guest).
