@@ -1554,8 +1554,8 @@ fn vmtest_sandbox_networks_egress_allow_lists_none_exposed_ports_and_four_clones
         "POST",
         "/sandboxes",
         Some(r#"{"snapshot": "no-net", "network": {"mode": "egress"}}"#),
-        400,
-        "invalid_request",
+        409,
+        "conflict",
     );
     // Deleting every sandbox removes every namespace, veth and rule ember made.
     for id in clones.iter().chain([&open, &listed, &none]) {
@@ -2057,4 +2057,183 @@ fn vmtest_a_snapshot_saved_on_one_host_resumes_on_another_through_the_remote_tie
     };
     let why = failed["failure"].as_str().unwrap_or_default();
     assert!(why.contains("guest page") && why.contains(&url), "{failed}");
+}
+
+/// The schemathesis configuration of the contract test: which fixture each operation acts
+/// on, so generated requests reach live resources instead of only 404s.
+fn contract_config(ids: &ContractFixtures, report: &Path) -> String {
+    let ContractFixtures {
+        sandbox,
+        command,
+        snapshotted,
+        doomed,
+        snapshot,
+        doomed_snapshot,
+    } = ids;
+    format!(
+        r#"# Written by vmtest_the_service_keeps_its_openapi_contract.
+workers = 1
+request-timeout = 120
+continue-on-failure = true
+max-failures = 50
+[generation]
+max-examples = 12
+no-shrink = true
+[phases.stateful]
+enabled = false
+[reports.junit]
+enabled = true
+path = "{report}"
+
+[[operations]]
+include-path = "/sandboxes/{{id}}/snapshots"
+parameters = {{ "path.id" = "{snapshotted}" }}
+generation = {{ max-examples = 3 }}
+
+[[operations]]
+include-path = "/sandboxes/{{id}}"
+include-method = "DELETE"
+parameters = {{ "path.id" = "{doomed}" }}
+
+[[operations]]
+include-path = "/snapshots/{{id}}"
+include-method = "DELETE"
+parameters = {{ "path.id" = "{doomed_snapshot}" }}
+
+[[operations]]
+include-path-regex = "^/snapshots/\\{{id\\}}"
+parameters = {{ "path.id" = "{snapshot}" }}
+
+[[operations]]
+include-path-regex = "^/snapshots/\\{{id\\}}/fork$"
+parameters = {{ "path.id" = "{snapshot}" }}
+generation = {{ max-examples = 3 }}
+
+[[operations]]
+include-path = "/sandboxes"
+include-method = "POST"
+generation = {{ max-examples = 3 }}
+
+[[operations]]
+include-path-regex = "^/sandboxes/\\{{id\\}}"
+parameters = {{ "path.id" = "{sandbox}", "path.cid" = "{command}" }}
+"#,
+        report = report.display()
+    )
+}
+
+struct ContractFixtures {
+    /// The sandbox most operations act on.
+    sandbox: String,
+    /// A detached command in it.
+    command: String,
+    /// The sandbox the snapshot operation acts on (a snapshot with `stop` stops it).
+    snapshotted: String,
+    /// The sandbox `DELETE /sandboxes/{id}` acts on.
+    doomed: String,
+    /// The snapshot the snapshot operations act on.
+    snapshot: String,
+    /// The snapshot `DELETE /snapshots/{id}` acts on.
+    doomed_snapshot: String,
+}
+
+/// A process killed when this is dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The OpenAPI document the service serves, against the service itself: schemathesis
+/// (pinned in `xtask/python-requirements.txt`) generates requests to every operation, valid
+/// and invalid, and checks each answer's status, content type and body against the document,
+/// that valid requests are not refused as malformed, invalid ones are, and that nothing is a
+/// server error.
+#[test]
+fn vmtest_the_service_keeps_its_openapi_contract() {
+    let service = Service::start_with("contract", &["--max-sandboxes", "6"]);
+    let small = json!({"memory_mib": 256, "vcpus": 1});
+    let sandbox = service.create(small.clone());
+    let detached = service.call(
+        "POST",
+        &format!("/sandboxes/{sandbox}/exec"),
+        Some(json!({"cmd": "sleep", "args": ["3600"], "detach": true})),
+        202,
+    );
+    let command = detached["cmd_id"].as_str().unwrap().to_string();
+    service.sh(&sandbox, "echo contract > /tmp/contract.txt");
+    let snapshotted = service.create(small.clone());
+    let doomed = service.create(small);
+    let take = |name: &str| {
+        service.call(
+            "POST",
+            &format!("/sandboxes/{snapshotted}/snapshots"),
+            Some(json!({"name": name})),
+            201,
+        );
+        name.to_string()
+    };
+    let fixtures = ContractFixtures {
+        snapshot: take("contract-base"),
+        doomed_snapshot: take("contract-doomed"),
+        sandbox,
+        command,
+        snapshotted,
+        doomed,
+    };
+    let report = service.state.join("contract-junit.xml");
+    let config = service.state.join("schemathesis.toml");
+    std::fs::write(&config, contract_config(&fixtures, &report)).unwrap();
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _proxy = KillOnDrop(
+        Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../service/tests/contract/uds_proxy.py"
+            ))
+            .arg(port.to_string())
+            .arg(&service.socket)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the TCP-to-Unix-socket proxy"),
+    );
+    let started = Instant::now();
+    let run = Command::new("python3")
+        .args(["-m", "schemathesis.cli", "--no-color", "--config-file"])
+        .arg(&config)
+        .arg("run")
+        .arg(format!("http://127.0.0.1:{port}/openapi.json"))
+        .args(["--wait-for-schema", "300", "--checks", "all"])
+        .env("SCHEMATHESIS_HOOKS", "")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run schemathesis (cargo xtask deps installs it)");
+    let out = text(&run.stdout);
+    eprintln!(
+        "schemathesis ran in {:.0?}:\n{out}\n{}",
+        started.elapsed(),
+        text(&run.stderr)
+    );
+    assert!(
+        run.status.success(),
+        "schemathesis found operations that break the contract (above); service log:\n{}",
+        service.log()
+    );
+    // Each operation was exercised (a filter that matched nothing would pass vacuously).
+    let junit = std::fs::read_to_string(&report).unwrap_or_default();
+    for op in [
+        "POST /sandboxes/{id}/exec",
+        "GET /snapshots/{id}",
+        "PUT /sandboxes/{id}/files",
+    ] {
+        assert!(junit.contains(op), "{op} was not tested:\n{junit}");
+    }
 }

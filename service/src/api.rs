@@ -88,7 +88,9 @@ pub fn parse_body<T: DeserializeOwned>(body: JsonBody) -> Result<T, ApiError> {
             ApiError::bad_request(format!("cannot read the request body: {rejection}"))
         }
     })?;
-    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+    // No body, or `null`, is an empty object: every field takes its default.
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) || bytes.trim_ascii() == b"null"
+    {
         b"{}"
     } else {
         &bytes
@@ -207,11 +209,12 @@ pub fn check_limits(
 }
 
 #[utoipa::path(post, path = "/sandboxes", tag = "sandboxes",
-    request_body = CreateBody,
+    request_body(content = Option<CreateBody>, description = "Optional: without one, a sandbox of the default image and size"),
     responses(
         (status = 201, description = "Running (booted, or restored from `snapshot`)", body = SandboxInfo),
         (status = 400, description = "Malformed JSON, unknown field or invalid value", body = ErrorDocument),
         (status = 404, description = "No such snapshot", body = ErrorDocument),
+        (status = 409, description = "An egress network for a snapshot whose guest had no network device", body = ErrorDocument),
         (status = 413, description = "Request body too large", body = ErrorDocument),
         (status = 429, description = "The service runs as many sandboxes as it may", body = ErrorDocument),
         (status = 500, description = "The sandbox failed to start", body = ErrorDocument),

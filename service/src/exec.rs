@@ -31,9 +31,9 @@ const LOG_LIMIT: usize = 4 << 20;
 /// Output a `?wait=true` answer carries per stream.
 const WAIT_OUTPUT_LIMIT: usize = 64 << 20;
 /// The largest `stdin` an exec request may carry.
-const MAX_STDIN: usize = 1 << 20;
-const MAX_ARGS: usize = 4096;
-const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
+pub(crate) const MAX_STDIN: usize = 1 << 20;
+pub(crate) const MAX_ARGS: usize = 4096;
+pub(crate) const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
 /// Finished commands kept per sandbox (the oldest go first).
 const KEEP_FINISHED: usize = 256;
 

@@ -18,7 +18,7 @@ use super::error::{from_agent, ApiError};
 use super::{parse_body, parse_query, AppState, JsonBody, QueryResult};
 
 /// The longest guest path accepted.
-const MAX_PATH: usize = 4096;
+pub(crate) const MAX_PATH: usize = 4096;
 
 /// A guest path must be absolute, normalised (no `.` or `..` parts, which could climb out
 /// of where a caller meant), without NUL and not too long.
@@ -70,7 +70,7 @@ fn parse_mode(mode: Option<&str>) -> Result<u32, ApiError> {
         (status = 400, description = "Invalid path or mode", body = ErrorDocument),
         (status = 403, description = "The guest refused access", body = ErrorDocument),
         (status = 404, description = "No such sandbox, or no such file or folder in the guest", body = ErrorDocument),
-        (status = 409, description = "The sandbox is not running, or the path exists", body = ErrorDocument),
+        (status = 409, description = "The sandbox is not running, or the path exists (mkdir) or is not a regular file", body = ErrorDocument),
         (status = 413, description = "Too large", body = ErrorDocument),
         (status = 500, description = "The guest failed", body = ErrorDocument),
         (status = 502, description = "The guest's agent is unreachable", body = ErrorDocument)))]
@@ -135,7 +135,7 @@ impl Write for ChannelWriter {
         (status = 400, description = "Invalid path or mode", body = ErrorDocument),
         (status = 403, description = "The guest refused access", body = ErrorDocument),
         (status = 404, description = "No such sandbox, or no such file or folder in the guest", body = ErrorDocument),
-        (status = 409, description = "The sandbox is not running, or the path exists", body = ErrorDocument),
+        (status = 409, description = "The sandbox is not running, or the path exists (mkdir) or is not a regular file", body = ErrorDocument),
         (status = 413, description = "Too large", body = ErrorDocument),
         (status = 500, description = "The guest failed", body = ErrorDocument),
         (status = 502, description = "The guest's agent is unreachable", body = ErrorDocument)))]
@@ -167,7 +167,7 @@ pub async fn get_file(
         .map_err(|e| from_agent(&format!("reading {}", query.path), e))?
     };
     if stat.file_type != FileType::File {
-        return Err(ApiError::bad_request(format!(
+        return Err(ApiError::conflict(format!(
             "{} is not a regular file ({:?})",
             query.path, stat.file_type
         )));
@@ -201,7 +201,7 @@ pub async fn get_file(
         (status = 400, description = "Invalid path or mode", body = ErrorDocument),
         (status = 403, description = "The guest refused access", body = ErrorDocument),
         (status = 404, description = "No such sandbox, or no such file or folder in the guest", body = ErrorDocument),
-        (status = 409, description = "The sandbox is not running, or the path exists", body = ErrorDocument),
+        (status = 409, description = "The sandbox is not running, or the path exists (mkdir) or is not a regular file", body = ErrorDocument),
         (status = 413, description = "Too large", body = ErrorDocument),
         (status = 500, description = "The guest failed", body = ErrorDocument),
         (status = 502, description = "The guest's agent is unreachable", body = ErrorDocument)))]

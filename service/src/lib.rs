@@ -41,10 +41,10 @@ use self::sandbox::Sandbox;
 /// The largest JSON request body.
 const MAX_JSON_BODY: usize = 1 << 20;
 pub const DEFAULT_TIMEOUT_S: u64 = 300;
-const MAX_TIMEOUT_S: u64 = 24 * 3600;
-const MAX_ENV_VARS: usize = 256;
-const MIN_MEMORY_MIB: u32 = 128;
-const MAX_MEMORY_MIB: u32 = 16 * 1024;
+pub(crate) const MAX_TIMEOUT_S: u64 = 24 * 3600;
+pub(crate) const MAX_ENV_VARS: usize = 256;
+pub(crate) const MIN_MEMORY_MIB: u32 = 128;
+pub(crate) const MAX_MEMORY_MIB: u32 = 16 * 1024;
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {

@@ -1,10 +1,12 @@
 //! The API's OpenAPI document, derived from the handlers' `#[utoipa::path]` descriptions and
 //! the request and response types in `ember_client`, and served at `GET /openapi.json`.
-//! Nothing here is written by hand but the list of operations, which a test checks against
-//! the router.
+//! Written by hand here: the list of operations (a test checks it against the router), and
+//! the limits the handlers enforce, added to the derived schemas from the same constants the
+//! handlers use (so a request the document calls valid is not refused as malformed).
 
 use std::sync::OnceLock;
 
+use serde_json::{json, Value};
 use utoipa::OpenApi;
 
 use crate::{api, exec, files, metrics, snapshots};
@@ -60,7 +62,184 @@ pub fn document() -> &'static str {
     DOCUMENT.get_or_init(|| {
         let mut doc = ApiDoc::openapi();
         doc.info.version = env!("CARGO_PKG_VERSION").to_string();
-        doc.to_pretty_json()
-            .expect("an OpenAPI document always serialises")
+        let mut doc = serde_json::to_value(doc).expect("an OpenAPI document always serialises");
+        add_limits(&mut doc);
+        serde_json::to_string_pretty(&doc).expect("a JSON value always serialises")
     })
+}
+
+/// A guest path as [`files::check_guest_path`] takes it: absolute, no `.` or `..` part,
+/// no NUL.
+const GUEST_PATH_PATTERN: &str =
+    r"^(/([^/.\u0000][^/\u0000]*|\.[^/.\u0000][^/\u0000]*|\.\.[^/\u0000]+)?)+$";
+/// Text without NUL.
+const NO_NUL_PATTERN: &str = r"^[^\u0000]*$";
+/// Padded standard base64.
+const BASE64_PATTERN: &str = r"^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$";
+
+/// Adds `extra`'s keys to `schema`'s property `property` (for an optional property, to its
+/// non-null alternative).
+fn limit(doc: &mut Value, schema: &str, property: &str, extra: Value) {
+    let target = &mut doc["components"]["schemas"][schema]["properties"][property];
+    assert!(target.is_object(), "no property {schema}.{property}");
+    merge(target, extra);
+}
+
+/// Adds `extra`'s keys to the parameter `name` of `path`'s `method` operation.
+fn limit_parameter(doc: &mut Value, path: &str, method: &str, name: &str, extra: Value) {
+    let parameters = doc["paths"][path][method]["parameters"]
+        .as_array_mut()
+        .unwrap_or_else(|| panic!("{method} {path} has no parameters"));
+    let parameter = parameters
+        .iter_mut()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("{method} {path} has no parameter {name}"));
+    merge(&mut parameter["schema"], extra);
+}
+
+fn merge(target: &mut Value, extra: Value) {
+    if let (Some(target), Value::Object(extra)) = (target.as_object_mut(), extra) {
+        target.extend(extra);
+    }
+}
+
+/// The environment a sandbox or a command takes (see [`api::check_env`]).
+fn environment() -> Value {
+    json!({
+        "maxProperties": crate::MAX_ENV_VARS,
+        "propertyNames": {"minLength": 1, "maxLength": 256, "pattern": r"^[^=\u0000]*$"},
+        "additionalProperties": {"type": "string", "maxLength": 65536, "pattern": NO_NUL_PATTERN},
+    })
+}
+
+/// Guest ports to expose (see [`crate::ports::check`]).
+fn ports() -> Value {
+    json!({
+        "maxItems": crate::ports::MAX_PORTS,
+        "uniqueItems": true,
+        "items": {"type": "integer", "minimum": 1, "maximum": 65535},
+    })
+}
+
+/// `net_limits` need an egress network (see [`api::check_limits`]).
+fn net_limits_need_egress() -> Value {
+    json!({
+        "if": {"required": ["net_limits"], "properties": {"net_limits": {"type": "object"}}},
+        "then": {
+            "required": ["network"],
+            "properties": {"network": {"type": "object", "properties": {"mode": {"const": "egress"}}}}
+        }
+    })
+}
+
+/// The handlers' limits, from their constants.
+fn add_limits(doc: &mut Value) {
+    let sandbox_timeout = json!({"minimum": 1, "maximum": crate::MAX_TIMEOUT_S});
+    for schema in ["CreateBody", "ForkBody"] {
+        limit(doc, schema, "timeout_s", sandbox_timeout.clone());
+        limit(doc, schema, "env", environment());
+        limit(doc, schema, "ports", ports());
+    }
+    limit(doc, "TimeoutBody", "timeout_s", sandbox_timeout);
+    limit(doc, "CreateBody", "image", json!({"enum": api::IMAGES}));
+    limit(
+        doc,
+        "CreateBody",
+        "vcpus",
+        json!({"minimum": 1, "maximum": ember_vmm::MAX_VCPUS}),
+    );
+    limit(
+        doc,
+        "CreateBody",
+        "memory_mib",
+        json!({"minimum": crate::MIN_MEMORY_MIB, "maximum": crate::MAX_MEMORY_MIB}),
+    );
+    // A restore has its snapshot's hardware and image; `restore_mode` is for restores.
+    let restoring =
+        json!({"required": ["snapshot"], "properties": {"snapshot": {"type": "string"}}});
+    let create_rules = json!([
+        {
+            "if": restoring,
+            "then": {"properties": {
+                "image": {"type": "null"}, "vcpus": {"type": "null"}, "memory_mib": {"type": "null"}
+            }},
+            "else": {"properties": {"restore_mode": {"type": "null"}}}
+        },
+        net_limits_need_egress(),
+    ]);
+    doc["components"]["schemas"]["CreateBody"]["allOf"] = create_rules;
+    doc["components"]["schemas"]["ForkBody"]["allOf"] = json!([net_limits_need_egress()]);
+    limit(
+        doc,
+        "ForkBody",
+        "count",
+        json!({"minimum": 1, "maximum": snapshots::MAX_FORK}),
+    );
+    for field in ["bytes_per_sec", "ops_per_sec"] {
+        limit(doc, "RateLimit", field, json!({"minimum": 1}));
+    }
+    limit(
+        doc,
+        "SnapshotBody",
+        "name",
+        json!({"pattern": r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"}),
+    );
+
+    let guest_path =
+        json!({"minLength": 1, "maxLength": files::MAX_PATH, "pattern": GUEST_PATH_PATTERN});
+    limit(
+        doc,
+        "ExecBody",
+        "cmd",
+        json!({"minLength": 1, "pattern": NO_NUL_PATTERN}),
+    );
+    limit(
+        doc,
+        "ExecBody",
+        "args",
+        json!({"maxItems": exec::MAX_ARGS, "items": {"type": "string", "pattern": NO_NUL_PATTERN}}),
+    );
+    limit(doc, "ExecBody", "env", environment());
+    limit(doc, "ExecBody", "cwd", guest_path.clone());
+    limit(
+        doc,
+        "ExecBody",
+        "stdin",
+        json!({"maxLength": exec::MAX_STDIN}),
+    );
+    limit(
+        doc,
+        "ExecBody",
+        "stdin_base64",
+        json!({"pattern": BASE64_PATTERN}),
+    );
+    limit(
+        doc,
+        "ExecBody",
+        "timeout_s",
+        json!({"minimum": 1, "maximum": exec::MAX_TIMEOUT_S}),
+    );
+    doc["components"]["schemas"]["ExecBody"]["allOf"] = json!([{
+        "if": {"required": ["stdin"], "properties": {"stdin": {"type": "string"}}},
+        "then": {"properties": {"stdin_base64": {"type": "null"}}}
+    }]);
+    limit(
+        doc,
+        "KillBody",
+        "signal",
+        json!({"minimum": 1, "maximum": 64}),
+    );
+    limit(doc, "MkdirBody", "path", guest_path.clone());
+    limit(doc, "MkdirBody", "mode", json!({"maximum": 0o7777}));
+    let files = "/sandboxes/{id}/files";
+    for method in ["get", "put"] {
+        limit_parameter(doc, files, method, "path", guest_path.clone());
+    }
+    limit_parameter(
+        doc,
+        files,
+        "put",
+        "mode",
+        json!({"pattern": "^[0-7]{1,4}$"}),
+    );
 }

@@ -17,7 +17,7 @@ use ember_remote::LazySnapshot;
 use ember_sandbox::control::{ControlRequest, PartialOrigin, WorkerOrigin};
 use ember_vmm::RestoreMode;
 
-const MAX_FORK: u32 = 16;
+pub(crate) const MAX_FORK: u32 = 16;
 
 /// Refuses an egress network for a snapshot whose guest has no network device.
 pub fn check_network(
@@ -26,7 +26,7 @@ pub fn check_network(
     network: Option<&super::network::NetworkMode>,
 ) -> Result<(), ApiError> {
     if !had_network && matches!(network, Some(super::network::NetworkMode::Egress { .. })) {
-        return Err(ApiError::bad_request(format!(
+        return Err(ApiError::conflict(format!(
             "snapshot {snapshot} is of a sandbox without a network device; restore it with \
              network mode `none`"
         )));
@@ -239,7 +239,7 @@ pub async fn create(
         )));
     }
     if body.diff && sandbox.restored_from().is_none() && !has_parent(&sandbox) {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::conflict(
             "a diff snapshot needs a parent: this sandbox was booted and never saved",
         ));
     }
@@ -447,6 +447,7 @@ pub(crate) fn live_sandboxes_restored_from(state: &AppState, snapshot: &str) -> 
         (status = 201, description = "The clones, running", body = SandboxList),
         (status = 400, description = "Malformed JSON, unknown field or invalid value", body = ErrorDocument),
         (status = 404, description = "No such snapshot", body = ErrorDocument),
+        (status = 409, description = "An egress network for a snapshot whose guest had no network device", body = ErrorDocument),
         (status = 413, description = "Request body too large", body = ErrorDocument),
         (status = 429, description = "The service runs as many sandboxes as it may", body = ErrorDocument),
         (status = 500, description = "A clone failed to start", body = ErrorDocument),

@@ -68,7 +68,7 @@ pub fn ensure() -> Result<()> {
 
 fn ensure_python() -> Result<()> {
     let present = Command::new("python3")
-        .args(["-c", "import moto.server"])
+        .args(["-c", "import moto.server, schemathesis"])
         .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
