@@ -264,7 +264,8 @@ impl std::str::FromStr for Cidr {
         let (address, prefix) = text.split_once('/').unwrap_or((text, "32"));
         let address: Ipv4Addr = address.parse().map_err(|_| bad())?;
         let prefix_len: u8 = prefix.parse().map_err(|_| bad())?;
-        if prefix_len > 32 || prefix.starts_with('+') {
+        let leading_zero = prefix.len() > 1 && prefix.starts_with('0');
+        if prefix_len > 32 || prefix.starts_with('+') || leading_zero {
             return Err(bad());
         }
         Ok(Cidr {

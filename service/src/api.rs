@@ -95,13 +95,43 @@ pub fn parse_body<T: DeserializeOwned>(body: JsonBody) -> Result<T, ApiError> {
     } else {
         &bytes
     };
-    serde_json::from_slice(bytes).map_err(|e| {
+    let invalid = |why: String| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_json",
-            format!("the request body is not what this endpoint takes: {e}"),
+            format!("the request body is not what this endpoint takes: {why}"),
         )
-    })
+    };
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
+    check_shape(&value, "the body").map_err(invalid)?;
+    serde_json::from_value(value).map_err(|e| invalid(e.to_string()))
+}
+
+/// Fields whose values are lists (of strings or numbers) in this API's request bodies.
+const LIST_FIELDS: &[&str] = &["args", "ports", "allow"];
+
+/// Checks that the body is an object whose lists are only [`LIST_FIELDS`] of scalars. Serde
+/// would otherwise read a JSON list as a struct's fields in order (`[null, null]` as a
+/// `CreateBody`), which the API does not take.
+fn check_shape(value: &serde_json::Value, what: &str) -> Result<(), String> {
+    use serde_json::Value;
+    let Value::Object(fields) = value else {
+        return Err(format!("{what} must be a JSON object"));
+    };
+    for (name, field) in fields {
+        match field {
+            Value::Object(_) => check_shape(field, &format!("`{name}`"))?,
+            Value::Array(items) if LIST_FIELDS.contains(&name.as_str()) => {
+                if items.iter().any(|i| i.is_array() || i.is_object()) {
+                    return Err(format!("`{name}` must be a list of strings or numbers"));
+                }
+            }
+            Value::Array(_) => return Err(format!("`{name}` must not be a list")),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// A query string as `T`, or why not (so a bad one gets this API's error shape).
@@ -179,22 +209,34 @@ pub struct SandboxId(String);
 
 pub const IMAGES: &[&str] = &["default", "python", "node"];
 
-/// Refuses rates of zero (a field left out is no limit) and network limits without a network.
+/// The slowest root disk a sandbox may have: slower ones cannot read what its guest needs to
+/// boot within the service's ready timeout.
+pub(crate) const MIN_DISK_BYTES_PER_SEC: u64 = 1 << 20;
+pub(crate) const MIN_DISK_OPS_PER_SEC: u64 = 100;
+
+/// Refuses disk rates below the minimums, network rates of zero (a field left out is no
+/// limit) and network limits without a network.
 pub fn check_limits(
     disk: Option<&ember_vmm::RateLimit>,
     net: Option<&ember_vmm::NetRateLimits>,
     network: &network::NetworkMode,
 ) -> Result<(), ApiError> {
-    let zero = |limit: &ember_vmm::RateLimit| {
-        limit.bytes_per_sec == Some(0) || limit.ops_per_sec == Some(0)
+    let below = |limit: &ember_vmm::RateLimit, bytes: u64, ops: u64| {
+        limit.bytes_per_sec.is_some_and(|rate| rate < bytes)
+            || limit.ops_per_sec.is_some_and(|rate| rate < ops)
     };
+    if disk.is_some_and(|d| below(d, MIN_DISK_BYTES_PER_SEC, MIN_DISK_OPS_PER_SEC)) {
+        return Err(ApiError::bad_request(format!(
+            "`disk_limits` must allow at least {MIN_DISK_BYTES_PER_SEC} bytes and \
+             {MIN_DISK_OPS_PER_SEC} operations per second (leave a field out for no limit)"
+        )));
+    }
     let checks = [
-        ("disk_limits", disk.copied()),
         ("net_limits.rx", net.map(|n| n.rx)),
         ("net_limits.tx", net.map(|n| n.tx)),
     ];
     for (name, limit) in checks {
-        if limit.as_ref().is_some_and(zero) {
+        if limit.as_ref().is_some_and(|l| below(l, 1, 1)) {
             return Err(ApiError::bad_request(format!(
                 "`{name}` rates must be at least 1 (leave a field out for no limit)"
             )));

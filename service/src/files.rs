@@ -19,6 +19,8 @@ use super::{parse_body, parse_query, AppState, JsonBody, QueryResult};
 
 /// The longest guest path accepted.
 pub(crate) const MAX_PATH: usize = 4096;
+/// The longest part of a guest path (the guest kernel's NAME_MAX).
+const MAX_NAME: usize = 255;
 
 /// A guest path must be absolute, normalised (no `.` or `..` parts, which could climb out
 /// of where a caller meant), without NUL and not too long.
@@ -40,6 +42,9 @@ pub fn check_guest_path(path: &str) -> Result<(), ApiError> {
         return Err(invalid(
             "is not absolute (paths start at the guest's filesystem root, /)",
         ));
+    }
+    if path.split('/').any(|part| part.len() > MAX_NAME) {
+        return Err(invalid("has a part longer than 255 bytes"));
     }
     if path.split('/').any(|part| part == ".." || part == ".") {
         return Err(invalid(

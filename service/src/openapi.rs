@@ -68,10 +68,12 @@ pub fn document() -> &'static str {
     })
 }
 
-/// A guest path as [`files::check_guest_path`] takes it: absolute, no `.` or `..` part,
-/// no NUL.
+/// A guest path as [`files::check_guest_path`] takes it: absolute, no `.` or `..` part, no
+/// part over 255 characters, no NUL.
 const GUEST_PATH_PATTERN: &str =
-    r"^(/([^/.\u0000][^/\u0000]*|\.[^/.\u0000][^/\u0000]*|\.\.[^/\u0000]+)?)+$";
+    r"^(/([^/.\u0000][^/\u0000]{0,254}|\.[^/.\u0000][^/\u0000]{0,253}|\.\.[^/\u0000]{1,253})?)+$";
+/// An IPv4 address with an optional prefix length, as [`ember_client::types::Cidr`] parses it.
+const CIDR_PATTERN: &str = r"^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(/(3[0-2]|[12]?[0-9]))?$";
 /// Text without NUL.
 const NO_NUL_PATTERN: &str = r"^[^\u0000]*$";
 /// Padded standard base64.
@@ -101,6 +103,36 @@ fn merge(target: &mut Value, extra: Value) {
     if let (Some(target), Value::Object(extra)) = (target.as_object_mut(), extra) {
         target.extend(extra);
     }
+}
+
+/// Puts [`CIDR_PATTERN`] on every `allow` list's items under `schema`.
+fn set_cidr_pattern(schema: &mut Value) {
+    match schema {
+        Value::Object(map) => {
+            if let Some(items) = map
+                .get_mut("properties")
+                .and_then(|p| p.get_mut("allow"))
+                .and_then(|a| find_items(a))
+            {
+                merge(items, json!({"pattern": CIDR_PATTERN}));
+            }
+            map.values_mut().for_each(set_cidr_pattern);
+        }
+        Value::Array(list) => list.iter_mut().for_each(set_cidr_pattern),
+        _ => {}
+    }
+}
+
+/// The `items` schema of an array schema, or of its non-null alternative.
+fn find_items(schema: &mut Value) -> Option<&mut Value> {
+    if schema.get("items").is_some() {
+        return schema.get_mut("items");
+    }
+    schema
+        .get_mut("oneOf")?
+        .as_array_mut()?
+        .iter_mut()
+        .find_map(|alternative| alternative.get_mut("items"))
 }
 
 /// The environment a sandbox or a command takes (see [`api::check_env`]).
@@ -177,6 +209,19 @@ fn add_limits(doc: &mut Value) {
     );
     for field in ["bytes_per_sec", "ops_per_sec"] {
         limit(doc, "RateLimit", field, json!({"minimum": 1}));
+    }
+    let disk_minimums = json!({"properties": {
+        "bytes_per_sec": {"minimum": api::MIN_DISK_BYTES_PER_SEC},
+        "ops_per_sec": {"minimum": api::MIN_DISK_OPS_PER_SEC},
+    }});
+    for schema in ["CreateBody", "ForkBody"] {
+        limit(doc, schema, "disk_limits", disk_minimums.clone());
+    }
+    let network = &mut doc["components"]["schemas"]["NetworkMode"];
+    set_cidr_pattern(network);
+    // Each mode refuses the other's fields (the type denies unknown fields).
+    for mode in network["oneOf"].as_array_mut().into_iter().flatten() {
+        merge(mode, json!({"additionalProperties": false}));
     }
     limit(
         doc,
