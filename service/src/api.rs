@@ -122,12 +122,12 @@ fn check_shape(value: &serde_json::Value, what: &str) -> Result<(), String> {
     for (name, field) in fields {
         match field {
             Value::Object(_) => check_shape(field, &format!("`{name}`"))?,
-            Value::Array(items) if LIST_FIELDS.contains(&name.as_str()) => {
-                if items.iter().any(|i| i.is_array() || i.is_object()) {
-                    return Err(format!("`{name}` must be a list of strings or numbers"));
-                }
+            Value::Array(_) if !LIST_FIELDS.contains(&name.as_str()) => {
+                return Err(format!("`{name}` must not be a list"));
             }
-            Value::Array(_) => return Err(format!("`{name}` must not be a list")),
+            Value::Array(items) if items.iter().any(|i| i.is_array() || i.is_object()) => {
+                return Err(format!("`{name}` must be a list of strings or numbers"));
+            }
             _ => {}
         }
     }
