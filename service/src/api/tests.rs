@@ -73,6 +73,35 @@ async fn bad_requests_get_json_errors_with_the_right_status() {
             StatusCode::BAD_REQUEST,
             "invalid_json",
         ),
+        // Serde would read a list as a struct's fields in order.
+        (
+            "POST",
+            "/sandboxes",
+            "[null, null]".into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/sandboxes",
+            r#"{"disk_limits":[null, null]}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/sandboxes",
+            r#"{"ports":[[80]]}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/sandboxes",
+            r#"{"disk_limits":{"bytes_per_sec":1}}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
         (
             "POST",
             "/sandboxes",
