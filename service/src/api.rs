@@ -95,38 +95,54 @@ pub fn parse_body<T: DeserializeOwned>(body: JsonBody) -> Result<T, ApiError> {
     } else {
         &bytes
     };
-    let invalid = |why: String| {
+    let invalid = |why: &dyn std::fmt::Display| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_json",
             format!("the request body is not what this endpoint takes: {why}"),
         )
     };
-    let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
-    check_shape(&value, "the body").map_err(invalid)?;
-    serde_json::from_value(value).map_err(|e| invalid(e.to_string()))
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| invalid(&e))?;
+    check_shape(&value, "the body").map_err(|e| invalid(&e))?;
+    serde_json::from_value(value).map_err(|e| invalid(&e))
 }
 
 /// Fields whose values are lists (of strings or numbers) in this API's request bodies.
 const LIST_FIELDS: &[&str] = &["args", "ports", "allow"];
 
+/// Where a request body has a JSON value of a shape no request type has.
+#[derive(Debug, thiserror::Error)]
+enum ShapeError {
+    #[error("{what} must be a JSON object")]
+    NotAnObject { what: String },
+    #[error("`{field}` must not be a list")]
+    List { field: String },
+    #[error("`{field}` must be a list of strings or numbers")]
+    NestedList { field: String },
+}
+
 /// Checks that the body is an object whose lists are only [`LIST_FIELDS`] of scalars. Serde
 /// would otherwise read a JSON list as a struct's fields in order (`[null, null]` as a
 /// `CreateBody`), which the API does not take.
-fn check_shape(value: &serde_json::Value, what: &str) -> Result<(), String> {
+fn check_shape(value: &serde_json::Value, what: &str) -> Result<(), ShapeError> {
     use serde_json::Value;
     let Value::Object(fields) = value else {
-        return Err(format!("{what} must be a JSON object"));
+        return Err(ShapeError::NotAnObject {
+            what: what.to_string(),
+        });
     };
     for (name, field) in fields {
         match field {
             Value::Object(_) => check_shape(field, &format!("`{name}`"))?,
             Value::Array(_) if !LIST_FIELDS.contains(&name.as_str()) => {
-                return Err(format!("`{name}` must not be a list"));
+                return Err(ShapeError::List {
+                    field: name.clone(),
+                });
             }
             Value::Array(items) if items.iter().any(|i| i.is_array() || i.is_object()) => {
-                return Err(format!("`{name}` must be a list of strings or numbers"));
+                return Err(ShapeError::NestedList {
+                    field: name.clone(),
+                });
             }
             _ => {}
         }

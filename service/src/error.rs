@@ -66,6 +66,11 @@ pub fn from_agent(what: &str, err: ember_agent::client::ClientError) -> ApiError
         ClientError::Remote(remote) => {
             let (status, code) = match remote.kind {
                 ErrorKind::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+                // A path whose directory is a file (a command's working directory, say):
+                // there is no such directory.
+                ErrorKind::InvalidInput if remote.errno == Some(libc::ENOTDIR) => {
+                    (StatusCode::NOT_FOUND, "not_found")
+                }
                 ErrorKind::PermissionDenied => (StatusCode::FORBIDDEN, "permission_denied"),
                 ErrorKind::AlreadyExists => (StatusCode::CONFLICT, "already_exists"),
                 ErrorKind::InvalidInput => (StatusCode::BAD_REQUEST, "invalid_request"),

@@ -70,7 +70,7 @@ pub struct CommandRecord {
 struct CommandInner {
     exec_id: Option<u64>,
     pid: Option<u32>,
-    exit: Option<Result<ExitStatus, String>>,
+    exit: Option<Result<ExitStatus, Arc<ClientError>>>,
     duration_ms: Option<f64>,
     stdout: Log,
     stderr: Log,
@@ -145,12 +145,12 @@ impl CommandRecord {
 }
 
 /// How a command ended (or that the agent could not say).
-fn command_exit(exit: &Result<ExitStatus, String>) -> CommandExit {
+fn command_exit(exit: &Result<ExitStatus, Arc<ClientError>>) -> CommandExit {
     let (exit_code, signal, timed_out, error) = match exit {
         Ok(ExitStatus::Code(code)) => (Some(*code), None, false, None),
         Ok(ExitStatus::Signal(signal)) => (None, Some(*signal), false, None),
         Ok(ExitStatus::TimedOut) => (None, None, true, None),
-        Err(e) => (None, None, false, Some(e.clone())),
+        Err(e) => (None, None, false, Some(e.to_string())),
     };
     CommandExit {
         exit_code,
@@ -443,7 +443,7 @@ pub async fn exec(
 
 enum Event {
     Output(OutputStream, Vec<u8>),
-    Exit(Result<ExitStatus, String>, f64),
+    Exit(Result<ExitStatus, Arc<ClientError>>, f64),
 }
 
 /// Runs one command to its end on this (blocking) thread.
@@ -492,7 +492,7 @@ fn run_command(
         let rest = chunkers[index].finish();
         forward(stream, rest, &mut listening);
     }
-    let exit = status.map_err(|e| e.to_string());
+    let exit = status.map_err(Arc::new);
     let duration_ms = record.started.elapsed().as_secs_f64() * 1e3;
     {
         let mut inner = record.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -679,10 +679,9 @@ mod tests {
         assert_eq!(command_exit(&Ok(ExitStatus::Code(3))).exit_code, Some(3));
         assert_eq!(command_exit(&Ok(ExitStatus::Signal(9))).signal, Some(9));
         assert!(command_exit(&Ok(ExitStatus::TimedOut)).timed_out);
-        let lost = command_exit(&Err("agent gone".into()));
-        assert_eq!(
-            (lost.exit_code, lost.error.as_deref()),
-            (None, Some("agent gone"))
-        );
+        let gone = ClientError::Disconnected("agent gone".into());
+        let lost = command_exit(&Err(Arc::new(gone)));
+        assert_eq!(lost.exit_code, None);
+        assert!(lost.error.is_some_and(|e| e.contains("agent gone")));
     }
 }

@@ -17,8 +17,8 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 use super::error::{from_agent, ApiError};
 use super::{parse_body, parse_query, AppState, JsonBody, QueryResult};
 
-/// The longest guest path accepted.
-pub(crate) const MAX_PATH: usize = 4096;
+/// The longest guest path accepted: the guest kernel's PATH_MAX, less its terminating NUL.
+pub(crate) const MAX_PATH: usize = 4095;
 /// The longest part of a guest path (the guest kernel's NAME_MAX).
 const MAX_NAME: usize = 255;
 

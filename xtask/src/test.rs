@@ -426,6 +426,7 @@ const VM_TEST_WATCHDOG_S: u32 = 840;
 /// The slowest VM tests (a minute or more in the lab), slowest first: they start first.
 const SLOW_VM_TESTS: &[&str] = &[
     "vmtest_bench_quick_writes_a_report_with_ratios_and_charts",
+    "vmtest_the_service_keeps_its_openapi_contract",
     "vmtest_sandbox_networks_egress_allow_lists_none_exposed_ports_and_four_clones_leave_nothing_behind",
     "vmtest_a_snapshot_saved_on_one_host_resumes_on_another_through_the_remote_tier",
     "vmtest_service_story_snapshot_restore_fork_and_restart",

@@ -176,7 +176,7 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
             .open_ports(&new.ports)
             .await
             .map(|()| ready_ms)
-            .map_err(|e| e.to_string()),
+            .map_err(StartError::from),
         Err(why) => Err(why),
     };
     match started {
@@ -229,7 +229,7 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         }
         Err(why) => {
             state.metrics.record_start_failure();
-            sandbox.fail(why.clone());
+            sandbox.fail(why.to_string());
             if let Some(process) = sandbox.process() {
                 let _ = process.signal(libc::SIGKILL);
             }
@@ -271,6 +271,27 @@ pub fn base_spec(state: &AppState, id: &str) -> WorkerSpec {
     }
 }
 
+/// Why a sandbox did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Launch(#[from] crate::launch::LaunchError),
+    #[error("cannot hand the VMM its page channel: {0}")]
+    PageChannel(#[source] std::io::Error),
+    #[error("the VMM process has no stdout")]
+    NoStdout,
+    /// The VMM process ended: how, and the end of its log.
+    #[error("{reason}")]
+    Ended { reason: String },
+    #[error("its agent did not answer within {0:?}")]
+    NotReady(Duration),
+    /// The sandbox was stopped or failed while it started (by a request or its VMM).
+    #[error("{reason}")]
+    Stopped { reason: String },
+    #[error("cannot expose its ports: {0}")]
+    Ports(#[from] ports::PortError),
+}
+
 /// Starts the sandbox's VMM (or hands `pooled` its assignment) and waits until its agent
 /// answers.
 async fn start_vmm(
@@ -279,19 +300,15 @@ async fn start_vmm(
     spec: &WorkerSpec,
     pooled: Option<crate::pool::IdleVmm>,
     partial: Option<Arc<ember_remote::LazySnapshot>>,
-) -> Result<f64, String> {
+) -> Result<f64, StartError> {
     let ((mut child, stdin), step) = match pooled {
         Some(vmm) => {
             // The record keeps the spec the VMM now runs.
-            crate::launch::write_spec(&sandbox.dir, spec).map_err(|e| e.to_string())?;
-            (
-                vmm.assign(state, spec).await.map_err(|e| e.to_string())?,
-                "vmm_assigned",
-            )
+            crate::launch::write_spec(&sandbox.dir, spec)?;
+            (vmm.assign(state, spec).await?, "vmm_assigned")
         }
         None => (
-            crate::launch::spawn_vmm(state, &sandbox.dir, spec, false)
-                .map_err(|e| e.to_string())?,
+            crate::launch::spawn_vmm(state, &sandbox.dir, spec, false)?,
             "vmm_spawned",
         ),
     };
@@ -305,9 +322,9 @@ async fn start_vmm(
     // After the process is held: on failure the caller kills it.
     if let Some(lazy) = partial {
         crate::remote::RemoteTier::serve_pages(state.store.clone(), lazy, &stdin, &sandbox.id)
-            .map_err(|e| format!("cannot hand the VMM its page channel: {e}"))?;
+            .map_err(StartError::PageChannel)?;
     }
-    let stdout = child.stdout.take().ok_or("the VMM has no stdout")?;
+    let stdout = child.stdout.take().ok_or(StartError::NoStdout)?;
 
     // Whatever happens next, the watcher reports the VMM's end.
     let (exited_tx, mut exited_rx) = tokio::sync::oneshot::channel::<String>();
@@ -382,18 +399,20 @@ async fn start_vmm(
                     }
                     None | Some(Err(LinesCodecError::Io(_))) => {
                         // The process is ending: the watcher has the reason.
-                        return Err((&mut exited_rx).await.unwrap_or_else(|_| "the VMM ended".into()));
+                        let reason = (&mut exited_rx).await.unwrap_or_else(|_| "the VMM ended".into());
+                        return Err(StartError::Ended { reason });
                     }
                 },
                 why = &mut exited_rx => {
-                    return Err(why.unwrap_or_else(|_| "the VMM ended".into()));
+                    let reason = why.unwrap_or_else(|_| "the VMM ended".into());
+                    return Err(StartError::Ended { reason });
                 }
             }
         }
     };
     let (ready_ms, agent) = tokio::time::timeout(READY_TIMEOUT, ready)
         .await
-        .map_err(|_| format!("its agent did not answer within {READY_TIMEOUT:?}"))??;
+        .map_err(|_| StartError::NotReady(READY_TIMEOUT))??;
     let passed = match agent {
         Some(info) => sandbox.adopt_agent(stdin, info).await,
         None => false,
@@ -414,10 +433,11 @@ async fn start_vmm(
         r.ready_ms = Some(ready_ms);
     });
     if sandbox.state() != SandboxState::Running {
-        return Err(sandbox
+        let reason = sandbox
             .record()
             .failure
-            .unwrap_or_else(|| "the sandbox stopped while starting".into()));
+            .unwrap_or_else(|| "the sandbox stopped while starting".into());
+        return Err(StartError::Stopped { reason });
     }
     Ok(ready_ms)
 }
