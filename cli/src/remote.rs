@@ -12,6 +12,7 @@ use hyper::body::Frame;
 use hyper::Method;
 use serde_json::Value;
 
+use ember_client::responses::OutputRecord;
 use ember_client::types::{
     Cidr, CreateBody, ExecBody, ForkBody, NetRateLimits, NetworkMode, RateLimit, SnapshotBody,
 };
@@ -364,43 +365,52 @@ pub fn exec(args: ExecArgs) -> i32 {
 
 /// Writes one NDJSON record's output; returns ember's exit code for the final record.
 fn handle_record(line: &[u8]) -> Option<i32> {
-    let record: Value = serde_json::from_slice(line).ok()?;
-    let data = || -> Vec<u8> {
-        if let Some(text) = record["data"].as_str() {
-            text.as_bytes().to_vec()
-        } else {
-            record["data_base64"]
-                .as_str()
-                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-                .unwrap_or_default()
+    let decode = |data: Option<String>, data_base64: Option<String>| -> Vec<u8> {
+        match (data, data_base64) {
+            (Some(text), _) => text.into_bytes(),
+            (None, Some(encoded)) => base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .unwrap_or_default(),
+            (None, None) => Vec::new(),
         }
     };
-    match record["type"].as_str()? {
-        "stdout" => {
+    match serde_json::from_slice::<OutputRecord>(line).ok()? {
+        OutputRecord::Stdout { data, data_base64 } => {
             let mut out = std::io::stdout().lock();
-            let _ = out.write_all(&data()).and_then(|_| out.flush());
+            let _ = out
+                .write_all(&decode(data, data_base64))
+                .and_then(|_| out.flush());
             None
         }
-        "stderr" => {
-            let _ = std::io::stderr().write_all(&data());
+        OutputRecord::Stderr { data, data_base64 } => {
+            let _ = std::io::stderr().write_all(&decode(data, data_base64));
             None
         }
-        "exit" => Some(if let Some(code) = record["exit_code"].as_i64() {
-            code as i32
-        } else if let Some(signal) = record["signal"].as_i64() {
-            eprintln!("ember: the command was killed by signal {signal}");
-            128 + signal as i32
-        } else if record["timed_out"].as_bool() == Some(true) {
-            eprintln!("ember: the command timed out and was killed");
-            124
-        } else {
-            eprintln!(
-                "ember: the command failed: {}",
-                record["error"].as_str().unwrap_or("unknown error")
-            );
-            1
+        OutputRecord::Exit {
+            exit_code,
+            signal,
+            timed_out,
+            error,
+            ..
+        } => Some(match (exit_code, signal) {
+            (Some(code), _) => code,
+            (None, Some(signal)) => {
+                eprintln!("ember: the command was killed by signal {signal}");
+                128 + signal
+            }
+            (None, None) if timed_out => {
+                eprintln!("ember: the command timed out and was killed");
+                124
+            }
+            (None, None) => {
+                eprintln!(
+                    "ember: the command failed: {}",
+                    error.as_deref().unwrap_or("unknown error")
+                );
+                1
+            }
         }),
-        _ => None,
+        OutputRecord::Started { .. } => None,
     }
 }
 
@@ -588,16 +598,23 @@ mod tests {
 
     #[test]
     fn exit_records_give_exit_codes() {
-        assert_eq!(handle_record(br#"{"type":"exit","exit_code":7}"#), Some(7));
+        let exit = |fields: &str| {
+            let line = format!(r#"{{"type":"exit","timed_out":false,"duration_ms":1.0,{fields}}}"#);
+            handle_record(line.as_bytes())
+        };
+        assert_eq!(exit(r#""exit_code":7"#), Some(7));
+        assert_eq!(exit(r#""exit_code":null,"signal":9"#), Some(137));
         assert_eq!(
-            handle_record(br#"{"type":"exit","exit_code":null,"signal":9}"#),
-            Some(137)
-        );
-        assert_eq!(
-            handle_record(br#"{"type":"exit","exit_code":null,"signal":null,"timed_out":true}"#),
+            handle_record(
+                br#"{"type":"exit","exit_code":null,"signal":null,"timed_out":true,"duration_ms":1}"#
+            ),
             Some(124)
         );
-        assert_eq!(handle_record(br#"{"type":"started","cmd_id":"c"}"#), None);
+        assert_eq!(exit(r#""error":"agent gone""#), Some(1));
+        assert_eq!(
+            handle_record(br#"{"type":"started","cmd_id":"c","pid":3}"#),
+            None
+        );
     }
 
     #[derive(clap::Parser)]

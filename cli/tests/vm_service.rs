@@ -2077,7 +2077,7 @@ request-timeout = 120
 continue-on-failure = true
 max-failures = 50
 [generation]
-max-examples = 12
+max-examples = 8
 no-shrink = true
 [phases.stateful]
 enabled = false

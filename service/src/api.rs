@@ -102,13 +102,34 @@ pub fn parse_body<T: DeserializeOwned>(body: JsonBody) -> Result<T, ApiError> {
             format!("the request body is not what this endpoint takes: {why}"),
         )
     };
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| invalid(&e))?;
+    let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| invalid(&e))?;
     check_shape(&value, "the body").map_err(|e| invalid(&e))?;
+    whole_numbers_as_integers(&mut value);
     serde_json::from_value(value).map_err(|e| invalid(&e))
 }
 
 /// Fields whose values are lists (of strings or numbers) in this API's request bodies.
 const LIST_FIELDS: &[&str] = &["args", "ports", "allow"];
+
+/// Writes numbers like `30.0` as `30`: JSON (and the OpenAPI document's schemas) count them as
+/// integers, serde's integer fields do not. No request field is fractional.
+fn whole_numbers_as_integers(value: &mut serde_json::Value) {
+    use serde_json::{Number, Value};
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let x = n.as_f64().unwrap_or(f64::NAN);
+            let whole = x.fract() == 0.0;
+            if whole && x >= 0.0 && x < u64::MAX as f64 {
+                *n = Number::from(x as u64);
+            } else if whole && x < 0.0 && x >= i64::MIN as f64 {
+                *n = Number::from(x as i64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(whole_numbers_as_integers),
+        Value::Object(fields) => fields.values_mut().for_each(whole_numbers_as_integers),
+        _ => {}
+    }
+}
 
 /// Where a request body has a JSON value of a shape no request type has.
 #[derive(Debug, thiserror::Error)]

@@ -73,6 +73,21 @@ async fn bad_requests_get_json_errors_with_the_right_status() {
             StatusCode::BAD_REQUEST,
             "invalid_json",
         ),
+        // 2.0 is an integer to JSON: the range check, not the parser, refuses it.
+        (
+            "POST",
+            "/sandboxes",
+            r#"{"timeout_s": 0.0}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/sandboxes",
+            r#"{"timeout_s": 1.5}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
         // Serde would read a list as a struct's fields in order.
         (
             "POST",
