@@ -2213,6 +2213,8 @@ fn vmtest_the_service_keeps_its_openapi_contract() {
         .arg(format!("http://127.0.0.1:{port}/openapi.json"))
         .args(["--wait-for-schema", "300", "--checks", "all"])
         .env("SCHEMATHESIS_HOOKS", "")
+        // Its caches (.schemathesis, .hypothesis) go with the service's state.
+        .current_dir(&service.state)
         .stdin(Stdio::null())
         .output()
         .expect("run schemathesis (cargo xtask deps installs it)");
