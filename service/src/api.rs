@@ -244,6 +244,16 @@ async fn openapi() -> Response {
 #[allow(dead_code)] // Only describes the parameter.
 pub struct SandboxId(String);
 
+/// How a request the sandbox's VMM answers fails when the VMM does.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // Only describes the responses.
+enum VmmFailures {
+    #[response(status = 500, description = "The VMM refused")]
+    Refused(ErrorDocument),
+    #[response(status = 502, description = "The VMM did not answer")]
+    Unreachable(ErrorDocument),
+}
+
 pub const IMAGES: &[&str] = &["default", "python", "node"];
 
 /// The slowest root disk a sandbox may have: slower ones cannot read what its guest needs to
@@ -468,8 +478,7 @@ async fn set_timeout(
         (status = 200, description = "Paused: its vCPUs stopped, its memory kept", body = SandboxInfo),
         (status = 404, description = "No such sandbox", body = ErrorDocument),
         (status = 409, description = "The sandbox is not running", body = ErrorDocument),
-        (status = 500, description = "The VMM refused", body = ErrorDocument),
-        (status = 502, description = "The VMM did not answer", body = ErrorDocument)))]
+        VmmFailures))]
 /// `POST /sandboxes/{id}/pause`
 async fn pause(
     State(state): State<Arc<AppState>>,
@@ -487,8 +496,7 @@ async fn pause(
         (status = 200, description = "Running again", body = SandboxInfo),
         (status = 404, description = "No such sandbox", body = ErrorDocument),
         (status = 409, description = "The sandbox is not paused", body = ErrorDocument),
-        (status = 500, description = "The VMM refused", body = ErrorDocument),
-        (status = 502, description = "The VMM did not answer", body = ErrorDocument)))]
+        VmmFailures))]
 /// `POST /sandboxes/{id}/resume`
 async fn resume(
     State(state): State<Arc<AppState>>,
@@ -511,8 +519,7 @@ async fn resume(
         (status = 200, description = "Page faults over time", body = Faults),
         (status = 404, description = "No such sandbox", body = ErrorDocument),
         (status = 409, description = "The sandbox is neither running nor paused", body = ErrorDocument),
-        (status = 500, description = "The VMM refused", body = ErrorDocument),
-        (status = 502, description = "The VMM did not answer", body = ErrorDocument)))]
+        VmmFailures))]
 /// `GET /sandboxes/{id}/faults`: a restored sandbox's page faults over time (how its demand
 /// for the snapshot's memory died down); `lazy` is false for a booted or eager one.
 async fn faults(

@@ -17,6 +17,32 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 use super::error::{from_agent, ApiError};
 use super::{parse_body, parse_query, AppState, JsonBody, QueryResult};
 
+/// How a files request fails (the same for each files operation).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // Only describes the responses.
+enum FileFailures {
+    #[response(status = 400, description = "Invalid path or mode")]
+    Invalid(ErrorDocument),
+    #[response(status = 403, description = "The guest refused access")]
+    Forbidden(ErrorDocument),
+    #[response(
+        status = 404,
+        description = "No such sandbox, or no such file or folder in the guest"
+    )]
+    NotFound(ErrorDocument),
+    #[response(
+        status = 409,
+        description = "The sandbox is not running, or the path exists (mkdir) or is not a regular file"
+    )]
+    Conflict(ErrorDocument),
+    #[response(status = 413, description = "Too large")]
+    TooLarge(ErrorDocument),
+    #[response(status = 500, description = "The guest failed")]
+    GuestFailed(ErrorDocument),
+    #[response(status = 502, description = "The guest's agent is unreachable")]
+    AgentUnreachable(ErrorDocument),
+}
+
 /// The longest guest path accepted: the guest kernel's PATH_MAX, less its terminating NUL.
 pub(crate) const MAX_PATH: usize = 4095;
 /// The longest part of a guest path (the guest kernel's NAME_MAX).
@@ -72,13 +98,7 @@ fn parse_mode(mode: Option<&str>) -> Result<u32, ApiError> {
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The file's content"),
     responses(
         (status = 201, description = "Written", body = FileWritten),
-        (status = 400, description = "Invalid path or mode", body = ErrorDocument),
-        (status = 403, description = "The guest refused access", body = ErrorDocument),
-        (status = 404, description = "No such sandbox, or no such file or folder in the guest", body = ErrorDocument),
-        (status = 409, description = "The sandbox is not running, or the path exists (mkdir) or is not a regular file", body = ErrorDocument),
-        (status = 413, description = "Too large", body = ErrorDocument),
-        (status = 500, description = "The guest failed", body = ErrorDocument),
-        (status = 502, description = "The guest's agent is unreachable", body = ErrorDocument)))]
+        FileFailures))]
 /// `PUT /sandboxes/{id}/files?path=…[&mode=755]`: the body is the file's content.
 pub async fn put_file(
     State(state): State<Arc<AppState>>,
@@ -137,13 +157,7 @@ impl Write for ChannelWriter {
     responses(
         (status = 200, description = "The file's content, streamed (its size in `x-file-size`)",
             content_type = "application/octet-stream", body = Vec<u8>),
-        (status = 400, description = "Invalid path or mode", body = ErrorDocument),
-        (status = 403, description = "The guest refused access", body = ErrorDocument),
-        (status = 404, description = "No such sandbox, or no such file or folder in the guest", body = ErrorDocument),
-        (status = 409, description = "The sandbox is not running, or the path exists (mkdir) or is not a regular file", body = ErrorDocument),
-        (status = 413, description = "Too large", body = ErrorDocument),
-        (status = 500, description = "The guest failed", body = ErrorDocument),
-        (status = 502, description = "The guest's agent is unreachable", body = ErrorDocument)))]
+        FileFailures))]
 /// `GET /sandboxes/{id}/files?path=…`: the file's content, streamed.
 pub async fn get_file(
     State(state): State<Arc<AppState>>,
@@ -203,13 +217,7 @@ pub async fn get_file(
     request_body = MkdirBody,
     responses(
         (status = 201, description = "The folder and its parents exist", body = DirCreated),
-        (status = 400, description = "Invalid path or mode", body = ErrorDocument),
-        (status = 403, description = "The guest refused access", body = ErrorDocument),
-        (status = 404, description = "No such sandbox, or no such file or folder in the guest", body = ErrorDocument),
-        (status = 409, description = "The sandbox is not running, or the path exists (mkdir) or is not a regular file", body = ErrorDocument),
-        (status = 413, description = "Too large", body = ErrorDocument),
-        (status = 500, description = "The guest failed", body = ErrorDocument),
-        (status = 502, description = "The guest's agent is unreachable", body = ErrorDocument)))]
+        FileFailures))]
 /// `POST /sandboxes/{id}/files/mkdir` `{path, mode?}`: `mkdir -p`.
 pub async fn mkdir(
     State(state): State<Arc<AppState>>,
