@@ -606,11 +606,8 @@ pub async fn kill_command(
     Path((id, cid)): Path<(String, String)>,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
-    let body: KillBody = if body.as_ref().map(|b| b.is_empty()).unwrap_or(false) {
-        KillBody::default()
-    } else {
-        parse_body(body)?
-    };
+    // No body (or `null`) is the default signal: parse_body reads it as `{}`.
+    let body: KillBody = parse_body(body)?;
     let signal = body.signal.unwrap_or(libc::SIGKILL);
     if !(1..=64).contains(&signal) {
         return Err(ApiError::bad_request(format!(

@@ -88,6 +88,14 @@ async fn bad_requests_get_json_errors_with_the_right_status() {
             StatusCode::BAD_REQUEST,
             "invalid_json",
         ),
+        // An empty kill body is the default signal: the request gets as far as the sandbox.
+        (
+            "POST",
+            "/sandboxes/sb-none/commands/cmd-1/kill",
+            String::new(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
         // Serde would read a list as a struct's fields in order.
         (
             "POST",
