@@ -4,6 +4,7 @@
 //! The VMM process also writes one [`WorkerEvent`] line to its stdout when the guest's agent
 //! first answers, so the service knows the sandbox is ready and how long that took.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -196,6 +197,9 @@ pub enum ControlRequest {
         id: String,
         diff: bool,
         stop: bool,
+        /// Recorded in the snapshot's metadata (see `Vmm::snapshot_labelled`).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        labels: BTreeMap<String, String>,
     },
     /// After a prefetch-mode restore's first command: record the pages it needed.
     RecordWorkingSet,
@@ -270,6 +274,7 @@ mod tests {
             id: "a".into(),
             diff: true,
             stop: false,
+            labels: BTreeMap::new(),
         };
         let line = serde_json::to_string(&request).unwrap();
         assert_eq!(

@@ -569,7 +569,12 @@ fn handle(worker: &Worker, request: ControlRequest) -> ControlReply {
             }
             Err(e) => ControlReply::error(format!("cannot resume: {e}")),
         },
-        ControlRequest::Snapshot { id, diff, stop } => {
+        ControlRequest::Snapshot {
+            id,
+            diff,
+            stop,
+            labels,
+        } => {
             let kind = if diff {
                 SnapshotKind::Diff
             } else {
@@ -584,7 +589,7 @@ fn handle(worker: &Worker, request: ControlRequest) -> ControlReply {
                     "snapshot {id}: {left:?} vsock connections open; restores will reset them"
                 );
             }
-            let result = snapshot(worker, &id, kind);
+            let result = snapshot(worker, &id, kind, &labels);
             let took_ms = t.elapsed().as_secs_f64() * 1e3;
             // The snapshot left the vCPUs paused.
             let next = if stop && result.is_ok() {
@@ -703,13 +708,16 @@ fn snapshot(
     worker: &Worker,
     id: &str,
     kind: SnapshotKind,
+    labels: &std::collections::BTreeMap<String, String>,
 ) -> Result<ember_snapshot_store::Manifest, SnapshotError> {
     match &worker.spec.staging_dir {
         Some(staging) => {
             let store = open_staging(worker, &crate::control::staged_snapshot_dir(staging, id))?;
-            Ok(worker.vmm.snapshot_as(&store, id, kind)?)
+            Ok(worker.vmm.snapshot_labelled(&store, id, kind, labels)?)
         }
-        None => Ok(worker.vmm.snapshot_as(&worker.store, id, kind)?),
+        None => Ok(worker
+            .vmm
+            .snapshot_labelled(&worker.store, id, kind, labels)?),
     }
 }
 

@@ -54,6 +54,19 @@ impl Vmm {
         id: &str,
         kind: SnapshotKind,
     ) -> Result<Manifest, VmmError> {
+        self.snapshot_labelled(store, id, kind, &std::collections::BTreeMap::new())
+    }
+
+    /// As [`Vmm::snapshot_as`], with `labels` in the manifest's metadata (what its caller
+    /// needs to know to restore it, such as the image it ran); the VMM's own keys (`kind`,
+    /// `vcpus`, `kernel`, ...) win over labels of the same name.
+    pub fn snapshot_labelled(
+        &self,
+        store: &Store,
+        id: &str,
+        kind: SnapshotKind,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Manifest, VmmError> {
         let fail = |source: PersistError| VmmError::Snapshot {
             id: id.to_string(),
             source: Box::new(source),
@@ -246,6 +259,7 @@ impl Vmm {
         );
         manifest.parent = base.as_ref().map(|b| b.id.clone());
         manifest.disks = disks;
+        manifest.metadata.extend(labels.clone());
         manifest.metadata.insert(
             "kind".into(),
             match kind {
