@@ -25,6 +25,8 @@ use crate::util::{
 pub const MODULES: &[&str] = &[
     // the 9p shares
     "virtio_pci",
+    // the optional uplink (QEMU's user-mode network)
+    "virtio_net",
     "9pnet_virtio",
     "9p",
     // KVM with AMD SVM (nested paging comes from the emulated CPU)
@@ -52,6 +54,10 @@ pub struct LabOptions {
     pub timeout: Duration,
     /// Extra `KEY=VALUE` pairs for the command's environment.
     pub env: Vec<(String, String)>,
+    /// An uplink through QEMU's user-mode network (NAT through this host's sockets): the
+    /// L1's `eth0`, so that sandboxes with an egress network reach what this host reaches.
+    /// Off by default: tests keep to servers they start themselves.
+    pub uplink: bool,
 }
 
 impl Default for LabOptions {
@@ -61,6 +67,7 @@ impl Default for LabOptions {
             cpus: 2,
             timeout: Duration::from_secs(30 * 60),
             env: Vec::new(),
+            uplink: false,
         }
     }
 }
@@ -301,6 +308,9 @@ pub fn run_in_lab(argv: &[String], opts: &LabOptions) -> Result<i32> {
     env.push(("HOME".into(), "/tmp".into()));
     env.push(("TMPDIR".into(), "/tmp".into()));
     env.push(("EMBER_IN_LAB".into(), "1".into()));
+    if opts.uplink {
+        env.push(("EMBER_LAB_UPLINK".into(), "1".into()));
+    }
     // HOME differs inside the lab: name the artifact cache explicitly.
     env.push(("EMBER_CACHE_DIR".into(), cache_root().display().to_string()));
     for (k, v) in &env {
@@ -324,6 +334,9 @@ pub fn run_in_lab(argv: &[String], opts: &LabOptions) -> Result<i32> {
     if !image.kallsyms.exists() {
         fs::write(run_dir.join("want-kallsyms"), b"")?;
     }
+    if opts.uplink {
+        fs::write(run_dir.join("uplink"), b"")?;
+    }
 
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args([
@@ -340,7 +353,12 @@ pub fn run_in_lab(argv: &[String], opts: &LabOptions) -> Result<i32> {
         "-m",
         &opts.mem_mib.to_string(),
     ])
-    .args(["-display", "none", "-no-reboot", "-nic", "none"])
+    .args(["-display", "none", "-no-reboot", "-nic"])
+    .arg(if opts.uplink {
+        "user,model=virtio-net-pci"
+    } else {
+        "none"
+    })
     .arg("-serial")
     .arg(format!("file:{}", run_dir.join("console.log").display()))
     // A human monitor on a socket, asked where the vCPUs are when the L1 wedges.

@@ -30,6 +30,12 @@ done < /labrun/mounts
 mkdir -p /host/run/lab
 mount -o bind /labrun /host/run/lab
 ip link set lo up 2>/dev/null
+# The optional uplink: QEMU's user-mode network, its fixed addresses (the name servers stay the
+# host's: QEMU forwards to them like any other destination).
+if [ -e /labrun/uplink ]; then
+    ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2 \
+        || echo "lab: cannot bring the uplink up"
+fi
 # Once per lab image: the kernel's text symbols, to name where a wedged L1 stopped.
 [ -e /labrun/want-kallsyms ] && grep ' [tT] ' /proc/kallsyms > /labrun/kallsyms
 # A heartbeat the host watches (by the file's host-side mtime): if it stops, the L1 is
