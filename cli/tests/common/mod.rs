@@ -1,8 +1,12 @@
 //! Helpers shared by the VM test binaries (each includes this module).
 
+#[allow(dead_code)]
+pub mod service;
+
 use std::collections::HashSet;
 use std::path::Path;
 
+#[allow(dead_code)]
 /// The page objects (hashes) of snapshot `id`'s memory in the store at `store_dir`; zero
 /// pages are left out.
 pub fn memory_objects(store_dir: &Path, id: &str) -> HashSet<String> {
