@@ -1,6 +1,7 @@
 //! `ember`: the command line of the ember microVM monitor.
 
 mod doctor;
+mod images;
 mod remote;
 mod remote_tier;
 mod run;
@@ -38,6 +39,9 @@ enum Command {
     /// Inspect and maintain the snapshot store: `stats`, `verify` (re-hash every object),
     /// `gc` (reclaim what no snapshot uses).
     Store(store_cmd::StoreArgs),
+    /// List the runtime images built on this host (or, with `--socket`, those a service
+    /// offers).
+    Images(images::ImagesArgs),
     /// Run the ember service: the HTTP/JSON API on a Unix socket, one VMM process per
     /// sandbox.
     Serve(service::ServeArgs),
@@ -77,6 +81,7 @@ fn main() {
             _ => store_cmd::snapshots(args),
         },
         Command::Store(args) => store_cmd::store(args),
+        Command::Images(args) => images::run(args),
         Command::Serve(args) => service::serve(args),
         Command::Create(args) => remote::create(args),
         Command::Ls(args) => remote::ls(args),

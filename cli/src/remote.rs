@@ -43,6 +43,10 @@ pub struct CreateArgs {
     /// Restore this snapshot instead of booting.
     #[arg(long)]
     pub snapshot: Option<String>,
+    /// `base`, `python3.13`, `node22` or `node24` (default: the service's; `ember images`
+    /// lists what this host has built).
+    #[arg(long, conflicts_with = "snapshot")]
+    pub runtime: Option<String>,
     #[arg(long)]
     pub vcpus: Option<u8>,
     #[arg(long)]
@@ -124,6 +128,9 @@ pub struct ExecArgs {
     pub env: Vec<(String, String)>,
     #[arg(long)]
     pub cwd: Option<String>,
+    /// Run as `root` or as the runtime's user (`user`); default: the runtime's.
+    #[arg(long)]
+    pub user: Option<String>,
     /// Kill the command after this many seconds (ember exits 124).
     #[arg(long)]
     pub timeout_s: Option<u64>,
@@ -202,7 +209,7 @@ pub struct ForkArgs {
     pub json: bool,
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -210,7 +217,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// Runs an async command; an error is printed and exits 1.
-fn finish(result: Result<i32, ApiClientError>) -> i32 {
+pub(crate) fn finish(result: Result<i32, ApiClientError>) -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -253,6 +260,7 @@ pub fn create(args: CreateArgs) -> i32 {
     let setup = args.setup.setup();
     let body = CreateBody {
         snapshot: args.snapshot.clone(),
+        runtime: args.runtime.clone(),
         vcpus: args.vcpus,
         memory_mib: args.memory_mib,
         timeout_s: args.timeout_s,
@@ -320,6 +328,7 @@ pub fn exec(args: ExecArgs) -> i32 {
         args: args.command[1..].to_vec(),
         env: args.env.iter().cloned().collect(),
         cwd: args.cwd.clone(),
+        user: args.user.clone(),
         timeout_s: args.timeout_s,
         detach: args.detach,
         ..Default::default()

@@ -8,6 +8,7 @@
 //! without them.
 
 mod connection;
+pub mod images;
 pub mod responses;
 pub mod types;
 

@@ -139,6 +139,8 @@ pub struct SandboxInfo {
     pub ports: Vec<ExposedPort>,
     /// A restore from the remote tier: what it downloaded.
     pub remote_fetch: Option<RemoteFetch>,
+    /// Its runtime (`base`, `python3.13`, `node22`, `node24`); a restore's is its snapshot's.
+    pub runtime: String,
 }
 
 /// `GET /sandboxes` and `POST /snapshots/{id}/fork`.

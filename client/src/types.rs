@@ -21,8 +21,13 @@ fn is_false(value: &bool) -> bool {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
-    /// `default` (the bundled Debian image with Python and Node); `python` and `node` are
-    /// the same image.
+    /// `base` (Debian bookworm, Python 3.11, Node 18; commands run as root in `/`),
+    /// `python3.13`, `node22` or `node24` (Debian trixie; commands run as `user`, with
+    /// passwordless sudo, in `/home/user`). Default: the service's (`base` unless
+    /// `ember serve --default-runtime` says otherwise). A restore has its snapshot's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
+    /// The older name for the base runtime: `default`, `python` or `node` (all `base`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// Restore this snapshot instead of booting.
@@ -114,8 +119,12 @@ pub struct ExecBody {
     pub args: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Working directory (default: the runtime's, `/home/user` or `/`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
+    /// `root`, or the runtime's own user (`user`; default: the runtime's, `root` in `base`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     /// Text written to the command's stdin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdin: Option<String>,

@@ -43,6 +43,22 @@ pub fn default_rootfs() -> Option<PathBuf> {
     default_artifact("EMBER_ROOTFS", "rootfs", "rootfs.ext4")
 }
 
+/// The image of `runtime` (`python3.13`, `node22`, ...) used when none is given: the newest
+/// `cargo xtask images` build.
+pub fn default_runtime_image(runtime: &str) -> Option<PathBuf> {
+    newest_artifact(&format!("images/{runtime}"), "rootfs.ext4")
+}
+
+/// The image of `runtime` whose inputs hashed to `key` (a snapshot's), if it is still built.
+pub fn runtime_image_by_key(runtime: &str, key: &str) -> Option<PathBuf> {
+    let path = cache_root()
+        .join("images")
+        .join(runtime)
+        .join(key)
+        .join("rootfs.ext4");
+    path.exists().then_some(path)
+}
+
 /// The snapshot store used when `--store` is not given: `$EMBER_STORE`, else
 /// `$HOME/.local/share/ember/store`.
 pub fn default_store_dir() -> PathBuf {

@@ -31,6 +31,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics::metrics))
+        .route("/images", get(list_images))
         .route("/sandboxes", post(create_sandbox).get(list_sandboxes))
         .route("/sandboxes/{id}", get(get_sandbox).delete(delete_sandbox))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
@@ -213,6 +214,13 @@ pub(crate) fn check_timeout(timeout_s: u64) -> Result<Duration, ApiError> {
     Ok(Duration::from_secs(timeout_s))
 }
 
+#[utoipa::path(get, path = "/images", tag = "service",
+    responses((status = 200, description = "The runtimes this service offers and their images", body = ember_client::images::ImageList)))]
+/// `GET /images`
+async fn list_images(State(state): State<Arc<AppState>>) -> Response {
+    axum::Json(state.config.runtimes.list()).into_response()
+}
+
 #[utoipa::path(get, path = "/healthz", tag = "service",
     responses((status = 200, description = "The service answers", body = Health)))]
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {
@@ -253,8 +261,6 @@ enum VmmFailures {
     #[response(status = 502, description = "The VMM did not answer")]
     Unreachable(ErrorDocument),
 }
-
-pub const IMAGES: &[&str] = &["default", "python", "node"];
 
 /// The slowest root disk a sandbox may have: slower ones cannot read what its guest needs to
 /// boot within the service's ready timeout.
@@ -320,58 +326,65 @@ async fn create_sandbox(
     ports::check(&body.ports).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let mut restored_nic = false;
     let mut partial = None;
-    let new = match (&body.image, &body.snapshot) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::bad_request(
-                "give `image` or `snapshot`, not both",
-            ))
-        }
-        (_, Some(snapshot)) => {
-            if body.vcpus.is_some() || body.memory_mib.is_some() {
-                return Err(ApiError::bad_request(
-                    "a restored sandbox has its snapshot's vCPUs and memory; leave out \
+    let mut restored_image = None;
+    let new =
+        match (
+            body.image.is_some() || body.runtime.is_some(),
+            &body.snapshot,
+        ) {
+            (true, Some(_)) => return Err(ApiError::bad_request(
+                "a restored sandbox has its snapshot's runtime; leave out `runtime` and `image`",
+            )),
+            (_, Some(snapshot)) => {
+                if body.vcpus.is_some() || body.memory_mib.is_some() {
+                    return Err(ApiError::bad_request(
+                        "a restored sandbox has its snapshot's vCPUs and memory; leave out \
                      `vcpus` and `memory_mib`",
-                ));
+                    ));
+                }
+                let snapshots::RestoreSpec {
+                    origin,
+                    vcpus,
+                    mem_mib,
+                    had_network,
+                    image,
+                    partial: fetching,
+                } = snapshots::restore_spec(&state, snapshot, body.restore_mode).await?;
+                snapshots::check_network(snapshot, had_network, body.network.as_ref())?;
+                restored_nic = had_network;
+                partial = fetching;
+                restored_image = Some(image);
+                (origin, vcpus, mem_mib)
             }
-            let snapshots::RestoreSpec {
-                origin,
-                vcpus,
-                mem_mib,
-                had_network,
-                partial: fetching,
-            } = snapshots::restore_spec(&state, snapshot, body.restore_mode).await?;
-            snapshots::check_network(snapshot, had_network, body.network.as_ref())?;
-            restored_nic = had_network;
-            partial = fetching;
-            (origin, vcpus, mem_mib)
-        }
-        (image, None) => {
-            let image = image.as_deref().unwrap_or("default");
-            if !IMAGES.contains(&image) {
-                return Err(ApiError::bad_request(format!(
-                    "unknown image {image:?}; this service has {IMAGES:?}"
-                )));
+            (_, None) => {
+                if body.restore_mode.is_some() {
+                    return Err(ApiError::bad_request("`restore_mode` is for snapshots"));
+                }
+                let vcpus = body.vcpus.unwrap_or(1);
+                if vcpus == 0 || vcpus > ember_vmm::MAX_VCPUS {
+                    return Err(ApiError::bad_request(format!(
+                        "`vcpus` must be between 1 and {}",
+                        ember_vmm::MAX_VCPUS
+                    )));
+                }
+                let mem_mib = body.memory_mib.unwrap_or(256);
+                if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&mem_mib) {
+                    return Err(ApiError::bad_request(format!(
+                        "`memory_mib` must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}"
+                    )));
+                }
+                (WorkerOrigin::Boot, vcpus, mem_mib)
             }
-            if body.restore_mode.is_some() {
-                return Err(ApiError::bad_request("`restore_mode` is for snapshots"));
-            }
-            let vcpus = body.vcpus.unwrap_or(1);
-            if vcpus == 0 || vcpus > ember_vmm::MAX_VCPUS {
-                return Err(ApiError::bad_request(format!(
-                    "`vcpus` must be between 1 and {}",
-                    ember_vmm::MAX_VCPUS
-                )));
-            }
-            let mem_mib = body.memory_mib.unwrap_or(256);
-            if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&mem_mib) {
-                return Err(ApiError::bad_request(format!(
-                    "`memory_mib` must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}"
-                )));
-            }
-            (WorkerOrigin::Boot, vcpus, mem_mib)
-        }
-    };
+        };
     let (origin, vcpus, mem_mib) = new;
+    let image = match restored_image {
+        Some(image) => image,
+        None => state
+            .config
+            .runtimes
+            .choose(body.runtime.as_deref(), body.image.as_deref())?
+            .clone(),
+    };
     let network = body.network.unwrap_or(network::NetworkMode::None {});
     check_limits(
         body.disk_limits.as_ref(),
@@ -392,6 +405,7 @@ async fn create_sandbox(
             restored_nic,
             ports: body.ports,
             partial,
+            image,
         },
     )
     .await?;

@@ -270,11 +270,29 @@ fn exec_request(sandbox: &Sandbox, body: &ExecBody) -> Result<ExecRequest, ApiEr
         Some(t) => Some(t * 1000),
         None => None,
     };
-    let mut env: BTreeMap<String, String> = ember_agent::protocol::DEFAULT_COMMAND_ENV
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    env.extend(sandbox.record().env);
+    let record = sandbox.record();
+    let image = record
+        .runtime
+        .unwrap_or_else(ember_client::images::RuntimeImage::base);
+    let user = body.user.as_deref().unwrap_or(&image.user);
+    if !["root", ember_client::images::RUNTIME_USER].contains(&user) {
+        return Err(ApiError::bad_request(format!(
+            "`user` must be \"root\" or \"{}\", not {user:?}",
+            ember_client::images::RUNTIME_USER
+        )));
+    }
+    let (uid, gid) = image.ids_of(user).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "no_such_user",
+            format!(
+                "the {} runtime runs commands as `root` or `{}`, not {user:?}",
+                image.runtime, image.user
+            ),
+        )
+    })?;
+    let mut env = command_env(&image, user);
+    env.extend(record.env);
     for (k, v) in &body.env {
         super::check_env(k, v)?;
         env.insert(k.clone(), v.clone());
@@ -284,11 +302,36 @@ fn exec_request(sandbox: &Sandbox, body: &ExecBody) -> Result<ExecRequest, ApiEr
     Ok(ExecRequest {
         argv,
         env: env.into_iter().collect(),
-        cwd: body.cwd.clone(),
+        cwd: Some(body.cwd.clone().unwrap_or(image.workdir)),
+        uid: (uid != 0).then_some(uid),
+        gid: (uid != 0).then_some(gid),
         stdin,
         timeout_ms,
         ..Default::default()
     })
+}
+
+/// The environment a command of `user` starts from in `image`: the image's (the agent's
+/// defaults where it has none), with root's home and name when root runs in an image whose
+/// commands are a user's.
+fn command_env(image: &ember_client::images::RuntimeImage, user: &str) -> BTreeMap<String, String> {
+    let mut env: BTreeMap<String, String> = if image.env.is_empty() {
+        ember_agent::protocol::DEFAULT_COMMAND_ENV
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    } else {
+        image.env.clone()
+    };
+    if user == "root" && image.user != "root" {
+        env.insert("HOME".into(), "/root".into());
+        for name in ["USER", "LOGNAME"] {
+            if env.contains_key(name) {
+                env.insert(name.into(), "root".into());
+            }
+        }
+    }
+    env
 }
 
 #[utoipa::path(post, path = "/sandboxes/{id}/exec", tag = "commands",

@@ -26,6 +26,7 @@ pub mod ports;
 pub mod process;
 pub mod remote;
 pub mod remote_cache;
+pub mod runtimes;
 pub mod sandbox;
 pub mod snapshots;
 pub mod timeline;
@@ -62,6 +63,13 @@ pub struct ServeArgs {
     /// else the newest `cargo xtask rootfs`).
     #[arg(long)]
     pub rootfs: Option<PathBuf>,
+    /// The image of a runtime (`python3.13=PATH/rootfs.ext4`, repeatable; an `image.json`
+    /// must be beside it). Default: the newest `cargo xtask images` build of each.
+    #[arg(long = "image", value_name = "RUNTIME=PATH")]
+    pub images: Vec<String>,
+    /// The runtime of sandboxes whose request names none.
+    #[arg(long, default_value = ember_client::images::BASE_RUNTIME)]
+    pub default_runtime: String,
     /// At most this many sandboxes run at once.
     #[arg(long, default_value_t = 64)]
     pub max_sandboxes: usize,
@@ -127,7 +135,10 @@ pub struct ServiceConfig {
     pub state_dir: PathBuf,
     pub store_dir: PathBuf,
     pub kernel: PathBuf,
+    /// The base runtime's image.
     pub rootfs: PathBuf,
+    /// Every runtime's image, the base one included.
+    pub runtimes: runtimes::Runtimes,
     /// The VMM program each sandbox runs in (`ember-vmm`).
     pub vmm_program: PathBuf,
     pub max_sandboxes: usize,
@@ -244,6 +255,14 @@ pub fn serve(args: ServeArgs) -> i32 {
         eprintln!("ember serve: no --rootfs given and none built (run `cargo xtask rootfs`)");
         return 2;
     };
+    let runtimes =
+        match runtimes::Runtimes::discover(&rootfs, &args.images, Some(&args.default_runtime)) {
+            Ok(runtimes) => runtimes,
+            Err(e) => {
+                eprintln!("ember serve: {e}");
+                return 2;
+            }
+        };
     let vmm_program = match vmm_program() {
         Ok(program) => program,
         Err(e) => {
@@ -336,6 +355,7 @@ pub fn serve(args: ServeArgs) -> i32 {
             store_dir,
             kernel,
             rootfs,
+            runtimes,
             vmm_program,
             max_sandboxes: args.max_sandboxes.max(1),
             jail,
@@ -488,6 +508,5 @@ async fn run_service(
 
 pub use api::{
     check_env, check_limits, control, parse_body, parse_query, router, JsonBody, QueryResult,
-    IMAGES,
 };
 pub(crate) use api::{check_env_map, check_timeout};

@@ -23,6 +23,7 @@ use crate::{api, exec, files, metrics, snapshots};
     paths(
         api::healthz,
         api::openapi,
+        api::list_images,
         metrics::metrics,
         api::create_sandbox,
         api::list_sandboxes,
@@ -173,7 +174,21 @@ fn add_limits(doc: &mut Value) {
         limit(doc, schema, "ports", ports());
     }
     limit(doc, "TimeoutBody", "timeout_s", sandbox_timeout);
-    limit(doc, "CreateBody", "image", json!({"enum": api::IMAGES}));
+    limit(
+        doc,
+        "CreateBody",
+        "image",
+        json!({"enum": ember_client::images::BASE_ALIASES}),
+    );
+    let mut runtimes = vec![ember_client::images::BASE_RUNTIME];
+    runtimes.extend(ember_client::images::RUNTIMES);
+    limit(doc, "CreateBody", "runtime", json!({"enum": runtimes}));
+    limit(
+        doc,
+        "ExecBody",
+        "user",
+        json!({"enum": ["root", ember_client::images::RUNTIME_USER]}),
+    );
     limit(
         doc,
         "CreateBody",
@@ -193,9 +208,15 @@ fn add_limits(doc: &mut Value) {
         {
             "if": restoring,
             "then": {"properties": {
-                "image": {"type": "null"}, "vcpus": {"type": "null"}, "memory_mib": {"type": "null"}
+                "image": {"type": "null"}, "runtime": {"type": "null"},
+                "vcpus": {"type": "null"}, "memory_mib": {"type": "null"}
             }},
             "else": {"properties": {"restore_mode": {"type": "null"}}}
+        },
+        {
+            // `runtime` or the older `image`, not both.
+            "if": {"required": ["runtime"], "properties": {"runtime": {"type": "string"}}},
+            "then": {"properties": {"image": {"type": "null"}}}
         },
         net_limits_need_egress(),
     ]);

@@ -156,6 +156,8 @@ pub struct RestoreSpec {
     pub vcpus: u8,
     pub mem_mib: u32,
     pub had_network: bool,
+    /// The runtime image its guest ran over (its disk is a copy-on-write view of it).
+    pub image: crate::runtimes::Image,
     /// The snapshot is being fetched from the remote tier: its VMMs get the pages this
     /// host lacks from it.
     pub partial: Option<Arc<LazySnapshot>>,
@@ -197,6 +199,7 @@ pub async fn restore_spec(
         vcpus,
         mem_mib,
         had_network: manifest.metadata.contains_key("net_mac"),
+        image: state.config.runtimes.for_snapshot(id, &manifest.metadata)?,
         partial,
     })
 }
@@ -255,6 +258,12 @@ pub async fn create(
             id: name.clone(),
             diff: body.diff,
             stop: body.stop,
+            labels: sandbox
+                .record()
+                .runtime
+                .as_ref()
+                .map(crate::runtimes::Runtimes::labels)
+                .unwrap_or_default(),
         },
     )
     .await;
@@ -473,6 +482,7 @@ pub async fn fork(
         vcpus,
         mem_mib,
         had_network,
+        image,
         partial,
     } = restore_spec(&state, &id, body.restore_mode).await?;
     check_network(&id, had_network, body.network.as_ref())?;
@@ -500,6 +510,7 @@ pub async fn fork(
             restored_nic: had_network,
             ports: body.ports.clone(),
             partial: partial.clone(),
+            image: image.clone(),
         };
         tokio::spawn(async move { sandbox::create(&state, new).await })
     });

@@ -125,12 +125,13 @@ fn debian_mirror() -> String {
         .to_string()
 }
 
-/// The debootstrap tree (python3, nodejs, iperf3), cached by suite and package list.
-fn base_tree() -> Result<PathBuf> {
+/// A debootstrap tree of `suite` with the `include` packages (comma-separated), cached by
+/// suite, package list and mirror.
+pub fn debootstrap_tree(suite: &str, include: &str) -> Result<PathBuf> {
     let mirror = debian_mirror();
     let mut hash = InputHash::new(BASE_RECIPE);
-    hash.add("suite", SUITE.as_bytes())
-        .add("include", INCLUDE.as_bytes())
+    hash.add("suite", suite.as_bytes())
+        .add("include", include.as_bytes())
         .add("mirror", mirror.as_bytes());
     let dir = cache_root().join("rootfs-base").join(hash.key());
     let tree = dir.join("tree");
@@ -142,10 +143,10 @@ fn base_tree() -> Result<PathBuf> {
         fs::remove_dir_all(&tree)?;
     }
     fs::create_dir_all(&dir)?;
-    eprintln!("  debootstrap {SUITE} (minbase + {INCLUDE}) from {mirror}: about 1–2 minutes");
+    eprintln!("  debootstrap {suite} (minbase + {include}) from {mirror}: a few minutes");
     run_logged(
         Command::new("debootstrap")
-            .args(["--variant=minbase", &format!("--include={INCLUDE}"), SUITE])
+            .args(["--variant=minbase", &format!("--include={include}"), suite])
             .arg(&tree)
             .arg(&mirror),
         &dir.join("debootstrap.log"),
@@ -166,7 +167,7 @@ fn base_tree() -> Result<PathBuf> {
 
 /// Builds (or finds) the ext4 rootfs image with the agent installed as init.
 pub fn rootfs() -> Result<PathBuf> {
-    let tree = base_tree()?;
+    let tree = debootstrap_tree(SUITE, INCLUDE)?;
     let agent = agent()?;
     let mut hash = InputHash::new(IMAGE_RECIPE);
     hash.add("base", tree.to_string_lossy().as_bytes())
@@ -185,8 +186,20 @@ pub fn rootfs() -> Result<PathBuf> {
         .args(["-a", "--reflink=auto"])
         .arg(&tree)
         .arg(&staging))?;
+    install_agent_and_network(&staging, &agent)?;
+    let tmp = dir.join("rootfs.ext4.tmp");
+    make_ext4(&staging, &tmp, ROOTFS_SIZE_MIB)?;
+    publish(&tmp, &image)?;
+    fs::remove_dir_all(&staging).ok();
+    prune_siblings(&dir, 3);
+    Ok(image)
+}
+
+/// Installs the agent as init, the host name, and a resolv.conf that is the name server the
+/// kernel was given at boot (`ip=…:dns`), as every resolver reads it.
+pub fn install_agent_and_network(staging: &Path, agent: &Path) -> Result<()> {
     fs::copy(
-        &agent,
+        agent,
         staging.join(AGENT_GUEST_PATH.trim_start_matches('/')),
     )?;
     fs::write(staging.join("etc/hostname"), "ember\n")?;
@@ -194,28 +207,27 @@ pub fn rootfs() -> Result<PathBuf> {
         staging.join("etc/hosts"),
         "127.0.0.1 localhost\n127.0.1.1 ember\n::1 localhost\n",
     )?;
-    // The name server the kernel was given at boot (`ip=…:dns`), as every resolver reads it.
     let resolv = staging.join("etc/resolv.conf");
     fs::remove_file(&resolv).ok();
     symlink("/proc/net/pnp", &resolv)?;
-    let tmp = dir.join("rootfs.ext4.tmp");
-    fs::remove_file(&tmp).ok();
-    eprintln!("  mkfs.ext4 -d ({ROOTFS_SIZE_MIB} MiB, sparse)");
+    Ok(())
+}
+
+/// Writes the sparse ext4 image `out` of `size_mib` holding the tree `staging`.
+pub fn make_ext4(staging: &Path, out: &Path, size_mib: u64) -> Result<()> {
+    fs::remove_file(out).ok();
+    eprintln!("  mkfs.ext4 -d ({size_mib} MiB, sparse)");
     run(Command::new("mkfs.ext4")
         .stdout(std::process::Stdio::null())
         .args(["-q", "-F", "-L", "ember-root", "-m", "0", "-d"])
-        .arg(&staging)
-        .arg(&tmp)
-        .arg(format!("{ROOTFS_SIZE_MIB}M")))?;
-    publish(&tmp, &image)?;
-    fs::remove_dir_all(&staging).ok();
-    prune_siblings(&dir, 3);
-    Ok(image)
+        .arg(staging)
+        .arg(out)
+        .arg(format!("{size_mib}M")))
 }
 
 /// Keeps the `keep` most recently built entries beside `current` (every agent change makes a
 /// new image; without this the cache grows by one rootfs per change).
-fn prune_siblings(current: &Path, keep: usize) {
+pub fn prune_siblings(current: &Path, keep: usize) {
     let Some(parent) = current.parent() else {
         return;
     };

@@ -6,6 +6,7 @@ mod fuzz;
 mod images;
 mod kernel;
 mod lab;
+mod runtimes;
 mod test;
 mod util;
 
@@ -85,6 +86,16 @@ enum Cmd {
     Initramfs,
     /// Build (or fetch from the cache) the Debian rootfs image with the agent; prints its path.
     Rootfs,
+    /// Build (or fetch from the cache) the runtime images (`python3.13`, `node22`, `node24`;
+    /// all unless named); prints `RUNTIME PATH` per image.
+    Images {
+        runtimes: Vec<String>,
+        /// PEM certificates the images' sandboxes trust besides Debian's (default:
+        /// $EMBER_CA_BUNDLE, else the ones this host added under
+        /// /usr/local/share/ca-certificates).
+        #[arg(long)]
+        ca_bundle: Option<std::path::PathBuf>,
+    },
     /// Run a command inside the lab (an L1 VM with hardware-KVM semantics) and return its
     /// exit status. The host's root is visible read-only, the workspace and cache read-write;
     /// `ember` (built first) is on PATH.
@@ -101,6 +112,10 @@ enum Cmd {
         /// Do not build `ember` before starting.
         #[arg(long)]
         no_build: bool,
+        /// Give the L1 an uplink (QEMU's user-mode network), so that egress sandboxes reach
+        /// what this host reaches (the package registries).
+        #[arg(long)]
+        uplink: bool,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -214,11 +229,21 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             println!("{}", images::rootfs()?.display());
             Ok(0)
         }
+        Cmd::Images {
+            runtimes: names,
+            ca_bundle,
+        } => {
+            for (name, image) in runtimes::build(&names, ca_bundle.as_deref())? {
+                println!("{name} {}", image.display());
+            }
+            Ok(0)
+        }
         Cmd::Lab {
             mem_mib,
             cpus,
             timeout_s,
             no_build,
+            uplink,
             command,
         } => {
             if !no_build {
@@ -233,6 +258,7 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
                 mem_mib,
                 cpus,
                 timeout: std::time::Duration::from_secs(timeout_s),
+                uplink,
                 ..Default::default()
             };
             lab::run_in_lab(&command, &opts)
@@ -261,8 +287,8 @@ fn demo() -> Result<i32> {
             .status()?
             .success())
     })?;
-    // The product story against a live `ember serve`: create a Python sandbox, install a
-    // dependency, snapshot, delete, restore into a new sandbox and use the dependency.
+    // The product story against a live `ember serve`: create a python3.13 sandbox, pip
+    // install a package from the index, snapshot, delete, restore and use the package.
     let state = lab::tempdir("ember-demo")?;
     let script = format!(
         "PATH={bin}:$PATH STATE={state} sh -c {quoted}",
@@ -276,8 +302,10 @@ fn demo() -> Result<i32> {
             util::run(std::process::Command::new("sh").args(["-c", script])).map(|_| 0)
         })?
     } else {
+        // The install reaches the package index through the lab's uplink.
         let opts = lab::LabOptions {
             env: artifacts.env(),
+            uplink: true,
             ..Default::default()
         };
         phases.run("ember in the lab", || {

@@ -47,6 +47,8 @@ pub struct Artifacts {
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
     pub rootfs: PathBuf,
+    /// The runtime images (`ember serve` finds them in the cache; named here for the log).
+    pub runtimes: Vec<(String, PathBuf)>,
     /// More of the VM tests' environment (e.g. a test filter).
     pub extra_env: Vec<(String, String)>,
 }
@@ -57,6 +59,7 @@ impl Artifacts {
             kernel: kernel::ensure()?,
             initramfs: images::initramfs()?,
             rootfs: images::rootfs()?,
+            runtimes: crate::runtimes::build(&[], None)?,
             extra_env: Vec::new(),
         })
     }
@@ -69,6 +72,14 @@ impl Artifacts {
                 self.initramfs.display().to_string(),
             ),
             ("EMBER_ROOTFS".into(), self.rootfs.display().to_string()),
+            (
+                "EMBER_RUNTIME_IMAGES".into(),
+                self.runtimes
+                    .iter()
+                    .map(|(name, path)| format!("{name}={}", path.display()))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
         ]
         .into_iter()
         .chain(self.extra_env.iter().cloned())
@@ -425,6 +436,7 @@ const VM_TEST_WATCHDOG_S: u32 = 840;
 
 /// The slowest VM tests (a minute or more in the lab), slowest first: they start first.
 const SLOW_VM_TESTS: &[&str] = &[
+    "vmtest_uplink_npm_install_in_node22_is_kept_by_a_snapshot",
     "vmtest_bench_quick_writes_a_report_with_ratios_and_charts",
     "vmtest_the_service_keeps_its_openapi_contract",
     "vmtest_sandbox_networks_egress_allow_lists_none_exposed_ports_and_four_clones_leave_nothing_behind",
@@ -524,6 +536,8 @@ one() {{
         echo "VM test $2: finished already (in another lab, or an earlier one)"
         return
     fi
+    # Tests that reach the registries run only in a lab with an uplink (lane 1).
+    case "$2" in *uplink*) [ -n "${{EMBER_LAB_UPLINK:-}}" ] || return ;; esac
     # Labs running side by side (lanes) share the list: each test goes to the first lane
     # that claims it (mkdir on the host's folder is atomic across labs).
     if [ -n "$claims" ]; then
@@ -669,6 +683,8 @@ fn run_vm_tests_in_lab(bins: &[PathBuf], artifacts: &Artifacts) -> Result<()> {
                 let opts = LabOptions {
                     env,
                     cpus: lab_cpus(lanes),
+                    // The lane that runs the tests that install from the registries.
+                    uplink: lane == 1,
                     // Room for a lane's share of the tests (~25 min on a 2-core host) and
                     // for a lab that dies part-way, within CI's 90 minutes.
                     timeout: Duration::from_secs(50 * 60),

@@ -17,6 +17,7 @@ fn state(dir: &std::path::Path) -> Arc<AppState> {
             store_dir: dir.join("store"),
             kernel: "/nonexistent/vmlinux".into(),
             rootfs: "/nonexistent/rootfs.ext4".into(),
+            runtimes: crate::runtimes::Runtimes::base_only("/nonexistent/rootfs.ext4".as_ref()),
             vmm_program: "/nonexistent/ember-vmm".into(),
             max_sandboxes: 4,
             jail: None,
@@ -95,6 +96,35 @@ async fn bad_requests_get_json_errors_with_the_right_status() {
             String::new(),
             StatusCode::NOT_FOUND,
             "not_found",
+        ),
+        // Runtimes: one the service has, given once.
+        (
+            "POST",
+            "/sandboxes",
+            r#"{"runtime":"ruby3"}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/sandboxes",
+            r#"{"runtime":"node22"}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/sandboxes",
+            r#"{"runtime":"base","image":"default"}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/sandboxes",
+            r#"{"snapshot":"s","runtime":"base"}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
         ),
         // Serde would read a list as a struct's fields in order.
         (
@@ -487,6 +517,7 @@ async fn the_openapi_document_and_the_router_name_the_same_operations() {
         ("GET", "/healthz"),
         ("GET", "/openapi.json"),
         ("GET", "/metrics"),
+        ("GET", "/images"),
         ("POST", "/sandboxes"),
         ("GET", "/sandboxes"),
         ("GET", "/sandboxes/{id}"),

@@ -72,6 +72,10 @@ pub struct SandboxRecord {
     /// before its agent answered.
     #[serde(default)]
     pub remote_fetch: Option<RemoteFetch>,
+    /// Its runtime's image: how its commands run (none: a record from before runtimes,
+    /// `base`).
+    #[serde(default)]
+    pub runtime: Option<ember_client::images::RuntimeImage>,
 }
 
 pub struct Sandbox {
@@ -198,6 +202,7 @@ impl Sandbox {
             memory: None,
             ended_unix_ms: None,
             remote_fetch: None,
+            runtime: None,
         };
         Sandbox::new(dir, record)
     }
@@ -371,6 +376,9 @@ impl Sandbox {
             ),
             ports: r.ports,
             remote_fetch: r.remote_fetch,
+            runtime: r
+                .runtime
+                .map_or_else(|| ember_client::images::BASE_RUNTIME.into(), |i| i.runtime),
             id: r.id,
         }
     }

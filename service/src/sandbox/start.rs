@@ -20,6 +20,8 @@ pub struct NewSandbox {
     pub ports: Vec<u16>,
     /// Restored from a snapshot being fetched from the remote tier.
     pub partial: Option<Arc<ember_remote::LazySnapshot>>,
+    /// Its runtime's image (a restore's: the one its snapshot ran over).
+    pub image: crate::runtimes::Image,
 }
 
 /// The subfolder of a sandbox's folder that belongs to its VMM (overlay, stall reports).
@@ -54,9 +56,12 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
     // cgroup included; a network's TAP queue goes to it with the assignment).
     // (Not for a snapshot being fetched from the remote: a pooled VMM's stdin carries its
     // assignment, not a page channel.)
+    // (Nor for another runtime than `base`: a pooled VMM's jail holds the base image.)
     let pooled = match new.partial {
-        Some(_) => None,
-        None => state.pool.as_ref().and_then(|pool| pool.take(state)),
+        None if new.image.rootfs == state.config.rootfs => {
+            state.pool.as_ref().and_then(|pool| pool.take(state))
+        }
+        _ => None,
     };
     let id = pooled
         .as_ref()
@@ -82,6 +87,7 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         net_rate_limits: new.net_rate_limits,
         // A restored guest keeps the MAC it was saved with; this one is for booted guests.
         net: wants_namespace.then(|| network::worker_net(ember_sandbox::defaults::random_mac())),
+        rootfs: new.image.rootfs.clone(),
         ..base_spec(state, &id)
     };
     if let Some(ids) = state.config.jail {
@@ -112,6 +118,7 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         memory: None,
         ended_unix_ms: None,
         remote_fetch: None,
+        runtime: Some(new.image.info.clone()),
     };
     let sandbox = {
         let mut sandboxes = state.sandboxes.lock().unwrap_or_else(|p| p.into_inner());
