@@ -36,7 +36,8 @@ id_of() { grep -o '"id":"[^"]*"' | head -n 1 | cut -d '"' -f 4; }
 stdout_of() { sed -n 's/.*"stdout":"\([^"]*\)".*/\1/p' | head -n 1 | sed 's/\\n/\n/g'; }
 # A sandbox's start, step by step, from its GET /sandboxes/{id} answer.
 timeline_of() {
-  { tr '{' '\n'; echo; } | sed -n 's/^"ms":\([0-9]*\)[0-9.]*,"step":"\([a-z_]*\)".*/    \1 ms  \2/p'
+  { tr '{' '\n'; echo; } | sed -n -e 's/^"ms":\([0-9]*\)[0-9.]*,"step":"\([a-z_]*\)".*/    \1 ms  \2/p' \
+    -e 's/^"step":"\([a-z_]*\)","ms":\([0-9]*\).*/    \2 ms  \1/p'
 }
 
 PKG=python-dateutil==2.9.0.post0
