@@ -71,6 +71,10 @@ pub fn from_agent(what: &str, err: ember_agent::client::ClientError) -> ApiError
                 ErrorKind::InvalidInput if remote.errno == Some(libc::ENOTDIR) => {
                     (StatusCode::NOT_FOUND, "not_found")
                 }
+                // Writing a directory as a file: the path is there, as something else.
+                ErrorKind::InvalidInput if remote.errno == Some(libc::EISDIR) => {
+                    (StatusCode::CONFLICT, "is_a_directory")
+                }
                 ErrorKind::PermissionDenied => (StatusCode::FORBIDDEN, "permission_denied"),
                 ErrorKind::AlreadyExists => (StatusCode::CONFLICT, "already_exists"),
                 ErrorKind::InvalidInput => (StatusCode::BAD_REQUEST, "invalid_request"),
@@ -86,5 +90,47 @@ pub fn from_agent(what: &str, err: ember_agent::client::ClientError) -> ApiError
             "agent_unreachable",
             format!("{what}: {err}"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ember_agent::client::ClientError;
+    use ember_agent::protocol::{ErrorKind, RemoteError};
+
+    fn remote(kind: ErrorKind, errno: Option<i32>) -> ClientError {
+        ClientError::Remote(RemoteError {
+            kind,
+            errno,
+            message: "refused".into(),
+        })
+    }
+
+    #[test]
+    fn agent_failures_map_to_what_a_client_can_act_on() {
+        for (err, status) in [
+            (
+                remote(ErrorKind::InvalidInput, Some(libc::EISDIR)),
+                StatusCode::CONFLICT,
+            ),
+            (
+                remote(ErrorKind::InvalidInput, Some(libc::ENOTDIR)),
+                StatusCode::NOT_FOUND,
+            ),
+            (
+                remote(ErrorKind::InvalidInput, None),
+                StatusCode::BAD_REQUEST,
+            ),
+            (remote(ErrorKind::NotFound, None), StatusCode::NOT_FOUND),
+        ] {
+            let mapped = from_agent("writing /", err);
+            assert_eq!(mapped.status, status, "{}", mapped.message);
+            assert!(
+                mapped.message.starts_with("writing /: "),
+                "{}",
+                mapped.message
+            );
+        }
     }
 }
