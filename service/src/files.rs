@@ -43,6 +43,45 @@ enum FileFailures {
     AgentUnreachable(ErrorDocument),
 }
 
+/// The runtime user that should own what a files request creates at `path`: in a runtime
+/// whose commands run as a user, what lands in its working directory is that user's (the
+/// agent writes as root), so its commands can change it.
+fn owner_of(sandbox: &crate::sandbox::Sandbox, path: &str) -> Option<String> {
+    let image = sandbox.record().runtime?;
+    let inside = path
+        .strip_prefix(image.workdir.as_str())
+        .is_some_and(|rest| rest.starts_with('/'));
+    (image.uid != 0 && inside).then_some(image.user)
+}
+
+/// Gives `path` to `user` (after the agent wrote it as root).
+fn chown(
+    agent: &ember_agent::client::AgentClient,
+    user: &str,
+    path: &str,
+) -> Result<(), ember_agent::client::ClientError> {
+    let request = ember_agent::protocol::ExecRequest::new([
+        "/bin/chown".to_string(),
+        "-h".into(),
+        format!("{user}:{user}"),
+        path.to_string(),
+    ]);
+    let output = agent.exec_collect(request)?;
+    if !output.status.success() {
+        return Err(ember_agent::client::ClientError::Remote(
+            ember_agent::protocol::RemoteError::new(
+                ember_agent::protocol::ErrorKind::Io,
+                format!(
+                    "chown {user} {path}: {:?}: {}",
+                    output.status,
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ),
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The longest guest path accepted: the guest kernel's PATH_MAX, less its terminating NUL.
 pub(crate) const MAX_PATH: usize = 4095;
 /// The longest part of a guest path (the guest kernel's NAME_MAX).
@@ -115,11 +154,16 @@ pub async fn put_file(
     let stream = body.into_data_stream().map_err(std::io::Error::other);
     let reader = SyncIoBridge::new(StreamReader::new(stream));
     let path = query.path.clone();
+    let owner = owner_of(&sandbox, &path);
     let written = {
         let turn = sandbox.agent_turn().await?;
         tokio::task::spawn_blocking(move || {
             let _turn = turn;
-            agent.write_file(&path, mode, reader)
+            let written = agent.write_file(&path, mode, reader)?;
+            if let Some(user) = owner {
+                chown(&agent, &user, &path)?;
+            }
+            Ok(written)
         })
     }
     .await
@@ -234,10 +278,15 @@ pub async fn mkdir(
     sandbox.require_running()?;
     let agent = sandbox.agent().await?;
     let path = body.path.clone();
+    let owner = owner_of(&sandbox, &path);
     let turn = sandbox.agent_turn().await?;
     tokio::task::spawn_blocking(move || {
         let _turn = turn;
-        agent.mkdir_p(&path, mode)
+        agent.mkdir_p(&path, mode)?;
+        if let Some(user) = owner {
+            chown(&agent, &user, &path)?;
+        }
+        Ok(())
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?

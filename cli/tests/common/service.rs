@@ -141,6 +141,23 @@ impl Service {
         (code.trim().parse().unwrap_or(0), body.to_string())
     }
 
+    /// `PUT` of `bytes` on the service's socket: (HTTP status, body).
+    pub fn curl_put(&self, path: &str, bytes: &[u8]) -> (u16, String) {
+        let file = self.state.join("put-body");
+        std::fs::write(&file, bytes).unwrap();
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "600", "--unix-socket"])
+            .arg(&self.socket)
+            .args(["-X", "PUT", "-w", "\n%{http_code}", "--data-binary"])
+            .arg(format!("@{}", file.display()))
+            .arg(format!("http://ember{path}"))
+            .output()
+            .expect("run curl");
+        let all = text(&out.stdout);
+        let (body, code) = all.rsplit_once('\n').unwrap_or(("", &all));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
     /// A JSON request that must succeed with `want`.
     pub fn call(&self, method: &str, path: &str, body: Option<Value>, want: u16) -> Value {
         let body = body.map(|b| b.to_string());
