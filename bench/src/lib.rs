@@ -15,6 +15,7 @@ mod remote;
 pub mod report;
 mod service;
 pub mod soak;
+mod templates;
 mod throughput;
 
 use service::{id_of, Api, CallError, OwnService, ServiceOptions};
@@ -70,6 +71,10 @@ pub struct BenchArgs {
     /// growth (failed cycles and leftovers stay as recorded), and write its report to --out.
     #[arg(long, value_name = "SOAK_JSON", conflicts_with_all = ["compare", "socket", "render", "soak"])]
     pub soak_judge: Option<PathBuf>,
+    /// Also measure a real `pip install` in a python3.13 sandbox against restores of the
+    /// snapshot taken after it (reaches the package index: needs a network that does).
+    #[arg(long)]
+    pub installs: bool,
     /// The warm pool of the service this starts for the figures (`ember serve --warm-pool`;
     /// a soak's service has none, so every cycle starts its own processes).
     #[arg(long, default_value_t = 2)]
@@ -340,6 +345,8 @@ async fn bench(args: &BenchArgs) -> Result<i32, BenchError> {
         )
         .await?;
     }
+
+    templates::measure(&api, runs, args.installs, &mut figures, &mut notes).await?;
 
     let density = density::density(&api, &args.density_clones, &mut notes).await;
 

@@ -182,7 +182,7 @@ pub(crate) fn id_of(sandbox: &Value) -> Result<String, CallError> {
 pub(crate) struct Api(pub(crate) ApiClient);
 
 impl Api {
-    async fn request(
+    pub(crate) async fn request(
         &self,
         method: Method,
         path: &str,

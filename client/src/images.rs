@@ -24,9 +24,9 @@ pub const RUNTIME_USER: &str = "user";
 /// The file beside a runtime image's `rootfs.ext4` that describes it.
 pub const IMAGE_MANIFEST: &str = "image.json";
 
-/// What a runtime image provides and how commands run in it by default.
+/// What a runtime image provides and how commands run in it by default. (Unknown fields are
+/// ignored: an older service reads a newer image's manifest.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct RuntimeImage {
     /// `base`, `python3.13`, `node22` or `node24`.
     pub runtime: String,
@@ -42,6 +42,10 @@ pub struct RuntimeImage {
     pub provides: BTreeMap<String, String>,
     /// The hash of the image's inputs (its cache key).
     pub key: String,
+    /// How long building it took (the tree it shares with other runtimes included if it
+    /// was built for this one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_ms: Option<u64>,
 }
 
 impl RuntimeImage {
@@ -61,6 +65,7 @@ impl RuntimeImage {
                 ("node".into(), "18".into()),
             ]),
             key: String::new(),
+            build_ms: None,
         }
     }
 
@@ -135,6 +140,7 @@ mod tests {
             env: BTreeMap::from([("HOME".into(), "/home/user".into())]),
             provides: BTreeMap::from([("node".into(), "22.23.5".into())]),
             key: "0123456789abcdef".into(),
+            build_ms: Some(15_000),
         };
         let text = serde_json::to_string(&image).unwrap();
         assert_eq!(serde_json::from_str::<RuntimeImage>(&text).unwrap(), image);

@@ -65,7 +65,8 @@ pub fn build_release_ember() -> Result<std::path::PathBuf> {
 
 /// Runs a harness `argv` directly where `ember` says this host's KVM runs Linux, otherwise
 /// inside the lab; returns its exit status.
-fn run_harness(ember: &Path, argv: &[String]) -> Result<i32> {
+/// `uplink`: the lab gets one (the harness reaches the package registries).
+fn run_harness(ember: &Path, argv: &[String], uplink: bool) -> Result<i32> {
     if Command::new(ember)
         .arg("doctor")
         .stdout(Stdio::null())
@@ -77,7 +78,11 @@ fn run_harness(ember: &Path, argv: &[String]) -> Result<i32> {
         return Ok(status.code().unwrap_or(1));
     }
     eprintln!("bench: this host's KVM cannot run Linux: measuring inside the lab (figures ~20-30x native)");
-    run_in_lab(argv, &LabOptions::default())
+    let opts = LabOptions {
+        uplink,
+        ..Default::default()
+    };
+    run_in_lab(argv, &opts)
 }
 
 /// Entry point on the host: build, then run the harness where KVM can run Linux. With
@@ -108,7 +113,7 @@ pub fn boot(runs: u32, against: Option<&Path>) -> Result<i32> {
             std::fs::canonicalize(other)?.display().to_string(),
         ]);
     }
-    run_harness(&ember, &argv)
+    run_harness(&ember, &argv, false)
 }
 
 /// The harness (runs in the lab or on hardware KVM).
@@ -402,7 +407,7 @@ pub fn exec(runs: u32) -> Result<i32> {
         "--rootfs".into(),
         artifacts.rootfs.display().to_string(),
     ];
-    run_harness(&ember, &argv)
+    run_harness(&ember, &argv, false)
 }
 
 /// `ember-bench` where Linux guests run; `out` and `compare` are paths in the workspace,
@@ -413,6 +418,7 @@ pub fn service(
     out: &Path,
     compare: Option<&Path>,
     remote: &str,
+    installs: bool,
 ) -> Result<i32> {
     let artifacts = Artifacts::ensure()?;
     let ember = build_release_ember()?;
@@ -448,7 +454,10 @@ pub fn service(
     if remote != "none" {
         argv.extend(["--remote".into(), remote.to_string()]);
     }
-    run_harness(&ember, &argv)
+    if installs {
+        argv.push("--installs".into());
+    }
+    run_harness(&ember, &argv, installs)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

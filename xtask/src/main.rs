@@ -158,6 +158,10 @@ enum BenchCmd {
         /// leaves those figures out.
         #[arg(long, default_value = "moto")]
         remote: String,
+        /// Also measure a real `pip install` against restores of the snapshot after it (the
+        /// lab gets an uplink to the package index).
+        #[arg(long)]
+        installs: bool,
     },
 }
 
@@ -198,8 +202,9 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
                     out,
                     compare,
                     remote,
+                    installs,
                 },
-        } => bench::service(quick, runs, &out, compare.as_deref(), &remote),
+        } => bench::service(quick, runs, &out, compare.as_deref(), &remote, installs),
         Cmd::BenchExecHarness {
             runs,
             ember,

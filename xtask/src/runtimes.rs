@@ -98,6 +98,7 @@ fn npm_package(package: &str, version: &str) -> Result<PathBuf> {
 
 /// Builds (or finds) the image of `runtime`; returns its `rootfs.ext4`.
 pub fn runtime_image(runtime: &str, ca_bundle: Option<&Path>) -> Result<PathBuf> {
+    let started = std::time::Instant::now();
     let node = node_release(runtime)?;
     let tree = debootstrap_tree(SUITE, INCLUDE)?;
     let agent = crate::images::agent()?;
@@ -173,9 +174,14 @@ pub fn runtime_image(runtime: &str, ca_bundle: Option<&Path>) -> Result<PathBuf>
         env,
         provides,
         key,
+        build_ms: None,
     };
     let tmp = dir.join("rootfs.ext4.tmp");
     make_ext4(&staging, &tmp, IMAGE_SIZE_MIB)?;
+    let manifest = RuntimeImage {
+        build_ms: Some(started.elapsed().as_millis() as u64),
+        ..manifest
+    };
     let manifest_tmp = dir.join("image.json.tmp");
     fs::write(&manifest_tmp, serde_json::to_vec_pretty(&manifest)?)?;
     publish(&manifest_tmp, &dir.join(IMAGE_MANIFEST))?;
