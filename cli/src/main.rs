@@ -6,6 +6,7 @@ mod remote;
 mod remote_tier;
 mod run;
 mod store_cmd;
+mod template;
 
 use ember_service as service;
 
@@ -42,6 +43,9 @@ enum Command {
     /// List the runtime images built on this host (or, with `--socket`, those a service
     /// offers).
     Images(images::ImagesArgs),
+    /// Build, list and remove templates (a runtime plus steps, snapshotted ready; `ember
+    /// create --template NAME` restores one).
+    Template(template::TemplateArgs),
     /// Run the ember service: the HTTP/JSON API on a Unix socket, one VMM process per
     /// sandbox.
     Serve(service::ServeArgs),
@@ -82,6 +86,7 @@ fn main() {
         },
         Command::Store(args) => store_cmd::store(args),
         Command::Images(args) => images::run(args),
+        Command::Template(args) => template::run(args),
         Command::Serve(args) => service::serve(args),
         Command::Create(args) => remote::create(args),
         Command::Ls(args) => remote::ls(args),

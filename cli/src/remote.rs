@@ -27,7 +27,7 @@ pub struct ServiceArgs {
 }
 
 impl ServiceArgs {
-    fn client(&self) -> ApiClient {
+    pub(crate) fn client(&self) -> ApiClient {
         let socket = self
             .socket
             .clone()
@@ -47,6 +47,9 @@ pub struct CreateArgs {
     /// lists what this host has built).
     #[arg(long, conflicts_with = "snapshot")]
     pub runtime: Option<String>,
+    /// Restore this template (`ember template ls`).
+    #[arg(long, conflicts_with_all = ["snapshot", "runtime"])]
+    pub template: Option<String>,
     #[arg(long)]
     pub vcpus: Option<u8>,
     #[arg(long)]
@@ -261,6 +264,7 @@ pub fn create(args: CreateArgs) -> i32 {
     let body = CreateBody {
         snapshot: args.snapshot.clone(),
         runtime: args.runtime.clone(),
+        template: args.template.clone(),
         vcpus: args.vcpus,
         memory_mib: args.memory_mib,
         timeout_s: args.timeout_s,
@@ -271,7 +275,7 @@ pub fn create(args: CreateArgs) -> i32 {
         net_limits: setup.net_limits,
         ..Default::default()
     };
-    let what = if args.snapshot.is_some() {
+    let what = if args.snapshot.is_some() || args.template.is_some() {
         "restoring a sandbox"
     } else {
         "booting a sandbox"

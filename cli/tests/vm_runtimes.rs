@@ -8,6 +8,8 @@ use common::service::Service;
 
 use std::time::Instant;
 
+use base64::Engine;
+
 use serde_json::{json, Value};
 
 /// `exec?wait=true` of `sh -c script` with more request fields.
@@ -66,6 +68,19 @@ fn vmtest_runtimes_run_commands_as_their_user_with_their_tools_and_keep_that_whe
     ));
     assert_eq!(as_root, "0\n/root\n/tmp");
     stdout_of(&run(&service, &node, "echo hi > notes.txt", json!({})));
+    // Files the API writes in the user's directory are the user's (elsewhere, root's).
+    for path in ["/home/user/uploaded.txt", "/tmp/uploaded.txt"] {
+        let (status, answer) =
+            service.curl_put(&format!("/sandboxes/{node}/files?path={path}"), b"x");
+        assert_eq!(status, 201, "{answer}");
+    }
+    let owners = stdout_of(&run(
+        &service,
+        &node,
+        "echo more >> uploaded.txt && stat -c %U uploaded.txt /tmp/uploaded.txt",
+        json!({}),
+    ));
+    assert_eq!(owners, "user\nroot");
     service.refuse(
         "POST",
         &format!("/sandboxes/{node}/exec?wait=true"),
@@ -200,4 +215,121 @@ fn vmtest_uplink_npm_install_in_node22_is_kept_by_a_snapshot() {
     eprintln!(
         "npm install then run: {install_ms} ms; restore then run: {restore_ms} ms (lab, uplink)"
     );
+}
+
+/// A template: a node22 sandbox gets a file and a server started in the background, is
+/// snapshotted once the server answers, and every sandbox created from it has the server
+/// running at once (memory snapshots keep processes). Rebuilds reuse the steps they share;
+/// a failing step or a ready command that never succeeds leaves no template.
+#[test]
+fn vmtest_templates_build_once_restore_ready_and_rebuild_only_what_changed() {
+    let service = Service::start("templates");
+    let server = "require('http').createServer((q, s) => s.end('hello from a template'))\
+                  .listen(8080)";
+    let content = base64::engine::general_purpose::STANDARD.encode(server);
+    let steps = json!([
+        {"copy": {"path": "/home/user/server.js", "content_base64": content}},
+        {"run": "setsid node server.js > server.log 2>&1 < /dev/null &"}
+    ]);
+    let web = json!({
+        "name": "web", "runtime": "node22", "steps": steps,
+        "ready": {"cmd": "curl -sf http://127.0.0.1:8080/", "timeout_s": 120}
+    });
+    let built = service.call("POST", "/templates", Some(web.clone()), 201);
+    assert_eq!(built["steps_cached"], 0, "{built}");
+    assert_eq!(built["runtime"], "node22");
+    let snapshot = built["snapshot"].as_str().unwrap().to_string();
+
+    // A sandbox of the template is a restore with the server already answering.
+    let id = service.create(json!({"template": "web"}));
+    let info = service.sandbox(&id);
+    assert_eq!(info["snapshot"], snapshot.as_str(), "{info}");
+    assert_eq!(info["runtime"], "node22");
+    let answer = run(
+        &service,
+        &id,
+        "curl -s http://127.0.0.1:8080/; echo; stat -c %U server.js",
+        json!({}),
+    );
+    assert_eq!(stdout_of(&answer), "hello from a template\nuser");
+
+    // The same template again is found built; one more step reuses the first two.
+    let again = service.call("POST", "/templates", Some(web.clone()), 201);
+    assert_eq!(again["steps_cached"], 2, "{again}");
+    assert_eq!(again["snapshot"], snapshot.as_str());
+    let mut more = web.clone();
+    more["steps"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"run": "echo v2 > version"}));
+    let rebuilt = service.call("POST", "/templates", Some(more), 201);
+    assert_eq!(rebuilt["steps_cached"], 2, "{rebuilt}");
+    assert_ne!(rebuilt["snapshot"], snapshot.as_str());
+    let listed = service.call("GET", "/templates", None, 200);
+    assert_eq!(listed["templates"].as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed["templates"][0]["steps"].as_array().unwrap().len(), 3);
+
+    // Failures name the step and quote its output; no template is left.
+    let (status, answer) = service.curl(
+        "POST",
+        "/templates",
+        Some(
+            &json!({"name": "broken", "runtime": "python3.13", "steps": [
+                {"run": "echo fine"}, {"run": "echo oops-123 >&2; exit 3"}]})
+            .to_string(),
+        ),
+    );
+    assert_eq!(status, 422, "{answer}");
+    for says in [
+        "template_step_failed",
+        "step 2",
+        "exit status 3",
+        "oops-123",
+    ] {
+        assert!(answer.contains(says), "{says}: {answer}");
+    }
+    service.refuse("GET", "/templates/broken", None, 404, "not_found");
+    let (status, answer) = service.curl(
+        "POST",
+        "/templates",
+        Some(r#"{"name": "never", "ready": {"cmd": "echo not-yet; false", "timeout_s": 3}}"#),
+    );
+    assert_eq!(status, 422, "{answer}");
+    assert!(
+        answer.contains("template_not_ready") && answer.contains("not-yet"),
+        "{answer}"
+    );
+    service.refuse("GET", "/templates/never", None, 404, "not_found");
+    service.refuse(
+        "POST",
+        "/sandboxes",
+        Some(r#"{"template": "never"}"#),
+        404,
+        "not_found",
+    );
+    service.refuse(
+        "POST",
+        "/templates",
+        Some(r#"{"name": "x", "runtime": "ruby3"}"#),
+        400,
+        "invalid_request",
+    );
+    // No build sandbox outlives its build.
+    let sandboxes = service.call("GET", "/sandboxes", None, 200);
+    let live: Vec<&Value> = sandboxes["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["state"] == "running")
+        .collect();
+    assert_eq!(live.len(), 1, "only the test's own sandbox: {sandboxes}");
+
+    // The CLI.
+    let ls = service.ember(&["template", "ls"]);
+    assert!(
+        String::from_utf8_lossy(&ls.stdout).contains("web"),
+        "{ls:?}"
+    );
+    let created = service.ember(&["create", "--template", "web"]);
+    assert!(created.status.success(), "{created:?}");
 }

@@ -10,6 +10,7 @@
 mod connection;
 pub mod images;
 pub mod responses;
+pub mod templates;
 pub mod types;
 
 pub use connection::{

@@ -33,6 +33,9 @@ pub struct CreateBody {
     /// Restore this snapshot instead of booting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    /// Restore this template's snapshot (see `POST /templates`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcpus: Option<u8>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -20,7 +20,7 @@ use crate::error::ApiError;
 use crate::sandbox::{NewSandbox, Sandbox, SandboxState};
 use ember_sandbox::control::{ControlRequest, WorkerOrigin};
 
-use crate::{exec, files, metrics, network, ports, sandbox, snapshots};
+use crate::{exec, files, metrics, network, ports, sandbox, snapshots, templates};
 use crate::{
     AppState, DEFAULT_TIMEOUT_S, MAX_ENV_VARS, MAX_JSON_BODY, MAX_MEMORY_MIB, MAX_TIMEOUT_S,
     MIN_MEMORY_MIB,
@@ -58,6 +58,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/snapshots/{id}/fork", post(snapshots::fork))
         .route("/snapshots/{id}/push", post(snapshots::push))
+        .route("/templates", post(templates::create).get(templates::list))
+        .route(
+            "/templates/{name}",
+            get(templates::get).delete(templates::delete),
+        )
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -110,7 +115,9 @@ pub fn parse_body<T: DeserializeOwned>(body: JsonBody) -> Result<T, ApiError> {
 }
 
 /// Fields whose values are lists (of strings or numbers) in this API's request bodies.
-const LIST_FIELDS: &[&str] = &["args", "ports", "allow"];
+const LIST_FIELDS: &[&str] = &["args", "ports", "allow", "apt", "pip", "npm"];
+/// Fields that are lists of objects (each checked as a body is).
+const OBJECT_LIST_FIELDS: &[&str] = &["steps"];
 
 /// Writes numbers like `30.0` as `30`: JSON (and the OpenAPI document's schemas) count them as
 /// integers, serde's integer fields do not. No request field is fractional.
@@ -156,6 +163,11 @@ fn check_shape(value: &serde_json::Value, what: &str) -> Result<(), ShapeError> 
     for (name, field) in fields {
         match field {
             Value::Object(_) => check_shape(field, &format!("`{name}`"))?,
+            Value::Array(items) if OBJECT_LIST_FIELDS.contains(&name.as_str()) => {
+                for item in items {
+                    check_shape(item, &format!("each of `{name}`"))?;
+                }
+            }
             Value::Array(_) if !LIST_FIELDS.contains(&name.as_str()) => {
                 return Err(ShapeError::List {
                     field: name.clone(),
@@ -308,8 +320,8 @@ pub fn check_limits(
     responses(
         (status = 201, description = "Running (booted, or restored from `snapshot`)", body = SandboxInfo),
         (status = 400, description = "Malformed JSON, unknown field or invalid value", body = ErrorDocument),
-        (status = 404, description = "No such snapshot", body = ErrorDocument),
-        (status = 409, description = "An egress network for a snapshot whose guest had no network device", body = ErrorDocument),
+        (status = 404, description = "No such snapshot or template", body = ErrorDocument),
+        (status = 409, description = "An egress network for a snapshot whose guest had no network device, or a snapshot of a runtime whose image is not here", body = ErrorDocument),
         (status = 413, description = "Request body too large", body = ErrorDocument),
         (status = 429, description = "The service runs as many sandboxes as it may", body = ErrorDocument),
         (status = 500, description = "The sandbox failed to start", body = ErrorDocument),
@@ -320,7 +332,16 @@ async fn create_sandbox(
     State(state): State<Arc<AppState>>,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
-    let body: CreateBody = parse_body(body)?;
+    let mut body: CreateBody = parse_body(body)?;
+    if let Some(template) = body.template.take() {
+        if body.snapshot.is_some() || body.runtime.is_some() || body.image.is_some() {
+            return Err(ApiError::bad_request(
+                "a template's sandbox is a restore of its snapshot: leave out `snapshot`, \
+                 `runtime` and `image`",
+            ));
+        }
+        body.snapshot = Some(templates::find(&state, &template)?.snapshot);
+    }
     check_env_map(&body.env)?;
     let timeout = check_timeout(body.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S))?;
     ports::check(&body.ports).map_err(|e| ApiError::bad_request(e.to_string()))?;

@@ -29,6 +29,7 @@ pub mod remote_cache;
 pub mod runtimes;
 pub mod sandbox;
 pub mod snapshots;
+pub mod templates;
 pub mod timeline;
 
 use std::collections::HashMap;
@@ -163,6 +164,8 @@ pub struct AppState {
     pub pool: Option<Arc<pool::WarmPool>>,
     /// The remote tier (none: `--remote` not given).
     pub remote: Option<Arc<remote::RemoteTier>>,
+    /// Templates being built.
+    pub templates: templates::Building,
 }
 
 impl AppState {
@@ -372,6 +375,7 @@ pub fn serve(args: ServeArgs) -> i32 {
         )),
         pool: (args.warm_pool > 0).then(|| Arc::new(pool::WarmPool::new(args.warm_pool))),
         remote,
+        templates: Default::default(),
         cgroups: match cgroups {
             Ok(cgroups) => {
                 log::info!(

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use serde_json::{json, Value};
 use utoipa::OpenApi;
 
-use crate::{api, exec, files, metrics, snapshots};
+use crate::{api, exec, files, metrics, snapshots, templates};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -46,6 +46,10 @@ use crate::{api, exec, files, metrics, snapshots};
         snapshots::delete,
         snapshots::fork,
         snapshots::push,
+        templates::create,
+        templates::list,
+        templates::get,
+        templates::delete,
     ),
     tags(
         (name = "service", description = "The service itself"),
@@ -53,6 +57,7 @@ use crate::{api, exec, files, metrics, snapshots};
         (name = "commands", description = "Commands in a sandbox"),
         (name = "files", description = "Files in a sandbox"),
         (name = "snapshots", description = "Snapshots in the store, and sandboxes from them"),
+        (name = "templates", description = "Runtimes with build steps, snapshotted ready to use"),
     )
 )]
 struct ApiDoc;
@@ -182,7 +187,49 @@ fn add_limits(doc: &mut Value) {
     );
     let mut runtimes = vec![ember_client::images::BASE_RUNTIME];
     runtimes.extend(ember_client::images::RUNTIMES);
-    limit(doc, "CreateBody", "runtime", json!({"enum": runtimes}));
+    limit(
+        doc,
+        "CreateBody",
+        "runtime",
+        json!({"enum": runtimes.clone()}),
+    );
+    limit(doc, "TemplateBody", "runtime", json!({"enum": runtimes}));
+    limit(
+        doc,
+        "TemplateBody",
+        "name",
+        json!({"pattern": "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"}),
+    );
+    limit(
+        doc,
+        "TemplateBody",
+        "steps",
+        json!({"maxItems": crate::templates::MAX_STEPS}),
+    );
+    limit(
+        doc,
+        "ReadyCheck",
+        "timeout_s",
+        json!({"minimum": 1, "maximum": crate::templates::MAX_READY_TIMEOUT_S}),
+    );
+    limit(
+        doc,
+        "ReadyCheck",
+        "cmd",
+        json!({"minLength": 1, "pattern": NO_NUL_PATTERN}),
+    );
+    limit(
+        doc,
+        "CopyFile",
+        "path",
+        json!({"minLength": 1, "maxLength": files::MAX_PATH, "pattern": GUEST_PATH_PATTERN}),
+    );
+    limit(
+        doc,
+        "CopyFile",
+        "content_base64",
+        json!({"pattern": BASE64_PATTERN}),
+    );
     limit(
         doc,
         "ExecBody",
@@ -212,6 +259,13 @@ fn add_limits(doc: &mut Value) {
                 "vcpus": {"type": "null"}, "memory_mib": {"type": "null"}
             }},
             "else": {"properties": {"restore_mode": {"type": "null"}}}
+        },
+        {
+            // A template is a restore of its snapshot.
+            "if": {"required": ["template"], "properties": {"template": {"type": "string"}}},
+            "then": {"properties": {
+                "snapshot": {"type": "null"}, "runtime": {"type": "null"}, "image": {"type": "null"}
+            }}
         },
         {
             // `runtime` or the older `image`, not both.

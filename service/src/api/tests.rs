@@ -35,6 +35,7 @@ fn state(dir: &std::path::Path) -> Arc<AppState> {
         )),
         pool: None,
         remote: None,
+        templates: Default::default(),
     })
 }
 
@@ -539,6 +540,10 @@ async fn the_openapi_document_and_the_router_name_the_same_operations() {
         ("DELETE", "/snapshots/{id}"),
         ("POST", "/snapshots/{id}/fork"),
         ("POST", "/snapshots/{id}/push"),
+        ("POST", "/templates"),
+        ("GET", "/templates"),
+        ("GET", "/templates/{name}"),
+        ("DELETE", "/templates/{name}"),
     ]
     .iter()
     .map(|(m, p)| (m.to_string(), p.to_string()))
@@ -550,7 +555,10 @@ async fn the_openapi_document_and_the_router_name_the_same_operations() {
     let dir = std::env::temp_dir().join(format!("ember-api-ops-{}", std::process::id()));
     let app = router(state(&dir));
     for (method, path) in &ops {
-        let uri = path.replace("{id}", "x").replace("{cid}", "y");
+        let uri = path
+            .replace("{id}", "x")
+            .replace("{cid}", "y")
+            .replace("{name}", "z");
         let (status, doc) = call(&app, method, &uri, "").await;
         assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
         assert_ne!(
