@@ -26,6 +26,17 @@ fn run(service: &Service, id: &str, script: &str, extra: Value) -> Value {
     )
 }
 
+/// Saves sandbox `id` (stopping it); the snapshot's id.
+fn snapshot_and_stop(service: &Service, id: &str) -> String {
+    let taken = service.call(
+        "POST",
+        &format!("/sandboxes/{id}/snapshots"),
+        Some(json!({"stop": true})),
+        201,
+    );
+    taken["id"].as_str().unwrap().to_string()
+}
+
 fn stdout_of(result: &Value) -> String {
     assert_eq!(result["exit_code"], 0, "{result}");
     result["stdout"].as_str().unwrap().trim().to_string()
@@ -120,15 +131,7 @@ fn vmtest_runtimes_run_commands_as_their_user_with_their_tools_and_keep_that_whe
     }
 
     // A snapshot of a node22 sandbox restores over the node22 image, as `user` again.
-    let snap = service.call(
-        "POST",
-        &format!("/sandboxes/{node}/snapshots"),
-        Some(json!({"stop": true})),
-        201,
-    )["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let snap = snapshot_and_stop(&service, &node);
     let restored = service.create(json!({"snapshot": snap}));
     assert_eq!(service.sandbox(&restored)["runtime"], "node22");
     let after = stdout_of(&run(
@@ -186,15 +189,7 @@ fn vmtest_uplink_npm_install_in_node22_is_kept_by_a_snapshot() {
     );
     assert_eq!(stdout_of(&first), "true false");
 
-    let snap = service.call(
-        "POST",
-        &format!("/sandboxes/{sandbox}/snapshots"),
-        Some(json!({"stop": true})),
-        201,
-    )["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let snap = snapshot_and_stop(&service, &sandbox);
     let started = Instant::now();
     let restored = service.create(json!({"snapshot": snap, "network": egress}));
     let again = service.call(

@@ -177,15 +177,7 @@ pub fn rootfs() -> Result<PathBuf> {
     if image.exists() {
         return Ok(image);
     }
-    fs::create_dir_all(&dir)?;
-    let staging = dir.join("staging");
-    if staging.exists() {
-        fs::remove_dir_all(&staging)?;
-    }
-    run(Command::new("cp")
-        .args(["-a", "--reflink=auto"])
-        .arg(&tree)
-        .arg(&staging))?;
+    let staging = fresh_copy(&tree, &dir)?;
     install_agent_and_network(&staging, &agent)?;
     let tmp = dir.join("rootfs.ext4.tmp");
     make_ext4(&staging, &tmp, ROOTFS_SIZE_MIB)?;
@@ -193,6 +185,20 @@ pub fn rootfs() -> Result<PathBuf> {
     fs::remove_dir_all(&staging).ok();
     prune_siblings(&dir, 3);
     Ok(image)
+}
+
+/// A fresh copy of `tree` as `dir/staging` (an earlier, unfinished one is removed first).
+pub fn fresh_copy(tree: &Path, dir: &Path) -> Result<PathBuf> {
+    fs::create_dir_all(dir)?;
+    let staging = dir.join("staging");
+    if staging.exists() {
+        fs::remove_dir_all(&staging)?;
+    }
+    run(Command::new("cp")
+        .args(["-a", "--reflink=auto"])
+        .arg(tree)
+        .arg(&staging))?;
+    Ok(staging)
 }
 
 /// Installs the agent as init, the host name, and a resolv.conf that is the name server the

@@ -126,15 +126,7 @@ pub fn runtime_image(runtime: &str, ca_bundle: Option<&Path>) -> Result<PathBuf>
     if image.exists() && dir.join(IMAGE_MANIFEST).exists() {
         return Ok(image);
     }
-    fs::create_dir_all(&dir)?;
-    let staging = dir.join("staging");
-    if staging.exists() {
-        fs::remove_dir_all(&staging)?;
-    }
-    run(Command::new("cp")
-        .args(["-a", "--reflink=auto"])
-        .arg(&tree)
-        .arg(&staging))?;
+    let staging = crate::images::fresh_copy(&tree, &dir)?;
     install_agent_and_network(&staging, &agent)?;
     add_user(&staging)?;
     let mut provides = BTreeMap::from([
