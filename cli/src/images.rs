@@ -83,7 +83,7 @@ pub fn run(args: ImagesArgs) -> i32 {
 /// The base rootfs and the newest build of every runtime in this host's cache.
 fn built_here() -> Result<ImageList, ember_service::runtimes::RuntimesError> {
     let base = ember_sandbox::defaults::default_rootfs().unwrap_or_default();
-    let mut list = ember_service::runtimes::Runtimes::discover(&base, &[], None)?.list();
+    let mut list = ember_service::runtimes::Runtimes::discover(&base, &[], None, None)?.list();
     list.images.retain(|i| i.rootfs.exists());
     Ok(list)
 }

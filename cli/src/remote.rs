@@ -433,6 +433,17 @@ fn split_remote(spec: &str) -> Option<(&str, &str)> {
     (!id.is_empty() && !id.contains('/') && path.starts_with('/')).then_some((id, path))
 }
 
+/// A request body streamed from the file at `path`.
+pub(crate) async fn file_body(
+    path: &std::path::Path,
+) -> Result<ember_client::RequestBody, ApiClientError> {
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| ApiClientError::Http(format!("cannot open {}: {e}", path.display())))?;
+    let stream = tokio_util::io::ReaderStream::new(file).map_ok(Frame::data);
+    Ok(BodyExt::boxed(StreamBody::new(stream)))
+}
+
 pub fn cp(args: CpArgs) -> i32 {
     let client = args.service.client();
     let source = split_remote(&args.source);
@@ -440,11 +451,7 @@ pub fn cp(args: CpArgs) -> i32 {
     finish(runtime().block_on(async {
         match (source, destination) {
             (None, Some((id, path))) => {
-                let file = tokio::fs::File::open(&args.source).await.map_err(|e| {
-                    ApiClientError::Http(format!("cannot open {}: {e}", args.source))
-                })?;
-                let stream = tokio_util::io::ReaderStream::new(file).map_ok(Frame::data);
-                let body = BodyExt::boxed(StreamBody::new(stream));
+                let body = file_body(std::path::Path::new(&args.source)).await?;
                 let mut uri = format!("/sandboxes/{id}/files?path={}", encode_query(path));
                 if let Some(mode) = &args.mode {
                     uri.push_str(&format!("&mode={}", encode_query(mode)));

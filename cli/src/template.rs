@@ -23,7 +23,7 @@ pub struct TemplateArgs {
 pub enum TemplateAction {
     /// Build (or rebuild) a template: boot RUNTIME, run the steps in the order apt, copy,
     /// pip, npm, run, wait for `--ready`, snapshot. Steps an earlier build did are reused.
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// List the built templates.
     Ls {
         #[arg(long)]
@@ -36,9 +36,14 @@ pub enum TemplateAction {
 #[derive(clap::Args, Debug)]
 pub struct BuildArgs {
     pub name: String,
-    /// `base`, `python3.13`, `node22` or `node24` (default: the service's).
+    /// `base`, `python3.13`, `node22`, `node24` or an imported image (default: the
+    /// service's).
     #[arg(long)]
     pub runtime: Option<String>,
+    /// Build on a container image: an OCI image layout or `docker save` tarball on this
+    /// host, imported first as runtime NAME (no registry is contacted).
+    #[arg(long, value_name = "TARBALL", conflicts_with = "runtime")]
+    pub from_oci: Option<PathBuf>,
     /// Debian packages (repeatable; one `apt-get install` step).
     #[arg(long = "apt", value_name = "PKG")]
     pub apt: Vec<String>,
@@ -105,7 +110,7 @@ pub fn run(args: TemplateArgs) -> i32 {
     let client = args.service.client();
     match args.action {
         TemplateAction::Build(build) => {
-            let body = match build.body() {
+            let mut body = match build.body() {
                 Ok(body) => body,
                 Err(e) => {
                     eprintln!("ember: {e}");
@@ -113,6 +118,13 @@ pub fn run(args: TemplateArgs) -> i32 {
                 }
             };
             finish(runtime().block_on(async {
+                if let Some(tarball) = &build.from_oci {
+                    let upload = crate::remote::file_body(tarball).await?;
+                    let uri = format!("/images?name={}", ember_client::encode_query(&build.name));
+                    client.json(Method::POST, &uri, upload).await?;
+                    eprintln!("imported {} as runtime {}", tarball.display(), build.name);
+                    body.runtime = Some(build.name.clone());
+                }
                 let answer = client
                     .json(Method::POST, "/templates", typed_body(&body))
                     .await?;

@@ -82,7 +82,7 @@ fn vmtest_runtimes_run_commands_as_their_user_with_their_tools_and_keep_that_whe
     // Files the API writes in the user's directory are the user's (elsewhere, root's).
     for path in ["/home/user/uploaded.txt", "/tmp/uploaded.txt"] {
         let (status, answer) =
-            service.curl_put(&format!("/sandboxes/{node}/files?path={path}"), b"x");
+            service.upload("PUT", &format!("/sandboxes/{node}/files?path={path}"), b"x");
         assert_eq!(status, 201, "{answer}");
     }
     let owners = stdout_of(&run(
@@ -121,12 +121,16 @@ fn vmtest_runtimes_run_commands_as_their_user_with_their_tools_and_keep_that_whe
         409,
         "no_such_user",
     );
-    for (body, says) in [
-        (r#"{"runtime": "ruby3"}"#, "unknown runtime"),
-        (r#"{"runtime": "node22", "image": "default"}"#, "not both"),
+    for (body, status, says) in [
+        (r#"{"runtime": "ruby3"}"#, 404, "no runtime"),
+        (
+            r#"{"runtime": "node22", "image": "default"}"#,
+            400,
+            "not both",
+        ),
     ] {
-        let (status, answer) = service.curl("POST", "/sandboxes", Some(body));
-        assert_eq!(status, 400, "{body}: {answer}");
+        let (got, answer) = service.curl("POST", "/sandboxes", Some(body));
+        assert_eq!(got, status, "{body}: {answer}");
         assert!(answer.contains(says), "{body}: {answer}");
     }
 
@@ -306,8 +310,8 @@ fn vmtest_templates_build_once_restore_ready_and_rebuild_only_what_changed() {
         "POST",
         "/templates",
         Some(r#"{"name": "x", "runtime": "ruby3"}"#),
-        400,
-        "invalid_request",
+        404,
+        "not_found",
     );
     // No build sandbox outlives its build.
     let sandboxes = service.call("GET", "/sandboxes", None, 200);
@@ -327,4 +331,126 @@ fn vmtest_templates_build_once_restore_ready_and_rebuild_only_what_changed() {
     );
     let created = service.ember(&["create", "--template", "web"]);
     assert!(created.status.success(), "{created:?}");
+}
+
+/// A `docker save` tarball made here: static busybox as the userland, an `app` user who owns
+/// `/app` (the image's working directory and user), an environment, and a whiteout.
+fn busybox_image(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::symlink;
+    let sh = |script: &str| {
+        let status = std::process::Command::new("sh")
+            .args(["-c", script])
+            .current_dir(dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{script}");
+    };
+    let base = dir.join("base");
+    std::fs::create_dir_all(base.join("bin")).unwrap();
+    std::fs::create_dir_all(base.join("etc")).unwrap();
+    std::fs::copy("/bin/busybox", base.join("bin/busybox")).unwrap();
+    for applet in [
+        "sh", "id", "pwd", "cat", "echo", "ls", "test", "stat", "env", "sleep",
+    ] {
+        symlink("busybox", base.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(
+        base.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1001:1001:app:/app:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(base.join("etc/group"), "root:x:0:\napp:x:1001:\n").unwrap();
+    std::fs::write(base.join("etc/motd"), "lower layer\n").unwrap();
+    let app = dir.join("app-layer/app");
+    std::fs::create_dir_all(&app).unwrap();
+    std::fs::write(app.join("hello.txt"), "hi from oci\n").unwrap();
+    std::fs::create_dir_all(dir.join("top/etc")).unwrap();
+    std::fs::write(dir.join("top/etc/.wh.motd"), "").unwrap();
+    let config = json!({"config": {"Env": ["PATH=/bin", "GREETING=hi"], "WorkingDir": "/app",
+                                   "User": "app"}});
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let manifest = json!([{"Config": "config.json", "RepoTags": ["busybox-app:1"],
+        "Layers": ["1/layer.tar", "2/layer.tar", "3/layer.tar"]}]);
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    sh(
+        "mkdir -p 1 2 3 && tar -C base --numeric-owner --owner=0 --group=0 -cf 1/layer.tar . \
+        && tar -C app-layer --numeric-owner --owner=1001 --group=1001 -cf 2/layer.tar app \
+        && tar -C top --numeric-owner --owner=0 --group=0 -cf 3/layer.tar etc/.wh.motd \
+        && gzip 2/layer.tar && mv 2/layer.tar.gz 2/layer.tar \
+        && tar -cf image.tar manifest.json config.json 1 2 3",
+    );
+    dir.join("image.tar")
+}
+
+/// A container image on disk becomes a runtime (its user, working directory, environment
+/// and layers kept, ember's agent added), then a template; a broken tarball or a built-in
+/// name is refused and leaves no runtime.
+#[test]
+fn vmtest_a_docker_save_tarball_becomes_a_runtime_and_a_template() {
+    let service = Service::start("oci");
+    let dir = service.state.join("oci-input");
+    std::fs::create_dir_all(&dir).unwrap();
+    let tarball = busybox_image(&dir);
+    let built = service.ember(&[
+        "template",
+        "build",
+        "bbapp",
+        "--from-oci",
+        tarball.to_str().unwrap(),
+        "--run",
+        "echo built > /app/built.txt",
+        "--ready",
+        "test -f /app/built.txt",
+    ]);
+    assert!(built.status.success(), "{built:?}\n{}", service.log());
+    let images = service.call("GET", "/images", None, 200);
+    let image = images["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["runtime"] == "bbapp")
+        .unwrap_or_else(|| panic!("bbapp missing: {images}"))
+        .clone();
+    assert_eq!(image["user"], "app", "{image}");
+    assert_eq!(image["uid"], 1001);
+    assert_eq!(image["workdir"], "/app");
+    assert!(image["provides"]["oci"]
+        .as_str()
+        .unwrap()
+        .starts_with("sha256:"));
+
+    let id = service.create(json!({"template": "bbapp"}));
+    assert_eq!(service.sandbox(&id)["runtime"], "bbapp");
+    let seen = stdout_of(&run(
+        &service,
+        &id,
+        "id -u; pwd; echo $GREETING; cat hello.txt built.txt; test -e /etc/motd || echo gone",
+        json!({}),
+    ));
+    assert_eq!(seen, "1001\n/app\nhi\nhi from oci\nbuilt\ngone");
+    let as_root = stdout_of(&run(&service, &id, "id -u", json!({"user": "root"})));
+    assert_eq!(as_root, "0");
+
+    for (name, body, status, says) in [
+        (
+            "broken",
+            b"not a tarball".to_vec(),
+            422,
+            "importing the image",
+        ),
+        ("node22", std::fs::read(&tarball).unwrap(), 400, "built-in"),
+    ] {
+        let (got, answer) = service.upload("POST", &format!("/images?name={name}"), &body);
+        assert_eq!(got, status, "{name}: {answer}");
+        assert!(answer.contains(says), "{name}: {answer}");
+    }
+    let images = service.call("GET", "/images", None, 200);
+    assert!(!images.to_string().contains("\"broken\""), "{images}");
+    // Nothing of the failed import is left in the service's folder.
+    let leftovers: Vec<_> = std::fs::read_dir(service.state.join("images"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(leftovers, ["bbapp"], "{leftovers:?}");
 }

@@ -23,8 +23,9 @@ fn is_false(value: &bool) -> bool {
 pub struct CreateBody {
     /// `base` (Debian bookworm, Python 3.11, Node 18; commands run as root in `/`),
     /// `python3.13`, `node22` or `node24` (Debian trixie; commands run as `user`, with
-    /// passwordless sudo, in `/home/user`). Default: the service's (`base` unless
-    /// `ember serve --default-runtime` says otherwise). A restore has its snapshot's.
+    /// passwordless sudo, in `/home/user`), or a container image imported with `POST
+    /// /images`. Default: the service's (`base` unless `ember serve --default-runtime` says
+    /// otherwise). A restore has its snapshot's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<String>,
     /// The older name for the base runtime: `default`, `python` or `node` (all `base`).
@@ -125,7 +126,8 @@ pub struct ExecBody {
     /// Working directory (default: the runtime's, `/home/user` or `/`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
-    /// `root`, or the runtime's own user (`user`; default: the runtime's, `root` in `base`).
+    /// `root`, or the runtime's own user (`user`, or an imported image's; default: the
+    /// runtime's, `root` in `base`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     /// Text written to the command's stdin.

@@ -31,7 +31,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics::metrics))
-        .route("/images", get(list_images))
+        .route("/images", get(list_images).post(crate::import::import))
         .route("/sandboxes", post(create_sandbox).get(list_sandboxes))
         .route("/sandboxes/{id}", get(get_sandbox).delete(delete_sandbox))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
@@ -320,7 +320,7 @@ pub fn check_limits(
     responses(
         (status = 201, description = "Running (booted, or restored from `snapshot`)", body = SandboxInfo),
         (status = 400, description = "Malformed JSON, unknown field or invalid value", body = ErrorDocument),
-        (status = 404, description = "No such snapshot or template", body = ErrorDocument),
+        (status = 404, description = "No such snapshot, template or runtime", body = ErrorDocument),
         (status = 409, description = "An egress network for a snapshot whose guest had no network device, or a snapshot of a runtime whose image is not here", body = ErrorDocument),
         (status = 413, description = "Request body too large", body = ErrorDocument),
         (status = 429, description = "The service runs as many sandboxes as it may", body = ErrorDocument),
@@ -403,8 +403,7 @@ async fn create_sandbox(
         None => state
             .config
             .runtimes
-            .choose(body.runtime.as_deref(), body.image.as_deref())?
-            .clone(),
+            .choose(body.runtime.as_deref(), body.image.as_deref())?,
     };
     let network = body.network.unwrap_or(network::NetworkMode::None {});
     check_limits(

@@ -275,10 +275,14 @@ fn exec_request(sandbox: &Sandbox, body: &ExecBody) -> Result<ExecRequest, ApiEr
         .runtime
         .unwrap_or_else(ember_client::images::RuntimeImage::base);
     let user = body.user.as_deref().unwrap_or(&image.user);
-    if !["root", ember_client::images::RUNTIME_USER].contains(&user) {
+    let plain = user.len() <= 32
+        && user.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-".contains(&b));
+    if !plain {
         return Err(ApiError::bad_request(format!(
-            "`user` must be \"root\" or \"{}\", not {user:?}",
-            ember_client::images::RUNTIME_USER
+            "`user` must be a user name (lowercase letters, digits, `_`, `-`), not {user:?}"
         )));
     }
     let (uid, gid) = image.ids_of(user).ok_or_else(|| {

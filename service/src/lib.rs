@@ -14,12 +14,14 @@ pub mod error;
 pub mod exec;
 pub mod files;
 pub mod gc;
+pub mod import;
 pub mod ingest;
 mod jail;
 mod launch;
 pub mod mem_cache;
 mod metrics;
 pub mod network;
+pub mod oci;
 pub mod openapi;
 pub mod pool;
 pub mod ports;
@@ -258,14 +260,18 @@ pub fn serve(args: ServeArgs) -> i32 {
         eprintln!("ember serve: no --rootfs given and none built (run `cargo xtask rootfs`)");
         return 2;
     };
-    let runtimes =
-        match runtimes::Runtimes::discover(&rootfs, &args.images, Some(&args.default_runtime)) {
-            Ok(runtimes) => runtimes,
-            Err(e) => {
-                eprintln!("ember serve: {e}");
-                return 2;
-            }
-        };
+    let runtimes = match runtimes::Runtimes::discover(
+        &rootfs,
+        &args.images,
+        Some(&args.default_runtime),
+        Some(&import::imported_dir(&state_dir)),
+    ) {
+        Ok(runtimes) => runtimes,
+        Err(e) => {
+            eprintln!("ember serve: {e}");
+            return 2;
+        }
+    };
     let vmm_program = match vmm_program() {
         Ok(program) => program,
         Err(e) => {

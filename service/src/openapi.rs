@@ -24,6 +24,7 @@ use crate::{api, exec, files, metrics, snapshots, templates};
         api::healthz,
         api::openapi,
         api::list_images,
+        crate::import::import,
         metrics::metrics,
         api::create_sandbox,
         api::list_sandboxes,
@@ -80,6 +81,8 @@ const GUEST_PATH_PATTERN: &str =
     r"^(/([^/.\u0000][^/\u0000]{0,254}|\.[^/.\u0000][^/\u0000]{0,253}|\.\.[^/\u0000]{1,253})?)+$";
 /// An IPv4 address with an optional prefix length, as [`ember_client::types::Cidr`] parses it.
 const CIDR_PATTERN: &str = r"^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(/(3[0-2]|[12]?[0-9]))?$";
+/// A user name as exec takes it (`root`, `user`, or an imported image's own).
+const USER_PATTERN: &str = "^[a-z_][a-z0-9_-]{0,31}$";
 /// Text without NUL.
 const NO_NUL_PATTERN: &str = r"^[^\u0000]*$";
 /// Padded standard base64.
@@ -185,15 +188,10 @@ fn add_limits(doc: &mut Value) {
         "image",
         json!({"enum": ember_client::images::BASE_ALIASES}),
     );
-    let mut runtimes = vec![ember_client::images::BASE_RUNTIME];
-    runtimes.extend(ember_client::images::RUNTIMES);
-    limit(
-        doc,
-        "CreateBody",
-        "runtime",
-        json!({"enum": runtimes.clone()}),
-    );
-    limit(doc, "TemplateBody", "runtime", json!({"enum": runtimes}));
+    // Built-in runtimes or imported images' names.
+    let runtime = json!({"pattern": "^[a-z0-9][a-z0-9._-]{0,63}$"});
+    limit(doc, "CreateBody", "runtime", runtime.clone());
+    limit(doc, "TemplateBody", "runtime", runtime);
     limit(
         doc,
         "TemplateBody",
@@ -230,12 +228,7 @@ fn add_limits(doc: &mut Value) {
         "content_base64",
         json!({"pattern": BASE64_PATTERN}),
     );
-    limit(
-        doc,
-        "ExecBody",
-        "user",
-        json!({"enum": ["root", ember_client::images::RUNTIME_USER]}),
-    );
+    limit(doc, "ExecBody", "user", json!({"pattern": USER_PATTERN}));
     limit(
         doc,
         "CreateBody",

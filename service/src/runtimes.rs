@@ -1,8 +1,10 @@
-//! The runtimes a service offers (`base` and the images `cargo xtask images` built), which
-//! one a request gets, and which image a snapshot of each must be restored over.
+//! The runtimes a service offers (`base`, the images `cargo xtask images` built, and
+//! container images imported with `POST /images`), which one a request gets, and which image
+//! a snapshot of each must be restored over.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 use ember_client::images::{
     ImageInfo, ImageList, RuntimeImage, BASE_ALIASES, BASE_RUNTIME, RUNTIMES,
@@ -24,8 +26,37 @@ pub struct Image {
 /// The runtimes of one service.
 #[derive(Debug)]
 pub struct Runtimes {
-    images: BTreeMap<String, Image>,
+    images: RwLock<BTreeMap<String, Image>>,
     default: String,
+    /// Where imported images live (STATE_DIR/images), if this service imports any.
+    imported: Option<PathBuf>,
+}
+
+/// Whether `name` may name an imported runtime: lowercase letters, digits, `.`, `_`, `-`,
+/// starting with a letter or digit, at most 64.
+pub fn valid_runtime_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 64
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(b))
+}
+
+/// The newest complete image (`rootfs.ext4` and its manifest) under `dir/KEY/`.
+fn newest_in(dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("rootfs.ext4"))
+        .filter(|p| {
+            p.with_file_name(ember_client::images::IMAGE_MANIFEST)
+                .exists()
+        })
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max()
+        .map(|(_, p)| p)
 }
 
 /// Why a service cannot offer its runtimes.
@@ -53,12 +84,13 @@ pub enum RuntimesError {
 }
 
 impl Runtimes {
-    /// `base` over `base_rootfs`, each of `given` (`RUNTIME=PATH`), and the newest build of
-    /// every other runtime that has one.
+    /// `base` over `base_rootfs`, each of `given` (`RUNTIME=PATH`), the newest build of
+    /// every other runtime that has one, and the images imported under `imported`.
     pub fn discover(
         base_rootfs: &Path,
         given: &[String],
         default: Option<&str>,
+        imported: Option<&Path>,
     ) -> Result<Runtimes, RuntimesError> {
         let mut paths: BTreeMap<String, PathBuf> = BTreeMap::new();
         for spec in given {
@@ -75,6 +107,21 @@ impl Runtimes {
                 if let Some(path) = ember_sandbox::defaults::default_runtime_image(name) {
                     paths.insert(name.to_string(), path);
                 }
+            }
+        }
+        let imported_names: Vec<String> = imported
+            .and_then(|dir| std::fs::read_dir(dir).ok())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| {
+                valid_runtime_name(n) && n != BASE_RUNTIME && !RUNTIMES.contains(&n.as_str())
+            })
+            .collect();
+        for name in imported_names {
+            if let Some(path) = imported.and_then(|dir| newest_in(&dir.join(&name))) {
+                paths.insert(name, path);
             }
         }
         let mut images = BTreeMap::from([(
@@ -107,26 +154,54 @@ impl Runtimes {
                 images.keys().cloned().collect(),
             ));
         }
-        Ok(Runtimes { images, default })
+        Ok(Runtimes {
+            images: RwLock::new(images),
+            default,
+            imported: imported.map(Path::to_path_buf),
+        })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Image>> {
+        self.images.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Offers `image` (an import) as runtime `name` from now on.
+    pub fn add(&self, name: &str, image: Image) {
+        self.images
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), image);
+    }
+
+    /// Whether `name` is one of ember's own runtimes (which imports may not replace).
+    pub fn is_built_in(&self, name: &str) -> bool {
+        name == BASE_RUNTIME || RUNTIMES.contains(&name)
+    }
+
+    pub fn built_in(&self) -> Vec<&'static str> {
+        std::iter::once(BASE_RUNTIME)
+            .chain(RUNTIMES.iter().copied())
+            .collect()
     }
 
     /// A service of `base` only (tests).
     pub fn base_only(base_rootfs: &Path) -> Runtimes {
         Runtimes {
-            images: BTreeMap::from([(
+            imported: None,
+            images: RwLock::new(BTreeMap::from([(
                 BASE_RUNTIME.to_string(),
                 Image {
                     rootfs: base_rootfs.to_path_buf(),
                     info: RuntimeImage::base(),
                 },
-            )]),
+            )])),
             default: BASE_RUNTIME.into(),
         }
     }
 
     /// The image a create gets: its `runtime`, else its legacy `image` (a name of `base`),
     /// else the service's default.
-    pub fn choose(&self, runtime: Option<&str>, image: Option<&str>) -> Result<&Image, ApiError> {
+    pub fn choose(&self, runtime: Option<&str>, image: Option<&str>) -> Result<Image, ApiError> {
         let name = match (runtime, image) {
             (Some(_), Some(_)) => {
                 return Err(ApiError::bad_request(
@@ -144,16 +219,22 @@ impl Runtimes {
             }
             (None, None) => &self.default,
         };
-        self.images.get(name).ok_or_else(|| {
+        let found = self.read().get(name).cloned();
+        found.ok_or_else(|| {
             let hint = if RUNTIMES.contains(&name) {
-                format!(" (it is not built on this host: `cargo xtask images {name}`)")
+                " (it is not built on this host: `cargo xtask images`)"
             } else {
-                String::new()
+                ""
             };
-            ApiError::bad_request(format!(
-                "unknown runtime {name:?}{hint}; this service has {:?}",
-                self.names()
-            ))
+            ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "not_found",
+                format!(
+                    "no runtime {name:?}{hint}; this service has {:?} (`POST /images` imports \
+                     a container image as one)",
+                    self.names()
+                ),
+            )
         })
     }
 
@@ -174,22 +255,32 @@ impl Runtimes {
                 format!("snapshot {snapshot} ran the {name} runtime, {why}"),
             )
         };
-        let current = self.images.get(name).ok_or_else(|| {
+        let current = self.read().get(name).cloned().ok_or_else(|| {
             conflict(format!(
                 "which this service does not have ({:?})",
                 self.names()
             ))
         })?;
         if name == BASE_RUNTIME {
-            return Ok(current.clone());
+            return Ok(current);
         }
         let key = metadata.get(RUNTIME_KEY_LABEL).map_or("", String::as_str);
         if key == current.info.key {
-            return Ok(current.clone());
+            return Ok(current);
         }
         let well_formed = key.len() == 16 && key.bytes().all(|b| b.is_ascii_hexdigit());
+        let older_path = |key: &str| {
+            if self.is_built_in(name) {
+                ember_sandbox::defaults::runtime_image_by_key(name, key)
+            } else {
+                self.imported
+                    .as_ref()
+                    .map(|dir| dir.join(name).join(key).join("rootfs.ext4"))
+                    .filter(|p| p.exists())
+            }
+        };
         let older = well_formed
-            .then(|| ember_sandbox::defaults::runtime_image_by_key(name, key))
+            .then(|| older_path(key))
             .flatten()
             .and_then(|rootfs| {
                 let info = RuntimeImage::read_beside(&rootfs).ok()?;
@@ -214,15 +305,15 @@ impl Runtimes {
         ])
     }
 
-    pub fn names(&self) -> Vec<&str> {
-        self.images.keys().map(String::as_str).collect()
+    pub fn names(&self) -> Vec<String> {
+        self.read().keys().cloned().collect()
     }
 
     /// `GET /images`.
     pub fn list(&self) -> ImageList {
         ImageList {
             images: self
-                .images
+                .read()
                 .values()
                 .map(|image| ImageInfo {
                     image: image.info.clone(),
@@ -264,7 +355,8 @@ mod tests {
     fn requests_get_their_runtime_the_legacy_image_names_or_the_default() {
         let node = image_dir("node22", "00000000000000aa");
         let given = [format!("node22={}", node.display())];
-        let runtimes = Runtimes::discover(Path::new("/base"), &given, Some("node22")).unwrap();
+        let runtimes =
+            Runtimes::discover(Path::new("/base"), &given, Some("node22"), None).unwrap();
         assert_eq!(runtimes.choose(None, None).unwrap().info.runtime, "node22");
         assert_eq!(
             runtimes.choose(None, Some("python")).unwrap().info.runtime,
@@ -275,7 +367,7 @@ mod tests {
             Path::new("/base")
         );
         for (runtime, image, says) in [
-            (Some("ruby3"), None, "unknown runtime \"ruby3\""),
+            (Some("ruby3"), None, "no runtime \"ruby3\""),
             (Some("node22"), Some("default"), "not both"),
             (None, Some("node22"), "`image` takes"),
         ] {
@@ -289,18 +381,18 @@ mod tests {
     fn a_service_refuses_images_it_cannot_use() {
         let python = image_dir("python3.13", "00000000000000bb");
         let wrong = [format!("node22={}", python.display())];
-        let err = Runtimes::discover(Path::new("/base"), &wrong, None).unwrap_err();
+        let err = Runtimes::discover(Path::new("/base"), &wrong, None, None).unwrap_err();
         assert!(
             err.to_string().contains("says it is \"python3.13\""),
             "{err}"
         );
         let unknown = ["ruby3=/x".to_string()];
         assert!(matches!(
-            Runtimes::discover(Path::new("/base"), &unknown, None),
+            Runtimes::discover(Path::new("/base"), &unknown, None, None),
             Err(RuntimesError::Unknown { .. })
         ));
         assert!(matches!(
-            Runtimes::discover(Path::new("/base"), &["node22".to_string()], None),
+            Runtimes::discover(Path::new("/base"), &["node22".to_string()], None, None),
             Err(RuntimesError::Malformed(_))
         ));
         std::fs::remove_dir_all(python.parent().unwrap()).unwrap();
@@ -310,7 +402,7 @@ mod tests {
     fn snapshots_restore_over_the_image_they_ran_and_only_that_one() {
         let node = image_dir("node22", "00000000000000cc");
         let given = [format!("node22={}", node.display())];
-        let runtimes = Runtimes::discover(Path::new("/base"), &given, None).unwrap();
+        let runtimes = Runtimes::discover(Path::new("/base"), &given, None, None).unwrap();
         let labels = Runtimes::labels(&runtimes.choose(Some("node22"), None).unwrap().info);
         assert_eq!(runtimes.for_snapshot("s", &labels).unwrap().rootfs, node);
         assert_eq!(

@@ -104,12 +104,10 @@ fn save(state: &AppState, info: &TemplateInfo) -> Result<(), ApiError> {
     let dir = templates_dir(state);
     let write = || -> std::io::Result<()> {
         std::fs::create_dir_all(&dir)?;
-        let tmp = dir.join(format!(".{}.json.tmp", info.name));
-        let mut file = std::fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut file, &serde_json::to_vec_pretty(info)?)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, dir.join(format!("{}.json", info.name)))?;
-        std::fs::File::open(&dir)?.sync_all()
+        crate::access::write_atomically(
+            &dir.join(format!("{}.json", info.name)),
+            &serde_json::to_vec_pretty(info)?,
+        )
     };
     write().map_err(|e| ApiError::internal(format!("saving template {}: {e}", info.name)))
 }
@@ -473,8 +471,7 @@ async fn build(state: &Arc<AppState>, body: &TemplateBody) -> Result<TemplateInf
     let image = state
         .config
         .runtimes
-        .choose(body.runtime.as_deref(), None)?
-        .clone();
+        .choose(body.runtime.as_deref(), None)?;
     let (step_names, final_name) = step_snapshots(&image.info.runtime, &image.info.key, body);
     let exists = |name: &str| state.store.load_manifest(name).is_ok();
     let finish = |steps_cached: usize| TemplateInfo {
@@ -539,6 +536,7 @@ async fn build(state: &Arc<AppState>, body: &TemplateBody) -> Result<TemplateInf
     responses(
         (status = 201, description = "Built (or found built: every step cached)", body = TemplateInfo),
         (status = 400, description = "Malformed JSON, unknown field or invalid value", body = ErrorDocument),
+        (status = 404, description = "No such runtime", body = ErrorDocument),
         (status = 409, description = "The template is being built by another request", body = ErrorDocument),
         (status = 413, description = "Request body too large", body = ErrorDocument),
         (status = 422, description = "A step failed or the ready command never succeeded: the error names it and quotes the end of its output", body = ErrorDocument),

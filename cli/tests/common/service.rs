@@ -141,14 +141,14 @@ impl Service {
         (code.trim().parse().unwrap_or(0), body.to_string())
     }
 
-    /// `PUT` of `bytes` on the service's socket: (HTTP status, body).
-    pub fn curl_put(&self, path: &str, bytes: &[u8]) -> (u16, String) {
+    /// `method` with `bytes` as the body on the service's socket: (HTTP status, body).
+    pub fn upload(&self, method: &str, path: &str, bytes: &[u8]) -> (u16, String) {
         let file = self.state.join("put-body");
         std::fs::write(&file, bytes).unwrap();
         let out = Command::new("curl")
             .args(["-sS", "--max-time", "600", "--unix-socket"])
             .arg(&self.socket)
-            .args(["-X", "PUT", "-w", "\n%{http_code}", "--data-binary"])
+            .args(["-X", method, "-w", "\n%{http_code}", "--data-binary"])
             .arg(format!("@{}", file.display()))
             .arg(format!("http://ember{path}"))
             .output()
