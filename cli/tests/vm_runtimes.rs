@@ -92,13 +92,18 @@ fn vmtest_runtimes_run_commands_as_their_user_with_their_tools_and_keep_that_whe
         json!({}),
     ));
     assert_eq!(owners, "user\nroot");
-    service.refuse(
-        "POST",
-        &format!("/sandboxes/{node}/exec?wait=true"),
-        Some(r#"{"cmd": "true", "user": "nobody"}"#),
-        400,
-        "invalid_request",
-    );
+    for (user, status, code) in [
+        ("nobody", 409, "no_such_user"),
+        ("../x", 400, "invalid_request"),
+    ] {
+        service.refuse(
+            "POST",
+            &format!("/sandboxes/{node}/exec?wait=true"),
+            Some(&json!({"cmd": "true", "user": user}).to_string()),
+            status,
+            code,
+        );
+    }
 
     let python = service.create(json!({"runtime": "python3.13"}));
     let version = stdout_of(&run(&service, &python, "python3 --version", json!({})));

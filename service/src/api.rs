@@ -279,13 +279,28 @@ enum VmmFailures {
 pub(crate) const MIN_DISK_BYTES_PER_SEC: u64 = 1 << 20;
 pub(crate) const MIN_DISK_OPS_PER_SEC: u64 = 100;
 
-/// Refuses disk rates below the minimums, network rates of zero (a field left out is no
+/// The highest rate a limit may give (bytes or operations per second): beyond it a token
+/// bucket's arithmetic would overflow, and no device is that fast.
+pub(crate) const MAX_RATE: u64 = 1 << 50;
+
+/// Refuses rates above [`MAX_RATE`], disk rates below the minimums, network rates of zero (a field left out is no
 /// limit) and network limits without a network.
 pub fn check_limits(
     disk: Option<&ember_vmm::RateLimit>,
     net: Option<&ember_vmm::NetRateLimits>,
     network: &network::NetworkMode,
 ) -> Result<(), ApiError> {
+    let rates = [disk, net.map(|n| &n.rx), net.map(|n| &n.tx)];
+    if rates.into_iter().flatten().any(|limit| {
+        [limit.bytes_per_sec, limit.ops_per_sec]
+            .into_iter()
+            .flatten()
+            .any(|rate| rate > MAX_RATE)
+    }) {
+        return Err(ApiError::bad_request(format!(
+            "rates in `disk_limits` and `net_limits` may be at most {MAX_RATE} per second"
+        )));
+    }
     let below = |limit: &ember_vmm::RateLimit, bytes: u64, ops: u64| {
         limit.bytes_per_sec.is_some_and(|rate| rate < bytes)
             || limit.ops_per_sec.is_some_and(|rate| rate < ops)

@@ -276,7 +276,12 @@ fn add_limits(doc: &mut Value) {
         json!({"minimum": 1, "maximum": snapshots::MAX_FORK}),
     );
     for field in ["bytes_per_sec", "ops_per_sec"] {
-        limit(doc, "RateLimit", field, json!({"minimum": 1}));
+        limit(
+            doc,
+            "RateLimit",
+            field,
+            json!({"minimum": 1, "maximum": api::MAX_RATE}),
+        );
     }
     let disk_minimums = json!({"properties": {
         "bytes_per_sec": {"minimum": api::MIN_DISK_BYTES_PER_SEC},

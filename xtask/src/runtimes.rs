@@ -19,7 +19,8 @@ use crate::util::{cache_root, publish, run, InputHash};
 const SUITE: &str = "trixie";
 /// Everything every runtime has; Python 3.13 is trixie's `python3`.
 const INCLUDE: &str = "python3,python3-pip,python3-venv,git,ca-certificates,sudo,curl,procps";
-const RECIPE: &str = "runtime-image-v1: trixie tree + user/sudo + node/npm from npm + agent";
+const RECIPE: &str =
+    "runtime-image-v2: trixie tree + user/sudo + node/npm from npm + agent + build_ms";
 const IMAGE_SIZE_MIB: u64 = 2048;
 const USER: &str = ember_client::images::RUNTIME_USER;
 const UID: u32 = 1000;

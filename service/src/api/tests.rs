@@ -148,6 +148,14 @@ async fn bad_requests_get_json_errors_with_the_right_status() {
             StatusCode::BAD_REQUEST,
             "invalid_request",
         ),
+        (
+            "POST",
+            "/sandboxes",
+            r#"{"network":{"mode":"egress"},"net_limits":{"tx":{"ops_per_sec":9223372036854775808}}}"#
+                .into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
         // Serde would read a list as a struct's fields in order.
         (
             "POST",
