@@ -69,8 +69,22 @@ pub struct BuildArgs {
     pub json: bool,
 }
 
+/// Why `ember template build`'s arguments make no template request.
+#[derive(Debug, thiserror::Error)]
+pub enum ArgsError {
+    #[error("--copy {0}: expected SRC:DST")]
+    CopySpec(String),
+    #[error("--copy {spec}: reading {source_path}: {source}")]
+    Read {
+        spec: String,
+        source_path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 impl BuildArgs {
-    fn body(&self) -> Result<TemplateBody, String> {
+    fn body(&self) -> Result<TemplateBody, ArgsError> {
         let mut steps = Vec::new();
         if !self.apt.is_empty() {
             steps.push(TemplateStep::Apt(self.apt.clone()));
@@ -78,9 +92,12 @@ impl BuildArgs {
         for copy in &self.copy {
             let (source, dest) = copy
                 .split_once(':')
-                .ok_or_else(|| format!("--copy {copy}: expected SRC:DST"))?;
-            let bytes = std::fs::read(PathBuf::from(source))
-                .map_err(|e| format!("--copy {copy}: reading {source}: {e}"))?;
+                .ok_or_else(|| ArgsError::CopySpec(copy.clone()))?;
+            let bytes = std::fs::read(PathBuf::from(source)).map_err(|e| ArgsError::Read {
+                spec: copy.clone(),
+                source_path: source.to_string(),
+                source: e,
+            })?;
             steps.push(TemplateStep::Copy(CopyFile {
                 path: dest.to_string(),
                 content_base64: base64::engine::general_purpose::STANDARD.encode(bytes),

@@ -21,7 +21,8 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use ember_client::responses::{ExecResult, SandboxInfo, SnapshotTaken};
 use ember_client::templates::{
-    valid_template_name, ReadyCheck, TemplateBody, TemplateInfo, TemplateList, TemplateStep,
+    valid_template_name, CopyFile, ReadyCheck, TemplateBody, TemplateInfo, TemplateList,
+    TemplateStep,
 };
 use ember_client::types::{CreateBody, ErrorDocument, ExecBody, NetworkMode, SnapshotBody};
 use serde::de::DeserializeOwned;
@@ -279,8 +280,13 @@ fn how_it_ended(result: &ExecResult) -> String {
     }
 }
 
-/// One step's command: what it runs and as whom.
-fn step_command(step: &TemplateStep) -> Option<ExecBody> {
+/// What one step does: run a command (as whom), or write a file.
+enum StepAction<'a> {
+    Exec(ExecBody),
+    Write(&'a CopyFile),
+}
+
+fn step_action(step: &TemplateStep) -> StepAction<'_> {
     let sh = |script: String, user: Option<&str>| ExecBody {
         cmd: "sh".into(),
         args: vec!["-c".into(), script, "ember-template".into()],
@@ -292,7 +298,7 @@ fn step_command(step: &TemplateStep) -> Option<ExecBody> {
         body.args.extend(packages.iter().cloned());
         body
     };
-    Some(match step {
+    StepAction::Exec(match step {
         TemplateStep::Apt(packages) => with_args(
             sh(
                 "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
@@ -316,7 +322,7 @@ fn step_command(step: &TemplateStep) -> Option<ExecBody> {
             packages,
         ),
         TemplateStep::Run(cmd) => sh(cmd.clone(), None),
-        TemplateStep::Copy(_) => return None,
+        TemplateStep::Copy(copy) => return StepAction::Write(copy),
     })
 }
 
@@ -385,28 +391,10 @@ impl BuildSandbox {
         step: &TemplateStep,
     ) -> Result<(), ApiError> {
         let label = describe_step(n, step);
-        if let TemplateStep::Copy(copy) = step {
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(&copy.content_base64)
-                .map_err(|e| ApiError::bad_request(format!("{label}: {e}")))?;
-            let mode = copy.mode.as_deref().unwrap_or("644");
-            let uri = format!(
-                "/sandboxes/{}/files?path={}&mode={mode}",
-                self.id,
-                ember_client::encode_query(&copy.path)
-            );
-            let _: serde_json::Value = call_raw(
-                &self.state,
-                Method::PUT,
-                &uri,
-                "application/octet-stream",
-                Body::from(bytes),
-            )
-            .await
-            .map_err(|e| prefix(e, &format!("template {template}: {label}")))?;
-            return Ok(());
-        }
-        let body = step_command(step).expect("every step but copy runs a command");
+        let body = match step_action(step) {
+            StepAction::Exec(body) => body,
+            StepAction::Write(copy) => return self.write(template, &label, copy).await,
+        };
         let result = self
             .exec(&body)
             .await
@@ -414,6 +402,29 @@ impl BuildSandbox {
         if result.exit.exit_code != Some(0) {
             return Err(step_failed(template, &label, &result));
         }
+        Ok(())
+    }
+
+    /// A copy step: the file through `PUT …/files`.
+    async fn write(&self, template: &str, label: &str, copy: &CopyFile) -> Result<(), ApiError> {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&copy.content_base64)
+            .map_err(|e| ApiError::bad_request(format!("{label}: {e}")))?;
+        let mode = copy.mode.as_deref().unwrap_or("644");
+        let uri = format!(
+            "/sandboxes/{}/files?path={}&mode={mode}",
+            self.id,
+            ember_client::encode_query(&copy.path)
+        );
+        let _: serde_json::Value = call_raw(
+            &self.state,
+            Method::PUT,
+            &uri,
+            "application/octet-stream",
+            Body::from(bytes),
+        )
+        .await
+        .map_err(|e| prefix(e, &format!("template {template}: {label}")))?;
         Ok(())
     }
 
@@ -695,16 +706,17 @@ mod tests {
 
     #[test]
     fn step_commands_pass_packages_as_arguments_not_shell_text() {
+        let exec = |step: &TemplateStep| match step_action(step) {
+            StepAction::Exec(body) => body,
+            StepAction::Write(_) => panic!("{step:?} writes a file"),
+        };
         let step = TemplateStep::Pip(vec!["requests==2.32.3".into(), "a;b".into()]);
-        let body = step_command(&step).unwrap();
+        let body = exec(&step);
         assert_eq!(body.cmd, "sh");
         assert_eq!(&body.args[3..], ["requests==2.32.3", "a;b"]);
         assert!(body.args[1].contains("\"$@\""));
         assert_eq!(
-            step_command(&TemplateStep::Apt(vec!["jq".into()]))
-                .unwrap()
-                .user
-                .as_deref(),
+            exec(&TemplateStep::Apt(vec!["jq".into()])).user.as_deref(),
             Some("root")
         );
     }

@@ -78,7 +78,8 @@ pub fn extra_cas(given: Option<&Path>) -> Result<Vec<u8>> {
 /// `npm pack`s `package@version` from the registry this host's npm uses into the cache.
 fn npm_package(package: &str, version: &str) -> Result<PathBuf> {
     let dir = cache_root().join("npm");
-    let file = dir.join(format!("{package}-{version}.tgz"));
+    let name = format!("{package}-{version}.tgz");
+    let file = dir.join(&name);
     if file.exists() {
         return Ok(file);
     }
@@ -92,7 +93,7 @@ fn npm_package(package: &str, version: &str) -> Result<PathBuf> {
         .arg("--pack-destination")
         .arg(&staging)
         .stdout(std::process::Stdio::null()))?;
-    publish(&staging.join(file.file_name().expect("a file name")), &file)?;
+    publish(&staging.join(&name), &file)?;
     fs::remove_dir_all(&staging).ok();
     Ok(file)
 }
