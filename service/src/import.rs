@@ -45,6 +45,19 @@ pub fn imported_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("images")
 }
 
+/// Removes the work folders of imports a previous run of the service did not finish.
+pub fn remove_unfinished(state_dir: &Path) {
+    for entry in std::fs::read_dir(imported_dir(state_dir))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if entry.file_name().to_string_lossy().starts_with(".import-") {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 fn refuse(err: ImportError) -> ApiError {
     let status = match err {
         ImportError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,

@@ -260,6 +260,7 @@ pub fn serve(args: ServeArgs) -> i32 {
         eprintln!("ember serve: no --rootfs given and none built (run `cargo xtask rootfs`)");
         return 2;
     };
+    import::remove_unfinished(&state_dir);
     let runtimes = match runtimes::Runtimes::discover(
         &rootfs,
         &args.images,

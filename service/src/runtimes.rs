@@ -255,7 +255,9 @@ impl Runtimes {
                 format!("snapshot {snapshot} ran the {name} runtime, {why}"),
             )
         };
-        let current = self.read().get(name).cloned().ok_or_else(|| {
+        // (The lookup's read lock ends before the error takes another.)
+        let found = self.read().get(name).cloned();
+        let current = found.ok_or_else(|| {
             conflict(format!(
                 "which this service does not have ({:?})",
                 self.names()
