@@ -47,6 +47,9 @@ fn service() -> &'static Service {
                 store_dir: dir.join("store"),
                 kernel: "/nonexistent/vmlinux".into(),
                 rootfs: "/nonexistent/rootfs.ext4".into(),
+                runtimes: ember_service::runtimes::Runtimes::base_only(
+                    "/nonexistent/rootfs.ext4".as_ref(),
+                ),
                 vmm_program: "/nonexistent/ember-vmm".into(),
                 // Every valid create is refused (429) after its body was checked.
                 max_sandboxes: 0,
@@ -65,6 +68,7 @@ fn service() -> &'static Service {
             )),
             pool: None,
             remote: None,
+            templates: Default::default(),
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
