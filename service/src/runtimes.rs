@@ -44,6 +44,17 @@ pub fn valid_runtime_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(b))
 }
 
+/// The runtimes every service has: `base` over `rootfs`.
+fn base_images(rootfs: &Path) -> BTreeMap<String, Image> {
+    BTreeMap::from([(
+        BASE_RUNTIME.to_string(),
+        Image {
+            rootfs: rootfs.to_path_buf(),
+            info: RuntimeImage::base(),
+        },
+    )])
+}
+
 /// The newest complete image (`rootfs.ext4` and its manifest) under `dir/KEY/`.
 fn newest_in(dir: &Path) -> Option<PathBuf> {
     std::fs::read_dir(dir)
@@ -124,13 +135,7 @@ impl Runtimes {
                 paths.insert(name, path);
             }
         }
-        let mut images = BTreeMap::from([(
-            BASE_RUNTIME.to_string(),
-            Image {
-                rootfs: base_rootfs.to_path_buf(),
-                info: RuntimeImage::base(),
-            },
-        )]);
+        let mut images = base_images(base_rootfs);
         for (name, rootfs) in paths {
             let info =
                 RuntimeImage::read_beside(&rootfs).map_err(|source| RuntimesError::Manifest {
@@ -188,13 +193,7 @@ impl Runtimes {
     pub fn base_only(base_rootfs: &Path) -> Runtimes {
         Runtimes {
             imported: None,
-            images: RwLock::new(BTreeMap::from([(
-                BASE_RUNTIME.to_string(),
-                Image {
-                    rootfs: base_rootfs.to_path_buf(),
-                    info: RuntimeImage::base(),
-                },
-            )])),
+            images: RwLock::new(base_images(base_rootfs)),
             default: BASE_RUNTIME.into(),
         }
     }
