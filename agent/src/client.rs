@@ -25,8 +25,10 @@ use crate::protocol::{
 mod connect;
 mod execution;
 mod files;
+mod fsops;
 
 pub use execution::{Execution, StdinWriter};
+pub use fsops::{Watch, WatchNext};
 
 /// Entropy bytes [`AgentClient::resync_now`] sends.
 pub const RESYNC_ENTROPY_BYTES: usize = 64;
@@ -189,6 +191,16 @@ impl Inner {
         })
     }
 
+    /// Asks the agent to end the stream of request `id` and forgets it. The `Cancel` has
+    /// an id of its own that nothing waits on: its answer is dropped.
+    fn cancel(&self, id: u64) {
+        let cancel_id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        // A connection that is gone has ended the stream already.
+        self.send(cancel_id, RequestBody::Cancel { target: id })
+            .ok();
+        self.unregister(id);
+    }
+
     fn unregister(&self, id: u64) {
         if let Some(slot) = lock(&self.pending).slots.remove(&id) {
             slot.credit.close();
@@ -280,6 +292,7 @@ fn output_len(body: &ResponseBody) -> Option<u64> {
         ResponseBody::Stdout { data }
         | ResponseBody::Stderr { data }
         | ResponseBody::FileChunk { data } => Some(data.len() as u64),
+        ResponseBody::Watch(event) => Some(crate::protocol::watch_event_cost(event)),
         _ => None,
     }
 }
@@ -300,13 +313,13 @@ impl OutputAcker {
         }
     }
 
-    fn consumed(&mut self, inner: &Inner, bytes: usize) {
+    fn consumed(&mut self, inner: &Inner, bytes: u64) {
         let _ = self
             .unconsumed
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
-                Some(held.saturating_sub(bytes as u64))
+                Some(held.saturating_sub(bytes))
             });
-        self.unacked += bytes as u64;
+        self.unacked += bytes;
         if self.unacked >= ACK_THRESHOLD {
             // A failed send means the connection is gone; the next receive reports it.
             inner
@@ -381,13 +394,24 @@ impl AgentClient {
         id: u64,
         rx: &Receiver<ResponseBody>,
     ) -> Result<ResponseBody> {
-        match rx.recv_timeout(self.request_timeout) {
+        self.next_response_within(what, id, rx, self.request_timeout)
+    }
+
+    /// As [`next_response`](Self::next_response), waiting at most `timeout`.
+    fn next_response_within(
+        &self,
+        what: &str,
+        id: u64,
+        rx: &Receiver<ResponseBody>,
+        timeout: Duration,
+    ) -> Result<ResponseBody> {
+        match rx.recv_timeout(timeout) {
             Ok(body) => Ok(body),
             Err(RecvTimeoutError::Timeout) => {
                 self.inner.unregister(id);
                 Err(ClientError::Timeout {
                     what: format!("{what} (request {id})"),
-                    timeout: self.request_timeout,
+                    timeout,
                 })
             }
             Err(RecvTimeoutError::Disconnected) => Err(self.inner.disconnected()),
@@ -396,12 +420,22 @@ impl AgentClient {
 
     /// Sends a request and waits for its one final response.
     fn call(&self, what: &'static str, body: RequestBody) -> Result<ResponseBody> {
+        self.call_within(what, body, self.request_timeout)
+    }
+
+    /// As [`call`](Self::call), waiting at most `timeout` for the answer.
+    fn call_within(
+        &self,
+        what: &'static str,
+        body: RequestBody,
+        timeout: Duration,
+    ) -> Result<ResponseBody> {
         let Registered { id, rx, .. } = self.inner.register()?;
         if let Err(err) = self.inner.send(id, body) {
             self.inner.unregister(id);
             return Err(err);
         }
-        match self.next_response(what, id, &rx)? {
+        match self.next_response_within(what, id, &rx, timeout)? {
             ResponseBody::Error(err) => Err(ClientError::Remote(err)),
             body => Ok(body),
         }

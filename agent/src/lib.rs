@@ -13,6 +13,7 @@ pub mod init;
 pub mod protocol;
 pub mod resync;
 pub mod server;
+pub mod tarball;
 
 /// The I/O ports of ember's boot timer, the byte that marks "userspace reached" and the
 /// offset of the first milestone register. Must match `ember_devices::boot_timer` (a test

@@ -16,15 +16,16 @@
 //! Every frame carries an `id: u64` chosen by the client; every response to a request carries
 //! the request's id, so many requests can be in flight on one connection. A request gets any
 //! number of intermediate responses and then exactly one final one ([`ResponseBody::is_final`]):
-//! `Hello`, `Exited`, `Done`, `StatResult` or `Error`. Follow-up frames of a streaming request
-//! (`Stdin`, `StdinClose`, `FileData`, `FileEnd`, `Ack`) reuse the id of the request they
-//! belong to.
+//! `Hello`, `Exited`, `Done`, `StatResult`, `Listing`, `Entry`, `Extracted` or `Error`.
+//! Follow-up frames of a streaming request (`Stdin`, `StdinClose`, `FileData`, `FileEnd`,
+//! `Ack`) reuse the id of the request they belong to.
 //!
 //! # Flow control
 //!
 //! Each direction of a stream has a window of [`STREAM_WINDOW`] bytes: a sender may have at
 //! most that many data bytes (`Stdin`/`FileData` from the host, `Stdout`/`Stderr`/`FileChunk`
-//! from the guest) sent and not yet acknowledged, and the receiver acknowledges what it has
+//! from the guest, and each `Watch` event's [`watch_event_cost`]) sent and not yet
+//! acknowledged, and the receiver acknowledges what it has
 //! consumed with `Ack { bytes }` frames carrying the stream's id. Memory stays bounded on both
 //! sides however large a file or an output is, and a command that does not read its stdin
 //! cannot block the connection for the other requests.
@@ -59,6 +60,22 @@ pub const MAX_RESYNC_ENTROPY: usize = 512;
 /// without it (older ones, e.g. inside an older snapshot) cannot decode that request and
 /// answer it with an [`ErrorKind::Protocol`] error.
 pub const CAP_RESYNC: &str = "resync";
+
+/// The capability (in `Hello`) of an agent that handles the files requests added after
+/// `Resync`: [`RequestBody::ListDir`], `Lstat`, `Remove`, `Rename`, `ReadTar`, `WriteTar`,
+/// `Watch` and `Cancel`. Older agents answer them with an [`ErrorKind::Protocol`] error.
+pub const CAP_FILES: &str = "files";
+
+mod files;
+pub use files::{
+    watch_event_cost, DirEntry, TarSummary, WatchEvent, WatchKind, MAX_LIST_BYTES, MAX_LIST_ENTRIES,
+};
+/// The capability (in `Hello`) of an agent that handles [`RequestBody::ExecPty`] and
+/// [`RequestBody::Resize`]. Older agents cannot decode them.
+pub const CAP_PTY: &str = "pty";
+
+/// The `TERM` a command on a pseudo-terminal gets unless its environment sets one.
+pub const PTY_DEFAULT_TERM: &str = "xterm-256color";
 
 /// A frame from the host to the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +139,57 @@ pub enum RequestBody {
         #[serde(with = "serde_bytes")]
         entropy: Vec<u8>,
     },
+    /// The entries of the directory `path` (symlinks in it not followed), at most `limit`
+    /// (and at most [`MAX_LIST_ENTRIES`] and [`MAX_LIST_BYTES`]): answered with `Listing`.
+    /// Needs [`CAP_FILES`], as do all the requests below.
+    ListDir { path: String, limit: u32 },
+    /// `path` itself, a symlink not followed: answered with `Entry`.
+    Lstat { path: String },
+    /// Removes `path`: a file or symlink, an empty directory, or with `recursive` a
+    /// directory and everything under it (symlinks are removed, never followed). `/` is
+    /// refused. Answered with `Done` (`bytes`: 0).
+    Remove { path: String, recursive: bool },
+    /// Renames `from` to `to` (one `rename(2)`); without `overwrite` an existing `to` is
+    /// refused (`AlreadyExists`). Answered with `Done`.
+    Rename {
+        from: String,
+        to: String,
+        overwrite: bool,
+    },
+    /// Streams the directory `path` as a tar archive (paths relative to it; symlinks kept
+    /// as symlinks) in `FileChunk`s under the window, then `Done` (`bytes`: the archive's
+    /// length). `Cancel` ends it early.
+    ReadTar { path: String },
+    /// Extracts a tar archive, sent in `FileData` frames and ended by `FileEnd`, under the
+    /// directory `path` (created with its parents if missing). Entries may not leave it
+    /// (`..`, absolute paths, writing through a symlink are refused). Answered with
+    /// `Extracted` (or an `Error` naming the entry that failed, possibly early).
+    WriteTar { path: String },
+    /// Watches the directory `path` (and with `recursive` the directories under it) with
+    /// inotify: a `WatchEvent` of kind `Watching` once the watch is set up, then one per
+    /// change, under the window (see [`watch_event_cost`]); events that do not fit are
+    /// dropped and counted in an `Overflow` event. Ends with `Done` after `Cancel`, when
+    /// `path` goes away, or when the connection closes.
+    Watch { path: String, recursive: bool },
+    /// Ends the `ReadTar` or `Watch` whose request id is `target`. Answered with `Done` (or
+    /// `NotFound`) under this frame's own id.
+    Cancel { target: u64 },
+    // --- Interactive terminals (capability [`CAP_PTY`]): keep these two together, after
+    // every older variant, so those keep their encoding. ---
+    /// Runs a command on a new pseudo-terminal of `cols` x `rows`: the command leads a session
+    /// of its own with the terminal as its controlling terminal and its stdin, stdout and
+    /// stderr (`exec.stdin_stream` is implied; `TERM` is [`PTY_DEFAULT_TERM`] unless `env`
+    /// sets it). Answered as `Exec`: `Started`, `Stdout` (all the terminal's output, under
+    /// the same window and `Ack`s), then `Exited`; input comes in `Stdin` frames.
+    ExecPty {
+        exec: ExecRequest,
+        cols: u16,
+        rows: u16,
+    },
+    /// Sets the window size of the terminal of the `ExecPty` whose request id is `target`
+    /// (the kernel sends its foreground process group SIGWINCH). Answered with `Done` or
+    /// `Error` under this frame's own id.
+    Resize { target: u64, cols: u16, rows: u16 },
 }
 
 /// The environment a command gets from ember's hosts (the CLI and the service) unless the
@@ -227,6 +295,18 @@ pub enum ResponseBody {
     Ack {
         bytes: u64,
     },
+    /// The answer to `ListDir`: entries sorted by name; `truncated` when the directory had
+    /// more than the limits allowed. New variants go last (see `RequestBody::Resync`).
+    Listing {
+        entries: Vec<DirEntry>,
+        truncated: bool,
+    },
+    /// The answer to `Lstat`.
+    Entry(DirEntry),
+    /// The answer to `WriteTar`: what was extracted.
+    Extracted(TarSummary),
+    /// A change under a `Watch` (not final).
+    Watch(WatchEvent),
 }
 
 impl ResponseBody {
@@ -239,6 +319,9 @@ impl ResponseBody {
                 | Self::Done { .. }
                 | Self::StatResult(_)
                 | Self::Error(_)
+                | Self::Listing { .. }
+                | Self::Entry(_)
+                | Self::Extracted(_)
         )
     }
 }
@@ -487,6 +570,16 @@ impl Credit {
         }
     }
 
+    /// Takes `bytes` if they fit in the window now; `false` otherwise or once closed.
+    pub fn try_acquire(&self, bytes: u64) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.closed || (state.in_flight != 0 && state.in_flight + bytes > STREAM_WINDOW) {
+            return false;
+        }
+        state.in_flight += bytes;
+        true
+    }
+
     /// As [`Credit::acquire`], giving up after `patience`: `None` when the window stayed full
     /// that long.
     pub fn acquire_within(&self, bytes: u64, patience: std::time::Duration) -> Option<bool> {
@@ -587,6 +680,17 @@ mod tests {
         .unwrap();
         assert_eq!(&ack[4..], &[1, 12, 5]);
         assert_eq!(payload[1], 13);
+        // The terminal requests come after Resync and the files requests (14-21).
+        let resize = encode_frame(&Request {
+            id: 1,
+            body: RequestBody::Resize {
+                target: 2,
+                cols: 3,
+                rows: 4,
+            },
+        })
+        .unwrap();
+        assert_eq!(&resize[4..], &[1, 23, 2, 3, 4]);
     }
 
     #[test]

@@ -103,6 +103,7 @@ fn handshake_reports_versions_and_capabilities() {
         "stat",
         "shutdown",
         "resync",
+        "files",
     ] {
         assert!(info.capabilities.iter().any(|c| c == capability));
     }
@@ -1044,6 +1045,85 @@ fn every_wait_on_a_silent_agent_ends_at_the_request_timeout() {
         "{:?}",
         started.elapsed()
     );
+    drop(client);
+    agent.join().unwrap();
+}
+
+/// Collects a pty exec's output on a thread; `wait_for` waits until it contains a string.
+struct Screen {
+    output: Arc<std::sync::Mutex<Vec<u8>>>,
+    waiter: JoinHandle<Result<ExitStatus, ClientError>>,
+}
+
+impl Screen {
+    fn wait_for(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned();
+            if text.contains(needle) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} never appeared on the terminal: {text:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn a_command_on_a_pty_has_a_terminal_takes_input_resizes_and_exits() {
+    let (client, agent) = pair();
+    let info = client.hello().unwrap();
+    assert!(info.capabilities.iter().any(|c| c == "pty"), "{info:?}");
+    let mut request = ExecRequest::new(["sh"]);
+    request.env = vec![(
+        "PATH".to_string(),
+        "/usr/local/bin:/usr/bin:/bin".to_string(),
+    )];
+    let client = Arc::new(client);
+    let execution = client.spawn_pty(request, 80, 24).unwrap();
+    let (exec_id, stdin) = (execution.id(), execution.stdin());
+    let output = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let screen = Screen {
+        output: output.clone(),
+        waiter: std::thread::spawn(move || {
+            execution.wait(|stream, data| {
+                assert_eq!(stream, OutputStream::Stdout, "a terminal has one stream");
+                output.lock().unwrap().extend_from_slice(data);
+            })
+        }),
+    };
+    // Its stdio is the terminal, which is its controlling terminal, with the default TERM;
+    // the echo of typed input comes back as output.
+    stdin
+        .write(b"test -t 0 && test -t 2 && echo IS-A-$TERM; echo $(( 6 * 7 ))x\n")
+        .unwrap();
+    screen.wait_for("IS-A-xterm-256color");
+    screen.wait_for("42x");
+    stdin
+        .write(b"stty size; echo tty-$(tty | cut -c1-9)\n")
+        .unwrap();
+    screen.wait_for("24 80");
+    screen.wait_for("tty-/dev/pts/");
+    // A resize is seen by the next command (and SIGWINCH reaches the shell's group).
+    client.resize(exec_id, 100, 30).unwrap();
+    stdin
+        .write(b"trap 'echo GOT-WINCH' WINCH; stty size | tr ' ' x\n")
+        .unwrap();
+    screen.wait_for("30x100");
+    client.resize(exec_id, 101, 31).unwrap();
+    screen.wait_for("GOT-WINCH");
+    stdin.write(b"exit 3\n").unwrap();
+    assert_eq!(screen.waiter.join().unwrap().unwrap(), ExitStatus::Code(3));
+    // A resize of what is no longer running, or of a command without a terminal, is refused.
+    assert!(client.resize(exec_id, 10, 10).is_err());
+    let plain = client.spawn(ExecRequest::new(["/bin/sleep", "5"])).unwrap();
+    let err = client.resize(plain.id(), 10, 10).unwrap_err();
+    assert!(err.to_string().contains("terminal"), "{err}");
+    client.kill(plain.id(), 9).unwrap();
+    drop(plain);
     drop(client);
     agent.join().unwrap();
 }

@@ -3,7 +3,9 @@
 use std::io::{self, Read};
 use std::sync::Arc;
 
-use crate::protocol::{Credit, ExecRequest, ExitStatus, RequestBody, ResponseBody, MAX_CHUNK};
+use crate::protocol::{
+    Credit, ExecRequest, ExitStatus, RequestBody, ResponseBody, CAP_PTY, MAX_CHUNK,
+};
 
 use super::{
     unexpected, AgentClient, ClientError, ExecOutput, Inner, OutputAcker, OutputStream, Registered,
@@ -14,9 +16,41 @@ impl AgentClient {
     /// Starts a command and returns once it runs (or with the reason it could not start,
     /// e.g. [`crate::protocol::ErrorKind::NotFound`] for a missing program).
     pub fn spawn(&self, request: ExecRequest) -> Result<Execution> {
+        self.start(RequestBody::Exec(request))
+    }
+
+    /// Starts a command on a new pseudo-terminal of `cols` x `rows` (its own session, the
+    /// terminal its controlling terminal and its stdio). Its output (the terminal's) comes as
+    /// [`OutputStream::Stdout`]; [`Execution::stdin`] types into it; [`resize`](Self::resize)
+    /// changes its size. An agent without [`CAP_PTY`] gives [`ClientError::Unsupported`].
+    pub fn spawn_pty(&self, request: ExecRequest, cols: u16, rows: u16) -> Result<Execution> {
+        self.require(CAP_PTY, "run a command on a terminal")?;
+        self.start(RequestBody::ExecPty {
+            exec: request,
+            cols,
+            rows,
+        })
+    }
+
+    /// Sets the window size of the terminal of the running [`spawn_pty`](Self::spawn_pty)
+    /// command `exec_id` ([`Execution::id`]).
+    pub fn resize(&self, exec_id: u64, cols: u16, rows: u16) -> Result<()> {
+        self.require(CAP_PTY, "resize a terminal")?;
+        let body = RequestBody::Resize {
+            target: exec_id,
+            cols,
+            rows,
+        };
+        match self.call("resize", body)? {
+            ResponseBody::Done { .. } => Ok(()),
+            other => Err(unexpected("resize", &other)),
+        }
+    }
+
+    fn start(&self, body: RequestBody) -> Result<Execution> {
         let stream = self.inner.register()?;
         let Registered { id, .. } = stream;
-        if let Err(err) = self.inner.send(id, RequestBody::Exec(request)) {
+        if let Err(err) = self.inner.send(id, body) {
             self.inner.unregister(id);
             return Err(err);
         }
@@ -132,11 +166,11 @@ impl Execution {
             match self.stream.rx.recv() {
                 Ok(ResponseBody::Stdout { data }) => {
                     on_output(OutputStream::Stdout, &data);
-                    acker.consumed(&self.inner, data.len());
+                    acker.consumed(&self.inner, data.len() as u64);
                 }
                 Ok(ResponseBody::Stderr { data }) => {
                     on_output(OutputStream::Stderr, &data);
-                    acker.consumed(&self.inner, data.len());
+                    acker.consumed(&self.inner, data.len() as u64);
                 }
                 Ok(ResponseBody::Exited { status }) => return Ok(status),
                 Ok(ResponseBody::Error(err)) => return Err(ClientError::Remote(err)),

@@ -2,6 +2,7 @@
 //! exit.
 
 use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 use crate::init::{release_owned, spawn_owned};
 use crate::protocol::{
     Credit, ErrorKind, ExecRequest, ExitStatus, RemoteError, ResponseBody, MAX_CHUNK,
+    PTY_DEFAULT_TERM,
 };
 
 use super::{
@@ -25,7 +27,98 @@ pub(super) struct StdinFeed {
     pub(super) acker: Acker,
 }
 
-/// Spawns, streams and waits for one command.
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct WindowSize {
+    pub(super) cols: u16,
+    pub(super) rows: u16,
+}
+
+impl WindowSize {
+    fn winsize(self) -> libc::winsize {
+        libc::winsize {
+            ws_row: self.rows,
+            ws_col: self.cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        }
+    }
+}
+
+/// Sets the window size of the terminal whose master side is `master`; the kernel sends
+/// SIGWINCH to the terminal's foreground process group when it changes.
+pub(super) fn set_window_size(master: &OwnedFd, size: WindowSize) -> io::Result<()> {
+    let winsize = size.winsize();
+    // SAFETY: TIOCSWINSZ reads one `winsize` from the valid pointer; the fd is open (owned).
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &winsize) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A new pseudo-terminal of `size`: (master, slave), both close-on-exec.
+fn open_pty(size: WindowSize) -> io::Result<(OwnedFd, OwnedFd)> {
+    let (mut master, mut slave) = (-1, -1);
+    let winsize = size.winsize();
+    // SAFETY: openpty writes two fds into the valid pointers; a null name and termios are
+    // allowed (no name is returned, default settings), and `winsize` is read only.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &winsize,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openpty succeeded: both fds are open and nothing else owns them.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    for fd in [&master, &slave] {
+        // SAFETY: fcntl on an fd we own; F_SETFD takes an int flag.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok((master, slave))
+}
+
+/// Makes `command` run on the terminal whose slave side is `slave`: a session of its own, the
+/// terminal its controlling terminal and its stdin, stdout and stderr.
+fn attach_to_pty(command: &mut Command, slave: &OwnedFd, request: &ExecRequest) -> io::Result<()> {
+    // The terminal belongs to the user who runs on it (as a login would do it).
+    if let Some(uid) = request.uid {
+        let gid = request.gid.map_or(u32::MAX, |gid| gid as libc::gid_t);
+        // SAFETY: fchown on an fd we own; -1 (u32::MAX) leaves the group as it is.
+        if unsafe { libc::fchown(slave.as_raw_fd(), uid, gid) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    command
+        .stdin(slave.try_clone()?)
+        .stdout(slave.try_clone()?)
+        .stderr(slave.try_clone()?);
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // async-signal-safe functions (setsid, ioctl) without allocating.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // stdin is the slave by now: make it the session's controlling terminal.
+            if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// Spawns, streams and waits for one command (on a new terminal of `pty`'s size if given).
 pub(super) fn run_exec(
     conn: &Arc<Conn>,
     id: u64,
@@ -33,11 +126,35 @@ pub(super) fn run_exec(
     entry: &Arc<ExecEntry>,
     stdin: StdinFeed,
     credit: &Arc<Credit>,
+    pty: Option<WindowSize>,
 ) -> Result<ExitStatus, RemoteError> {
-    let mut command = build_command(request, !stdin.inline.is_empty())?;
+    let mut command = build_command(request, !stdin.inline.is_empty(), pty.is_some())?;
     let program = &request.argv[0];
-    let mut child = spawn_owned(&mut command)
-        .map_err(|err| RemoteError::from_io(format!("cannot execute {program:?}"), &err))?;
+    // A terminal: its master side is the command's stdin (`terminal_input`) and its only
+    // output (`terminal_output`); `master` stays for `Resize`.
+    let mut master = None;
+    let mut terminal_input = None;
+    let mut terminal_output = None;
+    if let Some(size) = pty {
+        let setup = |err: io::Error| RemoteError::from_io("set up a pseudo-terminal", &err);
+        let (master_fd, slave) = open_pty(size).map_err(setup)?;
+        attach_to_pty(&mut command, &slave, request).map_err(setup)?;
+        let term_given = request.env.iter().any(|(key, _)| key == "TERM")
+            || (request.inherit_env && std::env::var_os("TERM").is_some());
+        if !term_given {
+            command.env("TERM", PTY_DEFAULT_TERM);
+        }
+        terminal_input = Some(std::fs::File::from(master_fd.try_clone().map_err(setup)?));
+        terminal_output = Some(std::fs::File::from(master_fd.try_clone().map_err(setup)?));
+        master = Some(Arc::new(master_fd));
+        // `slave` closes here; the command holds its copies.
+    }
+    let spawned = spawn_owned(&mut command);
+    // The parent's copies of the slave (inside `command`) must close, or reading the master
+    // never ends.
+    drop(command);
+    let mut child =
+        spawned.map_err(|err| RemoteError::from_io(format!("cannot execute {program:?}"), &err))?;
     let pid = child.id();
     let pgid = pid as libc::pid_t;
     {
@@ -50,12 +167,20 @@ pub(super) fn run_exec(
         }
         *state = ProcState::Running { pgid };
     }
+    if let Some(master) = &master {
+        *lock(&entry.pty) = Some(master.clone());
+    }
     conn.send(id, ResponseBody::Started { pid });
 
-    if let Some(child_stdin) = child.stdin.take() {
+    let input: Option<Box<dyn Write + Send>> = match (child.stdin.take(), terminal_input) {
+        (Some(pipe), _) => Some(Box::new(pipe)),
+        (None, Some(terminal)) => Some(Box::new(terminal)),
+        (None, None) => None,
+    };
+    if let Some(input) = input {
         let conn = conn.clone();
         if let Err(err) = spawn_thread(format!("stdin-{id}"), move || {
-            feed_stdin(&conn, child_stdin, stdin)
+            feed_stdin(&conn, input, stdin)
         }) {
             eprintln!("ember-agent: exec {id}: {err}; its stdin is closed");
         }
@@ -63,6 +188,10 @@ pub(super) fn run_exec(
     let (done_tx, done_rx) = mpsc::channel();
     let pump_state = Arc::new(PumpState::default());
     let mut pumps = 0;
+    if let Some(output) = terminal_output {
+        pumps += 1;
+        start_pump(conn, id, output, true, credit, &pump_state, done_tx.clone());
+    }
     if let Some(out) = child.stdout.take() {
         pumps += 1;
         start_pump(conn, id, out, true, credit, &pump_state, done_tx.clone());
@@ -79,6 +208,7 @@ pub(super) fn run_exec(
 
     let status = wait_child(&mut child, entry);
     release_owned(pid);
+    lock(&entry.pty).take();
     let timed_out = timer.is_some_and(|(cancel, fired)| {
         drop(cancel);
         fired.load(Ordering::SeqCst)
@@ -116,6 +246,7 @@ pub(super) fn run_exec(
 pub(super) fn build_command(
     request: &ExecRequest,
     inline_stdin: bool,
+    pty: bool,
 ) -> Result<Command, RemoteError> {
     let Some((program, args)) = request.argv.split_first() else {
         return Err(RemoteError::new(ErrorKind::InvalidInput, "argv is empty"));
@@ -164,6 +295,11 @@ pub(super) fn build_command(
     }
     if let Some(gid) = request.gid {
         command.gid(gid);
+    }
+    if pty {
+        // Its own session (set up by the caller), which is also its own process group; its
+        // stdio is the terminal.
+        return Ok(command);
     }
     // Its own process group, so Kill and timeouts reach the whole tree.
     command.process_group(0);
@@ -232,11 +368,7 @@ pub(super) fn start_timer(
     (cancel, fired)
 }
 
-pub(super) fn feed_stdin(
-    conn: &Conn,
-    mut child_stdin: std::process::ChildStdin,
-    mut feed: StdinFeed,
-) {
+pub(super) fn feed_stdin(conn: &Conn, mut child_stdin: impl Write, mut feed: StdinFeed) {
     // After EPIPE (the command closed its stdin) the rest is consumed and dropped, so the
     // host's window keeps moving.
     let mut open = child_stdin.write_all(&feed.inline).is_ok();

@@ -4,7 +4,8 @@
 //! Per connection: the calling thread reads and dispatches frames; every response goes
 //! through one writer mutex, a whole frame at a time, so frames never interleave. Each exec
 //! gets a thread that spawns, waits and reports, a thread per output pipe, a stdin feeder and,
-//! with a timeout, a timer; each `WriteFile` and `ReadFile` gets a thread. Nothing is buffered
+//! with a timeout, a timer; each `WriteFile`, `ReadFile`, `ReadTar`, `WriteTar`, `Watch` and
+//! `Remove` gets a thread. Nothing is buffered
 //! whole: data moves in chunks of at most [`MAX_CHUNK`] under the windows described in
 //! [`crate::protocol`].
 
@@ -18,13 +19,16 @@ use std::time::Duration;
 
 use crate::protocol::{
     decode, decode_id, encode_frame, read_frame, Credit, ErrorKind, ExecRequest, FrameError,
-    RemoteError, Request, RequestBody, Response, ResponseBody, Transport, ACK_THRESHOLD,
-    CAP_RESYNC, MAX_CHUNK, PROTOCOL_VERSION, STREAM_WINDOW,
+    RemoteError, Request, RequestBody, Response, ResponseBody, Transport, ACK_THRESHOLD, CAP_FILES,
+    CAP_PTY, CAP_RESYNC, MAX_CHUNK, PROTOCOL_VERSION, STREAM_WINDOW,
 };
 
 mod exec;
 mod files;
+mod fsops;
+mod tar;
 mod vsock;
+mod watch;
 
 use exec::{run_exec, StdinFeed};
 use files::{mkdir_p, read_file, stat, write_file};
@@ -42,7 +46,12 @@ pub const CAPABILITIES: &[&str] = &[
     "stat",
     "shutdown",
     CAP_RESYNC,
+    CAP_FILES,
+    CAP_PTY,
 ];
+
+/// Most `Watch`es one connection may have at once (each holds an inotify instance).
+pub const MAX_WATCHES: usize = 16;
 
 /// How long an exec waits for its output pipes to close after the command exited (a
 /// background process may keep them open) before reporting the exit anyway.
@@ -93,6 +102,7 @@ pub fn serve_connection<S: Transport>(
         execs: Mutex::new(HashMap::new()),
         uploads: Mutex::new(HashMap::new()),
         outputs: Mutex::new(HashMap::new()),
+        cancellable: Mutex::new(HashMap::new()),
         config,
     });
     let mut reader = BufReader::with_capacity(MAX_CHUNK, stream);
@@ -141,8 +151,11 @@ struct Conn {
     execs: Mutex<HashMap<u64, Arc<ExecEntry>>>,
     /// Open `WriteFile` streams by request id.
     uploads: Mutex<HashMap<u64, Inbound>>,
-    /// Windows of the output streams (exec output, `ReadFile`) by request id.
+    /// Windows of the output streams (exec output, `ReadFile`, `ReadTar`, `Watch`) by
+    /// request id.
     outputs: Mutex<HashMap<u64, Arc<Credit>>>,
+    /// The streams `Cancel` can end (`ReadTar`, `Watch`) by request id: set to end one.
+    cancellable: Mutex<HashMap<u64, Arc<AtomicBool>>>,
     config: Arc<ServerConfig>,
 }
 
@@ -213,6 +226,8 @@ impl Acker {
 struct ExecEntry {
     state: Mutex<ProcState>,
     stdin: Mutex<Option<Inbound>>,
+    /// The master side of the terminal of an `ExecPty` (for `Resize`), once it is open.
+    pty: Mutex<Option<Arc<std::os::fd::OwnedFd>>>,
 }
 
 enum ProcState {
@@ -250,6 +265,14 @@ fn kill_group(pgid: libc::pid_t, signal: i32) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// The foreground process group of the terminal whose master is `master`, if it has one.
+fn foreground_group(master: &std::os::fd::OwnedFd) -> Option<libc::pid_t> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcgetpgrp only reads the terminal's state through an open descriptor.
+    let group = unsafe { libc::tcgetpgrp(master.as_raw_fd()) };
+    (group > 0).then_some(group)
 }
 
 impl Conn {
@@ -290,7 +313,7 @@ impl Conn {
                     },
                 );
             }
-            RequestBody::Exec(exec) => self.start_exec(id, exec),
+            RequestBody::Exec(exec) => self.start_exec(id, exec, None),
             RequestBody::Stdin { data } => {
                 let Some(entry) = lock(&self.execs).get(&id).cloned() else {
                     return; // The command already ended: its stdin is gone.
@@ -367,7 +390,181 @@ impl Conn {
                     Err(err) => self.send_error(id, err),
                 };
             }
+            RequestBody::ListDir { path, limit } => {
+                let listing = fsops::list_dir(&path, limit)
+                    .map(|(entries, truncated)| ResponseBody::Listing { entries, truncated });
+                self.reply(id, listing);
+            }
+            RequestBody::Lstat { path } => {
+                self.reply(id, fsops::lstat(&path).map(ResponseBody::Entry));
+            }
+            RequestBody::Remove { path, recursive } => {
+                // A recursive removal may take long: not on the connection's reading thread.
+                let conn = self.clone();
+                let started = spawn_thread(format!("remove-{id}"), move || {
+                    let removed = fsops::remove(&path, recursive);
+                    conn.reply(id, removed.map(|()| ResponseBody::Done { bytes: 0 }));
+                });
+                if let Err(err) = started {
+                    self.send_error(id, err);
+                }
+            }
+            RequestBody::Rename {
+                from,
+                to,
+                overwrite,
+            } => {
+                let renamed = fsops::rename(&from, &to, overwrite);
+                self.reply(id, renamed.map(|()| ResponseBody::Done { bytes: 0 }));
+            }
+            RequestBody::ReadTar { path } => self.start_read_tar(id, path),
+            RequestBody::WriteTar { path } => self.start_write_tar(id, path),
+            RequestBody::Watch { path, recursive } => self.start_watch(id, path, recursive),
+            RequestBody::Cancel { target } => {
+                let cancelled = self.cancel(target);
+                self.reply(id, cancelled.map(|()| ResponseBody::Done { bytes: 0 }));
+            }
+            RequestBody::ExecPty {
+                mut exec,
+                cols,
+                rows,
+            } => {
+                exec.stdin_stream = true;
+                self.start_exec(id, exec, Some(exec::WindowSize { cols, rows }));
+            }
+            RequestBody::Resize { target, cols, rows } => {
+                match self.resize(target, exec::WindowSize { cols, rows }) {
+                    Ok(()) => self.send(id, ResponseBody::Done { bytes: 0 }),
+                    Err(err) => self.send_error(id, err),
+                };
+            }
         }
+    }
+
+    /// Sends a final answer: the body, or the error.
+    fn reply(&self, id: u64, result: Result<ResponseBody, RemoteError>) -> bool {
+        match result {
+            Ok(body) => self.send(id, body),
+            Err(err) => self.send_error(id, err),
+        }
+    }
+
+    /// Ends the `ReadTar` or `Watch` with request id `target`.
+    fn cancel(&self, target: u64) -> Result<(), RemoteError> {
+        let flag = lock(&self.cancellable)
+            .get(&target)
+            .cloned()
+            .ok_or_else(|| {
+                RemoteError::new(
+                    ErrorKind::NotFound,
+                    format!("no archive or watch with request id {target} to cancel"),
+                )
+            })?;
+        flag.store(true, Ordering::SeqCst);
+        // Wakes a sender waiting for room in the window.
+        if let Some(credit) = lock(&self.outputs).get(&target) {
+            credit.close();
+        }
+        Ok(())
+    }
+
+    /// Registers an output stream that `Cancel` can end: its window and its flag.
+    fn open_cancellable(&self, id: u64) -> (Arc<Credit>, Arc<AtomicBool>) {
+        let credit = Arc::new(Credit::default());
+        let flag = Arc::new(AtomicBool::new(false));
+        lock(&self.outputs).insert(id, credit.clone());
+        lock(&self.cancellable).insert(id, flag.clone());
+        (credit, flag)
+    }
+
+    fn close_cancellable(&self, id: u64) {
+        if let Some(credit) = lock(&self.outputs).remove(&id) {
+            credit.close();
+        }
+        lock(&self.cancellable).remove(&id);
+    }
+
+    fn start_read_tar(self: &Arc<Self>, id: u64, path: String) {
+        let (credit, _) = self.open_cancellable(id);
+        let conn = self.clone();
+        let started = spawn_thread(format!("read-tar-{id}"), move || {
+            let result = tar::read_tar(&conn, id, &path, &credit);
+            conn.close_cancellable(id);
+            conn.reply(id, result.map(|bytes| ResponseBody::Done { bytes }));
+        });
+        if let Err(err) = started {
+            self.close_cancellable(id);
+            self.send_error(id, err);
+        }
+    }
+
+    fn start_write_tar(self: &Arc<Self>, id: u64, path: String) {
+        let Some((rx, queued)) = self.open_upload(id, "WriteTar") else {
+            return;
+        };
+        let conn = self.clone();
+        let started = spawn_thread(format!("write-tar-{id}"), move || {
+            let mut acker = Acker {
+                id,
+                unacked: 0,
+                queued,
+            };
+            let result = tar::write_tar(&conn, &path, &rx, &mut acker);
+            lock(&conn.uploads).remove(&id);
+            match result {
+                Ok(Some(summary)) => conn.send(id, ResponseBody::Extracted(summary)),
+                Ok(None) => false,
+                Err(err) => conn.send_error(id, err),
+            };
+        });
+        if let Err(err) = started {
+            lock(&self.uploads).remove(&id);
+            self.send_error(id, err);
+        }
+    }
+
+    fn start_watch(self: &Arc<Self>, id: u64, path: String, recursive: bool) {
+        if lock(&self.cancellable).len() >= MAX_WATCHES {
+            self.send_error(
+                id,
+                RemoteError::new(
+                    ErrorKind::TooLarge,
+                    format!("watch {path:?}: this connection has {MAX_WATCHES} streams open"),
+                ),
+            );
+            return;
+        }
+        let (credit, cancelled) = self.open_cancellable(id);
+        let conn = self.clone();
+        let started = spawn_thread(format!("watch-{id}"), move || {
+            let result = watch::watch(&conn, id, &path, recursive, &credit, &cancelled);
+            conn.close_cancellable(id);
+            conn.reply(id, result.map(|bytes| ResponseBody::Done { bytes }));
+        });
+        if let Err(err) = started {
+            self.close_cancellable(id);
+            self.send_error(id, err);
+        }
+    }
+
+    /// Opens the input stream of an upload (`WriteFile`, `WriteTar`) with this id; `None`
+    /// (and the error sent) when one is open already.
+    fn open_upload(&self, id: u64, what: &str) -> Option<(Receiver<Chunk>, Arc<AtomicU64>)> {
+        let (inbound, rx, queued) = Inbound::new();
+        let mut uploads = lock(&self.uploads);
+        if uploads.contains_key(&id) {
+            drop(uploads);
+            self.send_error(
+                id,
+                RemoteError::new(
+                    ErrorKind::Protocol,
+                    format!("request id {id} is already an open {what}"),
+                ),
+            );
+            return None;
+        }
+        uploads.insert(id, inbound);
+        Some((rx, queued))
     }
 
     /// The host sent more stdin than the window allows: the command is killed.
@@ -396,17 +593,60 @@ impl Conn {
                 *pending_signal = Some(signal);
                 Ok(())
             }
-            ProcState::Running { pgid } => kill_group(*pgid, signal).map_err(|err| {
-                RemoteError::from_io(
-                    format!("kill signal {signal} to process group {pgid}"),
-                    &err,
-                )
-            }),
+            ProcState::Running { pgid } => {
+                let pgid = *pgid;
+                let send = |group: libc::pid_t| {
+                    kill_group(group, signal).map_err(|err| {
+                        RemoteError::from_io(
+                            format!("kill signal {signal} to process group {group}"),
+                            &err,
+                        )
+                    })
+                };
+                // A terminal's signal goes to its foreground job, as a keyboard's would (a
+                // shell runs each job in a process group of its own); SIGKILL ends the
+                // session's leader as well.
+                let job = lock(&entry.pty)
+                    .as_deref()
+                    .and_then(foreground_group)
+                    .filter(|&job| job != pgid);
+                match job {
+                    Some(job) if signal != libc::SIGKILL => send(job),
+                    Some(job) => {
+                        kill_group(job, signal).ok();
+                        send(pgid)
+                    }
+                    None => send(pgid),
+                }
+            }
             ProcState::Exited => Err(not_running()),
         }
     }
 
-    fn start_exec(self: &Arc<Self>, id: u64, mut request: ExecRequest) {
+    /// Sets the window size of the terminal of the `ExecPty` `target`.
+    fn resize(&self, target: u64, size: exec::WindowSize) -> Result<(), RemoteError> {
+        let entry = lock(&self.execs).get(&target).cloned().ok_or_else(|| {
+            RemoteError::new(
+                ErrorKind::NotFound,
+                format!("no running command with request id {target}"),
+            )
+        })?;
+        let master = lock(&entry.pty).clone().ok_or_else(|| {
+            RemoteError::new(
+                ErrorKind::InvalidInput,
+                format!("command {target} does not run on a terminal (or has not started)"),
+            )
+        })?;
+        exec::set_window_size(&master, size)
+            .map_err(|err| RemoteError::from_io(format!("resize the terminal of {target}"), &err))
+    }
+
+    fn start_exec(
+        self: &Arc<Self>,
+        id: u64,
+        mut request: ExecRequest,
+        pty: Option<exec::WindowSize>,
+    ) {
         let mut execs = lock(&self.execs);
         if execs.contains_key(&id) {
             drop(execs);
@@ -425,6 +665,7 @@ impl Conn {
                 pending_signal: None,
             }),
             stdin: Mutex::new(request.stdin_stream.then_some(inbound)),
+            pty: Mutex::new(None),
         });
         execs.insert(id, entry.clone());
         drop(execs);
@@ -442,7 +683,7 @@ impl Conn {
                     queued,
                 },
             };
-            let result = run_exec(&conn, id, &request, &entry, stdin, &credit);
+            let result = run_exec(&conn, id, &request, &entry, stdin, &credit, pty);
             lock(&conn.execs).remove(&id);
             if let Some(credit) = lock(&conn.outputs).remove(&id) {
                 credit.close();
@@ -460,22 +701,9 @@ impl Conn {
     }
 
     fn start_write(self: &Arc<Self>, id: u64, path: String, mode: u32, create_parents: bool) {
-        let (inbound, rx, queued) = Inbound::new();
-        {
-            let mut uploads = lock(&self.uploads);
-            if uploads.contains_key(&id) {
-                drop(uploads);
-                self.send_error(
-                    id,
-                    RemoteError::new(
-                        ErrorKind::Protocol,
-                        format!("request id {id} is already an open WriteFile"),
-                    ),
-                );
-                return;
-            }
-            uploads.insert(id, inbound);
-        }
+        let Some((rx, queued)) = self.open_upload(id, "WriteFile") else {
+            return;
+        };
         let conn = self.clone();
         let started = spawn_thread(format!("write-{id}"), move || {
             let mut acker = Acker {
@@ -526,6 +754,9 @@ impl Conn {
             }
         }
         lock(&self.uploads).clear();
+        for flag in lock(&self.cancellable).values() {
+            flag.store(true, Ordering::SeqCst);
+        }
         for credit in lock(&self.outputs).values() {
             credit.close();
         }
