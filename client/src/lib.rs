@@ -8,7 +8,9 @@
 //! without them.
 
 mod connection;
+pub mod files;
 pub mod images;
+pub mod network;
 pub mod responses;
 pub mod templates;
 pub mod types;

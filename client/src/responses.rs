@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::types::{Cidr, SnapshotInfo};
+use crate::types::{EgressRule, SnapshotInfo};
 pub use ember_vmm::Milestone;
 use ember_vmm::{NetRateLimits, RateLimit, RestoreMode};
 
@@ -92,10 +92,14 @@ pub enum NetworkModeName {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SandboxNetwork {
     pub mode: NetworkModeName,
-    /// The networks it may reach (egress; none: anywhere).
+    /// The networks and names it may reach (egress; none: any public address).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Vec<String>>)]
-    pub allow: Option<Vec<Cidr>>,
+    pub allow: Option<Vec<EgressRule>>,
+    /// The networks and names it may not reach (egress).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<String>)]
+    pub deny: Vec<EgressRule>,
     /// The guest's address on its link (a sandbox with a network namespace).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
@@ -141,6 +145,25 @@ pub struct SandboxInfo {
     pub remote_fetch: Option<RemoteFetch>,
     /// Its runtime (`base`, `python3.13`, `node22`, `node24`); a restore's is its snapshot's.
     pub runtime: String,
+    /// What its timeout (or idleness) does: `stop`, `pause` or `snapshot`.
+    pub on_timeout: crate::types::OnTimeout,
+    /// Whether a request resumes it when `on_timeout` suspended it.
+    pub auto_resume: bool,
+    pub idle_timeout_s: Option<u64>,
+    /// Set while the sandbox is paused or saved by its `on_timeout` (it resumes on use).
+    pub suspended: Option<Suspension>,
+}
+
+/// Why and how a sandbox was suspended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Suspension {
+    /// `timeout` or `idle`.
+    pub reason: String,
+    /// `pause` or `snapshot`.
+    pub how: crate::types::OnTimeout,
+    pub at_unix_ms: u64,
+    /// The snapshot it was saved as (`how: snapshot`).
+    pub snapshot: Option<String>,
 }
 
 /// `GET /sandboxes` and `POST /snapshots/{id}/fork`.
@@ -256,6 +279,47 @@ pub enum OutputRecord {
     },
 }
 
+/// A terminal session, as `POST /sandboxes/{id}/pty` and `GET /sandboxes/{id}/pty` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PtyInfo {
+    pub pty_id: String,
+    /// Its command's pid in the guest (also its session and process group id).
+    pub pid: u32,
+    pub argv: Vec<String>,
+    pub cols: u16,
+    pub rows: u16,
+    pub started_unix_ms: u64,
+    pub status: CommandStatus,
+    /// How it ended (all null and false while it runs).
+    #[serde(flatten)]
+    pub exit: CommandExit,
+    /// Whether a client is connected to it now.
+    pub attached: bool,
+}
+
+/// `GET /sandboxes/{id}/pty`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PtyList {
+    pub ptys: Vec<PtyInfo>,
+}
+
+/// A text message the service sends on a terminal's WebSocket (binary messages are the
+/// terminal's output).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum PtyEvent {
+    /// The command ended (the socket closes after this): its exit code, or the signal
+    /// that ended it; `error` when its end is unknown.
+    Exit {
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// A control message was refused (the session goes on).
+    Error { message: String },
+}
+
 /// `POST /sandboxes/{id}/commands/{cid}/kill`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Killed {
@@ -305,6 +369,57 @@ pub struct SnapshotTaken {
     /// From the request to the snapshot in the store.
     pub took_ms: Option<f64>,
     pub sandbox: SandboxInfo,
+}
+
+/// `GET /sandboxes/{id}/metrics`: one sample of a sandbox's use of CPU, memory, disk and
+/// network, seen from inside the guest (its agent) and from the host (its VMM process).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SandboxMetrics {
+    pub id: String,
+    pub state: SandboxState,
+    pub sampled_unix_ms: u64,
+    /// None when the guest cannot be asked (a paused sandbox; `guest_error` says why).
+    pub guest: Option<GuestMetrics>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_error: Option<String>,
+    pub host: HostMetrics,
+}
+
+/// The guest kernel's view (its `/proc`), read by the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GuestMetrics {
+    pub cpus: u32,
+    /// CPU time since the guest booted (or, after a restore, since its snapshot's guest
+    /// booted), all CPUs together, in milliseconds.
+    pub cpu_user_ms: u64,
+    pub cpu_system_ms: u64,
+    pub cpu_idle_ms: u64,
+    pub cpu_iowait_ms: u64,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    /// Total minus available.
+    pub memory_used_bytes: u64,
+    pub load_1m: f64,
+    pub load_5m: f64,
+    pub load_15m: f64,
+    pub processes: u32,
+    pub uptime_s: f64,
+}
+
+/// The host's view of the sandbox's VMM process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HostMetrics {
+    pub vmm_pid: Option<u32>,
+    /// CPU time of the sandbox's cgroup (the VMM and its jail's supervisor), else of the VMM
+    /// process, in microseconds.
+    pub cpu_usage_us: Option<u64>,
+    /// Resident memory of the VMM process and its children (a jailed VMM runs under a
+    /// supervisor): the guest pages it has touched and its own.
+    pub rss_bytes: Option<u64>,
+    /// The sandbox cgroup's memory use (`memory.current`), when it has a cgroup.
+    pub cgroup_memory_bytes: Option<u64>,
+    /// The guest's disk requests and network frames through the VMM's devices.
+    pub io: Option<ember_vmm::IoStats>,
 }
 
 #[cfg(test)]

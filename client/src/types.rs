@@ -6,11 +6,11 @@
 //! service's defaults apply.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+pub use crate::network::{Cidr, CidrError, EgressRule, NetworkMode, NetworkPolicy};
 pub use ember_vmm::{NetRateLimits, RateLimit, RestoreMode};
 
 fn is_false(value: &bool) -> bool {
@@ -64,6 +64,40 @@ pub struct CreateBody {
     /// `GET /sandboxes/{id}` shows where each is.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<u16>,
+    /// What happens at the timeout (and after `idle_timeout_s` without use): `stop` (the
+    /// default), `pause` (the VMM stays, paused: no CPU, memory kept) or `snapshot` (saved
+    /// to the store, its VMM freed). A paused or snapshotted sandbox resumes, under the same
+    /// id and with its processes, on its next exec, files or commands request unless
+    /// `auto_resume` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_timeout: Option<OnTimeout>,
+    /// Resume a sandbox suspended by `on_timeout` on use (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_resume: Option<bool>,
+    /// Apply `on_timeout` once no exec, files or commands request has been made, and no
+    /// command it ran has been running, for this many seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_s: Option<u64>,
+}
+
+/// What a sandbox's timeout (or idleness) does to it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTimeout {
+    #[default]
+    Stop,
+    Pause,
+    Snapshot,
+}
+
+impl OnTimeout {
+    pub fn label(self) -> &'static str {
+        match self {
+            OnTimeout::Stop => "stop",
+            OnTimeout::Pause => "pause",
+            OnTimeout::Snapshot => "snapshot",
+        }
+    }
 }
 
 /// `POST /sandboxes/{id}/timeout`: the sandbox now stops `timeout_s` from now.
@@ -143,6 +177,44 @@ pub struct ExecBody {
     pub detach: bool,
 }
 
+/// `POST /sandboxes/{id}/pty`: a command (default: the runtime user's login shell) on a new
+/// pseudo-terminal of `cols` x `rows`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PtyBody {
+    /// The program (default: `/bin/bash -l`, or `/bin/sh -l` where there is no bash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// The terminal's width in columns.
+    pub cols: u16,
+    /// The terminal's height in rows.
+    pub rows: u16,
+    /// Added to the sandbox's environment; `TERM` is `xterm-256color` unless set here.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (default: the runtime's, `/home/user` or `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// `root`, or the runtime's own user (default: the runtime's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// A text message a client sends on `GET /sandboxes/{id}/pty/{pty_id}/connect`'s WebSocket
+/// (binary messages are what it types).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PtyControl {
+    /// The terminal's new size (the command gets SIGWINCH).
+    Resize { cols: u16, rows: u16 },
+    /// Sends `signal` (1-64) to the terminal's foreground job (its foreground process group,
+    /// as a key like ^C would; the command's own group when nothing else is in the
+    /// foreground). SIGKILL also ends the command itself.
+    Signal { signal: i32 },
+}
+
 /// `GET /sandboxes/{id}/commands/{cid}?wait=true`: answer when the command has ended.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -152,7 +224,7 @@ pub struct ExecQuery {
     pub wait: bool,
 }
 
-/// `POST /sandboxes/{id}/commands/{cid}/kill` (default signal: SIGTERM).
+/// `POST /sandboxes/{id}/commands/{cid}/kill` (default signal: SIGKILL, 9).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KillBody {
@@ -226,75 +298,6 @@ pub struct ErrorBody {
     pub message: String,
 }
 
-/// A sandbox's network mode, as asked for at creation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
-pub enum NetworkMode {
-    /// No network device (or, restored from a snapshot that had one, a device on a TAP that
-    /// leads nowhere). A struct variant so that unknown fields are refused.
-    None {},
-    /// Outgoing connections through NAT, to the allow-list only if one is given.
-    Egress {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        #[schema(value_type = Option<Vec<String>>, example = json!(["192.0.2.0/24"]))]
-        allow: Option<Vec<Cidr>>,
-    },
-}
-
-/// An IPv4 network, `a.b.c.d/n` (`a.b.c.d` alone is a /32).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Cidr {
-    pub address: Ipv4Addr,
-    pub prefix_len: u8,
-}
-
-/// Text that is not an IPv4 network.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{text:?} is not an IPv4 network (a.b.c.d/n)")]
-pub struct CidrError {
-    pub text: String,
-}
-
-impl TryFrom<String> for Cidr {
-    type Error = CidrError;
-    fn try_from(text: String) -> Result<Cidr, CidrError> {
-        text.parse()
-    }
-}
-
-impl From<Cidr> for String {
-    fn from(c: Cidr) -> String {
-        c.to_string()
-    }
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = CidrError;
-    fn from_str(text: &str) -> Result<Cidr, CidrError> {
-        let bad = || CidrError {
-            text: text.to_string(),
-        };
-        let (address, prefix) = text.split_once('/').unwrap_or((text, "32"));
-        let address: Ipv4Addr = address.parse().map_err(|_| bad())?;
-        let prefix_len: u8 = prefix.parse().map_err(|_| bad())?;
-        let leading_zero = prefix.len() > 1 && prefix.starts_with('0');
-        if prefix_len > 32 || prefix.starts_with('+') || leading_zero {
-            return Err(bad());
-        }
-        Ok(Cidr {
-            address,
-            prefix_len,
-        })
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.address, self.prefix_len)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,6 +314,7 @@ mod tests {
             restore_mode: Some(RestoreMode::File),
             network: Some(NetworkMode::Egress {
                 allow: Some(vec!["10.1.0.0/16".parse().unwrap()]),
+                deny: Vec::new(),
             }),
             ports: vec![8080],
             ..Default::default()
