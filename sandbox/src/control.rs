@@ -207,6 +207,8 @@ pub enum ControlRequest {
     Faults,
     /// Ends the VM (and the VMM process) without involving the guest.
     Stop,
+    /// Answered with the guest's disk and network traffic (see [`ember_vmm::IoStats`]).
+    IoStats,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -222,6 +224,8 @@ pub struct ControlReply {
     pub snapshot: Option<SnapshotDone>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub faults: Option<FaultReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io: Option<ember_vmm::IoStats>,
 }
 
 /// A restored VM's demand for memory: pages served on demand (userfaultfd faults) per

@@ -536,6 +536,10 @@ fn handle(worker: &Worker, request: ControlRequest) -> ControlReply {
             state: state(*paused),
             ..ControlReply::ok()
         },
+        ControlRequest::IoStats => ControlReply {
+            io: Some(worker.vmm.io_stats()),
+            ..ControlReply::ok()
+        },
         ControlRequest::Faults => ControlReply {
             faults: Some(match worker.vmm.fault_timeline() {
                 Some(counts) => FaultReport {

@@ -177,6 +177,15 @@ pub(crate) struct Devices {
     pub(crate) boot_marks: Arc<BootMarks>,
     pub(crate) vsock: Option<Arc<Mutex<Vsock>>>,
     pub(crate) rootfs_cow: Option<Arc<CowDisk>>,
+    /// Read for the guest's I/O totals.
+    pub(crate) io_devices: IoDevices,
+}
+
+/// The devices whose traffic the VMM reports (see [`crate::Vmm::io_stats`]).
+#[derive(Default)]
+pub(crate) struct IoDevices {
+    pub(crate) rootfs: Option<Arc<Mutex<Block>>>,
+    pub(crate) net: Option<Arc<Mutex<Net>>>,
 }
 
 pub(crate) fn attach_devices(
@@ -223,6 +232,7 @@ pub(crate) fn attach_devices(
     let mut transports = Vec::new();
     let mut vsock_device = None;
     let mut rootfs_cow = None;
+    let mut io_devices = IoDevices::default();
     if let Some(rootfs) = &config.rootfs {
         let block_error = |source| VmmError::Block {
             path: rootfs.display().to_string(),
@@ -245,6 +255,7 @@ pub(crate) fn attach_devices(
             .map_err(block_error)?;
         rootfs_cow = cow;
         let block = Arc::new(Mutex::new(block));
+        io_devices.rootfs = Some(block.clone());
         transports.push(AttachedVirtio {
             id: ROOTFS_DEVICE,
             transport: attach_virtio(
@@ -294,6 +305,7 @@ pub(crate) fn attach_devices(
             .set_rate_limits(options.net_rate_limits)
             .map_err(VmmError::Net)?;
         let device = Arc::new(Mutex::new(device));
+        io_devices.net = Some(device.clone());
         transports.push(AttachedVirtio {
             id: NET_DEVICE,
             transport: attach_virtio(
@@ -312,6 +324,7 @@ pub(crate) fn attach_devices(
     }
     Ok(Devices {
         vsock: vsock_device,
+        io_devices,
         rootfs_cow,
         io: Arc::new(io),
         subscribers,

@@ -51,7 +51,7 @@ pub use crate::config::{
     VmConfig, VmmOptions, VsockConfig,
 };
 pub use crate::lazy::FAULT_BUCKET_MS;
-pub use crate::metrics::RunReport;
+pub use crate::metrics::{IoStats, NetIo, RunReport};
 pub use crate::snapshot::{RestoreMode, SnapshotKind, UnknownRestoreMode};
 pub use crate::timeline::Milestone;
 pub use crate::vmm::{run, run_reported, run_with, ExitReason, Vmm, VmmError, MAX_VCPUS};

@@ -106,3 +106,24 @@ VmFlags: rd wr mr mw me ac
         assert_eq!(inside, 0);
     }
 }
+
+/// The guest's traffic through its devices since its VMM made them (a restored VM starts from
+/// zero): the root disk's requests and the network device's frames (headers excluded).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct IoStats {
+    pub disk: Option<ember_devices::virtio::block::BlockStats>,
+    pub net: Option<NetIo>,
+}
+
+/// A network device's frames each way (`rx`: to the guest).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct NetIo {
+    pub rx_bytes: u64,
+    pub rx_frames: u64,
+    pub rx_dropped: u64,
+    pub tx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_dropped: u64,
+}

@@ -34,7 +34,7 @@ use crate::device_manager::*;
 use crate::kernel::{load_kernel, KernelError, LoadedKernel};
 use crate::lazy::LazyMemory;
 use crate::memory::{create_boot_memory, low_ram_end, BootRam, GuestMemoryMmap, MemoryError};
-use crate::metrics::{micros, resident_split, RunReport};
+use crate::metrics::{micros, resident_split, IoStats, NetIo, RunReport};
 use crate::persist::PersistError;
 use crate::snapshot::{RestoreMode, SnapshotBase, StoreChunks};
 use crate::vcpu::{command_all, ExitAction, Vcpu, VcpuCommand, VcpuError, VcpuHandle};
@@ -242,6 +242,7 @@ pub struct Vmm {
     pub(crate) rootfs_chunks: Option<Arc<StoreChunks>>,
     /// The vsock device, whose last guest bytes are delivered at shutdown.
     pub(crate) vsock: Option<Arc<Mutex<Vsock>>>,
+    pub(crate) io_devices: IoDevices,
     pub(crate) config: VmConfig,
     pub(crate) vm: Vm,
     /// Serves a restored VM's memory; dropped after the vCPUs (Drop) and before the memory.
@@ -344,6 +345,7 @@ impl Vmm {
             rootfs_cow: devices.rootfs_cow,
             rootfs_chunks: None,
             vsock: devices.vsock,
+            io_devices: devices.io_devices,
             config,
             vm,
             lazy,
@@ -384,6 +386,31 @@ impl Vmm {
     /// the VM without involving the guest).
     pub fn stop(&self) {
         let _ = self.reset_evt.write(1);
+    }
+
+    /// The guest's disk and network traffic through its devices since this VMM made them.
+    pub fn io_stats(&self) -> IoStats {
+        fn lock<T>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+            device.lock().unwrap_or_else(|p| p.into_inner())
+        }
+        IoStats {
+            disk: self
+                .io_devices
+                .rootfs
+                .as_ref()
+                .map(|b| lock(b).disk().stats()),
+            net: self.io_devices.net.as_ref().map(|n| {
+                let stats = lock(n).stats();
+                NetIo {
+                    rx_bytes: stats.rx_bytes,
+                    rx_frames: stats.rx_frames,
+                    rx_dropped: stats.rx_dropped,
+                    tx_bytes: stats.tx_bytes,
+                    tx_frames: stats.tx_frames,
+                    tx_dropped: stats.tx_dropped,
+                }
+            }),
+        }
     }
 
     /// Pages served on demand so far (lazy restores only).

@@ -5,6 +5,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::cow::{CowDisk, COW_CHUNK_SIZE};
@@ -25,6 +26,27 @@ enum DiskBackend {
     Cow(Arc<CowDisk>),
 }
 
+/// The guest's completed disk requests since the device was made (not kept in snapshots: a
+/// restored disk starts from zero).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BlockStats {
+    pub read_ops: u64,
+    pub read_bytes: u64,
+    pub write_ops: u64,
+    pub write_bytes: u64,
+    pub flush_ops: u64,
+}
+
+#[derive(Debug, Default)]
+struct BlockCounters {
+    read_ops: AtomicU64,
+    read_bytes: AtomicU64,
+    write_ops: AtomicU64,
+    write_bytes: AtomicU64,
+    flush_ops: AtomicU64,
+}
+
 /// An opened disk: its backing store, usable size and device ID string.
 #[derive(Debug)]
 pub struct Disk {
@@ -32,6 +54,7 @@ pub struct Disk {
     sectors: u64,
     read_only: bool,
     id: [u8; DISK_ID_LEN],
+    counters: BlockCounters,
 }
 
 impl Disk {
@@ -121,6 +144,34 @@ impl Disk {
             sectors: size / SECTOR_SIZE,
             read_only,
             id: id_buf,
+            counters: BlockCounters::default(),
+        }
+    }
+
+    /// Counts one completed guest request (see [`BlockStats`]).
+    pub(super) fn count(&self, kind: super::request::RequestType, bytes: u64) {
+        use super::request::RequestType;
+        let c = &self.counters;
+        let (ops, total) = match kind {
+            RequestType::In => (&c.read_ops, Some(&c.read_bytes)),
+            RequestType::Out => (&c.write_ops, Some(&c.write_bytes)),
+            RequestType::Flush => (&c.flush_ops, None),
+            _ => return,
+        };
+        ops.fetch_add(1, Ordering::Relaxed);
+        if let Some(total) = total {
+            total.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    pub fn stats(&self) -> BlockStats {
+        let c = &self.counters;
+        BlockStats {
+            read_ops: c.read_ops.load(Ordering::Relaxed),
+            read_bytes: c.read_bytes.load(Ordering::Relaxed),
+            write_ops: c.write_ops.load(Ordering::Relaxed),
+            write_bytes: c.write_bytes.load(Ordering::Relaxed),
+            flush_ops: c.flush_ops.load(Ordering::Relaxed),
         }
     }
 

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 pub use cow::{ChunkSource, CowDisk, COW_CHUNK_SIZE};
 pub use device::{Block, BLOCK_CONFIG_SIZE, BLOCK_QUEUE_SIZE};
-pub use disk::Disk;
+pub use disk::{BlockStats, Disk};
 pub use request::SECTOR_SIZE;
 
 /// Errors from creating a [`Block`] device.

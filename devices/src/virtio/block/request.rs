@@ -500,9 +500,11 @@ pub fn handle_chain(
             return 0;
         }
     };
-    let (status, written) = match parse_request(&descs, status_addr, mem, disk)
-        .and_then(|req| execute_request(&req, mem, disk))
-    {
+    let (status, written) = match parse_request(&descs, status_addr, mem, disk).and_then(|req| {
+        let written = execute_request(&req, mem, disk)?;
+        disk.count(req.request_type, req.data_len);
+        Ok(written)
+    }) {
         Ok(written) => (STATUS_OK, written),
         Err(e) => {
             crate::guest_warn!("virtio-block: chain {head}: {e}");
