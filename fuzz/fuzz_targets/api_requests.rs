@@ -55,6 +55,7 @@ fn service() -> &'static Service {
                 max_sandboxes: 0,
                 jail: None,
                 retention: std::time::Duration::from_secs(3600),
+                dns_upstreams: Vec::new(),
             },
             sandboxes: Mutex::new(HashMap::new()),
             store,

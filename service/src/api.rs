@@ -10,7 +10,7 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use ember_client::responses::{Faults, Health, SandboxInfo, SandboxList};
 use ember_client::types::{CreateBody, ErrorDocument, TimeoutBody};
@@ -20,7 +20,7 @@ use crate::error::ApiError;
 use crate::sandbox::{NewSandbox, Sandbox, SandboxState};
 use ember_sandbox::control::{ControlRequest, WorkerOrigin};
 
-use crate::{exec, files, metrics, network, ports, sandbox, snapshots, templates};
+use crate::{exec, files, metrics, network, ports, pty, sandbox, snapshots, templates};
 use crate::{
     AppState, DEFAULT_TIMEOUT_S, MAX_ENV_VARS, MAX_JSON_BODY, MAX_MEMORY_MIB, MAX_TIMEOUT_S,
     MIN_MEMORY_MIB,
@@ -35,21 +35,46 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/sandboxes", post(create_sandbox).get(list_sandboxes))
         .route("/sandboxes/{id}", get(get_sandbox).delete(delete_sandbox))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
+        .route(
+            "/sandboxes/{id}/network",
+            axum::routing::patch(network::update::update_policy),
+        )
         .route("/sandboxes/{id}/pause", post(pause))
         .route("/sandboxes/{id}/resume", post(resume))
         .route("/sandboxes/{id}/faults", get(faults))
+        .route(
+            "/sandboxes/{id}/metrics",
+            get(crate::sandbox_metrics::sandbox_metrics),
+        )
         .route("/sandboxes/{id}/exec", post(exec::exec))
         .route("/sandboxes/{id}/commands", get(exec::list_commands))
         .route("/sandboxes/{id}/commands/{cid}", get(exec::get_command))
+        .route(
+            "/sandboxes/{id}/commands/{cid}/logs",
+            get(exec::command_logs),
+        )
         .route(
             "/sandboxes/{id}/commands/{cid}/kill",
             post(exec::kill_command),
         )
         .route(
             "/sandboxes/{id}/files",
-            get(files::get_file).put(files::put_file),
+            get(files::get_file)
+                .put(files::put_file)
+                .delete(files::remove),
         )
         .route("/sandboxes/{id}/files/mkdir", post(files::mkdir))
+        .route("/sandboxes/{id}/files/list", get(files::list))
+        .route("/sandboxes/{id}/files/stat", get(files::stat))
+        .route("/sandboxes/{id}/files/rename", post(files::rename))
+        .route(
+            "/sandboxes/{id}/files/tar",
+            get(files::get_tar).put(files::put_tar),
+        )
+        .route("/sandboxes/{id}/files/watch", get(files::watch))
+        .route("/sandboxes/{id}/pty", post(pty::create).get(pty::list))
+        .route("/sandboxes/{id}/pty/{pty_id}", delete(pty::delete))
+        .route("/sandboxes/{id}/pty/{pty_id}/connect", get(pty::connect))
         .route("/sandboxes/{id}/snapshots", post(snapshots::create))
         .route("/snapshots", get(snapshots::list))
         .route(
@@ -74,6 +99,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::lifecycle::on_use,
+        ))
         .with_state(state)
 }
 
@@ -115,7 +144,7 @@ pub fn parse_body<T: DeserializeOwned>(body: JsonBody) -> Result<T, ApiError> {
 }
 
 /// Fields whose values are lists (of strings or numbers) in this API's request bodies.
-const LIST_FIELDS: &[&str] = &["args", "ports", "allow", "apt", "pip", "npm"];
+const LIST_FIELDS: &[&str] = &["args", "ports", "allow", "deny", "apt", "pip", "npm"];
 /// Fields that are lists of objects (each checked as a body is).
 const OBJECT_LIST_FIELDS: &[&str] = &["steps"];
 
@@ -421,6 +450,7 @@ async fn create_sandbox(
             .choose(body.runtime.as_deref(), body.image.as_deref())?,
     };
     let network = body.network.unwrap_or(network::NetworkMode::None {});
+    network::update::check_mode(&network)?;
     check_limits(
         body.disk_limits.as_ref(),
         body.net_limits.as_ref(),
@@ -441,6 +471,13 @@ async fn create_sandbox(
             ports: body.ports,
             partial,
             image,
+            lifecycle: crate::lifecycle::Lifecycle::from_request(
+                timeout,
+                body.on_timeout,
+                body.auto_resume,
+                body.idle_timeout_s,
+            )?,
+            continues: None,
         },
     )
     .await?;
@@ -559,7 +596,15 @@ async fn resume(
         )));
     }
     control(&sandbox, ControlRequest::Resume).await?;
-    sandbox.update(|r| r.state = SandboxState::Running);
+    let now = sandbox::unix_ms();
+    sandbox.update(|r| {
+        r.state = SandboxState::Running;
+        // Resumed by hand after its `on_timeout` paused it: its timeout starts again.
+        if r.lifecycle.suspended.take().is_some() {
+            r.deadline_unix_ms = now + r.lifecycle.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_S * 1000);
+        }
+    });
+    sandbox.activity.touch();
     Ok(axum::Json(sandbox.info()).into_response())
 }
 

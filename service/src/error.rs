@@ -75,6 +75,11 @@ pub fn from_agent(what: &str, err: ember_agent::client::ClientError) -> ApiError
                 ErrorKind::InvalidInput if remote.errno == Some(libc::EISDIR) => {
                     (StatusCode::CONFLICT, "is_a_directory")
                 }
+                // Removing a folder that is not empty without `recursive`, or renaming a
+                // folder over one.
+                ErrorKind::Io if remote.errno == Some(libc::ENOTEMPTY) => {
+                    (StatusCode::CONFLICT, "not_empty")
+                }
                 ErrorKind::PermissionDenied => (StatusCode::FORBIDDEN, "permission_denied"),
                 ErrorKind::AlreadyExists => (StatusCode::CONFLICT, "already_exists"),
                 ErrorKind::InvalidInput => (StatusCode::BAD_REQUEST, "invalid_request"),
@@ -85,11 +90,37 @@ pub fn from_agent(what: &str, err: ember_agent::client::ClientError) -> ApiError
             };
             ApiError::new(status, code, format!("{what}: {remote}"))
         }
+        // The guest runs an agent from before this request (a snapshot taken with an older
+        // ember): nothing was asked of it.
+        ClientError::Unsupported { .. } => ApiError::new(
+            StatusCode::CONFLICT,
+            "agent_too_old",
+            format!("{what}: {err}"),
+        ),
         _ => ApiError::new(
             StatusCode::BAD_GATEWAY,
             "agent_unreachable",
             format!("{what}: {err}"),
         ),
+    }
+}
+
+/// As [`from_agent`], for a request on a directory: a path that is there but is not a
+/// directory is a conflict (409 `not_a_directory`), not a missing one.
+pub fn from_agent_on_dir(what: &str, err: ember_agent::client::ClientError) -> ApiError {
+    use ember_agent::client::ClientError;
+    use ember_agent::protocol::ErrorKind;
+    match &err {
+        ClientError::Remote(remote)
+            if remote.kind == ErrorKind::InvalidInput && remote.errno == Some(libc::ENOTDIR) =>
+        {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "not_a_directory",
+                format!("{what}: {remote}"),
+            )
+        }
+        _ => from_agent(what, err),
     }
 }
 
@@ -123,6 +154,18 @@ mod tests {
                 StatusCode::BAD_REQUEST,
             ),
             (remote(ErrorKind::NotFound, None), StatusCode::NOT_FOUND),
+            (
+                remote(ErrorKind::Io, Some(libc::ENOTEMPTY)),
+                StatusCode::CONFLICT,
+            ),
+            (
+                ClientError::Unsupported {
+                    what: "list a directory",
+                    capability: "files",
+                    agent_version: "0.1.0".into(),
+                },
+                StatusCode::CONFLICT,
+            ),
         ] {
             let mapped = from_agent("writing /", err);
             assert_eq!(mapped.status, status, "{}", mapped.message);
@@ -132,5 +175,35 @@ mod tests {
                 mapped.message
             );
         }
+        let too_old = from_agent(
+            "listing /",
+            ClientError::Unsupported {
+                what: "list a directory",
+                capability: "files",
+                agent_version: "0.1.0".into(),
+            },
+        );
+        assert_eq!(too_old.code, "agent_too_old");
+        assert!(too_old.message.contains("\"files\""), "{}", too_old.message);
+    }
+
+    #[test]
+    fn a_path_that_is_not_a_directory_is_a_conflict_for_directory_requests() {
+        let err = from_agent_on_dir(
+            "listing /etc/hostname",
+            remote(ErrorKind::InvalidInput, Some(libc::ENOTDIR)),
+        );
+        assert_eq!(
+            (err.status, err.code),
+            (StatusCode::CONFLICT, "not_a_directory")
+        );
+        // A missing parent stays a 404, and other errors map as usual.
+        let err = from_agent_on_dir(
+            "listing /x/y",
+            remote(ErrorKind::NotFound, Some(libc::ENOTDIR)),
+        );
+        assert_eq!(err.status, StatusCode::NOT_FOUND);
+        let err = from_agent_on_dir("listing /x", remote(ErrorKind::InvalidInput, None));
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
     }
 }

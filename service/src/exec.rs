@@ -1,7 +1,7 @@
 //! Commands in a sandbox: streamed (NDJSON), waited for (one JSON document), or detached
 //! (status and logs later, killable).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,8 +26,10 @@ use super::sandbox::Sandbox;
 use super::{parse_body, parse_query, AppState, JsonBody, QueryResult};
 use ember_sandbox::control::ControlRequest;
 
-/// Output kept per command for `GET …/commands/{cid}` (the newest bytes win).
-const LOG_LIMIT: usize = 4 << 20;
+pub mod logs;
+pub use logs::command_logs;
+use logs::OutputLog;
+
 /// Output a `?wait=true` answer carries per stream.
 const WAIT_OUTPUT_LIMIT: usize = 64 << 20;
 /// The largest `stdin` an exec request may carry.
@@ -59,6 +61,8 @@ fn remember(sandbox: &Sandbox, record: &Arc<CommandRecord>) {
 pub struct CommandRecord {
     /// Woken once the command has finished (its exit is recorded).
     pub done: tokio::sync::Notify,
+    /// Woken on each piece of output and at the end.
+    progress: tokio::sync::Notify,
     pub id: String,
     pub argv: Vec<String>,
     pub started: Instant,
@@ -72,26 +76,7 @@ struct CommandInner {
     pid: Option<u32>,
     exit: Option<Result<ExitStatus, Arc<ClientError>>>,
     duration_ms: Option<f64>,
-    stdout: Log,
-    stderr: Log,
-}
-
-/// The newest `LOG_LIMIT` bytes of a stream, and how many older ones were dropped.
-#[derive(Default)]
-struct Log {
-    bytes: VecDeque<u8>,
-    dropped: u64,
-}
-
-impl Log {
-    fn push(&mut self, data: &[u8]) {
-        self.bytes.extend(data);
-        let excess = self.bytes.len().saturating_sub(LOG_LIMIT);
-        if excess > 0 {
-            self.bytes.drain(..excess);
-            self.dropped += excess as u64;
-        }
-    }
+    output: OutputLog,
 }
 
 impl CommandRecord {
@@ -111,9 +96,10 @@ impl CommandRecord {
     fn info(&self, with_output: bool) -> CommandInfo {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let output = if with_output {
-            let stdout: Vec<u8> = inner.stdout.bytes.iter().copied().collect();
-            let stderr: Vec<u8> = inner.stderr.bytes.iter().copied().collect();
-            command_output(&stdout, &stderr)
+            command_output(
+                &inner.output.stream(OutputStream::Stdout),
+                &inner.output.stream(OutputStream::Stderr),
+            )
         } else {
             CommandOutput::default()
         };
@@ -130,12 +116,37 @@ impl CommandRecord {
             duration_ms: inner.duration_ms,
             exit: inner.exit.as_ref().map(command_exit).unwrap_or_default(),
             output,
-            stdout_dropped_bytes: inner.stdout.dropped,
-            stderr_dropped_bytes: inner.stderr.dropped,
+            stdout_dropped_bytes: inner.output.dropped(OutputStream::Stdout),
+            stderr_dropped_bytes: inner.output.dropped(OutputStream::Stderr),
         }
     }
 
-    fn finished(&self) -> bool {
+    fn pid(&self) -> Option<u32> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).pid
+    }
+
+    /// The output kept from chunk `next` on, the number after it, and the exit once the
+    /// command has ended (all its output is in the log by then).
+    fn output_since(&self, next: u64) -> (Vec<(OutputStream, Bytes)>, u64, Option<EndOfCommand>) {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (chunks, next) = inner.output.since(next);
+        let end = inner
+            .exit
+            .clone()
+            .map(|exit| (exit, inner.duration_ms.unwrap_or_default()));
+        (chunks, next, end)
+    }
+
+    fn log_output(&self, stream: OutputStream, data: &[u8]) {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .output
+            .push(stream, data);
+        self.progress.notify_waiters();
+    }
+
+    pub(crate) fn finished(&self) -> bool {
         self.inner
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -143,6 +154,9 @@ impl CommandRecord {
             .is_some()
     }
 }
+
+/// How a command ended and how long it ran, in milliseconds.
+type EndOfCommand = (Result<ExitStatus, Arc<ClientError>>, f64);
 
 /// How a command ended (or that the agent could not say).
 fn command_exit(exit: &Result<ExitStatus, Arc<ClientError>>) -> CommandExit {
@@ -220,6 +234,18 @@ fn output_line(stream: OutputStream, data: &[u8]) -> Bytes {
     })
 }
 
+/// The NDJSON record of a command's end.
+fn exit_line(exit: &Result<ExitStatus, Arc<ClientError>>, duration_ms: f64) -> Bytes {
+    let exit = command_exit(exit);
+    ndjson(&OutputRecord::Exit {
+        exit_code: exit.exit_code,
+        signal: exit.signal,
+        timed_out: exit.timed_out,
+        error: exit.error,
+        duration_ms,
+    })
+}
+
 fn ndjson(record: &OutputRecord) -> Bytes {
     let mut line = serde_json::to_vec(record).unwrap_or_default();
     line.push(b'\n');
@@ -227,7 +253,7 @@ fn ndjson(record: &OutputRecord) -> Bytes {
 }
 
 /// Checks the request and turns it into the agent's.
-fn exec_request(sandbox: &Sandbox, body: &ExecBody) -> Result<ExecRequest, ApiError> {
+pub(crate) fn exec_request(sandbox: &Sandbox, body: &ExecBody) -> Result<ExecRequest, ApiError> {
     if body.cmd.is_empty() || body.cmd.contains('\0') {
         return Err(ApiError::bad_request(
             "`cmd` must be a non-empty string without NUL",
@@ -373,6 +399,7 @@ pub async fn exec(
         let agent = sandbox.agent().await?;
         let record = Arc::new(CommandRecord {
             done: tokio::sync::Notify::new(),
+            progress: tokio::sync::Notify::new(),
             id: sandbox.next_command_id(),
             argv: request.argv.clone(),
             started: Instant::now(),
@@ -382,8 +409,7 @@ pub async fn exec(
                 pid: None,
                 exit: None,
                 duration_ms: None,
-                stdout: Log::default(),
-                stderr: Log::default(),
+                output: OutputLog::default(),
             }),
             agent: agent.clone(),
         });
@@ -469,16 +495,7 @@ pub async fn exec(
         }
         let line = match rx.recv().await? {
             Event::Output(stream, data) => output_line(stream, &data),
-            Event::Exit(exit, duration_ms) => {
-                let exit = command_exit(&exit);
-                ndjson(&OutputRecord::Exit {
-                    exit_code: exit.exit_code,
-                    signal: exit.signal,
-                    timed_out: exit.timed_out,
-                    error: exit.error,
-                    duration_ms,
-                })
-            }
+            Event::Exit(exit, duration_ms) => exit_line(&exit, duration_ms),
         };
         Some((Ok(line), (rx, None)))
     });
@@ -523,20 +540,16 @@ fn run_command(
             *listening = false;
         }
     };
+    // The log keeps what the stream sends (whole characters), in the same order.
     let status = execution.wait(|stream, data| {
-        {
-            let mut inner = record.inner.lock().unwrap_or_else(|p| p.into_inner());
-            match stream {
-                OutputStream::Stdout => inner.stdout.push(data),
-                OutputStream::Stderr => inner.stderr.push(data),
-            }
-        }
         let index = usize::from(stream == OutputStream::Stderr);
         let ready = chunkers[index].push(data);
+        record.log_output(stream, &ready);
         forward(stream, ready, &mut listening);
     });
     for (index, stream) in [(0, OutputStream::Stdout), (1, OutputStream::Stderr)] {
         let rest = chunkers[index].finish();
+        record.log_output(stream, &rest);
         forward(stream, rest, &mut listening);
     }
     let exit = status.map_err(Arc::new);
@@ -547,6 +560,7 @@ fn run_command(
         inner.duration_ms = Some(duration_ms);
     }
     record.done.notify_waiters();
+    record.progress.notify_waiters();
     if listening {
         let _ = tx.blocking_send(Event::Exit(exit, duration_ms));
     }

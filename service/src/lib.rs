@@ -18,6 +18,7 @@ pub mod import;
 pub mod ingest;
 mod jail;
 mod launch;
+pub mod lifecycle;
 pub mod mem_cache;
 mod metrics;
 pub mod network;
@@ -26,10 +27,13 @@ pub mod openapi;
 pub mod pool;
 pub mod ports;
 pub mod process;
+pub mod pty;
 pub mod remote;
+pub mod remote_access;
 pub mod remote_cache;
 pub mod runtimes;
 pub mod sandbox;
+pub mod sandbox_metrics;
 pub mod snapshots;
 pub mod templates;
 pub mod timeline;
@@ -132,6 +136,12 @@ pub struct ServeArgs {
     /// them). Default: no bound.
     #[arg(long, value_name = "BYTES")]
     pub remote_cache_bytes: Option<u64>,
+    /// The name server egress sandboxes' resolvers ask (`ADDR:PORT`, repeatable; default:
+    /// the IPv4 name servers of /etc/resolv.conf, loopback ones included).
+    #[arg(long = "dns-upstream", value_name = "ADDR:PORT")]
+    pub dns_upstreams: Vec<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub remote_access: remote_access::RemoteAccessArgs,
 }
 
 pub struct ServiceConfig {
@@ -149,6 +159,8 @@ pub struct ServiceConfig {
     pub jail: Option<jail::JailIds>,
     /// How long stopped and failed sandboxes are kept.
     pub retention: Duration,
+    /// The name servers sandboxes' resolvers ask.
+    pub dns_upstreams: Vec<std::net::SocketAddr>,
 }
 
 pub struct AppState {
@@ -260,6 +272,13 @@ pub fn serve(args: ServeArgs) -> i32 {
         eprintln!("ember serve: no --rootfs given and none built (run `cargo xtask rootfs`)");
         return 2;
     };
+    let remote_access = match remote_access::RemoteAccess::from_args(&args.remote_access) {
+        Ok(access) => access,
+        Err(e) => {
+            eprintln!("ember serve: {e}");
+            return 2;
+        }
+    };
     import::remove_unfinished(&state_dir);
     let runtimes = match runtimes::Runtimes::discover(
         &rootfs,
@@ -359,6 +378,14 @@ pub fn serve(args: ServeArgs) -> i32 {
         }
     };
     let cgroups = cgroup::Cgroups::detect(std::path::Path::new("/sys/fs/cgroup"), &state_dir);
+    let dns_upstreams = if args.dns_upstreams.is_empty() {
+        network::host_name_servers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())
+    } else {
+        args.dns_upstreams.clone()
+    };
+    if dns_upstreams.is_empty() {
+        log::warn!("no name server in /etc/resolv.conf nor --dns-upstream: egress sandboxes' names will not resolve");
+    }
     let state = Arc::new(AppState {
         config: ServiceConfig {
             state_dir,
@@ -370,6 +397,7 @@ pub fn serve(args: ServeArgs) -> i32 {
             max_sandboxes: args.max_sandboxes.max(1),
             jail,
             retention: Duration::from_secs(args.retention_s),
+            dns_upstreams,
         },
         sandboxes: Mutex::new(HashMap::new()),
         store,
@@ -419,7 +447,7 @@ pub fn serve(args: ServeArgs) -> i32 {
     // SAFETY: geteuid takes no arguments and cannot fail.
     let own_uid = unsafe { libc::geteuid() };
     let peers = access::PeerPolicy::new(own_uid, &args.allow_uids, &args.allow_gids);
-    match runtime.block_on(run_service(state, socket, peers)) {
+    match runtime.block_on(run_service(state, socket, peers, remote_access)) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("ember serve: {e}");
@@ -438,8 +466,10 @@ enum ServeError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot handle SIGTERM: {0}")]
+    #[error("cannot handle SIGTERM or SIGHUP: {0}")]
     Signal(#[source] std::io::Error),
+    #[error(transparent)]
+    RemoteAccess(#[from] remote_access::RemoteAccessError),
     #[error("serving: {0}")]
     Serve(#[source] std::io::Error),
 }
@@ -448,6 +478,7 @@ async fn run_service(
     state: Arc<AppState>,
     socket: PathBuf,
     peers: access::PeerPolicy,
+    remote_access: Option<remote_access::RemoteAccess>,
 ) -> Result<(), ServeError> {
     sandbox::recover(&state).await;
     tokio::spawn(state.gc.clone().run(state.store.clone()));
@@ -488,6 +519,16 @@ async fn run_service(
     )
     .map_err(socket_error("set the mode of", &socket))?;
     let listener = access::CheckedListener::new(listener, peers);
+    let remote = match remote_access {
+        Some(access) => {
+            let bound = access.bind().await?;
+            bound
+                .reload_tokens_on_sighup()
+                .map_err(ServeError::Signal)?;
+            Some(bound)
+        }
+        None => None,
+    };
     tokio::spawn(sandbox::reap_expired(state.clone()));
     if let Some(pool) = &state.pool {
         tokio::spawn(pool.clone().run(state.clone()));
@@ -500,7 +541,8 @@ async fn run_service(
     let app = router(state.clone());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(ServeError::Signal)?;
-    let shutdown = async move {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -508,11 +550,20 @@ async fn run_service(
         log::info!(
             "ember serve: stopping (sandboxes keep running; a restarted service adopts them)"
         );
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(ServeError::Serve)?;
+    let local = axum::serve(listener, app.clone()).with_graceful_shutdown(stopped(stop_rx.clone()));
+    match remote {
+        Some(remote) => {
+            let remote = remote.serve(app, stopped(stop_rx));
+            tokio::try_join!(std::future::IntoFuture::into_future(local), remote)
+                .map_err(ServeError::Serve)?;
+        }
+        None => local.await.map_err(ServeError::Serve)?,
+    }
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }

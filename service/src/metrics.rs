@@ -25,8 +25,7 @@ impl Timing {
 
     fn write(&self, out: &mut String, name: &str, help: &str) {
         let sum = *self.sum_ms.lock().unwrap_or_else(|p| p.into_inner()) / 1e3;
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} summary");
+        header(out, name, "summary", help);
         let _ = writeln!(out, "{name}_sum {sum}");
         let _ = writeln!(out, "{name}_count {}", self.count.load(Ordering::Relaxed));
     }
@@ -44,6 +43,8 @@ pub struct Metrics {
     /// service as the sandbox's first agent connection), and starts whose did not.
     pub agent_connections_passed: AtomicU64,
     pub agent_connections_not_passed: AtomicU64,
+    /// What the sandboxes' name servers did with their guests' questions.
+    pub dns_questions: Arc<crate::network::resolver::QuestionCounters>,
     boot_ready: Timing,
     restore_ready: Timing,
     snapshot_time: Timing,
@@ -80,15 +81,19 @@ impl Metrics {
     }
 }
 
-fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+/// A metric family's `# HELP` and `# TYPE` lines.
+pub(crate) fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} counter");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    header(out, name, "counter", help);
     let _ = writeln!(out, "{name} {value}");
 }
 
 fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} gauge");
+    header(out, name, "gauge", help);
     let _ = writeln!(out, "{name} {value}");
 }
 
@@ -184,7 +189,7 @@ fn remote_traffic(state: &AppState, out: &mut String) {
 }
 
 /// Resident bytes of process `pid` and its children (a jailed VMM runs under a supervisor).
-fn resident_bytes(pid: u32) -> u64 {
+pub(crate) fn resident_bytes(pid: u32) -> u64 {
     let rss = |pid: &str| -> u64 {
         std::fs::read_to_string(format!("/proc/{pid}/statm"))
             .ok()
@@ -208,8 +213,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .values()
         .map(|s| s.state())
         .collect();
-    let _ = writeln!(out, "# HELP ember_sandboxes Sandboxes by state.");
-    let _ = writeln!(out, "# TYPE ember_sandboxes gauge");
+    header(&mut out, "ember_sandboxes", "gauge", "Sandboxes by state.");
     for s in SandboxState::ALL {
         let n = states.iter().filter(|x| **x == s).count();
         let _ = writeln!(out, "ember_sandboxes{{state=\"{}\"}} {n}", s.label());
@@ -282,7 +286,20 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         "Pack bytes the store's garbage collections freed.",
         load(&gc.bytes_reclaimed),
     );
+    header(
+        &mut out,
+        "ember_dns_questions_total",
+        "counter",
+        "Questions guests asked their sandbox's name server, by what became of them.",
+    );
+    for (outcome, n) in m.dns_questions.outcomes() {
+        let _ = writeln!(
+            out,
+            "ember_dns_questions_total{{outcome=\"{outcome}\"}} {n}"
+        );
+    }
     mem_cache_and_pool(&state, &mut out);
+    crate::sandbox_metrics::write_labelled(&state, &mut out).await;
     remote_traffic(&state, &mut out);
     m.boot_ready.write(
         &mut out,

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use serde_json::{json, Value};
 use utoipa::OpenApi;
 
-use crate::{api, exec, files, metrics, snapshots, templates};
+use crate::{api, exec, files, metrics, pty, sandbox_metrics, snapshots, templates};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -31,16 +31,30 @@ use crate::{api, exec, files, metrics, snapshots, templates};
         api::get_sandbox,
         api::delete_sandbox,
         api::set_timeout,
+        crate::network::update::update_policy,
         api::pause,
         api::resume,
         api::faults,
+        sandbox_metrics::sandbox_metrics,
         exec::exec,
         exec::list_commands,
         exec::get_command,
+        exec::logs::command_logs,
         exec::kill_command,
         files::get_file,
         files::put_file,
         files::mkdir,
+        files::manage::list,
+        files::manage::stat,
+        files::manage::remove,
+        files::manage::rename,
+        files::archive::get_tar,
+        files::archive::put_tar,
+        files::watch::watch,
+        pty::create,
+        pty::list,
+        pty::delete,
+        pty::connect,
         snapshots::create,
         snapshots::list,
         snapshots::get,
@@ -52,11 +66,16 @@ use crate::{api, exec, files, metrics, snapshots, templates};
         templates::get,
         templates::delete,
     ),
+    components(schemas(
+        ember_client::types::PtyControl,
+        ember_client::responses::PtyEvent
+    )),
     tags(
         (name = "service", description = "The service itself"),
         (name = "sandboxes", description = "Sandboxes: one microVM each"),
         (name = "commands", description = "Commands in a sandbox"),
         (name = "files", description = "Files in a sandbox"),
+        (name = "terminals", description = "Interactive terminals in a sandbox (a pseudo-terminal in the guest, over a WebSocket)"),
         (name = "snapshots", description = "Snapshots in the store, and sandboxes from them"),
         (name = "templates", description = "Runtimes with build steps, snapshotted ready to use"),
     )
@@ -71,16 +90,76 @@ pub fn document() -> &'static str {
         doc.info.version = env!("CARGO_PKG_VERSION").to_string();
         let mut doc = serde_json::to_value(doc).expect("an OpenAPI document always serialises");
         add_limits(&mut doc);
+        add_remote_access(&mut doc);
         serde_json::to_string_pretty(&doc).expect("a JSON value always serialises")
     })
+}
+
+/// Over TCP (`ember serve --listen`) every operation needs a bearer token and may be refused
+/// for a missing or wrong one (401) or over the token's rate (429 with `Retry-After`); over
+/// the Unix socket neither applies (no security requirement: `{}`).
+fn add_remote_access(doc: &mut Value) {
+    doc["components"]["securitySchemes"] = json!({
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "A token from `ember serve --token-file`; needed over TCP (`--listen`), not on the Unix socket"
+        }
+    });
+    doc["security"] = json!([{}, {"bearer": []}]);
+    let refusals = json!({
+        "401": {
+            "description": "Over TCP: no bearer token, or not one the service accepts",
+            "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorDocument"}}}
+        },
+        "429": {
+            "description": "Over TCP: the token is over its request rate (or the service runs as many sandboxes as it may)",
+            "headers": {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}},
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorDocument"}}}
+        }
+    });
+    let resumed = json!({
+        "description": "Set when this request resumed a sandbox its `on_timeout` had suspended: how it had been (`pause` or `snapshot`)",
+        "schema": {"type": "string", "enum": ["pause", "snapshot"]}
+    });
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        let uses_guest = crate::lifecycle::used_sandbox(path).is_some();
+        let Some(operations) = item.as_object_mut() else {
+            continue;
+        };
+        for operation in operations.values_mut() {
+            let Some(responses) = operation["responses"].as_object_mut() else {
+                continue;
+            };
+            for (status, response) in refusals.as_object().into_iter().flatten() {
+                responses
+                    .entry(status.clone())
+                    .or_insert_with(|| response.clone());
+            }
+            if uses_guest {
+                for (status, response) in responses.iter_mut() {
+                    if status.starts_with('2') {
+                        response["headers"]["ember-resumed"] = resumed.clone();
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A guest path as [`files::check_guest_path`] takes it: absolute, no `.` or `..` part, no
 /// part over 255 characters, no NUL.
 const GUEST_PATH_PATTERN: &str =
     r"^(/([^/.\u0000][^/\u0000]{0,254}|\.[^/.\u0000][^/\u0000]{0,253}|\.\.[^/\u0000]{1,253})?)+$";
-/// An IPv4 address with an optional prefix length, as [`ember_client::types::Cidr`] parses it.
-const CIDR_PATTERN: &str = r"^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(/(3[0-2]|[12]?[0-9]))?$";
+/// An allow- or deny-list entry, as [`ember_client::types::EgressRule`] parses it: an IPv4
+/// address with an optional prefix length, or a domain name with an optional `*.` (labels of
+/// 1 to 63 letters, digits, `-` or `_`, not beginning or ending with `-`; at least two; the
+/// last beginning with a letter).
+const EGRESS_RULE_PATTERN: &str = r"^(?:((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(/(3[0-2]|[12]?[0-9]))?|(\*\.)?([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)+[A-Za-z]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?)$";
 /// A user name as exec takes it (`root`, `user`, or an imported image's own).
 const USER_PATTERN: &str = "^[a-z_][a-z0-9_-]{0,31}$";
 /// Text without NUL.
@@ -114,20 +193,31 @@ fn merge(target: &mut Value, extra: Value) {
     }
 }
 
-/// Puts [`CIDR_PATTERN`] on every `allow` list's items under `schema`.
-fn set_cidr_pattern(schema: &mut Value) {
+/// Puts [`EGRESS_RULE_PATTERN`] on every `allow` and `deny` list's items under `schema`.
+fn set_egress_rule_pattern(schema: &mut Value) {
     match schema {
         Value::Object(map) => {
-            if let Some(items) = map
-                .get_mut("properties")
-                .and_then(|p| p.get_mut("allow"))
-                .and_then(|a| find_items(a))
-            {
-                merge(items, json!({"pattern": CIDR_PATTERN}));
+            for list in ["allow", "deny"] {
+                if let Some(items) = map
+                    .get_mut("properties")
+                    .and_then(|p| p.get_mut(list))
+                    .and_then(|a| find_items(a))
+                {
+                    merge(
+                        items,
+                        json!({"pattern": EGRESS_RULE_PATTERN, "maxLength": ember_client::network::MAX_DOMAIN_LEN}),
+                    );
+                }
+                if let Some(array) = map.get_mut("properties").and_then(|p| p.get_mut(list)) {
+                    merge(
+                        array,
+                        json!({"maxItems": crate::network::update::MAX_RULES}),
+                    );
+                }
             }
-            map.values_mut().for_each(set_cidr_pattern);
+            map.values_mut().for_each(set_egress_rule_pattern);
         }
-        Value::Array(list) => list.iter_mut().for_each(set_cidr_pattern),
+        Value::Array(list) => list.iter_mut().for_each(set_egress_rule_pattern),
         _ => {}
     }
 }
@@ -290,8 +380,11 @@ fn add_limits(doc: &mut Value) {
     for schema in ["CreateBody", "ForkBody"] {
         limit(doc, schema, "disk_limits", disk_minimums.clone());
     }
+    for schema in ["NetworkPolicy", "SandboxNetwork"] {
+        set_egress_rule_pattern(&mut doc["components"]["schemas"][schema]);
+    }
     let network = &mut doc["components"]["schemas"]["NetworkMode"];
-    set_cidr_pattern(network);
+    set_egress_rule_pattern(network);
     // Each mode refuses the other's fields (the type denies unknown fields).
     for mode in network["oneOf"].as_array_mut().into_iter().flatten() {
         merge(mode, json!({"additionalProperties": false}));
@@ -347,6 +440,46 @@ fn add_limits(doc: &mut Value) {
         "signal",
         json!({"minimum": 1, "maximum": 64}),
     );
+    let cells = json!({"minimum": 1, "maximum": pty::MAX_CELLS});
+    for schema in ["PtyBody", "PtyControl"] {
+        for field in ["cols", "rows"] {
+            let target = if schema == "PtyBody" {
+                &mut doc["components"]["schemas"][schema]["properties"][field]
+            } else {
+                // The resize alternative of the tagged union.
+                let resize = doc["components"]["schemas"][schema]["oneOf"]
+                    .as_array_mut()
+                    .and_then(|alternatives| {
+                        alternatives
+                            .iter_mut()
+                            .find(|a| a["properties"].get(field).is_some())
+                    })
+                    .expect("PtyControl has a resize alternative");
+                &mut resize["properties"][field]
+            };
+            merge(target, cells.clone());
+        }
+    }
+    limit(
+        doc,
+        "PtyBody",
+        "cmd",
+        json!({"minLength": 1, "pattern": NO_NUL_PATTERN}),
+    );
+    limit(
+        doc,
+        "PtyBody",
+        "args",
+        json!({"maxItems": exec::MAX_ARGS, "items": {"type": "string", "pattern": NO_NUL_PATTERN}}),
+    );
+    limit(doc, "PtyBody", "env", environment());
+    limit(doc, "PtyBody", "cwd", guest_path.clone());
+    limit(doc, "PtyBody", "user", json!({"pattern": USER_PATTERN}));
+    // `args` need a `cmd`.
+    doc["components"]["schemas"]["PtyBody"]["allOf"] = json!([{
+        "if": {"required": ["args"], "properties": {"args": {"type": "array", "minItems": 1}}},
+        "then": {"required": ["cmd"], "properties": {"cmd": {"type": "string"}}}
+    }]);
     limit(doc, "MkdirBody", "path", guest_path.clone());
     limit(doc, "MkdirBody", "mode", json!({"maximum": 0o7777}));
     let files = "/sandboxes/{id}/files";
@@ -360,4 +493,27 @@ fn add_limits(doc: &mut Value) {
         "mode",
         json!({"pattern": "^[0-7]{1,4}$"}),
     );
+    // The files API beyond single files; removal and renames refuse the root.
+    let not_root = json!({"not": {"pattern": "^/+$"}});
+    let mut below_root = guest_path.clone();
+    merge(&mut below_root, not_root);
+    limit_parameter(doc, files, "delete", "path", below_root.clone());
+    for (path, method) in [
+        ("/sandboxes/{id}/files/list", "get"),
+        ("/sandboxes/{id}/files/stat", "get"),
+        ("/sandboxes/{id}/files/tar", "get"),
+        ("/sandboxes/{id}/files/tar", "put"),
+        ("/sandboxes/{id}/files/watch", "get"),
+    ] {
+        limit_parameter(doc, path, method, "path", guest_path.clone());
+    }
+    limit_parameter(
+        doc,
+        "/sandboxes/{id}/files/list",
+        "get",
+        "limit",
+        json!({"minimum": 1, "maximum": ember_agent::protocol::MAX_LIST_ENTRIES}),
+    );
+    limit(doc, "RenameBody", "from", below_root.clone());
+    limit(doc, "RenameBody", "to", below_root);
 }

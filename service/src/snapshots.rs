@@ -204,7 +204,7 @@ pub async fn restore_spec(
     })
 }
 
-#[utoipa::path(post, path = "/sandboxes/{id}/snapshots", tag = "snapshots",
+#[utoipa::path(post, path = "/sandboxes/{id}/snapshots", tag = "snapshots", operation_id = "create_snapshot",
     params(crate::api::SandboxId),
     request_body(content = Option<SnapshotBody>, description = "Optional: a name, `diff`, `stop`"),
     responses(
@@ -318,7 +318,7 @@ fn has_parent(sandbox: &sandbox::Sandbox) -> bool {
 #[allow(dead_code)] // Only describes the parameter.
 pub struct SnapshotId(String);
 
-#[utoipa::path(get, path = "/snapshots", tag = "snapshots",
+#[utoipa::path(get, path = "/snapshots", tag = "snapshots", operation_id = "list_snapshots",
     responses(
         (status = 200, description = "The snapshots in this host's store", body = SnapshotList),
         (status = 500, description = "The store could not be read", body = ErrorDocument)))]
@@ -340,7 +340,7 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Result<Response, ApiErr
     Ok(axum::Json(SnapshotList { snapshots: rows }).into_response())
 }
 
-#[utoipa::path(get, path = "/snapshots/{id}", tag = "snapshots",
+#[utoipa::path(get, path = "/snapshots/{id}", tag = "snapshots", operation_id = "get_snapshot",
     params(SnapshotId),
     responses(
         (status = 200, description = "The snapshot (from the remote tier if only it has it)", body = SnapshotInfo),
@@ -356,7 +356,7 @@ pub async fn get(
     Ok(axum::Json(describe(&state, &id).await?).into_response())
 }
 
-#[utoipa::path(delete, path = "/snapshots/{id}", tag = "snapshots",
+#[utoipa::path(delete, path = "/snapshots/{id}", tag = "snapshots", operation_id = "delete_snapshot",
     params(SnapshotId),
     responses(
         (status = 204, description = "Deleted (here and in the remote tier)"),
@@ -408,7 +408,7 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[utoipa::path(post, path = "/snapshots/{id}/push", tag = "snapshots",
+#[utoipa::path(post, path = "/snapshots/{id}/push", tag = "snapshots", operation_id = "push_snapshot",
     params(SnapshotId),
     responses(
         (status = 202, description = "Pushing in the background", body = SnapshotInfo),
@@ -449,7 +449,7 @@ pub(crate) fn live_sandboxes_restored_from(state: &AppState, snapshot: &str) -> 
     ids
 }
 
-#[utoipa::path(post, path = "/snapshots/{id}/fork", tag = "snapshots",
+#[utoipa::path(post, path = "/snapshots/{id}/fork", tag = "snapshots", operation_id = "fork_snapshot",
     params(SnapshotId),
     request_body = ForkBody,
     responses(
@@ -458,7 +458,7 @@ pub(crate) fn live_sandboxes_restored_from(state: &AppState, snapshot: &str) -> 
         (status = 404, description = "No such snapshot", body = ErrorDocument),
         (status = 409, description = "An egress network for a snapshot whose guest had no network device", body = ErrorDocument),
         (status = 413, description = "Request body too large", body = ErrorDocument),
-        (status = 429, description = "The service runs as many sandboxes as it may", body = ErrorDocument),
+        (status = 429, description = "The service has no room for `count` more sandboxes (then none is started)", body = ErrorDocument),
         (status = 500, description = "A clone failed to start", body = ErrorDocument),
         (status = 502, description = "The remote tier failed", body = ErrorDocument),
         (status = 503, description = "The remote tier is unreachable", body = ErrorDocument)))]
@@ -491,10 +491,17 @@ pub async fn fork(
         .network
         .clone()
         .unwrap_or(super::network::NetworkMode::None {});
+    super::network::update::check_mode(&network)?;
     super::check_limits(
         body.disk_limits.as_ref(),
         body.net_limits.as_ref(),
         &network,
+    )?;
+    // All or nothing: a fork the service has no room for is refused before any clone starts.
+    sandbox::check_room(
+        &state,
+        &state.sandboxes.lock().unwrap_or_else(|p| p.into_inner()),
+        body.count as usize,
     )?;
     let starts = (0..body.count).map(|_| {
         let state = state.clone();
@@ -511,6 +518,8 @@ pub async fn fork(
             ports: body.ports.clone(),
             partial: partial.clone(),
             image: image.clone(),
+            lifecycle: crate::lifecycle::Lifecycle::stop_at(timeout),
+            continues: None,
         };
         tokio::spawn(async move { sandbox::create(&state, new).await })
     });

@@ -503,11 +503,7 @@ async fn build(state: &Arc<AppState>, body: &TemplateBody) -> Result<TemplateInf
         .rposition(|name| exists(name))
         .map_or(0, |i| i + 1);
     // Installs need the network; only a service that can make namespaces gives one.
-    let network = state
-        .config
-        .jail
-        .is_some()
-        .then_some(NetworkMode::Egress { allow: None });
+    let network = state.config.jail.is_some().then(NetworkMode::open_egress);
     let create = CreateBody {
         runtime: (done == 0).then(|| image.info.runtime.clone()),
         snapshot: (done > 0).then(|| step_names[done - 1].clone()),

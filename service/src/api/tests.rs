@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use tower::ServiceExt;
 
+mod files;
+
 fn state(dir: &std::path::Path) -> Arc<AppState> {
     Arc::new(AppState {
         config: ServiceConfig {
@@ -22,6 +24,7 @@ fn state(dir: &std::path::Path) -> Arc<AppState> {
             max_sandboxes: 4,
             jail: None,
             retention: Duration::from_secs(3600),
+            dns_upstreams: Vec::new(),
         },
         sandboxes: Mutex::new(HashMap::new()),
         store: ember_sandbox::defaults::open_store(&dir.join("store")).unwrap(),
@@ -72,6 +75,37 @@ async fn bad_requests_get_json_errors_with_the_right_status() {
             "POST",
             "/sandboxes",
             r#"{"colour":1}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "PATCH",
+            "/sandboxes/sb-none/network",
+            r#"{"allow": ["*.com"]}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "PATCH",
+            "/sandboxes/sb-none/network",
+            format!(
+                r#"{{"deny": [{}]}}"#,
+                vec!["\"192.0.2.1\""; crate::network::update::MAX_RULES + 1].join(",")
+            ),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "PATCH",
+            "/sandboxes/sb-none/network",
+            r#"{"allow": ["api.example.org"]}"#.into(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "POST",
+            "/sandboxes",
+            r#"{"network": {"mode": "egress", "deny": ["a..example.com"]}}"#.into(),
             StatusCode::BAD_REQUEST,
             "invalid_json",
         ),
@@ -380,7 +414,7 @@ fn store_snapshot(store: &ember_snapshot_store::Store, id: &str, pages: usize, s
     let map = w.put_memory(&mem, 1).unwrap();
     let chunks = map.store(&mut w).unwrap();
     let state = w.put(ObjectKind::VmState, id.as_bytes()).unwrap();
-    let m = Manifest::new(
+    let mut m = Manifest::new(
         id,
         state,
         MemoryRef {
@@ -389,6 +423,7 @@ fn store_snapshot(store: &ember_snapshot_store::Store, id: &str, pages: usize, s
             map_chunks: chunks,
         },
     );
+    m.metadata.insert("vcpus".into(), "1".into());
     w.commit(&m).unwrap();
 }
 
@@ -398,6 +433,45 @@ fn pack_bytes(store_dir: &std::path::Path) -> u64 {
         .flatten()
         .map(|e| e.metadata().unwrap().len())
         .sum()
+}
+
+#[tokio::test]
+async fn a_fork_without_room_for_every_clone_is_refused_before_any_starts() {
+    let dir = std::env::temp_dir().join(format!("ember-api-room-{}", std::process::id()));
+    let state = state(&dir);
+    store_snapshot(&state.store, "snap-room", 4, 7);
+    for i in 0..3 {
+        let id = format!("sb-live{i}");
+        let sandbox = Sandbox::for_test(
+            dir.join(&id),
+            &id,
+            ember_sandbox::control::WorkerOrigin::Boot,
+            SandboxState::Running,
+        );
+        state
+            .sandboxes
+            .lock()
+            .unwrap()
+            .insert(id, Arc::new(sandbox));
+    }
+    let app = router(state.clone());
+    let (status, doc) = call(&app, "POST", "/snapshots/snap-room/fork", r#"{"count":2}"#).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{doc}");
+    assert_eq!(doc["error"]["code"], "too_many_sandboxes");
+    let message = doc["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("3 sandboxes are running and 2 more"),
+        "{message}"
+    );
+    assert_eq!(
+        state.sandboxes.lock().unwrap().len(),
+        3,
+        "no clone was started"
+    );
+    // One more fits: that fork gets past the check (and fails later, having no VMM program).
+    let (status, doc) = call(&app, "POST", "/snapshots/snap-room/fork", r#"{"count":1}"#).await;
+    assert_ne!(status, StatusCode::TOO_MANY_REQUESTS, "{doc}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -554,16 +628,30 @@ async fn the_openapi_document_and_the_router_name_the_same_operations() {
         ("GET", "/sandboxes/{id}"),
         ("DELETE", "/sandboxes/{id}"),
         ("POST", "/sandboxes/{id}/timeout"),
+        ("PATCH", "/sandboxes/{id}/network"),
         ("POST", "/sandboxes/{id}/pause"),
         ("POST", "/sandboxes/{id}/resume"),
         ("GET", "/sandboxes/{id}/faults"),
+        ("GET", "/sandboxes/{id}/metrics"),
         ("POST", "/sandboxes/{id}/exec"),
         ("GET", "/sandboxes/{id}/commands"),
         ("GET", "/sandboxes/{id}/commands/{cid}"),
+        ("GET", "/sandboxes/{id}/commands/{cid}/logs"),
         ("POST", "/sandboxes/{id}/commands/{cid}/kill"),
         ("GET", "/sandboxes/{id}/files"),
         ("PUT", "/sandboxes/{id}/files"),
+        ("DELETE", "/sandboxes/{id}/files"),
         ("POST", "/sandboxes/{id}/files/mkdir"),
+        ("GET", "/sandboxes/{id}/files/list"),
+        ("GET", "/sandboxes/{id}/files/stat"),
+        ("POST", "/sandboxes/{id}/files/rename"),
+        ("GET", "/sandboxes/{id}/files/tar"),
+        ("PUT", "/sandboxes/{id}/files/tar"),
+        ("GET", "/sandboxes/{id}/files/watch"),
+        ("POST", "/sandboxes/{id}/pty"),
+        ("GET", "/sandboxes/{id}/pty"),
+        ("DELETE", "/sandboxes/{id}/pty/{pty_id}"),
+        ("GET", "/sandboxes/{id}/pty/{pty_id}/connect"),
         ("POST", "/sandboxes/{id}/snapshots"),
         ("GET", "/snapshots"),
         ("GET", "/snapshots/{id}"),
@@ -588,6 +676,7 @@ async fn the_openapi_document_and_the_router_name_the_same_operations() {
         let uri = path
             .replace("{id}", "x")
             .replace("{cid}", "y")
+            .replace("{pty_id}", "w")
             .replace("{name}", "z");
         let (status, doc) = call(&app, method, &uri, "").await;
         assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
@@ -630,12 +719,30 @@ fn the_document_describes_the_bodies_with_the_api_types() {
     assert!(exec["application/json"].is_object(), "{exec}");
 }
 
-/// `service/openapi.json` is the generated document, committed for readers and SDK
+/// OpenAPI requires each operation's id to be unique (generators name methods after them).
+#[test]
+fn every_operation_has_an_id_of_its_own() {
+    let doc: serde_json::Value = serde_json::from_str(crate::openapi::document()).unwrap();
+    let mut seen = HashMap::new();
+    for (path, operations) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in operations.as_object().unwrap() {
+            let Some(id) = operation["operationId"].as_str() else {
+                continue;
+            };
+            if let Some(other) = seen.insert(id.to_string(), format!("{method} {path}")) {
+                panic!("{method} {path} and {other} are both `{id}`");
+            }
+        }
+    }
+    assert!(seen.contains_key("delete_pty") && seen.contains_key("delete_snapshot"));
+}
+
+/// `api/openapi.json` is the generated document, committed for readers and SDK
 /// generators; `EMBER_WRITE_OPENAPI=1 cargo test -p ember-service committed_openapi`
 /// rewrites it.
 #[test]
 fn the_committed_openapi_json_is_the_generated_document() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi.json");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../api/openapi.json");
     let generated = format!("{}\n", crate::openapi::document());
     if std::env::var_os("EMBER_WRITE_OPENAPI").is_some() {
         std::fs::write(&path, &generated).unwrap();

@@ -76,6 +76,9 @@ pub struct SandboxRecord {
     /// `base`).
     #[serde(default)]
     pub runtime: Option<ember_client::images::RuntimeImage>,
+    /// What its timeout and idleness do, and whether it is suspended now.
+    #[serde(default)]
+    pub lifecycle: crate::lifecycle::Lifecycle,
 }
 
 pub struct Sandbox {
@@ -88,6 +91,9 @@ pub struct Sandbox {
     control: tokio::sync::Mutex<()>,
     pub commands: Mutex<HashMap<String, Arc<CommandRecord>>>,
     next_command: AtomicU64,
+    /// Its terminal sessions (see [`crate::pty`]).
+    pub ptys: Mutex<HashMap<String, Arc<crate::pty::PtySession>>>,
+    pub next_pty: AtomicU64,
     /// Whether the first command after a restore has finished (its pages are the working
     /// set recorded for the snapshot).
     pub first_exec_done: std::sync::atomic::AtomicBool,
@@ -100,10 +106,14 @@ pub struct Sandbox {
     removed: Mutex<bool>,
     /// The listeners of its exposed ports.
     forwards: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Its name server (egress networks).
+    resolver: Mutex<Option<Arc<network::resolver::Resolver>>>,
     /// Its VMM process (by pidfd) while the service knows it.
     process: Mutex<Option<Arc<Process>>>,
     /// Turns for blocking calls to its agent (see [`Sandbox::agent_turn`]).
     agent_calls: Arc<tokio::sync::Semaphore>,
+    /// Use of it, for idleness and resumes on use (see [`crate::lifecycle`]).
+    pub activity: crate::lifecycle::Activity,
 }
 
 /// Blocking calls to one sandbox's agent at once (commands running, file transfers): a
@@ -150,12 +160,16 @@ impl Sandbox {
             control: tokio::sync::Mutex::new(()),
             commands: Mutex::new(HashMap::new()),
             next_command: AtomicU64::new(1),
+            ptys: Mutex::new(HashMap::new()),
+            next_pty: AtomicU64::new(1),
             first_exec_done: std::sync::atomic::AtomicBool::new(false),
             resynced: std::sync::atomic::AtomicBool::new(false),
             removed: Mutex::new(false),
             forwards: Mutex::new(Vec::new()),
+            resolver: Mutex::new(None),
             process: Mutex::new(None),
             agent_calls: Arc::new(tokio::sync::Semaphore::new(MAX_AGENT_CALLS)),
+            activity: Default::default(),
         }
     }
 
@@ -203,6 +217,7 @@ impl Sandbox {
             ended_unix_ms: None,
             remote_fetch: None,
             runtime: None,
+            lifecycle: Default::default(),
         };
         Sandbox::new(dir, record)
     }
@@ -279,8 +294,13 @@ impl Sandbox {
     }
 
     /// Marks the sandbox failed unless it was already stopped or failed.
-    /// Stops listening on its exposed ports (connections already made end with the VMM).
+    /// Stops listening on its exposed ports (connections already made end with the VMM) and
+    /// stops its name server.
     pub fn close_ports(&self) {
+        self.resolver
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         for task in self
             .forwards
             .lock()
@@ -289,6 +309,36 @@ impl Sandbox {
         {
             task.abort();
         }
+    }
+
+    /// Starts its name server if it has an egress network (`reset`: and writes its rules
+    /// again, for a sandbox adopted after a restart).
+    pub async fn start_resolver(
+        &self,
+        state: &AppState,
+        reset: bool,
+    ) -> Result<(), network::resolver::ResolverError> {
+        let Some(policy) = self.record().net.and_then(|net| net.mode.policy()) else {
+            return Ok(());
+        };
+        let resolver = network::resolver::Resolver::start(
+            &self.id,
+            policy,
+            state.config.dns_upstreams.clone(),
+            reset,
+            state.metrics.dns_questions.clone(),
+        )
+        .await?;
+        *self.resolver.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(resolver));
+        Ok(())
+    }
+
+    /// Its running name server, if any.
+    pub fn resolver(&self) -> Option<Arc<network::resolver::Resolver>> {
+        self.resolver
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Listens on its exposed ports: `wanted` guest ports on any free host ports, and those
@@ -369,6 +419,7 @@ impl Sandbox {
                 SandboxNetwork {
                     mode: NetworkModeName::None,
                     allow: None,
+                    deny: Vec::new(),
                     guest_address: None,
                     link: None,
                 },
@@ -379,8 +430,30 @@ impl Sandbox {
             runtime: r
                 .runtime
                 .map_or_else(|| ember_client::images::BASE_RUNTIME.into(), |i| i.runtime),
+            on_timeout: r.lifecycle.on_timeout,
+            auto_resume: r.lifecycle.auto_resume,
+            idle_timeout_s: r.lifecycle.idle_timeout_ms.map(|ms| ms / 1000),
+            suspended: r.lifecycle.suspended,
             id: r.id,
         }
+    }
+
+    /// Whether a command it started is still running, or a client is at one of its
+    /// terminals (the sandbox is in use).
+    pub fn has_running_commands(&self) -> bool {
+        let commands = self
+            .commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|c| !c.finished());
+        commands
+            || self
+                .ptys
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .any(|t| t.in_use())
     }
 
     /// Fails unless the sandbox is running (paused, stopped and failed ones run nothing).
@@ -675,7 +748,7 @@ mod start;
 #[cfg(test)]
 pub(crate) use recover::remove_ended;
 pub use recover::{reap_expired, recover};
-pub use start::{base_spec, create, NewSandbox, VMM_DIR};
+pub use start::{base_spec, check_room, create, NewSandbox, VMM_DIR};
 
 /// How a VMM process ended, in words: a seccomp stop is named as such.
 fn describe_vmm_exit(status: std::process::ExitStatus) -> String {

@@ -54,6 +54,9 @@ pub async fn recover(state: &Arc<AppState>) {
                     if let Err(e) = sandbox.open_ports(&[]).await {
                         log::warn!("sandbox {}: {e}", record.id);
                     }
+                    if let Err(e) = sandbox.start_resolver(state, true).await {
+                        log::warn!("sandbox {}: its name server: {e}", record.id);
+                    }
                     if let Some(process) = process {
                         watch_adopted(sandbox.clone(), process, state.cgroups.clone());
                     }
@@ -117,31 +120,36 @@ fn watch_adopted(
 
 /// Stops sandboxes whose time is up; runs for the life of the service.
 pub async fn reap_expired(state: Arc<AppState>) {
+    let acting: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let now = unix_ms();
-        let expired: Vec<Arc<Sandbox>> = state
+        let due: Vec<(Arc<Sandbox>, &'static str)> = state
             .sandboxes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .filter(|s| {
-                let r = s.record();
-                matches!(r.state, SandboxState::Running | SandboxState::Paused)
-                    && r.deadline_unix_ms <= now
+                !acting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(&s.id)
             })
-            .cloned()
+            .filter_map(|s| crate::lifecycle::due(s, now).map(|why| (s.clone(), why)))
             .collect();
         remove_ended(&state, now);
-        for sandbox in expired {
-            state.metrics.timeouts.fetch_add(1, Ordering::Relaxed);
+        for (sandbox, reason) in due {
+            // One action per sandbox at a time (a snapshot can outlast this loop's period).
+            acting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(sandbox.id.clone());
             let state = state.clone();
+            let acting = acting.clone();
             tokio::spawn(async move {
-                sandbox
-                    .stop("its timeout passed", state.cgroups.as_ref())
-                    .await;
-                sandbox.update(|r| r.failure = Some("stopped at its timeout".into()));
-                drop(state);
+                let id = sandbox.id.clone();
+                crate::lifecycle::act(state, sandbox, reason).await;
+                acting.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             });
         }
     }

@@ -22,10 +22,37 @@ pub struct NewSandbox {
     pub partial: Option<Arc<ember_remote::LazySnapshot>>,
     /// Its runtime's image (a restore's: the one its snapshot ran over).
     pub image: crate::runtimes::Image,
+    /// What its timeout and idleness do.
+    pub lifecycle: crate::lifecycle::Lifecycle,
+    /// The id of the sandbox this one continues (a resume from the snapshot its
+    /// `on_timeout` saved): it takes that id, folder and record.
+    pub continues: Option<String>,
 }
 
 /// The subfolder of a sandbox's folder that belongs to its VMM (overlay, stall reports).
 pub const VMM_DIR: &str = "vmm";
+
+/// 429 `too_many_sandboxes` unless `more` sandboxes fit beside the live ones in `sandboxes`
+/// (the service's map, locked by the caller).
+pub fn check_room(
+    state: &AppState,
+    sandboxes: &HashMap<String, Arc<Sandbox>>,
+    more: usize,
+) -> Result<(), ApiError> {
+    let live = sandboxes.values().filter(|s| s.state().is_live()).count();
+    if live + more > state.config.max_sandboxes {
+        return Err(ApiError::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "too_many_sandboxes",
+            format!(
+                "{live} sandboxes are running and {more} more were asked for; this service \
+                 allows {}",
+                state.config.max_sandboxes
+            ),
+        ));
+    }
+    Ok(())
+}
 
 /// Starts a VMM process for a new sandbox and waits until its agent answers.
 pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbox>, ApiError> {
@@ -38,35 +65,34 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
              TAPs and nftables rules); this one is not",
         ));
     }
-    {
-        let sandboxes = state.sandboxes.lock().unwrap_or_else(|p| p.into_inner());
-        let live = sandboxes.values().filter(|s| s.state().is_live()).count();
-        if live >= state.config.max_sandboxes {
-            return Err(ApiError::new(
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-                "too_many_sandboxes",
-                format!(
-                    "{live} sandboxes are running; this service allows {}",
-                    state.config.max_sandboxes
-                ),
-            ));
-        }
-    }
+    // Checked again where the sandbox is counted: this early answer spares the work between.
+    check_room(
+        state,
+        &state.sandboxes.lock().unwrap_or_else(|p| p.into_inner()),
+        1,
+    )?;
     // A warm-pool VMM made ahead of time becomes this sandbox (its id, folders, jail and
     // cgroup included; a network's TAP queue goes to it with the assignment).
     // (Not for a snapshot being fetched from the remote: a pooled VMM's stdin carries its
     // assignment, not a page channel.)
     // (Nor for another runtime than `base`: a pooled VMM's jail holds the base image.)
     let pooled = match new.partial {
-        None if new.image.rootfs == state.config.rootfs => {
+        None if new.continues.is_none() && new.image.rootfs == state.config.rootfs => {
             state.pool.as_ref().and_then(|pool| pool.take(state))
         }
         _ => None,
     };
-    let id = pooled
-        .as_ref()
-        .map_or_else(|| random_id("sb"), |vmm| vmm.id.clone());
+    let id = match (&new.continues, &pooled) {
+        (Some(id), _) => id.clone(),
+        (None, Some(vmm)) => vmm.id.clone(),
+        (None, None) => random_id("sb"),
+    };
     let dir = state.config.state_dir.join("sandboxes").join(&id);
+    if new.continues.is_some() {
+        // What the stopped VMM left (its overlay, sockets) is not this one's.
+        let _ = std::fs::remove_dir_all(dir.join(VMM_DIR));
+        let _ = std::fs::remove_dir_all(state.config.state_dir.join("run").join(&id));
+    }
     crate::access::private_dir(&dir)
         .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", dir.display())))?;
     std::fs::create_dir_all(dir.join(VMM_DIR)).map_err(|e| {
@@ -119,6 +145,7 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         ended_unix_ms: None,
         remote_fetch: None,
         runtime: Some(new.image.info.clone()),
+        lifecycle: new.lifecycle.clone(),
     };
     let sandbox = {
         let mut sandboxes = state.sandboxes.lock().unwrap_or_else(|p| p.into_inner());
@@ -128,22 +155,26 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
             .values()
             .filter_map(|s| s.record().net.and_then(|n| n.slot))
             .collect();
-        let slot = match new.network {
-            NetworkMode::Egress { .. } => network::free_slot(&used),
-            NetworkMode::None {} => None,
-        };
-        if matches!(new.network, NetworkMode::Egress { .. }) && slot.is_none() {
+        let egress = matches!(new.network, NetworkMode::Egress { .. });
+        let slot = egress.then(|| network::free_slot(&used)).flatten();
+        // Counted and inserted under one lock, or concurrent creates all pass the check.
+        let refused = check_room(state, &sandboxes, 1).err().or_else(|| {
+            (egress && slot.is_none()).then(|| {
+                ApiError::new(
+                    axum::http::StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_sandboxes",
+                    format!(
+                        "all {} sandbox network links are in use",
+                        network::MAX_SLOTS
+                    ),
+                )
+            })
+        });
+        if let Some(e) = refused {
             drop(sandboxes);
             let _ = std::fs::remove_dir_all(&dir);
             let _ = std::fs::remove_dir_all(&run);
-            return Err(ApiError::new(
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-                "too_many_sandboxes",
-                format!(
-                    "all {} sandbox network links are in use",
-                    network::MAX_SLOTS
-                ),
-            ));
+            return Err(e);
         }
         let mut record = record;
         record.net = wants_namespace.then(|| SandboxNet {
@@ -163,6 +194,14 @@ pub async fn create(state: &Arc<AppState>, new: NewSandbox) -> Result<Arc<Sandbo
         .await
         .map_err(|e| e.to_string())
         .and_then(|made| made.map_err(|e| e.to_string()));
+        // Its name server answers before the guest's first question.
+        let made = match made {
+            Ok(()) => sandbox
+                .start_resolver(state, false)
+                .await
+                .map_err(|e| format!("its name server: {e}")),
+            Err(why) => Err(why),
+        };
         if let Err(why) = made {
             let why = format!("cannot make its network: {why}");
             sandbox.fail(why.clone());

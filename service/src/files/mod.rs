@@ -1,4 +1,6 @@
-//! Files in a sandbox: streamed uploads and downloads through the guest agent.
+//! Files in a sandbox through the guest agent: streamed uploads and downloads of single
+//! files and `mkdir` (here); listings, `stat`, removal and renames ([`manage`]);
+//! directories as tar streams ([`archive`]); watches ([`watch`]).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -17,6 +19,14 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 use super::error::{from_agent, ApiError};
 use super::{parse_body, parse_query, AppState, JsonBody, QueryResult};
 
+pub mod archive;
+pub mod manage;
+pub mod watch;
+
+pub use archive::{get_tar, put_tar};
+pub use manage::{list, remove, rename, stat};
+pub use watch::watch;
+
 /// How a files request fails (the same for each files operation).
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)] // Only describes the responses.
@@ -32,7 +42,10 @@ enum FileFailures {
     NotFound(ErrorDocument),
     #[response(
         status = 409,
-        description = "The sandbox is not running, or the path exists (mkdir) or is not a regular file"
+        description = "The sandbox is not running; the path exists (mkdir, rename), is not a \
+            regular file or not a directory, or is a folder that is not empty (remove); or the \
+            sandbox's agent predates the request (`agent_too_old`: a snapshot from an older \
+            ember)"
     )]
     Conflict(ErrorDocument),
     #[response(status = 413, description = "Too large")]
@@ -60,12 +73,28 @@ fn chown(
     user: &str,
     path: &str,
 ) -> Result<(), ember_agent::client::ClientError> {
-    let request = ember_agent::protocol::ExecRequest::new([
-        "/bin/chown".to_string(),
-        "-h".into(),
-        format!("{user}:{user}"),
-        path.to_string(),
-    ]);
+    chown_with(agent, user, path, &["-h"])
+}
+
+/// Gives `path` and all under it to `user` (symlinks themselves, never what they point to).
+fn chown_tree(
+    agent: &ember_agent::client::AgentClient,
+    user: &str,
+    path: &str,
+) -> Result<(), ember_agent::client::ClientError> {
+    chown_with(agent, user, path, &["-h", "-R"])
+}
+
+fn chown_with(
+    agent: &ember_agent::client::AgentClient,
+    user: &str,
+    path: &str,
+    flags: &[&str],
+) -> Result<(), ember_agent::client::ClientError> {
+    let mut argv = vec!["/bin/chown".to_string()];
+    argv.extend(flags.iter().map(|f| f.to_string()));
+    argv.extend([format!("{user}:{user}"), path.to_string()]);
+    let request = ember_agent::protocol::ExecRequest::new(argv);
     let output = agent.exec_collect(request)?;
     if !output.status.success() {
         return Err(ember_agent::client::ClientError::Remote(
@@ -80,6 +109,29 @@ fn chown(
         ));
     }
     Ok(())
+}
+
+/// Runs `call` with the running sandbox `id`'s agent on a blocking thread, holding one of
+/// its agent turns; a failure becomes the API error `on_error` makes of it.
+pub(crate) async fn with_agent<T: Send + 'static>(
+    state: &AppState,
+    id: &str,
+    call: impl FnOnce(&ember_agent::client::AgentClient) -> Result<T, ember_agent::client::ClientError>
+        + Send
+        + 'static,
+    on_error: impl FnOnce(ember_agent::client::ClientError) -> ApiError,
+) -> Result<T, ApiError> {
+    let sandbox = state.sandbox(id)?;
+    sandbox.require_running()?;
+    let agent = sandbox.agent().await?;
+    let turn = sandbox.agent_turn().await?;
+    tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        call(&agent)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(on_error)
 }
 
 /// The longest guest path accepted: the guest kernel's PATH_MAX, less its terminating NUL.
@@ -181,7 +233,9 @@ pub async fn put_file(
 }
 
 /// Sends what the agent reads into the response body.
-struct ChannelWriter(tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>);
+pub(crate) struct ChannelWriter(
+    pub(crate) tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+);
 
 impl Write for ChannelWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {

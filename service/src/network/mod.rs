@@ -7,11 +7,15 @@
 //!   never collide;
 //! - a veth pair: `em<12 hex of the id>` in the host's namespace and `uplink` in the sandbox's,
 //!   on a /30 of 10.200.0.0/16 (a slot per live sandbox);
-//! - nftables in the sandbox's namespace: the guest is masqueraded behind the uplink address,
-//!   may start connections only to its allow-list (when it has none: public unicast addresses
-//!   only, never private, shared, loopback, link-local, multicast or reserved ranges, other
-//!   sandboxes' links or the host, except the name server it was given), and receives only
-//!   replies;
+//! - nftables in the sandbox's namespace ([`rules`]): the guest is masqueraded behind the
+//!   uplink address, may start connections only to its allow-list (when it has none: public
+//!   unicast addresses only, never private, shared, loopback, link-local, multicast or
+//!   reserved ranges, other sandboxes' links or the host), never to its deny-list, and
+//!   receives only replies;
+//! - a name server of its own on the TAP's host side ([`resolver`], run by the service): the
+//!   only one the guest reaches. It answers only names its policy allows, and puts the
+//!   addresses they resolve to in the namespace's name set for their TTL, so an allow-list of
+//!   names opens those addresses and nothing beside them;
 //! - in the host's namespace, table `ip ember`: the same policy again per sandbox link (a
 //!   chain per veth), nothing the links start may reach the host itself, the links' traffic is
 //!   masqueraded to whatever uplink the host routes it to, and IPv4 forwarding is on while a
@@ -32,10 +36,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use ember_client::responses::{NetworkModeName, SandboxNetwork};
-pub use ember_client::types::{Cidr, NetworkMode};
+pub use ember_client::types::{Cidr, NetworkMode, NetworkPolicy};
 use serde::{Deserialize, Serialize};
 
 use ember_sandbox::control::WorkerNet;
+
+pub mod resolver;
+pub mod rules;
+pub mod update;
+
+use rules::Reach;
 
 /// What failed making, entering or removing a sandbox's network.
 #[derive(Debug, thiserror::Error)]
@@ -128,13 +138,16 @@ pub struct SandboxNet {
 impl SandboxNet {
     /// How the API shows it.
     pub fn info(&self) -> SandboxNetwork {
-        let (mode, allow) = match &self.mode {
-            NetworkMode::None {} => (NetworkModeName::None, None),
-            NetworkMode::Egress { allow } => (NetworkModeName::Egress, allow.clone()),
+        let (mode, allow, deny) = match &self.mode {
+            NetworkMode::None {} => (NetworkModeName::None, None, Vec::new()),
+            NetworkMode::Egress { allow, deny } => {
+                (NetworkModeName::Egress, allow.clone(), deny.clone())
+            }
         };
         SandboxNetwork {
             mode,
             allow,
+            deny,
             guest_address: Some(GUEST_ADDRESS),
             link: self.slot.map(|slot| link_addresses(slot).0),
         }
@@ -164,14 +177,17 @@ pub async fn open_tap_queue(id: &str, tap: &str) -> Result<OwnedFd, NetworkError
     opened.await.map_err(|_| NetworkError::TapThread)?
 }
 
-fn open_tap_in(netns: &Path, tap: &str) -> Result<OwnedFd, NetworkError> {
+/// Moves the calling thread into the network namespace `netns` (a network namespace is per
+/// thread). For threads of their own that do one thing there and end: sockets and TAPs they
+/// open stay in that namespace.
+fn enter_namespace(netns: &Path) -> Result<(), NetworkError> {
     let ns = std::fs::File::open(netns).map_err(|source| NetworkError::Namespace {
         path: netns.to_path_buf(),
         what: "opening it",
         source,
     })?;
     // SAFETY: setns(2) on a namespace file opened above; CLONE_NEWNET moves only this thread,
-    // which does nothing else and ends after opening the TAP.
+    // which its callers start for this and end afterwards.
     if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(NetworkError::Namespace {
             path: netns.to_path_buf(),
@@ -179,6 +195,11 @@ fn open_tap_in(netns: &Path, tap: &str) -> Result<OwnedFd, NetworkError> {
             source: std::io::Error::last_os_error(),
         });
     }
+    Ok(())
+}
+
+fn open_tap_in(netns: &Path, tap: &str) -> Result<OwnedFd, NetworkError> {
+    enter_namespace(netns)?;
     ember_devices::virtio::net::Tap::open(tap)
         .map(ember_devices::virtio::net::Tap::into_fd)
         .map_err(|source| NetworkError::Tap {
@@ -204,28 +225,29 @@ fn link_addresses(slot: u32) -> (Ipv4Addr, Ipv4Addr) {
     (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2))
 }
 
-/// What the VMM is told about the guest's interface: its name server is the host's (the
-/// first IPv4 one in `/etc/resolv.conf` that is not a loopback address, which a sandbox could
-/// not reach), if there is one.
+/// What the VMM is told about the guest's interface: its name server is its own resolver,
+/// on the TAP's host side (nothing answers there in mode `none`).
 pub fn worker_net(mac: [u8; 6]) -> WorkerNet {
-    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     WorkerNet {
         tap: TAP_NAME.into(),
         mac,
         guest: GUEST_ADDRESS,
         prefix_len: TAP_PREFIX,
         gateway: TAP_ADDRESS,
-        dns: host_name_server(&resolv),
+        dns: Some(TAP_ADDRESS),
     }
 }
 
-/// The first IPv4, non-loopback `nameserver` of a resolv.conf.
-fn host_name_server(resolv: &str) -> Option<Ipv4Addr> {
+/// The name servers sandboxes' resolvers ask by default: every IPv4 `nameserver` of a
+/// resolv.conf (loopback ones too: the service asks them from the host's namespace).
+pub fn host_name_servers(resolv: &str) -> Vec<std::net::SocketAddr> {
     resolv
         .lines()
         .filter_map(|l| l.trim().strip_prefix("nameserver"))
         .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
-        .find(|a| !a.is_loopback() && !a.is_unspecified())
+        .filter(|a| !a.is_unspecified())
+        .map(|a| std::net::SocketAddr::from((a, 53)))
+        .collect()
 }
 
 fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), NetworkError> {
@@ -285,64 +307,7 @@ fn ensure_host_nat() -> Result<(), NetworkError> {
     if run("nft", &["list", "table", "ip", "ember"], None).is_ok() {
         return Ok(());
     }
-    let (net, len) = LINKS;
-    let rules = format!(
-        "table ip ember {{\n\
-         map links {{ type ifname : verdict; }}\n\
-         chain postrouting {{ type nat hook postrouting priority srcnat; ip saddr {net}/{len} oifname != \"em*\" masquerade\n}}\n\
-         chain input {{ type filter hook input priority filter; policy accept;\n\
-         iifname \"em*\" ct state established,related accept\n\
-         iifname \"em*\" drop\n}}\n\
-         chain forward {{ type filter hook forward priority filter; policy accept;\n\
-         iifname \"em*\" ct state established,related accept\n\
-         iifname \"em*\" iifname vmap @links\n\
-         iifname \"em*\" drop\n}}\n\
-         }}\n"
-    );
-    run("nft", &["-f", "-"], Some(&rules))
-}
-
-/// The host's chain for one sandbox link `veth`, joined to the link in the map: the same
-/// policy as in the sandbox's namespace.
-fn link_rules(veth: &str, allow: Option<&[Cidr]>, dns: Option<Ipv4Addr>) -> String {
-    format!(
-        "add chain ip ember {veth}\n\
-         flush chain ip ember {veth}\n\
-         {}\
-         add element ip ember links {{ \"{veth}\" : jump {veth} }}\n",
-        reach_rules(allow, dns)
-            .iter()
-            .map(|rule| format!("add rule ip ember {veth} {rule}\n"))
-            .collect::<String>()
-    )
-}
-
-/// What a guest may start connections to, as rule bodies (their verdicts: accept, or drop):
-/// its allow-list only; without one, public unicast addresses and its name server.
-fn reach_rules(allow: Option<&[Cidr]>, dns: Option<Ipv4Addr>) -> Vec<String> {
-    let (links, links_len) = LINKS;
-    match allow {
-        Some([]) => Vec::new(),
-        Some(allow) => {
-            let set: Vec<String> = allow.iter().map(Cidr::to_string).collect();
-            vec![format!("ip daddr {{ {} }} accept", set.join(", "))]
-        }
-        None => {
-            let mut rules = Vec::new();
-            if let Some(dns) = dns {
-                rules.push(format!("ip daddr {dns} udp dport 53 accept"));
-                rules.push(format!("ip daddr {dns} tcp dport 53 accept"));
-            }
-            let blocked: Vec<String> = NON_PUBLIC
-                .iter()
-                .map(|r| r.to_string())
-                .chain([format!("{links}/{links_len}")])
-                .collect();
-            rules.push(format!("ip daddr {{ {} }} drop", blocked.join(", ")));
-            rules.push("accept".to_string());
-            rules
-        }
-    }
+    run("nft", &["-f", "-"], Some(&rules::host_table()))
 }
 
 /// What sandbox networks left on this host: namespaces, host-side veths and the host's NAT
@@ -422,11 +387,11 @@ fn create_inner(
     let tap_cidr = format!("{TAP_ADDRESS}/{TAP_PREFIX}");
     ip(&["-n", &ns, "addr", "add", &tap_cidr, "dev", TAP_NAME])?;
     ip(&["-n", &ns, "link", "set", TAP_NAME, "up"])?;
-    let NetworkMode::Egress { allow } = mode else {
+    let Some(policy) = mode.policy() else {
         return Ok(());
     };
+    let reach = Reach::of(&policy);
     let slot = slot.ok_or(NetworkError::NoSlot)?;
-    let dns = host_name_server(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
     ensure_host_nat()?;
     let veth = host_veth(id);
     let (host_addr, ns_addr) = link_addresses(slot);
@@ -479,31 +444,57 @@ fn create_inner(
     run(
         "ip",
         &["netns", "exec", &ns, "nft", "-f", "-"],
-        Some(&sandbox_rules(allow.as_deref(), dns)),
+        Some(&rules::sandbox_table(&reach, &[])),
     )?;
     run(
         "nft",
         &["-f", "-"],
-        Some(&link_rules(&veth, allow.as_deref(), dns)),
+        Some(&rules::link_rules(&veth, &reach, &[])),
     )
 }
 
-/// The sandbox namespace's nftables: masquerade, and what the guest may reach.
-fn sandbox_rules(allow: Option<&[Cidr]>, dns: Option<Ipv4Addr>) -> String {
-    let reach: String = reach_rules(allow, dns)
-        .iter()
-        .map(|rule| format!("iifname \"{TAP_NAME}\" oifname \"{UPLINK_NAME}\" {rule}\n"))
-        .collect();
-    format!(
-        "table ip sandbox {{\n\
-         chain postrouting {{ type nat hook postrouting priority srcnat; oifname \"{UPLINK_NAME}\" masquerade\n}}\n\
-         chain forward {{ type filter hook forward priority filter; policy drop;\n\
-         ct state established,related accept\n\
-         {reach}}}\n\
-         chain input {{ type filter hook input priority filter; policy accept;\n\
-         iifname \"{TAP_NAME}\" ct state established,related accept\n\
-         iifname \"{TAP_NAME}\" drop\n}}\n\
-         }}\n"
+/// Replaces the policy of sandbox `id`'s egress network, in its namespace and on the host,
+/// `names` being the addresses its allowed names resolve to now.
+pub fn apply_policy(id: &str, reach: &Reach, names: &[Ipv4Addr]) -> Result<(), NetworkError> {
+    let _host = HOST_NETWORK.lock().unwrap_or_else(|p| p.into_inner());
+    run(
+        "ip",
+        &["netns", "exec", &netns_name(id), "nft", "-f", "-"],
+        Some(&rules::sandbox_table(reach, names)),
+    )?;
+    run(
+        "nft",
+        &["-f", "-"],
+        Some(&rules::link_rules(&host_veth(id), reach, names)),
+    )
+}
+
+/// Adds and removes addresses of sandbox `id`'s name sets (namespace and host).
+pub fn change_names(
+    id: &str,
+    added: &[Ipv4Addr],
+    removed: &[Ipv4Addr],
+) -> Result<(), NetworkError> {
+    let veth = host_veth(id);
+    run(
+        "ip",
+        &["netns", "exec", &netns_name(id), "nft", "-f", "-"],
+        Some(&rules::names_change(
+            "ip sandbox",
+            rules::SANDBOX_NAMES_SET,
+            added,
+            removed,
+        )),
+    )?;
+    run(
+        "nft",
+        &["-f", "-"],
+        Some(&rules::names_change(
+            "ip ember",
+            &rules::link_names_set(&veth),
+            added,
+            removed,
+        )),
     )
 }
 
@@ -516,9 +507,7 @@ pub fn remove(id: &str) {
 
 fn remove_locked(id: &str) {
     let veth = host_veth(id);
-    let unlink =
-        format!("delete element ip ember links {{ \"{veth}\" }}\ndelete chain ip ember {veth}\n");
-    let _ = run("nft", &["-f", "-"], Some(&unlink));
+    let _ = run("nft", &["-f", "-"], Some(&rules::unlink(&veth)));
     if netns_path(id).exists() {
         if let Err(e) = ip(&["netns", "del", &netns_name(id)]) {
             log::warn!("sandbox {id}: cannot remove its network namespace: {e}");
@@ -590,7 +579,8 @@ mod tests {
                 allow: Some(vec![
                     "10.0.0.0/8".parse().unwrap(),
                     "1.2.3.4/32".parse().unwrap()
-                ])
+                ]),
+                deny: Vec::new(),
             }
         );
         assert!(serde_json::from_str::<NetworkMode>(r#"{"mode":"none","allow":[]}"#).is_err());
@@ -602,11 +592,16 @@ mod tests {
     }
 
     #[test]
-    fn the_guest_gets_the_hosts_reachable_name_server() {
-        let conf = "# generated\nnameserver 127.0.0.53\nnameserver ::1\nnameserver 10.0.0.2\nnameserver 10.0.0.3\n";
-        assert_eq!(host_name_server(conf), Some(Ipv4Addr::new(10, 0, 0, 2)));
-        assert_eq!(host_name_server("nameserver 127.0.0.1\n"), None);
-        assert_eq!(host_name_server(""), None);
+    fn resolvers_ask_the_hosts_name_servers() {
+        let conf = "# generated\nnameserver 127.0.0.53\nnameserver ::1\nnameserver 10.0.0.2\nnameserver 0.0.0.0\n";
+        assert_eq!(
+            host_name_servers(conf),
+            vec![
+                "127.0.0.53:53".parse().unwrap(),
+                "10.0.0.2:53".parse().unwrap()
+            ]
+        );
+        assert!(host_name_servers("").is_empty());
     }
 
     #[test]
@@ -626,59 +621,5 @@ mod tests {
         );
         let used: HashSet<u32> = [0, 1, 3].into();
         assert_eq!(free_slot(&used), Some(2));
-    }
-
-    #[test]
-    fn rules_follow_the_allow_list() {
-        let dns = Some(Ipv4Addr::new(10, 0, 2, 3));
-        let open = sandbox_rules(None, dns);
-        for blocked in [
-            "10.200.0.0/16",
-            "169.254.0.0/16",
-            "10.0.0.0/8",
-            "172.16.0.0/12",
-        ] {
-            assert!(open.contains(blocked), "{blocked}: {open}");
-        }
-        assert!(open.contains("oifname \"uplink\" accept"), "{open}");
-        // Its name server stays reachable although it is on a private range: before the drop.
-        let (accept_dns, drop) = (
-            open.find("ip daddr 10.0.2.3 udp dport 53 accept").unwrap(),
-            open.find("} drop").unwrap(),
-        );
-        assert!(accept_dns < drop, "{open}");
-        let listed = sandbox_rules(Some(&["10.99.0.1/32".parse().unwrap()]), dns);
-        assert!(
-            listed.contains("ip daddr { 10.99.0.1/32 } accept"),
-            "{listed}"
-        );
-        assert!(!listed.contains("oifname \"uplink\" accept"), "{listed}");
-        assert!(!listed.contains("dport 53"), "{listed}");
-        let closed = sandbox_rules(Some(&[]), dns);
-        assert!(
-            !closed.contains("oifname \"uplink\" accept") && !closed.contains("ip daddr {"),
-            "{closed}"
-        );
-    }
-
-    #[test]
-    fn the_host_applies_the_same_policy_per_link() {
-        let host = link_rules("emabc", None, None);
-        assert!(host.contains("add chain ip ember emabc\n"), "{host}");
-        assert!(
-            host.contains("add rule ip ember emabc ip daddr { 0.0.0.0/8, 10.0.0.0/8"),
-            "{host}"
-        );
-        assert!(host.contains("add rule ip ember emabc accept\n"), "{host}");
-        assert!(
-            host.contains("add element ip ember links { \"emabc\" : jump emabc }"),
-            "{host}"
-        );
-        let listed = link_rules("emabc", Some(&["10.99.0.0/24".parse().unwrap()]), None);
-        assert!(
-            listed.contains("add rule ip ember emabc ip daddr { 10.99.0.0/24 } accept"),
-            "{listed}"
-        );
-        assert!(!listed.contains("emabc accept\n"), "{listed}");
     }
 }

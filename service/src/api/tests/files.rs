@@ -1,0 +1,150 @@
+//! The files API's request checks: each is refused before the sandbox is looked for.
+
+use super::*;
+
+#[tokio::test]
+async fn files_requests_are_checked_before_the_sandbox_is_looked_for() {
+    let dir = std::env::temp_dir().join(format!("ember-api-files-{}", std::process::id()));
+    let app = router(state(&dir));
+    let files: &[(&str, &str, &str, StatusCode, &str)] = &[
+        (
+            "DELETE",
+            "/sandboxes/sb-none/files?path=/",
+            "",
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            "DELETE",
+            "/sandboxes/sb-none/files?path=//&recursive=true",
+            "",
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            "DELETE",
+            "/sandboxes/sb-none/files?path=/tmp/../etc",
+            "",
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            "DELETE",
+            "/sandboxes/sb-none/files?path=/tmp/x&recursive=maybe",
+            "",
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "DELETE",
+            "/sandboxes/sb-none/files?path=/tmp/x",
+            "",
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "GET",
+            "/sandboxes/sb-none/files/list?path=/tmp&limit=0",
+            "",
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "GET",
+            "/sandboxes/sb-none/files/list?path=/tmp&limit=10001",
+            "",
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "GET",
+            "/sandboxes/sb-none/files/list?path=tmp",
+            "",
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            "GET",
+            "/sandboxes/sb-none/files/list?path=/tmp&colour=1",
+            "",
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "GET",
+            "/sandboxes/sb-none/files/list?path=/tmp",
+            "",
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "GET",
+            "/sandboxes/sb-none/files/stat",
+            "",
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "GET",
+            "/sandboxes/sb-none/files/tar?path=/a/./b",
+            "",
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            "PUT",
+            "/sandboxes/sb-none/files/tar?path=relative",
+            "",
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            "GET",
+            "/sandboxes/sb-none/files/watch?path=/tmp&recursive=yes",
+            "",
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "GET",
+            "/sandboxes/sb-none/files/watch?path=/tmp",
+            "",
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "POST",
+            "/sandboxes/sb-none/files/rename",
+            r#"{"from":"/a","to":"/"}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            "POST",
+            "/sandboxes/sb-none/files/rename",
+            r#"{"from":"/a"}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/sandboxes/sb-none/files/rename",
+            r#"{"from":"/a","to":"/b","force":true}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/sandboxes/sb-none/files/rename",
+            r#"{"from":"/a","to":"/b"}"#,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+    ];
+    for (method, uri, body, status, code) in files {
+        let (got, doc) = call(&app, method, uri, body.to_string()).await;
+        assert_eq!(got, *status, "{method} {uri}: {doc}");
+        assert_eq!(doc["error"]["code"], *code, "{method} {uri}: {doc}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
