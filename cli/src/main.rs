@@ -1,10 +1,14 @@
 //! `ember`: the command line of the ember microVM monitor.
 
 mod doctor;
+mod files;
 mod images;
+mod metrics;
+mod network;
 mod remote;
 mod remote_tier;
 mod run;
+mod shell;
 mod store_cmd;
 mod template;
 
@@ -55,12 +59,22 @@ enum Command {
     Ls(remote::LsArgs),
     /// Run a command in a sandbox, streaming its output; exits with its exit code.
     Exec(remote::ExecArgs),
-    /// Copy a file into (`HOST SANDBOX:/path`) or out of (`SANDBOX:/path HOST`) a sandbox.
+    /// An interactive terminal in a sandbox (default: its login shell); `--attach PTY_ID`
+    /// connects to one that runs. Exits with the command's exit code.
+    Shell(shell::ShellArgs),
+    /// Copy a file into (`HOST SANDBOX:/path`) or out of (`SANDBOX:/path HOST`) a sandbox;
+    /// `-r` copies folders.
     Cp(remote::CpArgs),
+    /// A sandbox's files: `ls`, `stat`, `rm [-r]`, `mv`, `watch [-r]` on SANDBOX:/path.
+    Files(files::FilesArgs),
     /// Pause a sandbox's vCPUs.
     Pause(remote::IdArgs),
     /// Resume a paused sandbox.
     Resume(remote::IdArgs),
+    /// One sample of a sandbox's CPU, memory, disk and network (guest and host side).
+    Metrics(remote::IdArgs),
+    /// Replace an egress sandbox's allow- and deny-lists (networks and domain names).
+    Network(network::NetworkArgs),
     /// Save a sandbox as a snapshot; prints the snapshot's id.
     Snapshot(remote::SnapshotArgs),
     /// Start `--count` sandboxes from one snapshot at once; prints their ids.
@@ -91,8 +105,12 @@ fn main() {
         Command::Create(args) => remote::create(args),
         Command::Ls(args) => remote::ls(args),
         Command::Exec(args) => remote::exec(args),
+        Command::Shell(args) => shell::shell(args),
         Command::Cp(args) => remote::cp(args),
+        Command::Files(args) => files::run(args),
         Command::Pause(args) => remote::pause(args),
+        Command::Metrics(args) => metrics::metrics(args),
+        Command::Network(args) => network::network(args),
         Command::Resume(args) => remote::resume(args),
         Command::Snapshot(args) => remote::snapshot(args),
         Command::Fork(args) => remote::fork(args),

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use ember_client::responses::OutputRecord;
 use ember_client::types::{
-    Cidr, CreateBody, ExecBody, ForkBody, NetRateLimits, NetworkMode, RateLimit, SnapshotBody,
+    CreateBody, EgressRule, ExecBody, ForkBody, NetRateLimits, NetworkMode, RateLimit, SnapshotBody,
 };
 use ember_client::{empty_body, encode_query, typed_body, ApiClient, ApiClientError};
 
@@ -74,9 +74,13 @@ pub struct SetupArgs {
     /// `none` (default: no network device) or `egress` (outgoing connections through NAT).
     #[arg(long, value_parser = ["none", "egress"])]
     pub network: Option<String>,
-    /// With `--network egress`: reach only this CIDR (repeatable; default: anywhere).
-    #[arg(long = "allow", value_name = "CIDR", requires = "network")]
-    pub allow: Vec<Cidr>,
+    /// With `--network egress`: reach only this network or name (`192.0.2.0/24`,
+    /// `api.example.org`, `*.example.com`; repeatable; default: any public address).
+    #[arg(long = "allow", value_name = "CIDR|NAME", requires = "network")]
+    pub allow: Vec<EgressRule>,
+    /// With `--network egress`: never reach this network or name (repeatable).
+    #[arg(long = "deny", value_name = "CIDR|NAME", requires = "network")]
+    pub deny: Vec<EgressRule>,
     /// Expose this guest TCP port on the host's loopback (repeatable).
     #[arg(long = "port", value_name = "PORT")]
     pub ports: Vec<u16>,
@@ -99,6 +103,7 @@ impl SetupArgs {
         let network = self.network.as_deref().map(|mode| match mode {
             "egress" => NetworkMode::Egress {
                 allow: (!self.allow.is_empty()).then(|| self.allow.clone()),
+                deny: self.deny.clone(),
             },
             _ => NetworkMode::None {},
         });
@@ -159,6 +164,10 @@ pub struct CpArgs {
     /// Permission bits (octal) for a file copied into a sandbox.
     #[arg(long)]
     pub mode: Option<String>,
+    /// Copy a folder: DESTINATION (created if missing) gets SOURCE's content, as a tar
+    /// stream (symlinks kept as symlinks). A file is copied as without it.
+    #[arg(short, long)]
+    pub recursive: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -428,7 +437,7 @@ fn handle_record(line: &[u8]) -> Option<i32> {
 }
 
 /// `SANDBOX:/path` → (sandbox, path); anything else is a host path.
-fn split_remote(spec: &str) -> Option<(&str, &str)> {
+pub(crate) fn split_remote(spec: &str) -> Option<(&str, &str)> {
     let (id, path) = spec.split_once(':')?;
     (!id.is_empty() && !id.contains('/') && path.starts_with('/')).then_some((id, path))
 }
@@ -450,6 +459,51 @@ pub fn cp(args: CpArgs) -> i32 {
     let destination = split_remote(&args.destination);
     finish(runtime().block_on(async {
         match (source, destination) {
+            (None, Some((id, path))) if std::path::Path::new(&args.source).is_dir() => {
+                if !args.recursive {
+                    return Err(ApiClientError::Http(format!(
+                        "{} is a folder: copy it with -r",
+                        args.source
+                    )));
+                }
+                if args.mode.is_some() {
+                    return Err(ApiClientError::Http(
+                        "--mode is for a file; a folder's files keep their own modes".into(),
+                    ));
+                }
+                let source = std::path::Path::new(&args.source);
+                let done = crate::files::copy_dir_in(&client, source, id, path).await?;
+                eprintln!(
+                    "copied {} files, {} folders and {} symlinks ({} bytes){}",
+                    done.files,
+                    done.dirs,
+                    done.symlinks,
+                    done.bytes,
+                    skipped(done.skipped)
+                );
+                Ok(0)
+            }
+            (Some((id, path)), None) if args.recursive => {
+                let destination = std::path::Path::new(&args.destination);
+                match crate::files::copy_dir_out(&client, id, path, destination).await {
+                    Ok(done) => {
+                        eprintln!(
+                            "copied {} files, {} folders and {} symlinks ({} bytes){}",
+                            done.files,
+                            done.dirs,
+                            done.symlinks,
+                            done.bytes,
+                            skipped(done.skipped)
+                        );
+                        Ok(0)
+                    }
+                    // A file: copied as one.
+                    Err(ApiClientError::Api { code, .. }) if code == "not_a_directory" => {
+                        download(&client, id, path, &args.destination).await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
             (None, Some((id, path))) => {
                 let body = file_body(std::path::Path::new(&args.source)).await?;
                 let mut uri = format!("/sandboxes/{id}/files?path={}", encode_query(path));
@@ -460,30 +514,56 @@ pub fn cp(args: CpArgs) -> i32 {
                 eprintln!("copied {} bytes", answer["bytes"]);
                 Ok(0)
             }
-            (Some((id, path)), None) => {
-                let uri = format!("/sandboxes/{id}/files?path={}", encode_query(path));
-                let response = client.send(Method::GET, &uri, empty_body()).await?;
-                let mut out = std::fs::File::create(&args.destination).map_err(|e| {
-                    ApiClientError::Http(format!("cannot create {}: {e}", args.destination))
-                })?;
-                let mut body = response.into_body();
-                while let Some(frame) = body.frame().await {
-                    let frame = frame.map_err(|e| {
-                        ApiClientError::Http(format!("the download broke off: {e}"))
-                    })?;
-                    if let Ok(data) = frame.into_data() {
-                        out.write_all(&data).map_err(|e| {
-                            ApiClientError::Http(format!("writing {}: {e}", args.destination))
-                        })?;
-                    }
-                }
-                Ok(0)
-            }
+            (Some((id, path)), None) => download(&client, id, path, &args.destination).await,
             _ => Err(ApiClientError::Http(
                 "exactly one of SOURCE and DESTINATION must be SANDBOX:/absolute/path".into(),
             )),
         }
     }))
+}
+
+/// `, N skipped (…)` when a folder copy left entries out.
+fn skipped(count: u64) -> String {
+    if count == 0 {
+        return String::new();
+    }
+    format!("; {count} devices, FIFOs, sockets or hard links skipped")
+}
+
+/// Downloads the sandbox's file `path` into the host file `destination`.
+async fn download(
+    client: &ApiClient,
+    id: &str,
+    path: &str,
+    destination: &str,
+) -> Result<i32, ApiClientError> {
+    let uri = format!("/sandboxes/{id}/files?path={}", encode_query(path));
+    let response = match client.send(Method::GET, &uri, empty_body()).await {
+        Err(ApiClientError::Api {
+            code,
+            message,
+            status,
+        }) if code == "conflict" => {
+            return Err(ApiClientError::Api {
+                status,
+                code,
+                message: format!("{message} (a folder is copied with -r)"),
+            })
+        }
+        other => other?,
+    };
+    let mut out = std::fs::File::create(destination)
+        .map_err(|e| ApiClientError::Http(format!("cannot create {destination}: {e}")))?;
+    let mut body = response.into_body();
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| ApiClientError::Http(format!("the download broke off: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            out.write_all(&data)
+                .map_err(|e| ApiClientError::Http(format!("writing {destination}: {e}")))?;
+        }
+    }
+    Ok(0)
 }
 
 /// A body-less POST that answers the sandbox (pause, resume): prints its new state.

@@ -2,6 +2,8 @@
 
 #[allow(dead_code)]
 pub mod service;
+#[allow(dead_code)]
+pub mod www;
 
 use std::collections::HashSet;
 use std::path::Path;

@@ -11,6 +11,16 @@ pub fn artifact(var: &str) -> String {
         .unwrap_or_else(|_| panic!("{var} is not set; run VM tests through `cargo xtask test`"))
 }
 
+/// The steps of a sandbox's start timeline, in order.
+pub fn steps(sandbox: &Value) -> Vec<String> {
+    sandbox["timeline"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["step"].as_str().map(String::from))
+        .collect()
+}
+
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -216,6 +226,27 @@ impl Service {
 
     pub fn sandbox(&self, id: &str) -> Value {
         self.call("GET", &format!("/sandboxes/{id}"), None, 200)
+    }
+
+    /// The value of an unlabelled metric in the service's `/metrics`.
+    pub fn metric(&self, name: &str) -> u64 {
+        let (status, text) = self.curl("GET", "/metrics", None);
+        assert_eq!(status, 200);
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+    }
+
+    /// Waits until the warm pool holds `n` idle VMMs.
+    pub fn wait_pool_idle(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.metric("ember_warm_pool_idle") < n {
+            assert!(
+                Instant::now() < deadline,
+                "the pool never had {n} idle VMMs"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Waits until the sandbox is in `state`.
