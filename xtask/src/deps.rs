@@ -33,11 +33,15 @@ pub const PACKAGES: &[&str] = &[
     "procps",
     // the service tests talk to its Unix socket with curl
     "curl",
+    // certificates for the remote listener's TLS tests
+    "openssl",
     // sandbox networks: namespaces, TAPs and veths (iproute2), NAT and filters (nftables)
     "iproute2",
     "nftables",
     // the network benchmark's host side
     "iperf3",
+    // the VM test of `ember shell` drives it in a terminal
+    "tmux",
 ];
 
 /// The packages from [`PACKAGES`] that are not installed.
@@ -63,12 +67,42 @@ const PYTHON_REQUIREMENTS: &str = "xtask/python-requirements.txt";
 /// Installs whatever is missing (needs root); prints what it does.
 pub fn ensure() -> Result<()> {
     ensure_debian()?;
+    ensure_node()?;
     ensure_python()
+}
+
+/// Node.js and npm build and test the TypeScript SDK. A host that has them from elsewhere
+/// (NodeSource bundles npm) keeps them; otherwise Debian's.
+fn ensure_node() -> Result<()> {
+    let present = Command::new("npm")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if present {
+        eprintln!("  node and npm are present");
+        return Ok(());
+    }
+    eprintln!("  installing: nodejs npm");
+    run(Command::new("apt-get")
+        .args([
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "nodejs",
+            "npm",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn ensure_python() -> Result<()> {
     let present = Command::new("python3")
-        .args(["-c", "import moto.server, schemathesis"])
+        .args([
+            "-c",
+            "import moto.server, schemathesis, httpx, mypy, pytest",
+        ])
         .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success());

@@ -14,7 +14,7 @@ use crate::util::{
 
 pub use ember_agent::AGENT_GUEST_PATH;
 const SUITE: &str = "bookworm";
-const INCLUDE: &str = "python3,nodejs,ca-certificates,iperf3";
+const INCLUDE: &str = "python3,nodejs,ca-certificates,iperf3,procps,vim-tiny";
 const BASE_RECIPE: &str =
     "rootfs-base-v1: debootstrap --variant=minbase, apt lists and caches removed";
 const IMAGE_RECIPE: &str =

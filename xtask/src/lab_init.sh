@@ -18,7 +18,9 @@ mount -t sysfs sysfs /host/sys
 # cgroup v2, for the service's per-sandbox limits.
 mount -t cgroup2 cgroup2 /host/sys/fs/cgroup || echo "lab: cannot mount cgroup2"
 mount -t devtmpfs devtmpfs /host/dev
-mount -t devpts devpts /host/dev/pts 2>/dev/null
+# devtmpfs has no pts folder: make it, so terminals (tmux in the shell VM test) can open.
+mkdir -p /host/dev/pts
+mount -t devpts -o ptmxmode=0666,mode=0620 devpts /host/dev/pts || echo "lab: cannot mount devpts"
 mount -t tmpfs -o mode=1777 tmpfs /host/tmp
 mount -t tmpfs tmpfs /host/run
 mount -t tmpfs tmpfs /host/var/tmp 2>/dev/null

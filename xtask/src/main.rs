@@ -7,6 +7,7 @@ mod images;
 mod kernel;
 mod lab;
 mod runtimes;
+mod sdk;
 mod test;
 mod util;
 
@@ -40,6 +41,9 @@ enum Cmd {
     },
     /// ember's main job, end to end: build everything, then boot a sandbox in the lab.
     Demo,
+    /// Build the TypeScript and Python SDKs, check their types against api/openapi.json and
+    /// run their unit tests (their live suites are VM tests).
+    Sdk,
     /// Run the cargo-fuzz targets in fuzz/ (nightly; installs cargo-fuzz if needed).
     Fuzz {
         /// Seconds per target.
@@ -187,6 +191,7 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
         Cmd::Test { skip_deps } => test::run_all(skip_deps),
         Cmd::VmTests { filter } => test::run_vm_tests_only(filter.as_deref()),
         Cmd::Demo => demo(),
+        Cmd::Sdk => sdk::check().map(|_| 0),
         Cmd::Fuzz { seconds, target } => fuzz::run_targets(seconds, target.as_deref()),
         Cmd::Bench {
             what: BenchCmd::Boot { runs, against },
