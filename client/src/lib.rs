@@ -7,14 +7,21 @@
 //! Must not depend on the service, the CLI or the VMM process's crates: clients link it
 //! without them.
 
+#[cfg(feature = "api")]
 mod connection;
+#[cfg(feature = "api")]
 pub mod files;
 pub mod images;
+#[cfg(feature = "api")]
 pub mod network;
+#[cfg(feature = "api")]
 pub mod responses;
+#[cfg(feature = "api")]
 pub mod templates;
+#[cfg(feature = "api")]
 pub mod types;
 
+#[cfg(feature = "api")]
 pub use connection::{
     empty_body, encode_query, json_body, typed_body, ApiClient, ApiClientError, RequestBody,
 };
