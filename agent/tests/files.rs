@@ -164,32 +164,8 @@ fn removal_keeps_to_its_tree_and_renames_refuse_to_overwrite_unless_asked() {
 }
 
 /// Relative path → (kind, content or target) of every entry under `root`.
-fn tree(root: &Path) -> BTreeMap<Vec<u8>, (char, Vec<u8>)> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for item in std::fs::read_dir(&dir).unwrap() {
-            let path = item.unwrap().path();
-            let rel = path
-                .strip_prefix(root)
-                .unwrap()
-                .as_os_str()
-                .as_bytes()
-                .to_vec();
-            let meta = std::fs::symlink_metadata(&path).unwrap();
-            let value = if meta.is_dir() {
-                stack.push(path.clone());
-                ('d', Vec::new())
-            } else if meta.file_type().is_symlink() {
-                let target = std::fs::read_link(&path).unwrap();
-                ('l', target.as_os_str().as_bytes().to_vec())
-            } else {
-                ('f', std::fs::read(&path).unwrap())
-            };
-            out.insert(rel, value);
-        }
-    }
-    out
+fn tree(root: &Path) -> BTreeMap<Vec<u8>, ember_testkit::tree::Entry> {
+    ember_testkit::tree::contents(root, 0)
 }
 
 #[test]

@@ -25,33 +25,8 @@ fn sh(service: &Service, id: &str, script: &str) -> String {
 }
 
 /// Relative path → (kind, content or target, permission bits) of every entry under `root`.
-fn tree(root: &Path) -> BTreeMap<Vec<u8>, (char, Vec<u8>, u32)> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for item in std::fs::read_dir(&dir).unwrap() {
-            let path = item.unwrap().path();
-            let rel = path
-                .strip_prefix(root)
-                .unwrap()
-                .as_os_str()
-                .as_bytes()
-                .to_vec();
-            let meta = std::fs::symlink_metadata(&path).unwrap();
-            let mode = meta.permissions().mode() & 0o777;
-            let value = if meta.is_dir() {
-                stack.push(path.clone());
-                ('d', Vec::new(), mode)
-            } else if meta.file_type().is_symlink() {
-                let target = std::fs::read_link(&path).unwrap();
-                ('l', target.as_os_str().as_bytes().to_vec(), 0)
-            } else {
-                ('f', std::fs::read(&path).unwrap(), mode)
-            };
-            out.insert(rel, value);
-        }
-    }
-    out
+fn tree(root: &Path) -> BTreeMap<Vec<u8>, ember_testkit::tree::Entry> {
+    ember_testkit::tree::contents(root, 0o777)
 }
 
 /// A host folder with a nested folder, a symlink, a 5 MB file and a file whose name is not

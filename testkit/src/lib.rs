@@ -2,7 +2,10 @@
 //!
 //! [`S3Server`]: an S3-compatible server on loopback, the Python `moto` package's server
 //! mode (installed from `xtask/python-requirements.txt` by `cargo xtask deps`), with one
-//! bucket, reached through the same `AWS_*` settings a real S3 would be.
+//! bucket, reached through the same `AWS_*` settings a real S3 would be. [`tree`]: a
+//! folder's contents as a comparable value.
+
+pub mod tree;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -14,33 +14,8 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 /// What a tree holds, for comparing two: relative path → (kind, content or target, mode).
-fn describe(root: &Path) -> BTreeMap<Vec<u8>, (char, Vec<u8>, u32)> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            let rel = path
-                .strip_prefix(root)
-                .unwrap()
-                .as_os_str()
-                .as_bytes()
-                .to_vec();
-            let meta = std::fs::symlink_metadata(&path).unwrap();
-            let mode = meta.permissions().mode() & 0o7777;
-            let value = if meta.is_dir() {
-                stack.push(path.clone());
-                ('d', Vec::new(), mode)
-            } else if meta.file_type().is_symlink() {
-                let target = std::fs::read_link(&path).unwrap();
-                ('l', target.as_os_str().as_bytes().to_vec(), 0)
-            } else {
-                ('f', std::fs::read(&path).unwrap(), mode)
-            };
-            out.insert(rel, value);
-        }
-    }
-    out
+fn describe(root: &Path) -> BTreeMap<Vec<u8>, ember_testkit::tree::Entry> {
+    ember_testkit::tree::contents(root, 0o7777)
 }
 
 fn make_tree(root: &Path) {
