@@ -299,13 +299,9 @@ class AsyncSnapshot:
         token: Optional[str] = None,
         ca: Optional[str] = None,
     ) -> AsyncSnapshot:
-        http = AsyncHttp(resolve_connection(socket=socket, url=url, token=token, ca=ca))
-        try:
-            response = await http.request("get_snapshot", path={"id": snapshot_id})
-        except BaseException:
-            await http.aclose()
-            raise
-        return cls(http, cast(SnapshotInfo, response.json()))
+        connection = resolve_connection(socket=socket, url=url, token=token, ca=ca)
+        http, info = await AsyncHttp.opening(connection, "get_snapshot", path={"id": snapshot_id})
+        return cls(http, cast(SnapshotInfo, info))
 
     async def delete(self) -> None:
         await self._http.request("delete_snapshot", path={"id": self.snapshot_id})
@@ -435,13 +431,8 @@ class AsyncSandbox:
 
     @classmethod
     async def _create(cls, connection: Connection, body: CreateBody) -> AsyncSandbox:
-        http = AsyncHttp(connection)
-        try:
-            response = await http.request("create_sandbox", json=body)
-        except BaseException:
-            await http.aclose()
-            raise
-        return cls(http, cast(SandboxInfo, response.json()))
+        http, info = await AsyncHttp.opening(connection, "create_sandbox", json=body)
+        return cls(http, cast(SandboxInfo, info))
 
     @classmethod
     async def get(
@@ -454,13 +445,9 @@ class AsyncSandbox:
         ca: Optional[str] = None,
     ) -> AsyncSandbox:
         """The sandbox ``sandbox_id`` (``NotFoundError`` when the service has none)."""
-        http = AsyncHttp(resolve_connection(socket=socket, url=url, token=token, ca=ca))
-        try:
-            response = await http.request("get_sandbox", path={"id": sandbox_id})
-        except BaseException:
-            await http.aclose()
-            raise
-        return cls(http, cast(SandboxInfo, response.json()))
+        connection = resolve_connection(socket=socket, url=url, token=token, ca=ca)
+        http, info = await AsyncHttp.opening(connection, "get_sandbox", path={"id": sandbox_id})
+        return cls(http, cast(SandboxInfo, info))
 
     async def stop(self) -> None:
         """Stops and deletes it (a sandbox already gone is fine)."""

@@ -59,6 +59,24 @@ class SyncHttp:
     def close(self) -> None:
         self._client.close()
 
+    @classmethod
+    def opening(
+        cls,
+        connection: Connection,
+        op: OperationName,
+        *,
+        path: Optional[Mapping[str, str]] = None,
+        json: Optional[JsonBody] = None,
+    ) -> tuple[SyncHttp, Any]:
+        """A new client and its first request's JSON answer; the client is closed when that
+        request fails, so a failed ``create`` or ``get`` leaves no connection open."""
+        http = cls(connection)
+        try:
+            return http, http.request(op, path=path, json=json).json()
+        except BaseException:
+            http.close()
+            raise
+
     def request(
         self,
         op: OperationName,
@@ -125,6 +143,23 @@ class AsyncHttp:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    @classmethod
+    async def opening(
+        cls,
+        connection: Connection,
+        op: OperationName,
+        *,
+        path: Optional[Mapping[str, str]] = None,
+        json: Optional[JsonBody] = None,
+    ) -> tuple[AsyncHttp, Any]:
+        """As ``SyncHttp.opening``."""
+        http = cls(connection)
+        try:
+            return http, (await http.request(op, path=path, json=json)).json()
+        except BaseException:
+            await http.aclose()
+            raise
 
     async def request(
         self,

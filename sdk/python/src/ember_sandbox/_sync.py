@@ -251,13 +251,9 @@ class Snapshot:
         token: Optional[str] = None,
         ca: Optional[str] = None,
     ) -> Snapshot:
-        http = SyncHttp(resolve_connection(socket=socket, url=url, token=token, ca=ca))
-        try:
-            response = http.request("get_snapshot", path={"id": snapshot_id})
-        except BaseException:
-            http.close()
-            raise
-        return cls(http, cast(SnapshotInfo, response.json()))
+        connection = resolve_connection(socket=socket, url=url, token=token, ca=ca)
+        http, info = SyncHttp.opening(connection, "get_snapshot", path={"id": snapshot_id})
+        return cls(http, cast(SnapshotInfo, info))
 
     def delete(self) -> None:
         """Deletes it (``ConflictError`` while sandboxes restored from it run)."""
@@ -370,13 +366,9 @@ class Sandbox:
             auto_resume=auto_resume,
             idle_timeout_ms=idle_timeout_ms,
         )
-        http = SyncHttp(resolve_connection(socket=socket, url=url, token=token, ca=ca))
-        try:
-            response = http.request("create_sandbox", json=body)
-        except BaseException:
-            http.close()
-            raise
-        return cls(http, cast(SandboxInfo, response.json()))
+        connection = resolve_connection(socket=socket, url=url, token=token, ca=ca)
+        http, info = SyncHttp.opening(connection, "create_sandbox", json=body)
+        return cls(http, cast(SandboxInfo, info))
 
     @classmethod
     def get(
@@ -389,13 +381,9 @@ class Sandbox:
         ca: Optional[str] = None,
     ) -> Sandbox:
         """The sandbox ``sandbox_id`` (``NotFoundError`` when the service has none)."""
-        http = SyncHttp(resolve_connection(socket=socket, url=url, token=token, ca=ca))
-        try:
-            response = http.request("get_sandbox", path={"id": sandbox_id})
-        except BaseException:
-            http.close()
-            raise
-        return cls(http, cast(SandboxInfo, response.json()))
+        connection = resolve_connection(socket=socket, url=url, token=token, ca=ca)
+        http, info = SyncHttp.opening(connection, "get_sandbox", path={"id": sandbox_id})
+        return cls(http, cast(SandboxInfo, info))
 
     def stop(self) -> None:
         """Stops and deletes it (a sandbox already gone is fine)."""
