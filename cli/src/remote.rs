@@ -473,13 +473,12 @@ pub fn cp(args: CpArgs) -> i32 {
                 }
                 let source = std::path::Path::new(&args.source);
                 let done = crate::files::copy_dir_in(&client, source, id, path).await?;
-                eprintln!(
-                    "copied {} files, {} folders and {} symlinks ({} bytes){}",
+                report_copy(
                     done.files,
                     done.dirs,
                     done.symlinks,
                     done.bytes,
-                    skipped(done.skipped)
+                    done.skipped,
                 );
                 Ok(0)
             }
@@ -487,13 +486,12 @@ pub fn cp(args: CpArgs) -> i32 {
                 let destination = std::path::Path::new(&args.destination);
                 match crate::files::copy_dir_out(&client, id, path, destination).await {
                     Ok(done) => {
-                        eprintln!(
-                            "copied {} files, {} folders and {} symlinks ({} bytes){}",
+                        report_copy(
                             done.files,
                             done.dirs,
                             done.symlinks,
                             done.bytes,
-                            skipped(done.skipped)
+                            done.skipped,
                         );
                         Ok(0)
                     }
@@ -523,11 +521,15 @@ pub fn cp(args: CpArgs) -> i32 {
 }
 
 /// `, N skipped (…)` when a folder copy left entries out.
-fn skipped(count: u64) -> String {
-    if count == 0 {
-        return String::new();
-    }
-    format!("; {count} devices, FIFOs, sockets or hard links skipped")
+/// What a folder copy (`cp -r`, either way) moved, on stderr.
+fn report_copy(files: u64, dirs: u64, symlinks: u64, bytes: u64, skipped: u64) {
+    let skipped = match skipped {
+        0 => String::new(),
+        n => format!("; {n} devices, FIFOs, sockets or hard links skipped"),
+    };
+    eprintln!(
+        "copied {files} files, {dirs} folders and {symlinks} symlinks ({bytes} bytes){skipped}"
+    );
 }
 
 /// Downloads the sandbox's file `path` into the host file `destination`.

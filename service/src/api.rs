@@ -143,6 +143,19 @@ pub fn parse_body<T: DeserializeOwned>(body: JsonBody) -> Result<T, ApiError> {
     serde_json::from_value(value).map_err(|e| invalid(&e))
 }
 
+/// A streamed answer of newline-delimited JSON records (exec's output, command logs, watches).
+pub fn ndjson_response<S>(records: S) -> Response
+where
+    S: futures_util::TryStream + Send + 'static,
+    S::Ok: Into<bytes::Bytes>,
+    S::Error: Into<axum::BoxError>,
+{
+    Response::builder()
+        .header(axum::http::header::CONTENT_TYPE, "application/x-ndjson")
+        .body(axum::body::Body::from_stream(records))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
 /// Fields whose values are lists (of strings or numbers) in this API's request bodies.
 const LIST_FIELDS: &[&str] = &["args", "ports", "allow", "deny", "apt", "pip", "npm"];
 /// Fields that are lists of objects (each checked as a body is).

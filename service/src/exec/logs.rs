@@ -4,10 +4,8 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::Bytes;
 use ember_agent::client::OutputStream;
 use ember_client::responses::OutputRecord;
@@ -146,10 +144,7 @@ pub async fn command_logs(
         ended: false,
     };
     let stream = futures_util::stream::unfold(follow, Follow::next_line);
-    Ok(Response::builder()
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(Body::from_stream(stream))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+    Ok(crate::api::ndjson_response(stream))
 }
 
 #[cfg(test)]

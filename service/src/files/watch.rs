@@ -4,10 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::Bytes;
 use ember_agent::client::{ClientError, WatchNext};
 use ember_agent::protocol::{WatchEvent, WatchKind};
@@ -132,10 +130,7 @@ pub async fn watch(
             .await
             .map(|item| (Ok::<Bytes, std::io::Error>(item), rx))
     });
-    Ok(Response::builder()
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(Body::from_stream(stream))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+    Ok(crate::api::ndjson_response(stream))
 }
 
 #[cfg(test)]
