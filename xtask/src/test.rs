@@ -130,8 +130,11 @@ const LIBRARY_CRATES: &[&str] = &[
 
 /// Crates a process's crate must not link, checked with `cargo tree`: the jailed VMM process
 /// carries no async runtime, HTTP stack or chart library; the service and the API client link
-/// neither the CLI nor the bench harness; the client does not link the service.
+/// neither the CLI nor the bench harness; the client does not link the service. xtask must
+/// build on a fresh host before `cargo xtask deps` installs libclang, which the VMM's
+/// userfaultfd bindings need.
 const FORBIDDEN_EDGES: &[(&str, &[&str])] = &[
+    ("xtask", &["ember-vmm", "userfaultfd-sys"]),
     (
         "ember-sandbox",
         &[
