@@ -42,25 +42,7 @@ impl RemoteService {
         let dir = PathBuf::from(format!("/tmp/es-{}-{name}-tls", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let (ca, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-        let made = Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-            ])
-            .args(["-nodes", "-days", "2", "-subj", "/CN=ember-sdk-tests"])
-            .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&ca)
-            .output()
-            .unwrap();
-        assert!(made.status.success(), "openssl: {}", text(&made.stderr));
+        let (ca, key) = ember_testkit::tls::self_signed(&dir, "IP:127.0.0.1,DNS:localhost");
         let token_file = dir.join("tokens");
         std::fs::write(&token_file, format!("# the SDK suites\nsdk {TOKEN}\n")).unwrap();
         let port = free_port();

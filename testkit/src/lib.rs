@@ -3,8 +3,9 @@
 //! [`S3Server`]: an S3-compatible server on loopback, the Python `moto` package's server
 //! mode (installed from `xtask/python-requirements.txt` by `cargo xtask deps`), with one
 //! bucket, reached through the same `AWS_*` settings a real S3 would be. [`tree`]: a
-//! folder's contents as a comparable value.
+//! folder's contents as a comparable value. [`tls`]: a self-signed certificate.
 
+pub mod tls;
 pub mod tree;
 
 use std::io::{Read, Write};
