@@ -275,6 +275,12 @@ fn add_limits(doc: &mut Value) {
     limit(
         doc,
         "CreateBody",
+        "idle_timeout_s",
+        json!({"minimum": crate::lifecycle::MIN_IDLE_TIMEOUT_S, "maximum": crate::MAX_TIMEOUT_S}),
+    );
+    limit(
+        doc,
+        "CreateBody",
         "image",
         json!({"enum": ember_client::images::BASE_ALIASES}),
     );

@@ -719,6 +719,21 @@ fn the_document_describes_the_bodies_with_the_api_types() {
     assert!(exec["application/json"].is_object(), "{exec}");
 }
 
+/// The document's bounds on `idle_timeout_s` are those create enforces (schemathesis found
+/// them missing: it sent a schema-valid value the service refused).
+#[test]
+fn the_documented_idle_timeout_bounds_are_the_ones_create_accepts() {
+    use crate::lifecycle::{Lifecycle, MIN_IDLE_TIMEOUT_S};
+    let doc: serde_json::Value = serde_json::from_str(crate::openapi::document()).unwrap();
+    let idle = &doc["components"]["schemas"]["CreateBody"]["properties"]["idle_timeout_s"];
+    let (min, max) = (idle["minimum"].as_u64(), idle["maximum"].as_u64());
+    assert_eq!(min, Some(MIN_IDLE_TIMEOUT_S), "{idle}");
+    assert_eq!(max, Some(crate::MAX_TIMEOUT_S), "{idle}");
+    let check = |s: u64| Lifecycle::from_request(Duration::from_secs(60), None, None, Some(s));
+    assert!(check(MIN_IDLE_TIMEOUT_S).is_ok() && check(crate::MAX_TIMEOUT_S).is_ok());
+    assert!(check(MIN_IDLE_TIMEOUT_S - 1).is_err() && check(crate::MAX_TIMEOUT_S + 1).is_err());
+}
+
 /// OpenAPI requires each operation's id to be unique (generators name methods after them).
 #[test]
 fn every_operation_has_an_id_of_its_own() {
