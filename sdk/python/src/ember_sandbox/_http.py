@@ -49,6 +49,13 @@ def _transport_error(e: Exception, where: str) -> EmberConnectionError:
     return EmberConnectionError(f"{where}: {type(e).__name__}: {e}")
 
 
+def _send_failed(
+    e: Exception, request: httpx.Request, connection: Connection
+) -> EmberConnectionError:
+    """A request that never got an answer, named with where it was going."""
+    return _transport_error(e, f"{request.method} {request.url.path} via {connection.describe()}")
+
+
 class SyncHttp:
     """The blocking client of one connection (thread-safe: httpx pools connections)."""
 
@@ -91,8 +98,7 @@ class SyncHttp:
         try:
             response = self._client.send(request)
         except httpx.TransportError as e:
-            raise _transport_error(e, f"{request.method} {request.url.path} via "
-                                   f"{self.connection.describe()}") from e
+            raise _send_failed(e, request, self.connection) from e
         if response.status_code >= 400:
             raise error_from_response(response.status_code, response.content, response.headers)
         return response
@@ -111,8 +117,7 @@ class SyncHttp:
         try:
             response = self._client.send(request, stream=True)
         except httpx.TransportError as e:
-            raise _transport_error(e, f"{request.method} {request.url.path} via "
-                                   f"{self.connection.describe()}") from e
+            raise _send_failed(e, request, self.connection) from e
         if response.status_code >= 400:
             try:
                 body = response.read()
@@ -174,8 +179,7 @@ class AsyncHttp:
         try:
             response = await self._client.send(request)
         except httpx.TransportError as e:
-            raise _transport_error(e, f"{request.method} {request.url.path} via "
-                                   f"{self.connection.describe()}") from e
+            raise _send_failed(e, request, self.connection) from e
         if response.status_code >= 400:
             raise error_from_response(response.status_code, response.content, response.headers)
         return response
@@ -192,8 +196,7 @@ class AsyncHttp:
         try:
             response = await self._client.send(request, stream=True)
         except httpx.TransportError as e:
-            raise _transport_error(e, f"{request.method} {request.url.path} via "
-                                   f"{self.connection.describe()}") from e
+            raise _send_failed(e, request, self.connection) from e
         if response.status_code >= 400:
             try:
                 body = await response.aread()
